@@ -1,0 +1,125 @@
+//! Request classification: which class a request belongs to.
+//!
+//! Classification is server-side: by route and method ([`RouteClassifier`]),
+//! by any rule in code ([`classify_fn`]), or — only for a trusted upstream
+//! that strips the header from client traffic — by a header
+//! ([`TrustedHeaderClassifier`]). A client can never pick its own class
+//! unless the application says the header is trusted.
+//!
+//! [`ClassifyLayer`] runs a classifier once, near the top of the stack, and
+//! stores the [`ClassId`] in the request's extensions, where every later
+//! layer reads it with [`class_of`].
+//!
+//! # Example
+//!
+//! ```
+//! use gratify_core::classify::{class_of, ClassifyLayer, RouteClassifier};
+//! use gratify_core::{Class, CostModel, DelayCost};
+//! use http::{Method, Request, Response};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let model = CostModel::builder()
+//!     .class("checkout", Class::new(DelayCost::linear(20.0)?, 10.0)?)
+//!     .class("browse", Class::new(DelayCost::linear(2.0)?, 2.0)?)
+//!     .default_class("browse")
+//!     .build()?;
+//! let routes = RouteClassifier::builder(&model)
+//!     .route(Some(Method::POST), "/checkout", "checkout")
+//!     .build()?;
+//!
+//! let checkout = model.id("checkout").unwrap();
+//! let svc = ServiceBuilder::new()
+//!     .layer(ClassifyLayer::new(routes))
+//!     .service(service_fn(|req: Request<()>| async move {
+//!         // Every layer below sees the class.
+//!         let class = class_of(&req).expect("classified");
+//!         Ok::<_, std::convert::Infallible>(Response::new(class))
+//!     }));
+//!
+//! let req = Request::post("/checkout").body(())?;
+//! assert_eq!(*svc.clone().oneshot(req).await?.body(), checkout);
+//! let req = Request::get("/products/7").body(())?;
+//! assert_eq!(*svc.oneshot(req).await?.body(), model.default_class());
+//! # Ok(())
+//! # }
+//! ```
+
+mod header;
+mod layer;
+mod route;
+
+use std::fmt;
+
+pub use self::header::TrustedHeaderClassifier;
+pub use self::layer::{ClassifyLayer, SetClass};
+pub use self::route::{RouteClassifier, RouteClassifierBuilder, RouteError, RouteRule};
+
+use crate::ClassId;
+
+/// Decides the class of a request.
+///
+/// Implemented by [`RouteClassifier`], [`TrustedHeaderClassifier`],
+/// [`ClassifyFn`] and by a [`ClassId`] itself (every request in one class).
+pub trait Classify<Req: ?Sized> {
+    /// The class of `request`.
+    fn classify(&self, request: &Req) -> ClassId;
+}
+
+impl<Req: ?Sized> Classify<Req> for ClassId {
+    fn classify(&self, _: &Req) -> ClassId {
+        *self
+    }
+}
+
+impl<Req: ?Sized, C: Classify<Req> + ?Sized> Classify<Req> for std::sync::Arc<C> {
+    fn classify(&self, request: &Req) -> ClassId {
+        (**self).classify(request)
+    }
+}
+
+/// A classifier from a closure; see [`classify_fn`].
+#[derive(Clone, Copy)]
+pub struct ClassifyFn<F> {
+    f: F,
+}
+
+/// Classifies with a closure `Fn(&Req) -> ClassId`.
+///
+/// ```
+/// use gratify_core::classify::{classify_fn, Classify};
+/// use gratify_core::ClassId;
+///
+/// let tenant_class = classify_fn(|req: &http::Request<()>| {
+///     // e.g. a tenant resolved by an authentication layer earlier on.
+///     if req.extensions().get::<&'static str>() == Some(&"premium") {
+///         ClassId::from_index(0)
+///     } else {
+///         ClassId::from_index(1)
+///     }
+/// });
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert("premium");
+/// assert_eq!(tenant_class.classify(&req), ClassId::from_index(0));
+/// ```
+pub fn classify_fn<F>(f: F) -> ClassifyFn<F> {
+    ClassifyFn { f }
+}
+
+impl<Req: ?Sized, F: Fn(&Req) -> ClassId> Classify<Req> for ClassifyFn<F> {
+    fn classify(&self, request: &Req) -> ClassId {
+        (self.f)(request)
+    }
+}
+
+impl<F> fmt::Debug for ClassifyFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClassifyFn").finish_non_exhaustive()
+    }
+}
+
+/// The class that [`ClassifyLayer`] stored in the request's extensions.
+pub fn class_of<B>(request: &http::Request<B>) -> Option<ClassId> {
+    request.extensions().get::<ClassId>().copied()
+}

@@ -1,0 +1,471 @@
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+use http::{Method, Request};
+use serde::{Deserialize, Serialize};
+
+use super::Classify;
+use crate::{ClassId, CostModel, ModelError};
+
+/// Classifies requests by method and path.
+///
+/// # Patterns
+///
+/// - `/checkout` — exactly this path;
+/// - `/orders/{id}` — `{name}` matches one non-empty segment;
+/// - `/static/*` — a trailing `*` matches the prefix itself and anything
+///   below it (`/static`, `/static/a/b`), at segment boundaries (`/staticx`
+///   does not match); `/*` matches every path.
+///
+/// Paths are compared segment by segment, after dropping empty segments
+/// (`//a/` is `/a`); the query string is ignored; matching is case-sensitive
+/// and on the path as received (no percent-decoding). A route for `GET` also
+/// matches `HEAD`.
+///
+/// # Precedence: the most specific route wins
+///
+/// 1. Of the routes whose pattern matches the path, compare the patterns one
+///    segment at a time from the left; at the first segment where they differ,
+///    a literal beats `{param}`, which beats the `*` tail. A pattern that ends
+///    exactly where the path ends beats one that continues with `*`. So
+///    `/orders/new` beats `/orders/{id}`, which beats `/orders/*`; and
+///    `/api/v1/*` beats `/api/*`.
+/// 2. Between equally specific paths, a route with a method beats one without.
+/// 3. Still tied: the route added first.
+/// 4. No match: the model's default class.
+///
+/// # Example
+///
+/// ```
+/// use gratify_core::classify::{Classify, RouteClassifier};
+/// use gratify_core::{Class, CostModel, DelayCost};
+/// use http::{Method, Request};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let class = |rate| Class::new(DelayCost::linear(rate).unwrap(), 1.0).unwrap();
+/// let model = CostModel::builder()
+///     .class("browse", class(1.0))
+///     .class("order-status", class(2.0))
+///     .class("checkout", class(20.0))
+///     .default_class("browse")
+///     .build()?;
+/// let routes = RouteClassifier::builder(&model)
+///     .route(None, "/orders/*", "browse")
+///     .route(None, "/orders/{id}", "order-status")
+///     .route(Some(Method::POST), "/orders/{id}", "checkout")
+///     .build()?;
+///
+/// let req = |m: Method, p: &str| Request::builder().method(m).uri(p).body(()).unwrap();
+/// assert_eq!(routes.classify(&req(Method::GET, "/orders/42")), model.id("order-status").unwrap());
+/// assert_eq!(routes.classify(&req(Method::POST, "/orders/42")), model.id("checkout").unwrap());
+/// assert_eq!(routes.classify(&req(Method::GET, "/orders/42/items")), model.id("browse").unwrap());
+/// assert_eq!(routes.classify(&req(Method::GET, "/elsewhere")), model.default_class());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RouteClassifier {
+    routes: Arc<[Route]>,
+    default_class: ClassId,
+}
+
+#[derive(Debug, Clone)]
+struct Route {
+    method: Option<Method>,
+    segments: Box<[Segment]>,
+    prefix: bool,
+    class: ClassId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(Box<str>),
+    Param,
+}
+
+/// How specific a pattern is at one segment position; higher is more specific.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Rank {
+    Wildcard,
+    Param,
+    Literal,
+    End,
+}
+
+/// One route as written in configuration:
+/// `{ method = "POST", path = "/checkout", class = "checkout" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// The method, or any method when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// The path pattern (see [`RouteClassifier`]).
+    pub path: String,
+    /// The class name.
+    pub class: String,
+}
+
+/// An invalid route.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    /// The path pattern is malformed.
+    #[error("{key}: invalid path pattern {pattern:?}: {reason}")]
+    InvalidPattern {
+        /// The configuration key (`routes[2].path`).
+        key: String,
+        /// The pattern.
+        pattern: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The method is not a valid HTTP method token.
+    #[error("{key}: invalid HTTP method {method:?}")]
+    InvalidMethod {
+        /// The configuration key.
+        key: String,
+        /// The method given.
+        method: String,
+    },
+    /// The class is unknown, or another model error.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// Builds a [`RouteClassifier`]; errors surface at [`build`](Self::build).
+#[derive(Debug)]
+#[must_use]
+pub struct RouteClassifierBuilder {
+    model: CostModel,
+    routes: Vec<Route>,
+    error: Option<RouteError>,
+}
+
+impl RouteClassifier {
+    /// A builder resolving class names against `model`.
+    pub fn builder(model: &CostModel) -> RouteClassifierBuilder {
+        RouteClassifierBuilder {
+            model: model.clone(),
+            routes: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// A classifier from configuration rules (keys in errors are `routes[i]`).
+    ///
+    /// # Errors
+    ///
+    /// The first invalid rule.
+    pub fn from_rules(model: &CostModel, rules: &[RouteRule]) -> Result<Self, RouteError> {
+        let mut builder = Self::builder(model);
+        for (i, rule) in rules.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            let method = match &rule.method {
+                None => None,
+                Some(m) => match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                    Ok(m) => Some(m),
+                    Err(_) => {
+                        return Err(RouteError::InvalidMethod {
+                            key: format!("{key}.method"),
+                            method: m.clone(),
+                        });
+                    }
+                },
+            };
+            builder = builder.add(&key, method, &rule.path, &rule.class);
+        }
+        builder.build()
+    }
+
+    /// The class of a request with this method and path.
+    pub fn classify_path(&self, method: &Method, path: &str) -> ClassId {
+        let n = segments(path).count();
+        let mut best: Option<&Route> = None;
+        for route in self.routes.iter() {
+            if !route.method_matches(method) || !route.matches(path, n) {
+                continue;
+            }
+            best = match best {
+                Some(b) if route.compare(b, n) != Ordering::Greater => Some(b),
+                _ => Some(route),
+            };
+        }
+        best.map_or(self.default_class, |r| r.class)
+    }
+
+    /// The class of requests no route matches.
+    pub fn default_class(&self) -> ClassId {
+        self.default_class
+    }
+}
+
+impl<B> Classify<Request<B>> for RouteClassifier {
+    fn classify(&self, request: &Request<B>) -> ClassId {
+        self.classify_path(request.method(), request.uri().path())
+    }
+}
+
+impl Classify<http::request::Parts> for RouteClassifier {
+    fn classify(&self, parts: &http::request::Parts) -> ClassId {
+        self.classify_path(&parts.method, parts.uri.path())
+    }
+}
+
+impl RouteClassifierBuilder {
+    /// Adds a route: requests with `method` (any method when `None`) whose
+    /// path matches `pattern` belong to `class`.
+    pub fn route(self, method: Option<Method>, pattern: &str, class: &str) -> Self {
+        let key = format!("route {pattern:?}");
+        self.add(&key, method, pattern, class)
+    }
+
+    fn add(mut self, key: &str, method: Option<Method>, pattern: &str, class: &str) -> Self {
+        if self.error.is_some() {
+            return self;
+        }
+        let parsed = parse_pattern(pattern).map_err(|reason| RouteError::InvalidPattern {
+            key: format!("{key}.path"),
+            pattern: pattern.to_owned(),
+            reason,
+        });
+        let class = self
+            .model
+            .resolve(&format!("{key}.class"), class)
+            .map_err(RouteError::from);
+        match (parsed, class) {
+            (Ok((segments, prefix)), Ok(class)) => self.routes.push(Route {
+                method,
+                segments,
+                prefix,
+                class,
+            }),
+            (Err(e), _) | (_, Err(e)) => self.error = Some(e),
+        }
+        self
+    }
+
+    /// Validates and builds the classifier.
+    ///
+    /// # Errors
+    ///
+    /// The first invalid route.
+    pub fn build(self) -> Result<RouteClassifier, RouteError> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(RouteClassifier {
+                routes: self.routes.into(),
+                default_class: self.model.default_class(),
+            }),
+        }
+    }
+}
+
+fn segments(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|s| !s.is_empty())
+}
+
+fn parse_pattern(pattern: &str) -> Result<(Box<[Segment]>, bool), &'static str> {
+    if !pattern.starts_with('/') {
+        return Err("must start with '/'");
+    }
+    if pattern.len() > 2048 {
+        return Err("longer than 2048 bytes");
+    }
+    let parts: Vec<&str> = segments(pattern).collect();
+    let mut out = Vec::with_capacity(parts.len());
+    let mut prefix = false;
+    for (i, part) in parts.iter().enumerate() {
+        if *part == "*" {
+            if i + 1 != parts.len() {
+                return Err("'*' may only be the last segment");
+            }
+            prefix = true;
+        } else if let Some(name) = part.strip_prefix('{') {
+            match name.strip_suffix('}') {
+                Some(name) if !name.is_empty() && !name.contains(['{', '}']) => {
+                    out.push(Segment::Param);
+                }
+                _ => return Err("a parameter must be a whole segment such as {id}"),
+            }
+        } else if part.contains(['{', '}', '*']) {
+            return Err("'{', '}' and '*' may only form whole segments");
+        } else {
+            out.push(Segment::Literal((*part).into()));
+        }
+    }
+    Ok((out.into(), prefix))
+}
+
+impl Route {
+    fn method_matches(&self, method: &Method) -> bool {
+        match &self.method {
+            None => true,
+            Some(m) => m == method || (*m == Method::GET && *method == Method::HEAD),
+        }
+    }
+
+    fn matches(&self, path: &str, n: usize) -> bool {
+        let fixed = self.segments.len();
+        if n < fixed || (!self.prefix && n != fixed) {
+            return false;
+        }
+        self.segments
+            .iter()
+            .zip(segments(path))
+            .all(|(seg, part)| match seg {
+                Segment::Literal(lit) => **lit == *part,
+                Segment::Param => true,
+            })
+    }
+
+    fn rank(&self, i: usize) -> Rank {
+        match self.segments.get(i) {
+            Some(Segment::Literal(_)) => Rank::Literal,
+            Some(Segment::Param) => Rank::Param,
+            None if self.prefix => Rank::Wildcard,
+            None => Rank::End,
+        }
+    }
+
+    /// Compares two routes that both match a path of `n` segments.
+    fn compare(&self, other: &Self, n: usize) -> Ordering {
+        for i in 0..=n {
+            match self.rank(i).cmp(&other.rank(i)) {
+                Ordering::Equal => {}
+                unequal => return unequal,
+            }
+        }
+        self.method.is_some().cmp(&other.method.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Class, DelayCost};
+
+    fn model(names: &[&str]) -> CostModel {
+        let mut b = CostModel::builder();
+        for n in names {
+            b = b.class(
+                *n,
+                Class::new(DelayCost::linear(1.0).unwrap(), 1.0).unwrap(),
+            );
+        }
+        b.default_class(names[0]).build().unwrap()
+    }
+
+    fn check(routes: &RouteClassifier, m: &CostModel, method: Method, path: &str, want: &str) {
+        let got = routes.classify_path(&method, path);
+        assert_eq!(m.name(got), want, "{method} {path}");
+    }
+
+    #[test]
+    fn precedence() {
+        let m = model(&[
+            "default", "any", "api", "v1", "param", "literal", "post", "exact",
+        ]);
+        let r = RouteClassifier::builder(&m)
+            .route(None, "/*", "any")
+            .route(None, "/api/*", "api")
+            .route(None, "/api/v1/*", "v1")
+            .route(None, "/api/v1/items/{id}", "param")
+            .route(None, "/api/v1/items/new", "literal")
+            .route(Some(Method::POST), "/api/v1/items/{id}", "post")
+            .route(None, "/api/v1", "exact")
+            .build()
+            .unwrap();
+        check(&r, &m, Method::GET, "/", "any");
+        check(&r, &m, Method::GET, "/other", "any");
+        check(&r, &m, Method::GET, "/api", "api");
+        check(&r, &m, Method::GET, "/api/x", "api");
+        check(&r, &m, Method::GET, "/api/v1", "exact");
+        check(&r, &m, Method::GET, "/api/v1/", "exact");
+        check(&r, &m, Method::GET, "/api/v1/items", "v1");
+        check(&r, &m, Method::GET, "/api/v1/items/7", "param");
+        check(&r, &m, Method::POST, "/api/v1/items/7", "post");
+        check(&r, &m, Method::POST, "/api/v1/items/new", "literal");
+        check(&r, &m, Method::GET, "/api/v1/items/7/parts", "v1");
+        check(&r, &m, Method::GET, "/apix", "any");
+    }
+
+    #[test]
+    fn no_match_is_default_and_methods_filter() {
+        let m = model(&["default", "checkout"]);
+        let r = RouteClassifier::builder(&m)
+            .route(Some(Method::POST), "/checkout", "checkout")
+            .build()
+            .unwrap();
+        check(&r, &m, Method::POST, "/checkout", "checkout");
+        check(&r, &m, Method::GET, "/checkout", "default");
+        check(&r, &m, Method::POST, "/checkout/x", "default");
+        check(&r, &m, Method::POST, "/", "default");
+    }
+
+    #[test]
+    fn get_routes_match_head() {
+        let m = model(&["default", "page"]);
+        let r = RouteClassifier::builder(&m)
+            .route(Some(Method::GET), "/p/{id}", "page")
+            .build()
+            .unwrap();
+        check(&r, &m, Method::HEAD, "/p/1", "page");
+    }
+
+    #[test]
+    fn first_added_wins_a_tie() {
+        let m = model(&["default", "a", "b"]);
+        let r = RouteClassifier::builder(&m)
+            .route(None, "/x/{a}", "a")
+            .route(None, "/x/{b}", "b")
+            .build()
+            .unwrap();
+        check(&r, &m, Method::GET, "/x/1", "a");
+    }
+
+    #[test]
+    fn invalid_patterns() {
+        let m = model(&["default"]);
+        for bad in ["nope", "/a/*/b", "/a{b}", "/{}", "/{a", "/a*"] {
+            let e = RouteClassifier::builder(&m)
+                .route(None, bad, "default")
+                .build();
+            assert!(matches!(e, Err(RouteError::InvalidPattern { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rules_from_config() {
+        let m = model(&["default", "checkout"]);
+        let rules: Vec<RouteRule> =
+            toml::from_str::<std::collections::BTreeMap<String, Vec<RouteRule>>>(
+                "routes = [{ method = \"post\", path = \"/checkout\", class = \"checkout\" }]",
+            )
+            .unwrap()
+            .remove("routes")
+            .unwrap();
+        let r = RouteClassifier::from_rules(&m, &rules).unwrap();
+        check(&r, &m, Method::POST, "/checkout", "checkout");
+
+        let bad_class = [RouteRule {
+            method: None,
+            path: "/x".into(),
+            class: "nope".into(),
+        }];
+        let e = RouteClassifier::from_rules(&m, &bad_class)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routes[0].class") && e.contains("nope"), "{e}");
+
+        let bad_method = [RouteRule {
+            method: Some("GE T".into()),
+            path: "/x".into(),
+            class: "default".into(),
+        }];
+        let e = RouteClassifier::from_rules(&m, &bad_method)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("routes[0].method"), "{e}");
+    }
+}
