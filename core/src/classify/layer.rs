@@ -113,3 +113,103 @@ where
         self.inner.call(request)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http::{Method, Request};
+    use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+    use super::*;
+    use crate::classify::{RouteClassifier, TrustedHeaderClassifier, class_of};
+    use crate::{Class, ClassId, CostModel, DelayCost};
+
+    fn model() -> CostModel {
+        let c = |r| Class::new(DelayCost::linear(r).unwrap(), 1.0).unwrap();
+        CostModel::builder()
+            .class("browse", c(1.0))
+            .class("checkout", c(20.0))
+            .default_class("browse")
+            .build()
+            .unwrap()
+    }
+
+    async fn class_seen<C>(layer: ClassifyLayer<C>, req: Request<()>) -> Option<ClassId>
+    where
+        C: Classify<Request<()>> + Send + Sync + 'static,
+    {
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(|req: Request<()>| async move {
+                Ok::<_, Infallible>(class_of(&req))
+            }))
+            .oneshot(req)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn stores_the_class_and_overwrites_any_earlier_one() {
+        let m = model();
+        let routes = RouteClassifier::builder(&m)
+            .route(Some(Method::POST), "/checkout", "checkout")
+            .build()
+            .unwrap();
+        let layer = ClassifyLayer::new(routes);
+        let mut req = Request::get("/checkout").body(()).unwrap();
+        // Something upstream put a class in; the server's rules decide.
+        req.extensions_mut().insert(m.id("checkout").unwrap());
+        assert_eq!(
+            class_seen(layer.clone(), req).await,
+            Some(m.id("browse").unwrap())
+        );
+        let req = Request::post("/checkout").body(()).unwrap();
+        assert_eq!(class_seen(layer, req).await, m.id("checkout"));
+    }
+
+    #[tokio::test]
+    async fn a_header_is_ignored_unless_trusted() {
+        let m = model();
+        let routes = RouteClassifier::builder(&m).build().unwrap();
+        let req = || {
+            Request::get("/")
+                .header("x-class", "checkout")
+                .body(())
+                .unwrap()
+        };
+        // Without the opt-in, a client's header changes nothing.
+        assert_eq!(
+            class_seen(ClassifyLayer::new(routes.clone()), req()).await,
+            m.id("browse")
+        );
+        // With it, the header (from a trusted upstream) decides.
+        let trusted = TrustedHeaderClassifier::trusted_upstream(
+            http::HeaderName::from_static("x-class"),
+            &m,
+            routes.clone(),
+        );
+        let layer = ClassifyLayer::new(trusted);
+        assert_eq!(class_seen(layer.clone(), req()).await, m.id("checkout"));
+        // Two values are ambiguous: fall back to the rules.
+        let twice = Request::get("/")
+            .header("x-class", "checkout")
+            .header("x-class", "checkout")
+            .body(())
+            .unwrap();
+        assert_eq!(class_seen(layer, twice).await, m.id("browse"));
+    }
+
+    #[tokio::test]
+    async fn clones_share_the_classifier_and_readiness_passes_through() {
+        let m = model();
+        let layer = ClassifyLayer::new(m.id("checkout").unwrap());
+        let svc = layer.layer(service_fn(|req: Request<()>| async move {
+            Ok::<_, Infallible>(class_of(&req))
+        }));
+        let clone = svc.clone();
+        assert!(Arc::ptr_eq(&svc.classifier, &clone.classifier));
+        let got = clone.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(got, m.id("checkout"));
+    }
+}
