@@ -123,3 +123,24 @@ impl<F> fmt::Debug for ClassifyFn<F> {
 pub fn class_of<B>(request: &http::Request<B>) -> Option<ClassId> {
     request.extensions().get::<ClassId>().copied()
 }
+
+/// Reads the class that [`ClassifyLayer`] stored in the request's
+/// extensions, or a default class — what every gratify layer uses unless
+/// told otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FromExtensions {
+    default: ClassId,
+}
+
+impl FromExtensions {
+    /// Falls back to `default` for a request that was not classified.
+    pub const fn new(default: ClassId) -> Self {
+        Self { default }
+    }
+}
+
+impl<B> Classify<http::Request<B>> for FromExtensions {
+    fn classify(&self, request: &http::Request<B>) -> ClassId {
+        class_of(request).unwrap_or(self.default)
+    }
+}

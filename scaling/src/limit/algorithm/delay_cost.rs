@@ -1,0 +1,446 @@
+use std::time::{Duration, Instant};
+
+use gratify_core::estimate::MinTracker;
+use gratify_core::{Class, CostModel};
+
+use super::{Algorithm, Outcome, Sample, clamp_limit};
+
+/// The cost rate that makes a request of `class` urgent once it has been
+/// waiting or running for `t`: its delay-cost rate, plus — for a class with
+/// a deadline — its refusal cost spread over the deadline, so that a class
+/// whose curve is flat until a deadline is not treated as free to delay.
+pub(crate) fn urgency(class: &Class, t: f64) -> f64 {
+    let rate = class.delay_cost().rate_secs(t);
+    match class.deadline() {
+        Some(d) => rate + class.refusal_cost() / d.as_secs_f64().max(1e-6),
+        None => rate,
+    }
+}
+
+/// gratify's limit: the concurrency whose extra throughput pays for its
+/// delay.
+///
+/// By Little's law, holding `L` requests in flight costs `c̄·L` per second,
+/// where `c̄` is the traffic's mean delay-cost rate; completing `X(L)`
+/// requests a second is worth `r̄·X(L)`, where `r̄` is the mean refusal cost
+/// that each completion avoids (under overload, every request not served is
+/// refused). The limit climbs toward the maximum of
+///
+/// ```text
+/// G(L) = r̄·X(L) − c̄·L,    X(L) = L / latency(L)
+/// ```
+///
+/// that is, it grows while one more slot adds at least `c̄/r̄` completions
+/// a second: the queueing it tolerates inside the service is set by the
+/// costs, not by a tolerance factor. `X(L)` is measured, not modelled: the
+/// limit alternates between `L + δ` and `L − δ` in short phases, each
+/// request's latency (relative to its class's baseline) is credited to the
+/// phase it started in, and `L` moves toward the better side.
+///
+/// Where it differs from Gradient2 and Vegas, deliberately:
+///
+/// - the baseline (each class's windowed minimum latency) is kept apart
+///   from the limit, so sustained queueing cannot drag it up (the drift of
+///   Netflix concurrency-limits PR #134);
+/// - loss signals (503/429 from the service, timeouts) cut the limit by 10%
+///   at once (Netflix issue #121);
+/// - a latency more than `max_inflation` times the baseline cuts it by 25%
+///   at once, which follows a sudden loss of capacity within a few windows;
+/// - it does not grow while the limit is not reached (application-limited),
+///   and it probes only while it is.
+#[derive(Debug)]
+pub struct DelayCostLimit {
+    model: CostModel,
+    limit: f64,
+    initial: usize,
+    min_limit: usize,
+    max_limit: usize,
+    max_inflation: f64,
+    min_phase: Duration,
+    margin: f64,
+    baselines: Vec<MinTracker>,
+    mix: Vec<f64>,
+    phase: Phase,
+    guard: Guard,
+    warm: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Acc {
+    n: u32,
+    ratio_sum: f64,
+    base_sum: f64,
+    in_flight_sum: f64,
+}
+
+impl Acc {
+    fn add(&mut self, ratio: f64, base: f64, in_flight: usize) {
+        self.n += 1;
+        self.ratio_sum += ratio;
+        self.base_sum += base;
+        self.in_flight_sum += in_flight as f64;
+    }
+
+    fn mean_latency(&self) -> f64 {
+        // Mean inflation × mean baseline of the requests in the phase.
+        let n = f64::from(self.n.max(1));
+        (self.ratio_sum / n) * (self.base_sum / n)
+    }
+
+    fn mean_in_flight(&self) -> f64 {
+        self.in_flight_sum / f64::from(self.n.max(1))
+    }
+}
+
+#[derive(Debug)]
+struct Phase {
+    /// When the current up/down pair started.
+    start: Option<Instant>,
+    length: Duration,
+    delta: f64,
+    up: Acc,
+    down: Acc,
+}
+
+#[derive(Debug, Default)]
+struct Guard {
+    start: Option<Instant>,
+    n: u32,
+    ratio_sum: f64,
+    last_cut: Option<Instant>,
+}
+
+impl DelayCostLimit {
+    /// The algorithm for `model`'s costs, starting at 20 and bounded to
+    /// `[1, 1000]`.
+    pub fn new(model: &CostModel) -> Self {
+        Self {
+            baselines: (0..model.len())
+                .map(|_| MinTracker::new(Duration::from_secs(30)))
+                .collect(),
+            mix: vec![0.0; model.len()],
+            model: model.clone(),
+            limit: 20.0,
+            initial: 20,
+            min_limit: 1,
+            max_limit: 1000,
+            max_inflation: 3.0,
+            min_phase: Duration::from_millis(50),
+            margin: 0.02,
+            phase: Phase {
+                start: None,
+                length: Duration::from_millis(50),
+                delta: 1.0,
+                up: Acc::default(),
+                down: Acc::default(),
+            },
+            guard: Guard::default(),
+            warm: 0,
+        }
+    }
+
+    /// The limit to start from, before any measurement: the cold-start limit.
+    #[must_use]
+    pub fn initial_limit(mut self, limit: usize) -> Self {
+        self.initial = limit.max(1);
+        self.limit = self.initial as f64;
+        self
+    }
+
+    /// The bounds of the limit.
+    #[must_use]
+    pub fn limits(mut self, min: usize, max: usize) -> Self {
+        self.min_limit = min.max(1);
+        self.max_limit = max.max(self.min_limit);
+        self.limit = self
+            .limit
+            .clamp(self.min_limit as f64, self.max_limit as f64);
+        self
+    }
+
+    /// Latency over baseline past which the limit is cut at once (default 3).
+    #[must_use]
+    pub fn max_inflation(mut self, ratio: f64) -> Self {
+        if ratio.is_finite() {
+            self.max_inflation = ratio.max(1.1);
+        }
+        self
+    }
+
+    /// The shortest probe phase (default 50 ms; a phase also lasts at least
+    /// two baseline latencies).
+    #[must_use]
+    pub fn min_phase(mut self, length: Duration) -> Self {
+        self.min_phase = length;
+        self
+    }
+
+    /// The relative gain needed to move the limit (default 2%): a dead band
+    /// against measurement noise.
+    #[must_use]
+    pub fn margin(mut self, margin: f64) -> Self {
+        if margin.is_finite() {
+            self.margin = margin.clamp(0.0, 1.0);
+        }
+        self
+    }
+
+    /// The current base limit (the probes run at ± δ around it).
+    pub fn base_limit(&self) -> f64 {
+        self.limit
+    }
+
+    fn bounded(&self, limit: f64) -> usize {
+        clamp_limit(limit, self.min_limit, self.max_limit)
+    }
+
+    /// The limit in force for requests starting at `now`.
+    fn current(&self, now: Instant) -> usize {
+        match self.phase.start {
+            Some(start) if self.warm >= 20 => {
+                let t = now.saturating_duration_since(start);
+                if t < self.phase.length {
+                    self.bounded(self.limit + self.phase.delta)
+                } else {
+                    self.bounded(self.limit - self.phase.delta)
+                }
+            }
+            _ => self.bounded(self.limit),
+        }
+    }
+
+    /// `c̄` and `r̄` over the recent mix of classes.
+    fn costs(&self, latency: f64) -> (f64, f64) {
+        let total: f64 = self.mix.iter().sum();
+        if total <= 0.0 {
+            return (0.0, 1.0);
+        }
+        let (mut c, mut r) = (0.0, 0.0);
+        for ((_, _, class), w) in self.model.iter().zip(&self.mix) {
+            c += w * urgency(class, latency);
+            r += w * class.refusal_cost();
+        }
+        (c / total, (r / total).max(1e-12))
+    }
+
+    fn cut(&mut self, factor: f64, now: Instant) {
+        // At most one cut per two baseline latencies, so one burst of bad
+        // samples is one signal.
+        if self
+            .guard
+            .last_cut
+            .is_some_and(|t| now.saturating_duration_since(t) < self.phase.length)
+        {
+            return;
+        }
+        self.guard.last_cut = Some(now);
+        self.limit = (self.limit * factor).max(self.min_limit as f64);
+        // Restart probing from the new limit.
+        self.phase.start = None;
+    }
+
+    fn evaluate_pair(&mut self) {
+        let (up, down) = (self.phase.up, self.phase.down);
+        if up.n < 5 || down.n < 5 {
+            return;
+        }
+        let l_up = self.bounded(self.limit + self.phase.delta) as f64;
+        let l_down = self.bounded(self.limit - self.phase.delta) as f64;
+        // Application-limited: the limit was not reached, nothing to learn.
+        if up.mean_in_flight() < 0.8 * l_up || down.mean_in_flight() < 0.8 * l_down {
+            return;
+        }
+        let latency = (up.mean_latency() + down.mean_latency()) / 2.0;
+        let (c, r) = self.costs(latency);
+        // Little's law with the concurrency the requests actually saw.
+        let value = |acc: &Acc| {
+            let n = acc.mean_in_flight();
+            r * n / acc.mean_latency().max(1e-9) - c * n
+        };
+        let (g_up, g_down) = (value(&up), value(&down));
+        let scale = g_up.abs().max(g_down.abs()).max(1e-12);
+        if g_up - g_down > self.margin * scale {
+            self.limit += self.phase.delta;
+        } else if g_down - g_up > self.margin * scale {
+            self.limit -= self.phase.delta;
+        }
+        self.limit = self
+            .limit
+            .clamp(self.min_limit as f64, self.max_limit as f64);
+    }
+}
+
+impl Algorithm for DelayCostLimit {
+    fn initial_limit(&self) -> usize {
+        self.initial
+    }
+
+    fn update(&mut self, s: &Sample) -> usize {
+        let now = s.end();
+        if s.outcome == Outcome::Cancelled {
+            return self.current(now);
+        }
+        let k = s.class.index().min(self.mix.len().saturating_sub(1));
+        // The recent class mix, decayed per sample.
+        for w in &mut self.mix {
+            *w *= 0.999;
+        }
+        if let Some(w) = self.mix.get_mut(k) {
+            *w += 1.0;
+        }
+        if s.outcome.is_drop() {
+            self.cut(0.9, now);
+            return self.current(now);
+        }
+        let latency = s.latency.max(Duration::from_micros(1));
+        let Some(tracker) = self.baselines.get_mut(k) else {
+            return self.current(now);
+        };
+        let base = tracker.record(now, latency).as_secs_f64();
+        let ratio = latency.as_secs_f64() / base.max(1e-9);
+        self.warm += 1;
+
+        // The guard: one window of mean inflation, judged every phase length.
+        let g = &mut self.guard;
+        let g_start = *g.start.get_or_insert(now);
+        g.n += 1;
+        g.ratio_sum += ratio;
+        if now.saturating_duration_since(g_start) >= self.phase.length && g.n >= 5 {
+            let mean = g.ratio_sum / f64::from(g.n);
+            (g.start, g.n, g.ratio_sum) = (None, 0, 0.0);
+            if mean > self.max_inflation {
+                self.cut(0.75, now);
+                return self.current(now);
+            }
+        }
+
+        if self.warm < 20 {
+            // Cold start: below the limit nothing to learn; at it, grow
+            // gently until the first probes can judge.
+            if s.in_flight as f64 >= self.limit {
+                self.limit = (self.limit + 1.0).min(self.max_limit as f64);
+            }
+            return self.current(now);
+        }
+
+        // Probing in pairs: [start, start + len) at L + δ, then L − δ.
+        let len = self.phase.length;
+        let Some(start) = self.phase.start else {
+            self.phase.start = Some(now);
+            self.phase.up = Acc::default();
+            self.phase.down = Acc::default();
+            self.phase.delta = (self.limit / 8.0).max(1.0);
+            self.phase.length = self.min_phase.max(Duration::from_secs_f64(
+                2.0 * base.max(1e-6) * ratio.max(1.0),
+            ));
+            return self.current(now);
+        };
+        let since = s.start.saturating_duration_since(start);
+        if s.start >= start {
+            if since < len {
+                self.phase.up.add(ratio, base, s.in_flight);
+            } else if since < 2 * len {
+                self.phase.down.add(ratio, base, s.in_flight);
+            }
+        }
+        // A pair is judged one phase after it ends, when its requests are
+        // (mostly) back.
+        if now.saturating_duration_since(start) >= 3 * len {
+            self.evaluate_pair();
+            self.phase.start = None;
+        }
+        self.current(now)
+    }
+
+    fn name(&self) -> &'static str {
+        "delay-cost"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gratify_core::{ClassId, DelayCost};
+
+    use super::*;
+
+    fn model() -> CostModel {
+        CostModel::builder()
+            .class(
+                "a",
+                Class::new(DelayCost::linear(2.0).unwrap(), 2.0).unwrap(),
+            )
+            .build()
+            .unwrap()
+    }
+
+    /// A service with `workers` workers of `base` service time, FIFO
+    /// behind them, run closed-loop at the limit: the latency a request
+    /// starting with `n` in flight sees.
+    fn latency(n: usize, workers: usize, base: f64) -> f64 {
+        let slowdown = 1.0 + 0.02 * (n as f64 - 1.0);
+        if n <= workers {
+            base * slowdown
+        } else {
+            base * slowdown * n as f64 / workers as f64
+        }
+    }
+
+    /// Drives the algorithm closed-loop: whenever a request completes,
+    /// new ones start until the limit is full; each sees the latency of the
+    /// concurrency it started with.
+    fn run(alg: &mut DelayCostLimit, workers: usize, seconds: f64, t: &mut Instant) {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let end = *t + Duration::from_secs_f64(seconds);
+        let mut heap: BinaryHeap<Reverse<(Instant, Instant, usize)>> = BinaryHeap::new();
+        let mut in_flight = 0;
+        let mut limit = alg.current(*t);
+        while *t < end {
+            while in_flight < limit {
+                in_flight += 1;
+                let lat = Duration::from_secs_f64(latency(in_flight, workers, 0.02));
+                heap.push(Reverse((*t + lat, *t, in_flight)));
+            }
+            let Some(Reverse((done, start, n))) = heap.pop() else {
+                break;
+            };
+            *t = done;
+            in_flight -= 1;
+            let s = Sample::new(
+                start,
+                done - start,
+                n,
+                Outcome::Success,
+                ClassId::from_index(0),
+            );
+            limit = alg.update(&s);
+        }
+    }
+
+    #[test]
+    fn climbs_to_the_knee_and_follows_a_capacity_drop() {
+        let mut t = Instant::now();
+        let mut alg = DelayCostLimit::new(&model()).initial_limit(4);
+        run(&mut alg, 16, 20.0, &mut t);
+        let base = alg.base_limit();
+        assert!((13.0..=20.0).contains(&base), "found {base}, knee at 16");
+        // Capacity falls to 6 workers.
+        run(&mut alg, 6, 10.0, &mut t);
+        let base = alg.base_limit();
+        assert!((4.0..=8.5).contains(&base), "found {base}, knee at 6");
+    }
+
+    #[test]
+    fn drops_cut_the_limit() {
+        let t = Instant::now();
+        let mut alg = DelayCostLimit::new(&model()).initial_limit(40);
+        let s = Sample::new(
+            t,
+            Duration::from_millis(5),
+            40,
+            Outcome::Overload,
+            ClassId::from_index(0),
+        );
+        assert_eq!(alg.update(&s), 36);
+    }
+}

@@ -1,0 +1,120 @@
+//! The response body of an HTTP [`AdaptiveLimit`](super::AdaptiveLimit).
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use super::algorithm::Outcome;
+use super::limiter::Permit;
+
+pin_project! {
+    /// The inner service's body, or the short text of a refusal.
+    ///
+    /// When the layer holds slots until bodies end
+    /// ([`hold_until_body_end`](super::AdaptiveLimitLayer::hold_until_body_end)),
+    /// the slot is released when this body ends, fails or is dropped.
+    pub struct LimitBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner {
+            #[pin]
+            body: B,
+            permit: Option<Permit>,
+            outcome: Outcome,
+        },
+        Refusal {
+            text: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> LimitBody<B> {
+    pub(crate) fn inner(body: B, permit: Option<Permit>, outcome: Outcome) -> Self {
+        Self {
+            kind: Kind::Inner {
+                body,
+                permit,
+                outcome,
+            },
+        }
+    }
+
+    pub(crate) fn refusal(text: impl Into<Bytes>) -> Self {
+        Self {
+            kind: Kind::Refusal {
+                text: Some(text.into()),
+            },
+        }
+    }
+}
+
+impl<B> Body for LimitBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Inner {
+                body,
+                permit,
+                outcome,
+            } => {
+                let frame = std::task::ready!(body.poll_frame(cx));
+                let end = match &frame {
+                    None => Some(*outcome),
+                    Some(Err(_)) => Some(Outcome::Error),
+                    Some(Ok(_)) => None,
+                };
+                if let (Some(outcome), Some(permit)) = (end, permit.take()) {
+                    permit.complete(outcome);
+                }
+                Poll::Ready(frame)
+            }
+            KindProj::Refusal { text } => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Inner { body, .. } => body.is_end_stream(),
+            Kind::Refusal { text } => text.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body, .. } => body.size_hint(),
+            Kind::Refusal { text } => {
+                SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64))
+            }
+        }
+    }
+}
+
+impl<B> fmt::Debug for LimitBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Inner { permit, .. } => f
+                .debug_struct("LimitBody::Inner")
+                .field("holds_slot", &permit.is_some())
+                .finish_non_exhaustive(),
+            Kind::Refusal { .. } => f.debug_struct("LimitBody::Refusal").finish_non_exhaustive(),
+        }
+    }
+}

@@ -1,0 +1,897 @@
+//! The limiter shared by every clone of an [`AdaptiveLimit`](super::AdaptiveLimit).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use gratify_core::{Class, ClassId, CostModel, LoadSignal, LoadSnapshot};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::algorithm::delay_cost::urgency;
+use super::algorithm::{Algorithm, DelayCostLimit, Outcome, Sample};
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reason {
+    /// Serving it would cost more than refusing it: its expected delay cost
+    /// plus the delay it imposes on others exceeds its refusal cost.
+    Cost,
+    /// It could not finish before its class's deadline.
+    Deadline,
+    /// The waiting queue (or the class's share of it) was full.
+    QueueFull,
+    /// It waited as long as it was worth waiting and was not admitted.
+    QueueTimeout,
+    /// A more valuable request took its place in a full queue.
+    Displaced,
+    /// The limit was reached and the policy does not queue.
+    AtLimit,
+    /// The limit was reached and its class had used its share
+    /// ([`Admission::Partitioned`]).
+    Partition,
+}
+
+impl Reason {
+    /// Every reason, in a fixed order.
+    pub const ALL: [Self; 7] = [
+        Self::Cost,
+        Self::Deadline,
+        Self::QueueFull,
+        Self::QueueTimeout,
+        Self::Displaced,
+        Self::AtLimit,
+        Self::Partition,
+    ];
+
+    /// A short machine-readable name (`"cost"`, `"deadline"`, ...).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Cost => "cost",
+            Self::Deadline => "deadline",
+            Self::QueueFull => "queue-full",
+            Self::QueueTimeout => "queue-timeout",
+            Self::Displaced => "displaced",
+            Self::AtLimit => "at-limit",
+            Self::Partition => "partition",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How requests are admitted once the limit is reached.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Admission {
+    /// gratify's value-based admission (the default): per-class queues
+    /// served by cost rate ÷ expected service time (the cμ rule); a request
+    /// is refused at once when it cannot finish before its deadline or when
+    /// serving it would cost more than refusing it; in a full queue the least
+    /// valuable waiter is displaced, never a more valuable one.
+    DelayCost,
+    /// One first-come-first-served queue, refusing when it is full or a
+    /// request has waited `max_queue_time`.
+    Fifo,
+    /// Refuse at once at the limit (Netflix's `SimpleLimiter`).
+    RejectAtLimit,
+    /// Netflix's partitioned limiter: each class, by [`ClassId`] index, is
+    /// guaranteed its share of the limit; at the limit, a class over its
+    /// share is refused at once.
+    Partitioned(Vec<f64>),
+}
+
+/// The limiter's settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LimiterConfig {
+    /// How requests are admitted at the limit.
+    pub admission: Admission,
+    /// The most requests waiting, over all classes.
+    pub max_queue: usize,
+    /// The most waiting per class (`None`: only `max_queue`).
+    pub max_queue_per_class: Option<usize>,
+    /// The longest any request waits (a class with a deadline waits less).
+    pub max_queue_time: Duration,
+    /// Samples before the cost rules may shed (cold start).
+    pub warmup_samples: u64,
+    /// Classes never shed by the cost or deadline rules, each with a cap on
+    /// how many of it may wait.
+    pub never_shed: Vec<(ClassId, usize)>,
+}
+
+impl Default for LimiterConfig {
+    fn default() -> Self {
+        Self {
+            admission: Admission::DelayCost,
+            max_queue: 1024,
+            max_queue_per_class: None,
+            max_queue_time: Duration::from_secs(5),
+            warmup_samples: 50,
+            never_shed: Vec::new(),
+        }
+    }
+}
+
+/// A snapshot of a limiter, for reports, tests and dashboards.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct LimiterStats {
+    /// The concurrency limit.
+    pub limit: usize,
+    /// Requests holding a slot.
+    pub in_flight: usize,
+    /// Requests waiting for one.
+    pub queued: usize,
+    /// Mean latency (exponentially weighted), seconds.
+    pub latency: f64,
+    /// The shadow price of a slot (model currency per request).
+    pub shadow_price: f64,
+    /// Per class, by [`ClassId`] index.
+    pub classes: Vec<ClassStats>,
+}
+
+/// Per-class figures of a [`LimiterStats`].
+#[derive(Debug, Clone, PartialEq, Default)]
+#[non_exhaustive]
+pub struct ClassStats {
+    /// Holding a slot.
+    pub in_flight: usize,
+    /// Waiting.
+    pub queued: usize,
+    /// Admitted so far.
+    pub admitted: u64,
+    /// Completed (any outcome but cancellation).
+    pub completed: u64,
+    /// Refused so far, by [`Reason`] (indexed as [`Reason::ALL`]).
+    pub shed: [u64; 7],
+    /// Mean latency of the class (exponentially weighted), seconds.
+    pub latency: f64,
+}
+
+impl ClassStats {
+    /// Refused so far, all reasons.
+    pub fn shed_total(&self) -> u64 {
+        self.shed.iter().sum()
+    }
+
+    /// Refused for `reason`.
+    pub fn shed_for(&self, reason: Reason) -> u64 {
+        self.shed[reason.index()]
+    }
+}
+
+/// The limiter: a concurrency limit learned by an [`Algorithm`], and
+/// admission by the cost model. Cloning shares it.
+#[derive(Clone)]
+pub struct Limiter {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    model: CostModel,
+    signal: LoadSignal,
+    config: LimiterConfig,
+    rng: AtomicU64,
+}
+
+struct State {
+    algorithm: Box<dyn Algorithm>,
+    limit: usize,
+    in_flight: usize,
+    queued: usize,
+    classes: Vec<ClassState>,
+    next_id: u64,
+    /// EWMA latency, seconds (0 until the first sample).
+    latency: f64,
+    samples: u64,
+}
+
+struct ClassState {
+    class: Class,
+    queue: VecDeque<Waiter>,
+    /// EWMA latency of the class, seconds (0 until the first sample).
+    latency: f64,
+    never_shed: Option<usize>,
+    share: Option<f64>,
+    stats: ClassStats,
+}
+
+struct Waiter {
+    id: u64,
+    enqueued: Instant,
+    tx: oneshot::Sender<Result<(), Reason>>,
+}
+
+/// The outcome of asking for a slot.
+pub(crate) enum Acquire {
+    Admitted(Permit),
+    Queued(Ticket),
+    Refused(Refusal),
+}
+
+/// A refusal, with what a client should be told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub(crate) reason: Reason,
+    pub(crate) retry_after: Duration,
+}
+
+impl Refusal {
+    /// Why the request was refused.
+    pub fn reason(&self) -> Reason {
+        self.reason
+    }
+
+    /// When the client might try again (the estimated drain time, jittered,
+    /// in whole seconds).
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+}
+
+impl fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limiter")
+            .field("algorithm", &self.lock().algorithm.name())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+fn ewma(old: f64, new: f64, weight: f64) -> f64 {
+    if old <= 0.0 {
+        new
+    } else {
+        old + (new - old) * weight
+    }
+}
+
+impl Limiter {
+    /// A limiter with the default [`DelayCostLimit`] algorithm.
+    pub fn new(model: &CostModel) -> Self {
+        Self::with_algorithm(model, DelayCostLimit::new(model), LimiterConfig::default())
+    }
+
+    /// A limiter with the given algorithm and settings.
+    pub fn with_algorithm(
+        model: &CostModel,
+        algorithm: impl Algorithm,
+        config: LimiterConfig,
+    ) -> Self {
+        let limit = algorithm.initial_limit().max(1);
+        let classes = model
+            .iter()
+            .map(|(id, _, class)| ClassState {
+                class: class.clone(),
+                queue: VecDeque::new(),
+                latency: 0.0,
+                never_shed: config
+                    .never_shed
+                    .iter()
+                    .find(|(c, _)| *c == id)
+                    .map(|(_, cap)| *cap),
+                share: match &config.admission {
+                    Admission::Partitioned(shares) => shares.get(id.index()).copied(),
+                    _ => None,
+                },
+                stats: ClassStats::default(),
+            })
+            .collect();
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    algorithm: Box::new(algorithm),
+                    limit,
+                    in_flight: 0,
+                    queued: 0,
+                    classes,
+                    next_id: 0,
+                    latency: 0.0,
+                    samples: 0,
+                }),
+                model: model.clone(),
+                signal: LoadSignal::new(),
+                config,
+                rng: AtomicU64::new(0x2545_F491_4F6C_DD1D),
+            }),
+        }
+    }
+
+    /// The load signal this limiter publishes (clone it for other layers).
+    pub fn load_signal(&self) -> &LoadSignal {
+        &self.shared.signal
+    }
+
+    /// Publishes to `signal` instead of the limiter's own (to share one
+    /// signal across a stack). Call before use.
+    #[must_use]
+    pub fn publishing_to(self, signal: LoadSignal) -> Self {
+        match Arc::try_unwrap(self.shared) {
+            Ok(mut shared) => {
+                shared.signal = signal;
+                Self {
+                    shared: Arc::new(shared),
+                }
+            }
+            Err(shared) => Self { shared },
+        }
+    }
+
+    /// The cost model.
+    pub fn model(&self) -> &CostModel {
+        &self.shared.model
+    }
+
+    /// The name of the algorithm.
+    pub fn algorithm_name(&self) -> &'static str {
+        self.lock().algorithm.name()
+    }
+
+    /// A snapshot of the limiter's figures.
+    pub fn stats(&self) -> LimiterStats {
+        let state = self.lock();
+        LimiterStats {
+            limit: state.limit,
+            in_flight: state.in_flight,
+            queued: state.queued,
+            latency: state.latency,
+            shadow_price: shadow_price(&state),
+            classes: state
+                .classes
+                .iter()
+                .map(|c| ClassStats {
+                    in_flight: c.stats.in_flight,
+                    queued: c.queue.len(),
+                    latency: c.latency,
+                    ..c.stats.clone()
+                })
+                .collect(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is consistent between statements; a panic elsewhere
+        // while it was held cannot leave it half-updated, so recover.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Asks for a slot for a request of `class`.
+    pub(crate) fn acquire(&self, class: ClassId) -> Acquire {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let k = class.index().min(state.classes.len() - 1);
+        let class = ClassId::from_index(k as u16);
+        let decision = decide(&self.shared.config, &state, k, now);
+        let result = match decision {
+            Decision::Admit => {
+                admit(&mut state, k);
+                let in_flight = state.in_flight;
+                Acquire::Admitted(Permit::new(self.clone(), class, now, in_flight))
+            }
+            Decision::Queue { max_wait, displace } => {
+                if let Some(j) = displace
+                    && let Some(w) = state.classes[j].queue.pop_back()
+                {
+                    state.queued -= 1;
+                    state.classes[j].stats.shed[Reason::Displaced.index()] += 1;
+                    let _ = w.tx.send(Err(Reason::Displaced));
+                    self.on_shed(j, Reason::Displaced);
+                }
+                let (tx, rx) = oneshot::channel();
+                let id = state.next_id;
+                state.next_id += 1;
+                state.classes[k].queue.push_back(Waiter {
+                    id,
+                    enqueued: now,
+                    tx,
+                });
+                state.queued += 1;
+                Acquire::Queued(Ticket {
+                    limiter: self.clone(),
+                    class,
+                    id,
+                    rx,
+                    deadline: now + max_wait,
+                    done: false,
+                })
+            }
+            Decision::Refuse(reason) => {
+                state.classes[k].stats.shed[reason.index()] += 1;
+                let refusal = self.refusal(&state, reason);
+                self.on_shed(k, reason);
+                Acquire::Refused(refusal)
+            }
+        };
+        self.publish(&state);
+        result
+    }
+
+    fn refusal(&self, state: &State, reason: Reason) -> Refusal {
+        // The backlog's drain time, with up to 50% jitter so that refused
+        // clients do not all return at once; at least a second, as
+        // Retry-After counts whole seconds.
+        let drain =
+            (state.queued as f64 + 1.0) * state.latency / state.limit.max(1) as f64 + state.latency;
+        let x = self
+            .shared
+            .rng
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        let jitter = 1.0 + ((x >> 11) as f64 / (1u64 << 53) as f64) * 0.5;
+        let secs = (drain * jitter).ceil().clamp(1.0, 3600.0);
+        Refusal {
+            reason,
+            retry_after: Duration::from_secs(secs as u64),
+        }
+    }
+
+    fn on_shed(&self, k: usize, reason: Reason) {
+        let name = self.shared.model.name(ClassId::from_index(k as u16));
+        tracing::debug!(class = name, reason = reason.as_str(), "request shed");
+        #[cfg(feature = "metrics")]
+        metrics::counter!("gratify_limit_shed_total", "class" => name.to_owned(), "reason" => reason.as_str())
+            .increment(1);
+    }
+
+    /// Releases a slot, learning from the sample if there is one.
+    fn release(&self, class: ClassId, sample: Option<Sample>) {
+        let mut state = self.lock();
+        let k = class.index().min(state.classes.len() - 1);
+        state.in_flight = state.in_flight.saturating_sub(1);
+        let c = &mut state.classes[k];
+        c.stats.in_flight = c.stats.in_flight.saturating_sub(1);
+        if let Some(sample) = sample {
+            c.stats.completed += 1;
+            if sample.outcome != Outcome::Cancelled {
+                let secs = sample.latency.as_secs_f64();
+                if !sample.outcome.is_drop() {
+                    c.latency = ewma(c.latency, secs, 0.05);
+                    state.latency = ewma(state.latency, secs, 0.02);
+                }
+                state.samples += 1;
+            }
+            let limit = state.algorithm.update(&sample).max(1);
+            state.limit = limit;
+        }
+        grant(&self.shared.config, &mut state, Instant::now());
+        self.publish(&state);
+    }
+
+    /// Takes a queued request out of the queue (it gave up or timed out).
+    /// Returns `false` if it had been granted or displaced meanwhile.
+    fn withdraw(&self, class: ClassId, id: u64) -> bool {
+        let mut state = self.lock();
+        let k = class.index().min(state.classes.len() - 1);
+        let queue = &mut state.classes[k].queue;
+        match queue.iter().position(|w| w.id == id) {
+            Some(i) => {
+                queue.remove(i);
+                state.queued -= 1;
+                // A waiter leaving can unblock a partition or a smaller queue.
+                grant(&self.shared.config, &mut state, Instant::now());
+                self.publish(&state);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn count_shed(&self, class: ClassId, reason: Reason) {
+        let mut state = self.lock();
+        let k = class.index().min(state.classes.len() - 1);
+        state.classes[k].stats.shed[reason.index()] += 1;
+        drop(state);
+        self.on_shed(k, reason);
+    }
+
+    fn publish(&self, state: &State) {
+        let limit = state.limit.max(1) as f64;
+        let utilisation = (state.in_flight + state.queued) as f64 / limit;
+        let delay = state.queued as f64 * state.latency / limit;
+        let price = shadow_price(state);
+        self.shared.signal.publish(LoadSnapshot::new(
+            utilisation,
+            Duration::from_secs_f64(delay.clamp(0.0, 1e9)),
+            price,
+        ));
+        #[cfg(feature = "metrics")]
+        {
+            metrics::gauge!("gratify_limit").set(limit);
+            metrics::gauge!("gratify_limit_in_flight").set(state.in_flight as f64);
+            metrics::gauge!("gratify_limit_queued").set(state.queued as f64);
+            metrics::gauge!("gratify_limit_shadow_price").set(price);
+        }
+    }
+}
+
+/// The marginal delay cost one more admitted request imposes on the others:
+/// it holds a slot for about the mean latency, delaying every waiting request
+/// by `latency / limit`, each at its cost rate.
+fn shadow_price(state: &State) -> f64 {
+    if state.queued == 0 {
+        return 0.0;
+    }
+    let per_slot = state.latency / state.limit.max(1) as f64;
+    let rates: f64 = state
+        .classes
+        .iter()
+        .map(|c| c.queue.len() as f64 * urgency(&c.class, c.latency))
+        .sum();
+    per_slot * rates
+}
+
+enum Decision {
+    Admit,
+    Queue {
+        max_wait: Duration,
+        displace: Option<usize>,
+    },
+    Refuse(Reason),
+}
+
+/// The class's expected latency, falling back to the overall mean.
+fn expected_latency(state: &State, k: usize) -> f64 {
+    let c = state.classes[k].latency;
+    if c > 0.0 { c } else { state.latency }
+}
+
+/// The cμ index of class `k` for a request that has waited `age` seconds:
+/// its urgency when it would complete, per second of service.
+fn index(state: &State, k: usize, age: f64) -> f64 {
+    let s = expected_latency(state, k).max(1e-6);
+    urgency(&state.classes[k].class, age + s) / s
+}
+
+fn decide(config: &LimiterConfig, state: &State, k: usize, now: Instant) -> Decision {
+    let c = &state.classes[k];
+    let room = state.in_flight < state.limit;
+    match &config.admission {
+        Admission::RejectAtLimit => {
+            return if room {
+                Decision::Admit
+            } else {
+                Decision::Refuse(Reason::AtLimit)
+            };
+        }
+        Admission::Partitioned(_) => {
+            let share = c.share.unwrap_or(0.0);
+            let over = c.stats.in_flight as f64 >= (share * state.limit as f64).floor().max(1.0);
+            return if room || !over {
+                Decision::Admit
+            } else {
+                Decision::Refuse(Reason::Partition)
+            };
+        }
+        Admission::Fifo => {
+            if room && state.queued == 0 {
+                return Decision::Admit;
+            }
+            if state.queued >= config.max_queue {
+                return Decision::Refuse(Reason::QueueFull);
+            }
+            return Decision::Queue {
+                max_wait: config.max_queue_time,
+                displace: None,
+            };
+        }
+        Admission::DelayCost => {}
+    }
+
+    let warm = state.samples >= config.warmup_samples;
+    let protected = c.never_shed.is_some();
+    let judge = warm && !protected;
+    let s_k = expected_latency(state, k);
+    let class = &c.class;
+    let late_at = |t: f64| class.deadline().is_some_and(|d| t > d.as_secs_f64());
+
+    if room && state.queued == 0 {
+        if judge && late_at(s_k) {
+            return Decision::Refuse(Reason::Deadline);
+        }
+        return Decision::Admit;
+    }
+
+    // At the limit: where would it stand in the queue?
+    let mine = index(state, k, 0.0);
+    let mut ahead = c.queue.len();
+    let mut behind_rate = 0.0;
+    let mut lowest: Option<(usize, f64)> = None;
+    for (j, other) in state.classes.iter().enumerate() {
+        let Some(tail) = other.queue.back() else {
+            continue;
+        };
+        let tail_index = index(
+            state,
+            j,
+            now.saturating_duration_since(tail.enqueued).as_secs_f64(),
+        );
+        if other.never_shed.is_none() && lowest.is_none_or(|(_, x)| tail_index < x) {
+            lowest = Some((j, tail_index));
+        }
+        if j == k {
+            continue;
+        }
+        let head = other.queue.front().map_or(now, |w| w.enqueued);
+        let head_index = index(state, j, now.saturating_duration_since(head).as_secs_f64());
+        if head_index >= mine {
+            ahead += other.queue.len();
+        } else {
+            behind_rate += other.queue.len() as f64 * urgency(&other.class, other.latency);
+        }
+    }
+    let per_slot = state.latency / state.limit.max(1) as f64;
+    let wait = (ahead as f64 + 1.0) * per_slot;
+
+    if judge {
+        if late_at(wait + s_k) {
+            return Decision::Refuse(Reason::Deadline);
+        }
+        let externality = s_k / state.limit.max(1) as f64 * behind_rate;
+        let t = Duration::from_secs_f64((wait + s_k).min(1e9));
+        if class.response_cost(t) + externality > class.refusal_cost() {
+            return Decision::Refuse(Reason::Cost);
+        }
+    }
+
+    // Room in the queue?
+    if let Some(cap) = c.never_shed.or(config.max_queue_per_class)
+        && c.queue.len() >= cap
+    {
+        return Decision::Refuse(Reason::QueueFull);
+    }
+    let mut displace = None;
+    if state.queued >= config.max_queue {
+        match lowest {
+            Some((j, x)) if x < mine => displace = Some(j),
+            _ => return Decision::Refuse(Reason::QueueFull),
+        }
+    }
+
+    // How long is it worth waiting? Until the deadline (less the service
+    // time) or until the response would cost more than a refusal.
+    let mut max_wait = config.max_queue_time.as_secs_f64();
+    if judge {
+        if let Some(d) = class.deadline() {
+            max_wait = max_wait.min(d.as_secs_f64() - s_k);
+        }
+        max_wait = max_wait.min(worth_waiting(class, s_k, max_wait));
+    }
+    if max_wait <= 0.0 {
+        return Decision::Refuse(Reason::Deadline);
+    }
+    Decision::Queue {
+        max_wait: Duration::from_secs_f64(max_wait),
+        displace,
+    }
+}
+
+/// The longest wait `w ≤ cap` with `response_cost(w + s) ≤ refusal_cost`
+/// (bisection; the cost is nondecreasing in `w`).
+fn worth_waiting(class: &Class, s: f64, cap: f64) -> f64 {
+    let cost = |w: f64| class.response_cost(Duration::from_secs_f64((w + s).clamp(0.0, 1e9)));
+    let r = class.refusal_cost();
+    if cap <= 0.0 || cost(cap) <= r {
+        return cap;
+    }
+    if cost(0.0) > r {
+        return 0.0;
+    }
+    let (mut lo, mut hi) = (0.0, cap);
+    for _ in 0..40 {
+        let mid = (lo + hi) / 2.0;
+        if cost(mid) <= r {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+fn admit(state: &mut State, k: usize) {
+    state.in_flight += 1;
+    let c = &mut state.classes[k];
+    c.stats.in_flight += 1;
+    c.stats.admitted += 1;
+}
+
+/// Grants slots to waiters while there is room, the most urgent first.
+fn grant(config: &LimiterConfig, state: &mut State, now: Instant) {
+    while state.in_flight < state.limit && state.queued > 0 {
+        let best = match config.admission {
+            Admission::DelayCost => (0..state.classes.len())
+                .filter_map(|j| {
+                    let head = state.classes[j].queue.front()?;
+                    let age = now.saturating_duration_since(head.enqueued).as_secs_f64();
+                    Some((j, index(state, j, age), head.enqueued))
+                })
+                // Highest index; the longest waiting on a tie.
+                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.2.cmp(&a.2)))
+                .map(|(j, ..)| j),
+            _ => (0..state.classes.len())
+                .filter_map(|j| Some((j, state.classes[j].queue.front()?.enqueued)))
+                .min_by_key(|(_, t)| *t)
+                .map(|(j, _)| j),
+        };
+        let Some(j) = best else {
+            break;
+        };
+        let Some(waiter) = state.classes[j].queue.pop_front() else {
+            break;
+        };
+        state.queued -= 1;
+        // A waiter whose caller is gone cannot take the slot: try the next.
+        if waiter.tx.send(Ok(())).is_ok() {
+            admit(state, j);
+        }
+    }
+}
+
+/// A slot held by a request; released exactly once, when completed or
+/// dropped (a dropped permit reports a cancellation).
+pub struct Permit {
+    limiter: Limiter,
+    class: ClassId,
+    start: Instant,
+    in_flight: usize,
+    done: bool,
+}
+
+impl Permit {
+    fn new(limiter: Limiter, class: ClassId, start: Instant, in_flight: usize) -> Self {
+        Self {
+            limiter,
+            class,
+            start,
+            in_flight,
+            done: false,
+        }
+    }
+
+    /// Releases the slot with the request's outcome.
+    pub fn complete(mut self, outcome: Outcome) {
+        self.finish(outcome);
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let now = Instant::now();
+        let sample = Sample::new(
+            self.start.into_std(),
+            now.saturating_duration_since(self.start),
+            self.in_flight,
+            outcome,
+            self.class,
+        );
+        self.limiter.release(self.class, Some(sample));
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.finish(Outcome::Cancelled);
+    }
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("class", &self.class)
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A place in the queue. Dropping it leaves the queue (or returns the slot
+/// if it was granted meanwhile).
+pub(crate) struct Ticket {
+    limiter: Limiter,
+    class: ClassId,
+    id: u64,
+    rx: oneshot::Receiver<Result<(), Reason>>,
+    deadline: Instant,
+    done: bool,
+}
+
+/// What became of a ticket.
+pub(crate) enum TicketOutcome {
+    Admitted(Permit),
+    Refused(Refusal),
+}
+
+impl Ticket {
+    /// When the request stops waiting.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn admitted(&mut self) -> TicketOutcome {
+        self.done = true;
+        let in_flight = self.limiter.lock().in_flight;
+        TicketOutcome::Admitted(Permit::new(
+            self.limiter.clone(),
+            self.class,
+            Instant::now(),
+            in_flight,
+        ))
+    }
+
+    fn refused(&mut self, reason: Reason) -> TicketOutcome {
+        self.done = true;
+        let state = self.limiter.lock();
+        TicketOutcome::Refused(self.limiter.refusal(&state, reason))
+    }
+
+    /// Polls for a grant.
+    pub(crate) fn poll(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<TicketOutcome> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.rx).poll(cx) {
+            Poll::Ready(Ok(Ok(()))) => Poll::Ready(self.admitted()),
+            Poll::Ready(Ok(Err(reason))) => Poll::Ready(self.refused(reason)),
+            // The sender is gone without a word: the limiter dropped the
+            // waiter, which it never does; refuse rather than hang.
+            Poll::Ready(Err(_)) => Poll::Ready(self.refused(Reason::QueueFull)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// The wait is over without a grant: leave the queue, unless a grant
+    /// or a displacement arrived meanwhile.
+    pub(crate) fn time_out(&mut self) -> TicketOutcome {
+        if self.limiter.withdraw(self.class, self.id) {
+            self.limiter.count_shed(self.class, Reason::QueueTimeout);
+            return self.refused(Reason::QueueTimeout);
+        }
+        match self.rx.try_recv() {
+            Ok(Ok(())) => self.admitted(),
+            Ok(Err(reason)) => self.refused(reason),
+            Err(_) => self.refused(Reason::QueueTimeout),
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // The caller went away while waiting.
+        if !self.limiter.withdraw(self.class, self.id) {
+            // Granted meanwhile: give the slot back.
+            if let Ok(Ok(())) = self.rx.try_recv() {
+                self.limiter.release(self.class, None);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ticket")
+            .field("class", &self.class)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}

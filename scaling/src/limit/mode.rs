@@ -1,0 +1,139 @@
+//! How refusals and completions reach the caller: as HTTP responses
+//! ([`Http`]) or as errors ([`ErrorOnRefusal`]).
+
+use bytes::Bytes;
+use gratify_core::BoxError;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+use super::algorithm::Outcome;
+use super::body::LimitBody;
+use super::error::Overloaded;
+use super::limiter::{Permit, Refusal};
+
+/// The header naming why a request was shed (`cost`, `deadline`, ...).
+pub const SHED_REASON_HEADER: &str = "x-gratify-shed";
+
+/// Refusals become HTTP 503 responses with `Retry-After`, so an `Infallible`
+/// service stays `Infallible` (the default, for axum and hyper).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Http;
+
+/// Refusals become an [`Overloaded`] error inside a
+/// [`BoxError`], for services that are not HTTP.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ErrorOnRefusal;
+
+/// Turns the inner service's results and the limiter's refusals into the
+/// layer's results. Implemented by [`Http`] and [`ErrorOnRefusal`].
+pub trait Mode<Resp, E>: sealed::Sealed {
+    /// The layer's response type.
+    type Response;
+    /// The layer's error type.
+    type Error;
+
+    #[doc(hidden)]
+    fn refused(refusal: Refusal) -> Result<Self::Response, Self::Error>;
+
+    #[doc(hidden)]
+    fn error(error: E) -> Self::Error;
+
+    #[doc(hidden)]
+    fn completed(
+        result: Result<Resp, E>,
+        permit: Permit,
+        hold_body: bool,
+    ) -> Result<Self::Response, Self::Error>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::Http {}
+    impl Sealed for super::ErrorOnRefusal {}
+}
+
+/// The outcome an HTTP status says: 503 and 429 are the service's own
+/// overload signals, other 5xx are errors.
+pub(crate) fn outcome_of_status(status: StatusCode) -> Outcome {
+    match status {
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => Outcome::Overload,
+        s if s.is_server_error() => Outcome::Error,
+        _ => Outcome::Success,
+    }
+}
+
+impl<RB, E> Mode<Response<RB>, E> for Http {
+    type Response = Response<LimitBody<RB>>;
+    type Error = E;
+
+    fn refused(refusal: Refusal) -> Result<Self::Response, E> {
+        let reason = refusal.reason.as_str();
+        let mut response = Response::new(LimitBody::refusal(Bytes::from(format!(
+            "overloaded: request shed ({reason})\n"
+        ))));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let headers = response.headers_mut();
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from(refusal.retry_after.as_secs()),
+        );
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(SHED_REASON_HEADER, HeaderValue::from_static(reason));
+        Ok(response)
+    }
+
+    fn error(error: E) -> E {
+        error
+    }
+
+    fn completed(
+        result: Result<Response<RB>, E>,
+        permit: Permit,
+        hold_body: bool,
+    ) -> Result<Self::Response, E> {
+        match result {
+            Ok(response) => {
+                let outcome = outcome_of_status(response.status());
+                let (parts, body) = response.into_parts();
+                let body = if hold_body {
+                    LimitBody::inner(body, Some(permit), outcome)
+                } else {
+                    permit.complete(outcome);
+                    LimitBody::inner(body, None, outcome)
+                };
+                Ok(Response::from_parts(parts, body))
+            }
+            Err(e) => {
+                permit.complete(Outcome::Error);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl<Resp, E: Into<BoxError>> Mode<Resp, E> for ErrorOnRefusal {
+    type Response = Resp;
+    type Error = BoxError;
+
+    fn refused(refusal: Refusal) -> Result<Resp, BoxError> {
+        Err(Overloaded::new(refusal.reason, refusal.retry_after).into())
+    }
+
+    fn error(error: E) -> BoxError {
+        error.into()
+    }
+
+    fn completed(result: Result<Resp, E>, permit: Permit, _: bool) -> Result<Resp, BoxError> {
+        let outcome = if result.is_ok() {
+            Outcome::Success
+        } else {
+            Outcome::Error
+        };
+        permit.complete(outcome);
+        result.map_err(Into::into)
+    }
+}

@@ -1,0 +1,424 @@
+//! The adaptive limit as a tower layer: slots on every path, clone
+//! semantics, admission by cost, refusals. All timing runs on tokio's paused
+//! clock.
+#![allow(clippy::unwrap_used)] // test helpers: a failure is a failed test
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gratify_core::classify::ClassifyLayer;
+use gratify_core::{ClassId, CostModel};
+use gratify_scaling::limit::error::Overloaded;
+use gratify_scaling::limit::{
+    AdaptiveLimitLayer, Admission, Aimd, Fixed, Limiter, LimiterConfig, Reason, SHED_REASON_HEADER,
+};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+
+const MODEL: &str = r#"
+default_class = "browse"
+[classes.checkout]
+delay_cost = { shape = "linear", per_second = 20.0, deadline = "300ms" }
+refusal_cost = 10.0
+[classes.browse]
+delay_cost = { shape = "linear", per_second = 2.0, deadline = "1s" }
+refusal_cost = 2.0
+[classes.batch]
+delay_cost = { shape = "linear", per_second = 0.1, deadline = "30s" }
+refusal_cost = 1.0
+"#;
+
+fn model() -> CostModel {
+    CostModel::from_toml(MODEL).unwrap()
+}
+
+fn class(m: &CostModel, name: &str) -> ClassId {
+    m.id(name).unwrap()
+}
+
+fn limiter(m: &CostModel, limit: usize, config: LimiterConfig) -> Limiter {
+    Limiter::with_algorithm(m, Fixed::new(limit), config)
+}
+
+fn config(f: impl FnOnce(&mut LimiterConfig)) -> LimiterConfig {
+    let mut c = LimiterConfig::default();
+    f(&mut c);
+    c
+}
+
+/// A request of `class`, as a ClassifyLayer would have left it.
+fn req(class: ClassId, body: &str) -> Request<String> {
+    let mut r = Request::new(body.to_owned());
+    r.extensions_mut().insert(class);
+    r
+}
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+/// An origin that sleeps `ms` from the body ("name:ms") and logs the name
+/// when it starts.
+fn origin(
+    log: Log,
+) -> impl Service<Request<String>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    service_fn(move |r: Request<String>| {
+        let log = log.clone();
+        async move {
+            let (name, ms) = r.body().split_once(':').unwrap_or((r.body(), "0"));
+            log.lock().unwrap().push(name.to_owned());
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(name.to_owned()))))
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_releases_its_slot() {
+    let m = model();
+    let l = limiter(&m, 2, LimiterConfig::default());
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(Log::default()));
+    let res = svc.oneshot(req(class(&m, "browse"), "a:10")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let s = l.stats();
+    assert_eq!((s.in_flight, s.queued), (0, 0));
+    assert_eq!(s.classes[class(&m, "browse").index()].completed, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_releases_its_slot() {
+    let m = model();
+    let l = limiter(&m, 1, LimiterConfig::default());
+    let svc =
+        AdaptiveLimitLayer::with_limiter(l.clone()).layer(service_fn(|_: Request<String>| async {
+            Err::<Response<Full<Bytes>>, _>("boom")
+        }));
+    assert!(
+        svc.clone()
+            .oneshot(req(class(&m, "browse"), ""))
+            .await
+            .is_err()
+    );
+    assert_eq!(l.stats().in_flight, 0);
+    // The slot is free for the next request.
+    assert!(svc.oneshot(req(class(&m, "browse"), "")).await.is_err());
+    assert_eq!(l.stats().classes[class(&m, "browse").index()].completed, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_the_inner_future_releases_its_slot() {
+    let m = model();
+    let l = limiter(&m, 1, LimiterConfig::default());
+    let svc =
+        AdaptiveLimitLayer::with_limiter(l.clone()).layer(service_fn(|_: Request<String>| async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            panic!("handler bug");
+            #[allow(unreachable_code)]
+            Ok::<Response<Full<Bytes>>, Infallible>(Response::new(Full::default()))
+        }));
+    let task = tokio::spawn(svc.oneshot(req(class(&m, "browse"), "")));
+    assert!(task.await.unwrap_err().is_panic());
+    assert_eq!(l.stats().in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_future_releases_the_slot_or_the_queue_place() {
+    let m = model();
+    let l = limiter(&m, 1, LimiterConfig::default());
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(Log::default()));
+    let browse = class(&m, "browse");
+    let running = tokio::spawn(svc.clone().oneshot(req(browse, "a:1000")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let queued = tokio::spawn(svc.clone().oneshot(req(browse, "b:10")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((l.stats().in_flight, l.stats().queued), (1, 1));
+    // The client of the queued request goes away: it leaves the queue.
+    queued.abort();
+    let _ = queued.await;
+    assert_eq!((l.stats().in_flight, l.stats().queued), (1, 0));
+    // The client of the running one goes away: the slot is released.
+    running.abort();
+    let _ = running.await;
+    assert_eq!((l.stats().in_flight, l.stats().queued), (0, 0));
+    let res = svc.oneshot(req(browse, "c:1")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ready_clone_that_is_never_called_holds_nothing() {
+    let m = model();
+    let l = limiter(&m, 1, LimiterConfig::default());
+    let mut svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(Log::default()));
+    let mut clone = svc.clone();
+    clone.ready().await.unwrap();
+    drop(clone);
+    svc.ready().await.unwrap();
+    let res = svc.call(req(class(&m, "browse"), "a:1")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(l.stats().in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn clones_share_one_limit() {
+    let m = model();
+    let layer = AdaptiveLimitLayer::with_limiter(limiter(
+        &m,
+        1,
+        config(|c| c.admission = Admission::RejectAtLimit),
+    ));
+    // Two "connections", as axum makes them.
+    let a = layer.layer(origin(Log::default()));
+    let b = a.clone();
+    let browse = class(&m, "browse");
+    let first = tokio::spawn(a.oneshot(req(browse, "a:100")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let second = b.oneshot(req(browse, "b:1")).await.unwrap();
+    assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(second.headers()[SHED_REASON_HEADER], "at-limit");
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(layer.limiter().stats().in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_timeout_refuses_and_empties_the_queue() {
+    let m = model();
+    let l = limiter(
+        &m,
+        1,
+        config(|c| c.max_queue_time = Duration::from_millis(50)),
+    );
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(Log::default()));
+    let batch = class(&m, "batch");
+    let running = tokio::spawn(svc.clone().oneshot(req(batch, "a:1000")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let res = svc.clone().oneshot(req(batch, "b:1")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()[SHED_REASON_HEADER], "queue-timeout");
+    assert!(res.headers().contains_key(http::header::RETRY_AFTER));
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("queue-timeout"));
+    assert_eq!(l.stats().queued, 0);
+    assert_eq!(
+        l.stats().classes[batch.index()].shed_for(Reason::QueueTimeout),
+        1
+    );
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_most_urgent_class_is_served_first() {
+    let m = model();
+    let l = limiter(&m, 1, LimiterConfig::default());
+    let log = Log::default();
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(log.clone()));
+    let mut tasks = Vec::new();
+    for (name, body) in [
+        ("browse", "first:50"),
+        ("batch", "batch:5"),
+        ("browse", "browse:5"),
+        ("checkout", "checkout:5"),
+    ] {
+        tasks.push(tokio::spawn(
+            svc.clone().oneshot(req(class(&m, name), body)),
+        ));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    // Queued behind "first": checkout (20/s over 10 ms) before browse before batch.
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["first", "checkout", "browse", "batch"].map(String::from)
+    );
+}
+
+/// Runs `n` quick requests of `class` so the estimators are warm.
+async fn warm_up<S>(svc: &S, class: ClassId, n: usize)
+where
+    S: Service<
+            Request<String>,
+            Response = Response<gratify_scaling::limit::body::LimitBody<Full<Bytes>>>,
+            Error = Infallible,
+        > + Clone,
+{
+    for _ in 0..n {
+        let res = svc.clone().oneshot(req(class, "warm:20")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_cannot_meet_its_deadline_is_refused_at_once() {
+    let m = model();
+    let l = limiter(&m, 1, config(|c| c.warmup_samples = 10));
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(Log::default()));
+    let checkout = class(&m, "checkout");
+    warm_up(&svc, checkout, 10).await;
+    // Twenty checkouts of ~20 ms each fill the queue well past 300 ms.
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        tasks.push(tokio::spawn(svc.clone().oneshot(req(checkout, "c:20"))));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let before = tokio::time::Instant::now();
+    let res = svc.clone().oneshot(req(checkout, "late:20")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()[SHED_REASON_HEADER], "deadline");
+    assert_eq!(before.elapsed(), Duration::ZERO, "refused without waiting");
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(l.stats().in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cold_start_sheds_nothing_by_cost() {
+    let m = model();
+    let l = limiter(&m, 1, config(|c| c.warmup_samples = 1000));
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(Log::default()));
+    let checkout = class(&m, "checkout");
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        tasks.push(tokio::spawn(svc.clone().oneshot(req(checkout, "c:5"))));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(l.stats().classes[checkout.index()].shed_total(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_displaces_the_least_valuable_never_the_more() {
+    let m = model();
+    let l = limiter(&m, 1, config(|c| c.max_queue = 2));
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(Log::default()));
+    let (batch, checkout) = (class(&m, "batch"), class(&m, "checkout"));
+    let running = tokio::spawn(svc.clone().oneshot(req(batch, "run:50")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let b1 = tokio::spawn(svc.clone().oneshot(req(batch, "b1:1")));
+    let b2 = tokio::spawn(svc.clone().oneshot(req(batch, "b2:1")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(l.stats().queued, 2);
+    // A checkout arrives at a full queue: the newest batch request goes.
+    let c = tokio::spawn(svc.clone().oneshot(req(checkout, "c:1")));
+    let displaced = b2.await.unwrap().unwrap();
+    assert_eq!(displaced.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(displaced.headers()[SHED_REASON_HEADER], "displaced");
+    // A batch request arriving at the full queue is refused; it displaces no one.
+    let b3 = svc.clone().oneshot(req(batch, "b3:1")).await.unwrap();
+    assert_eq!(b3.headers()[SHED_REASON_HEADER], "queue-full");
+    assert_eq!(c.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(b1.await.unwrap().unwrap().status(), StatusCode::OK);
+    running.await.unwrap().unwrap();
+    let s = l.stats();
+    assert_eq!(s.classes[checkout.index()].shed_total(), 0);
+    assert_eq!((s.in_flight, s.queued), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn holding_until_the_body_ends() {
+    let m = model();
+    let l = limiter(&m, 1, LimiterConfig::default());
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone())
+        .hold_until_body_end(true)
+        .layer(origin(Log::default()));
+    let browse = class(&m, "browse");
+    let res = svc.clone().oneshot(req(browse, "a:1")).await.unwrap();
+    assert_eq!(l.stats().in_flight, 1, "the body has not been read");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"a");
+    assert_eq!(l.stats().in_flight, 0);
+    // A body dropped unread releases the slot too.
+    let res = svc.oneshot(req(browse, "b:1")).await.unwrap();
+    assert_eq!(l.stats().in_flight, 1);
+    drop(res);
+    assert_eq!(l.stats().in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn inner_503s_are_a_loss_signal() {
+    let m = model();
+    let aimd = Aimd::new().limits(1, 100).initial_limit(50);
+    let l = Limiter::with_algorithm(&m, aimd, LimiterConfig::default());
+    let svc =
+        AdaptiveLimitLayer::with_limiter(l.clone()).layer(service_fn(|_: Request<String>| async {
+            let mut r = Response::new(Full::<Bytes>::default());
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            Ok::<_, Infallible>(r)
+        }));
+    svc.oneshot(req(class(&m, "browse"), "")).await.unwrap();
+    assert_eq!(l.stats().limit, 45, "50 × 0.9 after one overload response");
+}
+
+#[tokio::test(start_paused = true)]
+async fn error_mode_refuses_with_a_downcastable_error() {
+    let m = model();
+    let l = limiter(&m, 1, config(|c| c.admission = Admission::RejectAtLimit));
+    let batch = class(&m, "batch");
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone())
+        .classify_with(batch)
+        .error_on_refusal()
+        .layer(service_fn(|ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, Infallible>(ms)
+        }));
+    let running = tokio::spawn(svc.clone().oneshot(100));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let err = svc.clone().oneshot(1).await.unwrap_err();
+    let overloaded = err.downcast_ref::<Overloaded>().unwrap();
+    assert_eq!(overloaded.reason(), Reason::AtLimit);
+    assert!(overloaded.retry_after() >= Duration::from_secs(1));
+    assert_eq!(running.await.unwrap().unwrap(), 100);
+    assert_eq!(svc.oneshot(2).await.unwrap(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn classes_come_from_the_classify_layer() {
+    let m = model();
+    let l = limiter(&m, 4, LimiterConfig::default());
+    let routes = gratify_core::classify::RouteClassifier::builder(&m)
+        .route(Some(http::Method::POST), "/checkout", "checkout")
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(ClassifyLayer::new(routes))
+        .layer(AdaptiveLimitLayer::with_limiter(l.clone()))
+        .service(origin(Log::default()));
+    let r = Request::post("/checkout").body("x:1".to_owned()).unwrap();
+    svc.clone().oneshot(r).await.unwrap();
+    let r = Request::get("/").body("y:1".to_owned()).unwrap();
+    svc.oneshot(r).await.unwrap();
+    let s = l.stats();
+    assert_eq!(s.classes[class(&m, "checkout").index()].completed, 1);
+    assert_eq!(s.classes[class(&m, "browse").index()].completed, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_load_signal_reports_queueing() {
+    let m = model();
+    let l = limiter(&m, 1, LimiterConfig::default());
+    let signal = l.load_signal().clone();
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(Log::default()));
+    let browse = class(&m, "browse");
+    warm_up(&svc, browse, 3).await;
+    let mut tasks = Vec::new();
+    for _ in 0..5 {
+        tasks.push(tokio::spawn(svc.clone().oneshot(req(browse, "x:20"))));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let s = signal.snapshot();
+    assert!(s.utilisation >= 4.0, "{s:?}");
+    assert!(
+        s.queue_delay > Duration::ZERO && s.shadow_price > 0.0,
+        "{s:?}"
+    );
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(signal.snapshot().shadow_price, 0.0);
+}
