@@ -11,7 +11,8 @@
 //! [`gratify_core::LoadSignal`].
 //!
 //! - [`limit`]: [`AdaptiveLimitLayer`](limit::AdaptiveLimitLayer), its
-//!   algorithms and the value-based admission.
+//!   algorithms and the value-based admission;
+//! - `sim` (feature `sim`): the deterministic overload simulator.
 //!
 //! Status: the limiter is here; the replica advisor and the simulator land
 //! under their own issues. The queueing maths they use is in
@@ -19,5 +20,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod limit;
+#[cfg(feature = "sim")]
+pub mod sim;
 
 pub use gratify_core::{ClassId, CostModel, LoadSignal};

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use gratify_core::estimate::MinTracker;
 use gratify_core::{Class, ClassId, CostModel, LoadSignal, LoadSnapshot};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -196,6 +197,9 @@ struct State {
     next_id: u64,
     /// EWMA latency, seconds (0 until the first sample).
     latency: f64,
+    /// EWMA of latency over the class's baseline, over all classes: how
+    /// congested the service is now, whatever the mix.
+    inflation: f64,
     samples: u64,
 }
 
@@ -204,6 +208,8 @@ struct ClassState {
     queue: VecDeque<Waiter>,
     /// EWMA latency of the class, seconds (0 until the first sample).
     latency: f64,
+    /// The windowed minimum of `latency`: the class's uncongested latency.
+    baseline: MinTracker,
     never_shed: Option<usize>,
     share: Option<f64>,
     stats: ClassStats,
@@ -278,6 +284,7 @@ impl Limiter {
                 class: class.clone(),
                 queue: VecDeque::new(),
                 latency: 0.0,
+                baseline: MinTracker::new(Duration::from_secs(30)),
                 never_shed: config
                     .never_shed
                     .iter()
@@ -300,6 +307,7 @@ impl Limiter {
                     classes,
                     next_id: 0,
                     latency: 0.0,
+                    inflation: 1.0,
                     samples: 0,
                 }),
                 model: model.clone(),
@@ -461,6 +469,12 @@ impl Limiter {
                 let secs = sample.latency.as_secs_f64();
                 if !sample.outcome.is_drop() {
                     c.latency = ewma(c.latency, secs, 0.05);
+                    let base = c
+                        .baseline
+                        .record(sample.end(), Duration::from_secs_f64(c.latency))
+                        .as_secs_f64();
+                    let ratio = secs / base.max(1e-9);
+                    state.inflation = ewma(state.inflation, ratio, 0.02);
                     state.latency = ewma(state.latency, secs, 0.02);
                 }
                 state.samples += 1;
@@ -544,10 +558,15 @@ enum Decision {
     Refuse(Reason),
 }
 
-/// The class's expected latency, falling back to the overall mean.
+/// The class's expected latency now: its uncongested latency times the
+/// service's current inflation, which every class keeps up to date — so a
+/// class that is not being admitted does not keep a stale estimate. Falls
+/// back to the overall mean before the class has been seen.
 fn expected_latency(state: &State, k: usize) -> f64 {
-    let c = state.classes[k].latency;
-    if c > 0.0 { c } else { state.latency }
+    match state.classes[k].baseline.min() {
+        Some(base) => base.as_secs_f64() * state.inflation.clamp(0.5, 1e3),
+        None => state.latency,
+    }
 }
 
 /// The cμ index of class `k` for a request that has waited `age` seconds:

@@ -21,10 +21,12 @@ pub(crate) fn urgency(class: &Class, t: f64) -> f64 {
 /// delay.
 ///
 /// By Little's law, holding `L` requests in flight costs `c̄·L` per second,
-/// where `c̄` is the traffic's mean delay-cost rate; completing `X(L)`
-/// requests a second is worth `r̄·X(L)`, where `r̄` is the mean refusal cost
-/// that each completion avoids (under overload, every request not served is
-/// refused). The limit climbs toward the maximum of
+/// where `c̄` is the traffic's mean delay-cost rate (its urgency: the cost
+/// rate, plus the refusal cost spread over the deadline for classes that
+/// have one); completing `X(L)` requests a second is worth `r̄·X(L)`, where
+/// `r̄` is the mean refusal cost each completion avoids (under overload,
+/// every request not served is refused). The limit climbs toward the
+/// maximum of
 ///
 /// ```text
 /// G(L) = r̄·X(L) − c̄·L,    X(L) = L / latency(L)
@@ -33,19 +35,23 @@ pub(crate) fn urgency(class: &Class, t: f64) -> f64 {
 /// that is, it grows while one more slot adds at least `c̄/r̄` completions
 /// a second: the queueing it tolerates inside the service is set by the
 /// costs, not by a tolerance factor. `X(L)` is measured, not modelled: the
-/// limit alternates between `L + δ` and `L − δ` in short phases, each
-/// request's latency (relative to its class's baseline) is credited to the
-/// phase it started in, and `L` moves toward the better side.
+/// limit alternates between `L + δ` and `L − δ` in phases long enough for
+/// a few dozen completions; each request's latency, relative to its class's
+/// baseline (so that the class mix does not masquerade as congestion), is
+/// credited to the phase it started in, with the concurrency it saw; `L`
+/// moves toward the better side only when the difference is larger than
+/// twice its standard error.
 ///
 /// Where it differs from Gradient2 and Vegas, deliberately:
 ///
-/// - the baseline (each class's windowed minimum latency) is kept apart
-///   from the limit, so sustained queueing cannot drag it up (the drift of
-///   Netflix concurrency-limits PR #134);
+/// - the baseline (each class's windowed minimum of its moving mean
+///   latency) is kept apart from the limit, so sustained queueing cannot
+///   drag it up (the drift of Netflix concurrency-limits PR #134);
 /// - loss signals (503/429 from the service, timeouts) cut the limit by 10%
 ///   at once (Netflix issue #121);
-/// - a latency more than `max_inflation` times the baseline cuts it by 25%
-///   at once, which follows a sudden loss of capacity within a few windows;
+/// - a median latency more than `max_inflation` times the baseline cuts it
+///   by 25% at once, which follows a sudden loss of capacity within a few
+///   windows; the median keeps heavy-tailed services from tripping it;
 /// - it does not grow while the limit is not reached (application-limited),
 ///   and it probes only while it is.
 #[derive(Debug)]
@@ -57,38 +63,52 @@ pub struct DelayCostLimit {
     max_limit: usize,
     max_inflation: f64,
     min_phase: Duration,
-    margin: f64,
     baselines: Vec<MinTracker>,
+    means: Vec<f64>,
     mix: Vec<f64>,
     phase: Phase,
     guard: Guard,
     warm: u64,
+    rate: f64,
+    /// Consecutive moves in one direction (+ up, − down).
+    streak: i32,
 }
 
+/// Samples credited to one probe phase.
 #[derive(Debug, Default, Clone, Copy)]
 struct Acc {
     n: u32,
     ratio_sum: f64,
-    base_sum: f64,
+    ratio_sq: f64,
     in_flight_sum: f64,
 }
 
 impl Acc {
-    fn add(&mut self, ratio: f64, base: f64, in_flight: usize) {
+    fn add(&mut self, ratio: f64, in_flight: usize) {
         self.n += 1;
         self.ratio_sum += ratio;
-        self.base_sum += base;
+        self.ratio_sq += ratio * ratio;
         self.in_flight_sum += in_flight as f64;
     }
 
-    fn mean_latency(&self) -> f64 {
-        // Mean inflation × mean baseline of the requests in the phase.
-        let n = f64::from(self.n.max(1));
-        (self.ratio_sum / n) * (self.base_sum / n)
+    fn count(&self) -> f64 {
+        f64::from(self.n.max(1))
+    }
+
+    fn mean_ratio(&self) -> f64 {
+        self.ratio_sum / self.count()
+    }
+
+    /// The standard error of the mean ratio.
+    fn ratio_se(&self) -> f64 {
+        let n = self.count();
+        let mean = self.mean_ratio();
+        let var = (self.ratio_sq / n - mean * mean).max(0.0) * n / (n - 1.0).max(1.0);
+        (var / n).sqrt()
     }
 
     fn mean_in_flight(&self) -> f64 {
-        self.in_flight_sum / f64::from(self.n.max(1))
+        self.in_flight_sum / self.count()
     }
 }
 
@@ -105,8 +125,7 @@ struct Phase {
 #[derive(Debug, Default)]
 struct Guard {
     start: Option<Instant>,
-    n: u32,
-    ratio_sum: f64,
+    ratios: Vec<f64>,
     last_cut: Option<Instant>,
 }
 
@@ -118,24 +137,26 @@ impl DelayCostLimit {
             baselines: (0..model.len())
                 .map(|_| MinTracker::new(Duration::from_secs(30)))
                 .collect(),
+            means: vec![0.0; model.len()],
             mix: vec![0.0; model.len()],
             model: model.clone(),
             limit: 20.0,
             initial: 20,
             min_limit: 1,
             max_limit: 1000,
-            max_inflation: 3.0,
-            min_phase: Duration::from_millis(50),
-            margin: 0.02,
+            max_inflation: 2.0,
+            min_phase: Duration::from_millis(100),
             phase: Phase {
                 start: None,
-                length: Duration::from_millis(50),
+                length: Duration::from_millis(100),
                 delta: 1.0,
                 up: Acc::default(),
                 down: Acc::default(),
             },
             guard: Guard::default(),
             warm: 0,
+            rate: 0.0,
+            streak: 0,
         }
     }
 
@@ -158,7 +179,8 @@ impl DelayCostLimit {
         self
     }
 
-    /// Latency over baseline past which the limit is cut at once (default 3).
+    /// Median latency over baseline past which the limit is cut at once
+    /// (default 2).
     #[must_use]
     pub fn max_inflation(mut self, ratio: f64) -> Self {
         if ratio.is_finite() {
@@ -167,21 +189,11 @@ impl DelayCostLimit {
         self
     }
 
-    /// The shortest probe phase (default 50 ms; a phase also lasts at least
-    /// two baseline latencies).
+    /// The shortest probe phase (default 100 ms; a phase also lasts at least
+    /// two mean latencies and long enough for about 40 completions).
     #[must_use]
     pub fn min_phase(mut self, length: Duration) -> Self {
         self.min_phase = length;
-        self
-    }
-
-    /// The relative gain needed to move the limit (default 2%): a dead band
-    /// against measurement noise.
-    #[must_use]
-    pub fn margin(mut self, margin: f64) -> Self {
-        if margin.is_finite() {
-            self.margin = margin.clamp(0.0, 1.0);
-        }
         self
     }
 
@@ -209,23 +221,25 @@ impl DelayCostLimit {
         }
     }
 
-    /// `c̄` and `r̄` over the recent mix of classes.
-    fn costs(&self, latency: f64) -> (f64, f64) {
+    /// `c̄`, `r̄` and the mean baseline latency over the recent mix.
+    fn costs(&self) -> (f64, f64, f64) {
         let total: f64 = self.mix.iter().sum();
         if total <= 0.0 {
-            return (0.0, 1.0);
+            return (0.0, 1.0, 1.0);
         }
-        let (mut c, mut r) = (0.0, 0.0);
-        for ((_, _, class), w) in self.model.iter().zip(&self.mix) {
-            c += w * urgency(class, latency);
+        let (mut c, mut r, mut b) = (0.0, 0.0, 0.0);
+        for (k, ((_, _, class), w)) in self.model.iter().zip(&self.mix).enumerate() {
+            let base = self.baselines[k].min().map_or(0.0, |d| d.as_secs_f64());
+            c += w * urgency(class, base);
             r += w * class.refusal_cost();
+            b += w * base;
         }
-        (c / total, (r / total).max(1e-12))
+        (c / total, (r / total).max(1e-12), (b / total).max(1e-9))
     }
 
     fn cut(&mut self, factor: f64, now: Instant) {
-        // At most one cut per two baseline latencies, so one burst of bad
-        // samples is one signal.
+        // At most one cut per phase length, so one burst of bad samples is
+        // one signal.
         if self
             .guard
             .last_cut
@@ -234,39 +248,71 @@ impl DelayCostLimit {
             return;
         }
         self.guard.last_cut = Some(now);
+        self.streak = 0;
         self.limit = (self.limit * factor).max(self.min_limit as f64);
         // Restart probing from the new limit.
         self.phase.start = None;
     }
 
-    fn evaluate_pair(&mut self) {
+    /// Judges the probes so far; returns whether their evidence is spent
+    /// (a move was made, or it is stale) rather than worth adding to.
+    fn evaluate_pair(&mut self) -> bool {
         let (up, down) = (self.phase.up, self.phase.down);
-        if up.n < 5 || down.n < 5 {
-            return;
+        if up.n < 8 || down.n < 8 {
+            return false;
         }
         let l_up = self.bounded(self.limit + self.phase.delta) as f64;
         let l_down = self.bounded(self.limit - self.phase.delta) as f64;
         // Application-limited: the limit was not reached, nothing to learn.
         if up.mean_in_flight() < 0.8 * l_up || down.mean_in_flight() < 0.8 * l_down {
-            return;
+            return true;
         }
-        let latency = (up.mean_latency() + down.mean_latency()) / 2.0;
-        let (c, r) = self.costs(latency);
-        // Little's law with the concurrency the requests actually saw.
+        let (c, r, b) = self.costs();
+        // G = r̄·n/(ρ̄·b̄) − c̄·n, and its standard error through ρ̄.
         let value = |acc: &Acc| {
             let n = acc.mean_in_flight();
-            r * n / acc.mean_latency().max(1e-9) - c * n
+            let rho = acc.mean_ratio().max(1e-9);
+            let g = r * n / (rho * b) - c * n;
+            let se = r * n / (rho * rho * b) * acc.ratio_se();
+            (g, se)
         };
-        let (g_up, g_down) = (value(&up), value(&down));
-        let scale = g_up.abs().max(g_down.abs()).max(1e-12);
-        if g_up - g_down > self.margin * scale {
-            self.limit += self.phase.delta;
-        } else if g_down - g_up > self.margin * scale {
-            self.limit -= self.phase.delta;
+        let ((g_up, se_up), (g_down, se_down)) = (value(&up), value(&down));
+        let threshold = 2.0 * (se_up * se_up + se_down * se_down).sqrt();
+        // Moves in one direction grow (1, 2, 4, 8 × δ), so a large change
+        // of capacity is followed in a few pairs; a reversal starts over.
+        let step = |streak: i32| self.phase.delta * f64::from(1 << streak.unsigned_abs().min(3));
+        if g_up - g_down > threshold {
+            self.streak = self.streak.max(0) + 1;
+            self.limit += step(self.streak - 1);
+        } else if g_down - g_up > threshold {
+            self.streak = self.streak.min(0) - 1;
+            self.limit -= step(self.streak + 1);
+        } else {
+            self.streak = 0;
+            // Not significant yet: keep the evidence for the next pair, up
+            // to about 320 samples a side.
+            return up.n >= 320;
         }
         self.limit = self
             .limit
             .clamp(self.min_limit as f64, self.max_limit as f64);
+        true
+    }
+
+    fn start_pair(&mut self, now: Instant, mean_latency: f64, fresh: bool) {
+        self.phase.start = Some(now);
+        if fresh {
+            self.phase.up = Acc::default();
+            self.phase.down = Acc::default();
+        }
+        self.phase.delta = (self.limit / 8.0).max(1.0);
+        let for_samples = if self.rate > 0.0 {
+            40.0 / self.rate
+        } else {
+            0.0
+        };
+        let secs = (2.0 * mean_latency).max(for_samples).min(5.0);
+        self.phase.length = self.min_phase.max(Duration::from_secs_f64(secs));
     }
 }
 
@@ -293,22 +339,38 @@ impl Algorithm for DelayCostLimit {
             return self.current(now);
         }
         let latency = s.latency.max(Duration::from_micros(1));
-        let Some(tracker) = self.baselines.get_mut(k) else {
+        let (Some(tracker), Some(mean)) = (self.baselines.get_mut(k), self.means.get_mut(k)) else {
             return self.current(now);
         };
-        let base = tracker.record(now, latency).as_secs_f64();
-        let ratio = latency.as_secs_f64() / base.max(1e-9);
+        // The baseline is the windowed minimum of the class's moving mean
+        // latency, not of single samples: a single fast request says little
+        // about a service with variable work.
+        let secs = latency.as_secs_f64();
+        *mean = if *mean <= 0.0 {
+            secs
+        } else {
+            *mean + (secs - *mean) / 32.0
+        };
+        let mean_latency = *mean;
+        let base = tracker
+            .record(now, Duration::from_secs_f64(*mean))
+            .as_secs_f64();
+        let ratio = secs / base.max(1e-9);
         self.warm += 1;
 
-        // The guard: one window of mean inflation, judged every phase length.
+        // The guard: the median inflation of a window of samples.
         let g = &mut self.guard;
         let g_start = *g.start.get_or_insert(now);
-        g.n += 1;
-        g.ratio_sum += ratio;
-        if now.saturating_duration_since(g_start) >= self.phase.length && g.n >= 5 {
-            let mean = g.ratio_sum / f64::from(g.n);
-            (g.start, g.n, g.ratio_sum) = (None, 0, 0.0);
-            if mean > self.max_inflation {
+        g.ratios.push(ratio);
+        let window = now.saturating_duration_since(g_start);
+        if window >= self.phase.length && g.ratios.len() >= 20 {
+            let elapsed = window.as_secs_f64().max(1e-6);
+            self.rate = g.ratios.len() as f64 / elapsed;
+            let mid = g.ratios.len() / 2;
+            let median = *g.ratios.select_nth_unstable_by(mid, f64::total_cmp).1;
+            g.ratios.clear();
+            g.start = None;
+            if median > self.max_inflation {
                 self.cut(0.75, now);
                 return self.current(now);
             }
@@ -324,30 +386,24 @@ impl Algorithm for DelayCostLimit {
         }
 
         // Probing in pairs: [start, start + len) at L + δ, then L − δ.
-        let len = self.phase.length;
         let Some(start) = self.phase.start else {
-            self.phase.start = Some(now);
-            self.phase.up = Acc::default();
-            self.phase.down = Acc::default();
-            self.phase.delta = (self.limit / 8.0).max(1.0);
-            self.phase.length = self.min_phase.max(Duration::from_secs_f64(
-                2.0 * base.max(1e-6) * ratio.max(1.0),
-            ));
+            self.start_pair(now, mean_latency, true);
             return self.current(now);
         };
-        let since = s.start.saturating_duration_since(start);
+        let len = self.phase.length;
         if s.start >= start {
+            let since = s.start.saturating_duration_since(start);
             if since < len {
-                self.phase.up.add(ratio, base, s.in_flight);
+                self.phase.up.add(ratio, s.in_flight);
             } else if since < 2 * len {
-                self.phase.down.add(ratio, base, s.in_flight);
+                self.phase.down.add(ratio, s.in_flight);
             }
         }
         // A pair is judged one phase after it ends, when its requests are
         // (mostly) back.
         if now.saturating_duration_since(start) >= 3 * len {
-            self.evaluate_pair();
-            self.phase.start = None;
+            let spent = self.evaluate_pair();
+            self.start_pair(now, mean_latency, spent);
         }
         self.current(now)
     }

@@ -1,0 +1,76 @@
+//! The simulator is deterministic: the same seed gives the same run.
+#![allow(clippy::unwrap_used)] // test helpers: a failure is a failed test
+
+use gratify_core::classify::classify_fn;
+use gratify_scaling::limit::{AdaptiveLimitLayer, Limiter};
+use gratify_scaling::sim::{self, Scenario};
+use tower_layer::Layer;
+
+fn workload_hash(arrivals: &[sim::Arrival]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for a in arrivals {
+        for x in [
+            a.at.as_nanos() as u64,
+            a.class as u64,
+            a.base.as_nanos() as u64,
+        ] {
+            for b in x.to_le_bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+    h
+}
+
+fn delay_cost_run(scenario: &Scenario, seed: u64) -> sim::RunResult {
+    let model = scenario.model().unwrap();
+    let workload = scenario.workload(seed);
+    let limiter = Limiter::new(&model);
+    let probe = limiter.clone();
+    sim::run(
+        scenario,
+        &model,
+        &workload,
+        |server| {
+            AdaptiveLimitLayer::with_limiter(limiter)
+                .classify_with(classify_fn(|r: &http::Request<sim::Job>| r.body().class))
+                .layer(server)
+        },
+        move || Some(probe.stats().limit),
+    )
+}
+
+#[test]
+fn the_workload_is_the_same_on_every_machine() {
+    // Drawn with xorshift64* and libm's portable maths: this hash is the
+    // same wherever the test runs. It changes only if the scenario file or
+    // the generator changes.
+    let scenario = Scenario::from_toml(sim::SEVEN_PHASE).unwrap().scaled(0.05);
+    let workload = scenario.workload(1);
+    assert_eq!(workload.len(), 8_010);
+    assert_eq!(workload_hash(&workload), 0x3030_5f8f_2ace_b1eb);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace() {
+    let scenario = Scenario::from_toml(sim::SEVEN_PHASE).unwrap().scaled(0.05);
+    let a = delay_cost_run(&scenario, 1);
+    let b = delay_cost_run(&scenario, 1);
+    assert_eq!(a.records.len(), scenario.workload(1).len());
+    assert_eq!(a.unfinished, 0);
+    assert_eq!(a.trace_hash(), b.trace_hash());
+    let c = delay_cost_run(&scenario, 2);
+    assert_ne!(a.trace_hash(), c.trace_hash());
+}
+
+#[test]
+fn delay_cost_protects_checkout_in_a_short_overload() {
+    let scenario = Scenario::from_toml(sim::SEVEN_PHASE).unwrap().scaled(0.05);
+    let result = delay_cost_run(&scenario, 3);
+    let e = sim::evaluate(&scenario, &result, None, 1);
+    assert!(e.overall["success.checkout"] > 0.98, "{:?}", e.overall);
+    assert_eq!(e.overall["cold_start_shed"], 0.0);
+    // The cheapest class absorbs the shedding.
+    assert!(e.overall["success.batch"] < e.overall["success.browse"]);
+}
