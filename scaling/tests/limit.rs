@@ -422,3 +422,81 @@ async fn the_load_signal_reports_queueing() {
     }
     assert_eq!(signal.snapshot().shadow_price, 0.0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn works_under_axum_router_layer() {
+    use axum::Router;
+    use axum::body::Body;
+    use axum::routing::{get, post};
+
+    let m = model();
+    let routes = gratify_core::classify::RouteClassifier::builder(&m)
+        .route(Some(http::Method::POST), "/checkout", "checkout")
+        .build()
+        .unwrap();
+    let limit = AdaptiveLimitLayer::with_limiter(limiter(
+        &m,
+        1,
+        config(|c| c.admission = Admission::RejectAtLimit),
+    ));
+    let limiter = limit.limiter().clone();
+    // axum applies layers bottom to top: classify runs first.
+    let app: Router = Router::new()
+        .route(
+            "/checkout",
+            post(|| async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                "ordered"
+            }),
+        )
+        .route("/", get(|| async { "home" }))
+        .layer(limit)
+        .layer(ClassifyLayer::new(routes));
+
+    let slow = tokio::spawn(
+        app.clone()
+            .oneshot(Request::post("/checkout").body(Body::empty()).unwrap()),
+    );
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // Another connection's request finds the one slot taken: a 503, not an error.
+    let refused = app
+        .clone()
+        .oneshot(Request::get("/").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key(http::header::RETRY_AFTER));
+    let ok = slow.await.unwrap().unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let body = ok.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ordered");
+    let s = limiter.stats();
+    assert_eq!(s.classes[class(&m, "checkout").index()].completed, 1);
+    assert_eq!(s.in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_high_rates_only_a_sample_of_completions_is_timed() {
+    let m = model();
+    let l = limiter(&m, 100, LimiterConfig::default());
+    let mut svc =
+        AdaptiveLimitLayer::with_limiter(l.clone()).layer(service_fn(|_: Request<String>| {
+            std::future::ready(Ok::<_, Infallible>(Response::new(Full::<Bytes>::default())))
+        }));
+    let browse = class(&m, "browse");
+    assert_eq!(l.stats().timed_one_in, 1);
+    // 1,000 requests every 10 ms of (paused) time: 100,000 a second.
+    for _ in 0..50 {
+        for _ in 0..1000 {
+            svc.ready().await.unwrap();
+            svc.call(req(browse, "")).await.unwrap();
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    let s = l.stats();
+    assert_eq!(s.in_flight, 0);
+    assert_eq!(s.classes[browse.index()].admitted, 50_000);
+    assert_eq!(s.classes[browse.index()].completed, 50_000);
+    // Far more than 2,000 completions a second: most go untimed.
+    assert!(s.timed_one_in >= 32, "{s:?}");
+}

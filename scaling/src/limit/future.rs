@@ -32,12 +32,10 @@ pin_project! {
         Refused {
             refusal: Option<Refusal>,
         },
+        // Boxed: waiting is the rare path, and a `Sleep` would make every
+        // response future several hundred bytes larger.
         Waiting {
-            ticket: Ticket,
-            #[pin]
-            sleep: Sleep,
-            service: Option<S>,
-            request: Option<Req>,
+            wait: Pin<Box<Wait<S, Req>>>,
         },
         Called {
             #[pin]
@@ -45,6 +43,17 @@ pin_project! {
             permit: Option<Permit>,
         },
         Done,
+    }
+}
+
+pin_project! {
+    #[project = WaitProj]
+    struct Wait<S, Req> {
+        ticket: Ticket,
+        #[pin]
+        sleep: Sleep,
+        service: Option<S>,
+        request: Option<Req>,
     }
 }
 
@@ -67,10 +76,12 @@ impl<S: Service<Req>, Req, M> ResponseFuture<S, Req, M> {
     pub(crate) fn waiting(ticket: Ticket, service: S, request: Req, hold_body: bool) -> Self {
         let sleep = tokio::time::sleep_until(ticket.deadline());
         let mut f = Self::with(State::Waiting {
-            ticket,
-            sleep,
-            service: Some(service),
-            request: Some(request),
+            wait: Box::pin(Wait {
+                ticket,
+                sleep,
+                service: Some(service),
+                request: Some(request),
+            }),
         });
         f.hold_body = hold_body;
         f
@@ -103,12 +114,13 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(M::refused(refusal));
                 }
-                StateProj::Waiting {
-                    ticket,
-                    sleep,
-                    service,
-                    request,
-                } => {
+                StateProj::Waiting { wait } => {
+                    let WaitProj {
+                        ticket,
+                        sleep,
+                        service,
+                        request,
+                    } = wait.as_mut().project();
                     let outcome = match ticket.poll(cx) {
                         Poll::Ready(outcome) => outcome,
                         Poll::Pending => {

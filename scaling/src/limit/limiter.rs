@@ -1,8 +1,9 @@
 //! The limiter shared by every clone of an [`AdaptiveLimit`](super::AdaptiveLimit).
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -139,6 +140,9 @@ pub struct LimiterStats {
     pub latency: f64,
     /// The shadow price of a slot (model currency per request).
     pub shadow_price: f64,
+    /// One completion in this many is timed and taught to the algorithm
+    /// (1 until completions pass about 2,000 a second).
+    pub timed_one_in: u64,
     /// Per class, by [`ClassId`] index.
     pub classes: Vec<ClassStats>,
 }
@@ -153,7 +157,7 @@ pub struct ClassStats {
     pub queued: usize,
     /// Admitted so far.
     pub admitted: u64,
-    /// Completed (any outcome but cancellation).
+    /// Released its slot: completed, failed or cancelled.
     pub completed: u64,
     /// Refused so far, by [`Reason`] (indexed as [`Reason::ALL`]).
     pub shed: [u64; 7],
@@ -182,16 +186,53 @@ pub struct Limiter {
 
 struct Shared {
     state: Mutex<State>,
+    fast: Fast,
     model: CostModel,
     signal: LoadSignal,
     config: LimiterConfig,
     rng: AtomicU64,
 }
 
+/// What the request path reads and writes without the lock: a request that
+/// finds room and no queue is admitted with one compare-and-swap, and most
+/// completions only decrement a counter.
+struct Fast {
+    /// Requests holding a slot (the truth; the lock is not needed to change it).
+    in_flight: AtomicUsize,
+    /// The limit (written under the lock).
+    limit: AtomicUsize,
+    /// A copy of the queue length (written under the lock).
+    queued: AtomicUsize,
+    /// One completion in this many is timed and taught to the algorithm
+    /// (1 below a couple of thousand completions a second).
+    sample_every: AtomicU64,
+    /// Per class: would be refused for its deadline even at once.
+    hopeless: Box<[AtomicBool]>,
+    /// Per class: admitted so far.
+    admitted: Box<[AtomicU64]>,
+    /// Per class: slots released so far (completions, cancellations).
+    released: Box<[AtomicU64]>,
+}
+
+impl Fast {
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Slots held by class `k`.
+    fn class_in_flight(&self, k: usize) -> usize {
+        let admitted = self.admitted[k].load(Ordering::Relaxed);
+        let released = self.released[k].load(Ordering::Relaxed);
+        admitted.saturating_sub(released) as usize
+    }
+}
+
 struct State {
     algorithm: Box<dyn Algorithm>,
-    limit: usize,
-    in_flight: usize,
     queued: usize,
     classes: Vec<ClassState>,
     next_id: u64,
@@ -201,6 +242,11 @@ struct State {
     /// congested the service is now, whatever the mix.
     inflation: f64,
     samples: u64,
+    /// When the load signal was last published.
+    published: Option<Instant>,
+    /// Completions (estimated) since `rate_since`, to size `sample_every`.
+    rate_count: u64,
+    rate_since: Option<Instant>,
 }
 
 struct ClassState {
@@ -278,6 +324,7 @@ impl Limiter {
         config: LimiterConfig,
     ) -> Self {
         let limit = algorithm.initial_limit().max(1);
+        let n = model.len();
         let classes = model
             .iter()
             .map(|(id, _, class)| ClassState {
@@ -301,15 +348,25 @@ impl Limiter {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
                     algorithm: Box::new(algorithm),
-                    limit,
-                    in_flight: 0,
                     queued: 0,
                     classes,
                     next_id: 0,
                     latency: 0.0,
                     inflation: 1.0,
                     samples: 0,
+                    published: None,
+                    rate_count: 0,
+                    rate_since: None,
                 }),
+                fast: Fast {
+                    in_flight: AtomicUsize::new(0),
+                    limit: AtomicUsize::new(limit),
+                    queued: AtomicUsize::new(0),
+                    sample_every: AtomicU64::new(1),
+                    hopeless: (0..n).map(|_| AtomicBool::new(false)).collect(),
+                    admitted: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                    released: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                },
                 model: model.clone(),
                 signal: LoadSignal::new(),
                 config,
@@ -351,20 +408,25 @@ impl Limiter {
     /// A snapshot of the limiter's figures.
     pub fn stats(&self) -> LimiterStats {
         let state = self.lock();
+        let fast = &self.shared.fast;
         LimiterStats {
-            limit: state.limit,
-            in_flight: state.in_flight,
+            limit: fast.limit(),
+            in_flight: fast.in_flight(),
             queued: state.queued,
             latency: state.latency,
-            shadow_price: shadow_price(&state),
+            shadow_price: shadow_price(fast, &state),
+            timed_one_in: fast.sample_every.load(Ordering::Relaxed),
             classes: state
                 .classes
                 .iter()
-                .map(|c| ClassStats {
-                    in_flight: c.stats.in_flight,
+                .enumerate()
+                .map(|(k, c)| ClassStats {
+                    in_flight: fast.class_in_flight(k),
                     queued: c.queue.len(),
+                    admitted: fast.admitted[k].load(Ordering::Relaxed),
+                    completed: fast.released[k].load(Ordering::Relaxed),
+                    shed: c.stats.shed,
                     latency: c.latency,
-                    ..c.stats.clone()
                 })
                 .collect(),
         }
@@ -381,22 +443,40 @@ impl Limiter {
 
     /// Asks for a slot for a request of `class`.
     pub(crate) fn acquire(&self, class: ClassId) -> Acquire {
+        let fast = &self.shared.fast;
+        let k = class.index().min(fast.hopeless.len() - 1);
+        let class = ClassId::from_index(k as u16);
+        // The fast path: room, nobody waiting, nothing to judge.
+        if !matches!(self.shared.config.admission, Admission::Partitioned(_))
+            && fast.queued.load(Ordering::SeqCst) == 0
+            && !fast.hopeless[k].load(Ordering::Relaxed)
+            && let Some(in_flight) = try_take(fast, k)
+        {
+            let start = sampled(fast.sample_every.load(Ordering::Relaxed)).then(Instant::now);
+            return Acquire::Admitted(Permit::new(self.clone(), class, start, in_flight));
+        }
+
         let now = Instant::now();
         let mut state = self.lock();
-        let k = class.index().min(state.classes.len() - 1);
-        let class = ClassId::from_index(k as u16);
-        let decision = decide(&self.shared.config, &state, k, now);
+        let mut decision = decide(&self.shared.config, fast, &state, k, now);
+        let mut taken = None;
+        if let Decision::Admit = decision {
+            // The fast path may have taken the last slot meanwhile.
+            taken = try_take(fast, k);
+            if taken.is_none() {
+                decision = decide(&self.shared.config, fast, &state, k, now);
+            }
+        }
         let result = match decision {
             Decision::Admit => {
-                admit(&mut state, k);
-                let in_flight = state.in_flight;
-                Acquire::Admitted(Permit::new(self.clone(), class, now, in_flight))
+                let in_flight = taken.unwrap_or_else(|| force_take(fast, k));
+                Acquire::Admitted(Permit::new(self.clone(), class, Some(now), in_flight))
             }
             Decision::Queue { max_wait, displace } => {
                 if let Some(j) = displace
                     && let Some(w) = state.classes[j].queue.pop_back()
                 {
-                    state.queued -= 1;
+                    set_queued(fast, &mut state, -1);
                     state.classes[j].stats.shed[Reason::Displaced.index()] += 1;
                     let _ = w.tx.send(Err(Reason::Displaced));
                     self.on_shed(j, Reason::Displaced);
@@ -409,7 +489,9 @@ impl Limiter {
                     enqueued: now,
                     tx,
                 });
-                state.queued += 1;
+                set_queued(fast, &mut state, 1);
+                // A slot freed by a completion that saw no queue: take it now.
+                grant(&self.shared.config, fast, &mut state, now);
                 Acquire::Queued(Ticket {
                     limiter: self.clone(),
                     class,
@@ -426,7 +508,9 @@ impl Limiter {
                 Acquire::Refused(refusal)
             }
         };
-        self.publish(&state);
+        // Queueing and refusals change what the signal says at once.
+        let urgent = !matches!(result, Acquire::Admitted(_));
+        self.publish(&mut state, now, urgent);
         result
     }
 
@@ -434,8 +518,8 @@ impl Limiter {
         // The backlog's drain time, with up to 50% jitter so that refused
         // clients do not all return at once; at least a second, as
         // Retry-After counts whole seconds.
-        let drain =
-            (state.queued as f64 + 1.0) * state.latency / state.limit.max(1) as f64 + state.latency;
+        let limit = self.shared.fast.limit() as f64;
+        let drain = (state.queued as f64 + 1.0) * state.latency / limit + state.latency;
         let x = self
             .shared
             .rng
@@ -456,17 +540,28 @@ impl Limiter {
             .increment(1);
     }
 
-    /// Releases a slot, learning from the sample if there is one.
-    fn release(&self, class: ClassId, sample: Option<Sample>) {
+    /// Releases a slot; a timed completion (`sample`) also teaches the
+    /// algorithm and the estimators.
+    fn release(&self, class: ClassId, sample: Option<Sample>, now: Option<Instant>) {
+        let fast = &self.shared.fast;
+        let k = class.index().min(fast.hopeless.len() - 1);
+        fast.released[k].fetch_add(1, Ordering::Relaxed);
+        fast.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let Some(now) = now else {
+            // Untimed: the lock is needed only to hand the slot to a waiter.
+            if fast.queued.load(Ordering::SeqCst) > 0 {
+                let mut state = self.lock();
+                let now = Instant::now();
+                grant(&self.shared.config, fast, &mut state, now);
+                self.publish(&mut state, now, true);
+            }
+            return;
+        };
         let mut state = self.lock();
-        let k = class.index().min(state.classes.len() - 1);
-        state.in_flight = state.in_flight.saturating_sub(1);
-        let c = &mut state.classes[k];
-        c.stats.in_flight = c.stats.in_flight.saturating_sub(1);
         if let Some(sample) = sample {
-            c.stats.completed += 1;
             if sample.outcome != Outcome::Cancelled {
                 let secs = sample.latency.as_secs_f64();
+                let c = &mut state.classes[k];
                 if !sample.outcome.is_drop() {
                     c.latency = ewma(c.latency, secs, 0.05);
                     let base = c
@@ -480,10 +575,42 @@ impl Limiter {
                 state.samples += 1;
             }
             let limit = state.algorithm.update(&sample).max(1);
-            state.limit = limit;
+            fast.limit.store(limit, Ordering::Relaxed);
+            self.tune(&mut state, now);
         }
-        grant(&self.shared.config, &mut state, Instant::now());
-        self.publish(&state);
+        let queued = state.queued;
+        grant(&self.shared.config, fast, &mut state, now);
+        let urgent = queued != state.queued;
+        self.publish(&mut state, now, urgent);
+    }
+
+    /// Updates what the fast path relies on: which classes are past hope,
+    /// and how many completions to time.
+    fn tune(&self, state: &mut State, now: Instant) {
+        let fast = &self.shared.fast;
+        let every = fast.sample_every.load(Ordering::Relaxed);
+        state.rate_count += every;
+        let since = *state.rate_since.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed >= Duration::from_millis(100) {
+            // Aim at about 2,000 timed completions a second.
+            let rate = state.rate_count as f64 / elapsed.as_secs_f64();
+            let every = (rate / 2000.0).clamp(1.0, 1024.0) as u64;
+            fast.sample_every
+                .store(every.next_power_of_two().max(1), Ordering::Relaxed);
+            state.rate_count = 0;
+            state.rate_since = Some(now);
+        }
+        let judge = matches!(self.shared.config.admission, Admission::DelayCost)
+            && state.samples >= self.shared.config.warmup_samples;
+        for (k, c) in state.classes.iter().enumerate() {
+            let late = judge
+                && c.never_shed.is_none()
+                && c.class
+                    .deadline()
+                    .is_some_and(|d| expected_latency(state, k) > d.as_secs_f64());
+            fast.hopeless[k].store(late, Ordering::Relaxed);
+        }
     }
 
     /// Takes a queued request out of the queue (it gave up or timed out).
@@ -495,10 +622,11 @@ impl Limiter {
         match queue.iter().position(|w| w.id == id) {
             Some(i) => {
                 queue.remove(i);
-                state.queued -= 1;
+                set_queued(&self.shared.fast, &mut state, -1);
                 // A waiter leaving can unblock a partition or a smaller queue.
-                grant(&self.shared.config, &mut state, Instant::now());
-                self.publish(&state);
+                let now = Instant::now();
+                grant(&self.shared.config, &self.shared.fast, &mut state, now);
+                self.publish(&mut state, now, true);
                 true
             }
             None => false,
@@ -513,11 +641,23 @@ impl Limiter {
         self.on_shed(k, reason);
     }
 
-    fn publish(&self, state: &State) {
-        let limit = state.limit.max(1) as f64;
-        let utilisation = (state.in_flight + state.queued) as f64 / limit;
+    /// Publishes the load signal: at most every millisecond, or at once when
+    /// `urgent` (the queue changed) — readers do not need every request.
+    fn publish(&self, state: &mut State, now: Instant, urgent: bool) {
+        if !urgent
+            && state
+                .published
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(1))
+        {
+            return;
+        }
+        state.published = Some(now);
+        let fast = &self.shared.fast;
+        let in_flight = fast.in_flight();
+        let limit = fast.limit() as f64;
+        let utilisation = (in_flight + state.queued) as f64 / limit;
         let delay = state.queued as f64 * state.latency / limit;
-        let price = shadow_price(state);
+        let price = shadow_price(fast, state);
         self.shared.signal.publish(LoadSnapshot::new(
             utilisation,
             Duration::from_secs_f64(delay.clamp(0.0, 1e9)),
@@ -526,7 +666,7 @@ impl Limiter {
         #[cfg(feature = "metrics")]
         {
             metrics::gauge!("gratify_limit").set(limit);
-            metrics::gauge!("gratify_limit_in_flight").set(state.in_flight as f64);
+            metrics::gauge!("gratify_limit_in_flight").set(in_flight as f64);
             metrics::gauge!("gratify_limit_queued").set(state.queued as f64);
             metrics::gauge!("gratify_limit_shadow_price").set(price);
         }
@@ -536,11 +676,11 @@ impl Limiter {
 /// The marginal delay cost one more admitted request imposes on the others:
 /// it holds a slot for about the mean latency, delaying every waiting request
 /// by `latency / limit`, each at its cost rate.
-fn shadow_price(state: &State) -> f64 {
+fn shadow_price(fast: &Fast, state: &State) -> f64 {
     if state.queued == 0 {
         return 0.0;
     }
-    let per_slot = state.latency / state.limit.max(1) as f64;
+    let per_slot = state.latency / fast.limit() as f64;
     let rates: f64 = state
         .classes
         .iter()
@@ -576,9 +716,10 @@ fn index(state: &State, k: usize, age: f64) -> f64 {
     urgency(&state.classes[k].class, age + s) / s
 }
 
-fn decide(config: &LimiterConfig, state: &State, k: usize, now: Instant) -> Decision {
+fn decide(config: &LimiterConfig, fast: &Fast, state: &State, k: usize, now: Instant) -> Decision {
     let c = &state.classes[k];
-    let room = state.in_flight < state.limit;
+    let limit = fast.limit();
+    let room = fast.in_flight() < limit;
     match &config.admission {
         Admission::RejectAtLimit => {
             return if room {
@@ -589,7 +730,8 @@ fn decide(config: &LimiterConfig, state: &State, k: usize, now: Instant) -> Deci
         }
         Admission::Partitioned(_) => {
             let share = c.share.unwrap_or(0.0);
-            let over = c.stats.in_flight as f64 >= (share * state.limit as f64).floor().max(1.0);
+            let held = fast.class_in_flight(k) as f64;
+            let over = held >= (share * limit as f64).floor().max(1.0);
             return if room || !over {
                 Decision::Admit
             } else {
@@ -653,14 +795,14 @@ fn decide(config: &LimiterConfig, state: &State, k: usize, now: Instant) -> Deci
             behind_rate += other.queue.len() as f64 * urgency(&other.class, other.latency);
         }
     }
-    let per_slot = state.latency / state.limit.max(1) as f64;
+    let per_slot = state.latency / limit as f64;
     let wait = (ahead as f64 + 1.0) * per_slot;
 
     if judge {
         if late_at(wait + s_k) {
             return Decision::Refuse(Reason::Deadline);
         }
-        let externality = s_k / state.limit.max(1) as f64 * behind_rate;
+        let externality = s_k / limit as f64 * behind_rate;
         let t = Duration::from_secs_f64((wait + s_k).min(1e9));
         if class.response_cost(t) + externality > class.refusal_cost() {
             return Decision::Refuse(Reason::Cost);
@@ -722,16 +864,62 @@ fn worth_waiting(class: &Class, s: f64, cap: f64) -> f64 {
     lo
 }
 
-fn admit(state: &mut State, k: usize) {
-    state.in_flight += 1;
-    let c = &mut state.classes[k];
-    c.stats.in_flight += 1;
-    c.stats.admitted += 1;
+/// Takes a slot for class `k` if one is free under the limit; returns the
+/// new in-flight count.
+fn try_take(fast: &Fast, k: usize) -> Option<usize> {
+    let limit = fast.limit();
+    let mut current = fast.in_flight.load(Ordering::Relaxed);
+    while current < limit {
+        match fast.in_flight.compare_exchange_weak(
+            current,
+            current + 1,
+            Ordering::SeqCst,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => {
+                fast.admitted[k].fetch_add(1, Ordering::Relaxed);
+                return Some(current + 1);
+            }
+            Err(now) => current = now,
+        }
+    }
+    None
+}
+
+/// Takes a slot whatever the limit: for the policies that admit past it
+/// (a partition within its share).
+fn force_take(fast: &Fast, k: usize) -> usize {
+    fast.admitted[k].fetch_add(1, Ordering::Relaxed);
+    fast.in_flight.fetch_add(1, Ordering::SeqCst) + 1
+}
+
+/// Changes the queue length and its lock-free copy (under the lock).
+fn set_queued(fast: &Fast, state: &mut State, delta: isize) {
+    state.queued = state.queued.saturating_add_signed(delta);
+    fast.queued.store(state.queued, Ordering::SeqCst);
+}
+
+/// Whether to time this completion: one in `every`, drawn per thread.
+fn sampled(every: u64) -> bool {
+    if every <= 1 {
+        return true;
+    }
+    thread_local! {
+        static STATE: Cell<u64> = const { Cell::new(0x9E37_79B9_7F4A_7C15) };
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x % every == 0
+    })
 }
 
 /// Grants slots to waiters while there is room, the most urgent first.
-fn grant(config: &LimiterConfig, state: &mut State, now: Instant) {
-    while state.in_flight < state.limit && state.queued > 0 {
+fn grant(config: &LimiterConfig, fast: &Fast, state: &mut State, now: Instant) {
+    while state.queued > 0 && fast.in_flight() < fast.limit() {
         let best = match config.admission {
             Admission::DelayCost => (0..state.classes.len())
                 .filter_map(|j| {
@@ -753,10 +941,16 @@ fn grant(config: &LimiterConfig, state: &mut State, now: Instant) {
         let Some(waiter) = state.classes[j].queue.pop_front() else {
             break;
         };
-        state.queued -= 1;
-        // A waiter whose caller is gone cannot take the slot: try the next.
-        if waiter.tx.send(Ok(())).is_ok() {
-            admit(state, j);
+        // Take the slot before telling the waiter; a waiter whose caller is
+        // gone cannot use it, so it goes back and the next one is tried.
+        if try_take(fast, j).is_none() {
+            state.classes[j].queue.push_front(waiter);
+            break;
+        }
+        set_queued(fast, state, -1);
+        if waiter.tx.send(Ok(())).is_err() {
+            fast.admitted[j].fetch_sub(1, Ordering::Relaxed);
+            fast.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -766,13 +960,14 @@ fn grant(config: &LimiterConfig, state: &mut State, now: Instant) {
 pub struct Permit {
     limiter: Limiter,
     class: ClassId,
-    start: Instant,
+    /// When it was admitted, if this request is timed.
+    start: Option<Instant>,
     in_flight: usize,
     done: bool,
 }
 
 impl Permit {
-    fn new(limiter: Limiter, class: ClassId, start: Instant, in_flight: usize) -> Self {
+    fn new(limiter: Limiter, class: ClassId, start: Option<Instant>, in_flight: usize) -> Self {
         Self {
             limiter,
             class,
@@ -791,15 +986,19 @@ impl Permit {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
+        let Some(start) = self.start else {
+            self.limiter.release(self.class, None, None);
+            return;
+        };
         let now = Instant::now();
         let sample = Sample::new(
-            self.start.into_std(),
-            now.saturating_duration_since(self.start),
+            start.into_std(),
+            now.saturating_duration_since(start),
             self.in_flight,
             outcome,
             self.class,
         );
-        self.limiter.release(self.class, Some(sample));
+        self.limiter.release(self.class, Some(sample), Some(now));
     }
 }
 
@@ -843,11 +1042,11 @@ impl Ticket {
 
     fn admitted(&mut self) -> TicketOutcome {
         self.done = true;
-        let in_flight = self.limiter.lock().in_flight;
+        let in_flight = self.limiter.shared.fast.in_flight();
         TicketOutcome::Admitted(Permit::new(
             self.limiter.clone(),
             self.class,
-            Instant::now(),
+            Some(Instant::now()),
             in_flight,
         ))
     }
@@ -900,7 +1099,7 @@ impl Drop for Ticket {
         if !self.limiter.withdraw(self.class, self.id) {
             // Granted meanwhile: give the slot back.
             if let Ok(Ok(())) = self.rx.try_recv() {
-                self.limiter.release(self.class, None);
+                self.limiter.release(self.class, None, None);
             }
         }
     }

@@ -98,14 +98,13 @@ impl<RB, E> Mode<Response<RB>, E> for Http {
         match result {
             Ok(response) => {
                 let outcome = outcome_of_status(response.status());
-                let (parts, body) = response.into_parts();
-                let body = if hold_body {
-                    LimitBody::inner(body, Some(permit), outcome)
+                let permit = if hold_body {
+                    Some(permit)
                 } else {
                     permit.complete(outcome);
-                    LimitBody::inner(body, None, outcome)
+                    None
                 };
-                Ok(Response::from_parts(parts, body))
+                Ok(response.map(|body| LimitBody::inner(body, permit, outcome)))
             }
             Err(e) => {
                 permit.complete(Outcome::Error);
