@@ -551,6 +551,7 @@ mod plots {
                     .draw_series(LineSeries::new(
                         r.series
                             .iter()
+                            .step_by(5)
                             .filter_map(|p| Some((p.at.as_secs_f64(), p.limit? as f64))),
                         COLOURS[0].stroke_width(2),
                     ))?
@@ -569,7 +570,7 @@ mod plots {
     }
 
     pub(super) fn costs(path: &Path, rows: &[(String, f64)]) -> Res {
-        let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
+        let root = SVGBackend::new(path, (1000, 40 + 32 * rows.len() as u32)).into_drawing_area();
         root.fill(&WHITE)?;
         let max = rows.iter().map(|r| r.1).fold(0.0, f64::max) * 1.1;
         let names: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
@@ -579,27 +580,21 @@ mod plots {
                 ("sans-serif", 18),
             )
             .margin(10)
-            .x_label_area_size(90)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0f64..rows.len() as f64, 0f64..max.max(1.0))?;
+            .x_label_area_size(40)
+            .y_label_area_size(190)
+            .build_cartesian_2d(0f64..max.max(1.0), (0..rows.len()).into_segmented())?;
         chart
             .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(rows.len() * 2)
-            .x_label_formatter(&|x| {
-                let i = x.floor() as usize;
-                if (x - i as f64 - 0.5).abs() < 0.01 {
-                    names.get(i).cloned().unwrap_or_default()
-                } else {
-                    String::new()
+            .disable_y_mesh()
+            .y_labels(rows.len())
+            .y_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
+                    names.get(*i).cloned().unwrap_or_default()
                 }
+                SegmentValue::Last => String::new(),
             })
-            .x_label_style(
-                ("sans-serif", 11)
-                    .into_font()
-                    .transform(FontTransform::Rotate90),
-            )
-            .y_desc("total cost (model currency)")
+            .y_label_style(("sans-serif", 13))
+            .x_desc("total cost over the run (model currency)")
             .draw()?;
         chart.draw_series(rows.iter().enumerate().map(|(i, (name, v))| {
             let colour = if name == "delay-cost" {
@@ -607,10 +602,15 @@ mod plots {
             } else {
                 COLOURS[0]
             };
-            Rectangle::new(
-                [(i as f64 + 0.1, 0.0), (i as f64 + 0.9, *v)],
+            let mut bar = Rectangle::new(
+                [
+                    (0.0, SegmentValue::Exact(i)),
+                    (*v, SegmentValue::Exact(i + 1)),
+                ],
                 colour.filled(),
-            )
+            );
+            bar.set_margin(4, 4, 0, 0);
+            bar
         }))?;
         root.present()?;
         Ok(())
