@@ -11,7 +11,8 @@
 //! [`gratify_core::LoadSignal`].
 //!
 //! - [`limit`]: [`AdaptiveLimitLayer`](limit::AdaptiveLimitLayer), its
-//!   algorithms and the value-based admission;
+//!   algorithms and the value-based admission (the guide is `docs/limiter.md`
+//!   in the repository);
 //! - `sim` (feature `sim`): the deterministic overload simulator.
 //!
 //! Status: the limiter is here; the replica advisor and the simulator land

@@ -669,6 +669,15 @@ impl Limiter {
             metrics::gauge!("gratify_limit_in_flight").set(in_flight as f64);
             metrics::gauge!("gratify_limit_queued").set(state.queued as f64);
             metrics::gauge!("gratify_limit_shadow_price").set(price);
+            for (k, c) in state.classes.iter().enumerate() {
+                let name = self
+                    .shared
+                    .model
+                    .name(ClassId::from_index(k as u16))
+                    .to_owned();
+                metrics::gauge!("gratify_limit_queued_class", "class" => name)
+                    .set(c.queue.len() as f64);
+            }
         }
     }
 }
