@@ -500,3 +500,87 @@ async fn at_high_rates_only_a_sample_of_completions_is_timed() {
     // Far more than 2,000 completions a second: most go untimed.
     assert!(s.timed_one_in >= 32, "{s:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn never_shed_classes_wait_up_to_their_cap() {
+    let m = model();
+    let checkout = class(&m, "checkout");
+    let l = limiter(
+        &m,
+        1,
+        config(|c| {
+            c.warmup_samples = 5;
+            c.never_shed = vec![(checkout, 3)];
+        }),
+    );
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(Log::default()));
+    warm_up(&svc, checkout, 5).await;
+    // A long request holds the only slot: 500 ms, past checkout's 300 ms deadline.
+    let running = tokio::spawn(svc.clone().oneshot(req(checkout, "long:500")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // Protected: not refused for the deadline, they wait — three of them.
+    let waiting: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(svc.clone().oneshot(req(checkout, &format!("w{i}:1")))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(l.stats().queued, 3);
+    // The cap: a fourth is refused because the queue is full, not for the deadline.
+    let fourth = svc.clone().oneshot(req(checkout, "x:1")).await.unwrap();
+    assert_eq!(fourth.headers()[SHED_REASON_HEADER], "queue-full");
+    running.await.unwrap().unwrap();
+    for w in waiting {
+        assert_eq!(w.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    let s = &l.stats().classes[checkout.index()];
+    assert_eq!(s.shed_for(Reason::Deadline), 0);
+    assert_eq!(s.shed_for(Reason::QueueFull), 1);
+}
+
+mod with_tower_test {
+    use super::*;
+    use tokio_test::{assert_pending, assert_ready_ok};
+    use tower_test::mock;
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_passes_through_and_slots_follow_responses() {
+        let m = model();
+        let l = limiter(&m, 1, config(|c| c.admission = Admission::RejectAtLimit));
+        let (mut svc, mut handle) = mock::spawn_layer::<Request<String>, Response<Full<Bytes>>, _>(
+            AdaptiveLimitLayer::with_limiter(l.clone()),
+        );
+        // The inner service is not ready: neither is the limit.
+        handle.allow(0);
+        assert_pending!(svc.poll_ready());
+        handle.allow(2);
+        assert!(svc.is_woken());
+        assert_ready_ok!(svc.poll_ready());
+        let first = svc.call(req(class(&m, "browse"), "a"));
+        let (request, send) = handle.next_request().await.unwrap();
+        assert_eq!(request.body(), "a");
+        assert_eq!(l.stats().in_flight, 1);
+        // The one slot is taken: the next request is refused, without
+        // reaching the inner service.
+        assert_ready_ok!(svc.poll_ready());
+        let refused = svc.call(req(class(&m, "browse"), "b")).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        send.send_response(Response::new(Full::default()));
+        assert_eq!(first.await.unwrap().status(), StatusCode::OK);
+        assert_eq!(l.stats().in_flight, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_from_the_mock_releases_the_slot() {
+        let m = model();
+        let l = limiter(&m, 1, LimiterConfig::default());
+        let (mut svc, mut handle) = mock::spawn_layer::<Request<String>, Response<Full<Bytes>>, _>(
+            AdaptiveLimitLayer::with_limiter(l.clone()),
+        );
+        handle.allow(1);
+        assert_ready_ok!(svc.poll_ready());
+        let fut = svc.call(req(class(&m, "browse"), "a"));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_error("boom");
+        assert!(fut.await.is_err());
+        assert_eq!(l.stats().in_flight, 0);
+    }
+}

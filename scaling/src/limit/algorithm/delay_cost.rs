@@ -305,7 +305,7 @@ impl DelayCostLimit {
             self.phase.up = Acc::default();
             self.phase.down = Acc::default();
         }
-        self.phase.delta = (self.limit / 8.0).max(1.0);
+        self.phase.delta = (self.limit / 8.0).max((self.limit / 4.0).min(2.0)).max(1.0);
         let for_samples = if self.rate > 0.0 {
             40.0 / self.rate
         } else {
