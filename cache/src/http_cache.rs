@@ -1,0 +1,992 @@
+//! The HTTP cache layer.
+
+use std::collections::HashMap;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use gratify_core::BoxError;
+use http::header::{
+    AGE, CONTENT_LENGTH, CONTENT_LOCATION, ETAG, HeaderName, HeaderValue, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, LAST_MODIFIED, LOCATION,
+};
+use http::request::Parts;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::CacheBody;
+use crate::directives::{RequestDirectives, ResponseDirectives};
+use crate::key::{CacheKey, KeyPart, key_of};
+use crate::policy::{Rules, Usable, initial_age, usable, vary_fields, vary_value};
+use crate::store::{Entry, Store};
+
+/// The `Cache-Status` header (RFC 9211).
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// Headers through which clients ask a server to treat a request as another
+/// method; a request carrying one is never served from or stored in the cache.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The settings of an [`HttpCacheLayer`].
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct HttpCacheConfig {
+    /// The memory budget, in bytes (bodies, headers and bookkeeping).
+    pub max_bytes: u64,
+    /// Responses larger than this stream through unstored.
+    pub max_entry_bytes: usize,
+    /// What may be stored where no route says otherwise.
+    pub rules: Rules,
+    /// Per path prefix, what may be stored (the longest prefix wins).
+    pub routes: Vec<(String, Rules)>,
+    /// How long a request waits for another request's fill of the same key
+    /// before going to the origin itself.
+    pub coalesce_wait: Duration,
+    /// How long an uncacheable answer is remembered, so that requests for it
+    /// go straight to the origin instead of queueing behind one another.
+    pub hit_for_miss: Duration,
+    /// Serve a stale response for up to this long past its freshness when
+    /// the origin fails (a fail-safe, as FusionCache's), unless the response
+    /// forbids it.
+    pub fail_safe: Option<Duration>,
+    /// The scheme of requests whose URI has none.
+    pub scheme: String,
+    /// Sort query parameters by name in keys.
+    pub sort_query: bool,
+    /// The response header whose space-separated values tag an entry for
+    /// [`CachePurge::purge_tag`].
+    pub tag_header: Option<HeaderName>,
+    /// At most this many variants (`Vary`) per key.
+    pub max_variants: usize,
+    /// The name this cache uses in `Cache-Status`.
+    pub name: String,
+}
+
+impl Default for HttpCacheConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 * 1024 * 1024,
+            max_entry_bytes: 1024 * 1024,
+            rules: Rules::default(),
+            routes: Vec::new(),
+            coalesce_wait: Duration::from_secs(5),
+            hit_for_miss: Duration::from_secs(10),
+            fail_safe: None,
+            scheme: "http".into(),
+            sort_query: false,
+            tag_header: Some(HeaderName::from_static("surrogate-key")),
+            max_variants: 8,
+            name: "gratify".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for HttpCacheConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpCacheConfig")
+            .field("max_bytes", &self.max_bytes)
+            .field("max_entry_bytes", &self.max_entry_bytes)
+            .field("rules", &self.rules)
+            .field("routes", &self.routes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    store: Store,
+    config: HttpCacheConfig,
+    key_part: Option<Box<dyn KeyPart>>,
+    /// Fills in progress: followers wait for the value to turn `true`.
+    inflight: Mutex<HashMap<CacheKey, watch::Receiver<bool>>>,
+    /// Keys recently found uncacheable.
+    hit_for_miss: moka::sync::Cache<CacheKey, ()>,
+}
+
+impl Shared {
+    fn rules(&self, path: &str) -> Rules {
+        self.config
+            .routes
+            .iter()
+            .filter(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map_or(self.config.rules, |(_, r)| *r)
+    }
+
+    fn status(&self, detail: &str) -> HeaderValue {
+        HeaderValue::from_str(&format!("{}; {detail}", self.config.name))
+            .unwrap_or(HeaderValue::from_static("gratify"))
+    }
+}
+
+/// A handle to purge what an [`HttpCacheLayer`] stored; cheap to clone.
+#[derive(Clone)]
+pub struct CachePurge {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for CachePurge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachePurge").finish_non_exhaustive()
+    }
+}
+
+impl CachePurge {
+    /// Removes the entry for a key such as `http://example.com/products/7`.
+    pub async fn purge_key(&self, key: &str) {
+        self.shared.store.remove(&CacheKey::from_text(key)).await;
+    }
+
+    /// Removes every entry whose key starts with `prefix`.
+    pub fn purge_prefix(&self, prefix: &str) {
+        let prefix = prefix.to_owned();
+        self.shared
+            .store
+            .remove_if(move |k, _| k.as_str().starts_with(&prefix));
+    }
+
+    /// Removes every entry tagged `tag` (by the tag header).
+    pub fn purge_tag(&self, tag: &str) {
+        let tag = tag.to_owned();
+        self.shared
+            .store
+            .remove_if(move |_, v| v.entries.iter().any(|e| e.tags.contains(&tag)));
+    }
+
+    /// Removes everything.
+    pub fn purge_all(&self) {
+        self.shared.store.remove_all();
+    }
+
+    /// Bytes held (moka's weighted size; may lag behind by pending work).
+    pub fn weighted_size(&self) -> u64 {
+        self.shared.store.weighted_size()
+    }
+
+    /// Keys held.
+    pub fn entry_count(&self) -> u64 {
+        self.shared.store.entry_count()
+    }
+
+    /// Runs moka's pending maintenance (evictions, invalidations) now.
+    pub async fn sync(&self) {
+        self.shared.store.run_pending_tasks().await;
+    }
+}
+
+/// Caches HTTP responses with shared-cache semantics. See the
+/// [crate docs](crate).
+#[derive(Clone)]
+pub struct HttpCacheLayer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for HttpCacheLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpCacheLayer")
+            .field("config", &self.shared.config)
+            .field("store", &self.shared.store)
+            .finish()
+    }
+}
+
+impl HttpCacheLayer {
+    /// A cache with `config`.
+    pub fn new(config: HttpCacheConfig) -> Self {
+        Self::build(config, None)
+    }
+
+    /// A cache whose keys also include `part` (a tenant, a user).
+    pub fn with_key_part(config: HttpCacheConfig, part: impl KeyPart) -> Self {
+        Self::build(config, Some(Box::new(part)))
+    }
+
+    fn build(config: HttpCacheConfig, key_part: Option<Box<dyn KeyPart>>) -> Self {
+        let hit_for_miss = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(config.hit_for_miss.max(Duration::from_millis(1)))
+            .build();
+        Self {
+            shared: Arc::new(Shared {
+                store: Store::new(config.max_bytes, config.max_variants),
+                key_part,
+                inflight: Mutex::new(HashMap::new()),
+                hit_for_miss,
+                config,
+            }),
+        }
+    }
+
+    /// The purge handle.
+    pub fn purge(&self) -> CachePurge {
+        CachePurge {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S> Layer<S> for HttpCacheLayer {
+    type Service = HttpCache<S>;
+
+    fn layer(&self, inner: S) -> HttpCache<S> {
+        HttpCache {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// The service of [`HttpCacheLayer`]. Clones share the store.
+#[derive(Clone)]
+pub struct HttpCache<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> std::fmt::Debug for HttpCache<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpCache").finish_non_exhaustive()
+    }
+}
+
+impl<S> HttpCache<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The purge handle.
+    pub fn purge(&self) -> CachePurge {
+        CachePurge {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, RB> Service<Request<B>> for HttpCache<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: Default + Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    type Response = Response<CacheBody<RB>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // The ready service handles this request; a clone takes its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = Arc::clone(&self.shared);
+        Box::pin(handle(shared, inner, request))
+    }
+}
+
+/// Answers a request, from the store or the origin.
+async fn handle<S, B, RB>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    request: Request<B>,
+) -> Result<Response<CacheBody<RB>>, S::Error>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: Default + Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let method = request.method().clone();
+    let overridden = METHOD_OVERRIDES
+        .iter()
+        .any(|h| request.headers().contains_key(*h));
+    let key = key_of(
+        &request_parts(&request),
+        &shared.config.scheme,
+        shared.config.sort_query,
+        shared.key_part.as_deref(),
+    );
+
+    // Unsafe methods go through, and invalidate what they may have changed.
+    if !matches!(method, Method::GET | Method::HEAD) || overridden {
+        let response = inner.call(request).await?;
+        if !method.is_safe()
+            && response.status().as_u16() < 400
+            && let Some(k) = &key
+        {
+            invalidate(&shared, k, response.headers()).await;
+        }
+        let mut response = response.map(|b| CacheBody::stream(None, b));
+        response
+            .headers_mut()
+            .insert(CACHE_STATUS, shared.status("fwd=bypass"));
+        return Ok(response);
+    }
+    let Some(key) = key else {
+        return Ok(bypass(&shared, inner.call(request).await?));
+    };
+    let directives = RequestDirectives::from_headers(request.headers());
+    let head = method == Method::HEAD;
+
+    // Look it up.
+    let now = Instant::now();
+    let variants = shared.store.get(&key).await;
+    let entry = variants
+        .as_ref()
+        .and_then(|v| v.find(request.headers()).cloned());
+    if let Some(entry) = &entry {
+        let age = entry.age(now);
+        let lifetime = if entry.directives.no_cache {
+            Duration::ZERO
+        } else {
+            entry.lifetime
+        };
+        match usable(age, lifetime, &directives) {
+            Usable::Fresh | Usable::StaleAccepted => {
+                return Ok(serve(&shared, entry, &request, now, "hit"));
+            }
+            Usable::Stale if directives.only_if_cached => {
+                return Ok(gateway_timeout(&shared, "fwd=stale"));
+            }
+            Usable::Stale => {}
+        }
+        // Stale: within stale-while-revalidate, serve it and refresh once
+        // in the background.
+        // Only the entry's own expiry qualifies: a client asking for
+        // something fresher than the entry is gets a fresh answer.
+        let swr = entry
+            .directives
+            .stale_while_revalidate
+            .unwrap_or(Duration::ZERO);
+        if !swr.is_zero()
+            && !directives.no_cache
+            && directives.max_age.is_none()
+            && directives.min_fresh.is_none()
+            && !entry.directives.requires_revalidation()
+            && age >= lifetime
+            && age < lifetime + swr
+        {
+            spawn_refresh(&shared, inner, &request, key.clone(), Arc::clone(entry));
+            return Ok(serve(&shared, entry, &request, now, "hit; fwd=stale"));
+        }
+    } else if directives.only_if_cached {
+        return Ok(gateway_timeout(&shared, "fwd=uri-miss"));
+    }
+
+    if head {
+        // HEAD is answered from a stored GET, never stored itself.
+        return Ok(bypass(&shared, inner.call(request).await?));
+    }
+    let miss = if entry.is_some() {
+        "fwd=stale"
+    } else if variants.is_some() {
+        "fwd=vary-miss"
+    } else {
+        "fwd=uri-miss"
+    };
+
+    // Revalidate a stale entry that has validators.
+    if let Some(stale) = entry {
+        return revalidate(shared, inner, request, key, stale).await;
+    }
+
+    if shared.hit_for_miss.contains_key(&key) {
+        return fetch(shared, inner, request, key, None, miss).await;
+    }
+
+    // Coalesce: one fill per key; the others wait for it, then look again.
+    enum Role {
+        Leader(watch::Sender<bool>),
+        Follower(watch::Receiver<bool>),
+    }
+    let role = {
+        let mut inflight = shared
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match inflight.get(&key) {
+            Some(rx) => Role::Follower(rx.clone()),
+            None => {
+                let (tx, rx) = watch::channel(false);
+                inflight.insert(key.clone(), rx);
+                Role::Leader(tx)
+            }
+        }
+    };
+    match role {
+        Role::Leader(done) => fetch(shared, inner, request, key, Some(done), miss).await,
+        Role::Follower(mut rx) => {
+            let filled = matches!(
+                tokio::time::timeout(shared.config.coalesce_wait, rx.wait_for(|d| *d)).await,
+                Ok(Ok(_))
+            );
+            if filled {
+                let now = Instant::now();
+                if let Some(v) = shared.store.get(&key).await
+                    && let Some(entry) = v.find(request.headers())
+                    && entry.age(now) < entry.lifetime
+                    && !directives.no_cache
+                {
+                    return Ok(serve(&shared, entry, &request, now, "hit; collapsed"));
+                }
+            }
+            fetch(shared, inner, request, key, None, miss).await
+        }
+    }
+}
+
+fn request_parts<B>(request: &Request<B>) -> Parts {
+    // Parts without the body, for keying and classification.
+    let mut parts = Request::new(()).into_parts().0;
+    parts.method = request.method().clone();
+    parts.uri = request.uri().clone();
+    parts.version = request.version();
+    parts.headers = request.headers().clone();
+    parts
+}
+
+fn bypass<RB>(shared: &Shared, response: Response<RB>) -> Response<CacheBody<RB>> {
+    let mut response = response.map(|b| CacheBody::stream(None, b));
+    response
+        .headers_mut()
+        .insert(CACHE_STATUS, shared.status("fwd=bypass"));
+    response
+}
+
+fn gateway_timeout<RB>(shared: &Shared, detail: &str) -> Response<CacheBody<RB>> {
+    let mut r = Response::new(CacheBody::empty());
+    *r.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+    r.headers_mut().insert(CACHE_STATUS, shared.status(detail));
+    r
+}
+
+/// Serves a stored entry: `Age`, `Cache-Status`, and a 304 for a matching
+/// conditional request.
+fn serve<B, RB>(
+    shared: &Shared,
+    entry: &Entry,
+    request: &Request<B>,
+    now: Instant,
+    detail: &str,
+) -> Response<CacheBody<RB>> {
+    let age = entry.age(now);
+    let ttl = entry.lifetime.as_secs() as i64 - age.as_secs() as i64;
+    let not_modified = conditional_matches(request.headers(), &entry.headers);
+    let mut response = Response::new(if request.method() == Method::HEAD || not_modified {
+        CacheBody::empty()
+    } else {
+        CacheBody::full(entry.body.clone())
+    });
+    *response.status_mut() = if not_modified {
+        StatusCode::NOT_MODIFIED
+    } else {
+        entry.status
+    };
+    *response.version_mut() = entry.version;
+    *response.headers_mut() = entry.headers.clone();
+    if not_modified {
+        response.headers_mut().remove(CONTENT_LENGTH);
+    }
+    response
+        .headers_mut()
+        .insert(AGE, HeaderValue::from(age.as_secs()));
+    response
+        .headers_mut()
+        .insert(CACHE_STATUS, shared.status(&format!("{detail}; ttl={ttl}")));
+    response
+}
+
+/// Whether a client's `If-None-Match` (weak comparison) or
+/// `If-Modified-Since` is satisfied by the stored response.
+fn conditional_matches(request: &HeaderMap, stored: &HeaderMap) -> bool {
+    if let Some(inm) = request.get(IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        let Some(etag) = stored.get(ETAG).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+        return inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(etag));
+    }
+    match (
+        crate::policy::single_date(request, &IF_MODIFIED_SINCE),
+        crate::policy::single_date(stored, &LAST_MODIFIED),
+    ) {
+        (Some(since), Some(modified)) => modified <= since,
+        _ => false,
+    }
+}
+
+/// A coalesced fill or refresh in progress; dropping it (at the end, or in
+/// a panic) removes it and wakes the requests waiting for it.
+struct Inflight {
+    shared: Arc<Shared>,
+    key: CacheKey,
+    done: watch::Sender<bool>,
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.shared
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.key);
+        let _ = self.done.send(true);
+    }
+}
+
+/// What the origin's response became.
+enum Filled<RB> {
+    Stored(Arc<Entry>),
+    Passed(Response<CacheBody<RB>>),
+}
+
+/// Goes to the origin for `request`; stores what may be stored. With
+/// `done`, this is the key's coalesced fill: it runs detached, so the
+/// client going away does not cancel it, and followers are told when it ends.
+async fn fetch<S, B, RB>(
+    shared: Arc<Shared>,
+    inner: S,
+    request: Request<B>,
+    key: CacheKey,
+    done: Option<watch::Sender<bool>>,
+    miss: &'static str,
+) -> Result<Response<CacheBody<RB>>, S::Error>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: Default + Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let asked = Asked::of(&request);
+    let (tx, rx) = oneshot::channel();
+    let fill = {
+        let shared = Arc::clone(&shared);
+        let key = key.clone();
+        async move {
+            // Ends the coalesced fill on every path, a panic included.
+            let guard = done.map(|done| Inflight {
+                shared: Arc::clone(&shared),
+                key: key.clone(),
+                done,
+            });
+            let result = fill(&shared, inner, request, &key, &asked).await;
+            drop(guard);
+            let _ = tx.send(result);
+        }
+    };
+    tokio::spawn(fill);
+    let Ok(result) = rx.await else {
+        // The fill task panicked: nothing to serve; report it as the
+        // origin's failure would be, as a 502.
+        let mut r = Response::new(CacheBody::empty());
+        *r.status_mut() = StatusCode::BAD_GATEWAY;
+        r.headers_mut().insert(CACHE_STATUS, shared.status(miss));
+        return Ok(r);
+    };
+    Ok(filled_response(&shared, result?, miss))
+}
+
+/// The request's facts that storing its response needs.
+struct Asked {
+    headers: HeaderMap,
+    method: Method,
+    path: String,
+}
+
+impl Asked {
+    fn of<B>(request: &Request<B>) -> Self {
+        Self {
+            headers: request.headers().clone(),
+            method: request.method().clone(),
+            path: request.uri().path().to_owned(),
+        }
+    }
+}
+
+async fn fill<S, B, RB>(
+    shared: &Shared,
+    mut inner: S,
+    request: Request<B>,
+    key: &CacheKey,
+    asked: &Asked,
+) -> Result<Filled<RB>, S::Error>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Send,
+    S::Future: Send,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let started = Instant::now();
+    let sent_at = SystemTime::now();
+    let response = inner.call(request).await?;
+    Ok(process(shared, key, asked, response, started.elapsed(), sent_at).await)
+}
+
+/// Stores a response from the origin if it may be stored; otherwise (or if
+/// its body is too large) passes it through, remembering the key as
+/// hit-for-miss.
+async fn process<RB>(
+    shared: &Shared,
+    key: &CacheKey,
+    asked: &Asked,
+    response: Response<RB>,
+    latency: Duration,
+    sent_at: SystemTime,
+) -> Filled<RB>
+where
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let directives = ResponseDirectives::from_headers(response.headers());
+    let rules = shared.rules(&asked.path);
+    let lifetime = match rules.storable(
+        &asked.method,
+        &asked.headers,
+        response.status(),
+        response.headers(),
+        &directives,
+    ) {
+        Ok(l) => l,
+        Err(reason) => {
+            tracing::trace!(key = %key, ?reason, "not stored");
+            shared.hit_for_miss.insert(key.clone(), ());
+            return Filled::Passed(response.map(|b| CacheBody::stream(None, b)));
+        }
+    };
+    let (parts, body) = response.into_parts();
+    // Read the body up to the entry limit; past it, stream the rest.
+    let limit = shared.config.max_entry_bytes;
+    if body.size_hint().lower() > limit as u64 {
+        shared.hit_for_miss.insert(key.clone(), ());
+        return Filled::Passed(Response::from_parts(parts, CacheBody::stream(None, body)));
+    }
+    let mut body = Box::pin(body);
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            // The origin's body failed: nothing to store or serve whole.
+            let mut r = Response::new(CacheBody::empty());
+            *r.status_mut() = StatusCode::BAD_GATEWAY;
+            return Filled::Passed(r);
+        };
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() > limit {
+                shared.hit_for_miss.insert(key.clone(), ());
+                return Filled::Passed(Response::from_parts(
+                    parts,
+                    CacheBody::stream_pinned(Some(buf.freeze()), body),
+                ));
+            }
+        }
+    }
+    let vary = vary_fields(&parts.headers)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|name| {
+            let value = vary_value(&asked.headers, &name);
+            (name, value)
+        })
+        .collect();
+    let tags = shared
+        .config
+        .tag_header
+        .as_ref()
+        .and_then(|h| parts.headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .map(|t| t.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let keep_stale = directives
+        .stale_while_revalidate
+        .unwrap_or_default()
+        .max(directives.stale_if_error.unwrap_or_default())
+        .max(shared.config.fail_safe.unwrap_or_default())
+        .max(if crate::policy::has_validator(&parts.headers) {
+            // Keep entries with validators a while to revalidate cheaply.
+            lifetime.max(Duration::from_secs(60))
+        } else {
+            Duration::ZERO
+        });
+    let entry = Arc::new(Entry {
+        status: parts.status,
+        version: parts.version,
+        initial_age: initial_age(&parts.headers, latency, sent_at + latency),
+        headers: parts.headers,
+        body: buf.freeze(),
+        stored_at: Instant::now(),
+        lifetime,
+        directives,
+        vary,
+        tags,
+        origin_latency: latency,
+        keep_stale,
+    });
+    shared.store.insert(key.clone(), Arc::clone(&entry)).await;
+    shared.hit_for_miss.invalidate(key);
+    Filled::Stored(entry)
+}
+
+fn filled_response<RB>(
+    shared: &Shared,
+    filled: Filled<RB>,
+    detail: &str,
+) -> Response<CacheBody<RB>> {
+    match filled {
+        Filled::Stored(entry) => {
+            let mut r = Response::new(CacheBody::full(entry.body.clone()));
+            *r.status_mut() = entry.status;
+            *r.version_mut() = entry.version;
+            *r.headers_mut() = entry.headers.clone();
+            r.headers_mut()
+                .insert(CACHE_STATUS, shared.status(&format!("{detail}; stored")));
+            r
+        }
+        Filled::Passed(mut r) => {
+            r.headers_mut().insert(CACHE_STATUS, shared.status(detail));
+            r
+        }
+    }
+}
+
+/// Revalidates a stale entry with the origin (inline), using its validators.
+async fn revalidate<S, B, RB>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    request: Request<B>,
+    key: CacheKey,
+    stale: Arc<Entry>,
+) -> Result<Response<CacheBody<RB>>, S::Error>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: Default + Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let has_validators = crate::policy::has_validator(&stale.headers);
+    if !has_validators {
+        return fetch(shared, inner, request, key, None, "fwd=stale").await;
+    }
+    let conditional = conditional_request(&request, &stale);
+    let asked = Asked::of(&request);
+    let started = Instant::now();
+    let sent_at = SystemTime::now();
+    let outcome = inner.call(conditional).await;
+    let now = Instant::now();
+    let age = stale.age(now);
+    let stale_ok = |window: Option<Duration>| {
+        !stale.directives.requires_revalidation()
+            && window.is_some_and(|w| age < stale.lifetime + w)
+    };
+    let error_window = stale.directives.stale_if_error.max(shared.config.fail_safe);
+    match outcome {
+        Ok(response) if response.status() == StatusCode::NOT_MODIFIED => {
+            let refreshed = refreshed(&stale, response.headers(), started.elapsed());
+            shared.store.insert(key, Arc::clone(&refreshed)).await;
+            Ok(serve(
+                &shared,
+                &refreshed,
+                &request,
+                now,
+                "fwd=stale; fwd-status=304",
+            ))
+        }
+        Ok(response) if response.status().is_server_error() => {
+            if stale_ok(error_window) {
+                Ok(serve(
+                    &shared,
+                    &stale,
+                    &request,
+                    now,
+                    "hit; fwd=stale; detail=stale-if-error",
+                ))
+            } else if stale.directives.requires_revalidation() {
+                Ok(gateway_timeout(
+                    &shared,
+                    "fwd=stale; detail=must-revalidate",
+                ))
+            } else {
+                Ok(bypass(&shared, response))
+            }
+        }
+        Ok(response) => {
+            // A new representation: store it as a fill would.
+            let filled = process(&shared, &key, &asked, response, started.elapsed(), sent_at).await;
+            Ok(filled_response(&shared, filled, "fwd=stale"))
+        }
+        Err(e) => {
+            if stale_ok(error_window) {
+                Ok(serve(
+                    &shared,
+                    &stale,
+                    &request,
+                    now,
+                    "hit; fwd=stale; detail=stale-if-error",
+                ))
+            } else if stale.directives.requires_revalidation() {
+                Ok(gateway_timeout(
+                    &shared,
+                    "fwd=stale; detail=must-revalidate",
+                ))
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The request sent to revalidate `entry`: the client's, body-less, with the
+/// entry's validators in place of the client's own.
+fn conditional_request<B: Default>(request: &Request<B>, entry: &Entry) -> Request<B> {
+    let mut r = Request::new(B::default());
+    *r.method_mut() = Method::GET;
+    *r.uri_mut() = request.uri().clone();
+    *r.version_mut() = request.version();
+    *r.headers_mut() = request.headers().clone();
+    let h = r.headers_mut();
+    h.remove(IF_NONE_MATCH);
+    h.remove(IF_MODIFIED_SINCE);
+    h.remove(http::header::IF_MATCH);
+    h.remove(http::header::IF_UNMODIFIED_SINCE);
+    h.remove(http::header::IF_RANGE);
+    if let Some(etag) = entry.headers.get(ETAG) {
+        h.insert(IF_NONE_MATCH, etag.clone());
+    }
+    if let Some(lm) = entry.headers.get(LAST_MODIFIED) {
+        h.insert(IF_MODIFIED_SINCE, lm.clone());
+    }
+    r
+}
+
+/// The entry after a 304: its headers updated by the 304's (RFC 9111 §4.3.4),
+/// freshness recomputed, age reset.
+fn refreshed(entry: &Entry, update: &HeaderMap, latency: Duration) -> Arc<Entry> {
+    let mut headers = entry.headers.clone();
+    for name in update.keys() {
+        if name == CONTENT_LENGTH {
+            continue;
+        }
+        headers.remove(name);
+        for v in update.get_all(name) {
+            headers.append(name.clone(), v.clone());
+        }
+    }
+    let directives = ResponseDirectives::from_headers(&headers);
+    let lifetime =
+        crate::policy::freshness_lifetime(&directives, &headers, None).unwrap_or(entry.lifetime);
+    Arc::new(Entry {
+        status: entry.status,
+        version: entry.version,
+        initial_age: initial_age(&headers, latency, SystemTime::now()),
+        headers,
+        body: entry.body.clone(),
+        stored_at: Instant::now(),
+        lifetime,
+        directives,
+        vary: entry.vary.clone(),
+        tags: entry.tags.clone(),
+        origin_latency: entry.origin_latency,
+        keep_stale: entry.keep_stale,
+    })
+}
+
+/// Starts at most one background refresh of `key` (stale-while-revalidate).
+fn spawn_refresh<S, B, RB>(
+    shared: &Arc<Shared>,
+    mut inner: S,
+    request: &Request<B>,
+    key: CacheKey,
+    stale: Arc<Entry>,
+) where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: Default + Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let done = {
+        let mut inflight = shared
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if inflight.contains_key(&key) {
+            return;
+        }
+        let (tx, rx) = watch::channel(false);
+        inflight.insert(key.clone(), rx);
+        tx
+    };
+    let conditional = conditional_request(request, &stale);
+    let asked = Asked::of(request);
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let _guard = Inflight {
+            shared: Arc::clone(&shared),
+            key: key.clone(),
+            done,
+        };
+        let started = Instant::now();
+        let sent_at = SystemTime::now();
+        if poll_fn(|cx| inner.poll_ready(cx)).await.is_ok()
+            && let Ok(response) = inner.call(conditional).await
+        {
+            if response.status() == StatusCode::NOT_MODIFIED {
+                let fresh = refreshed(&stale, response.headers(), started.elapsed());
+                shared.store.insert(key.clone(), fresh).await;
+            } else if !response.status().is_server_error() {
+                let _ = process(&shared, &key, &asked, response, started.elapsed(), sent_at).await;
+            }
+        }
+    });
+}
+
+/// After a successful unsafe request, removes the target URI and the
+/// same-origin `Location` / `Content-Location` (RFC 9111 §4.4).
+async fn invalidate(shared: &Shared, key: &CacheKey, headers: &HeaderMap) {
+    shared.store.remove(key).await;
+    let text = key.as_str();
+    // The origin: scheme://authority.
+    let origin_end = text
+        .find("://")
+        .and_then(|i| text[i + 3..].find('/').map(|j| i + 3 + j))
+        .unwrap_or(text.len());
+    let origin = &text[..origin_end];
+    for name in [LOCATION, CONTENT_LOCATION] {
+        let Some(target) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        let target = if target.starts_with('/') {
+            format!("{origin}{target}")
+        } else if target.starts_with(origin) {
+            target.to_owned()
+        } else {
+            // Another origin: not ours to invalidate.
+            continue;
+        };
+        shared.store.remove(&CacheKey::from_text(&target)).await;
+    }
+}

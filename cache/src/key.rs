@@ -1,0 +1,162 @@
+//! Cache keys: scheme, authority (Host), path and query.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::request::Parts;
+
+/// A primary cache key: `scheme://authority/path?query`, optionally
+/// followed by `#` and an application-supplied part (a tenant, a user).
+///
+/// The authority comes from the request URI if absolute, else from `Host`;
+/// it is lower-cased. A request without a usable authority has no key and is
+/// not cached: keying by path alone would let one host's response be served
+/// for another.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey(Arc<str>);
+
+impl CacheKey {
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A key from its text (as [`as_str`](Self::as_str) shows it), for purging.
+    pub fn from_text(text: &str) -> Self {
+        Self(text.into())
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Adds an application-chosen part to every key, such as a tenant id from an
+/// authentication layer's request extension. Return `None` to add nothing.
+pub trait KeyPart: Send + Sync + 'static {
+    /// The extra part for this request.
+    fn key_part(&self, request: &Parts) -> Option<String>;
+}
+
+impl<F> KeyPart for F
+where
+    F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+{
+    fn key_part(&self, request: &Parts) -> Option<String> {
+        self(request)
+    }
+}
+
+fn valid_authority(a: &str) -> bool {
+    !a.is_empty()
+        && a.len() <= 255
+        && a.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
+        })
+}
+
+/// Request headers that many applications read but caches commonly leave out
+/// of their keys — the classic web cache poisoning vectors. When a request
+/// carries one, its value becomes part of the key, so a response shaped by it
+/// is only ever served to requests with the same value.
+pub const KEYED_HEADERS: [&str; 10] = [
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-scheme",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-host",
+    "forwarded",
+];
+
+/// Builds the key of a request; `None` when it has no usable authority.
+pub(crate) fn key_of(
+    parts: &Parts,
+    default_scheme: &str,
+    sort_query: bool,
+    extra: Option<&dyn KeyPart>,
+) -> Option<CacheKey> {
+    let authority = match parts.uri.authority() {
+        Some(a) => a.as_str().to_ascii_lowercase(),
+        None => {
+            let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+            let host = hosts.next()?;
+            if hosts.next().is_some() {
+                return None;
+            }
+            host.to_str().ok()?.trim().to_ascii_lowercase()
+        }
+    };
+    if !valid_authority(&authority) {
+        return None;
+    }
+    let scheme = parts.uri.scheme_str().unwrap_or(default_scheme);
+    let path = parts.uri.path();
+    let mut key = format!("{scheme}://{authority}{path}");
+    if let Some(query) = parts.uri.query() {
+        key.push('?');
+        if sort_query {
+            let mut pairs: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+            pairs.sort_by(|a, b| {
+                let name = |p: &str| p.split('=').next().unwrap_or("").to_owned();
+                name(a).cmp(&name(b))
+            });
+            key.push_str(&pairs.join("&"));
+        } else {
+            key.push_str(query);
+        }
+    }
+    for name in KEYED_HEADERS {
+        for value in parts.headers.get_all(name) {
+            // A space cannot occur in a request target: no URI can collide.
+            key.push(' ');
+            key.push_str(name);
+            key.push('=');
+            key.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        }
+    }
+    if let Some(part) = extra.and_then(|e| e.key_part(parts)) {
+        key.push('#');
+        key.push_str(&part);
+    }
+    Some(CacheKey(key.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, host: Option<&str>) -> Parts {
+        let mut b = http::Request::get(uri);
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn keys_include_host_path_and_query() {
+        let k = key_of(&parts("/a?x=1", Some("Example.COM")), "http", false, None).unwrap();
+        assert_eq!(k.as_str(), "http://example.com/a?x=1");
+        let k = key_of(&parts("https://h.example/p", None), "http", false, None).unwrap();
+        assert_eq!(k.as_str(), "https://h.example/p");
+        assert!(key_of(&parts("/a", None), "http", false, None).is_none());
+        assert!(key_of(&parts("/a", Some("evil host/")), "http", false, None).is_none());
+        let sorted = key_of(&parts("/a?b=2&a=1", Some("h")), "http", true, None).unwrap();
+        assert_eq!(sorted.as_str(), "http://h/a?a=1&b=2");
+        let tenant = |_: &Parts| Some("t1".to_owned());
+        let k = key_of(&parts("/a", Some("h")), "http", false, Some(&tenant)).unwrap();
+        assert_eq!(k.as_str(), "http://h/a#t1");
+    }
+}

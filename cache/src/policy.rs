@@ -1,0 +1,424 @@
+//! Shared-cache rules (RFC 9111): what may be stored, for how long it is
+//! fresh, how old it is, and whether a request accepts it.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{
+    AGE, AUTHORIZATION, COOKIE, DATE, ETAG, EXPIRES, HeaderName, LAST_MODIFIED, SET_COOKIE, VARY,
+};
+use http::{HeaderMap, Method, StatusCode};
+
+use crate::directives::{RequestDirectives, ResponseDirectives, parse_delta};
+
+/// Statuses stored by default (RFC 9110 §15.1 heuristically cacheable,
+/// less the error statuses: caching 4xx and 5xx by default invites
+/// cache-poisoning denial of service).
+pub fn storable_by_default(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 308)
+}
+
+/// Why a response is not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotStored {
+    /// The request method is not GET.
+    Method,
+    /// The status is not one the cache stores.
+    Status,
+    /// `no-store` on the request or the response.
+    NoStore,
+    /// `private` on the response.
+    Private,
+    /// The request carried `Authorization` and the response does not say
+    /// `public`, `s-maxage` or `must-revalidate`.
+    Authorization,
+    /// The response sets a cookie, or the request carried one.
+    Cookie,
+    /// `Vary: *`.
+    VaryStar,
+    /// No freshness information and no default TTL for the route.
+    NoFreshness,
+}
+
+/// The freshness lifetime of a response (RFC 9111 §4.2.1): `s-maxage`, then
+/// `max-age`, then `Expires − Date`, then `default_ttl` (the route's TTL for
+/// origins that send no freshness information). `None` when none applies.
+pub fn freshness_lifetime(
+    directives: &ResponseDirectives,
+    headers: &HeaderMap,
+    default_ttl: Option<Duration>,
+) -> Option<Duration> {
+    if let Some(s) = directives.s_maxage {
+        return Some(s);
+    }
+    if let Some(m) = directives.max_age {
+        return Some(m);
+    }
+    if headers.contains_key(EXPIRES) {
+        // An invalid Expires (or several) means already expired.
+        let expires = single_date(headers, &EXPIRES);
+        let date = single_date(headers, &DATE);
+        return Some(match (expires, date) {
+            (Some(e), Some(d)) => e.duration_since(d).unwrap_or(Duration::ZERO),
+            (Some(e), None) => e
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+            _ => Duration::ZERO,
+        });
+    }
+    default_ttl
+}
+
+/// An HTTP date header present exactly once and valid.
+pub fn single_date(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    httpdate::parse_http_date(first.to_str().ok()?).ok()
+}
+
+/// What a route allows the cache to store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Rules {
+    /// Freshness for responses that carry no freshness information (opt-in
+    /// per route; heuristic freshness is off otherwise).
+    pub default_ttl: Option<Duration>,
+    /// Store responses that set cookies and answers to requests that carry
+    /// them — only for routes whose cache key includes the user.
+    pub allow_cookies: bool,
+    /// Also store the heuristically cacheable error statuses (404, 405, 410,
+    /// 414, 501) when they carry freshness information.
+    pub cache_errors: bool,
+}
+
+impl Rules {
+    /// Whether a response with `status` may be stored.
+    pub fn status_storable(&self, status: StatusCode) -> bool {
+        storable_by_default(status)
+            || (self.cache_errors && matches!(status.as_u16(), 404 | 405 | 410 | 414 | 501))
+    }
+
+    /// Decides whether a response to a request may be stored, and for how
+    /// long it is fresh.
+    ///
+    /// # Errors
+    ///
+    /// Why it may not be stored.
+    pub fn storable(
+        &self,
+        method: &Method,
+        request: &HeaderMap,
+        status: StatusCode,
+        response: &HeaderMap,
+        directives: &ResponseDirectives,
+    ) -> Result<Duration, NotStored> {
+        if method != Method::GET {
+            return Err(NotStored::Method);
+        }
+        if !self.status_storable(status) {
+            return Err(NotStored::Status);
+        }
+        if directives.no_store || RequestDirectives::from_headers(request).no_store {
+            return Err(NotStored::NoStore);
+        }
+        if directives.private {
+            return Err(NotStored::Private);
+        }
+        if request.contains_key(AUTHORIZATION)
+            && !(directives.public || directives.s_maxage.is_some() || directives.must_revalidate)
+        {
+            return Err(NotStored::Authorization);
+        }
+        if !self.allow_cookies
+            && (response.contains_key(SET_COOKIE) || request.contains_key(COOKIE))
+        {
+            return Err(NotStored::Cookie);
+        }
+        if vary_fields(response).is_none() {
+            return Err(NotStored::VaryStar);
+        }
+        match freshness_lifetime(directives, response, self.default_ttl) {
+            Some(lifetime) => Ok(lifetime),
+            // `no-cache` with a validator: store, revalidate every time.
+            None if directives.no_cache && has_validator(response) => Ok(Duration::ZERO),
+            None => Err(NotStored::NoFreshness),
+        }
+    }
+}
+
+/// Whether the response carries `ETag` or `Last-Modified`.
+pub fn has_validator(headers: &HeaderMap) -> bool {
+    headers.contains_key(ETAG) || headers.contains_key(LAST_MODIFIED)
+}
+
+/// The header names a response varies on, lower-cased and deduplicated;
+/// `None` for `Vary: *` or an unreadable `Vary`.
+pub fn vary_fields(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut out: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(VARY) {
+        let text = value.to_str().ok()?;
+        for field in text.split(',') {
+            let field = field.trim();
+            if field.is_empty() {
+                continue;
+            }
+            if field == "*" {
+                return None;
+            }
+            let name = HeaderName::from_bytes(field.as_bytes()).ok()?;
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        if out.len() > 16 {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// The value a request has for a `Vary` field, normalised: the field lines
+/// joined with `,`, whitespace around each element removed, lower-cased for
+/// the fields whose values are case-insensitive tokens.
+pub fn vary_value(request: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut parts: Vec<String> = Vec::new();
+    for v in request.get_all(name) {
+        let text = String::from_utf8_lossy(v.as_bytes());
+        for element in text.split(',') {
+            let element = element.trim();
+            if !element.is_empty() {
+                parts.push(element.to_owned());
+            }
+        }
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    let case_insensitive = matches!(
+        name.as_str(),
+        "accept-encoding" | "accept-language" | "accept" | "accept-charset"
+    );
+    let joined = parts.join(",");
+    Some(if case_insensitive {
+        joined.to_ascii_lowercase()
+    } else {
+        joined
+    })
+}
+
+/// The initial age of a response when it is received (RFC 9111 §4.2.3):
+/// the larger of its apparent age (`now − Date`) and its `Age` header plus
+/// the time the request took.
+pub fn initial_age(headers: &HeaderMap, response_delay: Duration, now: SystemTime) -> Duration {
+    let apparent = single_date(headers, &DATE)
+        .and_then(|d| now.duration_since(d).ok())
+        .unwrap_or(Duration::ZERO);
+    let age_header = headers
+        .get(AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_delta)
+        .unwrap_or(Duration::ZERO);
+    apparent.max(age_header.saturating_add(response_delay))
+}
+
+/// How a request may use a stored response of `age` and `lifetime`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usable {
+    /// Fresh enough for this request.
+    Fresh,
+    /// Stale but within what the request accepts (`max-stale`).
+    StaleAccepted,
+    /// Must be revalidated (or refreshed) first.
+    Stale,
+}
+
+/// Judges a stored response against the request's directives.
+pub fn usable(age: Duration, lifetime: Duration, request: &RequestDirectives) -> Usable {
+    if request.no_cache {
+        return Usable::Stale;
+    }
+    let mut lifetime = lifetime;
+    if let Some(max_age) = request.max_age {
+        lifetime = lifetime.min(max_age);
+    }
+    let needed = age.saturating_add(request.min_fresh.unwrap_or(Duration::ZERO));
+    if needed < lifetime {
+        return Usable::Fresh;
+    }
+    match request.max_stale {
+        Some(None) => Usable::StaleAccepted,
+        Some(Some(extra)) if age < lifetime.saturating_add(extra) => Usable::StaleAccepted,
+        _ => Usable::Stale,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    fn check(
+        req: &[(&str, &str)],
+        status: u16,
+        resp: &[(&str, &str)],
+    ) -> Result<Duration, NotStored> {
+        let resp = map(resp);
+        let d = ResponseDirectives::from_headers(&resp);
+        Rules::default().storable(
+            &Method::GET,
+            &map(req),
+            StatusCode::from_u16(status).unwrap(),
+            &resp,
+            &d,
+        )
+    }
+
+    #[test]
+    fn freshness_precedence() {
+        assert_eq!(
+            check(&[], 200, &[("cache-control", "max-age=10, s-maxage=20")]),
+            Ok(Duration::from_secs(20))
+        );
+        assert_eq!(
+            check(&[], 200, &[("cache-control", "max-age=10")]),
+            Ok(Duration::from_secs(10))
+        );
+        assert_eq!(
+            check(
+                &[],
+                200,
+                &[
+                    ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+                    ("expires", "Sun, 06 Nov 1994 08:50:37 GMT")
+                ]
+            ),
+            Ok(Duration::from_secs(60))
+        );
+        // Invalid Expires: already stale, but storable.
+        assert_eq!(check(&[], 200, &[("expires", "soon")]), Ok(Duration::ZERO));
+        // Heuristic freshness is off.
+        assert_eq!(check(&[], 200, &[]), Err(NotStored::NoFreshness));
+        assert_eq!(
+            check(
+                &[],
+                200,
+                &[("cache-control", "no-cache"), ("etag", "\"a\"")]
+            ),
+            Ok(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn privacy_rules() {
+        let cc = ("cache-control", "max-age=60");
+        assert_eq!(
+            check(&[("authorization", "Bearer x")], 200, &[cc]),
+            Err(NotStored::Authorization)
+        );
+        assert!(
+            check(
+                &[("authorization", "Bearer x")],
+                200,
+                &[("cache-control", "public, max-age=60")]
+            )
+            .is_ok()
+        );
+        assert!(
+            check(
+                &[("authorization", "Bearer x")],
+                200,
+                &[("cache-control", "s-maxage=60")]
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            check(&[], 200, &[("cache-control", "private, max-age=60")]),
+            Err(NotStored::Private)
+        );
+        assert_eq!(
+            check(&[], 200, &[cc, ("set-cookie", "a=b")]),
+            Err(NotStored::Cookie)
+        );
+        assert_eq!(
+            check(&[("cookie", "a=b")], 200, &[cc]),
+            Err(NotStored::Cookie)
+        );
+        assert_eq!(
+            check(&[("cache-control", "no-store")], 200, &[cc]),
+            Err(NotStored::NoStore)
+        );
+        assert_eq!(
+            check(&[], 200, &[cc, ("vary", "*")]),
+            Err(NotStored::VaryStar)
+        );
+        assert_eq!(check(&[], 404, &[cc]), Err(NotStored::Status));
+        assert_eq!(check(&[], 500, &[cc]), Err(NotStored::Status));
+    }
+
+    #[test]
+    fn request_acceptance() {
+        let r = |s: &str| RequestDirectives::from_headers(&map(&[("cache-control", s)]));
+        let s = Duration::from_secs;
+        assert_eq!(
+            usable(s(5), s(10), &RequestDirectives::default()),
+            Usable::Fresh
+        );
+        assert_eq!(
+            usable(s(10), s(10), &RequestDirectives::default()),
+            Usable::Stale
+        );
+        assert_eq!(usable(s(5), s(10), &r("max-age=4")), Usable::Stale);
+        assert_eq!(usable(s(5), s(10), &r("min-fresh=6")), Usable::Stale);
+        assert_eq!(
+            usable(s(12), s(10), &r("max-stale=5")),
+            Usable::StaleAccepted
+        );
+        assert_eq!(usable(s(16), s(10), &r("max-stale=5")), Usable::Stale);
+        assert_eq!(
+            usable(s(1000), s(10), &r("max-stale")),
+            Usable::StaleAccepted
+        );
+        assert_eq!(usable(s(1), s(10), &r("no-cache")), Usable::Stale);
+    }
+
+    #[test]
+    fn age_and_vary() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777 + 30);
+        let h = map(&[("date", "Sun, 06 Nov 1994 08:49:37 GMT"), ("age", "10")]);
+        assert_eq!(
+            initial_age(&h, Duration::from_secs(1), now),
+            Duration::from_secs(30)
+        );
+        let h = map(&[("age", "100")]);
+        assert_eq!(
+            initial_age(&h, Duration::from_secs(1), now),
+            Duration::from_secs(101)
+        );
+        let h = map(&[("age", "-3")]);
+        assert_eq!(initial_age(&h, Duration::ZERO, now), Duration::ZERO);
+
+        let v = map(&[
+            ("vary", "Accept-Encoding, accept-encoding"),
+            ("vary", "X-Tenant"),
+        ]);
+        let fields = vary_fields(&v).unwrap();
+        assert_eq!(fields.len(), 2);
+        let req = map(&[("accept-encoding", "GZIP , br")]);
+        assert_eq!(vary_value(&req, &fields[0]).as_deref(), Some("gzip,br"));
+        assert_eq!(vary_value(&req, &fields[1]), None);
+        assert!(vary_fields(&map(&[("vary", "a b")])).is_none());
+    }
+}
