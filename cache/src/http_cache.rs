@@ -72,6 +72,13 @@ pub struct HttpCacheConfig {
     pub max_variants: usize,
     /// The name this cache uses in `Cache-Status`.
     pub name: String,
+    /// Weigh entries by value: once memory is nearly full, admit a response
+    /// only if its frequency × delay cost saved per hit ÷ bytes is at least
+    /// that of what the cache has been evicting (see [`HttpCacheLayer::with_model`]).
+    pub cost_aware: bool,
+    /// Do not store responses whose hit saves less than this (origin latency
+    /// in seconds × the class's cost rate): cheaper to recompute than to keep.
+    pub min_saved_per_hit: f64,
 }
 
 impl Default for HttpCacheConfig {
@@ -89,6 +96,8 @@ impl Default for HttpCacheConfig {
             tag_header: Some(HeaderName::from_static("surrogate-key")),
             max_variants: 8,
             name: "gratify".into(),
+            cost_aware: true,
+            min_saved_per_hit: 0.0,
         }
     }
 }
@@ -107,6 +116,7 @@ impl std::fmt::Debug for HttpCacheConfig {
 struct Shared {
     store: Store,
     config: HttpCacheConfig,
+    model: Option<gratify_core::CostModel>,
     key_part: Option<Box<dyn KeyPart>>,
     /// Fills in progress: followers wait for the value to turn `true`.
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<bool>>>,
@@ -204,23 +214,42 @@ impl std::fmt::Debug for HttpCacheLayer {
 impl HttpCacheLayer {
     /// A cache with `config`.
     pub fn new(config: HttpCacheConfig) -> Self {
-        Self::build(config, None)
+        Self::build(config, None, None)
     }
 
     /// A cache whose keys also include `part` (a tenant, a user).
     pub fn with_key_part(config: HttpCacheConfig, part: impl KeyPart) -> Self {
-        Self::build(config, Some(Box::new(part)))
+        Self::build(config, Some(Box::new(part)), None)
     }
 
-    fn build(config: HttpCacheConfig, key_part: Option<Box<dyn KeyPart>>) -> Self {
+    /// A cache that values entries by the cost model: a hit on a response of
+    /// class `k` saves the origin's latency at class `k`'s urgency (its cost
+    /// rate, with its refusal cost spread over its deadline). The class is the
+    /// [`ClassId`](gratify_core::ClassId) a `ClassifyLayer` stored in the
+    /// request's extensions, or the model's default class.
+    pub fn with_model(config: HttpCacheConfig, model: &gratify_core::CostModel) -> Self {
+        Self::build(config, None, Some(model.clone()))
+    }
+
+    fn build(
+        config: HttpCacheConfig,
+        key_part: Option<Box<dyn KeyPart>>,
+        model: Option<gratify_core::CostModel>,
+    ) -> Self {
         let hit_for_miss = moka::sync::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(config.hit_for_miss.max(Duration::from_millis(1)))
             .build();
         Self {
             shared: Arc::new(Shared {
-                store: Store::new(config.max_bytes, config.max_variants),
+                store: Store::new(
+                    config.max_bytes,
+                    config.max_variants,
+                    config.cost_aware,
+                    config.min_saved_per_hit,
+                ),
                 key_part,
+                model,
                 inflight: Mutex::new(HashMap::new()),
                 hit_for_miss,
                 config,
@@ -556,7 +585,8 @@ impl Drop for Inflight {
 
 /// What the origin's response became.
 enum Filled<RB> {
-    Stored(Arc<Entry>),
+    /// Read whole; `true` if the store kept it (the value gate may not).
+    Stored(Arc<Entry>, bool),
     Passed(Response<CacheBody<RB>>),
 }
 
@@ -613,6 +643,7 @@ struct Asked {
     headers: HeaderMap,
     method: Method,
     path: String,
+    class: Option<gratify_core::ClassId>,
 }
 
 impl Asked {
@@ -621,6 +652,20 @@ impl Asked {
             headers: request.headers().clone(),
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
+            class: request.extensions().get::<gratify_core::ClassId>().copied(),
+        }
+    }
+
+    /// The cost rate of a second of this request's delay.
+    fn cost_rate(&self, shared: &Shared, latency: Duration) -> f64 {
+        match &shared.model {
+            Some(model) => {
+                let id = self.class.unwrap_or_else(|| model.default_class());
+                model
+                    .get(id)
+                    .map_or(1.0, |c| c.urgency(latency.as_secs_f64()))
+            }
+            None => 1.0,
         }
     }
 }
@@ -742,10 +787,14 @@ where
         tags,
         origin_latency: latency,
         keep_stale,
+        cost_rate: asked.cost_rate(shared, latency),
     });
-    shared.store.insert(key.clone(), Arc::clone(&entry)).await;
-    shared.hit_for_miss.invalidate(key);
-    Filled::Stored(entry)
+    let kept = shared.store.insert(key.clone(), Arc::clone(&entry)).await;
+    if kept {
+        shared.hit_for_miss.invalidate(key);
+    }
+    // Served from the buffer whether or not the gate kept it.
+    Filled::Stored(entry, kept)
 }
 
 fn filled_response<RB>(
@@ -754,13 +803,17 @@ fn filled_response<RB>(
     detail: &str,
 ) -> Response<CacheBody<RB>> {
     match filled {
-        Filled::Stored(entry) => {
+        Filled::Stored(entry, kept) => {
             let mut r = Response::new(CacheBody::full(entry.body.clone()));
             *r.status_mut() = entry.status;
             *r.version_mut() = entry.version;
             *r.headers_mut() = entry.headers.clone();
-            r.headers_mut()
-                .insert(CACHE_STATUS, shared.status(&format!("{detail}; stored")));
+            let detail = if kept {
+                format!("{detail}; stored")
+            } else {
+                detail.to_owned()
+            };
+            r.headers_mut().insert(CACHE_STATUS, shared.status(&detail));
             r
         }
         Filled::Passed(mut r) => {
@@ -910,6 +963,7 @@ fn refreshed(entry: &Entry, update: &HeaderMap, latency: Duration) -> Arc<Entry>
         tags: entry.tags.clone(),
         origin_latency: entry.origin_latency,
         keep_stale: entry.keep_stale,
+        cost_rate: entry.cost_rate,
     })
 }
 

@@ -35,6 +35,8 @@ pub(crate) struct Entry {
     pub(crate) origin_latency: Duration,
     /// How long past its freshness the cache keeps it (for stale serving).
     pub(crate) keep_stale: Duration,
+    /// What a second of its class's delay costs (1 without a cost model).
+    pub(crate) cost_rate: f64,
 }
 
 impl Entry {
@@ -60,6 +62,11 @@ impl Entry {
         self.body.len() + headers + 256
     }
 
+    /// What one hit on it saves: the origin's latency at its class's cost rate.
+    pub(crate) fn saved_per_hit(&self) -> f64 {
+        self.origin_latency.as_secs_f64() * self.cost_rate
+    }
+
     /// How long moka should keep it: freshness plus the stale window.
     fn keep_for(&self, now: Instant) -> Duration {
         (self.lifetime + self.keep_stale).saturating_sub(self.age(now))
@@ -77,6 +84,106 @@ pub(crate) struct Variants {
 impl Variants {
     pub(crate) fn find(&self, request: &HeaderMap) -> Option<&Arc<Entry>> {
         self.entries.iter().find(|e| e.matches(request))
+    }
+
+    /// Delay cost saved per hit, per byte held.
+    fn density(&self, frequency: u32) -> f64 {
+        let saved: f64 = self.entries.iter().map(|e| e.saved_per_hit()).sum::<f64>()
+            / self.entries.len().max(1) as f64;
+        f64::from(frequency) * saved / f64::from(self.weight.max(1))
+    }
+}
+
+/// A count-min sketch of recent request frequencies (4 rows of 8-bit
+/// counters, halved as a whole every `10 × width` additions), as TinyLFU
+/// keeps, so old popularity fades.
+#[derive(Debug)]
+struct Sketch {
+    rows: [Vec<u8>; 4],
+    mask: usize,
+    additions: usize,
+}
+
+impl Sketch {
+    fn new(width: usize) -> Self {
+        let width = width.next_power_of_two().max(64);
+        Self {
+            rows: std::array::from_fn(|_| vec![0; width]),
+            mask: width - 1,
+            additions: 0,
+        }
+    }
+
+    fn slots(&self, key: &CacheKey) -> [usize; 4] {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        let x = h.finish();
+        let (a, b) = (x as u32 as usize, (x >> 32) as usize);
+        std::array::from_fn(|i| a.wrapping_add(i.wrapping_mul(b)) & self.mask)
+    }
+
+    fn add(&mut self, key: &CacheKey) {
+        for (row, slot) in self.slots(key).into_iter().enumerate() {
+            let c = &mut self.rows[row][slot];
+            *c = c.saturating_add(1);
+        }
+        self.additions += 1;
+        if self.additions >= 10 * (self.mask + 1) {
+            self.additions = 0;
+            for row in &mut self.rows {
+                row.iter_mut().for_each(|c| *c /= 2);
+            }
+        }
+    }
+
+    fn estimate(&self, key: &CacheKey) -> u32 {
+        self.slots(key)
+            .into_iter()
+            .enumerate()
+            .map(|(row, slot)| u32::from(self.rows[row][slot]))
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+/// The value gate: once the store is nearly full, a new entry is admitted
+/// only if its value density (frequency × delay cost saved per hit ÷ bytes)
+/// is at least that of the entries moka has recently evicted for space —
+/// moka's own policy cannot weigh entries by value.
+#[derive(Debug)]
+struct Gate {
+    sketch: std::sync::Mutex<Sketch>,
+    /// Exponentially weighted density of entries evicted for space (f64 bits).
+    threshold: std::sync::atomic::AtomicU64,
+    min_saved_per_hit: f64,
+    enabled: bool,
+}
+
+impl Gate {
+    fn frequency(&self, key: &CacheKey) -> u32 {
+        self.sketch.lock().map(|s| s.estimate(key)).unwrap_or(0)
+    }
+
+    fn touch(&self, key: &CacheKey) {
+        if let Ok(mut s) = self.sketch.lock() {
+            s.add(key);
+        }
+    }
+
+    fn threshold(&self) -> f64 {
+        f64::from_bits(self.threshold.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn evicted(&self, density: f64) {
+        let old = self.threshold();
+        let new = if old == 0.0 {
+            density
+        } else {
+            old + (density - old) * 0.05
+        };
+        self.threshold
+            .store(new.to_bits(), std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -108,6 +215,8 @@ impl Expiry<CacheKey, Arc<Variants>> for KeepFor {
 pub(crate) struct Store {
     cache: Cache<CacheKey, Arc<Variants>>,
     max_variants: usize,
+    max_bytes: u64,
+    gate: Arc<Gate>,
 }
 
 impl std::fmt::Debug for Store {
@@ -120,7 +229,22 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    pub(crate) fn new(max_bytes: u64, max_variants: usize) -> Self {
+    pub(crate) fn new(
+        max_bytes: u64,
+        max_variants: usize,
+        cost_aware: bool,
+        min_saved_per_hit: f64,
+    ) -> Self {
+        let gate = Arc::new(Gate {
+            // About one counter per 512 bytes of budget, within reason.
+            sketch: std::sync::Mutex::new(Sketch::new(
+                ((max_bytes / 512) as usize).clamp(1024, 1 << 22),
+            )),
+            threshold: std::sync::atomic::AtomicU64::new(0),
+            min_saved_per_hit,
+            enabled: cost_aware,
+        });
+        let listener_gate = Arc::clone(&gate);
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|k: &CacheKey, v: &Arc<Variants>| {
@@ -128,20 +252,44 @@ impl Store {
             })
             .expire_after(KeepFor)
             .support_invalidation_closures()
+            .eviction_listener(move |key: Arc<CacheKey>, value: Arc<Variants>, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    let frequency = listener_gate.frequency(&key);
+                    listener_gate.evicted(value.density(frequency));
+                }
+            })
             .build();
         Self {
             cache,
             max_variants: max_variants.max(1),
+            max_bytes,
+            gate,
         }
     }
 
     pub(crate) async fn get(&self, key: &CacheKey) -> Option<Arc<Variants>> {
+        self.gate.touch(key);
         self.cache.get(key).await
     }
 
-    /// Stores `entry`, replacing the variant with the same `Vary` values.
-    pub(crate) async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
+    /// Stores `entry`, replacing the variant with the same `Vary` values —
+    /// unless the value gate turns it away (returns `false`).
+    pub(crate) async fn insert(&self, key: CacheKey, entry: Arc<Entry>) -> bool {
         let now = Instant::now();
+        if entry.saved_per_hit() < self.gate.min_saved_per_hit {
+            return false;
+        }
+        if self.gate.enabled {
+            let weight = entry.weight() as u64;
+            let full = self.cache.weighted_size() + weight > self.max_bytes / 10 * 9;
+            if full {
+                let frequency = self.gate.frequency(&key);
+                let density = f64::from(frequency) * entry.saved_per_hit() / weight.max(1) as f64;
+                if density < self.gate.threshold() {
+                    return false;
+                }
+            }
+        }
         let mut entries: Vec<Arc<Entry>> = match self.cache.get(&key).await {
             Some(v) => v
                 .entries
@@ -173,6 +321,7 @@ impl Store {
                 }),
             )
             .await;
+        true
     }
 
     pub(crate) async fn remove(&self, key: &CacheKey) {

@@ -383,6 +383,19 @@ impl Class {
         self.delay_cost.cost(t) + late
     }
 
+    /// How urgent a request of this class is after `t` seconds: its cost
+    /// rate, plus — for a class with a deadline — its refusal cost spread
+    /// over the deadline, so a class whose curve is flat until its deadline
+    /// is not treated as free to delay. Queue order, limits and cache value
+    /// all weigh delay by it.
+    pub fn urgency(&self, t: f64) -> f64 {
+        let rate = self.delay_cost.rate_secs(t);
+        match self.deadline() {
+            Some(d) => rate + self.refusal_cost / d.as_secs_f64().max(1e-6),
+            None => rate,
+        }
+    }
+
     /// The expected [`response_cost`](Self::response_cost) of a wait with tail
     /// `P(W > t) = p · e^(−θ t)`, lateness included.
     pub fn expected_cost_exponential(&self, p: f64, theta: f64) -> f64 {

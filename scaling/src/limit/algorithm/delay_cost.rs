@@ -10,11 +10,7 @@ use super::{Algorithm, Outcome, Sample, clamp_limit};
 /// a deadline — its refusal cost spread over the deadline, so that a class
 /// whose curve is flat until a deadline is not treated as free to delay.
 pub(crate) fn urgency(class: &Class, t: f64) -> f64 {
-    let rate = class.delay_cost().rate_secs(t);
-    match class.deadline() {
-        Some(d) => rate + class.refusal_cost() / d.as_secs_f64().max(1e-6),
-        None => rate,
-    }
+    class.urgency(t)
 }
 
 /// gratify's limit: the concurrency whose extra throughput pays for its

@@ -1,0 +1,244 @@
+//! The response cache's benchmark.
+//!
+//! ```text
+//! cargo bench -p gratify-cache --bench cache              # full
+//! cargo bench -p gratify-cache --bench cache -- --quick
+//! ```
+//!
+//! Section "cost-aware": a Zipf(0.9) trace over 100,000 keys whose origin
+//! latencies spread from 1 to 200 ms and whose classes cost 53, 4 and 0.13
+//! per second of delay (checkout, browse, batch, as in the overload
+//! scenario), with a memory budget of 10% of the working set. Plain moka with
+//! a byte weigher against the same cache with the value gate. Deterministic:
+//! paused clock, seeded trace.
+//!
+//! Writes `target/gratify-bench/cache.json` (or `$GRATIFY_BENCH_DIR`) and
+//! prints a markdown table.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use gratify_cache::{HttpCacheConfig, HttpCacheLayer};
+use gratify_core::{ClassId, CostModel};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::{Layer, ServiceExt, service_fn};
+
+const MODEL: &str = r#"
+default_class = "browse"
+[classes.checkout]
+delay_cost = { shape = "linear", per_second = 20.0, deadline = "300ms" }
+refusal_cost = 10.0
+[classes.browse]
+delay_cost = { shape = "linear", per_second = 2.0, deadline = "1s" }
+refusal_cost = 2.0
+[classes.batch]
+delay_cost = { shape = "linear", per_second = 0.1, deadline = "30s" }
+refusal_cost = 1.0
+"#;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> f64 {
+        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Item {
+    size: usize,
+    latency: Duration,
+    class: usize,
+}
+
+struct Trace {
+    items: Vec<Item>,
+    requests: Vec<u32>,
+    working_set: u64,
+}
+
+fn trace(keys: usize, requests: usize, seed: u64) -> Trace {
+    let mut rng = Rng(seed.max(1));
+    let items: Vec<Item> = (0..keys)
+        .map(|_| {
+            // Lognormal sizes around 8 KB; latencies log-uniform in 1-200 ms.
+            let z =
+                (-2.0 * rng.unit().ln()).sqrt() * (2.0 * std::f64::consts::PI * rng.unit()).cos();
+            let size = (8192.0 * z.exp()).clamp(200.0, 200_000.0) as usize;
+            let latency = Duration::from_secs_f64(0.001 * 200f64.powf(rng.unit()));
+            let u = rng.unit();
+            let class = if u < 0.1 {
+                0
+            } else if u < 0.5 {
+                1
+            } else {
+                2
+            };
+            Item {
+                size,
+                latency,
+                class,
+            }
+        })
+        .collect();
+    // Zipf(0.9) popularity over a random permutation of the keys.
+    let mut cdf = Vec::with_capacity(keys);
+    let mut total = 0.0;
+    for rank in 1..=keys {
+        total += (rank as f64).powf(-0.9);
+        cdf.push(total);
+    }
+    let mut perm: Vec<u32> = (0..keys as u32).collect();
+    for i in (1..keys).rev() {
+        perm.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+    }
+    let requests = (0..requests)
+        .map(|_| {
+            let u = rng.unit() * total;
+            perm[cdf.partition_point(|c| *c < u).min(keys - 1)]
+        })
+        .collect();
+    let working_set = items.iter().map(|i| i.size as u64 + 600).sum();
+    Trace {
+        items,
+        requests,
+        working_set,
+    }
+}
+
+struct Outcome {
+    saved: f64,
+    hits: u64,
+    hit_bytes: u64,
+    bytes: u64,
+}
+
+fn run(trace: &Trace, cost_aware: bool) -> Outcome {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let model = CostModel::from_toml(MODEL).unwrap();
+    let ids: Vec<ClassId> = ["checkout", "browse", "batch"]
+        .iter()
+        .map(|n| model.id(n).unwrap())
+        .collect();
+    let urgency: Vec<f64> = ids.iter().map(|id| model.class(*id).urgency(0.0)).collect();
+    runtime.block_on(async {
+        let zeros = Bytes::from(vec![b'x'; 200_000]);
+        let items = Arc::new(trace.items.clone());
+        let origin = {
+            let items = Arc::clone(&items);
+            service_fn(move |req: Request<()>| {
+                let i: usize = req.uri().path()[1..].parse().unwrap();
+                let item = items[i];
+                let body = zeros.slice(..item.size);
+                async move {
+                    tokio::time::sleep(item.latency).await;
+                    let mut r = Response::new(Full::new(body));
+                    r.headers_mut()
+                        .insert("cache-control", "public, max-age=86400".parse().unwrap());
+                    Ok::<_, Infallible>(r)
+                }
+            })
+        };
+        let mut config = HttpCacheConfig::default();
+        config.max_bytes = trace.working_set / 10;
+        config.max_entry_bytes = 256 * 1024;
+        config.cost_aware = cost_aware;
+        let layer = HttpCacheLayer::with_model(config, &model);
+        let svc = layer.layer(origin);
+        let mut out = Outcome {
+            saved: 0.0,
+            hits: 0,
+            hit_bytes: 0,
+            bytes: 0,
+        };
+        for &k in &trace.requests {
+            let item = trace.items[k as usize];
+            let mut req = Request::get(format!("/{k}"))
+                .header("host", "bench.example")
+                .body(())
+                .unwrap();
+            req.extensions_mut().insert(ids[item.class]);
+            let r = svc.clone().oneshot(req).await.unwrap();
+            let hit = r.headers()["cache-status"]
+                .to_str()
+                .unwrap()
+                .starts_with("gratify; hit");
+            let _ = r.into_body().collect().await.unwrap();
+            out.bytes += item.size as u64;
+            if hit {
+                out.hits += 1;
+                out.hit_bytes += item.size as u64;
+                out.saved += item.latency.as_secs_f64() * urgency[item.class];
+            }
+        }
+        out
+    })
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let requests = if quick { 300_000 } else { 2_000_000 };
+    let t = trace(100_000, requests, 7);
+    let started = std::time::Instant::now();
+    let plain = run(&t, false);
+    let gated = run(&t, true);
+    eprintln!(
+        "cost-aware: {} requests over 100,000 keys, budget {} bytes (10% of {}), {:.1} s of wall time",
+        requests,
+        t.working_set / 10,
+        t.working_set,
+        started.elapsed().as_secs_f64()
+    );
+    let n = requests as f64;
+    let rows = [("moka", &plain), ("gratify", &gated)];
+    println!("\n| subject | delay cost saved | vs moka | hit ratio | byte hit ratio |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut results = Vec::new();
+    for (name, o) in rows {
+        let ratio = o.saved / plain.saved.max(1e-9);
+        println!(
+            "| {name} | {:.0} | {ratio:.2} | {:.3} | {:.3} |",
+            o.saved,
+            o.hits as f64 / n,
+            o.hit_bytes as f64 / o.bytes.max(1) as f64
+        );
+        results.push(serde_json::json!({
+            "scenario": "cost-aware",
+            "subject": name,
+            "metrics": {
+                "delay_saved": o.saved,
+                "delay_saved_ratio": ratio,
+                "hit_ratio": o.hits as f64 / n,
+                "byte_hit_ratio": o.hit_bytes as f64 / o.bytes.max(1) as f64,
+            },
+        }));
+    }
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let doc = serde_json::json!({ "bench": "cache", "quick": quick, "commit": commit, "results": results });
+    let dir = std::env::var_os("GRATIFY_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gratify-bench"));
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join("cache.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    eprintln!("wrote {}", path.display());
+}
