@@ -32,6 +32,9 @@
 //! - a [`CachePurge`] handle: by key, prefix, tag (`Surrogate-Key`), or all;
 //! - `Cache-Status` (RFC 9211) on every response.
 //!
+//! [`generic::CacheLayer`] caches any tower service by a key function, with
+//! a TTL, coalescing and purge.
+//!
 //! It depends only on `gratify-core`.
 //!
 //! # Example
@@ -76,6 +79,7 @@
 
 pub mod body;
 pub mod directives;
+pub mod generic;
 mod http_cache;
 pub mod key;
 pub mod policy;

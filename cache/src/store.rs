@@ -352,3 +352,86 @@ impl Store {
         self.cache.entry_count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(body: usize, latency_ms: u64) -> Arc<Entry> {
+        Arc::new(Entry {
+            status: StatusCode::OK,
+            version: Version::HTTP_11,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![0u8; body]),
+            stored_at: Instant::now(),
+            initial_age: Duration::ZERO,
+            lifetime: Duration::from_secs(3600),
+            directives: ResponseDirectives::default(),
+            vary: Vec::new(),
+            tags: Vec::new(),
+            origin_latency: Duration::from_millis(latency_ms),
+            keep_stale: Duration::ZERO,
+            cost_rate: 1.0,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_million_keys_stay_within_the_budget() {
+        // moka evicts lazily, in batches of pending work; after the pending
+        // work runs the weighted size is within the budget. In between it can
+        // run over by at most the entries inserted since the last
+        // maintenance (moka runs it every few hundred writes).
+        const BUDGET: u64 = 4 * 1024 * 1024;
+        let store = Store::new(BUDGET, 4, false, 0.0);
+        let shared = entry(100, 10);
+        let mut worst = 0;
+        for i in 0..1_000_000u32 {
+            store
+                .insert(
+                    CacheKey::from_text(&format!("http://h/{i}")),
+                    Arc::clone(&shared),
+                )
+                .await;
+            if i % 50_000 == 0 {
+                worst = worst.max(store.weighted_size());
+            }
+        }
+        store.run_pending_tasks().await;
+        assert!(store.weighted_size() <= BUDGET, "{}", store.weighted_size());
+        assert!(
+            worst <= BUDGET + BUDGET / 4,
+            "overshoot {worst} over {BUDGET}"
+        );
+        assert!(store.entry_count() > 5_000);
+    }
+
+    #[tokio::test]
+    async fn the_gate_turns_away_less_valuable_entries_when_full() {
+        const BUDGET: u64 = 200 * 1024;
+        let store = Store::new(BUDGET, 4, true, 0.0);
+        // Fill with valuable entries, requested often.
+        for i in 0..1000u32 {
+            let key = CacheKey::from_text(&format!("http://h/hot/{i}"));
+            for _ in 0..20 {
+                store.get(&key).await;
+            }
+            store.insert(key, entry(1000, 200)).await;
+        }
+        store.run_pending_tasks().await;
+        // A cheap, rarely requested, large entry is refused.
+        let cheap = CacheKey::from_text("http://h/cheap");
+        assert!(!store.insert(cheap, entry(20_000, 1)).await);
+        // Nothing below the configured minimum is stored, full or not.
+        let picky = Store::new(BUDGET, 4, true, 0.05);
+        assert!(
+            !picky
+                .insert(CacheKey::from_text("http://h/x"), entry(10, 1))
+                .await
+        );
+        assert!(
+            picky
+                .insert(CacheKey::from_text("http://h/y"), entry(10, 100))
+                .await
+        );
+    }
+}
