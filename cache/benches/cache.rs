@@ -12,8 +12,15 @@
 //! a byte weigher against the same cache with the value gate. Deterministic:
 //! paused clock, seeded trace.
 //!
+//! Section "stampede": 1,000 concurrent requests for one cold key whose
+//! origin takes 100 ms (paused clock): origin calls and p99 latency.
+//!
+//! Section "hit-path": the cost of a hit through the whole layer against the
+//! bare handler returning the same bytes (a plain timing loop on one thread,
+//! median of 7 runs).
+//!
 //! Writes `target/gratify-bench/cache.json` (or `$GRATIFY_BENCH_DIR`) and
-//! prints a markdown table.
+//! prints markdown tables.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::convert::Infallible;
@@ -189,6 +196,108 @@ fn run(trace: &Trace, cost_aware: bool) -> Outcome {
     })
 }
 
+/// 1,000 concurrent requests for one cold key; the origin takes 100 ms.
+fn stampede() -> (u64, f64) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let origin = {
+            let calls = Arc::clone(&calls);
+            service_fn(move |_: Request<()>| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let mut r = Response::new(Full::new(Bytes::from_static(b"hot product page")));
+                    r.headers_mut()
+                        .insert("cache-control", "public, max-age=60".parse().unwrap());
+                    Ok::<_, Infallible>(r)
+                }
+            })
+        };
+        let svc = HttpCacheLayer::new(HttpCacheConfig::default()).layer(origin);
+        let start = tokio::time::Instant::now();
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    let req = Request::get("/hot")
+                        .header("host", "bench.example")
+                        .body(())
+                        .unwrap();
+                    let r = svc.oneshot(req).await.unwrap();
+                    let _ = r.into_body().collect().await.unwrap();
+                    start.elapsed()
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for t in tasks {
+            latencies.push(t.await.unwrap());
+        }
+        latencies.sort();
+        let p99 = latencies[latencies.len() * 99 / 100 - 1];
+        (
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            p99.as_secs_f64() * 1e3,
+        )
+    })
+}
+
+/// Nanoseconds per request: a hit through the layer, and the bare handler.
+fn hit_path(n: usize) -> (f64, f64) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let page = Bytes::from(vec![b'x'; 8192]);
+        let handler = {
+            let page = page.clone();
+            service_fn(move |_: Request<()>| {
+                let page = page.clone();
+                async move {
+                    let mut r = Response::new(Full::new(page));
+                    r.headers_mut()
+                        .insert("cache-control", "public, max-age=3600".parse().unwrap());
+                    Ok::<_, Infallible>(r)
+                }
+            })
+        };
+        let cached = HttpCacheLayer::new(HttpCacheConfig::default()).layer(handler.clone());
+        let req = || {
+            Request::get("/page")
+                .header("host", "bench.example")
+                .body(())
+                .unwrap()
+        };
+        // Warm the entry.
+        let _ = cached.clone().oneshot(req()).await.unwrap();
+        let mut bare_runs = Vec::new();
+        let mut cached_runs = Vec::new();
+        for _ in 0..7 {
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                let r = handler.clone().oneshot(req()).await.unwrap();
+                std::hint::black_box(r.into_body().collect().await.unwrap());
+            }
+            bare_runs.push(t.elapsed().as_nanos() as f64 / n as f64);
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                let r = cached.clone().oneshot(req()).await.unwrap();
+                std::hint::black_box(r.into_body().collect().await.unwrap());
+            }
+            cached_runs.push(t.elapsed().as_nanos() as f64 / n as f64);
+        }
+        bare_runs.sort_by(f64::total_cmp);
+        cached_runs.sort_by(f64::total_cmp);
+        (bare_runs[3], cached_runs[3])
+    })
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let requests = if quick { 300_000 } else { 2_000_000 };
@@ -227,6 +336,30 @@ fn main() {
             },
         }));
     }
+
+    let (calls, p99) = stampede();
+    println!("\n| subject | origin calls | p99 (ms) |");
+    println!("|---|---:|---:|");
+    println!("| gratify | {calls} | {p99:.1} |");
+    results.push(serde_json::json!({
+        "scenario": "stampede",
+        "subject": "gratify",
+        "metrics": { "origin_calls": calls, "p99_ms": p99 },
+    }));
+
+    let (bare, cached) = hit_path(if quick { 20_000 } else { 200_000 });
+    println!("\n| subject | ns per request | vs bare |");
+    println!("|---|---:|---:|");
+    println!("| bare | {bare:.0} | 1.00 |");
+    println!("| gratify | {cached:.0} | {:.2} |", cached / bare);
+    for (subject, ns) in [("bare", bare), ("gratify", cached)] {
+        results.push(serde_json::json!({
+            "scenario": "hit-path",
+            "subject": subject,
+            "metrics": { "ns_per_req": ns, "ratio_vs_bare": ns / bare },
+        }));
+    }
+
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .output()

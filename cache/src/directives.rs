@@ -234,6 +234,9 @@ impl RequestDirectives {
     /// Reads a request's `Cache-Control` and `Pragma`. A malformed field
     /// makes the request `no-cache` (go to the origin).
     pub fn from_headers(headers: &HeaderMap) -> Self {
+        if !headers.contains_key(CACHE_CONTROL) && !headers.contains_key(http::header::PRAGMA) {
+            return Self::default();
+        }
         let Ok(list) = directives(headers) else {
             return Self {
                 no_cache: true,

@@ -13,7 +13,6 @@ use http::header::{
     AGE, CONTENT_LENGTH, CONTENT_LOCATION, ETAG, HeaderName, HeaderValue, IF_MODIFIED_SINCE,
     IF_NONE_MATCH, LAST_MODIFIED, LOCATION,
 };
-use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -346,11 +345,12 @@ where
     RB::Error: Into<BoxError>,
 {
     let method = request.method().clone();
-    let overridden = METHOD_OVERRIDES
-        .iter()
-        .any(|h| request.headers().contains_key(*h));
+    let overridden = request
+        .headers()
+        .keys()
+        .any(|name| METHOD_OVERRIDES.contains(&name.as_str()));
     let key = key_of(
-        &request_parts(&request),
+        &request,
         &shared.config.scheme,
         shared.config.sort_query,
         shared.key_part.as_deref(),
@@ -482,16 +482,6 @@ where
             fetch(shared, inner, request, key, None, miss).await
         }
     }
-}
-
-fn request_parts<B>(request: &Request<B>) -> Parts {
-    // Parts without the body, for keying and classification.
-    let mut parts = Request::new(()).into_parts().0;
-    parts.method = request.method().clone();
-    parts.uri = request.uri().clone();
-    parts.version = request.version();
-    parts.headers = request.headers().clone();
-    parts
 }
 
 fn bypass<RB>(shared: &Shared, response: Response<RB>) -> Response<CacheBody<RB>> {

@@ -81,16 +81,17 @@ pub const KEYED_HEADERS: [&str; 10] = [
 ];
 
 /// Builds the key of a request; `None` when it has no usable authority.
-pub(crate) fn key_of(
-    parts: &Parts,
+pub(crate) fn key_of<B>(
+    request: &http::Request<B>,
     default_scheme: &str,
     sort_query: bool,
     extra: Option<&dyn KeyPart>,
 ) -> Option<CacheKey> {
-    let authority = match parts.uri.authority() {
+    let (uri, headers) = (request.uri(), request.headers());
+    let authority = match uri.authority() {
         Some(a) => a.as_str().to_ascii_lowercase(),
         None => {
-            let mut hosts = parts.headers.get_all(http::header::HOST).iter();
+            let mut hosts = headers.get_all(http::header::HOST).iter();
             let host = hosts.next()?;
             if hosts.next().is_some() {
                 return None;
@@ -101,10 +102,16 @@ pub(crate) fn key_of(
     if !valid_authority(&authority) {
         return None;
     }
-    let scheme = parts.uri.scheme_str().unwrap_or(default_scheme);
-    let path = parts.uri.path();
-    let mut key = format!("{scheme}://{authority}{path}");
-    if let Some(query) = parts.uri.query() {
+    let scheme = uri.scheme_str().unwrap_or(default_scheme);
+    let path = uri.path();
+    let mut key = String::with_capacity(
+        scheme.len() + authority.len() + uri.path_and_query().map_or(0, |p| p.as_str().len()) + 4,
+    );
+    key.push_str(scheme);
+    key.push_str("://");
+    key.push_str(&authority);
+    key.push_str(path);
+    if let Some(query) = uri.query() {
         key.push('?');
         if sort_query {
             let mut pairs: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
@@ -117,32 +124,49 @@ pub(crate) fn key_of(
             key.push_str(query);
         }
     }
-    for name in KEYED_HEADERS {
-        for value in parts.headers.get_all(name) {
-            // A space cannot occur in a request target: no URI can collide.
-            key.push(' ');
-            key.push_str(name);
-            key.push('=');
-            key.push_str(&String::from_utf8_lossy(value.as_bytes()));
-        }
+    // One pass over the request's headers (usually a handful) rather than a
+    // lookup per keyed name; sorted so the key does not depend on order.
+    let mut keyed: Vec<(&str, &[u8])> = headers
+        .iter()
+        .filter(|(name, _)| KEYED_HEADERS.contains(&name.as_str()))
+        .map(|(name, value)| (name.as_str(), value.as_bytes()))
+        .collect();
+    keyed.sort();
+    for (name, value) in keyed {
+        // A space cannot occur in a request target: no URI can collide.
+        key.push(' ');
+        key.push_str(name);
+        key.push('=');
+        key.push_str(&String::from_utf8_lossy(value));
     }
-    if let Some(part) = extra.and_then(|e| e.key_part(parts)) {
+    if let Some(part) = extra.and_then(|e| e.key_part(&request_parts(request))) {
         key.push('#');
         key.push_str(&part);
     }
     Some(CacheKey(key.into()))
 }
 
+/// The request's head without its body, for a [`KeyPart`].
+fn request_parts<B>(request: &http::Request<B>) -> Parts {
+    let mut parts = http::Request::new(()).into_parts().0;
+    parts.method = request.method().clone();
+    parts.uri = request.uri().clone();
+    parts.version = request.version();
+    parts.headers = request.headers().clone();
+    parts.extensions = request.extensions().clone();
+    parts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parts(uri: &str, host: Option<&str>) -> Parts {
+    fn parts(uri: &str, host: Option<&str>) -> http::Request<()> {
         let mut b = http::Request::get(uri);
         if let Some(h) = host {
             b = b.header("host", h);
         }
-        b.body(()).unwrap().into_parts().0
+        b.body(()).unwrap()
     }
 
     #[test]

@@ -115,10 +115,15 @@ impl Sketch {
     }
 
     fn slots(&self, key: &CacheKey) -> [usize; 4] {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        let x = h.finish();
+        // FNV-1a, then a multiply to spread it: a sketch needs speed, not
+        // resistance to chosen keys (a collision only overestimates one
+        // key's popularity).
+        let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.as_str().bytes() {
+            x ^= u64::from(b);
+            x = x.wrapping_mul(0x0100_0000_01b3);
+        }
+        x = (x ^ (x >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         let (a, b) = (x as u32 as usize, (x >> 32) as usize);
         std::array::from_fn(|i| a.wrapping_add(i.wrapping_mul(b)) & self.mask)
     }
