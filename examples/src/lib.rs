@@ -4,7 +4,11 @@
 //!   and prints, per server count, utilisation, probability of waiting, mean
 //!   wait and the costs, marking the cost-optimal count (see [`plan`]).
 //!
+//! - `caching-proxy`: gratify's HTTP cache in front of any HTTP/1.1 origin
+//!   (see [`proxy`]).
+//!
 //! The e-commerce and game backends, with their load driver, are built here
 //! too as they land.
 
 pub mod plan;
+pub mod proxy;

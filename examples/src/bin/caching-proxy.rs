@@ -1,0 +1,59 @@
+//! `caching-proxy`: gratify's HTTP cache in front of any HTTP/1.1 origin.
+//!
+//! ```text
+//! caching-proxy --listen 127.0.0.1:8081 --upstream http://127.0.0.1:8080
+//! ```
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Parser;
+use gratify::cache::HttpCacheConfig;
+use gratify_examples::proxy;
+
+/// A caching reverse proxy with RFC 9111 shared-cache semantics.
+#[derive(Debug, Parser)]
+#[command(name = "caching-proxy", version, about)]
+struct Args {
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// The origin, as http://host:port.
+    #[arg(long)]
+    upstream: String,
+    /// The memory budget in MiB.
+    #[arg(long, default_value_t = 256)]
+    max_mib: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let upstream = match proxy::parse_upstream(&args.upstream) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("caching-proxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match proxy::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("caching-proxy: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut config = HttpCacheConfig::default();
+    config.max_bytes = args.max_mib.saturating_mul(1024 * 1024);
+    eprintln!("caching-proxy: {} -> {upstream}", args.listen);
+    tokio::select! {
+        r = proxy::serve(listener, upstream, config) => {
+            if let Err(e) = r {
+                eprintln!("caching-proxy: {e}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+    }
+}

@@ -1,0 +1,93 @@
+//! The caching proxy against a real origin on loopback.
+#![allow(clippy::unwrap_used)] // test helpers: a failure is a failed test
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use gratify::cache::HttpCacheConfig;
+use gratify_examples::proxy;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+async fn origin(calls: Arc<AtomicUsize>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let calls = Arc::clone(&calls);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let n = calls.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let mut r = Response::new(Full::new(Bytes::from(format!(
+                            "{} #{n} host={}",
+                            req.uri().path(),
+                            req.headers()["host"].to_str().unwrap()
+                        ))));
+                        if req.uri().path() != "/private" {
+                            r.headers_mut()
+                                .insert("cache-control", "public, max-age=60".parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn caches_in_front_of_a_real_origin() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream = origin(Arc::clone(&calls)).await;
+    let upstream_addr = upstream.to_string();
+    let listener = proxy::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = proxy::parse_upstream(&format!("http://{upstream}")).unwrap();
+    tokio::spawn(proxy::serve(listener, upstream, HttpCacheConfig::default()));
+
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let get = |path: &str| {
+        let req = Request::get(format!("http://{addr}{path}"))
+            .body(Empty::new())
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let r = client.request(req).await.unwrap();
+            let status = r.headers()["cache-status"].to_str().unwrap().to_owned();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let (s1, b1) = get("/catalogue").await;
+    let (s2, b2) = get("/catalogue").await;
+    assert!(s1.contains("uri-miss; stored"), "{s1}");
+    assert!(s2.starts_with("gratify; hit"), "{s2}");
+    assert_eq!(b1, b2);
+    // The origin sees its own authority, not the proxy's.
+    assert!(b1.ends_with(&format!("host={upstream_addr}")), "{b1}");
+    let (_, _) = get("/private").await;
+    let (s4, _) = get("/private").await;
+    assert!(!s4.contains("hit"), "{s4}");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn upstreams_must_be_absolute_http() {
+    assert!(proxy::parse_upstream("http://127.0.0.1:8080").is_ok());
+    assert!(proxy::parse_upstream("127.0.0.1:8080").is_err());
+    assert!(proxy::parse_upstream("https://example.com").is_err());
+    assert!(proxy::parse_upstream("/relative").is_err());
+}
