@@ -78,6 +78,10 @@ pub struct HttpCacheConfig {
     /// Do not store responses whose hit saves less than this (origin latency
     /// in seconds × the class's cost rate): cheaper to recompute than to keep.
     pub min_saved_per_hit: f64,
+    /// Refresh a hot entry in the background once this fraction of its
+    /// freshness has passed (one refresh, coalesced), so that popular
+    /// entries never go stale under load. `None` turns it off.
+    pub eager_refresh: Option<f64>,
 }
 
 impl Default for HttpCacheConfig {
@@ -97,6 +101,7 @@ impl Default for HttpCacheConfig {
             name: "gratify".into(),
             cost_aware: true,
             min_saved_per_hit: 0.0,
+            eager_refresh: Some(0.9),
         }
     }
 }
@@ -391,7 +396,18 @@ where
             entry.lifetime
         };
         match usable(age, lifetime, &directives) {
-            Usable::Fresh | Usable::StaleAccepted => {
+            Usable::Fresh => {
+                // Nearly expired: refresh it now, once, in the background.
+                if let Some(fraction) = shared.config.eager_refresh
+                    && !lifetime.is_zero()
+                    && age.as_secs_f64() >= lifetime.as_secs_f64() * fraction
+                    && !head
+                {
+                    spawn_refresh(&shared, inner, &request, key.clone(), Arc::clone(entry));
+                }
+                return Ok(serve(&shared, entry, &request, now, "hit"));
+            }
+            Usable::StaleAccepted => {
                 return Ok(serve(&shared, entry, &request, now, "hit"));
             }
             Usable::Stale if directives.only_if_cached => {

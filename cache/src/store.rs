@@ -1,6 +1,7 @@
 //! Stored responses on moka, bounded by bytes, with variants per key.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -96,21 +97,22 @@ impl Variants {
 
 /// A count-min sketch of recent request frequencies (4 rows of 8-bit
 /// counters, halved as a whole every `10 × width` additions), as TinyLFU
-/// keeps, so old popularity fades.
+/// keeps, so old popularity fades. Lock-free: counters are relaxed atomics,
+/// and a lost increment under contention only makes an estimate a little low.
 #[derive(Debug)]
 struct Sketch {
-    rows: [Vec<u8>; 4],
+    rows: [Box<[AtomicU8]>; 4],
     mask: usize,
-    additions: usize,
+    additions: AtomicUsize,
 }
 
 impl Sketch {
     fn new(width: usize) -> Self {
         let width = width.next_power_of_two().max(64);
         Self {
-            rows: std::array::from_fn(|_| vec![0; width]),
+            rows: std::array::from_fn(|_| (0..width).map(|_| AtomicU8::new(0)).collect()),
             mask: width - 1,
-            additions: 0,
+            additions: AtomicUsize::new(0),
         }
     }
 
@@ -128,16 +130,20 @@ impl Sketch {
         std::array::from_fn(|i| a.wrapping_add(i.wrapping_mul(b)) & self.mask)
     }
 
-    fn add(&mut self, key: &CacheKey) {
+    fn add(&self, key: &CacheKey) {
         for (row, slot) in self.slots(key).into_iter().enumerate() {
-            let c = &mut self.rows[row][slot];
-            *c = c.saturating_add(1);
+            let c = &self.rows[row][slot];
+            let v = c.load(Ordering::Relaxed);
+            if v < u8::MAX {
+                c.store(v + 1, Ordering::Relaxed);
+            }
         }
-        self.additions += 1;
-        if self.additions >= 10 * (self.mask + 1) {
-            self.additions = 0;
-            for row in &mut self.rows {
-                row.iter_mut().for_each(|c| *c /= 2);
+        if self.additions.fetch_add(1, Ordering::Relaxed) + 1 >= 10 * (self.mask + 1) {
+            self.additions.store(0, Ordering::Relaxed);
+            for row in &self.rows {
+                for c in row.iter() {
+                    c.store(c.load(Ordering::Relaxed) / 2, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -146,7 +152,7 @@ impl Sketch {
         self.slots(key)
             .into_iter()
             .enumerate()
-            .map(|(row, slot)| u32::from(self.rows[row][slot]))
+            .map(|(row, slot)| u32::from(self.rows[row][slot].load(Ordering::Relaxed)))
             .min()
             .unwrap_or(0)
     }
@@ -158,7 +164,7 @@ impl Sketch {
 /// moka's own policy cannot weigh entries by value.
 #[derive(Debug)]
 struct Gate {
-    sketch: std::sync::Mutex<Sketch>,
+    sketch: Sketch,
     /// Exponentially weighted density of entries evicted for space (f64 bits).
     threshold: std::sync::atomic::AtomicU64,
     min_saved_per_hit: f64,
@@ -167,17 +173,15 @@ struct Gate {
 
 impl Gate {
     fn frequency(&self, key: &CacheKey) -> u32 {
-        self.sketch.lock().map(|s| s.estimate(key)).unwrap_or(0)
+        self.sketch.estimate(key)
     }
 
     fn touch(&self, key: &CacheKey) {
-        if let Ok(mut s) = self.sketch.lock() {
-            s.add(key);
-        }
+        self.sketch.add(key);
     }
 
     fn threshold(&self) -> f64 {
-        f64::from_bits(self.threshold.load(std::sync::atomic::Ordering::Relaxed))
+        f64::from_bits(self.threshold.load(Ordering::Relaxed))
     }
 
     fn evicted(&self, density: f64) {
@@ -187,8 +191,7 @@ impl Gate {
         } else {
             old + (density - old) * 0.05
         };
-        self.threshold
-            .store(new.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        self.threshold.store(new.to_bits(), Ordering::Relaxed);
     }
 }
 
@@ -242,9 +245,7 @@ impl Store {
     ) -> Self {
         let gate = Arc::new(Gate {
             // About one counter per 512 bytes of budget, within reason.
-            sketch: std::sync::Mutex::new(Sketch::new(
-                ((max_bytes / 512) as usize).clamp(1024, 1 << 22),
-            )),
+            sketch: Sketch::new(((max_bytes / 512) as usize).clamp(1024, 1 << 22)),
             threshold: std::sync::atomic::AtomicU64::new(0),
             min_saved_per_hit,
             enabled: cost_aware,

@@ -659,3 +659,25 @@ mod malformed {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn hot_entries_are_refreshed_before_they_expire() {
+    let h = harness(
+        HttpCacheConfig::default(),
+        Duration::from_millis(10),
+        |_, n| respond(200, &format!("v{n}"), &[("cache-control", "max-age=10")]),
+    );
+    send(&h.svc, get("/hot")).await;
+    tokio::time::advance(Duration::from_secs(9)).await;
+    // 90% of its freshness has passed: served fresh, refreshed behind.
+    let (_, hd, body) = send(&h.svc, get("/hot")).await;
+    assert_eq!(body, "v0");
+    assert!(status(&hd).starts_with("gratify; hit"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(h.origin.calls(), 2);
+    // Past the original expiry, the refreshed copy is still fresh.
+    tokio::time::advance(Duration::from_secs(3)).await;
+    let (_, hd, body) = send(&h.svc, get("/hot")).await;
+    assert_eq!(body, "v1");
+    assert!(status(&hd).starts_with("gratify; hit"));
+}
