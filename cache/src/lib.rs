@@ -78,6 +78,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod body;
+pub mod config;
 pub mod directives;
 pub mod generic;
 mod http_cache;
