@@ -43,6 +43,9 @@ pub struct LoadSnapshot {
     /// The marginal delay cost one more admitted request imposes on the
     /// others (model currency per request).
     pub shadow_price: f64,
+    /// The mean time a request holds its slot. With `shadow_price`, the price
+    /// of one second of a slot: `shadow_price / latency`.
+    pub latency: Duration,
 }
 
 impl LoadSnapshot {
@@ -52,6 +55,25 @@ impl LoadSnapshot {
             utilisation: sanitise(utilisation),
             queue_delay,
             shadow_price: sanitise(shadow_price),
+            latency: Duration::ZERO,
+        }
+    }
+
+    /// Sets the mean slot-holding time.
+    #[must_use]
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// What one second of a slot costs now: the shadow price spread over the
+    /// time a request holds its slot (zero when nobody waits).
+    pub fn slot_second_price(&self) -> f64 {
+        let secs = self.latency.as_secs_f64();
+        if secs > 0.0 {
+            self.shadow_price / secs
+        } else {
+            0.0
         }
     }
 }
@@ -73,6 +95,7 @@ struct Inner {
     utilisation: AtomicU64,
     queue_delay_nanos: AtomicU64,
     shadow_price: AtomicU64,
+    latency_nanos: AtomicU64,
     version: AtomicU64,
 }
 
@@ -91,6 +114,8 @@ impl LoadSignal {
         i.queue_delay_nanos.store(nanos, Ordering::Relaxed);
         i.shadow_price
             .store(sanitise(snapshot.shadow_price).to_bits(), Ordering::Relaxed);
+        let latency = u64::try_from(snapshot.latency.as_nanos()).unwrap_or(u64::MAX);
+        i.latency_nanos.store(latency, Ordering::Relaxed);
         i.version.fetch_add(1, Ordering::Release);
     }
 
@@ -100,6 +125,7 @@ impl LoadSignal {
             utilisation: self.utilisation(),
             queue_delay: self.queue_delay(),
             shadow_price: self.shadow_price(),
+            latency: Duration::from_nanos(self.inner.latency_nanos.load(Ordering::Relaxed)),
         }
     }
 
@@ -145,6 +171,7 @@ mod tests {
             utilisation: f64::NAN,
             queue_delay: Duration::MAX,
             shadow_price: -3.0,
+            latency: Duration::ZERO,
         });
         let r = s.snapshot();
         assert_eq!(r.utilisation, 0.0);

@@ -14,8 +14,10 @@
 //! - [`scaling`] (`gratify-scaling`): adaptive limits, admission and replica
 //!   advice.
 //!
-//! Compression, offloading and the `Stack` that wires every layer to one
-//! model live in this crate as they land.
+//! [`compression`] (features `compression-gzip`, `-deflate`, `-br`, `-zstd`,
+//! `-full`) compresses responses at a level chosen by the cost of CPU now.
+//! Offloading and the `Stack` that wires every layer to one model land here
+//! next.
 //!
 //! # Example
 //!
@@ -49,6 +51,8 @@
 //! # }
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod compression;
 
 pub use gratify_cache as cache;
 pub use gratify_core as core;

@@ -658,11 +658,14 @@ impl Limiter {
         let utilisation = (in_flight + state.queued) as f64 / limit;
         let delay = state.queued as f64 * state.latency / limit;
         let price = shadow_price(fast, state);
-        self.shared.signal.publish(LoadSnapshot::new(
-            utilisation,
-            Duration::from_secs_f64(delay.clamp(0.0, 1e9)),
-            price,
-        ));
+        self.shared.signal.publish(
+            LoadSnapshot::new(
+                utilisation,
+                Duration::from_secs_f64(delay.clamp(0.0, 1e9)),
+                price,
+            )
+            .with_latency(Duration::from_secs_f64(state.latency.clamp(0.0, 1e9))),
+        );
         #[cfg(feature = "metrics")]
         {
             metrics::gauge!("gratify_limit").set(limit);

@@ -1,0 +1,359 @@
+//! Compression: round trips for every codec, negotiation, skips, headers,
+//! trailers, and the adaptive level under load.
+#![cfg(all(
+    feature = "compression-gzip",
+    feature = "compression-deflate",
+    feature = "compression-br",
+    feature = "compression-zstd"
+))]
+#![allow(clippy::unwrap_used)] // test helpers: a failure is a failed test
+
+use std::convert::Infallible;
+use std::io::Read;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gratify::compression::{Codec, CompressionConfig, CompressionLayer, Level, Levels};
+use gratify::{CostModel, LoadSignal, LoadSnapshot};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use tower::{Layer, ServiceExt, service_fn};
+
+fn json(n: usize) -> Bytes {
+    let mut s = String::from("[");
+    for i in 0..n {
+        s.push_str(&format!(
+            "{{\"id\":{i},\"name\":\"product {i}\",\"price\":{}.99,\"tags\":[\"a\",\"b\"]}},",
+            i % 97
+        ));
+    }
+    s.push(']');
+    Bytes::from(s)
+}
+
+/// A body of chunks that returns `Pending` before each one, and optional
+/// trailers.
+struct Chunks {
+    chunks: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    pending: bool,
+}
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if !self.pending {
+            self.pending = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.pending = false;
+        if !self.chunks.is_empty() {
+            let c = self.chunks.remove(0);
+            return Poll::Ready(Some(Ok(Frame::data(c))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+}
+
+fn decode(codec: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    match codec {
+        "gzip" => {
+            flate2::read::GzDecoder::new(data)
+                .read_to_end(&mut out)
+                .unwrap();
+        }
+        "deflate" => {
+            flate2::read::ZlibDecoder::new(data)
+                .read_to_end(&mut out)
+                .unwrap();
+        }
+        "br" => {
+            brotli::Decompressor::new(data, 4096)
+                .read_to_end(&mut out)
+                .unwrap();
+        }
+        "zstd" => out = zstd::decode_all(data).unwrap(),
+        other => panic!("unknown coding {other}"),
+    }
+    out
+}
+
+async fn fetch<B>(
+    layer: CompressionLayer,
+    accept: &str,
+    make: impl Fn() -> Response<B> + Clone + Send + 'static,
+) -> (StatusCode, HeaderMap, Bytes, Option<HeaderMap>)
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<gratify::BoxError>,
+{
+    let svc = layer.layer(service_fn(move |_: Request<()>| {
+        let make = make.clone();
+        async move { Ok::<_, Infallible>(make()) }
+    }));
+    let req = Request::get("/")
+        .header("accept-encoding", accept)
+        .body(())
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    (parts.status, parts.headers, collected.to_bytes(), trailers)
+}
+
+#[tokio::test]
+async fn every_codec_round_trips_both_body_shapes() {
+    let data = json(2000);
+    for codec in ["gzip", "deflate", "br", "zstd"] {
+        // One buffer.
+        let d = data.clone();
+        let (_, h, body, _) = fetch(CompressionLayer::new(), codec, move || {
+            Response::new(Full::new(d.clone()))
+        })
+        .await;
+        assert_eq!(h["content-encoding"], codec);
+        assert!(
+            body.len() < data.len() / 4,
+            "{codec}: {} of {}",
+            body.len(),
+            data.len()
+        );
+        assert_eq!(decode(codec, &body), data);
+
+        // A stream of chunks with Pending between them, and trailers.
+        let d = data.clone();
+        let (_, h, body, trailers) = fetch(CompressionLayer::new(), codec, move || {
+            let mut t = HeaderMap::new();
+            t.insert("x-checksum", "abc".parse().unwrap());
+            Response::new(Chunks {
+                chunks: d.chunks(1000).map(Bytes::copy_from_slice).collect(),
+                trailers: Some(t),
+                pending: false,
+            })
+        })
+        .await;
+        assert_eq!(h["content-encoding"], codec);
+        assert_eq!(decode(codec, &body), data, "{codec} streamed");
+        assert_eq!(trailers.unwrap()["x-checksum"], "abc");
+    }
+}
+
+#[tokio::test]
+async fn negotiation() {
+    let data = json(200);
+    let d = move || Response::new(Full::new(data.clone()));
+    let enc = |h: &HeaderMap| {
+        h.get("content-encoding")
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        enc(&fetch(CompressionLayer::new(), "gzip, br, zstd", d.clone())
+            .await
+            .1)
+        .as_deref(),
+        Some("zstd")
+    );
+    assert_eq!(
+        enc(
+            &fetch(CompressionLayer::new(), "gzip;q=1, zstd;q=0.5", d.clone())
+                .await
+                .1
+        )
+        .as_deref(),
+        Some("gzip")
+    );
+    assert_eq!(
+        enc(&fetch(CompressionLayer::new(), "x-gzip", d.clone()).await.1).as_deref(),
+        Some("gzip")
+    );
+    assert_eq!(
+        enc(&fetch(CompressionLayer::new(), "*", d.clone()).await.1).as_deref(),
+        Some("zstd")
+    );
+    assert_eq!(
+        enc(
+            &fetch(CompressionLayer::new().no(Codec::Zstd), "*", d.clone())
+                .await
+                .1
+        )
+        .as_deref(),
+        Some("br")
+    );
+    // Nothing acceptable: identity, readable.
+    let (st, h, body, _) =
+        fetch(CompressionLayer::new(), "compress, identity;q=0", d.clone()).await;
+    assert_eq!((st, enc(&h)), (StatusCode::OK, None));
+    assert_eq!(body.len(), json(200).len());
+    // Garbage: identity, never a panic.
+    assert_eq!(
+        enc(&fetch(CompressionLayer::new(), "gzip;q=7, ;;;, br;q=-1", d)
+            .await
+            .1),
+        None
+    );
+}
+
+#[tokio::test]
+async fn headers_are_fixed_up() {
+    let data = json(200);
+    let (_, h, _, _) = fetch(CompressionLayer::new(), "gzip", move || {
+        let mut r = Response::new(Full::new(data.clone()));
+        r.headers_mut()
+            .insert("content-length", "9999".parse().unwrap());
+        r.headers_mut()
+            .insert("accept-ranges", "bytes".parse().unwrap());
+        r.headers_mut().insert("etag", "\"v1\"".parse().unwrap());
+        r.headers_mut()
+            .insert("vary", "Accept-Encoding".parse().unwrap());
+        r
+    })
+    .await;
+    assert!(!h.contains_key("content-length") && !h.contains_key("accept-ranges"));
+    assert_eq!(h["etag"], "W/\"v1\"");
+    assert_eq!(h.get_all("vary").iter().count(), 1, "{h:?}");
+}
+
+#[tokio::test]
+async fn what_is_left_alone() {
+    let big = json(200);
+    type Case = (&'static str, &'static str, u16);
+    let cases: [Case; 7] = [
+        ("content-type", "image/png", 200),
+        ("content-encoding", "gzip", 200),
+        ("content-range", "bytes 0-9/100", 206),
+        ("cache-control", "no-transform", 200),
+        ("content-type", "application/grpc", 200),
+        ("content-type", "font/woff2", 200),
+        ("x-none", "", 304),
+    ];
+    for (name, value, status) in cases {
+        let d = big.clone();
+        let (_, h, _, _) = fetch(CompressionLayer::new(), "gzip", move || {
+            let mut r = Response::new(Full::new(d.clone()));
+            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            if !value.is_empty() {
+                r.headers_mut().insert(name, value.parse().unwrap());
+            }
+            r
+        })
+        .await;
+        let encoding = h
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let expected = (name == "content-encoding").then(|| "gzip".to_owned());
+        assert_eq!(encoding, expected, "{name}: {value}");
+    }
+    // Small bodies stay as they are; SVG is compressed.
+    let (_, h, _, _) = fetch(CompressionLayer::new(), "gzip", || {
+        Response::new(Full::new(Bytes::from_static(b"{\"tiny\":true}")))
+    })
+    .await;
+    assert!(!h.contains_key("content-encoding"));
+    let svg = big.clone();
+    let (_, h, _, _) = fetch(CompressionLayer::new(), "gzip", move || {
+        let mut r = Response::new(Full::new(svg.clone()));
+        r.headers_mut()
+            .insert("content-type", "image/svg+xml".parse().unwrap());
+        r
+    })
+    .await;
+    assert_eq!(h["content-encoding"], "gzip");
+}
+
+#[tokio::test]
+async fn server_sent_events_are_flushed_per_event() {
+    // Each event, once compressed, must be decodable on its own prefix:
+    // the encoder flushes after every chunk.
+    let events: Vec<Bytes> = (0..3)
+        .map(|i| Bytes::from(format!("data: {}\n\n", "x".repeat(2000 + i))))
+        .collect();
+    let svc = CompressionLayer::new().layer(service_fn(move |_: Request<()>| {
+        let events = events.clone();
+        async move {
+            let mut r = Response::new(Chunks {
+                chunks: events,
+                trailers: None,
+                pending: false,
+            });
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            Ok::<_, Infallible>(r)
+        }
+    }));
+    let req = Request::get("/")
+        .header("accept-encoding", "gzip")
+        .body(())
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.headers()["content-encoding"], "gzip");
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    // The first frame alone decodes to the whole first event.
+    let mut out = Vec::new();
+    let mut dec = flate2::read::GzDecoder::new(&first[..]);
+    let _ = dec.read_to_end(&mut out);
+    assert!(
+        out.starts_with(b"data: ") && out.len() >= 2000,
+        "{}",
+        out.len()
+    );
+}
+
+#[tokio::test]
+async fn adaptive_compresses_harder_when_idle_and_lighter_under_load() {
+    let model = CostModel::from_toml(
+        r#"
+        default_class = "browse"
+        [prices]
+        cpu_second = 0.001
+        byte_sent = 0.00000001
+        [classes.browse]
+        delay_cost = { shape = "linear", per_second = 0.01 }
+        refusal_cost = 1.0
+        "#,
+    )
+    .unwrap();
+    let signal = LoadSignal::new();
+    let layer = CompressionLayer::adaptive(&model, signal.clone());
+    let data = json(3000);
+    let d = data.clone();
+    let (_, idle, idle_body, _) = fetch(layer.clone(), "gzip, br, zstd", move || {
+        Response::new(Full::new(d.clone()))
+    })
+    .await;
+    // Saturated: a slot-second costs 100 (shadow price 1 per 10 ms).
+    signal.publish(
+        LoadSnapshot::new(1.5, Duration::from_millis(200), 1.0)
+            .with_latency(Duration::from_millis(10)),
+    );
+    let d = data.clone();
+    let (_, busy, busy_body, _) = fetch(layer, "gzip, br, zstd", move || {
+        Response::new(Full::new(d.clone()))
+    })
+    .await;
+    assert!(idle.contains_key("content-encoding"));
+    // Under load it compresses less (or not at all) than when idle.
+    assert!(
+        busy_body.len() > idle_body.len(),
+        "busy {} vs idle {}",
+        busy_body.len(),
+        idle_body.len()
+    );
+    let _ = busy;
+    let _ = (
+        Level::Adaptive,
+        Levels::default(),
+        CompressionConfig::default(),
+    );
+}
