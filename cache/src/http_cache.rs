@@ -861,6 +861,26 @@ where
             && window.is_some_and(|w| age < stale.lifetime + w)
     };
     let error_window = stale.directives.stale_if_error.max(shared.config.fail_safe);
+    // The origin failed: serve stale within stale-if-error or the fail-safe,
+    // a 504 if the entry must be revalidated, else nothing (pass it on).
+    let failed = || {
+        if stale_ok(error_window) {
+            Some(serve(
+                &shared,
+                &stale,
+                &request,
+                now,
+                "hit; fwd=stale; detail=stale-if-error",
+            ))
+        } else if stale.directives.requires_revalidation() {
+            Some(gateway_timeout(
+                &shared,
+                "fwd=stale; detail=must-revalidate",
+            ))
+        } else {
+            None
+        }
+    };
     match outcome {
         Ok(response) if response.status() == StatusCode::NOT_MODIFIED => {
             let refreshed = refreshed(&stale, response.headers(), started.elapsed());
@@ -874,46 +894,14 @@ where
             ))
         }
         Ok(response) if response.status().is_server_error() => {
-            if stale_ok(error_window) {
-                Ok(serve(
-                    &shared,
-                    &stale,
-                    &request,
-                    now,
-                    "hit; fwd=stale; detail=stale-if-error",
-                ))
-            } else if stale.directives.requires_revalidation() {
-                Ok(gateway_timeout(
-                    &shared,
-                    "fwd=stale; detail=must-revalidate",
-                ))
-            } else {
-                Ok(bypass(&shared, response))
-            }
+            Ok(failed().unwrap_or_else(|| bypass(&shared, response)))
         }
         Ok(response) => {
             // A new representation: store it as a fill would.
             let filled = process(&shared, &key, &asked, response, started.elapsed(), sent_at).await;
             Ok(filled_response(&shared, filled, "fwd=stale"))
         }
-        Err(e) => {
-            if stale_ok(error_window) {
-                Ok(serve(
-                    &shared,
-                    &stale,
-                    &request,
-                    now,
-                    "hit; fwd=stale; detail=stale-if-error",
-                ))
-            } else if stale.directives.requires_revalidation() {
-                Ok(gateway_timeout(
-                    &shared,
-                    "fwd=stale; detail=must-revalidate",
-                ))
-            } else {
-                Err(e)
-            }
-        }
+        Err(e) => failed().ok_or(e),
     }
 }
 
