@@ -82,6 +82,10 @@ pub struct HttpCacheConfig {
     /// freshness has passed (one refresh, coalesced), so that popular
     /// entries never go stale under load. `None` turns it off.
     pub eager_refresh: Option<f64>,
+    /// Store compressible bodies encoded once (by this recoder, off the
+    /// async threads) and serve each client the coding it accepts — a hit
+    /// never compresses. `gratify::compression::Recompress` is one.
+    pub recoder: Option<Arc<dyn gratify_core::encoding::Recoder>>,
 }
 
 impl Default for HttpCacheConfig {
@@ -102,6 +106,7 @@ impl Default for HttpCacheConfig {
             cost_aware: true,
             min_saved_per_hit: 0.0,
             eager_refresh: Some(0.9),
+            recoder: None,
         }
     }
 }
@@ -527,19 +532,12 @@ fn serve<B, RB>(
     let age = entry.age(now);
     let ttl = entry.lifetime.as_secs() as i64 - age.as_secs() as i64;
     let not_modified = conditional_matches(request.headers(), &entry.headers);
-    let mut response = Response::new(if request.method() == Method::HEAD || not_modified {
-        CacheBody::empty()
-    } else {
-        CacheBody::full(entry.body.clone())
-    });
-    *response.status_mut() = if not_modified {
-        StatusCode::NOT_MODIFIED
-    } else {
-        entry.status
-    };
-    *response.version_mut() = entry.version;
-    *response.headers_mut() = entry.headers.clone();
+    let mut response = represent(shared, entry, request.headers());
+    if request.method() == Method::HEAD || not_modified {
+        *response.body_mut() = CacheBody::empty();
+    }
     if not_modified {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
         response.headers_mut().remove(CONTENT_LENGTH);
     }
     response
@@ -548,6 +546,76 @@ fn serve<B, RB>(
     response
         .headers_mut()
         .insert(CACHE_STATUS, shared.status(&format!("{detail}; ttl={ttl}")));
+    response
+}
+
+/// The stored response in the representation the client accepts: the
+/// identity body, or — for an entry stored encoded — the best stored coding
+/// it accepts, decoded for a client that accepts none.
+fn represent<RB>(shared: &Shared, entry: &Entry, request: &HeaderMap) -> Response<CacheBody<RB>> {
+    let mut response = Response::new(CacheBody::empty());
+    *response.status_mut() = entry.status;
+    *response.version_mut() = entry.version;
+    *response.headers_mut() = entry.headers.clone();
+    if entry.encodings.is_empty() {
+        *response.body_mut() = CacheBody::full(entry.body.clone());
+        return response;
+    }
+    let accepted = gratify_core::encoding::Accepted::parse(request);
+    let offered: Vec<&'static str> = entry.encodings.iter().map(|(c, _)| *c).collect();
+    let headers = response.headers_mut();
+    let vary_present = headers.get_all(http::header::VARY).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|f| f.trim().eq_ignore_ascii_case("accept-encoding"))
+        })
+    });
+    if !vary_present {
+        headers.append(
+            http::header::VARY,
+            HeaderValue::from_static("accept-encoding"),
+        );
+    }
+    let (body, coding) = match accepted.best(&offered) {
+        Some(coding) => {
+            let bytes = entry
+                .encodings
+                .iter()
+                .find(|(c, _)| *c == coding)
+                .map(|(_, b)| b.clone())
+                .unwrap_or_default();
+            (Some(bytes), Some(coding))
+        }
+        None => {
+            let (coding, encoded) = &entry.encodings[0];
+            let decoded = shared
+                .config
+                .recoder
+                .as_ref()
+                .and_then(|r| r.decode(coding, encoded).ok());
+            (decoded, None)
+        }
+    };
+    let Some(body) = body else {
+        *response.status_mut() = StatusCode::BAD_GATEWAY;
+        response.headers_mut().remove(CONTENT_LENGTH);
+        return response;
+    };
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if let Some(coding) = coding {
+        headers.insert(
+            http::header::CONTENT_ENCODING,
+            HeaderValue::from_static(coding),
+        );
+        if let Some(etag) = headers.get(ETAG).and_then(|v| v.to_str().ok())
+            && !etag.starts_with("W/")
+            && let Ok(weak) = HeaderValue::from_str(&format!("W/{etag}"))
+        {
+            headers.insert(ETAG, weak);
+        }
+    }
+    *response.body_mut() = CacheBody::full(body);
     response
 }
 
@@ -568,6 +636,20 @@ fn conditional_matches(request: &HeaderMap, stored: &HeaderMap) -> bool {
         (Some(since), Some(modified)) => modified <= since,
         _ => false,
     }
+}
+
+/// Whether a stored body is worth keeping encoded: big enough, of a
+/// compressible type, not encoded already, transformable.
+fn worth_encoding(headers: &HeaderMap, directives: &ResponseDirectives, len: usize) -> bool {
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    len >= 1024
+        && !directives.no_transform
+        && !headers.contains_key(http::header::CONTENT_ENCODING)
+        && !headers.contains_key(http::header::CONTENT_RANGE)
+        && gratify_core::encoding::compressible(content_type)
 }
 
 /// A coalesced fill or refresh in progress; dropping it (at the end, or in
@@ -616,6 +698,7 @@ where
     RB::Error: Into<BoxError>,
 {
     let asked = Asked::of(&request);
+    let request_headers = asked.headers.clone();
     let (tx, rx) = oneshot::channel();
     let fill = {
         let shared = Arc::clone(&shared);
@@ -641,7 +724,7 @@ where
         r.headers_mut().insert(CACHE_STATUS, shared.status(miss));
         return Ok(r);
     };
-    Ok(filled_response(&shared, result?, miss))
+    Ok(filled_response(&shared, result?, &request_headers, miss))
 }
 
 /// The request's facts that storing its response needs.
@@ -780,12 +863,37 @@ where
         } else {
             Duration::ZERO
         });
+    let mut body = buf.freeze();
+    let mut headers = parts.headers;
+    let mut encodings = Vec::new();
+    if let Some(recoder) = shared.config.recoder.clone()
+        && worth_encoding(&headers, &directives, body.len())
+    {
+        // Once, hard, on the blocking pool: the work of a miss, not of every hit.
+        let data = body.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            recoder
+                .codings()
+                .iter()
+                .filter_map(|c| recoder.encode(c, &data).ok().map(|b| (*c, b)))
+                .filter(|(_, b)| b.len() < data.len())
+                .collect::<Vec<_>>()
+        })
+        .await;
+        if let Ok(done) = done
+            && !done.is_empty()
+        {
+            encodings = done;
+            body = Bytes::new();
+            headers.remove(CONTENT_LENGTH);
+        }
+    }
     let entry = Arc::new(Entry {
         status: parts.status,
         version: parts.version,
-        initial_age: initial_age(&parts.headers, latency, sent_at + latency),
-        headers: parts.headers,
-        body: buf.freeze(),
+        initial_age: initial_age(&headers, latency, sent_at + latency),
+        headers,
+        body,
         stored_at: Instant::now(),
         lifetime,
         directives,
@@ -794,6 +902,7 @@ where
         origin_latency: latency,
         keep_stale,
         cost_rate: asked.cost_rate(shared, latency),
+        encodings,
     });
     let kept = shared.store.insert(key.clone(), Arc::clone(&entry)).await;
     if kept {
@@ -806,14 +915,12 @@ where
 fn filled_response<RB>(
     shared: &Shared,
     filled: Filled<RB>,
+    request: &HeaderMap,
     detail: &str,
 ) -> Response<CacheBody<RB>> {
     match filled {
         Filled::Stored(entry, kept) => {
-            let mut r = Response::new(CacheBody::full(entry.body.clone()));
-            *r.status_mut() = entry.status;
-            *r.version_mut() = entry.version;
-            *r.headers_mut() = entry.headers.clone();
+            let mut r = represent(shared, &entry, request);
             let detail = if kept {
                 format!("{detail}; stored")
             } else {
@@ -899,7 +1006,12 @@ where
         Ok(response) => {
             // A new representation: store it as a fill would.
             let filled = process(&shared, &key, &asked, response, started.elapsed(), sent_at).await;
-            Ok(filled_response(&shared, filled, "fwd=stale"))
+            Ok(filled_response(
+                &shared,
+                filled,
+                request.headers(),
+                "fwd=stale",
+            ))
         }
         Err(e) => failed().ok_or(e),
     }
@@ -958,6 +1070,7 @@ fn refreshed(entry: &Entry, update: &HeaderMap, latency: Duration) -> Arc<Entry>
         origin_latency: entry.origin_latency,
         keep_stale: entry.keep_stale,
         cost_rate: entry.cost_rate,
+        encodings: entry.encodings.clone(),
     })
 }
 

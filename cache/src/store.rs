@@ -38,6 +38,9 @@ pub(crate) struct Entry {
     pub(crate) keep_stale: Duration,
     /// What a second of its class's delay costs (1 without a cost model).
     pub(crate) cost_rate: f64,
+    /// The body encoded once per coding (then `body` is empty and identity
+    /// is decoded on demand), best first.
+    pub(crate) encodings: Vec<(&'static str, Bytes)>,
 }
 
 impl Entry {
@@ -60,7 +63,8 @@ impl Entry {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 32)
             .sum();
-        self.body.len() + headers + 256
+        let encoded: usize = self.encodings.iter().map(|(_, b)| b.len()).sum();
+        self.body.len() + encoded + headers + 256
     }
 
     /// What one hit on it saves: the origin's latency at its class's cost rate.
@@ -378,6 +382,7 @@ mod tests {
             origin_latency: Duration::from_millis(latency_ms),
             keep_stale: Duration::ZERO,
             cost_rate: 1.0,
+            encodings: Vec::new(),
         })
     }
 

@@ -16,6 +16,8 @@
 //! - [`estimate`]: online rate, latency-quantile and min-RTT estimators;
 //! - [`signal`]: the lock-free [`LoadSignal`] the limiter publishes and the
 //!   other layers read;
+//! - [`encoding`]: `Accept-Encoding` negotiation and the [`Recoder`](encoding::Recoder)
+//!   interface between the cache and compression;
 //! - [`body`]: body helpers; [`error`]: the error types;
 //!   [`serde_util`]: serde helpers for configuration.
 //!
@@ -59,6 +61,7 @@
 pub mod body;
 pub mod classify;
 pub mod cost;
+pub mod encoding;
 pub mod error;
 pub mod estimate;
 pub mod model;

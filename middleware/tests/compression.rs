@@ -357,3 +357,71 @@ async fn adaptive_compresses_harder_when_idle_and_lighter_under_load() {
         CompressionConfig::default(),
     );
 }
+
+#[tokio::test]
+async fn cached_bodies_are_compressed_once_and_served_in_each_coding() {
+    use gratify::cache::{HttpCacheConfig, HttpCacheLayer};
+    use gratify::compression::Recompress;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let data = json(3000);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let origin = {
+        let data = data.clone();
+        let calls = Arc::clone(&calls);
+        service_fn(move |_: Request<()>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let data = data.clone();
+            async move {
+                let mut r = Response::new(Full::new(data));
+                r.headers_mut()
+                    .insert("cache-control", "public, max-age=60".parse().unwrap());
+                r.headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                Ok::<_, Infallible>(r)
+            }
+        })
+    };
+    let mut config = HttpCacheConfig::default();
+    config.recoder = Some(Arc::new(Recompress::new()));
+    // Compression outside the cache, as the Stack orders them: it must not
+    // compress again what the cache serves encoded.
+    let svc = CompressionLayer::new().layer(HttpCacheLayer::new(config).layer(origin));
+    let get = |accept: &str| {
+        let mut b = Request::get("/catalogue").header("host", "shop.example");
+        if !accept.is_empty() {
+            b = b.header("accept-encoding", accept);
+        }
+        b.body(()).unwrap()
+    };
+    for accept in ["zstd", "gzip", "br", "deflate", ""] {
+        let res = svc.clone().oneshot(get(accept)).await.unwrap();
+        let (parts, body) = res.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        let coding = parts
+            .headers
+            .get("content-encoding")
+            .map(|v| v.to_str().unwrap().to_owned());
+        match accept {
+            "" => {
+                assert_eq!(coding, None);
+                assert_eq!(bytes, data);
+            }
+            c => {
+                assert_eq!(coding.as_deref(), Some(c));
+                assert_eq!(decode(c, &bytes), data, "{c}");
+                assert_eq!(
+                    parts.headers["content-length"],
+                    bytes.len().to_string().as_str()
+                );
+            }
+        }
+        assert!(parts.headers.get_all("vary").iter().count() == 1);
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one origin call for every coding"
+    );
+}

@@ -66,15 +66,16 @@
 //! # }
 //! ```
 
-mod accept;
 mod body;
 mod encoder;
+mod recode;
 mod service;
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 pub use self::body::CompressionBody;
+pub use self::recode::Recompress;
 pub use self::service::{Compression, CompressionLayer, ResponseFuture};
 
 /// A content coding.

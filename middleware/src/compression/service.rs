@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use gratify_core::classify::class_of;
+use gratify_core::encoding::{Accepted, compressible};
 use gratify_core::{CostModel, LoadSignal};
 use http::header::{
     ACCEPT_RANGES, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE,
@@ -15,7 +16,6 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::accept;
 use super::body::CompressionBody;
 use super::encoder::Encoder;
 use super::{Calibration, Choice, Codec, CompressionConfig, Level, adaptive, slot};
@@ -166,13 +166,16 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let accepted = accept::parse(request.headers());
-        let all = accepted.ranked(&self.shared.config.codecs);
+        let accepted = Accepted::parse(request.headers());
+        let offered: Vec<&'static str> =
+            self.shared.config.codecs.iter().map(|c| c.name()).collect();
+        let all = accepted.ranked(&offered);
         // The client's most preferred q-value tier.
-        let top = all.first().map(|c| accepted.q(*c));
+        let top = all.first().map(|c| accepted.q(c));
         let ranked = all
             .into_iter()
-            .filter(|c| Some(accepted.q(*c)) == top)
+            .filter(|c| Some(accepted.q(c)) == top)
+            .filter_map(Codec::from_name)
             .collect();
         let delay_rate = match &self.shared.model {
             Some(model) => {
@@ -228,38 +231,6 @@ where
     }
 }
 
-/// Types that are already compressed (or must not be touched).
-fn incompressible(content_type: &str) -> bool {
-    let t = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    if t == "image/svg+xml" {
-        return false;
-    }
-    t.starts_with("image/")
-        || t.starts_with("audio/")
-        || t.starts_with("video/")
-        || t.starts_with("application/grpc")
-        || matches!(
-            t.as_str(),
-            "application/zip"
-                | "application/gzip"
-                | "application/x-gzip"
-                | "application/zstd"
-                | "application/x-7z-compressed"
-                | "application/x-rar-compressed"
-                | "application/x-bzip2"
-                | "application/x-xz"
-                | "application/pdf"
-                | "font/woff"
-                | "font/woff2"
-                | "application/octet-stream"
-        )
-}
-
 fn no_transform(headers: &HeaderMap) -> bool {
     headers.get_all(CACHE_CONTROL).iter().any(|v| {
         v.to_str().is_ok_and(|s| {
@@ -304,7 +275,7 @@ fn compress<RB: Body>(
         || headers.contains_key(CONTENT_ENCODING)
         || headers.contains_key(CONTENT_RANGE)
         || no_transform(headers)
-        || incompressible(content_type)
+        || !compressible(content_type)
         || size.is_some_and(|n| n < shared.config.min_size);
     if skip {
         // A varying choice still varies, even when this answer is identity.
