@@ -53,6 +53,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod compression;
+pub mod offload;
 
 pub use gratify_cache as cache;
 pub use gratify_core as core;

@@ -1,0 +1,44 @@
+//! Moving CPU work off the async threads: a bounded CPU pool ordered by the
+//! cost of delay.
+//!
+//! [`OffloadLayer`] runs the inner service's future on a [`CpuPool`] — its
+//! own threads, separate from the runtime's workers — so a CPU-heavy handler
+//! cannot stall I/O for everyone else. The queue is ordered by the cμ rule
+//! (Reinertsen's CD3): the urgency of the request's class over the expected
+//! run time of its route, learned as requests finish. It is bounded; a
+//! request is refused (503 with `Retry-After`) when the queue is full or its
+//! predicted wait would pass its class's deadline; a request whose client
+//! has gone before it starts is dropped unrun; a panic becomes a 500 and the
+//! thread lives on; [`CpuPool::shutdown`] drains the queue within a deadline.
+//! The inner future runs with the caller's tokio runtime entered, so it may
+//! still use timers and I/O.
+//!
+//! [`Offloader`] is the same pool for use inside handlers: a bounded,
+//! prioritised, cancellable replacement for `spawn_blocking`.
+//!
+//! # Example
+//!
+//! ```
+//! use gratify::offload::{CpuPool, Offloader};
+//! use gratify::CostModel;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let model = CostModel::from_toml(r#"
+//!     [classes.recommendations]
+//!     delay_cost = { shape = "linear", per_second = 0.5, deadline = "2s" }
+//!     refusal_cost = 0.1
+//! "#)?;
+//! let offloader = Offloader::new(CpuPool::new(Some(2), 256), &model);
+//! let class = model.default_class();
+//! let score = offloader.run(class, || (1..=1000u64).map(|x| x * x).sum::<u64>()).await?;
+//! assert_eq!(score, 333_833_500);
+//! # Ok(())
+//! # }
+//! ```
+
+mod pool;
+mod service;
+
+pub use self::pool::{CpuPool, OffloadError, PoolStats};
+pub use self::service::{OffloadBody, OffloadLayer, OffloadService, Offloader};

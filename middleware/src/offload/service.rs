@@ -1,0 +1,290 @@
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gratify_core::classify::class_of;
+use gratify_core::{BoxError, ClassId, CostModel};
+use http::header::{HeaderValue, RETRY_AFTER};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::pool::{CpuPool, OffloadError, block_on};
+
+/// Runs closures on a [`CpuPool`] by the cost of delaying their class.
+/// Cloning shares the pool.
+#[derive(Clone)]
+pub struct Offloader {
+    pool: CpuPool,
+    model: CostModel,
+    /// Expected run time per key (route or class), seconds, EWMA.
+    expected: Arc<Mutex<HashMap<String, f64>>>,
+}
+
+impl fmt::Debug for Offloader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Offloader")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Offloader {
+    /// An offloader over `pool`, prioritising by `model`'s classes.
+    pub fn new(pool: CpuPool, model: &CostModel) -> Self {
+        Self {
+            pool,
+            model: model.clone(),
+            expected: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &CpuPool {
+        &self.pool
+    }
+
+    fn expected(&self, key: &str) -> f64 {
+        self.expected
+            .lock()
+            .ok()
+            .and_then(|m| m.get(key).copied())
+            .unwrap_or_else(|| self.pool.mean_run().as_secs_f64())
+            .max(1e-6)
+    }
+
+    fn learn(&self, key: &str, took: Duration) {
+        if let Ok(mut m) = self.expected.lock() {
+            if m.len() >= 4096 && !m.contains_key(key) {
+                return;
+            }
+            let e = m.entry(key.to_owned()).or_insert(took.as_secs_f64());
+            *e += (took.as_secs_f64() - *e) * 0.1;
+        }
+    }
+
+    /// The priority (urgency ÷ expected run time) and deadline of a job of
+    /// `class` keyed `key`.
+    fn plan(&self, class: ClassId, key: &str) -> (f64, Option<Duration>) {
+        let class = self
+            .model
+            .get(class)
+            .unwrap_or_else(|| self.model.class(self.model.default_class()));
+        let run = self.expected(key);
+        (class.urgency(run) / run, class.deadline())
+    }
+
+    /// Runs `work` for a request of `class` on the pool.
+    ///
+    /// # Errors
+    ///
+    /// [`OffloadError`] when refused or when `work` panics.
+    pub async fn run<T, F>(&self, class: ClassId, work: F) -> Result<T, OffloadError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let key = format!("class:{}", class.index());
+        let (priority, deadline) = self.plan(class, &key);
+        let started = Instant::now();
+        let result = self.pool.run(priority, deadline, work).await;
+        self.learn(&key, started.elapsed());
+        result
+    }
+
+    /// Runs `work` with the class a `ClassifyLayer` put on `request`.
+    ///
+    /// # Errors
+    ///
+    /// As [`run`](Self::run).
+    pub async fn run_for<B, T, F>(&self, request: &Request<B>, work: F) -> Result<T, OffloadError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let class = class_of(request).unwrap_or_else(|| self.model.default_class());
+        self.run(class, work).await
+    }
+}
+
+/// Runs a service's request futures on a [`CpuPool`]; see the
+/// [module docs](super).
+#[derive(Clone, Debug)]
+pub struct OffloadLayer {
+    offloader: Offloader,
+}
+
+impl OffloadLayer {
+    /// Offloads to `pool`, prioritising by `model`.
+    pub fn new(pool: CpuPool, model: &CostModel) -> Self {
+        Self {
+            offloader: Offloader::new(pool, model),
+        }
+    }
+
+    /// The offloader (the same pool), for handlers.
+    pub fn offloader(&self) -> &Offloader {
+        &self.offloader
+    }
+}
+
+impl<S> Layer<S> for OffloadLayer {
+    type Service = OffloadService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        OffloadService {
+            inner,
+            offloader: self.offloader.clone(),
+        }
+    }
+}
+
+/// The service of [`OffloadLayer`].
+#[derive(Clone, Debug)]
+pub struct OffloadService<S> {
+    inner: S,
+    offloader: Offloader,
+}
+
+pin_project! {
+    /// The inner body, or the short text of a refusal or failure.
+    pub struct OffloadBody<B> {
+        #[pin]
+        inner: Option<B>,
+        text: Option<Bytes>,
+    }
+}
+
+impl<B> OffloadBody<B> {
+    fn inner(body: B) -> Self {
+        Self {
+            inner: Some(body),
+            text: None,
+        }
+    }
+
+    fn text(text: &'static str) -> Self {
+        Self {
+            inner: None,
+            text: Some(Bytes::from_static(text.as_bytes())),
+        }
+    }
+}
+
+impl<B> Body for OffloadBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.as_pin_mut() {
+            Some(inner) => {
+                let frame = ready!(inner.poll_frame(cx));
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            None => Poll::Ready(this.text.take().map(|t| Ok(Frame::data(t)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Some(b) => b.is_end_stream(),
+            None => self.text.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(self.text.as_ref().map_or(0, |t| t.len() as u64)),
+        }
+    }
+}
+
+impl<B> fmt::Debug for OffloadBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OffloadBody").finish_non_exhaustive()
+    }
+}
+
+fn failure<B>(error: OffloadError, retry: Duration) -> Response<OffloadBody<B>> {
+    let (status, text) = match error {
+        OffloadError::Panicked => (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"),
+        OffloadError::QueueFull => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded: offload queue full\n",
+        ),
+        OffloadError::Deadline => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded: would miss its deadline\n",
+        ),
+        OffloadError::Shutdown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+    };
+    let mut r = Response::new(OffloadBody::text(text));
+    *r.status_mut() = status;
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut().insert(
+            RETRY_AFTER,
+            HeaderValue::from(retry.as_secs().clamp(1, 3600)),
+        );
+    }
+    r
+}
+
+impl<S, B, RB> Service<Request<B>> for OffloadService<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = Response<OffloadBody<RB>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let offloader = self.offloader.clone();
+        let class = class_of(&request).unwrap_or_else(|| offloader.model.default_class());
+        let key = request.uri().path().to_owned();
+        let (priority, deadline) = offloader.plan(class, &key);
+        let future = self.inner.call(request);
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        Box::pin(async move {
+            let started = Instant::now();
+            let job = offloader.pool.run(priority, deadline, move || {
+                // Timers and I/O inside the handler still reach the runtime.
+                let _guard = runtime.as_ref().map(tokio::runtime::Handle::enter);
+                block_on(future)
+            });
+            let outcome = job.await;
+            offloader.learn(&key, started.elapsed());
+            match outcome {
+                Ok(Ok(response)) => Ok(response.map(OffloadBody::inner)),
+                Ok(Err(e)) => Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "offload refused or failed");
+                    let retry = offloader.pool.predicted_wait(priority);
+                    Ok(failure(e, retry))
+                }
+            }
+        })
+    }
+}
