@@ -16,6 +16,11 @@
 //! [`Offloader`] is the same pool for use inside handlers: a bounded,
 //! prioritised, cancellable replacement for `spawn_blocking`.
 //!
+//! [`Defer`] queues work to run after the response — delayed gratification,
+//! literally: a job runs while CPU is cheaper than the cost of delaying its
+//! class, or when its deadline nears; it is retried with backoff, and
+//! [`Defer::drain`] accounts for every job at shutdown.
+//!
 //! # Example
 //!
 //! ```
@@ -37,8 +42,13 @@
 //! # }
 //! ```
 
+mod defer;
 mod pool;
 mod service;
 
+pub use self::defer::{
+    Defer, DeferConfig, DeferError, DeferLayer, DeferService, DeferStats, DrainReport,
+    request_class,
+};
 pub use self::pool::{CpuPool, OffloadError, PoolStats};
 pub use self::service::{OffloadBody, OffloadLayer, OffloadService, Offloader};

@@ -1,0 +1,197 @@
+//! Deferred work: runs when CPU is cheap or the deadline nears, retries,
+//! dead letters, and a drain that accounts for every job. Paused clock.
+#![allow(clippy::unwrap_used)] // test helpers: a failure is a failed test
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gratify::offload::{Defer, DeferConfig, DeferError};
+use gratify::{BoxError, CostModel, LoadSignal, LoadSnapshot};
+
+fn model() -> CostModel {
+    CostModel::from_toml(
+        r#"
+        default_class = "email"
+        [classes.email]
+        delay_cost = { shape = "linear", per_second = 0.01, deadline = "60s" }
+        refusal_cost = 1.0
+        [classes.invoice]
+        delay_cost = { shape = "linear", per_second = 5.0, deadline = "1h" }
+        refusal_cost = 10.0
+        "#,
+    )
+    .unwrap()
+}
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn job(
+    log: &Log,
+    name: &'static str,
+) -> impl Fn() -> std::future::Ready<Result<(), BoxError>> + Send + Sync + 'static {
+    let log = Arc::clone(log);
+    move || {
+        log.lock().unwrap().push(name.to_owned());
+        std::future::ready(Ok(()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_load_cheap_jobs_wait_and_run_when_idle_or_near_their_deadline() {
+    let m = model();
+    let signal = LoadSignal::new();
+    // Busy: a slot-second costs 10 (shadow price 0.1 over 10 ms).
+    signal.publish(
+        LoadSnapshot::new(1.5, Duration::from_millis(50), 0.1)
+            .with_latency(Duration::from_millis(10)),
+    );
+    let defer = Defer::start(&m, Some(signal.clone()), DeferConfig::default());
+    let log = Log::default();
+    defer
+        .spawn("email", m.id("email").unwrap(), job(&log, "email"))
+        .unwrap();
+    defer
+        .spawn("invoice", m.id("invoice").unwrap(), job(&log, "invoice"))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The invoice (urgency 5 + 10/3600) still waits at a price of 10; so does the e-mail.
+    assert!(log.lock().unwrap().is_empty());
+    // Load falls to a price of 2: the invoice's delay now costs more than the CPU.
+    signal.publish(
+        LoadSnapshot::new(0.9, Duration::ZERO, 0.02).with_latency(Duration::from_millis(10)),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(*log.lock().unwrap(), ["invoice"]);
+    // The e-mail (0.01/s + 1/60) waits until its 60 s deadline nears.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(log.lock().unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(*log.lock().unwrap(), ["invoice", "email"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_are_retried_with_backoff_then_dead_lettered() {
+    let m = model();
+    let config = DeferConfig::default()
+        .max_attempts(3)
+        .backoff(Duration::from_secs(1));
+    let defer = Defer::start(&m, None, config);
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let a = Arc::clone(&attempts);
+    defer
+        .spawn("flaky", m.default_class(), move || {
+            a.lock().unwrap().push(tokio::time::Instant::now());
+            std::future::ready(Err::<(), BoxError>("smtp down".into()))
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let times = attempts.lock().unwrap().clone();
+    assert_eq!(times.len(), 3);
+    assert!(times[1] - times[0] >= Duration::from_secs(1));
+    assert!(
+        times[2] - times[1] >= Duration::from_secs(2),
+        "backoff doubles"
+    );
+    let stats = defer.stats();
+    assert_eq!((stats.retries, stats.dead), (2, 1));
+    let report = defer.drain(Duration::from_secs(1)).await;
+    assert_eq!(report.dead, ["flaky"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_accounts_for_every_job_and_the_queue_is_bounded() {
+    let m = model();
+    let config = DeferConfig::default().max_queue(2).concurrency(1);
+    let signal = LoadSignal::new();
+    signal.publish(
+        LoadSnapshot::new(2.0, Duration::ZERO, 100.0).with_latency(Duration::from_millis(10)),
+    );
+    let defer = Defer::start(&m, Some(signal), config);
+    let log = Log::default();
+    let slow = |name: &'static str| {
+        let log = Arc::clone(&log);
+        move || {
+            let log = Arc::clone(&log);
+            async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                log.lock().unwrap().push(name.to_owned());
+                Ok::<(), BoxError>(())
+            }
+        }
+    };
+    defer.spawn("a", m.default_class(), slow("a")).unwrap();
+    defer.spawn("b", m.default_class(), slow("b")).unwrap();
+    assert_eq!(
+        defer.spawn("c", m.default_class(), slow("c")),
+        Err(DeferError::QueueFull)
+    );
+    // Draining runs them whatever the load; one at a time, 3 s each: only
+    // "a" finishes within 4 s, "b" is reported as not run.
+    let report = defer.drain(Duration::from_secs(4)).await;
+    assert_eq!(report.ran, 1);
+    assert_eq!(report.not_run, ["b"]);
+    assert_eq!(*log.lock().unwrap(), ["a"]);
+    assert_eq!(
+        defer.spawn("d", m.default_class(), slow("d")),
+        Err(DeferError::Closed)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_job_is_a_failed_attempt_and_frees_its_slot() {
+    let m = model();
+    let config = DeferConfig::default()
+        .max_attempts(2)
+        .concurrency(1)
+        .backoff(Duration::from_millis(10));
+    let defer = Defer::start(&m, None, config);
+    defer
+        .spawn("boom", m.default_class(), || async {
+            panic!("job bug");
+        })
+        .unwrap();
+    let log = Log::default();
+    let l = Arc::clone(&log);
+    defer
+        .spawn("after", m.default_class(), move || {
+            let l = Arc::clone(&l);
+            async move {
+                l.lock().unwrap().push("after".to_owned());
+                Ok::<(), BoxError>(())
+            }
+        })
+        .unwrap();
+    let report = defer.drain(Duration::from_secs(5)).await;
+    assert_eq!(report.dead, ["boom"]);
+    assert!(report.not_run.is_empty(), "{report:?}");
+    assert_eq!(*log.lock().unwrap(), ["after"]);
+    let stats = defer.stats();
+    assert_eq!((stats.running, stats.queued, stats.retries), (0, 0, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_layer_hands_every_request_the_same_queue() {
+    use gratify::offload::{DeferLayer, request_class};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    let m = model();
+    let defer = Defer::start(&m, None, DeferConfig::default());
+    let model_for_handler = m.clone();
+    let service =
+        DeferLayer::new(defer.clone()).layer(service_fn(move |request: http::Request<()>| {
+            let m = model_for_handler.clone();
+            async move {
+                let queue = request
+                    .extensions()
+                    .get::<Defer>()
+                    .cloned()
+                    .ok_or("no Defer in extensions")?;
+                let class = request_class(&request, &m);
+                queue.spawn("receipt", class, || async { Ok(()) })?;
+                Ok::<_, BoxError>(http::Response::new(()))
+            }
+        }));
+    service.oneshot(http::Request::new(())).await.unwrap();
+    let report = defer.drain(Duration::from_secs(1)).await;
+    assert_eq!(report.ran, 1, "the job went into the shared queue");
+}
