@@ -93,10 +93,15 @@ impl Offloader {
     {
         let key = format!("class:{}", class.index());
         let (priority, deadline) = self.plan(class, &key);
-        let started = Instant::now();
-        let result = self.pool.run(priority, deadline, work).await;
-        self.learn(&key, started.elapsed());
-        result
+        // Learn the run time alone, not the wait in the queue.
+        let timed = move || {
+            let started = Instant::now();
+            let out = work();
+            (out, started.elapsed())
+        };
+        let (out, took) = self.pool.run(priority, deadline, timed).await?;
+        self.learn(&key, took);
+        Ok(out)
     }
 
     /// Runs `work` with the class a `ClassifyLayer` put on `request`.
@@ -268,14 +273,18 @@ where
         let future = self.inner.call(request);
         let runtime = tokio::runtime::Handle::try_current().ok();
         Box::pin(async move {
-            let started = Instant::now();
             let job = offloader.pool.run(priority, deadline, move || {
                 // Timers and I/O inside the handler still reach the runtime.
                 let _guard = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                block_on(future)
+                let started = Instant::now();
+                let out = block_on(future);
+                (out, started.elapsed())
             });
-            let outcome = job.await;
-            offloader.learn(&key, started.elapsed());
+            let outcome = job.await.map(|(out, took)| {
+                // The run time alone, not the wait in the queue.
+                offloader.learn(&key, took);
+                out
+            });
             match outcome {
                 Ok(Ok(response)) => Ok(response.map(OffloadBody::inner)),
                 Ok(Err(e)) => Err(e),
