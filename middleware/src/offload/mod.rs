@@ -43,6 +43,9 @@
 //! ```
 
 mod defer;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod durable;
 mod pool;
 mod service;
 
