@@ -441,9 +441,11 @@ async fn runner(shared: Arc<Shared>) {
             match outcome {
                 Ok(()) => {
                     shared2.done.fetch_add(1, Ordering::Relaxed);
+                    super::count("gratify_defer_done_total");
                 }
                 Err(e) if job.attempts < shared2.config.max_attempts => {
                     shared2.retries.fetch_add(1, Ordering::Relaxed);
+                    super::count("gratify_defer_retries_total");
                     tracing::debug!(job = %job.name, attempt = job.attempts, error = %e, "deferred job failed; will retry");
                     let backoff = shared2
                         .config
@@ -456,6 +458,7 @@ async fn runner(shared: Arc<Shared>) {
                 Err(e) => {
                     tracing::warn!(job = %job.name, attempts = job.attempts, error = %e, "deferred job is a dead letter");
                     s.dead.push(job.name);
+                    super::count("gratify_defer_dead_total");
                 }
             }
             drop(s);

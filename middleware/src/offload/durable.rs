@@ -528,6 +528,7 @@ impl Worker {
                 Ok(_) => pause = Duration::from_millis(50),
                 Err(e) => {
                     self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+                    super::count("gratify_durable_redis_errors_total");
                     tracing::warn!(error = %e, "durable worker: redis error; retrying");
                     // After a reconnect, read our own pending entries again.
                     own_pending = true;
@@ -618,6 +619,7 @@ impl Worker {
         let mut out = Vec::with_capacity(reply.claimed.len());
         for entry in reply.claimed {
             self.stats.reclaimed.fetch_add(1, Ordering::Relaxed);
+            super::count("gratify_durable_reclaimed_total");
             let pending: redis::streams::StreamPendingCountReply = conn
                 .xpending_count(&config.stream, &config.group, &entry.id, &entry.id, 1)
                 .await?;
@@ -673,9 +675,11 @@ impl Worker {
         match &outcome {
             Outcome::Done => {
                 self.stats.done.fetch_add(1, Ordering::Relaxed);
+                super::count("gratify_durable_done_total");
             }
             Outcome::Failed(error) if attempt < config.max_attempts => {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                super::count("gratify_durable_retried_total");
                 tracing::debug!(job = %kind, key = %key, attempt, error = %error, "durable job failed; will retry");
                 let backoff = config
                     .backoff
@@ -691,6 +695,7 @@ impl Worker {
             }
             Outcome::Failed(error) | Outcome::Undecodable(error) => {
                 self.stats.dead.fetch_add(1, Ordering::Relaxed);
+                super::count("gratify_durable_dead_total");
                 tracing::warn!(job = %kind, key = %key, attempt, error = %error, "durable job is a dead letter");
                 pipe.xadd(
                     config.dead_key(),

@@ -54,4 +54,13 @@ pub use self::defer::{
     request_class,
 };
 pub use self::pool::{CpuPool, OffloadError, PoolStats};
+
+/// Counts one event through the `metrics` facade (feature `metrics`).
+#[inline]
+fn count(name: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!(name).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = name;
+}
 pub use self::service::{OffloadBody, OffloadLayer, OffloadService, Offloader};

@@ -226,6 +226,7 @@ impl CpuPool {
     {
         let refuse = |e| {
             self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            super::count("gratify_offload_refused_total");
             Err(e)
         };
         if let Some(d) = deadline
@@ -329,8 +330,13 @@ fn worker(shared: &Shared) {
         };
         if (job.cancelled)() {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            super::count("gratify_offload_dropped_total");
             continue;
         }
+        #[cfg(feature = "metrics")]
+        metrics::histogram!("gratify_offload_wait_seconds")
+            .record(job.enqueued.elapsed().as_secs_f64());
+        #[cfg(not(feature = "metrics"))]
         let _ = job.enqueued;
         shared.running.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
@@ -346,8 +352,10 @@ fn worker(shared: &Shared) {
         };
         shared.mean_run.store(new, Ordering::Relaxed);
         shared.stats.done.fetch_add(1, Ordering::Relaxed);
+        super::count("gratify_offload_done_total");
         if panicked {
             shared.stats.panicked.fetch_add(1, Ordering::Relaxed);
+            super::count("gratify_offload_panicked_total");
         }
     }
 }

@@ -1,0 +1,130 @@
+//! The offload pool and the deferred-work queue count what they do through
+//! the `metrics` facade. Its own test binary: it installs the process's
+//! global recorder.
+#![cfg(feature = "metrics")]
+#![allow(clippy::unwrap_used)] // test helpers: a failure is a failed test
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gratify::offload::{CpuPool, Defer, DeferConfig, OffloadError};
+use gratify::{BoxError, CostModel};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+#[derive(Default)]
+struct Counts(Mutex<HashMap<String, Arc<AtomicU64>>>);
+
+struct Cell(Arc<AtomicU64>);
+
+impl metrics::CounterFn for Cell {
+    fn increment(&self, value: u64) {
+        self.0.fetch_add(value, Ordering::Relaxed);
+    }
+    fn absolute(&self, value: u64) {
+        self.0.fetch_max(value, Ordering::Relaxed);
+    }
+}
+
+impl metrics::HistogramFn for Cell {
+    fn record(&self, _value: f64) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Counts {
+    fn cell(&self, key: &Key) -> Arc<AtomicU64> {
+        Arc::clone(
+            self.0
+                .lock()
+                .unwrap()
+                .entry(key.name().to_owned())
+                .or_default(),
+        )
+    }
+    fn get(&self, name: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .get(name)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+struct Shared(Arc<Counts>);
+
+impl Recorder for Shared {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(Arc::new(Cell(self.0.cell(key))))
+    }
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::noop()
+    }
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::from_arc(Arc::new(Cell(self.0.cell(key))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn pool_and_defer_report_through_the_metrics_facade() {
+    let counts = Arc::new(Counts::default());
+    metrics::set_global_recorder(Shared(Arc::clone(&counts))).unwrap();
+
+    let pool = CpuPool::new(Some(1), 1);
+    assert_eq!(pool.run(1.0, None, || 2 + 2).await.unwrap(), 4);
+    let panicked = pool.run(1.0, None, || -> u32 { panic!("job bug") }).await;
+    assert_eq!(panicked.unwrap_err(), OffloadError::Panicked);
+    // Fill the one thread and the one queue slot, then one more is refused.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let busy = pool.run(1.0, None, move || rx.recv_timeout(Duration::from_secs(5)));
+    let busy = tokio::spawn(busy);
+    while pool.stats().running == 0 {
+        tokio::task::yield_now().await;
+    }
+    let queued = tokio::spawn(pool.run(1.0, None, || ()));
+    while pool.stats().queued == 0 {
+        tokio::task::yield_now().await;
+    }
+    let refused = pool.run(1.0, None, || ()).await;
+    assert_eq!(refused.unwrap_err(), OffloadError::QueueFull);
+    tx.send(()).unwrap();
+    busy.await.unwrap().unwrap().unwrap();
+    queued.await.unwrap().unwrap();
+    assert_eq!(counts.get("gratify_offload_done_total"), 4);
+    assert_eq!(counts.get("gratify_offload_panicked_total"), 1);
+    assert_eq!(counts.get("gratify_offload_refused_total"), 1);
+    assert_eq!(counts.get("gratify_offload_wait_seconds"), 4);
+
+    let model = CostModel::from_toml(
+        r#"
+        [classes.email]
+        delay_cost = { shape = "linear", per_second = 0.01 }
+        refusal_cost = 1.0
+        "#,
+    )
+    .unwrap();
+    let defer = Defer::start(
+        &model,
+        None,
+        DeferConfig::default()
+            .max_attempts(2)
+            .backoff(Duration::from_millis(1)),
+    );
+    defer
+        .spawn("ok", model.default_class(), || async { Ok(()) })
+        .unwrap();
+    defer
+        .spawn("bad", model.default_class(), || async {
+            Err::<(), BoxError>("down".into())
+        })
+        .unwrap();
+    let report = defer.drain(Duration::from_secs(5)).await;
+    assert_eq!(report.dead, ["bad"]);
+    assert_eq!(counts.get("gratify_defer_done_total"), 1);
+    assert_eq!(counts.get("gratify_defer_retries_total"), 1);
+    assert_eq!(counts.get("gratify_defer_dead_total"), 1);
+}
