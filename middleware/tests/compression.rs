@@ -425,3 +425,64 @@ async fn cached_bodies_are_compressed_once_and_served_in_each_coding() {
         "one origin call for every coding"
     );
 }
+
+#[tokio::test]
+async fn large_slow_chunks_go_to_the_offload_pool_and_small_ones_never() {
+    use gratify::offload::CpuPool;
+
+    let pool = CpuPool::new(Some(1), 8);
+    let mut config = CompressionConfig::default();
+    let mut levels = Levels::default();
+    levels.gzip = 9;
+    config.level = Level::Fixed(levels);
+    config.offload = Some(pool.clone());
+    config.offload_above = Duration::ZERO;
+    let layer = CompressionLayer::with_config(config);
+
+    // Large chunks (about 60 KiB each), streamed with Pending between them:
+    // each goes to the pool, and the result decodes to the input.
+    let big = json(4000);
+    let d = big.clone();
+    let (_, h, body, trailers) = fetch(layer.clone(), "gzip", move || {
+        let mut t = HeaderMap::new();
+        t.insert("x-checksum", "abc".parse().unwrap());
+        Response::new(Chunks {
+            chunks: d.chunks(60 * 1024).map(Bytes::copy_from_slice).collect(),
+            trailers: Some(t),
+            pending: false,
+        })
+    })
+    .await;
+    assert_eq!(h["content-encoding"], "gzip");
+    assert_eq!(decode("gzip", &body), big);
+    assert_eq!(trailers.unwrap()["x-checksum"], "abc");
+    let chunks = big.len().div_ceil(60 * 1024) as u64;
+    let large_chunks = big
+        .chunks(60 * 1024)
+        .filter(|c| c.len() >= 32 * 1024)
+        .count() as u64;
+    assert!(chunks >= 3);
+    assert_eq!(
+        pool.stats().done,
+        large_chunks,
+        "one pool job per large chunk"
+    );
+
+    // A small body is compressed in place.
+    let small = json(100);
+    let d = small.clone();
+    let (_, h, body, _) = fetch(layer.clone(), "gzip", move || {
+        Response::new(Full::new(d.clone()))
+    })
+    .await;
+    assert_eq!(h["content-encoding"], "gzip");
+    assert_eq!(decode("gzip", &body), small);
+    assert_eq!(pool.stats().done, large_chunks, "no job for a small body");
+
+    // A pool that refuses (shut down): compressed in place, still correct.
+    pool.shutdown(Duration::from_secs(1));
+    let d = big.clone();
+    let (_, _, body, _) = fetch(layer, "gzip", move || Response::new(Full::new(d.clone()))).await;
+    assert_eq!(decode("gzip", &body), big);
+    assert!(pool.stats().refused >= 1);
+}

@@ -14,6 +14,30 @@ use pin_project_lite::pin_project;
 
 use super::Calibration;
 use super::encoder::Encoder;
+use crate::offload::{CpuPool, OffloadError};
+
+/// A chunk being compressed on the pool: the encoder comes back with the
+/// output and the CPU time.
+type OnPool = Pin<
+    Box<
+        dyn Future<Output = Result<(Encoder, std::io::Result<Bytes>, Duration), OffloadError>>
+            + Send,
+    >,
+>;
+
+/// Where large chunks are compressed: the pool, the predicted time above
+/// which a chunk goes there, the codec's learned speed (bytes per CPU
+/// second) and the job's priority.
+pub(crate) struct Offload {
+    pub(crate) pool: CpuPool,
+    pub(crate) above: Duration,
+    pub(crate) speed: f64,
+    pub(crate) priority: f64,
+}
+
+/// Chunks smaller than this are always compressed in place: a hand-off
+/// costs more than it saves.
+const MIN_OFFLOAD_CHUNK: usize = 32 * 1024;
 
 pin_project! {
     /// The inner body, untouched or compressed as it streams.
@@ -25,7 +49,10 @@ pin_project! {
 }
 
 struct State {
-    encoder: Encoder,
+    /// `None` while a chunk is on the pool.
+    encoder: Option<Encoder>,
+    on_pool: Option<OnPool>,
+    offload: Option<Offload>,
     /// Flush after every chunk (server-sent events).
     flush_each: bool,
     trailers: Option<HeaderMap>,
@@ -48,11 +75,14 @@ impl<B> CompressionBody<B> {
         flush_each: bool,
         calibration: Arc<Calibration>,
         slot: usize,
+        offload: Option<Offload>,
     ) -> Self {
         Self {
             inner,
             state: Some(Box::new(State {
-                encoder,
+                encoder: Some(encoder),
+                on_pool: None,
+                offload,
                 flush_each,
                 trailers: None,
                 finished: false,
@@ -71,10 +101,50 @@ impl State {
         &mut self,
         f: impl FnOnce(&mut Encoder) -> std::io::Result<T>,
     ) -> std::io::Result<T> {
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Err(std::io::Error::other("encoder busy on the pool"));
+        };
         let start = Instant::now();
-        let r = f(&mut self.encoder);
+        let r = f(encoder);
         self.cpu += start.elapsed();
         r
+    }
+
+    /// Sends a large, slow chunk to the pool; `false` when it should be
+    /// compressed here (small, fast, flushed per event, or refused — then
+    /// the encoder is back in place).
+    fn hand_off(&mut self, data: &Bytes) -> bool {
+        let Some(offload) = &self.offload else {
+            return false;
+        };
+        if self.flush_each
+            || data.len() < MIN_OFFLOAD_CHUNK
+            || Duration::from_secs_f64(data.len() as f64 / offload.speed.max(1.0)) < offload.above
+        {
+            return false;
+        }
+        let Some(mut encoder) = self.encoder.take() else {
+            return false;
+        };
+        let data = data.clone();
+        let work = move || {
+            let start = Instant::now();
+            let out = encoder.write(&data);
+            (encoder, out, start.elapsed())
+        };
+        match offload.pool.try_run(offload.priority, work) {
+            Ok(job) => {
+                self.on_pool = Some(Box::pin(job));
+                true
+            }
+            Err(work) => {
+                // Refused (queue full, shutting down): compress here after
+                // all, and deliver through the same path.
+                let done = work();
+                self.on_pool = Some(Box::pin(std::future::ready(Ok(done))));
+                true
+            }
+        }
     }
 }
 
@@ -96,6 +166,21 @@ where
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         };
         loop {
+            if let Some(job) = state.on_pool.as_mut() {
+                let done = ready!(job.as_mut().poll(cx));
+                state.on_pool = None;
+                let (encoder, out, took) = done.map_err(|e| -> BoxError {
+                    format!("compressing on the offload pool: {e}").into()
+                })?;
+                state.encoder = Some(encoder);
+                state.cpu += took;
+                let out = out?;
+                if !out.is_empty() {
+                    state.bytes_out += out.len() as u64;
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                continue;
+            }
             if state.finished {
                 return Poll::Ready(state.trailers.take().map(|t| Ok(Frame::trailers(t))));
             }
@@ -103,6 +188,9 @@ where
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         state.bytes_in += data.len() as u64;
+                        if state.hand_off(&data) {
+                            continue;
+                        }
                         let flush = state.flush_each;
                         let out = state.timed(|e| {
                             let mut out = e.write(&data)?;

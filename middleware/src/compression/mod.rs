@@ -234,7 +234,7 @@ impl Calibration {
         }
     }
 
-    fn get(&self, slot: usize) -> (f64, f64) {
+    pub(crate) fn get(&self, slot: usize) -> (f64, f64) {
         self.table
             .lock()
             .map(|t| t.get(slot).copied().unwrap_or((50e6, 0.3)))
@@ -271,6 +271,17 @@ pub struct CompressionConfig {
     pub client_bandwidth: f64,
     /// The body size assumed when a response does not say (bytes).
     pub assumed_size: u64,
+    /// A pool for large, slow compressions: a chunk whose predicted
+    /// compression time (from the learned speed of its codec and level) is
+    /// at least [`offload_above`](Self::offload_above), and which is at
+    /// least 32 KiB, is compressed there instead of on the async thread.
+    /// Small chunks never go (a hand-off costs more than it saves), nor
+    /// flushed event streams. If the pool refuses, the chunk is compressed
+    /// in place. `None` (the default): always in place.
+    pub offload: Option<crate::offload::CpuPool>,
+    /// The predicted compression time of a chunk from which it goes to
+    /// [`offload`](Self::offload); default 2 ms.
+    pub offload_above: Duration,
 }
 
 impl Default for CompressionConfig {
@@ -285,6 +296,8 @@ impl Default for CompressionConfig {
             level: Level::Fixed(Levels::default()),
             client_bandwidth: 5e6,
             assumed_size: 16 * 1024,
+            offload: None,
+            offload_above: Duration::from_millis(2),
         }
     }
 }

@@ -16,7 +16,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::body::CompressionBody;
+use super::body::{CompressionBody, Offload};
 use super::encoder::Encoder;
 use super::{Calibration, Choice, Codec, CompressionConfig, Level, adaptive, slot};
 
@@ -341,7 +341,26 @@ fn compress<RB: Body>(
         headers.insert(ETAG, weak);
     }
     let calibration = Arc::clone(&shared.calibration);
+    let offload = shared.config.offload.as_ref().map(|pool| {
+        let speed = calibration.get(choice.slot).0.max(1.0);
+        let expected = size.unwrap_or(shared.config.assumed_size) as f64 / speed;
+        Offload {
+            pool: pool.clone(),
+            above: shared.config.offload_above,
+            speed,
+            // Cost rate over expected time, as for every pool job (a small
+            // positive rate for classes free to delay).
+            priority: plan.delay_rate.max(1e-3) / expected.max(1e-6),
+        }
+    });
     response.map(|body| {
-        CompressionBody::compressed(body, encoder, event_stream, calibration, choice.slot)
+        CompressionBody::compressed(
+            body,
+            encoder,
+            event_stream,
+            calibration,
+            choice.slot,
+            offload,
+        )
     })
 }

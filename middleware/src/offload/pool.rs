@@ -206,37 +206,66 @@ impl CpuPool {
         F: FnOnce() -> T + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T, OffloadError>>();
-        let submitted = self.submit(priority, deadline, tx, work);
+        let submitted = self
+            .submit(priority, deadline, tx, work)
+            .map_err(|(e, _)| e);
         async move {
             submitted?;
             rx.await.unwrap_or(Err(OffloadError::Shutdown))
         }
     }
 
+    /// As [`run`](Self::run) without a deadline, but a refused `work` is
+    /// handed back, so the caller can run it itself.
+    pub(crate) fn try_run<T, F>(
+        &self,
+        priority: f64,
+        work: F,
+    ) -> Result<impl Future<Output = Result<T, OffloadError>> + Send + 'static, F>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T, OffloadError>>();
+        self.submit(priority, None, tx, work)
+            .map_err(|(_, work)| work)?;
+        Ok(async move { rx.await.unwrap_or(Err(OffloadError::Shutdown)) })
+    }
+
+    /// Queues `work`, or refuses it and hands it back.
     fn submit<T, F>(
         &self,
         priority: f64,
         deadline: Option<Duration>,
         tx: oneshot::Sender<Result<T, OffloadError>>,
         work: F,
-    ) -> Result<(), OffloadError>
+    ) -> Result<(), (OffloadError, F)>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let refuse = |e| {
+        let refuse = |e, work| {
             self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
             super::count("gratify_offload_refused_total");
-            Err(e)
+            Err((e, work))
         };
         if let Some(d) = deadline
             && self.predicted_wait(priority) > d
         {
-            return refuse(OffloadError::Deadline);
+            return refuse(OffloadError::Deadline, work);
+        }
+        let mut q = lock(&self.shared.queue);
+        if !q.open {
+            drop(q);
+            return refuse(OffloadError::Shutdown, work);
+        }
+        if q.heap.len() >= self.shared.max_queue {
+            drop(q);
+            return refuse(OffloadError::QueueFull, work);
         }
         let tx = Arc::new(Mutex::new(Some(tx)));
         let closed = Arc::clone(&tx);
-        let job = Job {
+        q.heap.push(Job {
             priority: if priority.is_nan() { 0.0 } else { priority },
             seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
             enqueued: Instant::now(),
@@ -256,17 +285,7 @@ impl CpuPool {
                     .and_then(|t| t.as_ref().map(oneshot::Sender::is_closed))
                     .unwrap_or(true)
             }),
-        };
-        let mut q = lock(&self.shared.queue);
-        if !q.open {
-            drop(q);
-            return refuse(OffloadError::Shutdown);
-        }
-        if q.heap.len() >= self.shared.max_queue {
-            drop(q);
-            return refuse(OffloadError::QueueFull);
-        }
-        q.heap.push(job);
+        });
         drop(q);
         self.shared.ready.notify_one();
         Ok(())
