@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench -p gratify --bench offload
-//! cargo bench -p gratify --bench offload -- --quick
+//! cargo bench -p gratify --bench offload -- --quick   # under 60 s
 //! ```
 //!
 //! Three scenarios, all in process on real time (the quantity measured is
@@ -19,6 +19,10 @@
 //!    open loop on its own thread; a latency runs from the *intended* send
 //!    time (no coordinated omission). Requests unfinished 3 s after the
 //!    last send count at that censored latency.
+//!    **compression hand-off**: the same harness with `/heavy` a 1 MB JSON
+//!    response gzipped at level 6, compressed on the reactor
+//!    (`compress-inline`) or with `CompressionConfig::offload` set to the
+//!    one-thread pool (`compress-offload`), at 50% and 90% of a core.
 //! 2. **cd3**: a one-thread pool at 120% load, half `checkout` jobs (1 ms,
 //!    10/s of delay) and half `report` jobs (4 ms, 0.1/s); the mean wait of
 //!    checkout under `Offloader` (cost rate ÷ run time) over its mean wait
@@ -37,9 +41,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use gratify::CostModel;
+use gratify::compression::{CompressionConfig, CompressionLayer, Level, Levels};
 use gratify::offload::{CpuPool, Defer, DeferConfig, OffloadLayer, Offloader};
 use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
 use tokio::sync::{Semaphore, mpsc};
 use tower::{Layer, ServiceExt, service_fn};
 
@@ -101,6 +108,10 @@ enum Variant {
     SpawnBlocking,
     SpawnBlockingSemaphore,
     GratifyOffload,
+    /// Heavy = a 1 MB JSON response gzipped (level 6) on the reactor.
+    CompressInline,
+    /// The same, with `CompressionConfig::offload` set to the pool.
+    CompressOffload,
 }
 
 impl Variant {
@@ -110,7 +121,13 @@ impl Variant {
             Self::SpawnBlocking => "spawn-blocking",
             Self::SpawnBlockingSemaphore => "spawn-blocking-semaphore",
             Self::GratifyOffload => "gratify-offload",
+            Self::CompressInline => "compress-inline",
+            Self::CompressOffload => "compress-offload",
         }
+    }
+
+    fn compresses(self) -> bool {
+        matches!(self, Self::CompressInline | Self::CompressOffload)
     }
 }
 
@@ -147,10 +164,86 @@ fn heavy_model() -> CostModel {
     .unwrap()
 }
 
+/// A 1 MB JSON list, deterministic.
+fn big_json() -> Bytes {
+    let mut s = String::from("[");
+    let mut i = 0u64;
+    while s.len() < 1 << 20 {
+        let x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+        s.push_str(&format!(
+            "{{\"id\":{i},\"sku\":\"SKU-{x:06}\",\"price\":{}.{:02},\"stock\":{}}},",
+            x % 500,
+            x % 100,
+            x % 37
+        ));
+        i += 1;
+    }
+    s.push(']');
+    Bytes::from(s)
+}
+
+/// gzip 6 over `body`, compressing on `pool` when given.
+fn compressor(
+    body: Bytes,
+    pool: Option<CpuPool>,
+) -> impl tower::Service<
+    Request<()>,
+    Response = Response<gratify::compression::CompressionBody<Full<Bytes>>>,
+    Error = Infallible,
+    Future: Send,
+> + Clone
++ Send {
+    let mut config = CompressionConfig::default();
+    let mut levels = Levels::default();
+    levels.gzip = 6;
+    config.level = Level::Fixed(levels);
+    config.offload = pool;
+    CompressionLayer::with_config(config).layer(service_fn(move |_: Request<()>| {
+        let body = body.clone();
+        async move {
+            let mut r = Response::new(Full::new(body));
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            Ok::<_, Infallible>(r)
+        }
+    }))
+}
+
+/// Milliseconds to gzip `body` once (median of 5).
+fn compress_ms(body: &Bytes) -> f64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            runtime.block_on(async {
+                let request = Request::get("/")
+                    .header("accept-encoding", "gzip")
+                    .body(())
+                    .unwrap();
+                let response = compressor(body.clone(), None)
+                    .oneshot(request)
+                    .await
+                    .unwrap();
+                response.into_body().collect().await.unwrap();
+            });
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[2]
+}
+
 fn light_heavy(variant: Variant, load: f64, secs: f64, per_us: f64, seed: u64) -> LightHeavy {
     STOP.store(false, Ordering::SeqCst);
+    let body = big_json();
     // Events: light every millisecond, heavy Poisson at `load` cores.
-    let mean_heavy_ms = 27.5;
+    let mean_heavy_ms = if variant.compresses() {
+        compress_ms(&body)
+    } else {
+        27.5
+    };
     let heavy_rate = load / (mean_heavy_ms / 1000.0);
     let mut rng = Rng(seed);
     let mut events: Vec<(f64, Kind, u64)> = (0..(secs * 1000.0) as u64)
@@ -182,6 +275,13 @@ fn light_heavy(variant: Variant, load: f64, secs: f64, per_us: f64, seed: u64) -
             },
         ))
     };
+    let compress = {
+        let _guard = server.enter();
+        compressor(
+            body,
+            (variant == Variant::CompressOffload).then(|| pool.clone()),
+        )
+    };
     let semaphore = Arc::new(Semaphore::new(1));
     let refused = Arc::new(AtomicU64::new(0));
     let (tx, mut rx) = mpsc::unbounded_channel::<Outcome>();
@@ -200,10 +300,19 @@ fn light_heavy(variant: Variant, load: f64, secs: f64, per_us: f64, seed: u64) -
             tokio::time::sleep_until(intended.into()).await;
             let tx = tx.clone();
             let offload = offload.clone();
+            let compress = compress.clone();
             let semaphore = Arc::clone(&semaphore);
             let refused = Arc::clone(&refused);
             server.spawn(async move {
                 let ok = match (kind, variant) {
+                    (Kind::Heavy, Variant::CompressInline | Variant::CompressOffload) => {
+                        let request = Request::get("/")
+                            .header("accept-encoding", "gzip")
+                            .body(())
+                            .unwrap();
+                        let response = compress.oneshot(request).await.unwrap();
+                        response.into_body().collect().await.is_ok()
+                    }
                     (Kind::Light, _) | (Kind::Heavy, Variant::Inline) => {
                         burn(iters);
                         true
@@ -403,7 +512,7 @@ fn deferral(deferred: bool, n: usize, per_us: f64) -> (f64, f64, (usize, usize, 
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let secs = if quick { 3.0 } else { 10.0 };
+    let secs = if quick { 2.5 } else { 10.0 };
     let per_us = calibrate();
     eprintln!("calibrated: {per_us:.0} rounds/µs");
     let mut results = Vec::new();
@@ -443,6 +552,38 @@ fn main() {
                     "light_p999_ms": r.light_p999_ms,
                     "heavy_throughput": r.heavy_throughput,
                     "heavy_refused": r.heavy_refused,
+                    "light_unfinished": r.light_unfinished,
+                    "light_p99_inline_over_this": inline_p99 / r.light_p99_ms,
+                },
+            }));
+        }
+    }
+
+    println!("\n## compression hand-off (heavy = 1 MB JSON gzip 6, {secs} s per run)\n");
+    println!("| heavy load | variant | light p99 ms | light p99.9 ms | heavy/s done |");
+    println!("|---:|---|---:|---:|---:|");
+    for load in [0.5, 0.9] {
+        let mut inline_p99 = f64::NAN;
+        for variant in [Variant::CompressInline, Variant::CompressOffload] {
+            let r = light_heavy(variant, load, secs, per_us, 3);
+            if variant == Variant::CompressInline {
+                inline_p99 = r.light_p99_ms;
+            }
+            println!(
+                "| {:.0}% | {} | {:.2} | {:.2} | {:.1} |",
+                load * 100.0,
+                variant.name(),
+                r.light_p99_ms,
+                r.light_p999_ms,
+                r.heavy_throughput
+            );
+            results.push(serde_json::json!({
+                "scenario": format!("compress-handoff-{:.0}", load * 100.0),
+                "subject": variant.name(),
+                "metrics": {
+                    "light_p99_ms": r.light_p99_ms,
+                    "light_p999_ms": r.light_p999_ms,
+                    "heavy_throughput": r.heavy_throughput,
                     "light_unfinished": r.light_unfinished,
                     "light_p99_inline_over_this": inline_p99 / r.light_p99_ms,
                 },
