@@ -20,6 +20,8 @@
 //!
 //! Durability is Redis's: run it with the append-only file on
 //! (`appendonly yes`) for queued jobs to survive a Redis restart.
+//! On Redis Cluster, give the stream a hash tag (`{shop}:jobs`) so that its
+//! companion keys (`:delayed`, `:dead`, `:once:*`) share its slot.
 //!
 //! Consumer names must be unique among live workers (two live workers under
 //! one name would read each other's pending entries); the default is a
