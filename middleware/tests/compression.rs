@@ -486,3 +486,52 @@ async fn large_slow_chunks_go_to_the_offload_pool_and_small_ones_never() {
     assert_eq!(decode("gzip", &body), big);
     assert!(pool.stats().refused >= 1);
 }
+
+#[tokio::test]
+async fn a_body_dropped_while_its_chunk_waits_on_the_pool_leaves_no_job_behind() {
+    use gratify::offload::CpuPool;
+
+    let pool = CpuPool::new(Some(1), 8);
+    let mut config = CompressionConfig::default();
+    config.offload = Some(pool.clone());
+    config.offload_above = Duration::ZERO;
+    let svc = CompressionLayer::with_config(config).layer(service_fn(|_: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(json(4000))))
+    }));
+    // Occupy the pool's one thread so the chunk has to wait in the queue.
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let busy = tokio::spawn(pool.run(1.0, None, move || hold.recv_timeout(Duration::from_secs(5))));
+    while pool.stats().running == 0 {
+        tokio::task::yield_now().await;
+    }
+    let request = Request::get("/")
+        .header("accept-encoding", "gzip")
+        .body(())
+        .unwrap();
+    let mut body = svc.oneshot(request).await.unwrap().into_body();
+    // One poll hands the chunk to the pool and waits.
+    let first = futures_poll_once(&mut body).await;
+    assert!(first.is_none(), "the chunk is waiting on the pool");
+    assert_eq!(pool.stats().queued, 1);
+    // The client goes away.
+    drop(body);
+    release.send(()).unwrap();
+    busy.await.unwrap().unwrap().unwrap();
+    pool.shutdown(Duration::from_secs(1));
+    let stats = pool.stats();
+    assert_eq!(stats.dropped, 1, "{stats:?}");
+    assert_eq!((stats.queued, stats.running), (0, 0));
+}
+
+/// Polls `body` for one frame once: `None` when it is pending.
+async fn futures_poll_once<B: Body + Unpin>(
+    body: &mut B,
+) -> Option<Option<Result<Frame<B::Data>, B::Error>>> {
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Ready(frame) => Some(frame),
+            Poll::Pending => None,
+        })
+    })
+    .await
+}

@@ -33,12 +33,16 @@ pub enum OffloadError {
 
 /// A unit of work: runs on a pool thread; `cancelled` says whether its
 /// caller is gone (then it is dropped without running).
+/// Sends a finished job's result to its caller.
+type Deliver = Box<dyn FnOnce() + Send>;
+
 struct Job {
     priority: f64,
     seq: u64,
     enqueued: Instant,
-    /// Runs the job; returns whether it panicked.
-    work: Box<dyn FnOnce() -> bool + Send>,
+    /// Runs the job; returns whether it panicked and how to deliver the
+    /// result (after the pool's books are updated).
+    work: Box<dyn FnOnce() -> (bool, Deliver) + Send>,
     cancelled: Box<dyn Fn() -> bool + Send>,
 }
 
@@ -273,10 +277,12 @@ impl CpuPool {
                 let result =
                     catch_unwind(AssertUnwindSafe(work)).map_err(|_| OffloadError::Panicked);
                 let panicked = result.is_err();
-                if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
-                    let _ = tx.send(result);
-                }
-                panicked
+                let deliver: Deliver = Box::new(move || {
+                    if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
+                        let _ = tx.send(result);
+                    }
+                });
+                (panicked, deliver)
             }),
             cancelled: Box::new(move || {
                 closed
@@ -336,6 +342,10 @@ fn worker(shared: &Shared) {
             let mut q = lock(&shared.queue);
             loop {
                 if let Some(job) = q.heap.pop() {
+                    // Counted as running from the moment it leaves the
+                    // queue, so a job is always queued or running until
+                    // its books are done.
+                    shared.running.fetch_add(1, Ordering::Relaxed);
                     break job;
                 }
                 if !q.open {
@@ -350,6 +360,7 @@ fn worker(shared: &Shared) {
         if (job.cancelled)() {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             super::count("gratify_offload_dropped_total");
+            shared.running.fetch_sub(1, Ordering::Relaxed);
             continue;
         }
         #[cfg(feature = "metrics")]
@@ -357,12 +368,11 @@ fn worker(shared: &Shared) {
             .record(job.enqueued.elapsed().as_secs_f64());
         #[cfg(not(feature = "metrics"))]
         let _ = job.enqueued;
-        shared.running.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         // The job catches its own panic; this guards the bookkeeping.
-        let panicked = catch_unwind(AssertUnwindSafe(job.work)).unwrap_or(true);
+        let (panicked, deliver) = catch_unwind(AssertUnwindSafe(job.work))
+            .unwrap_or_else(|_| (true, Box::new(|| {}) as Deliver));
         let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        shared.running.fetch_sub(1, Ordering::Relaxed);
         let old = shared.mean_run.load(Ordering::Relaxed);
         let new = if old == 0 {
             took
@@ -376,6 +386,9 @@ fn worker(shared: &Shared) {
             shared.stats.panicked.fetch_add(1, Ordering::Relaxed);
             super::count("gratify_offload_panicked_total");
         }
+        shared.running.fetch_sub(1, Ordering::Relaxed);
+        // The caller sees the result only once the books show the job.
+        deliver();
     }
 }
 
