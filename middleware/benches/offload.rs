@@ -505,7 +505,11 @@ fn deferral(deferred: bool, n: usize, per_us: f64) -> (f64, f64, (usize, usize, 
         (
             percentile(&latencies, 0.5),
             percentile(&latencies, 0.99),
-            (ran, report.dead.len(), report.not_run.len()),
+            (
+                ran,
+                report.dead.len(),
+                report.not_run.len() + report.still_running.len(),
+            ),
         )
     })
 }

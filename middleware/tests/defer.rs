@@ -101,7 +101,7 @@ async fn failures_are_retried_with_backoff_then_dead_lettered() {
 #[tokio::test(start_paused = true)]
 async fn drain_accounts_for_every_job_and_the_queue_is_bounded() {
     let m = model();
-    let config = DeferConfig::default().max_queue(2).concurrency(1);
+    let config = DeferConfig::default().max_queue(3).concurrency(1);
     let signal = LoadSignal::new();
     signal.publish(
         LoadSnapshot::new(2.0, Duration::ZERO, 100.0).with_latency(Duration::from_millis(10)),
@@ -121,18 +121,20 @@ async fn drain_accounts_for_every_job_and_the_queue_is_bounded() {
     };
     defer.spawn("a", m.default_class(), slow("a")).unwrap();
     defer.spawn("b", m.default_class(), slow("b")).unwrap();
-    assert_eq!(
-        defer.spawn("c", m.default_class(), slow("c")),
-        Err(DeferError::QueueFull)
-    );
-    // Draining runs them whatever the load; one at a time, 3 s each: only
-    // "a" finishes within 4 s, "b" is reported as not run.
-    let report = defer.drain(Duration::from_secs(4)).await;
-    assert_eq!(report.ran, 1);
-    assert_eq!(report.not_run, ["b"]);
-    assert_eq!(*log.lock().unwrap(), ["a"]);
+    defer.spawn("c", m.default_class(), slow("c")).unwrap();
     assert_eq!(
         defer.spawn("d", m.default_class(), slow("d")),
+        Err(DeferError::QueueFull)
+    );
+    // Draining runs them whatever the load; one at a time, 3 s each: within
+    // 4 s "a" finishes, "b" is running (3 s to 6 s), "c" never started.
+    let report = defer.drain(Duration::from_secs(4)).await;
+    assert_eq!(report.ran, 1);
+    assert_eq!(report.still_running, ["b"]);
+    assert_eq!(report.not_run, ["c"]);
+    assert_eq!(*log.lock().unwrap(), ["a"]);
+    assert_eq!(
+        defer.spawn("e", m.default_class(), slow("e")),
         Err(DeferError::Closed)
     );
 }

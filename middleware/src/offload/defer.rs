@@ -129,8 +129,13 @@ pub struct DrainReport {
     /// Jobs that exhausted their attempts (dead letters), by name, over the
     /// queue's lifetime.
     pub dead: Vec<String>,
-    /// Jobs still queued or running at the deadline, by name: not run.
+    /// Jobs still queued at the deadline, by name: never started, and
+    /// now dropped.
     pub not_run: Vec<String>,
+    /// Jobs still running at the deadline, by name: they go on in the
+    /// background and may yet finish (or fail) — their outcome is unknown
+    /// to this report.
+    pub still_running: Vec<String>,
 }
 
 /// Counters of a [`Defer`] queue.
@@ -341,15 +346,19 @@ impl Defer {
             tokio::time::sleep(Duration::from_millis(5).min(deadline)).await;
         }
         let mut s = lock(&self.shared.state);
-        let mut not_run: Vec<String> = s.queue.drain(..).map(|j| j.name).collect();
-        not_run.extend(s.running.iter().cloned());
+        let not_run: Vec<String> = s.queue.drain(..).map(|j| j.name).collect();
+        let still_running = s.running.clone();
         for name in &not_run {
             tracing::warn!(job = %name, "deferred job not run before the drain deadline");
+        }
+        for name in &still_running {
+            tracing::warn!(job = %name, "deferred job still running at the drain deadline");
         }
         DrainReport {
             ran: (self.shared.done.load(Ordering::Relaxed) - done_before) as usize,
             dead: s.dead.clone(),
             not_run,
+            still_running,
         }
     }
 }
