@@ -516,7 +516,7 @@ fn deferral(deferred: bool, n: usize, per_us: f64) -> (f64, f64, (usize, usize, 
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let secs = if quick { 2.5 } else { 10.0 };
+    let secs = if quick { 2.0 } else { 10.0 };
     let per_us = calibrate();
     eprintln!("calibrated: {per_us:.0} rounds/µs");
     let mut results = Vec::new();
