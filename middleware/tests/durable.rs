@@ -349,7 +349,7 @@ async fn a_job_that_kills_its_worker_is_a_dead_letter_after_max_deliveries() {
         .unwrap();
     let worker = worker_recording(&q, &seen, &started, Duration::from_secs(3600));
     let report = worker
-        .run(tokio::time::sleep(Duration::from_millis(300)))
+        .run(tokio::time::sleep(Duration::from_millis(600)))
         .await;
     assert_eq!(report.dead, 1, "{report:?}");
     assert_eq!(queue.dead_letters().await.unwrap(), 1);
@@ -380,10 +380,10 @@ async fn shutdown_finishes_the_job_in_progress_and_acknowledges_it() {
     queue.enqueue(&Email { order: 2 }).await.unwrap();
     let seen = Seen::default();
     let started = Arc::new(AtomicU32::new(0));
-    let worker = worker_recording(&queue, &seen, &started, Duration::from_millis(300));
+    let worker = worker_recording(&queue, &seen, &started, Duration::from_millis(1000));
     // Shutdown arrives while the first job runs.
     let report = worker
-        .run(tokio::time::sleep(Duration::from_millis(100)))
+        .run(tokio::time::sleep(Duration::from_millis(250)))
         .await;
     assert_eq!(report.done, 1);
     assert_eq!(*seen.lock().unwrap(), HashMap::from([(1, 1)]));
