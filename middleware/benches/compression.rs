@@ -13,8 +13,9 @@
 //! `target/gratify-bench/compression.json` (or `$GRATIFY_BENCH_DIR`).
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod common;
+
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -247,18 +248,6 @@ fn main() {
         "metrics": { "per_request_rps": per_request, "cached_rps": cached, "hit_speedup": cached / per_request },
     }));
 
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let doc = serde_json::json!({ "bench": "compression", "quick": quick, "commit": commit, "results": results });
-    let dir = std::env::var_os("GRATIFY_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gratify-bench"));
-    let _ = std::fs::create_dir_all(&dir);
-    let path = dir.join("compression.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
-    eprintln!("wrote {}", path.display());
+    let doc = serde_json::json!({ "bench": "compression", "quick": quick, "commit": common::commit(), "results": results });
+    common::write("compression", &doc);
 }

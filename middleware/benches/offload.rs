@@ -34,9 +34,10 @@
 //! Writes `target/gratify-bench/offload.json` (or `$GRATIFY_BENCH_DIR`).
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod common;
+
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -514,29 +515,25 @@ fn deferral(deferred: bool, n: usize, per_us: f64) -> (f64, f64, (usize, usize, 
     })
 }
 
-fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let secs = if quick { 2.0 } else { 10.0 };
-    let per_us = calibrate();
-    eprintln!("calibrated: {per_us:.0} rounds/µs");
-    let mut results = Vec::new();
-
-    println!("## light-heavy ({secs} s per run, light 1000/s, heavy 5–50 ms)\n");
+/// Runs `variants` (the first is the baseline) at each heavy `load`,
+/// printing a table and adding a result per run to `results`.
+fn light_heavy_table(
+    scenario: &str,
+    loads: &[f64],
+    variants: &[Variant],
+    (secs, per_us, seed): (f64, f64, u64),
+    results: &mut Vec<serde_json::Value>,
+) {
     println!(
         "| heavy load | variant | light p99 ms | light p99.9 ms | heavy/s done | heavy refused | light unfinished |"
     );
     println!("|---:|---|---:|---:|---:|---:|---:|");
-    for load in [0.5, 0.9, 1.2] {
-        let mut inline_p99 = f64::NAN;
-        for variant in [
-            Variant::Inline,
-            Variant::SpawnBlocking,
-            Variant::SpawnBlockingSemaphore,
-            Variant::GratifyOffload,
-        ] {
-            let r = light_heavy(variant, load, secs, per_us, 1);
-            if variant == Variant::Inline {
-                inline_p99 = r.light_p99_ms;
+    for &load in loads {
+        let mut baseline_p99 = f64::NAN;
+        for (i, &variant) in variants.iter().enumerate() {
+            let r = light_heavy(variant, load, secs, per_us, seed);
+            if i == 0 {
+                baseline_p99 = r.light_p99_ms;
             }
             println!(
                 "| {:.0}% | {} | {:.2} | {:.2} | {:.1} | {} | {} |",
@@ -549,7 +546,7 @@ fn main() {
                 r.light_unfinished
             );
             results.push(serde_json::json!({
-                "scenario": format!("light-heavy-{:.0}", load * 100.0),
+                "scenario": format!("{scenario}-{:.0}", load * 100.0),
                 "subject": variant.name(),
                 "metrics": {
                     "light_p99_ms": r.light_p99_ms,
@@ -557,43 +554,41 @@ fn main() {
                     "heavy_throughput": r.heavy_throughput,
                     "heavy_refused": r.heavy_refused,
                     "light_unfinished": r.light_unfinished,
-                    "light_p99_inline_over_this": inline_p99 / r.light_p99_ms,
+                    "light_p99_inline_over_this": baseline_p99 / r.light_p99_ms,
                 },
             }));
         }
     }
+}
 
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let secs = if quick { 2.0 } else { 10.0 };
+    let per_us = calibrate();
+    eprintln!("calibrated: {per_us:.0} rounds/µs");
+    let mut results = Vec::new();
+
+    println!("## light-heavy ({secs} s per run, light 1000/s, heavy 5–50 ms)\n");
+    light_heavy_table(
+        "light-heavy",
+        &[0.5, 0.9, 1.2],
+        &[
+            Variant::Inline,
+            Variant::SpawnBlocking,
+            Variant::SpawnBlockingSemaphore,
+            Variant::GratifyOffload,
+        ],
+        (secs, per_us, 1),
+        &mut results,
+    );
     println!("\n## compression hand-off (heavy = 1 MB JSON gzip 6, {secs} s per run)\n");
-    println!("| heavy load | variant | light p99 ms | light p99.9 ms | heavy/s done |");
-    println!("|---:|---|---:|---:|---:|");
-    for load in [0.5, 0.9] {
-        let mut inline_p99 = f64::NAN;
-        for variant in [Variant::CompressInline, Variant::CompressOffload] {
-            let r = light_heavy(variant, load, secs, per_us, 3);
-            if variant == Variant::CompressInline {
-                inline_p99 = r.light_p99_ms;
-            }
-            println!(
-                "| {:.0}% | {} | {:.2} | {:.2} | {:.1} |",
-                load * 100.0,
-                variant.name(),
-                r.light_p99_ms,
-                r.light_p999_ms,
-                r.heavy_throughput
-            );
-            results.push(serde_json::json!({
-                "scenario": format!("compress-handoff-{:.0}", load * 100.0),
-                "subject": variant.name(),
-                "metrics": {
-                    "light_p99_ms": r.light_p99_ms,
-                    "light_p999_ms": r.light_p999_ms,
-                    "heavy_throughput": r.heavy_throughput,
-                    "light_unfinished": r.light_unfinished,
-                    "light_p99_inline_over_this": inline_p99 / r.light_p99_ms,
-                },
-            }));
-        }
-    }
+    light_heavy_table(
+        "compress-handoff",
+        &[0.5, 0.9],
+        &[Variant::CompressInline, Variant::CompressOffload],
+        (secs, per_us, 3),
+        &mut results,
+    );
 
     let model = CostModel::from_toml(
         r#"
@@ -654,18 +649,6 @@ fn main() {
         }));
     }
 
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let doc = serde_json::json!({ "bench": "offload", "quick": quick, "commit": commit, "calibration_rounds_per_us": per_us, "results": results });
-    let dir = std::env::var_os("GRATIFY_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gratify-bench"));
-    let _ = std::fs::create_dir_all(&dir);
-    let path = dir.join("offload.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
-    eprintln!("wrote {}", path.display());
+    let doc = serde_json::json!({ "bench": "offload", "quick": quick, "commit": common::commit(), "calibration_rounds_per_us": per_us, "results": results });
+    common::write("offload", &doc);
 }

@@ -173,7 +173,8 @@ async fn a_panicking_job_is_a_failed_attempt_and_frees_its_slot() {
 
 #[tokio::test(start_paused = true)]
 async fn the_layer_hands_every_request_the_same_queue() {
-    use gratify::offload::{DeferLayer, request_class};
+    use gratify::core::classify::class_of;
+    use gratify::offload::DeferLayer;
     use tower::{Layer, ServiceExt, service_fn};
 
     let m = model();
@@ -188,7 +189,7 @@ async fn the_layer_hands_every_request_the_same_queue() {
                     .get::<Defer>()
                     .cloned()
                     .ok_or("no Defer in extensions")?;
-                let class = request_class(&request, &m);
+                let class = class_of(&request).unwrap_or(m.default_class());
                 queue.spawn("receipt", class, || async { Ok(()) })?;
                 Ok::<_, BoxError>(http::Response::new(()))
             }

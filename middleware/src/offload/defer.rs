@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use gratify_core::classify::class_of;
 use gratify_core::{BoxError, ClassId, CostModel, LoadSignal};
 use http::Request;
 use tokio::sync::Notify;
@@ -162,9 +161,6 @@ struct State {
     dead: Vec<String>,
     next_seq: u64,
 }
-
-/// The longest wait between two attempts of a job.
-const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
 struct Shared {
     state: Mutex<State>,
@@ -456,12 +452,8 @@ async fn runner(shared: Arc<Shared>) {
                     shared2.retries.fetch_add(1, Ordering::Relaxed);
                     super::count("gratify_defer_retries_total");
                     tracing::debug!(job = %job.name, attempt = job.attempts, error = %e, "deferred job failed; will retry");
-                    let backoff = shared2
-                        .config
-                        .backoff
-                        .saturating_mul(2u32.saturating_pow(job.attempts - 1))
-                        .min(MAX_BACKOFF);
-                    job.not_before = Instant::now() + backoff;
+                    job.not_before =
+                        Instant::now() + super::retry_delay(shared2.config.backoff, job.attempts);
                     s.queue.push_back(job);
                 }
                 Err(e) => {
@@ -523,9 +515,4 @@ where
         request.extensions_mut().insert(self.defer.clone());
         self.inner.call(request)
     }
-}
-
-/// The class of a request, for deferring work on its behalf.
-pub fn request_class<B>(request: &Request<B>, model: &CostModel) -> ClassId {
-    class_of(request).unwrap_or_else(|| model.default_class())
 }

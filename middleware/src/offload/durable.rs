@@ -683,10 +683,7 @@ impl Worker {
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
                 super::count("gratify_durable_retried_total");
                 tracing::debug!(job = %kind, key = %key, attempt, error = %error, "durable job failed; will retry");
-                let backoff = config
-                    .backoff
-                    .saturating_mul(2u32.saturating_pow(attempt - 1))
-                    .min(Duration::from_secs(3600));
+                let backoff = super::retry_delay(config.backoff, attempt);
                 let due = now_ms().saturating_add(u64::try_from(backoff.as_millis()).unwrap_or(0));
                 let member = serde_json::json!({
                     "type": kind, "payload": payload, "key": key,

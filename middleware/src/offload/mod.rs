@@ -51,9 +51,16 @@ mod service;
 
 pub use self::defer::{
     Defer, DeferConfig, DeferError, DeferLayer, DeferService, DeferStats, DrainReport,
-    request_class,
 };
 pub use self::pool::{CpuPool, OffloadError, PoolStats};
+
+/// The wait before retrying a job whose attempt number `attempt` (from 1)
+/// failed: `first`, doubling with each attempt, at most an hour.
+fn retry_delay(first: std::time::Duration, attempt: u32) -> std::time::Duration {
+    first
+        .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+        .min(std::time::Duration::from_secs(3600))
+}
 
 /// Counts one event through the `metrics` facade (feature `metrics`).
 #[inline]
