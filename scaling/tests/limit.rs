@@ -340,6 +340,74 @@ async fn holding_until_the_body_ends() {
     assert_eq!(l.stats().in_flight, 0);
 }
 
+/// A body that yields what is sent on a channel, and ends when it closes.
+struct Streamed(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Streamed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_slot_lasts_until_the_last_frame_and_is_timed_as_a_completion() {
+    let m = model();
+    let l = limiter(&m, 4, LimiterConfig::default());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone())
+        .hold_until_body_end(true)
+        .layer(service_fn(move |_: Request<String>| {
+            let rx = rx.lock().unwrap().take().unwrap();
+            async move { Ok::<_, Infallible>(Response::new(Streamed(rx))) }
+        }));
+    let browse = class(&m, "browse");
+    let mut body = svc.oneshot(req(browse, "")).await.unwrap().into_body();
+    tx.send(Bytes::from_static(b"first")).await.unwrap();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first");
+    assert_eq!(l.stats().in_flight, 1, "one frame read, the body goes on");
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    drop(tx);
+    assert!(body.frame().await.is_none());
+    let s = l.stats();
+    assert_eq!(s.in_flight, 0);
+    // Timed as a completion of 40 ms (a cancellation teaches no latency).
+    let latency = s.classes[browse.index()].latency;
+    assert!((0.039..0.041).contains(&latency), "{latency}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_says_it_has_ended_releases_without_another_poll() {
+    // hyper stops polling a body once `is_end_stream` is true: the slot must
+    // be released, as a completion, at that last frame.
+    let m = model();
+    let l = limiter(&m, 4, LimiterConfig::default());
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone())
+        .hold_until_body_end(true)
+        .layer(origin(Log::default()));
+    let browse = class(&m, "browse");
+    let mut body = svc.oneshot(req(browse, "a:25")).await.unwrap().into_body();
+    assert_eq!(l.stats().in_flight, 1);
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(&frame.into_data().unwrap()[..], b"a");
+    assert!(http_body::Body::is_end_stream(&body));
+    let s = l.stats();
+    assert_eq!(s.in_flight, 0, "released at the last frame");
+    let latency = s.classes[browse.index()].latency;
+    assert!((0.024..0.026).contains(&latency), "{latency}");
+    drop(body);
+    assert_eq!(l.stats().classes[browse.index()].latency, latency);
+}
+
 #[tokio::test(start_paused = true)]
 async fn inner_503s_are_a_loss_signal() {
     let m = model();

@@ -71,18 +71,22 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             KindProj::Inner {
-                body,
+                mut body,
                 permit,
                 outcome,
             } => {
-                let frame = std::task::ready!(body.poll_frame(cx));
+                let frame = std::task::ready!(body.as_mut().poll_frame(cx));
+                // The body ends at `None`, at an error, or at the frame after
+                // which it says it has ended: hyper does not poll again then.
                 let end = match &frame {
                     None => Some(*outcome),
                     Some(Err(_)) => Some(Outcome::Error),
-                    Some(Ok(_)) => None,
+                    Some(Ok(_)) => body.is_end_stream().then_some(*outcome),
                 };
-                if let (Some(outcome), Some(permit)) = (end, permit.take()) {
-                    permit.complete(outcome);
+                if let Some(end) = end
+                    && let Some(permit) = permit.take()
+                {
+                    permit.complete(end);
                 }
                 Poll::Ready(frame)
             }
