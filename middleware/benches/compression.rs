@@ -4,23 +4,51 @@
 //! ```text
 //! cargo bench -p gratify --bench compression
 //! cargo bench -p gratify --bench compression -- --quick
+//! cargo bench -p gratify --bench compression -- --quick overload   # one part
 //! ```
 //!
-//! Each subject runs in process on one thread: a request through the layer
-//! to a handler that returns the corpus, the compressed body collected.
-//! Throughput is input megabytes per second of wall time (median of 5 runs);
-//! ratio is compressed size over input size. Writes
-//! `target/gratify-bench/compression.json` (or `$GRATIFY_BENCH_DIR`).
+//! Three parts (name one or more of `throughput`, `overload`, `cached` after
+//! `--` to run only those):
+//!
+//! 1. **throughput**: each subject runs in process on one thread: a request
+//!    through the layer to a handler that returns the corpus, the compressed
+//!    body collected. Throughput is input megabytes per second of wall time
+//!    (median of 5 runs); ratio is compressed size over input size.
+//! 2. **overload**: a server runtime with one worker thread (one core) serves
+//!    100 KB JSON to open-loop Poisson arrivals stepped through 20% → 90% →
+//!    120% → 20% of the capacity of `tower-http-default` (measured first, in
+//!    the same run), for two clients: a browser (`gzip, deflate, br, zstd`)
+//!    and a gzip-only client. Subjects: `tower-http-default` (tower-http's
+//!    `CompressionLayer::new()`), `gratify-fixed-gzip-1`, and
+//!    `gratify-adaptive` (`CompressionLayer::adaptive` reading the load
+//!    signal of an `AdaptiveLimitLayer` in front, which holds slots to the
+//!    end of the body and never sheds the one class: its only job here is to
+//!    say what a slot costs). A latency runs from the *intended* send time to
+//!    the last byte compressed; CPU is the time spent inside the subject's
+//!    polls. `total_cost` prices every response by the model below: delay
+//!    cost of latency plus transfer time at 5 MB/s, CPU seconds and bytes
+//!    sent.
+//! 3. **cached**: a cached, compressed-once body against compressing per
+//!    request.
+//!
+//! Writes `target/gratify-bench/compression.json` (or `$GRATIFY_BENCH_DIR`).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
 
+use common::{Rng, percentile};
+
 use std::convert::Infallible;
-use std::time::Instant;
+use std::future::poll_fn;
+use std::pin::pin;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use gratify::CostModel;
 use gratify::compression::{Codec, CompressionConfig, CompressionLayer, Level, Levels};
+use gratify::scaling::limit::{AdaptiveLimitLayer, DelayCostLimit, Limiter, LimiterConfig};
 use http::{Request, Response};
+use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_http::CompressionLevel;
@@ -85,6 +113,26 @@ fn handler(
     })
 }
 
+/// The overload handler: 1 ms of I/O (a database read) before it answers,
+/// as any real handler of 100 KB JSON does.
+fn db_handler(
+    body: Bytes,
+) -> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    service_fn(move |_: Request<()>| {
+        let body = body.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let mut r = Response::new(Full::new(body));
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            Ok::<_, Infallible>(r)
+        }
+    })
+}
+
 fn cacheable(
     body: Bytes,
 ) -> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
@@ -108,7 +156,7 @@ fn cacheable(
 async fn requests_per_second<S, B>(svc: S, n: usize) -> f64
 where
     S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone,
-    B: http_body::Body<Data = Bytes>,
+    B: Body<Data = Bytes>,
     B::Error: std::fmt::Debug,
 {
     let req = || {
@@ -140,7 +188,7 @@ where
 async fn measure<S, B>(svc: S, accept: &str, input: usize, n: usize) -> (f64, f64)
 where
     S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone,
-    B: http_body::Body<Data = Bytes>,
+    B: Body<Data = Bytes>,
     B::Error: std::fmt::Debug,
 {
     let mut runs = Vec::new();
@@ -161,8 +209,386 @@ where
     (runs[2], out_len as f64 / input as f64)
 }
 
+/// The model of the overload run, in plausible money: a second of delay on
+/// an API response costs 0.001, a core-second 1.1e-5 (about 0.04 an hour),
+/// a byte sent 9e-11 (0.09 a GB of egress); a refusal 0.01.
+fn overload_model() -> CostModel {
+    CostModel::from_toml(
+        r#"
+        default_class = "api"
+        [prices]
+        cpu_second = 1.1e-5
+        byte_sent = 9e-11
+        [classes.api]
+        delay_cost = { shape = "linear", per_second = 0.001 }
+        refusal_cost = 0.01
+        "#,
+    )
+    .unwrap()
+}
+
+/// The assumed client bandwidth (bytes/s) for the transfer part of the cost.
+const BANDWIDTH: f64 = 5e6;
+
+/// One response of the overload run.
+struct Sent {
+    phase: usize,
+    intended: Instant,
+    finished: Instant,
+    bytes: usize,
+    cpu: Duration,
+    ok: bool,
+    encoding: Option<String>,
+}
+
+/// One request through `svc`, timing only the polls of the subject (on a
+/// one-thread server that is the CPU the request used).
+async fn timed_call<S, B>(svc: S, accept: &'static str) -> (bool, usize, Duration, Option<String>)
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+{
+    let mut cpu = Duration::ZERO;
+    let request = Request::get("/catalogue")
+        .header("host", "bench.example")
+        .header("accept-encoding", accept)
+        .body(())
+        .unwrap();
+    let mut call = pin!(svc.oneshot(request));
+    let response = poll_fn(|cx| {
+        let t = Instant::now();
+        let r = call.as_mut().poll(cx);
+        cpu += t.elapsed();
+        r
+    })
+    .await;
+    let Ok(response) = response;
+    let ok = response.status().is_success();
+    let encoding = response
+        .headers()
+        .get("content-encoding")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut body = pin!(response.into_body());
+    let mut bytes = 0;
+    loop {
+        let frame = poll_fn(|cx| {
+            let t = Instant::now();
+            let r = body.as_mut().poll_frame(cx);
+            cpu += t.elapsed();
+            r
+        })
+        .await;
+        match frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    bytes += data.len();
+                }
+            }
+            Some(Err(_)) => return (false, bytes, cpu, encoding),
+            None => break,
+        }
+    }
+    (ok, bytes, cpu, encoding)
+}
+
+/// Requests per second one core serves back to back through `svc` (median
+/// of 5 runs): the server's capacity.
+fn capacity<S, B>(svc: S, accept: &'static str, n: usize) -> f64
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone,
+    B: Body<Data = Bytes>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut runs: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            runtime.block_on(async {
+                for _ in 0..n {
+                    std::hint::black_box(timed_call(svc.clone(), accept).await);
+                }
+            });
+            n as f64 / start.elapsed().as_secs_f64()
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    runs[2]
+}
+
+/// The overload phases, as fractions of capacity.
+const PHASES: [(&str, f64); 4] = [
+    ("20pct", 0.2),
+    ("90pct", 0.9),
+    ("120pct", 1.2),
+    ("20pct-after", 0.2),
+];
+
+/// Runs the stepped load against the service `make` builds (inside the
+/// one-thread server runtime).
+fn stepped<S, B>(
+    make: impl FnOnce() -> S,
+    accept: &'static str,
+    rate: f64,
+    phase_secs: f64,
+    seed: u64,
+) -> Vec<Sent>
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    let mut rng = Rng(seed);
+    let mut arrivals = Vec::new();
+    for (phase, (_, fraction)) in PHASES.iter().enumerate() {
+        let begin = phase as f64 * phase_secs;
+        let mut t = begin;
+        loop {
+            t += -(1.0 - rng.next_f64()).ln() / (rate * fraction);
+            if t >= begin + phase_secs {
+                break;
+            }
+            arrivals.push((phase, t));
+        }
+    }
+    let server = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let svc = {
+        let _guard = server.enter();
+        make()
+    };
+    let driver = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let start = Instant::now() + Duration::from_millis(50);
+    let cutoff = start + Duration::from_secs_f64(phase_secs * PHASES.len() as f64 + 10.0);
+    let total = arrivals.len();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sent = driver.block_on(async {
+        for (phase, at) in arrivals {
+            let intended = start + Duration::from_secs_f64(at);
+            tokio::time::sleep_until(intended.into()).await;
+            let svc = svc.clone();
+            let tx = tx.clone();
+            server.spawn(async move {
+                let (ok, bytes, cpu, encoding) = timed_call(svc, accept).await;
+                let _ = tx.send(Sent {
+                    phase,
+                    intended,
+                    finished: Instant::now(),
+                    bytes,
+                    cpu,
+                    ok,
+                    encoding,
+                });
+            });
+        }
+        drop(tx);
+        let mut got = Vec::with_capacity(total);
+        while got.len() < total {
+            match tokio::time::timeout_at(cutoff.into(), rx.recv()).await {
+                Ok(Some(s)) => got.push(s),
+                _ => break,
+            }
+        }
+        got
+    });
+    server.shutdown_timeout(Duration::from_secs(1));
+    assert_eq!(
+        sent.len(),
+        total,
+        "unfinished requests 10 s after the last send"
+    );
+    sent
+}
+
+/// The metrics of one subject's overload run.
+fn overload_metrics(
+    sent: &[Sent],
+    model: &CostModel,
+) -> serde_json::Map<String, serde_json::Value> {
+    let class = model.class(model.default_class());
+    let prices = model.prices();
+    let latency = |s: &Sent| (s.finished - s.intended).as_secs_f64();
+    let p99 = |filter: &dyn Fn(&Sent) -> bool| {
+        let mut v: Vec<f64> = sent.iter().filter(|s| filter(s)).map(latency).collect();
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 0.99) * 1e3
+    };
+    let mut m = serde_json::Map::new();
+    m.insert("p99_ms".into(), p99(&|_| true).into());
+    for (i, (name, _)) in PHASES.iter().enumerate() {
+        m.insert(format!("p99_ms.{name}"), p99(&|s| s.phase == i).into());
+    }
+    let bytes: usize = sent.iter().map(|s| s.bytes).sum();
+    let cpu: f64 = sent.iter().map(|s| s.cpu.as_secs_f64()).sum();
+    let refused = sent.iter().filter(|s| !s.ok).count();
+    let cost: f64 = sent
+        .iter()
+        .map(|s| {
+            if s.ok {
+                class.response_cost(Duration::from_secs_f64(
+                    latency(s) + s.bytes as f64 / BANDWIDTH,
+                ))
+            } else {
+                class.refusal_cost()
+            }
+        })
+        .sum::<f64>()
+        + prices.cpu_second * cpu
+        + prices.byte_sent * bytes as f64;
+    m.insert("bytes_out".into(), bytes.into());
+    m.insert("cpu_s".into(), cpu.into());
+    m.insert("total_cost".into(), cost.into());
+    m.insert("requests".into(), sent.len().into());
+    m.insert("refused".into(), refused.into());
+    let mut codings: Vec<(String, usize)> = Vec::new();
+    for s in sent {
+        let name = s.encoding.clone().unwrap_or_else(|| "identity".into());
+        match codings.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, c)) => *c += 1,
+            None => codings.push((name, 1)),
+        }
+    }
+    for (name, count) in codings {
+        m.insert(
+            format!("share.{name}"),
+            (count as f64 / sent.len() as f64).into(),
+        );
+    }
+    m
+}
+
+/// The overload part: one table row per client and subject.
+fn overload(quick: bool, results: &mut Vec<serde_json::Value>) {
+    let body = api_json(100 * 1024);
+    let model = overload_model();
+    let phase_secs = if quick { 1.25 } else { 8.0 };
+    println!(
+        "\n| client | subject | p99 ms | p99 ms at 120% | bytes out | bytes / tower-http | p99 / tower-http | CPU s | total cost | refused | codings |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for (client, accept) in [
+        ("browser", "gzip, deflate, br, zstd"),
+        ("gzip-only", "gzip"),
+    ] {
+        let tower_default =
+            || tower_http::compression::CompressionLayer::new().layer(db_handler(body.clone()));
+        // Capacity: the handler without its I/O wait, back to back.
+        let rate = capacity(
+            tower_http::compression::CompressionLayer::new().layer(handler(body.clone())),
+            accept,
+            if quick { 200 } else { 600 },
+        );
+        eprintln!("{client}: capacity {rate:.0} requests/s");
+        let mut rows: Vec<(&str, serde_json::Map<String, serde_json::Value>)> = Vec::new();
+        let seed = 7;
+        let sent = stepped(tower_default, accept, rate, phase_secs, seed);
+        rows.push(("tower-http-default", overload_metrics(&sent, &model)));
+        let sent = stepped(
+            || {
+                let mut levels = Levels::default();
+                levels.gzip = 1;
+                let mut config = CompressionConfig::default();
+                config.codecs = vec![Codec::Gzip];
+                config.level = Level::Fixed(levels);
+                CompressionLayer::with_config(config).layer(db_handler(body.clone()))
+            },
+            accept,
+            rate,
+            phase_secs,
+            seed,
+        );
+        rows.push(("gratify-fixed-gzip-1", overload_metrics(&sent, &model)));
+        let sent = stepped(
+            || {
+                let class = model.default_class();
+                let mut config = LimiterConfig::default();
+                config.never_shed = vec![(class, 4096)];
+                config.max_queue = 4096;
+                config.max_queue_time = Duration::from_secs(60);
+                let limiter = Limiter::with_algorithm(&model, DelayCostLimit::new(&model), config);
+                let signal = limiter.load_signal().clone();
+                tower::ServiceBuilder::new()
+                    .layer(AdaptiveLimitLayer::with_limiter(limiter).hold_until_body_end(true))
+                    .layer(CompressionLayer::adaptive(&model, signal))
+                    .service(db_handler(body.clone()))
+            },
+            accept,
+            rate,
+            phase_secs,
+            seed,
+        );
+        rows.push(("gratify-adaptive", overload_metrics(&sent, &model)));
+        let base_p99 = rows[0].1["p99_ms"].as_f64().unwrap();
+        let base_bytes = rows[0].1["bytes_out"].as_f64().unwrap();
+        for (subject, mut metrics) in rows {
+            let p99 = metrics["p99_ms"].as_f64().unwrap();
+            let bytes = metrics["bytes_out"].as_f64().unwrap();
+            metrics.insert("p99_vs_tower_http_default".into(), (p99 / base_p99).into());
+            metrics.insert(
+                "bytes_vs_tower_http_default".into(),
+                (bytes / base_bytes).into(),
+            );
+            metrics.insert("capacity_rps".into(), rate.into());
+            let codings: Vec<String> = metrics
+                .iter()
+                .filter_map(|(k, v)| {
+                    k.strip_prefix("share.")
+                        .map(|c| format!("{c} {:.0}%", v.as_f64().unwrap_or(0.0) * 100.0))
+                })
+                .collect();
+            println!(
+                "| {client} | {subject} | {p99:.1} | {:.1} | {bytes:.0} | {:.2} | {:.2} | {:.2} | {:.4} | {} | {} |",
+                metrics["p99_ms.120pct"].as_f64().unwrap(),
+                bytes / base_bytes,
+                p99 / base_p99,
+                metrics["cpu_s"].as_f64().unwrap(),
+                metrics["total_cost"].as_f64().unwrap(),
+                metrics["refused"],
+                codings.join(", "),
+            );
+            results.push(serde_json::json!({
+                "scenario": format!("overload-{client}"),
+                "subject": subject,
+                "metrics": metrics,
+            }));
+        }
+    }
+}
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let parts = ["throughput", "overload", "cached"];
+    let named: Vec<&str> = parts
+        .iter()
+        .copied()
+        .filter(|p| args.iter().any(|a| a == p))
+        .collect();
+    let run = |part: &str| named.is_empty() || named.contains(&part);
+    let mut results = Vec::new();
+    if run("throughput") {
+        throughput(quick, &mut results);
+    }
+    if run("overload") {
+        overload(quick, &mut results);
+    }
+    if run("cached") {
+        cached(quick, &mut results);
+    }
+    let doc = serde_json::json!({ "bench": "compression", "quick": quick, "commit": common::commit(), "results": results });
+    common::write("compression", &doc);
+}
+
+/// The throughput part: gratify against tower-http at the same settings.
+fn throughput(quick: bool, results: &mut Vec<serde_json::Value>) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -174,7 +600,6 @@ fn main() {
         ("zstd", Codec::Zstd, 1),
         ("zstd", Codec::Zstd, 3),
     ];
-    let mut results = Vec::new();
     println!(
         "| corpus | codec | level | tower-http MB/s | gratify MB/s | gratify / tower-http | tower-http ratio | gratify ratio |"
     );
@@ -217,7 +642,15 @@ fn main() {
             }
         }
     });
-    // Cached-compressed against compress-per-request, 100 KB JSON, zstd.
+}
+
+/// The cached part: cached-compressed against compress-per-request, 100 KB
+/// JSON, zstd.
+fn cached(quick: bool, results: &mut Vec<serde_json::Value>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let body = api_json(100 * 1024);
     let n = if quick { 300 } else { 1500 };
     let (per_request, cached) = runtime.block_on(async {
@@ -247,7 +680,4 @@ fn main() {
         "subject": "gratify",
         "metrics": { "per_request_rps": per_request, "cached_rps": cached, "hit_speedup": cached / per_request },
     }));
-
-    let doc = serde_json::json!({ "bench": "compression", "quick": quick, "commit": common::commit(), "results": results });
-    common::write("compression", &doc);
 }

@@ -36,6 +36,8 @@
 
 mod common;
 
+use common::{Rng, percentile};
+
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::sync::Arc;
@@ -79,28 +81,6 @@ fn calibrate() -> f64 {
         best = best.max(n as f64 / t.elapsed().as_secs_f64() / 1e6);
     }
     best
-}
-
-/// A small deterministic generator (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
