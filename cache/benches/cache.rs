@@ -15,9 +15,16 @@
 //! Section "stampede": 1,000 concurrent requests for one cold key whose
 //! origin takes 100 ms (paused clock): origin calls and p99 latency.
 //!
-//! Section "hit-path": the cost of a hit through the whole layer against the
-//! bare handler returning the same bytes (a plain timing loop on one thread,
-//! median of 7 runs).
+//! Section "hit-path": the cost of a hit of an 8 KB page through the whole
+//! layer against the bare handler returning the same bytes (a timing loop on
+//! one thread; per-request times; mean and p99, medians of 7 runs).
+//!
+//! The stampede and hit-path sections also measure the server-side caches
+//! that exist for tower, each over moka with 10,000 entries:
+//! `http-cache-tower-server` 0.2 (`ServerCacheLayer` with http-cache's
+//! `MokaManager`) and `hitbox` 0.2 (`hitbox-tower` with `hitbox-moka`, keyed
+//! by method and path, with its dogpile-preventing
+//! `BroadcastConcurrencyManager` at concurrency 1).
 //!
 //! Section "loopback": the same 8 KB page served by hyper on 127.0.0.1 from
 //! a bare handler and through the cache (a hit every time), each loaded by 32
@@ -201,106 +208,242 @@ fn run(trace: &Trace, cost_aware: bool) -> Outcome {
     })
 }
 
-/// 1,000 concurrent requests for one cold key; the origin takes 100 ms.
-fn stampede() -> (u64, f64) {
+/// A response of `body` that shared caches may keep for `max_age` seconds.
+fn cacheable(body: Bytes, max_age: u32) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body));
+    r.headers_mut().insert(
+        "cache-control",
+        format!("public, max-age={max_age}").parse().unwrap(),
+    );
+    r
+}
+
+/// The subjects of the hit-path and stampede sections: each wraps `origin`
+/// in a cache of 10,000 entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Subject {
+    Bare,
+    Gratify,
+    HttpCacheTowerServer,
+    Hitbox,
+}
+
+impl Subject {
+    const ALL: [Self; 4] = [
+        Self::Bare,
+        Self::Gratify,
+        Self::HttpCacheTowerServer,
+        Self::Hitbox,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Bare => "bare",
+            Self::Gratify => "gratify",
+            Self::HttpCacheTowerServer => "http-cache-tower-server",
+            Self::Hitbox => "hitbox",
+        }
+    }
+}
+
+/// Per-request timings of `n` hits through `svc` (nanoseconds).
+async fn timings<S, B>(svc: &S, n: usize) -> Vec<f64>
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let req = || {
+        Request::get("http://bench.example/page")
+            .header("host", "bench.example")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // Warm the entry, and let a cache that stores from a spawned task do so.
+    let r = svc.clone().oneshot(req()).await.unwrap();
+    let _ = r.into_body().collect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let r = svc.clone().oneshot(req()).await.unwrap();
+        std::hint::black_box(r.into_body().collect().await.unwrap());
+        out.push(t.elapsed().as_nanos() as f64);
+    }
+    out
+}
+
+/// (mean, p99) nanoseconds per hit through `svc`: the medians over 7 runs of
+/// at most `n` requests, fewer for a slow subject (about 0.3 s a run).
+fn hit_path_of<S, B>(svc: S, n: usize) -> (f64, f64)
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let probe = runtime.block_on(timings(&svc, 200));
+    let per = probe.iter().sum::<f64>() / probe.len() as f64;
+    let n = n.min((0.3e9 / per.max(1.0)) as usize).max(200);
+    let mut means = Vec::new();
+    let mut p99s = Vec::new();
+    for _ in 0..7 {
+        let mut t = runtime.block_on(timings(&svc, n));
+        means.push(t.iter().sum::<f64>() / t.len() as f64);
+        t.sort_by(f64::total_cmp);
+        p99s.push(t[t.len() * 99 / 100]);
+    }
+    means.sort_by(f64::total_cmp);
+    p99s.sort_by(f64::total_cmp);
+    (means[3], p99s[3])
+}
+
+/// An origin answering `body`, cacheable, after `delay`, counting its calls.
+fn origin<ReqB>(
+    body: Bytes,
+    delay: Duration,
+    calls: Arc<std::sync::atomic::AtomicU64>,
+) -> impl tower::Service<
+    Request<ReqB>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |_: Request<ReqB>| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let body = body.clone();
+        async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Ok::<_, Infallible>(cacheable(body, 3600))
+        }
+    })
+}
+
+/// Runs `f` with `subject` wrapped around an origin of `body` and `delay`.
+/// Returns `None` for a subject that is not a cache where one is needed.
+macro_rules! with_subject {
+    ($subject:expr, $body:expr, $delay:expr, $calls:expr, |$svc:ident| $run:expr) => {
+        match $subject {
+            Subject::Bare => {
+                let $svc = origin::<Full<Bytes>>($body, $delay, $calls);
+                $run
+            }
+            Subject::Gratify => {
+                let $svc =
+                    HttpCacheLayer::new(HttpCacheConfig::default())
+                        .layer(origin::<Full<Bytes>>($body, $delay, $calls));
+                $run
+            }
+            Subject::HttpCacheTowerServer => {
+                let manager = http_cache::MokaManager::new(moka::future::Cache::new(10_000));
+                let $svc = http_cache_tower_server::ServerCacheLayer::new(manager).layer(origin::<
+                    Full<Bytes>,
+                >(
+                    $body, $delay, $calls,
+                ));
+                $run
+            }
+            Subject::Hitbox => {
+                use hitbox_http::extractors::path::PathExtractor as _;
+                let config = hitbox::Config::builder()
+                    .request_predicate(hitbox_http::predicates::NeutralRequestPredicate::new())
+                    .response_predicate(hitbox_http::predicates::NeutralResponsePredicate::new())
+                    .extractor(hitbox_http::extractors::Method::new().path("/{page}"))
+                    .policy(
+                        hitbox::policy::PolicyConfig::builder()
+                            .ttl(Duration::from_secs(3600))
+                            .concurrency(hitbox::policy::ConcurrencyLimit::new(1).unwrap())
+                            .build(),
+                    )
+                    .build();
+                let layer = hitbox_tower::Cache::builder()
+                    .backend(
+                        hitbox_moka::MokaBackend::builder()
+                            .max_entries(10_000)
+                            .build(),
+                    )
+                    .config(config)
+                    .concurrency_manager(hitbox::concurrency::BroadcastConcurrencyManager::new())
+                    .build();
+                let $svc = layer.layer(origin($body, $delay, $calls));
+                $run
+            }
+        }
+    };
+}
+
+/// 1,000 concurrent requests for one cold key whose origin takes 100 ms
+/// (paused clock): origin calls and p99 latency (ms).
+fn stampede(subject: Subject) -> (u64, f64) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .unwrap();
-    runtime.block_on(async {
-        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let origin = {
-            let calls = Arc::clone(&calls);
-            service_fn(move |_: Request<()>| {
-                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                async {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    let mut r = Response::new(Full::new(Bytes::from_static(b"hot product page")));
-                    r.headers_mut()
-                        .insert("cache-control", "public, max-age=60".parse().unwrap());
-                    Ok::<_, Infallible>(r)
-                }
-            })
-        };
-        let svc = HttpCacheLayer::new(HttpCacheConfig::default()).layer(origin);
-        let start = tokio::time::Instant::now();
-        let tasks: Vec<_> = (0..1000)
-            .map(|_| {
-                let svc = svc.clone();
-                tokio::spawn(async move {
-                    let req = Request::get("/hot")
-                        .header("host", "bench.example")
-                        .body(())
-                        .unwrap();
-                    let r = svc.oneshot(req).await.unwrap();
-                    let _ = r.into_body().collect().await.unwrap();
-                    start.elapsed()
-                })
-            })
-            .collect();
-        let mut latencies = Vec::new();
-        for t in tasks {
-            latencies.push(t.await.unwrap());
-        }
-        latencies.sort();
-        let p99 = latencies[latencies.len() * 99 / 100 - 1];
-        (
-            calls.load(std::sync::atomic::Ordering::SeqCst),
-            p99.as_secs_f64() * 1e3,
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let body = Bytes::from_static(b"hot product page");
+    let p99 = runtime.block_on(async {
+        with_subject!(
+            subject,
+            body,
+            Duration::from_millis(100),
+            Arc::clone(&calls),
+            |svc| stampede_on(svc).await
         )
-    })
+    });
+    (calls.load(std::sync::atomic::Ordering::SeqCst), p99)
 }
 
-/// Nanoseconds per request: a hit through the layer, and the bare handler.
-fn hit_path(n: usize) -> (f64, f64) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let page = Bytes::from(vec![b'x'; 8192]);
-        let handler = {
-            let page = page.clone();
-            service_fn(move |_: Request<()>| {
-                let page = page.clone();
-                async move {
-                    let mut r = Response::new(Full::new(page));
-                    r.headers_mut()
-                        .insert("cache-control", "public, max-age=3600".parse().unwrap());
-                    Ok::<_, Infallible>(r)
-                }
+async fn stampede_on<S, B>(svc: S) -> f64
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone + Send + 'static,
+    S::Error: std::fmt::Debug,
+    S::Future: Send,
+    B: http_body::Body + Send,
+    B::Data: Send,
+    B::Error: std::fmt::Debug,
+{
+    let start = tokio::time::Instant::now();
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let req = Request::get("http://bench.example/hot")
+                    .header("host", "bench.example")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let r = svc.oneshot(req).await.unwrap();
+                let _ = r.into_body().collect().await.unwrap();
+                start.elapsed()
             })
-        };
-        let cached = HttpCacheLayer::new(HttpCacheConfig::default()).layer(handler.clone());
-        let req = || {
-            Request::get("/page")
-                .header("host", "bench.example")
-                .body(())
-                .unwrap()
-        };
-        // Warm the entry.
-        let _ = cached.clone().oneshot(req()).await.unwrap();
-        let mut bare_runs = Vec::new();
-        let mut cached_runs = Vec::new();
-        for _ in 0..7 {
-            let t = std::time::Instant::now();
-            for _ in 0..n {
-                let r = handler.clone().oneshot(req()).await.unwrap();
-                std::hint::black_box(r.into_body().collect().await.unwrap());
-            }
-            bare_runs.push(t.elapsed().as_nanos() as f64 / n as f64);
-            let t = std::time::Instant::now();
-            for _ in 0..n {
-                let r = cached.clone().oneshot(req()).await.unwrap();
-                std::hint::black_box(r.into_body().collect().await.unwrap());
-            }
-            cached_runs.push(t.elapsed().as_nanos() as f64 / n as f64);
-        }
-        bare_runs.sort_by(f64::total_cmp);
-        cached_runs.sort_by(f64::total_cmp);
-        (bare_runs[3], cached_runs[3])
-    })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.push(t.await.unwrap());
+    }
+    latencies.sort();
+    latencies[latencies.len() * 99 / 100 - 1].as_secs_f64() * 1e3
+}
+
+/// (mean ns, p99 ns, origin calls) per request for `subject` serving a hit
+/// of an 8 KB page.
+fn hit_path(subject: Subject, n: usize) -> (f64, f64, u64) {
+    let page = Bytes::from(vec![b'x'; 8192]);
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (mean, p99) = with_subject!(subject, page, Duration::ZERO, Arc::clone(&calls), |svc| {
+        hit_path_of(svc, n)
+    });
+    (mean, p99, calls.load(std::sync::atomic::Ordering::SeqCst))
 }
 
 /// Requests per second that `connections` keep-alive clients get from a
@@ -446,26 +589,36 @@ fn main() {
         }));
     }
 
-    let (calls, p99) = stampede();
     println!("\n| subject | origin calls | p99 (ms) |");
     println!("|---|---:|---:|");
-    println!("| gratify | {calls} | {p99:.1} |");
-    results.push(serde_json::json!({
-        "scenario": "stampede",
-        "subject": "gratify",
-        "metrics": { "origin_calls": calls, "p99_ms": p99 },
-    }));
+    for subject in Subject::ALL.into_iter().skip(1) {
+        let (calls, p99) = stampede(subject);
+        println!("| {} | {calls} | {p99:.1} |", subject.name());
+        results.push(serde_json::json!({
+            "scenario": "stampede",
+            "subject": subject.name(),
+            "metrics": { "origin_calls": calls, "p99_ms": p99 },
+        }));
+    }
 
-    let (bare, cached) = hit_path(if quick { 20_000 } else { 200_000 });
-    println!("\n| subject | ns per request | vs bare |");
-    println!("|---|---:|---:|");
-    println!("| bare | {bare:.0} | 1.00 |");
-    println!("| gratify | {cached:.0} | {:.2} |", cached / bare);
-    for (subject, ns) in [("bare", bare), ("gratify", cached)] {
+    let n = if quick { 20_000 } else { 200_000 };
+    println!("\n| subject | ns per request | p99 ns | vs bare | origin calls |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut bare = f64::NAN;
+    for subject in Subject::ALL {
+        let (ns, p99, calls) = hit_path(subject, n);
+        if subject == Subject::Bare {
+            bare = ns;
+        }
+        println!(
+            "| {} | {ns:.0} | {p99:.0} | {:.2} | {calls} |",
+            subject.name(),
+            ns / bare
+        );
         results.push(serde_json::json!({
             "scenario": "hit-path",
-            "subject": subject,
-            "metrics": { "ns_per_req": ns, "ratio_vs_bare": ns / bare },
+            "subject": subject.name(),
+            "metrics": { "ns_per_req": ns, "p99_ns": p99, "ratio_vs_bare": ns / bare, "origin_calls": calls },
         }));
     }
 
