@@ -26,6 +26,7 @@ use crate::directives::{RequestDirectives, ResponseDirectives};
 use crate::key::{CacheKey, KeyPart, key_of};
 use crate::policy::{Rules, Usable, initial_age, usable, vary_fields, vary_value};
 use crate::store::{Entry, Store};
+use crate::tier::{Scope, SharedTier, Tier, TierConfig, TierStats};
 
 /// The `Cache-Status` header (RFC 9211).
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -167,25 +168,28 @@ impl CachePurge {
         self.shared.store.remove(&CacheKey::from_text(key)).await;
     }
 
-    /// Removes every entry whose key starts with `prefix`.
+    /// Removes every entry whose key starts with `prefix` (on every replica,
+    /// with a shared tier).
     pub fn purge_prefix(&self, prefix: &str) {
-        let prefix = prefix.to_owned();
         self.shared
             .store
-            .remove_if(move |k, _| k.as_str().starts_with(&prefix));
+            .remove_scope(Scope::Prefix(prefix.to_owned()));
     }
 
-    /// Removes every entry tagged `tag` (by the tag header).
+    /// Removes every entry tagged `tag` (by the tag header; on every
+    /// replica, with a shared tier).
     pub fn purge_tag(&self, tag: &str) {
-        let tag = tag.to_owned();
-        self.shared
-            .store
-            .remove_if(move |_, v| v.entries.iter().any(|e| e.tags.contains(&tag)));
+        self.shared.store.remove_scope(Scope::Tag(tag.to_owned()));
     }
 
-    /// Removes everything.
+    /// Removes everything (on every replica, with a shared tier).
     pub fn purge_all(&self) {
-        self.shared.store.remove_all();
+        self.shared.store.remove_scope(Scope::All);
+    }
+
+    /// The shared tier's counters, if the cache has one.
+    pub fn tier_stats(&self) -> Option<TierStats> {
+        self.shared.store.tier().map(|t| t.stats())
     }
 
     /// Bytes held (moka's weighted size; may lag behind by pending work).
@@ -266,6 +270,24 @@ impl HttpCacheLayer {
         }
     }
 
+    /// Puts a shared second tier (Redis) under this cache: see
+    /// [`tier`](crate::tier). Every replica given the same tier and namespace
+    /// shares entries and invalidations. Call it before the first request;
+    /// a second tier is ignored (with a warning).
+    #[must_use]
+    pub fn with_tier(self, tier: impl SharedTier, config: TierConfig) -> Self {
+        if !self
+            .shared
+            .store
+            .set_tier(Tier::new(Arc::new(tier), config))
+        {
+            tracing::warn!("this cache already has a shared tier; the new one is ignored");
+        }
+        // Subscribe now when inside a runtime (else at the first request).
+        let _ = self.shared.store.tier();
+        self
+    }
+
     /// The purge handle.
     pub fn purge(&self) -> CachePurge {
         CachePurge {
@@ -302,6 +324,24 @@ impl<S> HttpCache<S> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// Puts a shared second tier (Redis) under this cache: see
+    /// [`tier`](crate::tier). Every replica given the same tier and namespace
+    /// shares entries and invalidations. Call it before the first request;
+    /// a second tier is ignored (with a warning).
+    #[must_use]
+    pub fn with_tier(self, tier: impl SharedTier, config: TierConfig) -> Self {
+        if !self
+            .shared
+            .store
+            .set_tier(Tier::new(Arc::new(tier), config))
+        {
+            tracing::warn!("this cache already has a shared tier; the new one is ignored");
+        }
+        // Subscribe now when inside a runtime (else at the first request).
+        let _ = self.shared.store.tier();
+        self
     }
 
     /// The purge handle.

@@ -85,6 +85,7 @@ mod http_cache;
 pub mod key;
 pub mod policy;
 mod store;
+pub mod tier;
 
 pub use self::http_cache::{CACHE_STATUS, CachePurge, HttpCache, HttpCacheConfig, HttpCacheLayer};
 pub use self::key::{CacheKey, KeyPart};

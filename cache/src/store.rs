@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use crate::directives::ResponseDirectives;
 use crate::key::CacheKey;
 use crate::policy::vary_value;
+use crate::tier::{BoxFuture, Evict, Scope, Tier};
 
 /// One stored response. Its body is shared: a hit copies no bytes.
 #[derive(Debug)]
@@ -222,13 +223,51 @@ impl Expiry<CacheKey, Arc<Variants>> for KeepFor {
     }
 }
 
-/// The moka-backed store.
+/// The moka-backed store, over an optional shared tier.
 #[derive(Clone)]
 pub(crate) struct Store {
     cache: Cache<CacheKey, Arc<Variants>>,
     max_variants: usize,
     max_bytes: u64,
     gate: Arc<Gate>,
+    tier: Arc<std::sync::OnceLock<Arc<Tier>>>,
+}
+
+/// Evicts L1 copies when another replica invalidates.
+struct L1(Cache<CacheKey, Arc<Variants>>);
+
+impl L1 {
+    /// Evicts what a prefix, tag or purge-all covers (a key needs `await`).
+    fn evict_now(&self, scope: &Scope) {
+        // `invalidate_entries_if` fails only if closures were not enabled at
+        // build time; they are.
+        match scope.clone() {
+            Scope::Key(_) => {}
+            Scope::Prefix(p) => {
+                let _ = self
+                    .0
+                    .invalidate_entries_if(move |k, _| k.as_str().starts_with(&p));
+            }
+            Scope::Tag(t) => {
+                let _ = self.0.invalidate_entries_if(move |_, v| {
+                    v.entries.iter().any(|e| e.tags.contains(&t))
+                });
+            }
+            Scope::All => self.0.invalidate_all(),
+        }
+    }
+}
+
+impl Evict for L1 {
+    fn evict(&self, scope: &Scope) -> BoxFuture<()> {
+        if let Scope::Key(k) = scope {
+            let cache = self.0.clone();
+            let key = CacheKey::from_text(k);
+            return Box::pin(async move { cache.invalidate(&key).await });
+        }
+        self.evict_now(scope);
+        Box::pin(async {})
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -236,6 +275,7 @@ impl std::fmt::Debug for Store {
         f.debug_struct("Store")
             .field("entries", &self.cache.entry_count())
             .field("bytes", &self.cache.weighted_size())
+            .field("tier", &self.tier.get())
             .finish()
     }
 }
@@ -274,17 +314,46 @@ impl Store {
             max_variants: max_variants.max(1),
             max_bytes,
             gate,
+            tier: Arc::new(std::sync::OnceLock::new()),
         }
+    }
+
+    /// Puts `tier` under this store; `false` if it already has one.
+    pub(crate) fn set_tier(&self, tier: Tier) -> bool {
+        self.tier.set(Arc::new(tier)).is_ok()
+    }
+
+    pub(crate) fn tier(&self) -> Option<&Arc<Tier>> {
+        let tier = self.tier.get()?;
+        if !tier.is_started() {
+            tier.start(Arc::new(L1(self.cache.clone())));
+        }
+        Some(tier)
     }
 
     pub(crate) async fn get(&self, key: &CacheKey) -> Option<Arc<Variants>> {
         self.gate.touch(key);
+        if let Some(v) = self.cache.get(key).await {
+            return Some(v);
+        }
+        let decoded = self.tier()?.get(key.as_str()).await?;
+        // An L2 hit fills L1 (and is not written back).
+        self.insert_local(key.clone(), decoded.entry).await;
         self.cache.get(key).await
     }
 
     /// Stores `entry`, replacing the variant with the same `Vary` values —
-    /// unless the value gate turns it away (returns `false`).
+    /// unless the value gate turns it away (returns `false`) — and writes it
+    /// to the shared tier, if any, in the background.
     pub(crate) async fn insert(&self, key: CacheKey, entry: Arc<Entry>) -> bool {
+        if let Some(tier) = self.tier() {
+            tier.put(key.as_str(), &entry);
+        }
+        self.insert_local(key, entry).await
+    }
+
+    /// Stores `entry` in L1 only.
+    async fn insert_local(&self, key: CacheKey, entry: Arc<Entry>) -> bool {
         let now = Instant::now();
         if entry.saved_per_hit() < self.gate.min_saved_per_hit {
             return false;
@@ -334,20 +403,21 @@ impl Store {
         true
     }
 
+    /// Removes `key` here, from the shared tier and from every replica.
     pub(crate) async fn remove(&self, key: &CacheKey) {
         self.cache.invalidate(key).await;
+        if let Some(tier) = self.tier() {
+            tier.invalidate(Scope::Key(key.as_str().to_owned()));
+        }
     }
 
-    pub(crate) fn remove_if(
-        &self,
-        f: impl Fn(&CacheKey, &Variants) -> bool + Send + Sync + 'static,
-    ) {
-        // Fails only if closures were not enabled at build time; they are.
-        let _ = self.cache.invalidate_entries_if(move |k, v| f(k, v));
-    }
-
-    pub(crate) fn remove_all(&self) {
-        self.cache.invalidate_all();
+    /// Removes every entry whose key starts with `prefix`, tagged `tag`, or
+    /// everything — here, and through the shared tier everywhere.
+    pub(crate) fn remove_scope(&self, scope: Scope) {
+        L1(self.cache.clone()).evict_now(&scope);
+        if let Some(tier) = self.tier() {
+            tier.invalidate(scope);
+        }
     }
 
     pub(crate) async fn run_pending_tasks(&self) {

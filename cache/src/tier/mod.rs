@@ -1,0 +1,673 @@
+//! A shared second tier under the in-process cache, with cross-replica
+//! invalidation.
+//!
+//! A service running as N replicas has N in-process (L1) caches. Give each
+//! replica's [`HttpCacheLayer`](crate::HttpCacheLayer) the same
+//! [`SharedTier`] — Redis, with the `redis` feature's
+//! [`RedisTier`](redis::RedisTier) — and:
+//!
+//! - a miss in L1 asks the tier (with a soft timeout, 5 ms by default) before
+//!   the origin; a tier hit fills L1;
+//! - a stored response is written to the tier in the background, never
+//!   delaying the response, through a bounded queue (a full queue drops the
+//!   write: it is a cache);
+//! - every invalidation — a purge by key, prefix or tag, purge-all, an unsafe
+//!   method, a newer response stored — is published as a short message on
+//!   the tier's channel, and every other replica evicts its L1 copy;
+//! - prefix, tag and purge-all invalidations also set a *barrier*: an entry
+//!   read from the tier that was stored before a barrier covering it is a
+//!   miss, so no index of keys by tag is needed;
+//! - the channel is at-most-once: when the subscription is re-established a
+//!   replica drops its whole L1 (it may have missed invalidations), and L1
+//!   lifetimes are the last safety net;
+//! - a circuit breaker stops asking the tier after repeated failures or
+//!   timeouts, for a backoff, then lets one request try again: nothing fails
+//!   because the tier does — requests are served from L1 and the origin.
+//!
+//! Entries travel in a versioned envelope; one that does not decode (another
+//! version, garbage) is a miss.
+
+mod envelope;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use gratify_core::BoxError;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::store::Entry;
+
+pub(crate) use self::envelope::Decoded;
+
+/// A boxed, sendable future, as the methods of [`SharedTier`] return.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What a replica hears on the tier's channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TierEvent {
+    /// A message another replica (or this one) published.
+    Message(Bytes),
+    /// The subscription was (re-)established: messages may have been lost
+    /// while it was down.
+    Resubscribed,
+}
+
+/// A shared store with a broadcast channel: the small interface the cache
+/// needs from Redis (or anything else).
+///
+/// Every method may fail; the cache treats a failure as a miss (or a lost
+/// write) and counts it towards its circuit breaker. Implementations should
+/// fail fast rather than wait: the cache also bounds each call by its soft
+/// timeout.
+pub trait SharedTier: Send + Sync + 'static {
+    /// The value under `key`, if any.
+    fn get(&self, key: String) -> BoxFuture<Result<Option<Bytes>, BoxError>>;
+    /// Stores `value` under `key` for `ttl`.
+    fn set(&self, key: String, value: Bytes, ttl: Duration) -> BoxFuture<Result<(), BoxError>>;
+    /// Removes `key`.
+    fn delete(&self, key: String) -> BoxFuture<Result<(), BoxError>>;
+    /// Publishes `message` on `channel` to every subscriber.
+    fn publish(&self, channel: String, message: Bytes) -> BoxFuture<Result<(), BoxError>>;
+    /// A stream of what is published on `channel`, with a
+    /// [`TierEvent::Resubscribed`] each time the subscription is
+    /// (re-)established. It ends when the tier is dropped. Called once.
+    fn subscribe(&self, channel: String) -> mpsc::Receiver<TierEvent>;
+    /// Records in the set `key` that `member` was invalidated at `at_ms`
+    /// (wall milliseconds), forgetting members older than `keep`.
+    fn add_barrier(
+        &self,
+        key: String,
+        member: String,
+        at_ms: u64,
+        keep: Duration,
+    ) -> BoxFuture<Result<(), BoxError>>;
+    /// Every member of the set `key` with its time.
+    fn barriers(&self, key: String) -> BoxFuture<Result<Vec<(String, u64)>, BoxError>>;
+}
+
+/// The settings of a shared tier.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TierConfig {
+    /// Prefix of every key and the channel name (`<namespace>:invalidate`).
+    pub namespace: String,
+    /// How long a request waits for the tier before going to the origin.
+    pub soft_timeout: Duration,
+    /// Writes (and invalidations) waiting to be sent; more are dropped.
+    pub write_queue: usize,
+    /// Consecutive failures (errors or timeouts) that open the breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker stops asking the tier; doubled on each
+    /// failed retry, up to [`breaker_max_backoff`](Self::breaker_max_backoff).
+    pub breaker_backoff: Duration,
+    /// The longest backoff.
+    pub breaker_max_backoff: Duration,
+    /// The longest a tier entry is kept, whatever its freshness (Redis TTL).
+    pub max_ttl: Duration,
+}
+
+impl Default for TierConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "gratify:cache".into(),
+            soft_timeout: Duration::from_millis(5),
+            write_queue: 1024,
+            breaker_failures: 3,
+            breaker_backoff: Duration::from_millis(500),
+            breaker_max_backoff: Duration::from_secs(10),
+            max_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl TierConfig {
+    /// The default settings under `namespace`.
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the soft timeout of a read.
+    #[must_use]
+    pub fn soft_timeout(mut self, timeout: Duration) -> Self {
+        self.soft_timeout = timeout;
+        self
+    }
+}
+
+/// Counters of a shared tier, for tests, dashboards and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TierStats {
+    /// Reads answered by the tier with a usable entry.
+    pub hits: u64,
+    /// Reads the tier answered with nothing usable (absent, undecodable, or
+    /// behind a barrier).
+    pub misses: u64,
+    /// Reads and writes that failed or timed out.
+    pub errors: u64,
+    /// Reads not attempted because the breaker was open.
+    pub skipped: u64,
+    /// Writes dropped because the queue was full.
+    pub dropped_writes: u64,
+    /// Invalidations received from other replicas.
+    pub invalidations: u64,
+    /// Times the subscription was re-established (and L1 dropped).
+    pub resubscribed: u64,
+    /// Whether the breaker is open now.
+    pub breaker_open: bool,
+    /// Whether the tier is trusted: subscribed, with the barriers others set
+    /// loaded. Until then reads skip it (they count as `skipped`).
+    pub ready: bool,
+}
+
+/// What an invalidation covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Scope {
+    Key(String),
+    Prefix(String),
+    Tag(String),
+    All,
+}
+
+impl Scope {
+    /// `<sender> <wall ms> <k|p|t|a> [<text>]`
+    fn message(&self, sender: u64, at_ms: u64) -> Bytes {
+        let (op, text) = match self {
+            Self::Key(k) => ("k", k.as_str()),
+            Self::Prefix(p) => ("p", p.as_str()),
+            Self::Tag(t) => ("t", t.as_str()),
+            Self::All => ("a", ""),
+        };
+        Bytes::from(format!("{sender:016x} {at_ms} {op} {text}"))
+    }
+
+    /// Its name in the barrier set (`None` for a key: keys are deleted).
+    fn member(&self) -> Option<String> {
+        match self {
+            Self::Key(_) => None,
+            Self::Prefix(p) => Some(format!("p:{p}")),
+            Self::Tag(t) => Some(format!("t:{t}")),
+            Self::All => Some("a".into()),
+        }
+    }
+
+    fn of_member(member: &str) -> Option<Self> {
+        if member == "a" {
+            return Some(Self::All);
+        }
+        let (kind, text) = member.split_once(':')?;
+        match kind {
+            "p" => Some(Self::Prefix(text.to_owned())),
+            "t" => Some(Self::Tag(text.to_owned())),
+            _ => None,
+        }
+    }
+
+    fn parse(message: &[u8]) -> Option<(u64, u64, Self)> {
+        let text = std::str::from_utf8(message).ok()?;
+        let mut parts = text.splitn(4, ' ');
+        let sender = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let at_ms = parts.next()?.parse().ok()?;
+        let op = parts.next()?;
+        let rest = parts.next().unwrap_or("").to_owned();
+        let scope = match op {
+            "k" if !rest.is_empty() => Self::Key(rest),
+            "p" if !rest.is_empty() => Self::Prefix(rest),
+            "t" if !rest.is_empty() => Self::Tag(rest),
+            "a" => Self::All,
+            _ => return None,
+        };
+        Some((sender, at_ms, scope))
+    }
+}
+
+/// Prefix, tag and purge-all barriers (wall ms): a tier entry stored at or
+/// before a barrier that covers it is stale.
+#[derive(Debug, Default)]
+struct Barriers {
+    all: u64,
+    prefixes: Vec<(String, u64)>,
+    tags: HashMap<String, u64>,
+}
+
+impl Barriers {
+    fn raise(&mut self, scope: &Scope, at_ms: u64) {
+        match scope {
+            Scope::Key(_) => {}
+            Scope::All => self.all = self.all.max(at_ms),
+            Scope::Tag(t) => {
+                let b = self.tags.entry(t.clone()).or_default();
+                *b = (*b).max(at_ms);
+            }
+            Scope::Prefix(p) => match self.prefixes.iter_mut().find(|(q, _)| q == p) {
+                Some((_, b)) => *b = (*b).max(at_ms),
+                None => self.prefixes.push((p.clone(), at_ms)),
+            },
+        }
+    }
+
+    fn covers(&self, key: &str, entry: &Entry, stored_ms: u64) -> bool {
+        stored_ms <= self.all
+            || self
+                .prefixes
+                .iter()
+                .any(|(p, b)| stored_ms <= *b && key.starts_with(p.as_str()))
+            || entry
+                .tags
+                .iter()
+                .any(|t| self.tags.get(t).is_some_and(|b| stored_ms <= *b))
+    }
+}
+
+enum Write {
+    Set(String, Bytes, Duration),
+    Delete(String),
+    Publish(Bytes),
+    Barrier(String, u64),
+}
+
+/// Stops asking a failing tier for a while.
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: AtomicU32,
+    /// Until when it is open (ms since `epoch`), 0 when closed.
+    open_until: AtomicU64,
+    /// The current backoff (ms).
+    backoff: AtomicU64,
+    /// A trial request is in flight while half-open.
+    trial: AtomicBool,
+}
+
+/// The tier as the store uses it: breaker, timeouts, write queue, barriers.
+pub(crate) struct Tier {
+    backend: Arc<dyn SharedTier>,
+    config: TierConfig,
+    id: u64,
+    epoch: Instant,
+    breaker: Breaker,
+    barriers: Mutex<Barriers>,
+    writes: Mutex<Option<mpsc::Sender<Write>>>,
+    started: AtomicBool,
+    /// Whether the barriers set by others have been loaded since the last
+    /// (re-)subscription: until then the tier's entries are not trusted.
+    loaded: AtomicBool,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    errors: AtomicU64,
+    skipped: AtomicU64,
+    dropped_writes: AtomicU64,
+    invalidations: AtomicU64,
+    resubscribed: AtomicU64,
+}
+
+impl std::fmt::Debug for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tier")
+            .field("config", &self.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub(crate) fn wall_ms() -> u64 {
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+/// What the store does when another replica invalidates something.
+pub(crate) trait Evict: Send + Sync + 'static {
+    fn evict(&self, scope: &Scope) -> BoxFuture<()>;
+}
+
+impl Tier {
+    pub(crate) fn new(backend: Arc<dyn SharedTier>, config: TierConfig) -> Self {
+        // A replica id that differs between processes and between tiers.
+        let id = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos(),
+            );
+            h.write_u32(std::process::id());
+            h.finish()
+        };
+        Self {
+            backend,
+            config,
+            id,
+            epoch: Instant::now(),
+            breaker: Breaker::default(),
+            barriers: Mutex::new(Barriers::default()),
+            writes: Mutex::new(None),
+            started: AtomicBool::new(false),
+            loaded: AtomicBool::new(false),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            dropped_writes: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            resubscribed: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> TierStats {
+        TierStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
+            dropped_writes: self.dropped_writes.load(Ordering::Relaxed),
+            invalidations: self.invalidations.load(Ordering::Relaxed),
+            resubscribed: self.resubscribed.load(Ordering::Relaxed),
+            breaker_open: self.breaker.open_until.load(Ordering::Relaxed) > 0,
+            ready: self.loaded.load(Ordering::Acquire),
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}:e:{key}", self.config.namespace)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:invalidate", self.config.namespace)
+    }
+
+    fn barrier_set(&self) -> String {
+        format!("{}:barriers", self.config.namespace)
+    }
+
+    /// Loads the barriers others set (after a (re-)subscription), retrying
+    /// until the tier answers; then trusts the tier's entries again.
+    async fn load_barriers(&self) {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let call = self.backend.barriers(self.barrier_set());
+            if let Ok(Ok(members)) = tokio::time::timeout(Duration::from_secs(1), call).await {
+                if let Ok(mut b) = self.barriers.lock() {
+                    for (member, at_ms) in members {
+                        if let Some(scope) = Scope::of_member(&member) {
+                            b.raise(&scope, at_ms);
+                        }
+                    }
+                }
+                self.loaded.store(true, Ordering::Release);
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    pub(crate) fn is_started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
+    /// Starts the writer and the listener (once, from inside a runtime).
+    pub(crate) fn start(self: &Arc<Self>, evict: Arc<dyn Evict>) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            // Not in a runtime yet: try again on the next use.
+            self.started.store(false, Ordering::Release);
+            return;
+        }
+        let (tx, mut rx) = mpsc::channel::<Write>(self.config.write_queue.max(1));
+        if let Ok(mut w) = self.writes.lock() {
+            *w = Some(tx);
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(write) = rx.recv().await {
+                let Some(tier) = weak.upgrade() else { break };
+                let call = match write {
+                    Write::Set(k, v, ttl) => tier.backend.set(k, v, ttl),
+                    Write::Delete(k) => tier.backend.delete(k),
+                    Write::Publish(m) => tier.backend.publish(tier.channel(), m),
+                    Write::Barrier(member, at) => tier.backend.add_barrier(
+                        tier.barrier_set(),
+                        member,
+                        at,
+                        tier.config.max_ttl,
+                    ),
+                };
+                // Writes get a longer bound than reads: they delay no one.
+                let bound = tier.config.soft_timeout.max(Duration::from_millis(500));
+                match tokio::time::timeout(bound, call).await {
+                    Ok(Ok(())) => tier.succeeded(),
+                    _ => {
+                        tier.errors.fetch_add(1, Ordering::Relaxed);
+                        tier.failed();
+                    }
+                }
+            }
+        });
+        let mut events = self.backend.subscribe(self.channel());
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let Some(tier) = weak.upgrade() else { break };
+                match event {
+                    TierEvent::Resubscribed => {
+                        tier.resubscribed.fetch_add(1, Ordering::Relaxed);
+                        // Invalidations may have been missed: drop L1, and
+                        // do not trust the tier until the barriers are in.
+                        tier.loaded.store(false, Ordering::Release);
+                        evict.evict(&Scope::All).await;
+                        tier.load_barriers().await;
+                    }
+                    TierEvent::Message(m) => {
+                        let Some((sender, at_ms, scope)) = Scope::parse(&m) else {
+                            continue;
+                        };
+                        if let Ok(mut b) = tier.barriers.lock() {
+                            b.raise(&scope, at_ms);
+                        }
+                        if sender != tier.id {
+                            tier.invalidations.fetch_add(1, Ordering::Relaxed);
+                            evict.evict(&scope).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a call may go to the tier now.
+    fn allowed(&self) -> bool {
+        let until = self.breaker.open_until.load(Ordering::Acquire);
+        if until == 0 {
+            return true;
+        }
+        if self.now_ms() < until {
+            return false;
+        }
+        // Half-open: one trial at a time.
+        !self.breaker.trial.swap(true, Ordering::AcqRel)
+    }
+
+    fn succeeded(&self) {
+        self.breaker.failures.store(0, Ordering::Relaxed);
+        if self.breaker.open_until.swap(0, Ordering::AcqRel) > 0 {
+            tracing::info!("the shared cache tier answers again");
+        }
+        self.breaker.backoff.store(0, Ordering::Relaxed);
+        self.breaker.trial.store(false, Ordering::Release);
+    }
+
+    fn failed(&self) {
+        let failures = self.breaker.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        let open = self.breaker.open_until.load(Ordering::Acquire) > 0;
+        if open || failures >= self.config.breaker_failures.max(1) {
+            let base = u64::try_from(self.config.breaker_backoff.as_millis()).unwrap_or(500);
+            let max = u64::try_from(self.config.breaker_max_backoff.as_millis()).unwrap_or(10_000);
+            let last = self.breaker.backoff.load(Ordering::Relaxed);
+            let backoff = if last == 0 { base } else { (last * 2).min(max) }.max(1);
+            self.breaker.backoff.store(backoff, Ordering::Relaxed);
+            self.breaker
+                .open_until
+                .store(self.now_ms() + backoff, Ordering::Release);
+            self.breaker.trial.store(false, Ordering::Release);
+            if !open {
+                tracing::warn!(
+                    backoff_ms = backoff,
+                    "the shared cache tier is failing: not asking it for a while"
+                );
+            }
+        }
+    }
+
+    /// Reads `key` from the tier: `None` on absence, failure, timeout, an
+    /// open breaker, an undecodable value, or a barrier covering it.
+    pub(crate) async fn get(&self, key: &str) -> Option<Decoded> {
+        if !self.loaded.load(Ordering::Acquire) || !self.allowed() {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let call = self.backend.get(self.key(key));
+        let value = match tokio::time::timeout(self.config.soft_timeout, call).await {
+            Ok(Ok(value)) => {
+                self.succeeded();
+                value
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "shared cache tier read failed");
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.failed();
+                return None;
+            }
+            Err(_) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.failed();
+                return None;
+            }
+        };
+        let decoded = value
+            .and_then(|v| envelope::decode(v, Instant::now(), SystemTime::now()))
+            .filter(|d| {
+                self.barriers
+                    .lock()
+                    .map(|b| !b.covers(key, &d.entry, d.stored_ms))
+                    .unwrap_or(false)
+            });
+        match decoded {
+            Some(d) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some(d)
+            }
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    fn enqueue(&self, write: Write) {
+        let sent = self
+            .writes
+            .lock()
+            .ok()
+            .and_then(|w| w.as_ref().map(|tx| tx.try_send(write).is_ok()));
+        if sent != Some(true) {
+            self.dropped_writes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes `entry` in the background and tells the other replicas that
+    /// `key` has a newer version.
+    pub(crate) fn put(&self, key: &str, entry: &Entry) {
+        let now = Instant::now();
+        let age = entry.age(now);
+        let ttl = (entry.lifetime + entry.keep_stale)
+            .saturating_sub(age)
+            .min(self.config.max_ttl);
+        if ttl.is_zero() {
+            return;
+        }
+        let stored = envelope::stored_wall_ms(entry, now, SystemTime::now());
+        let value = envelope::encode(entry, stored);
+        self.enqueue(Write::Set(self.key(key), value, ttl));
+        self.enqueue(Write::Publish(
+            Scope::Key(key.to_owned()).message(self.id, wall_ms()),
+        ));
+    }
+
+    /// Invalidates `scope` everywhere: the tier's copy of a key, a barrier
+    /// for the rest, and a message to every replica.
+    pub(crate) fn invalidate(&self, scope: Scope) {
+        let at = wall_ms();
+        if let Ok(mut b) = self.barriers.lock() {
+            b.raise(&scope, at);
+        }
+        match scope.member() {
+            Some(member) => self.enqueue(Write::Barrier(member, at)),
+            None => {
+                if let Scope::Key(k) = &scope {
+                    self.enqueue(Write::Delete(self.key(k)));
+                }
+            }
+        }
+        self.enqueue(Write::Publish(scope.message(self.id, at)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn messages_round_trip() {
+        for scope in [
+            Scope::Key("http://shop.example/p/7".into()),
+            Scope::Prefix("http://shop.example/p/".into()),
+            Scope::Tag("product 7".into()),
+            Scope::All,
+        ] {
+            let m = scope.message(42, 1_700_000_000_000);
+            assert_eq!(
+                Scope::parse(&m),
+                Some((42, 1_700_000_000_000, scope.clone()))
+            );
+            if let Some(member) = scope.member() {
+                assert_eq!(Scope::of_member(&member), Some(scope));
+            }
+        }
+        assert_eq!(Scope::parse(b"zz 1 k x"), None);
+        assert_eq!(Scope::parse(b"01 1 k "), None);
+        assert_eq!(Scope::parse(b"01 1 q x"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_message_parses_or_is_ignored(m in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = Scope::parse(&m);
+        }
+    }
+}
