@@ -336,10 +336,16 @@ impl Store {
         if let Some(v) = self.cache.get(key).await {
             return Some(v);
         }
-        let decoded = self.tier()?.get(key.as_str()).await?;
-        // An L2 hit fills L1 (and is not written back).
-        self.insert_local(key.clone(), decoded.entry).await;
-        self.cache.get(key).await
+        let entry = self.tier()?.get(key.as_str()).await?.entry;
+        // A tier hit fills L1 (and is not written back) — if L1's value gate
+        // lets it in; it is served either way.
+        self.insert_local(key.clone(), Arc::clone(&entry)).await;
+        let now = Instant::now();
+        Some(Arc::new(Variants {
+            keep_for: entry.keep_for(now),
+            weight: entry.weight().min(u32::MAX as usize) as u32,
+            entries: vec![entry],
+        }))
     }
 
     /// Stores `entry`, replacing the variant with the same `Vary` values —

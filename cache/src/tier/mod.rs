@@ -161,7 +161,7 @@ pub struct TierStats {
     pub skipped: u64,
     /// Writes dropped because the queue was full.
     pub dropped_writes: u64,
-    /// Invalidations received from other replicas.
+    /// Invalidations received from other replicas and applied to L1.
     pub invalidations: u64,
     /// Times the subscription was re-established (and L1 dropped).
     pub resubscribed: u64,
@@ -486,8 +486,8 @@ impl Tier {
                             b.raise(&scope, at_ms);
                         }
                         if sender != tier.id {
-                            tier.invalidations.fetch_add(1, Ordering::Relaxed);
                             evict.evict(&scope).await;
+                            tier.invalidations.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
