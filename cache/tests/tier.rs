@@ -124,10 +124,16 @@ fn origin(
     })
 }
 
+/// The tier settings of the tests: 50 ms of soft timeout, for a loaded
+/// machine.
+fn tier(namespace: &str) -> TierConfig {
+    TierConfig::new(namespace).soft_timeout(Duration::from_millis(50))
+}
+
 /// One replica: a cache over `origin`, on the tier at `url`.
 fn replica(
     url: &str,
-    namespace: &str,
+    config: TierConfig,
     calls: &Arc<AtomicU64>,
 ) -> (
     impl Service<
@@ -141,10 +147,7 @@ fn replica(
     CachePurge,
 ) {
     let tier = RedisTier::open(url).unwrap();
-    let layer = HttpCacheLayer::new(HttpCacheConfig::default()).with_tier(
-        tier,
-        TierConfig::new(namespace).soft_timeout(Duration::from_millis(50)),
-    );
+    let layer = HttpCacheLayer::new(HttpCacheConfig::default()).with_tier(tier, config);
     let purge = layer.purge();
     (layer.layer(origin(Arc::clone(calls))), purge)
 }
@@ -198,8 +201,8 @@ async fn wait_for(mut done: impl FnMut() -> bool, limit: Duration) -> bool {
 async fn a_miss_on_one_replica_is_a_tier_hit_on_another() {
     let server = Server::start();
     let calls = Arc::new(AtomicU64::new(0));
-    let (a, a_purge) = replica(&server.url(), "t1", &calls);
-    let (b, b_purge) = replica(&server.url(), "t1", &calls);
+    let (a, a_purge) = replica(&server.url(), tier("t1"), &calls);
+    let (b, b_purge) = replica(&server.url(), tier("t1"), &calls);
     ready(&[&a_purge, &b_purge]).await;
     let (body, status) = get(&a, "/products/7").await;
     assert_eq!(body, "page /products/7");
@@ -221,8 +224,8 @@ async fn a_miss_on_one_replica_is_a_tier_hit_on_another() {
 async fn a_purge_on_one_replica_evicts_on_the_other() {
     let server = Server::start();
     let calls = Arc::new(AtomicU64::new(0));
-    let (a, a_purge) = replica(&server.url(), "t2", &calls);
-    let (b, b_purge) = replica(&server.url(), "t2", &calls);
+    let (a, a_purge) = replica(&server.url(), tier("t2"), &calls);
+    let (b, b_purge) = replica(&server.url(), tier("t2"), &calls);
     ready(&[&a_purge, &b_purge]).await;
     let _ = get(&a, "/products/7").await;
     assert!(wait_for(|| server.keys("t2:e") == 1, Duration::from_secs(5)).await);
@@ -255,8 +258,8 @@ async fn a_purge_on_one_replica_evicts_on_the_other() {
 async fn a_tag_purge_reaches_every_replica_and_the_tier() {
     let server = Server::start();
     let calls = Arc::new(AtomicU64::new(0));
-    let (a, a_purge) = replica(&server.url(), "t3", &calls);
-    let (b, b_purge) = replica(&server.url(), "t3", &calls);
+    let (a, a_purge) = replica(&server.url(), tier("t3"), &calls);
+    let (b, b_purge) = replica(&server.url(), tier("t3"), &calls);
     ready(&[&a_purge, &b_purge]).await;
     let _ = get(&a, "/products/1").await;
     let _ = get(&a, "/products/2").await;
@@ -276,7 +279,7 @@ async fn a_tag_purge_reaches_every_replica_and_the_tier() {
     // C starts after the purge and never heard it: it loads the barrier
     // from Redis. The copy of /products/2 in Redis predates it (no index of
     // keys by tag is needed): C goes to the origin.
-    let (c, c_purge) = replica(&server.url(), "t3", &calls);
+    let (c, c_purge) = replica(&server.url(), tier("t3"), &calls);
     ready(&[&c_purge]).await;
     let (_, status) = get(&c, "/products/2").await;
     assert!(status.contains("fwd=uri-miss"), "{status}");
@@ -306,7 +309,7 @@ async fn a_redis_that_is_down_at_start_up_delays_nothing() {
         .port();
     let calls = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let (a, purge) = replica(&format!("redis://127.0.0.1:{port}"), "t4", &calls);
+    let (a, purge) = replica(&format!("redis://127.0.0.1:{port}"), tier("t4"), &calls);
     for i in 0..50 {
         let (body, _) = get(&a, &format!("/p/{}", i % 5)).await;
         assert_eq!(body, format!("page /p/{}", i % 5));
@@ -326,8 +329,8 @@ async fn a_redis_that_is_down_at_start_up_delays_nothing() {
 async fn redis_killed_during_10_000_requests_fails_none_and_is_used_again_after_restart() {
     let mut server = Server::start();
     let calls = Arc::new(AtomicU64::new(0));
-    let (a, a_purge) = replica(&server.url(), "t5", &calls);
-    let (b, b_purge) = replica(&server.url(), "t5", &calls);
+    let (a, a_purge) = replica(&server.url(), tier("t5"), &calls);
+    let (b, b_purge) = replica(&server.url(), tier("t5"), &calls);
     ready(&[&a_purge, &b_purge]).await;
     let mut failed = 0;
     for i in 0..10_000u32 {
@@ -391,7 +394,7 @@ async fn redis_killed_during_10_000_requests_fails_none_and_is_used_again_after_
 async fn garbage_in_the_tier_is_a_miss() {
     let server = Server::start();
     let calls = Arc::new(AtomicU64::new(0));
-    let (a, a_purge) = replica(&server.url(), "t6", &calls);
+    let (a, a_purge) = replica(&server.url(), tier("t6"), &calls);
     ready(&[&a_purge]).await;
     server.set_raw("t6:e:http://shop.example/products/7", b"not an envelope");
     server.set_raw("t6:e:http://shop.example/products/8", b"GRT\x01\xff\xff");
@@ -409,8 +412,8 @@ async fn garbage_in_the_tier_is_a_miss() {
 async fn a_stalled_redis_costs_requests_at_most_the_soft_timeout_and_is_used_again() {
     let server = Server::start();
     let calls = Arc::new(AtomicU64::new(0));
-    let (a, a_purge) = replica(&server.url(), "t7", &calls);
-    let (b, b_purge) = replica(&server.url(), "t7", &calls);
+    let (a, a_purge) = replica(&server.url(), tier("t7"), &calls);
+    let (b, b_purge) = replica(&server.url(), tier("t7"), &calls);
     ready(&[&a_purge, &b_purge]).await;
     server.signal("STOP");
     let mut worst = Duration::ZERO;
@@ -442,4 +445,28 @@ async fn a_stalled_redis_costs_requests_at_most_the_soft_timeout_and_is_used_aga
         }
     }
     assert!(back, "the tier was not used again after SIGCONT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_without_the_key_cannot_poison_signing_replicas() {
+    let server = Server::start();
+    let calls = Arc::new(AtomicU64::new(0));
+    let signed = || tier("t8").sign_with(b"shared secret");
+    let (intruder, i_purge) = replica(&server.url(), tier("t8"), &calls);
+    let (a, a_purge) = replica(&server.url(), signed(), &calls);
+    let (b, b_purge) = replica(&server.url(), signed(), &calls);
+    ready(&[&i_purge, &a_purge, &b_purge]).await;
+    // An unsigned entry written by a replica without the key is refused.
+    let _ = get(&intruder, "/products/1").await;
+    assert!(wait_for(|| server.keys("t8:e") == 1, Duration::from_secs(5)).await);
+    let (_, status) = get(&a, "/products/1").await;
+    assert!(status.contains("fwd=uri-miss"), "{status}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(a_purge.tier_stats().unwrap().misses, 1);
+    // A signed one is shared between the replicas that hold the key.
+    let _ = get(&a, "/products/2").await;
+    assert!(wait_for(|| server.keys("t8:e") == 2, Duration::from_secs(5)).await);
+    let (_, status) = get(&b, "/products/2").await;
+    assert!(status.contains("hit"), "{status}");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
 }

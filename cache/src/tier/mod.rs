@@ -25,7 +25,16 @@
 //!   because the tier does — requests are served from L1 and the origin.
 //!
 //! Entries travel in a versioned envelope; one that does not decode (another
-//! version, garbage) is a miss.
+//! version, garbage) is a miss. With the `hmac` feature (on with `redis`),
+//! [`TierConfig::sign_with`] signs them, and a replica refuses what it cannot
+//! verify.
+//!
+//! [`TierStats`] (from [`CachePurge::tier_stats`](crate::CachePurge::tier_stats))
+//! counts hits, misses, errors, skipped reads and dropped writes; with the
+//! `metrics` feature they are also counters `gratify_cache_tier_hits_total`,
+//! `_misses_total`, `_errors_total`, `_skipped_total`,
+//! `_dropped_writes_total`, `_invalidations_total`, `_resubscribed_total`,
+//! and a gauge `gratify_cache_tier_breaker_open`.
 
 mod envelope;
 #[cfg(feature = "redis")]
@@ -113,6 +122,12 @@ pub struct TierConfig {
     pub breaker_max_backoff: Duration,
     /// The longest a tier entry is kept, whatever its freshness (Redis TTL).
     pub max_ttl: Duration,
+    /// Sign every entry with HMAC-SHA256 under this key and refuse (as a
+    /// miss) entries whose signature does not verify: a writer without the
+    /// key cannot poison the replicas. All replicas need the same key.
+    #[cfg(feature = "hmac")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "hmac")))]
+    pub hmac_key: Option<Arc<[u8]>>,
 }
 
 impl Default for TierConfig {
@@ -125,6 +140,8 @@ impl Default for TierConfig {
             breaker_backoff: Duration::from_millis(500),
             breaker_max_backoff: Duration::from_secs(10),
             max_ttl: Duration::from_secs(24 * 3600),
+            #[cfg(feature = "hmac")]
+            hmac_key: None,
         }
     }
 }
@@ -143,6 +160,48 @@ impl TierConfig {
     pub fn soft_timeout(mut self, timeout: Duration) -> Self {
         self.soft_timeout = timeout;
         self
+    }
+
+    /// Signs entries with HMAC-SHA256 under `key` (see
+    /// [`hmac_key`](Self::hmac_key)).
+    #[cfg(feature = "hmac")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "hmac")))]
+    #[must_use]
+    pub fn sign_with(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.hmac_key = Some(Arc::from(key.as_ref()));
+        self
+    }
+
+    /// Appends the signature, when signing.
+    fn seal(&self, envelope: Bytes) -> Bytes {
+        #[cfg(feature = "hmac")]
+        if let Some(key) = &self.hmac_key {
+            use hmac::Mac;
+            if let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(key) {
+                mac.update(&envelope);
+                let tag = mac.finalize().into_bytes();
+                let mut out = bytes::BytesMut::with_capacity(envelope.len() + tag.len());
+                out.extend_from_slice(&envelope);
+                out.extend_from_slice(&tag);
+                return out.freeze();
+            }
+        }
+        envelope
+    }
+
+    /// Checks and strips the signature, when signing; `None` if it does not
+    /// verify (compared in constant time).
+    fn open(&self, value: Bytes) -> Option<Bytes> {
+        #[cfg(feature = "hmac")]
+        if let Some(key) = &self.hmac_key {
+            use hmac::Mac;
+            let split = value.len().checked_sub(32)?;
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).ok()?;
+            mac.update(&value[..split]);
+            mac.verify_slice(&value[split..]).ok()?;
+            return Some(value.slice(..split));
+        }
+        Some(value)
     }
 }
 
@@ -321,6 +380,14 @@ impl std::fmt::Debug for Tier {
     }
 }
 
+/// Counts one event on `counter` and, with the `metrics` feature, on the
+/// `metrics` counter `name`.
+fn count(counter: &AtomicU64, #[allow(unused_variables)] name: &'static str) {
+    counter.fetch_add(1, Ordering::Relaxed);
+    #[cfg(feature = "metrics")]
+    metrics::counter!(name).increment(1);
+}
+
 /// Wall-clock milliseconds since the Unix epoch.
 pub(crate) fn wall_ms() -> u64 {
     u64::try_from(
@@ -458,7 +525,7 @@ impl Tier {
                 match tokio::time::timeout(bound, call).await {
                     Ok(Ok(())) => tier.succeeded(),
                     _ => {
-                        tier.errors.fetch_add(1, Ordering::Relaxed);
+                        count(&tier.errors, "gratify_cache_tier_errors_total");
                         tier.failed();
                     }
                 }
@@ -471,7 +538,7 @@ impl Tier {
                 let Some(tier) = weak.upgrade() else { break };
                 match event {
                     TierEvent::Resubscribed => {
-                        tier.resubscribed.fetch_add(1, Ordering::Relaxed);
+                        count(&tier.resubscribed, "gratify_cache_tier_resubscribed_total");
                         // Invalidations may have been missed: drop L1, and
                         // do not trust the tier until the barriers are in.
                         tier.loaded.store(false, Ordering::Release);
@@ -487,7 +554,10 @@ impl Tier {
                         }
                         if sender != tier.id {
                             evict.evict(&scope).await;
-                            tier.invalidations.fetch_add(1, Ordering::Relaxed);
+                            count(
+                                &tier.invalidations,
+                                "gratify_cache_tier_invalidations_total",
+                            );
                         }
                     }
                 }
@@ -516,6 +586,8 @@ impl Tier {
         self.breaker.failures.store(0, Ordering::Relaxed);
         if self.breaker.open_until.swap(0, Ordering::AcqRel) > 0 {
             tracing::info!("the shared cache tier answers again");
+            #[cfg(feature = "metrics")]
+            metrics::gauge!("gratify_cache_tier_breaker_open").set(0.0);
         }
         self.breaker.backoff.store(0, Ordering::Relaxed);
         self.breaker.trial.store(false, Ordering::Release);
@@ -534,6 +606,8 @@ impl Tier {
                 .open_until
                 .store(self.now_ms() + backoff, Ordering::Release);
             self.breaker.trial.store(false, Ordering::Release);
+            #[cfg(feature = "metrics")]
+            metrics::gauge!("gratify_cache_tier_breaker_open").set(1.0);
             if !open {
                 tracing::warn!(
                     backoff_ms = backoff,
@@ -547,7 +621,7 @@ impl Tier {
     /// open breaker, an undecodable value, or a barrier covering it.
     pub(crate) async fn get(&self, key: &str) -> Option<Decoded> {
         if !self.loaded.load(Ordering::Acquire) || !self.allowed() {
-            self.skipped.fetch_add(1, Ordering::Relaxed);
+            count(&self.skipped, "gratify_cache_tier_skipped_total");
             return None;
         }
         let call = self.backend.get(self.key(key));
@@ -558,17 +632,18 @@ impl Tier {
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "shared cache tier read failed");
-                self.errors.fetch_add(1, Ordering::Relaxed);
+                count(&self.errors, "gratify_cache_tier_errors_total");
                 self.failed();
                 return None;
             }
             Err(_) => {
-                self.errors.fetch_add(1, Ordering::Relaxed);
+                count(&self.errors, "gratify_cache_tier_errors_total");
                 self.failed();
                 return None;
             }
         };
         let decoded = value
+            .and_then(|v| self.config.open(v))
             .and_then(|v| envelope::decode(v, Instant::now(), SystemTime::now()))
             .filter(|d| {
                 self.barriers
@@ -578,11 +653,11 @@ impl Tier {
             });
         match decoded {
             Some(d) => {
-                self.hits.fetch_add(1, Ordering::Relaxed);
+                count(&self.hits, "gratify_cache_tier_hits_total");
                 Some(d)
             }
             None => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
+                count(&self.misses, "gratify_cache_tier_misses_total");
                 None
             }
         }
@@ -595,7 +670,10 @@ impl Tier {
             .ok()
             .and_then(|w| w.as_ref().map(|tx| tx.try_send(write).is_ok()));
         if sent != Some(true) {
-            self.dropped_writes.fetch_add(1, Ordering::Relaxed);
+            count(
+                &self.dropped_writes,
+                "gratify_cache_tier_dropped_writes_total",
+            );
         }
     }
 
@@ -611,7 +689,7 @@ impl Tier {
             return;
         }
         let stored = envelope::stored_wall_ms(entry, now, SystemTime::now());
-        let value = envelope::encode(entry, stored);
+        let value = self.config.seal(envelope::encode(entry, stored));
         self.enqueue(Write::Set(self.key(key), value, ttl));
         self.enqueue(Write::Publish(
             Scope::Key(key.to_owned()).message(self.id, wall_ms()),
@@ -662,6 +740,26 @@ mod tests {
         assert_eq!(Scope::parse(b"zz 1 k x"), None);
         assert_eq!(Scope::parse(b"01 1 k "), None);
         assert_eq!(Scope::parse(b"01 1 q x"), None);
+    }
+
+    #[cfg(feature = "hmac")]
+    #[test]
+    fn a_signed_entry_opens_only_under_its_key() {
+        let signer = TierConfig::default().sign_with(b"k1");
+        let other = TierConfig::default().sign_with(b"k2");
+        let plain = TierConfig::default();
+        let envelope = Bytes::from_static(b"GRT\x01 pretend envelope");
+        let sealed = signer.seal(envelope.clone());
+        assert_eq!(sealed.len(), envelope.len() + 32);
+        assert_eq!(signer.open(sealed.clone()), Some(envelope.clone()));
+        assert_eq!(other.open(sealed.clone()), None, "another key");
+        assert_eq!(signer.open(envelope.clone()), None, "unsigned");
+        assert_eq!(signer.open(Bytes::from_static(b"short")), None);
+        let mut tampered = sealed.to_vec();
+        tampered[5] ^= 1;
+        assert_eq!(signer.open(Bytes::from(tampered)), None, "tampered");
+        // Without a key nothing is added or checked.
+        assert_eq!(plain.seal(envelope.clone()), envelope);
     }
 
     proptest! {
