@@ -470,3 +470,51 @@ async fn a_writer_without_the_key_cannot_poison_signing_replicas() {
     assert!(status.contains("hit"), "{status}");
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_command_after_a_dropped_connection_fails_no_request() {
+    // redis-rs #1415: after an idle disconnect the first command fails.
+    let server = Server::start();
+    let calls = Arc::new(AtomicU64::new(0));
+    let (a, a_purge) = replica(&server.url(), tier("t9"), &calls);
+    let (b, b_purge) = replica(&server.url(), tier("t9"), &calls);
+    ready(&[&a_purge, &b_purge]).await;
+    let _ = get(&a, "/products/1").await;
+    assert!(wait_for(|| server.keys("t9:e") == 1, Duration::from_secs(5)).await);
+    // Redis drops every client connection, as an idle timeout or a
+    // failover would.
+    {
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let _: redis::RedisResult<i64> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query(&mut conn);
+    }
+    // Every request succeeds, whatever the first command after it met.
+    for i in 0..20 {
+        let (body, _) = get(&b, &format!("/products/{}", 1 + i % 2)).await;
+        assert_eq!(body, format!("page /products/{}", 1 + i % 2));
+    }
+    // And the tier is in use again soon after.
+    let mut back = false;
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        let path = format!("/again/{n}");
+        let _ = get(&a, &path).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = b_purge.tier_stats().unwrap().hits;
+        let _ = get(&b, &path).await;
+        if b_purge.tier_stats().unwrap().hits > before {
+            back = true;
+            break;
+        }
+    }
+    assert!(
+        back,
+        "the tier was not used again after the connections dropped"
+    );
+}
