@@ -54,11 +54,13 @@
 
 pub mod compression;
 pub mod offload;
+pub mod stack;
 
 pub use gratify_cache as cache;
 pub use gratify_core as core;
 pub use gratify_scaling as scaling;
 
+pub use self::stack::{Stack, StackService};
 pub use gratify_core::{
     BoxError, Class, ClassId, CostModel, DelayCost, LoadSignal, LoadSnapshot, Prices,
 };

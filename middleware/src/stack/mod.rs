@@ -1,0 +1,327 @@
+//! [`Stack`]: the layers in the right order, around one cost model and one
+//! load signal.
+//!
+//! ```text
+//! request ──► classify ──► limit ──► compression ──► cache ──► your service
+//! ```
+//!
+//! - **classify** first: every other layer reads the request's class.
+//! - **limit** (admission) next: a request shed here costs nothing further,
+//!   and a slot is held until the response body ends, so the time spent
+//!   compressing counts. The limiter publishes the load signal the others
+//!   read. A cache hit is admitted too — it is cheap, and holding its slot
+//!   for microseconds costs the others nothing.
+//! - **compression** outside the cache: with both on, the cache stores
+//!   compressible bodies encoded once, hard, off the request path
+//!   ([`HttpCacheConfig::recoder`](crate::cache::HttpCacheConfig::recoder)),
+//!   and a hit carries `Content-Encoding` and is passed through — never
+//!   compressed again; what the cache does not store is compressed on its way
+//!   out, at the level the load allows. Under overload, a hit still goes
+//!   through the limit (it holds a slot for microseconds) and is never shed
+//!   for its compression cost: it has none.
+//! - **cache** innermost of the four, next to the service whose responses it
+//!   keeps.
+//!
+//! Offloading is per route: wrap the CPU-heavy handlers in
+//! [`OffloadLayer`](crate::offload::OffloadLayer) with the same model.
+//!
+//! Every piece is optional and off until asked for; an off piece costs a
+//! branch. The stack is one [`Layer`]: use it in `ServiceBuilder` or
+//! `axum::Router::layer`. The service keeps the inner service's error type
+//! (axum's `Infallible` included).
+//!
+//! **Clones share.** The pieces are built once, at the first
+//! [`layer`](Layer::layer) call, and shared by every service the stack
+//! layers and every clone of those: axum layers each route and clones per
+//! connection, and a limit per clone would silently not hold.
+//!
+//! # Example
+//!
+//! ```
+//! # #[cfg(feature = "compression-gzip")]
+//! # {
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use gratify::cache::HttpCacheConfig;
+//! use gratify::{CostModel, Stack};
+//! use http::{Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let model = CostModel::from_toml(r#"
+//!     default_class = "browse"
+//!     [classes.browse]
+//!     delay_cost = { shape = "linear", per_second = 2.0 }
+//!     refusal_cost = 1.0
+//! "#).unwrap();
+//! let stack = Stack::new(&model)
+//!     .limit()
+//!     .compression()
+//!     .cache(HttpCacheConfig::default());
+//! let svc = stack.layer(service_fn(|_: Request<()>| async {
+//!     let mut r = Response::new(Full::new(Bytes::from("{\"id\":1}".repeat(200))));
+//!     r.headers_mut().insert("cache-control", "public, max-age=60".parse().unwrap());
+//!     Ok::<_, Infallible>(r)
+//! }));
+//! let get = || Request::get("/products").header("host", "shop.example")
+//!     .header("accept-encoding", "gzip").body(()).unwrap();
+//! let first = svc.clone().oneshot(get()).await.unwrap();
+//! assert_eq!(first.headers()["content-encoding"], "gzip");
+//! let _ = first.into_body().collect().await.unwrap();
+//! let second = svc.oneshot(get()).await.unwrap();
+//! assert!(second.headers()["cache-status"].to_str().unwrap().contains("hit"));
+//! assert_eq!(stack.limiter().unwrap().stats().in_flight, 1, "the body is not read yet");
+//! # }
+//! # }
+//! ```
+
+mod optional;
+
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use gratify_cache::{CachePurge, HttpCache, HttpCacheConfig, HttpCacheLayer};
+use gratify_core::classify::{Classify, RouteClassifier, SetClass};
+use gratify_core::{ClassId, CostModel, LoadSignal};
+use gratify_scaling::limit::{AdaptiveLimit, AdaptiveLimitLayer, Limiter};
+use http::Request;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::compression::{Compression, CompressionConfig, CompressionLayer};
+
+pub use self::optional::{Optional, OptionalFuture};
+
+/// How the stack classifies: by routes, or everything in one class.
+#[derive(Clone, Debug)]
+pub enum StackClassifier {
+    /// By method and path.
+    Routes(RouteClassifier),
+    /// Every request in this class.
+    One(ClassId),
+}
+
+impl<B> Classify<Request<B>> for StackClassifier {
+    fn classify(&self, request: &Request<B>) -> ClassId {
+        match self {
+            Self::Routes(r) => r.classify(request),
+            Self::One(c) => *c,
+        }
+    }
+}
+
+/// The layers of a [`Stack`], built once and shared.
+#[derive(Debug)]
+struct Built {
+    classifier: StackClassifier,
+    limit: Option<AdaptiveLimitLayer>,
+    compression: Option<CompressionLayer>,
+    cache: Option<HttpCacheLayer>,
+}
+
+/// Classify, limit, compress and cache around a service, in that order,
+/// sharing one [`CostModel`] and one [`LoadSignal`]. See the
+/// [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Stack {
+    model: CostModel,
+    signal: LoadSignal,
+    routes: Option<RouteClassifier>,
+    limiter: Option<Limiter>,
+    compression: Option<CompressionConfig>,
+    cache: Option<CacheChoice>,
+    built: Arc<OnceLock<Built>>,
+}
+
+/// The cache as configured: from settings (the stack builds it, with the
+/// compress-once recoder when compressing), or built by the caller.
+#[derive(Clone, Debug)]
+enum CacheChoice {
+    Config(Box<HttpCacheConfig>),
+    Layer(HttpCacheLayer),
+}
+
+impl Stack {
+    /// A stack with every piece off: each request is put in the model's
+    /// default class and passed on.
+    pub fn new(model: &CostModel) -> Self {
+        Self {
+            model: model.clone(),
+            signal: LoadSignal::new(),
+            routes: None,
+            limiter: None,
+            compression: None,
+            cache: None,
+            built: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Classifies requests by `routes` (else: all in the default class).
+    #[must_use]
+    pub fn routes(mut self, routes: RouteClassifier) -> Self {
+        self.routes = Some(routes);
+        self.unbuilt()
+    }
+
+    /// Limits concurrency and admits by the delay-cost model (the default
+    /// [`Limiter`]), holding each slot until the response body ends.
+    #[must_use]
+    pub fn limit(self) -> Self {
+        let limiter = Limiter::new(&self.model);
+        self.limit_with(limiter)
+    }
+
+    /// Limits with `limiter` (its algorithm and settings); the stack's load
+    /// signal becomes the one it publishes.
+    #[must_use]
+    pub fn limit_with(mut self, limiter: Limiter) -> Self {
+        self.signal = limiter.load_signal().clone();
+        self.limiter = Some(limiter);
+        self.unbuilt()
+    }
+
+    /// Compresses responses, choosing codec and level by cost and load
+    /// ([`Level::Adaptive`](crate::compression::Level::Adaptive)).
+    #[must_use]
+    pub fn compression(self) -> Self {
+        self.compression_with(CompressionConfig {
+            level: crate::compression::Level::Adaptive,
+            ..CompressionConfig::default()
+        })
+    }
+
+    /// Compresses responses with `config` (which says fixed or adaptive).
+    #[must_use]
+    pub fn compression_with(mut self, config: CompressionConfig) -> Self {
+        self.compression = Some(config);
+        self.unbuilt()
+    }
+
+    /// Caches responses with `config`, valuing entries by the model. With
+    /// compression on and no recoder in `config`, compressible bodies are
+    /// stored encoded once ([`Recompress`](crate::compression::Recompress))
+    /// and a hit is never compressed again.
+    #[must_use]
+    pub fn cache(mut self, config: HttpCacheConfig) -> Self {
+        self.cache = Some(CacheChoice::Config(Box::new(config)));
+        self.unbuilt()
+    }
+
+    /// Caches with an `HttpCacheLayer` built elsewhere (with a shared tier,
+    /// a key part), as it is.
+    #[must_use]
+    pub fn cache_layer(mut self, layer: HttpCacheLayer) -> Self {
+        self.cache = Some(CacheChoice::Layer(layer));
+        self.unbuilt()
+    }
+
+    /// A builder call after the stack was used starts a new, unshared set of
+    /// pieces.
+    fn unbuilt(mut self) -> Self {
+        if self.built.get().is_some() {
+            self.built = Arc::new(OnceLock::new());
+        }
+        self
+    }
+
+    /// The cost model.
+    pub fn model(&self) -> &CostModel {
+        &self.model
+    }
+
+    /// The load signal every piece shares (published by the limiter).
+    pub fn load_signal(&self) -> &LoadSignal {
+        &self.signal
+    }
+
+    /// The limiter, if limiting.
+    pub fn limiter(&self) -> Option<&Limiter> {
+        self.limiter.as_ref()
+    }
+
+    /// The cache's purge handle, if caching.
+    pub fn cache_purge(&self) -> Option<CachePurge> {
+        self.built().cache.as_ref().map(HttpCacheLayer::purge)
+    }
+
+    fn built(&self) -> &Built {
+        self.built.get_or_init(|| Built {
+            classifier: match &self.routes {
+                Some(r) => StackClassifier::Routes(r.clone()),
+                None => StackClassifier::One(self.model.default_class()),
+            },
+            limit: self
+                .limiter
+                .clone()
+                .map(|l| AdaptiveLimitLayer::with_limiter(l).hold_until_body_end(true)),
+            compression: self.compression.clone().map(|config| {
+                CompressionLayer::adaptive_with_config(config, &self.model, self.signal.clone())
+            }),
+            cache: self.cache.clone().map(|choice| match choice {
+                CacheChoice::Layer(layer) => layer,
+                CacheChoice::Config(config) => {
+                    let mut config = *config;
+                    if self.compression.is_some() && config.recoder.is_none() {
+                        config.recoder = Some(Arc::new(crate::compression::Recompress::new()));
+                    }
+                    HttpCacheLayer::with_model(config, &self.model)
+                }
+            }),
+        })
+    }
+}
+
+/// The cache, on or off.
+pub type CacheStage<S> = Optional<HttpCache<S>, S>;
+/// Compression around the cache stage, on or off.
+pub type CompressionStage<S> = Optional<Compression<CacheStage<S>>, CacheStage<S>>;
+/// The limit around the compression stage, on or off.
+pub type LimitStage<S> = Optional<AdaptiveLimit<CompressionStage<S>>, CompressionStage<S>>;
+
+impl<S> Layer<S> for Stack {
+    type Service = StackService<S>;
+
+    fn layer(&self, inner: S) -> StackService<S> {
+        let built = self.built();
+        let cache = match &built.cache {
+            Some(l) => Optional::On(l.layer(inner)),
+            None => Optional::Off(inner),
+        };
+        let compression = match &built.compression {
+            Some(l) => Optional::On(l.layer(cache)),
+            None => Optional::Off(cache),
+        };
+        let limit = match &built.limit {
+            Some(l) => Optional::On(l.layer(compression)),
+            None => Optional::Off(compression),
+        };
+        StackService {
+            inner: SetClass::new(limit, built.classifier.clone()),
+        }
+    }
+}
+
+/// The service of a [`Stack`]. Clones share every piece.
+#[derive(Clone, Debug)]
+pub struct StackService<S> {
+    inner: SetClass<LimitStage<S>, StackClassifier>,
+}
+
+impl<S, B> Service<Request<B>> for StackService<S>
+where
+    SetClass<LimitStage<S>, StackClassifier>: Service<Request<B>>,
+{
+    type Response = <SetClass<LimitStage<S>, StackClassifier> as Service<Request<B>>>::Response;
+    type Error = <SetClass<LimitStage<S>, StackClassifier> as Service<Request<B>>>::Error;
+    type Future = <SetClass<LimitStage<S>, StackClassifier> as Service<Request<B>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        self.inner.call(request)
+    }
+}

@@ -1,0 +1,181 @@
+//! The `Stack`: order, sharing across clones and layered services, axum.
+#![allow(clippy::unwrap_used)] // test helpers: a failure is a failed test
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use gratify::cache::HttpCacheConfig;
+use gratify::core::classify::RouteClassifier;
+use gratify::{CostModel, Stack};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+const MODEL: &str = r#"
+default_class = "browse"
+[classes.checkout]
+delay_cost = { shape = "linear", per_second = 20.0 }
+refusal_cost = 10.0
+[classes.browse]
+delay_cost = { shape = "linear", per_second = 2.0 }
+refusal_cost = 1.0
+"#;
+
+/// An origin of cacheable JSON that counts its calls.
+fn origin(
+    calls: &Arc<AtomicU64>,
+) -> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    let calls = Arc::clone(calls);
+    service_fn(move |_: Request<()>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async {
+            let mut r = Response::new(Full::new(Bytes::from("{\"id\":7}".repeat(300))));
+            r.headers_mut()
+                .insert("cache-control", "public, max-age=60".parse().unwrap());
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            Ok(r)
+        }
+    })
+}
+
+fn get(path: &str) -> Request<()> {
+    Request::get(path)
+        .header("host", "shop.example")
+        .header("accept-encoding", "gzip")
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_piece_off_passes_requests_through() {
+    let model = CostModel::from_toml(MODEL).unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let svc = Stack::new(&model).layer(origin(&calls));
+    for _ in 0..2 {
+        let r = svc.clone().oneshot(get("/p")).await.unwrap();
+        assert!(r.headers().get("content-encoding").is_none());
+        assert!(r.headers().get("cache-status").is_none());
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 8 * 300);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn routes_classify_before_the_limit_and_responses_are_compressed_then_cached() {
+    let model = CostModel::from_toml(MODEL).unwrap();
+    let routes = RouteClassifier::builder(&model)
+        .route(None, "/checkout", "checkout")
+        .build()
+        .unwrap();
+    let stack = Stack::new(&model)
+        .routes(routes)
+        .limit()
+        .compression()
+        .cache(HttpCacheConfig::default());
+    let calls = Arc::new(AtomicU64::new(0));
+    let svc = stack.layer(origin(&calls));
+    let r = svc.clone().oneshot(get("/checkout")).await.unwrap();
+    assert!(r.headers().get("content-encoding").is_some());
+    let _ = r.into_body().collect().await.unwrap();
+    let stats = stack.limiter().unwrap().stats();
+    let checkout = model.id("checkout").unwrap().index();
+    let browse = model.id("browse").unwrap().index();
+    assert_eq!(stats.classes[checkout].admitted, 1);
+    assert_eq!(stats.classes[browse].admitted, 0);
+    // The second is a hit, stored encoded once: served as stored.
+    let r = svc.oneshot(get("/checkout")).await.unwrap();
+    assert!(
+        r.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("hit")
+    );
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut plain).unwrap();
+    assert_eq!(plain, "{\"id\":7}".repeat(300).as_bytes());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn every_layered_service_and_clone_shares_one_limiter_and_one_cache() {
+    let model = CostModel::from_toml(MODEL).unwrap();
+    let stack = Stack::new(&model).limit().cache(HttpCacheConfig::default());
+    let calls = Arc::new(AtomicU64::new(0));
+    // Two "routes" layered separately, as axum does, and a clone of each.
+    let a = stack.layer(origin(&calls));
+    let b = stack.clone().layer(origin(&calls));
+    let first = a.clone().oneshot(get("/p/1")).await.unwrap();
+    let second = b.clone().oneshot(get("/p/2")).await.unwrap();
+    // Bodies unread: both slots are held, in the one limiter.
+    assert_eq!(stack.limiter().unwrap().stats().in_flight, 2);
+    drop((first, second));
+    assert_eq!(stack.limiter().unwrap().stats().in_flight, 0);
+    // What `a` stored, `b` serves: one cache.
+    let r = b.oneshot(get("/p/1")).await.unwrap();
+    assert!(
+        r.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("hit")
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let purge = stack.cache_purge().unwrap();
+    purge.sync().await;
+    assert_eq!(purge.entry_count(), 2);
+}
+
+#[tokio::test]
+async fn works_as_an_axum_router_layer() {
+    use axum::Router;
+    use axum::routing::get as route_get;
+
+    let model = CostModel::from_toml(MODEL).unwrap();
+    let stack = Stack::new(&model)
+        .limit()
+        .compression()
+        .cache(HttpCacheConfig::default());
+    let app: Router = Router::new()
+        .route(
+            "/products",
+            route_get(|| async {
+                (
+                    [
+                        ("cache-control", "public, max-age=60"),
+                        ("content-type", "application/json"),
+                    ],
+                    "{\"id\":7}".repeat(300),
+                )
+            }),
+        )
+        .layer(stack.clone());
+    for expect_hit in [false, true] {
+        let request = Request::get("/products")
+            .header("host", "shop.example")
+            .header("accept-encoding", "gzip")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let r = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-encoding"], "gzip");
+        let status = r.headers()["cache-status"].to_str().unwrap().to_owned();
+        assert_eq!(status.contains("hit"), expect_hit, "{status}");
+        let _ = r.into_body().collect().await.unwrap();
+    }
+    let stats = stack.limiter().unwrap().stats();
+    assert_eq!(
+        (
+            stats.in_flight,
+            stats.classes[0].completed + stats.classes[1].completed
+        ),
+        (0, 2)
+    );
+}
