@@ -122,6 +122,25 @@ struct Spec {
     routes: Vec<RouteSpec>,
 }
 
+/// The cache's settings as written in a larger TOML file (the `[cache]`
+/// table of a `gratify::Stack` file): deserialise it in place, so that the
+/// parser's errors keep their lines, then [`into_config`](Self::into_config).
+#[derive(Debug, Default, Deserialize)]
+#[serde(transparent)]
+pub struct CacheSection(Spec);
+
+impl CacheSection {
+    /// Checks the values and builds the configuration; a key in an error is
+    /// prefixed with `prefix` (such as `"cache."`).
+    ///
+    /// # Errors
+    ///
+    /// A [`CacheConfigError::Invalid`] naming the key at fault.
+    pub fn into_config(self, prefix: &str) -> Result<HttpCacheConfig, CacheConfigError> {
+        HttpCacheConfig::from_spec(self.0, prefix)
+    }
+}
+
 impl HttpCacheConfig {
     /// Reads a configuration from TOML (the shape is in the
     /// [module docs](crate::config)).
@@ -131,8 +150,12 @@ impl HttpCacheConfig {
     /// A [`CacheConfigError`] naming the key at fault.
     pub fn from_toml(text: &str) -> Result<Self, CacheConfigError> {
         let spec: Spec = toml::from_str(text)?;
+        Self::from_spec(spec, "")
+    }
+
+    fn from_spec(spec: Spec, prefix: &str) -> Result<Self, CacheConfigError> {
         let invalid = |key: &str, message: &str| CacheConfigError::Invalid {
-            key: key.to_owned(),
+            key: format!("{prefix}{key}"),
             message: message.to_owned(),
         };
         let mut c = Self::default();

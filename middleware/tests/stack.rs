@@ -179,3 +179,35 @@ async fn works_as_an_axum_router_layer() {
         (0, 2)
     );
 }
+
+#[tokio::test]
+async fn a_stack_from_one_file_classifies_limits_compresses_and_caches() {
+    let stack = Stack::from_config(&format!(
+        r#"{MODEL}
+        [[routes]]
+        path = "/checkout"
+        class = "checkout"
+        [limit]
+        [compression]
+        codecs = ["gzip"]
+        [cache]
+        max_bytes = 1048576
+        "#
+    ))
+    .unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let svc = stack.layer(origin(&calls));
+    for expect_hit in [false, true] {
+        let r = svc.clone().oneshot(get("/checkout")).await.unwrap();
+        assert_eq!(r.headers()["content-encoding"], "gzip");
+        let status = r.headers()["cache-status"].to_str().unwrap().to_owned();
+        assert_eq!(status.contains("hit"), expect_hit, "{status}");
+        let _ = r.into_body().collect().await.unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let checkout = stack.model().id("checkout").unwrap().index();
+    assert_eq!(
+        stack.limiter().unwrap().stats().classes[checkout].completed,
+        2
+    );
+}

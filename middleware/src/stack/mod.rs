@@ -77,6 +77,7 @@
 //! # }
 //! ```
 
+pub mod config;
 mod optional;
 
 use std::sync::{Arc, OnceLock};
@@ -92,6 +93,7 @@ use tower_service::Service;
 
 use crate::compression::{Compression, CompressionConfig, CompressionLayer};
 
+pub use self::config::StackConfigError;
 pub use self::optional::{Optional, OptionalFuture};
 
 /// How the stack classifies: by routes, or everything in one class.

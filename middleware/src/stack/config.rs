@@ -1,0 +1,470 @@
+//! A [`Stack`] from one TOML file.
+//!
+//! One file holds the cost model (classes, cost curves, prices), the routes
+//! that put requests in classes, and each layer's settings. A layer whose
+//! table is absent is off. Every key but the classes is optional; the
+//! defaults are the ones shown.
+//!
+//! ```toml
+//! default_class = "browse"          # requests no route matches
+//!
+//! [prices]                          # all 0 by default
+//! cpu_second = 1.1e-5
+//! byte_sent = 9e-11
+//!
+//! [classes.checkout]                # see docs/model.md for the curves
+//! delay_cost = { shape = "linear", per_second = 20.0, deadline = "2s" }
+//! refusal_cost = 10.0
+//! [classes.browse]
+//! delay_cost = { shape = "linear", per_second = 2.0 }
+//! refusal_cost = 1.0
+//!
+//! [[routes]]                        # first match wins; method optional
+//! method = "POST"
+//! path = "/checkout"
+//! class = "checkout"
+//!
+//! [limit]                           # present: limit and admit by cost
+//! algorithm = "delay-cost"          # "aimd", "vegas", "gradient2", "fixed"
+//! fixed_limit = 64                  # the limit of "fixed" (required then)
+//! max_queue = 1024                  # requests waiting, all classes
+//! max_queue_time = "5s"             # the longest anyone waits
+//! warmup_samples = 50               # completions before shedding by cost
+//! never_shed = { checkout = 256 }   # class = most of it that may wait
+//!
+//! [compression]                     # present: compress
+//! level = "adaptive"                # or "fixed", with [compression.levels]
+//! levels = { zstd = 3, br = 4, gzip = 6, deflate = 6 }
+//! codecs = ["zstd", "br", "gzip", "deflate"]   # offered, in preference
+//! min_size = 1024                   # smaller known sizes go as they are
+//! client_bandwidth = 5e6            # bytes/s, for the transfer time
+//!
+//! [cache]                           # present: cache; keys as gratify_cache::config
+//! max_bytes = 67108864
+//! [[cache.routes]]
+//! prefix = "/catalogue"
+//! ttl = "5m"
+//! ```
+//!
+//! A wrong file is refused at start-up with an error that names the key
+//! (and the line, where the TOML parser knows it): an unknown key, a value
+//! of the wrong type, a negative price, a route to an unknown class, a cache
+//! smaller than one entry, a codec this build does not have.
+//!
+//! # Example
+//!
+//! ```
+//! use gratify::Stack;
+//!
+//! let stack = Stack::from_config(r#"
+//!     default_class = "browse"
+//!     [classes.browse]
+//!     delay_cost = { shape = "linear", per_second = 2.0 }
+//!     refusal_cost = 1.0
+//!     [limit]
+//! "#).unwrap();
+//! assert!(stack.limiter().is_some());
+//!
+//! let err = Stack::from_config(r#"
+//!     [classes.browse]
+//!     delay_cost = { shape = "linear", per_second = 2.0 }
+//!     refusal_cost = 1.0
+//!     [[routes]]
+//!     path = "/checkout"
+//!     class = "checkout"
+//! "#).unwrap_err();
+//! assert!(err.to_string().contains("checkout"), "{err}");
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use gratify_cache::config::{CacheConfigError, CacheSection};
+use gratify_core::classify::{RouteClassifier, RouteError, RouteRule};
+use gratify_core::error::ModelError;
+use gratify_core::model::CostModelConfig;
+use gratify_core::{Class, CostModel, Prices, serde_util};
+use gratify_scaling::limit::{
+    Aimd, DelayCostLimit, Fixed, Gradient2, Limiter, LimiterConfig, Vegas,
+};
+use serde::Deserialize;
+
+use super::Stack;
+use crate::compression::{Codec, CompressionConfig, Level, Levels};
+
+/// A stack configuration that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StackConfigError {
+    /// Malformed TOML, an unknown key or a value of the wrong type; the
+    /// message names the key, the line and the column.
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    /// The cost model is invalid (a negative price, no classes, …).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A route is invalid (an unknown class, a malformed pattern, …).
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// The `[cache]` table is invalid.
+    #[error(transparent)]
+    Cache(#[from] CacheConfigError),
+    /// A value that parses but makes no sense.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key at fault (`limit.fixed_limit`).
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> StackConfigError {
+    StackConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StackFile {
+    default_class: Option<String>,
+    #[serde(default)]
+    prices: Prices,
+    #[serde(default)]
+    classes: BTreeMap<String, Class>,
+    #[serde(default)]
+    routes: Vec<RouteRule>,
+    limit: Option<LimitSection>,
+    compression: Option<CompressionSection>,
+    cache: Option<CacheSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitSection {
+    algorithm: Option<String>,
+    fixed_limit: Option<usize>,
+    max_queue: Option<usize>,
+    #[serde(default, with = "serde_util::opt_duration")]
+    max_queue_time: Option<Duration>,
+    warmup_samples: Option<u64>,
+    #[serde(default)]
+    never_shed: BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LevelsSection {
+    zstd: Option<i32>,
+    br: Option<i32>,
+    gzip: Option<i32>,
+    deflate: Option<i32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompressionSection {
+    level: Option<String>,
+    levels: Option<LevelsSection>,
+    codecs: Option<Vec<String>>,
+    min_size: Option<u64>,
+    client_bandwidth: Option<f64>,
+}
+
+impl Stack {
+    /// A stack from a TOML file's text (the shape is in the
+    /// [module docs](crate::stack::config)).
+    ///
+    /// # Errors
+    ///
+    /// A [`StackConfigError`] naming the key at fault.
+    pub fn from_config(text: &str) -> Result<Self, StackConfigError> {
+        let file: StackFile = toml::from_str(text)?;
+        let mut model_config = CostModelConfig::default();
+        model_config.default_class = file.default_class;
+        model_config.prices = file.prices;
+        model_config.classes = file.classes;
+        let model = CostModel::from_config(model_config)?;
+        let mut stack = Self::new(&model);
+        if !file.routes.is_empty() {
+            stack = stack.routes(RouteClassifier::from_rules(&model, &file.routes)?);
+        }
+        if let Some(limit) = file.limit {
+            stack = stack.limit_with(limiter(&model, limit)?);
+        }
+        if let Some(compression) = file.compression {
+            stack = stack.compression_with(compression_config(compression)?);
+        }
+        if let Some(cache) = file.cache {
+            stack = stack.cache(cache.into_config("cache.")?);
+        }
+        Ok(stack)
+    }
+
+    /// A stack from a TOML file.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read, or a [`StackConfigError`] naming the key at
+    /// fault.
+    pub fn from_config_file(path: impl AsRef<std::path::Path>) -> Result<Self, StackConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| StackConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_config(&text)
+    }
+}
+
+fn limiter(model: &CostModel, s: LimitSection) -> Result<Limiter, StackConfigError> {
+    let mut config = LimiterConfig::default();
+    if let Some(v) = s.max_queue {
+        config.max_queue = v;
+    }
+    if let Some(v) = s.max_queue_time {
+        config.max_queue_time = v;
+    }
+    if let Some(v) = s.warmup_samples {
+        config.warmup_samples = v;
+    }
+    for (name, cap) in &s.never_shed {
+        let id = model
+            .id(name)
+            .ok_or_else(|| invalid(format!("limit.never_shed.{name}"), "no such class"))?;
+        config.never_shed.push((id, *cap));
+    }
+    let algorithm = s.algorithm.as_deref().unwrap_or("delay-cost");
+    if s.fixed_limit.is_some() && algorithm != "fixed" {
+        return Err(invalid(
+            "limit.fixed_limit",
+            "only for algorithm = \"fixed\"",
+        ));
+    }
+    Ok(match algorithm {
+        "delay-cost" => Limiter::with_algorithm(model, DelayCostLimit::new(model), config),
+        "aimd" => Limiter::with_algorithm(model, Aimd::new(), config),
+        "vegas" => Limiter::with_algorithm(model, Vegas::new(), config),
+        "gradient2" => Limiter::with_algorithm(model, Gradient2::new(), config),
+        "fixed" => {
+            let n = s.fixed_limit.ok_or_else(|| {
+                invalid("limit.fixed_limit", "required with algorithm = \"fixed\"")
+            })?;
+            if n == 0 {
+                return Err(invalid("limit.fixed_limit", "must be at least 1"));
+            }
+            Limiter::with_algorithm(model, Fixed::new(n), config)
+        }
+        other => {
+            return Err(invalid(
+                "limit.algorithm",
+                format!(
+                    "unknown algorithm {other:?}: expected \"delay-cost\", \"aimd\", \"vegas\", \"gradient2\" or \"fixed\""
+                ),
+            ));
+        }
+    })
+}
+
+fn compression_config(s: CompressionSection) -> Result<CompressionConfig, StackConfigError> {
+    let mut config = CompressionConfig::default();
+    if let Some(names) = s.codecs {
+        let mut codecs = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let key = format!("compression.codecs[{i}]");
+            let codec = Codec::from_name(name)
+                .ok_or_else(|| invalid(&key, format!("unknown codec {name:?}")))?;
+            if !codec.available() {
+                return Err(invalid(
+                    key,
+                    format!("{name} is not in this build (cargo feature compression-{name})"),
+                ));
+            }
+            if !codecs.contains(&codec) {
+                codecs.push(codec);
+            }
+        }
+        config.codecs = codecs;
+    }
+    if let Some(v) = s.min_size {
+        config.min_size = v;
+    }
+    if let Some(v) = s.client_bandwidth {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(invalid(
+                "compression.client_bandwidth",
+                "must be a positive number of bytes per second",
+            ));
+        }
+        config.client_bandwidth = v;
+    }
+    let mut levels = Levels::default();
+    if let Some(l) = &s.levels {
+        let set = |key: &str,
+                   value: Option<i32>,
+                   range: std::ops::RangeInclusive<i32>,
+                   slot: &mut i32| {
+            match value {
+                Some(v) if !range.contains(&v) => Err(invalid(
+                    format!("compression.levels.{key}"),
+                    format!("must be within {}..={}", range.start(), range.end()),
+                )),
+                Some(v) => {
+                    *slot = v;
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        };
+        set("zstd", l.zstd, -7..=19, &mut levels.zstd)?;
+        set("br", l.br, 0..=9, &mut levels.brotli)?;
+        set("gzip", l.gzip, 1..=9, &mut levels.gzip)?;
+        set("deflate", l.deflate, 1..=9, &mut levels.deflate)?;
+    }
+    config.level = match s.level.as_deref().unwrap_or("adaptive") {
+        "adaptive" => {
+            if s.levels.is_some() {
+                return Err(invalid("compression.levels", "only with level = \"fixed\""));
+            }
+            Level::Adaptive
+        }
+        "fixed" => Level::Fixed(levels),
+        other => {
+            return Err(invalid(
+                "compression.level",
+                format!("unknown level {other:?}: expected \"adaptive\" or \"fixed\""),
+            ));
+        }
+    };
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CLASSES: &str = r#"
+        default_class = "browse"
+        [classes.checkout]
+        delay_cost = { shape = "linear", per_second = 20.0 }
+        refusal_cost = 10.0
+        [classes.browse]
+        delay_cost = { shape = "linear", per_second = 2.0 }
+        refusal_cost = 1.0
+    "#;
+
+    fn err(extra: &str) -> String {
+        Stack::from_config(&format!("{CLASSES}\n{extra}"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn a_full_file_builds_every_piece() {
+        let stack = Stack::from_config(&format!(
+            r#"{CLASSES}
+            [[routes]]
+            method = "POST"
+            path = "/checkout"
+            class = "checkout"
+            [limit]
+            algorithm = "fixed"
+            fixed_limit = 8
+            never_shed = {{ checkout = 16 }}
+            [compression]
+            level = "fixed"
+            levels = {{ gzip = 1 }}
+            codecs = ["gzip"]
+            [cache]
+            max_bytes = 1048576
+            "#
+        ))
+        .unwrap();
+        assert_eq!(stack.limiter().unwrap().stats().limit, 8);
+        assert_eq!(stack.limiter().unwrap().algorithm_name(), "fixed");
+        assert!(stack.cache_purge().is_some());
+        let c = stack.compression.as_ref().unwrap();
+        assert_eq!(c.codecs, vec![Codec::Gzip]);
+        assert!(matches!(c.level, Level::Fixed(l) if l.gzip == 1 && l.zstd == 3));
+    }
+
+    #[test]
+    fn absent_tables_leave_their_pieces_off() {
+        let stack = Stack::from_config(CLASSES).unwrap();
+        assert!(stack.limiter().is_none());
+        assert!(stack.compression.is_none());
+        assert!(stack.cache_purge().is_none());
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_line() {
+        let e = err("[limt]");
+        assert!(e.contains("limt") && e.contains("line"), "{e}");
+        let e = err("[limit]\nmax_queue = \"lots\"");
+        assert!(e.contains("max_queue") && e.contains("line"), "{e}");
+        let e = err("[compression]\nmin_sise = 10");
+        assert!(e.contains("min_sise"), "{e}");
+        let e = err("[cache]\nmax_bytes = 10");
+        assert!(e.contains("cache.max_bytes"), "{e}");
+        let e = err("[[routes]]\npath = \"/x\"\nclass = \"refunds\"");
+        assert!(e.contains("refunds"), "{e}");
+        let e = err("[limit]\nnever_shed = { refunds = 1 }");
+        assert!(e.contains("limit.never_shed.refunds"), "{e}");
+        let e = err("[limit]\nalgorithm = \"fixed\"");
+        assert!(e.contains("limit.fixed_limit"), "{e}");
+        let e = err("[limit]\nalgorithm = \"magic\"");
+        assert!(e.contains("limit.algorithm") && e.contains("magic"), "{e}");
+        let e = err("[compression]\ncodecs = [\"gzip\", \"lzma\"]");
+        assert!(
+            e.contains("compression.codecs[1]") && e.contains("lzma"),
+            "{e}"
+        );
+        let e = err("[compression]\nlevel = \"fixed\"\nlevels = { br = 11 }");
+        assert!(e.contains("compression.levels.br"), "{e}");
+        let e = err("[compression]\nlevels = { gzip = 1 }");
+        assert!(e.contains("compression.levels"), "{e}");
+        let e = err("[compression]\nclient_bandwidth = -1.0");
+        assert!(e.contains("compression.client_bandwidth"), "{e}");
+    }
+
+    #[test]
+    fn a_negative_price_is_refused() {
+        let e = err("[prices]\ncpu_second = -1.0");
+        assert!(e.contains("cpu_second") || e.contains("price"), "{e}");
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_is_a_stack_or_an_error(text in "\\PC{0,200}") {
+            let _ = Stack::from_config(&text);
+        }
+
+        #[test]
+        fn any_limit_and_compression_values_are_a_stack_or_an_error(
+            algorithm in "[a-z0-9-]{0,12}",
+            fixed in proptest::option::of(0usize..100),
+            level in "[a-z]{0,9}",
+            gzip in -20i32..30,
+            bandwidth in proptest::num::f64::ANY,
+        ) {
+            let fixed = fixed.map(|n| format!("fixed_limit = {n}")).unwrap_or_default();
+            let bandwidth = if bandwidth.is_finite() { format!("client_bandwidth = {bandwidth:?}") } else { String::new() };
+            let text = format!(
+                "{CLASSES}\n[limit]\nalgorithm = {algorithm:?}\n{fixed}\n[compression]\nlevel = {level:?}\n{bandwidth}\nlevels = {{ gzip = {gzip} }}\n"
+            );
+            let _ = Stack::from_config(&text);
+        }
+    }
+}
