@@ -126,7 +126,8 @@ impl std::fmt::Debug for HttpCacheConfig {
 struct Shared {
     store: Store,
     config: HttpCacheConfig,
-    model: Option<gratify_core::CostModel>,
+    /// Swapped whole by `reload`.
+    model: std::sync::RwLock<Option<gratify_core::CostModel>>,
     key_part: Option<Box<dyn KeyPart>>,
     /// Fills in progress: followers wait for the value to turn `true`.
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<bool>>>,
@@ -262,7 +263,7 @@ impl HttpCacheLayer {
                     config.min_saved_per_hit,
                 ),
                 key_part,
-                model,
+                model: std::sync::RwLock::new(model),
                 inflight: Mutex::new(HashMap::new()),
                 hit_for_miss,
                 config,
@@ -286,6 +287,23 @@ impl HttpCacheLayer {
         // Subscribe now when inside a runtime (else at the first request).
         let _ = self.shared.store.tier();
         self
+    }
+
+    /// Takes new costs (same classes) at run time: entries stored from now
+    /// on are valued by them. A cache without a model ignores it.
+    ///
+    /// # Errors
+    ///
+    /// The new model has other classes or another default class.
+    pub fn reload(&self, model: &gratify_core::CostModel) -> Result<(), gratify_core::ModelError> {
+        let Ok(mut current) = self.shared.model.write() else {
+            return Ok(());
+        };
+        if let Some(old) = current.as_ref() {
+            old.check_reload(model)?;
+            *current = Some(model.clone());
+        }
+        Ok(())
     }
 
     /// The purge handle.
@@ -342,6 +360,23 @@ impl<S> HttpCache<S> {
         // Subscribe now when inside a runtime (else at the first request).
         let _ = self.shared.store.tier();
         self
+    }
+
+    /// Takes new costs (same classes) at run time: entries stored from now
+    /// on are valued by them. A cache without a model ignores it.
+    ///
+    /// # Errors
+    ///
+    /// The new model has other classes or another default class.
+    pub fn reload(&self, model: &gratify_core::CostModel) -> Result<(), gratify_core::ModelError> {
+        let Ok(mut current) = self.shared.model.write() else {
+            return Ok(());
+        };
+        if let Some(old) = current.as_ref() {
+            old.check_reload(model)?;
+            *current = Some(model.clone());
+        }
+        Ok(())
     }
 
     /// The purge handle.
@@ -787,7 +822,11 @@ impl Asked {
 
     /// The cost rate of a second of this request's delay.
     fn cost_rate(&self, shared: &Shared, latency: Duration) -> f64 {
-        match &shared.model {
+        let model = shared
+            .model
+            .read()
+            .map_or_else(|e| e.into_inner().clone(), |m| m.clone());
+        match &model {
             Some(model) => {
                 let id = self.class.unwrap_or_else(|| model.default_class());
                 model

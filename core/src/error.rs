@@ -102,6 +102,14 @@ pub enum ModelError {
         "default_class: missing; with more than one class, name the class of requests that no rule matches"
     )]
     NoDefaultClass,
+    /// A model given to a running service's `reload` does not have the same
+    /// classes (in the same order) and default class as the one it replaces:
+    /// a reload changes costs and prices, not the set of classes.
+    #[error("reload: {reason}; changing the classes or the default class needs a restart")]
+    Incompatible {
+        /// What differs.
+        reason: String,
+    },
     /// A parameter of a class is invalid.
     #[error("{key}: {source}")]
     Cost {

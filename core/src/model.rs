@@ -356,6 +356,35 @@ impl CostModel {
         self.inner.names.get(id.index()).map_or("?", String::as_str)
     }
 
+    /// Checks that `new` may replace this model in a running service: the
+    /// same class names in the same order (so every `ClassId` keeps its
+    /// meaning) and the same default class. Costs and prices may differ.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::Incompatible`] saying what differs.
+    pub fn check_reload(&self, new: &Self) -> Result<(), ModelError> {
+        if self.inner.names != new.inner.names {
+            return Err(ModelError::Incompatible {
+                reason: format!(
+                    "classes [{}] would become [{}]",
+                    self.inner.names.join(", "),
+                    new.inner.names.join(", ")
+                ),
+            });
+        }
+        if self.inner.default_class != new.inner.default_class {
+            return Err(ModelError::Incompatible {
+                reason: format!(
+                    "the default class {} would become {}",
+                    self.name(self.default_class()),
+                    new.name(new.default_class())
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The class of requests that no rule matches.
     pub fn default_class(&self) -> ClassId {
         self.inner.default_class

@@ -211,3 +211,67 @@ async fn a_stack_from_one_file_classifies_limits_compresses_and_caches() {
         2
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_costs_under_load_without_dropping_a_request() {
+    let cheap_cpu = format!("{MODEL}\n[prices]\ncpu_second = 0.001\n");
+    let dear_cpu = format!("{MODEL}\n[prices]\ncpu_second = 5.0\n");
+    let stack =
+        Stack::from_config(&format!("{cheap_cpu}\n[limit]\n[compression]\n[cache]\n")).unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let svc = stack.layer(origin(&calls));
+    let load = {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for i in 0..2000 {
+                let r = svc
+                    .clone()
+                    .oneshot(get(&format!("/p/{}", i % 50)))
+                    .await
+                    .unwrap();
+                if r.status().is_success() && r.into_body().collect().await.is_ok() {
+                    ok += 1;
+                }
+            }
+            ok
+        })
+    };
+    for i in 0..200 {
+        let text = if i % 2 == 0 { &dear_cpu } else { &cheap_cpu };
+        stack.reload_config(text).unwrap();
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(load.await.unwrap(), 2000, "every request answered");
+    // The last reload (cheap CPU) is what every piece now holds.
+    assert_eq!(stack.model().prices().cpu_second, 0.001);
+    assert_eq!(stack.limiter().unwrap().model().prices().cpu_second, 0.001);
+    // A model with other classes is refused, and nothing changes.
+    let other = CostModel::from_toml(
+        "[classes.other]\ndelay_cost = { shape = \"linear\", per_second = 1.0 }\nrefusal_cost = 1.0\n",
+    )
+    .unwrap();
+    let e = stack.reload(&other).unwrap_err().to_string();
+    assert!(e.contains("restart"), "{e}");
+    assert_eq!(stack.model().prices().cpu_second, 0.001);
+    assert!(stack.model().id("checkout").is_some());
+}
+
+#[tokio::test]
+async fn a_builder_call_on_a_clone_shares_nothing_with_the_original() {
+    let model = CostModel::from_toml(MODEL).unwrap();
+    let plain = Stack::new(&model);
+    let limited = plain.clone().limit();
+    let calls = Arc::new(AtomicU64::new(0));
+    // The plain one is used first; the limited one must still limit.
+    let a = plain.layer(origin(&calls));
+    let b = limited.layer(origin(&calls));
+    let _ = a.oneshot(get("/p")).await.unwrap();
+    let r = b.oneshot(get("/p")).await.unwrap();
+    let _ = r.into_body().collect().await.unwrap();
+    let browse = model.id("browse").unwrap().index();
+    assert_eq!(
+        limited.limiter().unwrap().stats().classes[browse].admitted,
+        1
+    );
+}

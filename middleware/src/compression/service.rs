@@ -22,7 +22,8 @@ use super::{Calibration, Choice, Codec, CompressionConfig, Level, adaptive, slot
 
 struct Shared {
     config: CompressionConfig,
-    model: Option<CostModel>,
+    /// Swapped whole by `reload`.
+    model: std::sync::RwLock<Option<CostModel>>,
     signal: Option<LoadSignal>,
     calibration: Arc<Calibration>,
 }
@@ -87,7 +88,7 @@ impl CompressionLayer {
         Self {
             shared: Arc::new(Shared {
                 config,
-                model,
+                model: std::sync::RwLock::new(model),
                 signal,
                 calibration: Arc::new(Calibration::new()),
             }),
@@ -99,11 +100,33 @@ impl CompressionLayer {
     pub fn no(self, codec: Codec) -> Self {
         let mut config = self.shared.config.clone();
         config.codecs.retain(|c| *c != codec);
-        Self::build(
-            config,
-            self.shared.model.clone(),
-            self.shared.signal.clone(),
-        )
+        Self::build(config, self.shared.model(), self.shared.signal.clone())
+    }
+
+    /// Takes new costs and prices (same classes) at run time; responses
+    /// started before keep the old ones. A layer without a model ignores it.
+    ///
+    /// # Errors
+    ///
+    /// The new model has other classes or another default class.
+    pub fn reload(&self, model: &CostModel) -> Result<(), gratify_core::ModelError> {
+        let Ok(mut current) = self.shared.model.write() else {
+            return Ok(());
+        };
+        if let Some(old) = current.as_ref() {
+            old.check_reload(model)?;
+            *current = Some(model.clone());
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// The current model (a cheap clone).
+    fn model(&self) -> Option<CostModel> {
+        self.model
+            .read()
+            .map_or_else(|e| e.into_inner().clone(), |m| m.clone())
     }
 }
 
@@ -177,7 +200,7 @@ where
             .filter(|c| Some(accepted.q(c)) == top)
             .filter_map(Codec::from_name)
             .collect();
-        let delay_rate = match &self.shared.model {
+        let delay_rate = match &self.shared.model() {
             Some(model) => {
                 let id = class_of(&request).unwrap_or_else(|| model.default_class());
                 model.get(id).map_or(0.0, |c| c.urgency(0.0))
@@ -299,7 +322,7 @@ fn compress<RB: Body>(
         }),
         Level::Adaptive => {
             let snapshot = shared.signal.as_ref().map(LoadSignal::snapshot);
-            let prices = shared.model.as_ref().map(|m| *m.prices());
+            let prices = shared.model().map(|m| *m.prices());
             let cpu_price = prices.map_or(0.0, |p| p.cpu_second)
                 + snapshot.map_or(0.0, |s| s.slot_second_price());
             let byte_price = prices.map_or(0.0, |p| p.byte_sent);

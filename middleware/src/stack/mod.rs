@@ -128,7 +128,8 @@ struct Built {
 /// [module docs](self).
 #[derive(Clone, Debug)]
 pub struct Stack {
-    model: CostModel,
+    /// Shared by clones; swapped by `reload`.
+    model: Arc<std::sync::RwLock<CostModel>>,
     signal: LoadSignal,
     routes: Option<RouteClassifier>,
     limiter: Option<Limiter>,
@@ -150,7 +151,7 @@ impl Stack {
     /// default class and passed on.
     pub fn new(model: &CostModel) -> Self {
         Self {
-            model: model.clone(),
+            model: Arc::new(std::sync::RwLock::new(model.clone())),
             signal: LoadSignal::new(),
             routes: None,
             limiter: None,
@@ -171,7 +172,7 @@ impl Stack {
     /// [`Limiter`]), holding each slot until the response body ends.
     #[must_use]
     pub fn limit(self) -> Self {
-        let limiter = Limiter::new(&self.model);
+        let limiter = Limiter::new(&self.model());
         self.limit_with(limiter)
     }
 
@@ -219,18 +220,60 @@ impl Stack {
         self.unbuilt()
     }
 
-    /// A builder call after the stack was used starts a new, unshared set of
-    /// pieces.
+    /// A builder call makes a new stack: it shares nothing with the one it
+    /// was called on (or that one's clones), used or not.
     fn unbuilt(mut self) -> Self {
-        if self.built.get().is_some() {
-            self.built = Arc::new(OnceLock::new());
-        }
+        self.built = Arc::new(OnceLock::new());
+        self.model = Arc::new(std::sync::RwLock::new(self.model()));
         self
     }
 
-    /// The cost model.
-    pub fn model(&self) -> &CostModel {
-        &self.model
+    /// The cost model (the latest, after a [`reload`](Self::reload)).
+    pub fn model(&self) -> CostModel {
+        self.model
+            .read()
+            .map_or_else(|e| e.into_inner().clone(), |m| m.clone())
+    }
+
+    /// Takes new costs and prices at run time, without a restart and without
+    /// dropping a request: the limiter, compression and the cache each swap
+    /// to `model` at once (a request decided before a swap keeps the old
+    /// costs in that layer). The classes and the default class must stay
+    /// the same — so every route and `ClassId` keeps its meaning.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::Incompatible`](gratify_core::ModelError::Incompatible):
+    /// nothing changes.
+    pub fn reload(&self, model: &CostModel) -> Result<(), gratify_core::ModelError> {
+        self.model().check_reload(model)?;
+        let built = self.built();
+        if let Some(limiter) = &self.limiter {
+            limiter.reload(model)?;
+        }
+        if let Some(compression) = &built.compression {
+            compression.reload(model)?;
+        }
+        if let Some(cache) = &built.cache {
+            cache.reload(model)?;
+        }
+        if let Ok(mut m) = self.model.write() {
+            *m = model.clone();
+        }
+        Ok(())
+    }
+
+    /// Reloads the costs and prices of a stack file (see
+    /// [`config`](crate::stack::config)); the whole file is checked, but
+    /// only the model takes effect — other settings need a restart.
+    ///
+    /// # Errors
+    ///
+    /// The file is invalid, or its classes differ.
+    pub fn reload_config(&self, text: &str) -> Result<(), StackConfigError> {
+        let new = Self::from_config(text)?;
+        self.reload(&new.model())?;
+        Ok(())
     }
 
     /// The load signal every piece shares (published by the limiter).
@@ -252,14 +295,14 @@ impl Stack {
         self.built.get_or_init(|| Built {
             classifier: match &self.routes {
                 Some(r) => StackClassifier::Routes(r.clone()),
-                None => StackClassifier::One(self.model.default_class()),
+                None => StackClassifier::One(self.model().default_class()),
             },
             limit: self
                 .limiter
                 .clone()
                 .map(|l| AdaptiveLimitLayer::with_limiter(l).hold_until_body_end(true)),
             compression: self.compression.clone().map(|config| {
-                CompressionLayer::adaptive_with_config(config, &self.model, self.signal.clone())
+                CompressionLayer::adaptive_with_config(config, &self.model(), self.signal.clone())
             }),
             cache: self.cache.clone().map(|choice| match choice {
                 CacheChoice::Layer(layer) => layer,
@@ -268,7 +311,7 @@ impl Stack {
                     if self.compression.is_some() && config.recoder.is_none() {
                         config.recoder = Some(Arc::new(crate::compression::Recompress::new()));
                     }
-                    HttpCacheLayer::with_model(config, &self.model)
+                    HttpCacheLayer::with_model(config, &self.model())
                 }
             }),
         })

@@ -187,7 +187,8 @@ pub struct Limiter {
 struct Shared {
     state: Mutex<State>,
     fast: Fast,
-    model: CostModel,
+    /// Swapped whole by `reload`; class names never change.
+    model: std::sync::RwLock<CostModel>,
     signal: LoadSignal,
     config: LimiterConfig,
     rng: AtomicU64,
@@ -367,7 +368,7 @@ impl Limiter {
                     admitted: (0..n).map(|_| AtomicU64::new(0)).collect(),
                     released: (0..n).map(|_| AtomicU64::new(0)).collect(),
                 },
-                model: model.clone(),
+                model: std::sync::RwLock::new(model.clone()),
                 signal: LoadSignal::new(),
                 config,
                 rng: AtomicU64::new(0x2545_F491_4F6C_DD1D),
@@ -395,9 +396,34 @@ impl Limiter {
         }
     }
 
-    /// The cost model.
-    pub fn model(&self) -> &CostModel {
-        &self.shared.model
+    /// The cost model (the latest, after a [`reload`](Self::reload)).
+    pub fn model(&self) -> CostModel {
+        self.shared
+            .model
+            .read()
+            .map_or_else(|e| e.into_inner().clone(), |m| m.clone())
+    }
+
+    /// Takes new costs and prices at run time, without dropping a request:
+    /// under the limiter's lock, every class's curve and the algorithm's
+    /// model are swapped together; requests decided before see the old
+    /// costs, requests after the new.
+    ///
+    /// # Errors
+    ///
+    /// The new model has other classes or another default class (see
+    /// [`CostModel::check_reload`]); nothing changes then.
+    pub fn reload(&self, model: &CostModel) -> Result<(), gratify_core::ModelError> {
+        self.model().check_reload(model)?;
+        let mut state = self.lock();
+        for (c, (_, _, class)) in state.classes.iter_mut().zip(model.iter()) {
+            c.class = class.clone();
+        }
+        state.algorithm.reload(model);
+        if let Ok(mut m) = self.shared.model.write() {
+            *m = model.clone();
+        }
+        Ok(())
     }
 
     /// The name of the algorithm.
@@ -533,7 +559,8 @@ impl Limiter {
     }
 
     fn on_shed(&self, k: usize, reason: Reason) {
-        let name = self.shared.model.name(ClassId::from_index(k as u16));
+        let model = self.model();
+        let name = model.name(ClassId::from_index(k as u16));
         tracing::debug!(class = name, reason = reason.as_str(), "request shed");
         #[cfg(feature = "metrics")]
         metrics::counter!("gratify_limit_shed_total", "class" => name.to_owned(), "reason" => reason.as_str())
@@ -672,12 +699,9 @@ impl Limiter {
             metrics::gauge!("gratify_limit_in_flight").set(in_flight as f64);
             metrics::gauge!("gratify_limit_queued").set(state.queued as f64);
             metrics::gauge!("gratify_limit_shadow_price").set(price);
+            let model = self.model();
             for (k, c) in state.classes.iter().enumerate() {
-                let name = self
-                    .shared
-                    .model
-                    .name(ClassId::from_index(k as u16))
-                    .to_owned();
+                let name = model.name(ClassId::from_index(k as u16)).to_owned();
                 metrics::gauge!("gratify_limit_queued_class", "class" => name)
                     .set(c.queue.len() as f64);
             }

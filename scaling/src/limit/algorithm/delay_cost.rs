@@ -404,6 +404,10 @@ impl Algorithm for DelayCostLimit {
         self.current(now)
     }
 
+    fn reload(&mut self, model: &CostModel) {
+        self.model = model.clone();
+    }
+
     fn name(&self) -> &'static str {
         "delay-cost"
     }

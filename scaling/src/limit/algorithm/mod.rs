@@ -23,6 +23,8 @@ mod vegas;
 mod windowed;
 
 use std::fmt;
+
+use gratify_core::CostModel;
 use std::time::{Duration, Instant};
 
 use gratify_core::ClassId;
@@ -109,9 +111,19 @@ pub trait Algorithm: fmt::Debug + Send + 'static {
 
     /// A short name for metrics and reports (`"delay-cost"`, `"aimd"`, ...).
     fn name(&self) -> &'static str;
+
+    /// Takes new costs and prices (same classes) at run time. Algorithms
+    /// that do not read the model ignore it.
+    fn reload(&mut self, model: &CostModel) {
+        let _ = model;
+    }
 }
 
 impl<A: Algorithm + ?Sized> Algorithm for Box<A> {
+    fn reload(&mut self, model: &CostModel) {
+        (**self).reload(model);
+    }
+
     fn initial_limit(&self) -> usize {
         (**self).initial_limit()
     }
