@@ -264,7 +264,7 @@ impl Stack {
     }
 
     /// Reloads the costs and prices of a stack file (see
-    /// [`config`](crate::stack::config)); the whole file is checked, but
+    /// [`config`]); the whole file is checked, but
     /// only the model takes effect — other settings need a restart.
     ///
     /// # Errors
