@@ -146,6 +146,9 @@ impl Shared {
     }
 
     fn status(&self, detail: &str) -> HeaderValue {
+        // Recorded on the request's span if it declares `cache` (as
+        // `gratify::Stack`'s does).
+        tracing::Span::current().record("cache", detail);
         HeaderValue::from_str(&format!("{}; {detail}", self.config.name))
             .unwrap_or(HeaderValue::from_static("gratify"))
     }

@@ -350,6 +350,9 @@ fn compress<RB: Body>(
         level = choice.level,
         "compressing"
     );
+    let span = tracing::Span::current();
+    span.record("codec", choice.codec.name());
+    span.record("level", choice.level);
     let headers = response.headers_mut();
     headers.insert(
         CONTENT_ENCODING,

@@ -84,12 +84,14 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use gratify_cache::{CachePurge, HttpCache, HttpCacheConfig, HttpCacheLayer};
-use gratify_core::classify::{Classify, RouteClassifier, SetClass};
+use gratify_core::classify::{Classify, RouteClassifier};
 use gratify_core::{ClassId, CostModel, LoadSignal};
 use gratify_scaling::limit::{AdaptiveLimit, AdaptiveLimitLayer, Limiter};
 use http::Request;
 use tower_layer::Layer;
 use tower_service::Service;
+use tracing::Instrument;
+use tracing::instrument::Instrumented;
 
 use crate::compression::{Compression, CompressionConfig, CompressionLayer};
 
@@ -118,6 +120,8 @@ impl<B> Classify<Request<B>> for StackClassifier {
 #[derive(Debug)]
 struct Built {
     classifier: StackClassifier,
+    /// Class names by index, for the request span (they never change).
+    names: Arc<[String]>,
     limit: Option<AdaptiveLimitLayer>,
     compression: Option<CompressionLayer>,
     cache: Option<HttpCacheLayer>,
@@ -293,6 +297,11 @@ impl Stack {
 
     fn built(&self) -> &Built {
         self.built.get_or_init(|| Built {
+            names: self
+                .model()
+                .iter()
+                .map(|(_, name, _)| name.to_owned())
+                .collect(),
             classifier: match &self.routes {
                 Some(r) => StackClassifier::Routes(r.clone()),
                 None => StackClassifier::One(self.model().default_class()),
@@ -343,30 +352,54 @@ impl<S> Layer<S> for Stack {
             None => Optional::Off(compression),
         };
         StackService {
-            inner: SetClass::new(limit, built.classifier.clone()),
+            inner: limit,
+            classifier: built.classifier.clone(),
+            names: Arc::clone(&built.names),
         }
     }
 }
 
 /// The service of a [`Stack`]. Clones share every piece.
+///
+/// Each request runs in a `gratify` span (at `INFO`) whose fields the layers
+/// fill in: `class`; `admission` (`admitted`, `queued`, `admitted after
+/// queueing`, `shed`) and `shed_reason`; `cache` (the `Cache-Status` detail:
+/// `hit`, `fwd=uri-miss; stored`, …); `codec` and `level` when the response
+/// is compressed.
 #[derive(Clone, Debug)]
 pub struct StackService<S> {
-    inner: SetClass<LimitStage<S>, StackClassifier>,
+    inner: LimitStage<S>,
+    classifier: StackClassifier,
+    names: Arc<[String]>,
 }
 
 impl<S, B> Service<Request<B>> for StackService<S>
 where
-    SetClass<LimitStage<S>, StackClassifier>: Service<Request<B>>,
+    LimitStage<S>: Service<Request<B>>,
 {
-    type Response = <SetClass<LimitStage<S>, StackClassifier> as Service<Request<B>>>::Response;
-    type Error = <SetClass<LimitStage<S>, StackClassifier> as Service<Request<B>>>::Error;
-    type Future = <SetClass<LimitStage<S>, StackClassifier> as Service<Request<B>>>::Future;
+    type Response = <LimitStage<S> as Service<Request<B>>>::Response;
+    type Error = <LimitStage<S> as Service<Request<B>>>::Error;
+    type Future = Instrumented<<LimitStage<S> as Service<Request<B>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        self.inner.call(request)
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let class = self.classifier.classify(&request);
+        request.extensions_mut().insert(class);
+        let name = self.names.get(class.index()).map_or("", String::as_str);
+        let span = tracing::info_span!(
+            "gratify",
+            class = name,
+            admission = tracing::field::Empty,
+            shed_reason = tracing::field::Empty,
+            cache = tracing::field::Empty,
+            codec = tracing::field::Empty,
+            level = tracing::field::Empty,
+        );
+        // The limit decides inside `call`: enter the span for it.
+        let future = span.in_scope(|| self.inner.call(request));
+        future.instrument(span)
     }
 }

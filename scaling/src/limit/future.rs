@@ -128,6 +128,16 @@ where
                             ticket.time_out()
                         }
                     };
+                    let span = tracing::Span::current();
+                    match &outcome {
+                        TicketOutcome::Admitted(_) => {
+                            span.record("admission", "admitted after queueing");
+                        }
+                        TicketOutcome::Refused(refusal) => {
+                            span.record("admission", "shed");
+                            span.record("shed_reason", refusal.reason().as_str());
+                        }
+                    }
                     match outcome {
                         TicketOutcome::Admitted(permit) => {
                             let (Some(mut service), Some(request)) =

@@ -85,17 +85,26 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         let class = self.classify.classify(&request);
+        // Recorded on the request's span, if it declares the fields (as
+        // `gratify::Stack`'s does); a no-op otherwise.
+        let span = tracing::Span::current();
         match self.limiter.acquire(class) {
             Acquire::Admitted(permit) => {
+                span.record("admission", "admitted");
                 let future = self.inner.call(request);
                 ResponseFuture::called(future, permit, self.hold_body)
             }
             Acquire::Queued(ticket) => {
+                span.record("admission", "queued");
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
                 ResponseFuture::waiting(ticket, ready, request, self.hold_body)
             }
-            Acquire::Refused(refusal) => ResponseFuture::refused(refusal),
+            Acquire::Refused(refusal) => {
+                span.record("admission", "shed");
+                span.record("shed_reason", refusal.reason().as_str());
+                ResponseFuture::refused(refusal)
+            }
         }
     }
 }
