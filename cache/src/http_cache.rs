@@ -149,6 +149,21 @@ impl Shared {
         // Recorded on the request's span if it declares `cache` (as
         // `gratify::Stack`'s does).
         tracing::Span::current().record("cache", detail);
+        #[cfg(feature = "metrics")]
+        {
+            let result = if detail.starts_with("hit") {
+                "hit"
+            } else if detail.contains("fwd=stale") {
+                "stale"
+            } else if detail.contains("fwd=bypass") {
+                "bypass"
+            } else if detail.contains("fwd=") {
+                "miss"
+            } else {
+                "other"
+            };
+            metrics::counter!("gratify_cache_requests_total", "result" => result).increment(1);
+        }
         HeaderValue::from_str(&format!("{}; {detail}", self.config.name))
             .unwrap_or(HeaderValue::from_static("gratify"))
     }

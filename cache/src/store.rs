@@ -303,6 +303,18 @@ impl Store {
             .expire_after(KeepFor)
             .support_invalidation_closures()
             .eviction_listener(move |key: Arc<CacheKey>, value: Arc<Variants>, cause| {
+                #[cfg(feature = "metrics")]
+                {
+                    use moka::notification::RemovalCause;
+                    let cause_name = match cause {
+                        RemovalCause::Size => "size",
+                        RemovalCause::Expired => "expired",
+                        RemovalCause::Explicit => "explicit",
+                        RemovalCause::Replaced => "replaced",
+                    };
+                    metrics::counter!("gratify_cache_evictions_total", "cause" => cause_name)
+                        .increment(1);
+                }
                 if cause == moka::notification::RemovalCause::Size {
                     let frequency = listener_gate.frequency(&key);
                     listener_gate.evicted(value.density(frequency));
@@ -406,6 +418,11 @@ impl Store {
                 }),
             )
             .await;
+        #[cfg(feature = "metrics")]
+        {
+            metrics::gauge!("gratify_cache_bytes").set(self.cache.weighted_size() as f64);
+            metrics::gauge!("gratify_cache_entries").set(self.cache.entry_count() as f64);
+        }
         true
     }
 

@@ -61,7 +61,7 @@ struct State {
     bytes_out: u64,
     cpu: Duration,
     calibration: Arc<Calibration>,
-    slot: usize,
+    choice: super::Choice,
 }
 
 impl<B> CompressionBody<B> {
@@ -74,7 +74,7 @@ impl<B> CompressionBody<B> {
         encoder: Encoder,
         flush_each: bool,
         calibration: Arc<Calibration>,
-        slot: usize,
+        choice: super::Choice,
         offload: Option<Offload>,
     ) -> Self {
         Self {
@@ -90,13 +90,30 @@ impl<B> CompressionBody<B> {
                 bytes_out: 0,
                 cpu: Duration::ZERO,
                 calibration,
-                slot,
+                choice,
             })),
         }
     }
 }
 
 impl State {
+    /// Bytes in and out, CPU and ratio by codec and level, once per body.
+    #[cfg(feature = "metrics")]
+    fn record_metrics(&self) {
+        let codec = self.choice.codec.name();
+        let level = self.choice.level.to_string();
+        metrics::counter!("gratify_compression_bytes_in_total", "codec" => codec, "level" => level.clone())
+            .increment(self.bytes_in);
+        metrics::counter!("gratify_compression_bytes_out_total", "codec" => codec, "level" => level.clone())
+            .increment(self.bytes_out);
+        metrics::histogram!("gratify_compression_cpu_seconds", "codec" => codec, "level" => level.clone())
+            .record(self.cpu.as_secs_f64());
+        if self.bytes_in > 0 {
+            metrics::histogram!("gratify_compression_ratio", "codec" => codec, "level" => level)
+                .record(self.bytes_out as f64 / self.bytes_in as f64);
+        }
+    }
+
     fn timed<T>(
         &mut self,
         f: impl FnOnce(&mut Encoder) -> std::io::Result<T>,
@@ -221,11 +238,13 @@ where
                     state.finished = true;
                     state.bytes_out += out.len() as u64;
                     state.calibration.observe(
-                        state.slot,
+                        state.choice.slot,
                         state.bytes_in,
                         state.bytes_out,
                         state.cpu,
                     );
+                    #[cfg(feature = "metrics")]
+                    state.record_metrics();
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }

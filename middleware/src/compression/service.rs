@@ -380,13 +380,6 @@ fn compress<RB: Body>(
         }
     });
     response.map(|body| {
-        CompressionBody::compressed(
-            body,
-            encoder,
-            event_stream,
-            calibration,
-            choice.slot,
-            offload,
-        )
+        CompressionBody::compressed(body, encoder, event_stream, calibration, choice, offload)
     })
 }

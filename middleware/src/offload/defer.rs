@@ -421,6 +421,8 @@ async fn runner(shared: Arc<Shared>) {
             if let Some(job) = &job {
                 s.running.push(job.name.clone());
             }
+            #[cfg(feature = "metrics")]
+            metrics::gauge!("gratify_defer_pending").set((s.queue.len() + s.running.len()) as f64);
             job
         };
         let Some(mut job) = next else {

@@ -292,6 +292,8 @@ impl CpuPool {
                     .unwrap_or(true)
             }),
         });
+        #[cfg(feature = "metrics")]
+        metrics::gauge!("gratify_offload_queued").set(q.heap.len() as f64);
         drop(q);
         self.shared.ready.notify_one();
         Ok(())
@@ -346,6 +348,8 @@ fn worker(shared: &Shared) {
                     // queue, so a job is always queued or running until
                     // its books are done.
                     shared.running.fetch_add(1, Ordering::Relaxed);
+                    #[cfg(feature = "metrics")]
+                    metrics::gauge!("gratify_offload_queued").set(q.heap.len() as f64);
                     break job;
                 }
                 if !q.open {

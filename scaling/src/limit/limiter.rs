@@ -702,8 +702,15 @@ impl Limiter {
             let model = self.model();
             for (k, c) in state.classes.iter().enumerate() {
                 let name = model.name(ClassId::from_index(k as u16)).to_owned();
-                metrics::gauge!("gratify_limit_queued_class", "class" => name)
+                metrics::gauge!("gratify_limit_queued_class", "class" => name.clone())
                     .set(c.queue.len() as f64);
+                // What delay costs per second right now: every request of the
+                // class in flight or waiting, at its cost rate.
+                let in_flight = fast.admitted[k]
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(fast.released[k].load(Ordering::Relaxed));
+                metrics::gauge!("gratify_cost_rate", "class" => name)
+                    .set((in_flight as f64 + c.queue.len() as f64) * urgency(&c.class, c.latency));
             }
         }
     }

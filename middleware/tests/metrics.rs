@@ -1,6 +1,6 @@
-//! The offload pool and the deferred-work queue count what they do through
-//! the `metrics` facade. Its own test binary: it installs the process's
-//! global recorder.
+//! The offload pool, the deferred-work queue and the stack's layers count
+//! what they do through the `metrics` facade. Its own test binary: it
+//! installs the process's global recorder (once, for every test here).
 #![cfg(feature = "metrics")]
 #![allow(clippy::unwrap_used)] // test helpers: a failure is a failed test
 
@@ -24,6 +24,19 @@ impl metrics::CounterFn for Cell {
     }
     fn absolute(&self, value: u64) {
         self.0.fetch_max(value, Ordering::Relaxed);
+    }
+}
+
+impl metrics::GaugeFn for Cell {
+    // A gauge counts how often it was set.
+    fn increment(&self, _: f64) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn decrement(&self, _: f64) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn set(&self, _: f64) {
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -61,18 +74,27 @@ impl Recorder for Shared {
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
         Counter::from_arc(Arc::new(Cell(self.0.cell(key))))
     }
-    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-        Gauge::noop()
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(Arc::new(Cell(self.0.cell(key))))
     }
     fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
         Histogram::from_arc(Arc::new(Cell(self.0.cell(key))))
     }
 }
 
+/// The process's recorder, installed by the first test that asks.
+fn counts() -> Arc<Counts> {
+    static COUNTS: std::sync::OnceLock<Arc<Counts>> = std::sync::OnceLock::new();
+    Arc::clone(COUNTS.get_or_init(|| {
+        let counts = Arc::new(Counts::default());
+        metrics::set_global_recorder(Shared(Arc::clone(&counts))).unwrap();
+        counts
+    }))
+}
+
 #[tokio::test(start_paused = true)]
 async fn pool_and_defer_report_through_the_metrics_facade() {
-    let counts = Arc::new(Counts::default());
-    metrics::set_global_recorder(Shared(Arc::clone(&counts))).unwrap();
+    let counts = counts();
 
     let pool = CpuPool::new(Some(1), 1);
     assert_eq!(pool.run(1.0, None, || 2 + 2).await.unwrap(), 4);
@@ -127,4 +149,72 @@ async fn pool_and_defer_report_through_the_metrics_facade() {
     assert_eq!(counts.get("gratify_defer_done_total"), 1);
     assert_eq!(counts.get("gratify_defer_retries_total"), 1);
     assert_eq!(counts.get("gratify_defer_dead_total"), 1);
+    // Queue depths are gauges, set as they change.
+    assert!(counts.get("gratify_offload_queued") > 0);
+    assert!(counts.get("gratify_defer_pending") > 0);
+}
+
+#[tokio::test]
+async fn the_stack_reports_through_the_metrics_facade() {
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::{BodyExt, Full};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    let counts = counts();
+    let stack = gratify::Stack::from_config(
+        r#"
+        [classes.browse]
+        delay_cost = { shape = "linear", per_second = 2.0 }
+        refusal_cost = 1.0
+        [limit]
+        [compression]
+        codecs = ["gzip"]
+        [cache]
+        "#,
+    )
+    .unwrap();
+    let svc = stack.layer(service_fn(|req: Request<()>| async move {
+        let mut r = Response::new(Full::new(Bytes::from("{\"id\":7}".repeat(300))));
+        // /stored is cached (stored encoded once); /fresh is compressed per request.
+        let cc = if req.uri().path() == "/stored" {
+            "public, max-age=60"
+        } else {
+            "no-store"
+        };
+        r.headers_mut().insert("cache-control", cc.parse().unwrap());
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        Ok::<_, std::convert::Infallible>(r)
+    }));
+    for path in ["/stored", "/stored", "/fresh"] {
+        let request = Request::get(path)
+            .header("host", "shop.example")
+            .header("accept-encoding", "gzip")
+            .body(())
+            .unwrap();
+        let r = svc.clone().oneshot(request).await.unwrap();
+        let _ = r.into_body().collect().await.unwrap();
+    }
+    // Requests by result (hit and misses), bytes held, limiter gauges with
+    // the cost rate per class, compression bytes, CPU and ratio.
+    for name in [
+        "gratify_cache_requests_total",
+        "gratify_cache_bytes",
+        "gratify_cache_entries",
+        "gratify_limit",
+        "gratify_limit_in_flight",
+        "gratify_cost_rate",
+        "gratify_compression_bytes_in_total",
+        "gratify_compression_bytes_out_total",
+        "gratify_compression_cpu_seconds",
+        "gratify_compression_ratio",
+    ] {
+        assert!(counts.get(name) > 0, "{name} was not reported");
+    }
+    assert!(counts.get("gratify_cache_requests_total") >= 3);
+    assert!(
+        counts.get("gratify_compression_bytes_out_total")
+            < counts.get("gratify_compression_bytes_in_total")
+    );
 }
