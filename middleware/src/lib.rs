@@ -52,6 +52,7 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod admin;
 pub mod compression;
 pub mod offload;
 pub mod stack;
@@ -60,6 +61,7 @@ pub use gratify_cache as cache;
 pub use gratify_core as core;
 pub use gratify_scaling as scaling;
 
+pub use self::admin::Admin;
 pub use self::stack::{Stack, StackService};
 pub use gratify_core::{
     BoxError, Class, ClassId, CostModel, DelayCost, LoadSignal, LoadSnapshot, Prices,

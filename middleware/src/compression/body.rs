@@ -243,6 +243,9 @@ where
                         state.bytes_out,
                         state.cpu,
                     );
+                    state
+                        .calibration
+                        .record(state.bytes_in, state.bytes_out, state.cpu);
                     #[cfg(feature = "metrics")]
                     state.record_metrics();
                     if !out.is_empty() {

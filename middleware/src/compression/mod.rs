@@ -198,6 +198,25 @@ pub enum Level {
 #[derive(Debug)]
 pub(crate) struct Calibration {
     table: Mutex<Vec<(f64, f64)>>,
+    /// Bodies compressed, bytes in and out, CPU nanoseconds.
+    totals: [std::sync::atomic::AtomicU64; 4],
+}
+
+/// What a [`CompressionLayer`] has done, for reports and the admin service.
+#[derive(Debug, Clone, PartialEq, Default)]
+#[non_exhaustive]
+pub struct CompressionStats {
+    /// Bodies compressed to the end.
+    pub responses: u64,
+    /// Bytes they held.
+    pub bytes_in: u64,
+    /// Bytes they became.
+    pub bytes_out: u64,
+    /// CPU spent compressing them.
+    pub cpu: Duration,
+    /// The learned speed (bytes per second of CPU) and ratio per codec and
+    /// ladder level: `(codec, level, speed, ratio)`.
+    pub levels: Vec<(Codec, i32, f64, f64)>,
 }
 
 /// The slot of a codec and level in the table (ladder levels, then one slot
@@ -231,6 +250,37 @@ impl Calibration {
         seed(Codec::Deflate, 1, 150e6, 0.26, &mut table);
         Self {
             table: Mutex::new(table),
+            totals: Default::default(),
+        }
+    }
+
+    /// Counts one finished body.
+    pub(crate) fn record(&self, bytes_in: u64, bytes_out: u64, cpu: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.totals[0].fetch_add(1, Relaxed);
+        self.totals[1].fetch_add(bytes_in, Relaxed);
+        self.totals[2].fetch_add(bytes_out, Relaxed);
+        self.totals[3].fetch_add(u64::try_from(cpu.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    pub(crate) fn stats(&self) -> CompressionStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let levels = Codec::ALL
+            .iter()
+            .filter(|c| c.available())
+            .flat_map(|c| {
+                c.ladder().iter().map(move |l| {
+                    let (speed, ratio) = self.get(slot(*c, *l));
+                    (*c, *l, speed, ratio)
+                })
+            })
+            .collect();
+        CompressionStats {
+            responses: self.totals[0].load(Relaxed),
+            bytes_in: self.totals[1].load(Relaxed),
+            bytes_out: self.totals[2].load(Relaxed),
+            cpu: Duration::from_nanos(self.totals[3].load(Relaxed)),
+            levels,
         }
     }
 

@@ -103,6 +103,12 @@ impl CompressionLayer {
         Self::build(config, self.shared.model(), self.shared.signal.clone())
     }
 
+    /// What this layer (and every clone and service it made) has compressed,
+    /// and what it has learned of each codec and level.
+    pub fn stats(&self) -> super::CompressionStats {
+        self.shared.calibration.stats()
+    }
+
     /// Takes new costs and prices (same classes) at run time; responses
     /// started before keep the old ones. A layer without a model ignores it.
     ///

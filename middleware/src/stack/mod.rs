@@ -290,6 +290,24 @@ impl Stack {
         self.limiter.as_ref()
     }
 
+    /// The admin service over this stack's pieces: a JSON snapshot and
+    /// Prometheus text (see [`Admin`](crate::Admin)); add CPU pools and
+    /// deferred queues with its `with_pool` and `with_defer`.
+    pub fn admin(&self) -> crate::Admin {
+        let built = self.built();
+        let model = Arc::clone(&self.model);
+        crate::Admin::new(
+            move || {
+                model
+                    .read()
+                    .map_or_else(|e| e.into_inner().clone(), |m| m.clone())
+            },
+            self.limiter.clone(),
+            built.cache.as_ref().map(HttpCacheLayer::purge),
+            built.compression.clone(),
+        )
+    }
+
     /// The cache's purge handle, if caching.
     pub fn cache_purge(&self) -> Option<CachePurge> {
         self.built().cache.as_ref().map(HttpCacheLayer::purge)

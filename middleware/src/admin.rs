@@ -1,0 +1,505 @@
+//! [`Admin`]: a tower service that shows what a [`Stack`](crate::Stack) is
+//! doing, as a JSON snapshot and as Prometheus text.
+//!
+//! Mount it at any path; it answers by the last segment of the path:
+//!
+//! | path ends with | answer |
+//! |---|---|
+//! | `/snapshot.json` | the [snapshot](Admin::snapshot) as JSON |
+//! | `/metrics` | the same figures in the Prometheus text exposition format (0.0.4) |
+//! | anything else | 404 |
+//!
+//! It reads the pieces' own counters, so it needs no metrics recorder; with
+//! the `metrics` feature the same figures (and more) also go to whatever
+//! recorder is installed (see `docs/observability.md`).
+//!
+//! ```
+//! use gratify::{CostModel, Stack};
+//! use http::Request;
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let model = CostModel::from_toml(r#"
+//!     [classes.browse]
+//!     delay_cost = { shape = "linear", per_second = 2.0 }
+//!     refusal_cost = 1.0
+//! "#).unwrap();
+//! let stack = Stack::new(&model).limit();
+//! let admin = stack.admin();
+//! let res = admin.clone().oneshot(Request::get("/admin/metrics").body(()).unwrap()).await.unwrap();
+//! let text = String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+//! assert!(text.contains("gratify_limit_in_flight 0"));
+//! assert_eq!(admin.snapshot()["limit"]["classes"][0]["name"], "browse");
+//! # }
+//! ```
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::future::{Ready, ready};
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use gratify_cache::CachePurge;
+use gratify_core::{ClassId, CostModel};
+use gratify_scaling::limit::{Limiter, Reason};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::{Value, json};
+use tower_service::Service;
+
+use crate::compression::CompressionLayer;
+use crate::offload::{CpuPool, Defer};
+
+const REASONS: [Reason; 7] = [
+    Reason::Cost,
+    Reason::Deadline,
+    Reason::QueueFull,
+    Reason::QueueTimeout,
+    Reason::Displaced,
+    Reason::AtLimit,
+    Reason::Partition,
+];
+
+/// What the admin service reads; cheap to clone (every field is a handle).
+#[derive(Clone)]
+pub struct Admin {
+    model: std::sync::Arc<dyn Fn() -> CostModel + Send + Sync>,
+    limiter: Option<Limiter>,
+    cache: Option<CachePurge>,
+    compression: Option<CompressionLayer>,
+    pools: Vec<(String, CpuPool)>,
+    defers: Vec<(String, Defer)>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("limiter", &self.limiter.is_some())
+            .field("cache", &self.cache.is_some())
+            .field("compression", &self.compression.is_some())
+            .field("pools", &self.pools.len())
+            .field("defers", &self.defers.len())
+            .finish()
+    }
+}
+
+impl Admin {
+    pub(crate) fn new(
+        model: impl Fn() -> CostModel + Send + Sync + 'static,
+        limiter: Option<Limiter>,
+        cache: Option<CachePurge>,
+        compression: Option<CompressionLayer>,
+    ) -> Self {
+        Self {
+            model: std::sync::Arc::new(model),
+            limiter,
+            cache,
+            compression,
+            pools: Vec::new(),
+            defers: Vec::new(),
+        }
+    }
+
+    /// Also reports the CPU pool `pool` under `name`.
+    #[must_use]
+    pub fn with_pool(mut self, name: impl Into<String>, pool: CpuPool) -> Self {
+        self.pools.push((name.into(), pool));
+        self
+    }
+
+    /// Also reports the deferred-work queue `defer` under `name`.
+    #[must_use]
+    pub fn with_defer(mut self, name: impl Into<String>, defer: Defer) -> Self {
+        self.defers.push((name.into(), defer));
+        self
+    }
+
+    /// Everything, now, as JSON: `time_ms`; `model` (classes, prices);
+    /// `limit` (limit, in flight, queued, latency, shadow price, and per
+    /// class: in flight, queued, admitted, completed, shed by reason,
+    /// latency, the delay cost accruing per second); `cache` (entries, bytes,
+    /// the shared tier's counters); `compression` (responses, bytes in and
+    /// out, CPU, the learned speed and ratio per codec and level);
+    /// `offload` and `defer` (each pool's and queue's counters). A piece
+    /// that is off is `null`.
+    pub fn snapshot(&self) -> Value {
+        let model = (self.model)();
+        let name = |k: usize| model.name(ClassId::from_index(k as u16)).to_owned();
+        let limit = self.limiter.as_ref().map(|l| {
+            let s = l.stats();
+            let classes: Vec<Value> = s
+                .classes
+                .iter()
+                .enumerate()
+                .map(|(k, c)| {
+                    let urgency = model
+                        .get(ClassId::from_index(k as u16))
+                        .map_or(0.0, |class| class.urgency(c.latency));
+                    let shed: serde_json::Map<String, Value> = REASONS
+                        .iter()
+                        .map(|r| (r.as_str().to_owned(), json!(c.shed_for(*r))))
+                        .collect();
+                    json!({
+                        "name": name(k),
+                        "in_flight": c.in_flight,
+                        "queued": c.queued,
+                        "admitted": c.admitted,
+                        "completed": c.completed,
+                        "shed": shed,
+                        "shed_total": c.shed_total(),
+                        "latency_ms": c.latency * 1e3,
+                        "cost_rate": (c.in_flight + c.queued) as f64 * urgency,
+                    })
+                })
+                .collect();
+            json!({
+                "algorithm": l.algorithm_name(),
+                "limit": s.limit,
+                "in_flight": s.in_flight,
+                "queued": s.queued,
+                "latency_ms": s.latency * 1e3,
+                "shadow_price": s.shadow_price,
+                "classes": classes,
+            })
+        });
+        let cache = self.cache.as_ref().map(|c| {
+            let tier = c.tier_stats().map(|t| {
+                json!({
+                    "ready": t.ready, "breaker_open": t.breaker_open, "hits": t.hits,
+                    "misses": t.misses, "errors": t.errors, "skipped": t.skipped,
+                    "dropped_writes": t.dropped_writes, "invalidations": t.invalidations,
+                    "resubscribed": t.resubscribed,
+                })
+            });
+            json!({ "entries": c.entry_count(), "bytes": c.weighted_size(), "tier": tier })
+        });
+        let compression = self.compression.as_ref().map(|c| {
+            let s = c.stats();
+            let levels: Vec<Value> = s
+                .levels
+                .iter()
+                .map(|(codec, level, speed, ratio)| {
+                    json!({ "codec": codec.name(), "level": level, "mb_per_s": speed / 1e6, "ratio": ratio })
+                })
+                .collect();
+            json!({
+                "responses": s.responses,
+                "bytes_in": s.bytes_in,
+                "bytes_out": s.bytes_out,
+                "ratio": if s.bytes_in > 0 { s.bytes_out as f64 / s.bytes_in as f64 } else { 1.0 },
+                "cpu_ms": s.cpu.as_secs_f64() * 1e3,
+                "levels": levels,
+            })
+        });
+        let offload: Vec<Value> = self
+            .pools
+            .iter()
+            .map(|(n, p)| {
+                let s = p.stats();
+                json!({
+                    "name": n, "queued": s.queued, "running": s.running,
+                    "done": s.done, "refused": s.refused, "dropped": s.dropped, "panicked": s.panicked,
+                })
+            })
+            .collect();
+        let defer: Vec<Value> = self
+            .defers
+            .iter()
+            .map(|(n, d)| {
+                let s = d.stats();
+                json!({
+                    "name": n, "queued": s.queued, "running": s.running, "done": s.done,
+                    "retries": s.retries, "dead": s.dead,
+                })
+            })
+            .collect();
+        let prices = model.prices();
+        json!({
+            "time_ms": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            "model": {
+                "classes": model.iter().map(|(_, n, _)| n).collect::<Vec<_>>(),
+                "default_class": model.name(model.default_class()),
+                "prices": {
+                    "slot_second": prices.slot_second, "cpu_second": prices.cpu_second,
+                    "byte_sent": prices.byte_sent, "cache_byte_hour": prices.cache_byte_hour,
+                    "replica_hour": prices.replica_hour,
+                },
+            },
+            "limit": limit,
+            "cache": cache,
+            "compression": compression,
+            "offload": offload,
+            "defer": defer,
+        })
+    }
+
+    /// The snapshot in the Prometheus text exposition format.
+    pub fn prometheus(&self) -> String {
+        let snap = self.snapshot();
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {}", fmt_value(*value));
+            }
+        };
+        let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+        if let Some(l) = snap["limit"].as_object() {
+            metric(
+                "gratify_limit",
+                "gauge",
+                "The concurrency limit.",
+                &[(String::new(), f(&l["limit"]))],
+            );
+            metric(
+                "gratify_limit_in_flight",
+                "gauge",
+                "Requests holding a slot.",
+                &[(String::new(), f(&l["in_flight"]))],
+            );
+            metric(
+                "gratify_limit_queued",
+                "gauge",
+                "Requests waiting.",
+                &[(String::new(), f(&l["queued"]))],
+            );
+            metric(
+                "gratify_limit_shadow_price",
+                "gauge",
+                "What one more admitted request costs the waiting ones.",
+                &[(String::new(), f(&l["shadow_price"]))],
+            );
+            let classes = l["classes"].as_array().cloned().unwrap_or_default();
+            let per = |key: &str| -> Vec<(String, f64)> {
+                classes
+                    .iter()
+                    .map(|c| {
+                        (
+                            format!("{{class=\"{}\"}}", escape(c["name"].as_str().unwrap_or(""))),
+                            f(&c[key]),
+                        )
+                    })
+                    .collect()
+            };
+            metric(
+                "gratify_limit_queued_class",
+                "gauge",
+                "Requests waiting, by class.",
+                &per("queued"),
+            );
+            metric(
+                "gratify_limit_in_flight_class",
+                "gauge",
+                "Requests holding a slot, by class.",
+                &per("in_flight"),
+            );
+            metric(
+                "gratify_limit_admitted_total",
+                "counter",
+                "Requests admitted, by class.",
+                &per("admitted"),
+            );
+            metric(
+                "gratify_cost_rate",
+                "gauge",
+                "Delay cost accruing now, by class (per second).",
+                &per("cost_rate"),
+            );
+            let shed: Vec<(String, f64)> = classes
+                .iter()
+                .flat_map(|c| {
+                    let class = escape(c["name"].as_str().unwrap_or(""));
+                    REASONS.iter().map(move |r| {
+                        (
+                            format!("{{class=\"{class}\",reason=\"{}\"}}", r.as_str()),
+                            f(&c["shed"][r.as_str()]),
+                        )
+                    })
+                })
+                .collect();
+            metric(
+                "gratify_limit_shed_total",
+                "counter",
+                "Requests refused, by class and reason.",
+                &shed,
+            );
+        }
+        if let Some(c) = snap["cache"].as_object() {
+            metric(
+                "gratify_cache_entries",
+                "gauge",
+                "Keys held.",
+                &[(String::new(), f(&c["entries"]))],
+            );
+            metric(
+                "gratify_cache_bytes",
+                "gauge",
+                "Bytes held.",
+                &[(String::new(), f(&c["bytes"]))],
+            );
+            if let Some(t) = c["tier"].as_object() {
+                for key in [
+                    "hits",
+                    "misses",
+                    "errors",
+                    "skipped",
+                    "dropped_writes",
+                    "invalidations",
+                ] {
+                    metric(
+                        &format!("gratify_cache_tier_{key}_total"),
+                        "counter",
+                        "The shared tier's counter.",
+                        &[(String::new(), f(&t[key]))],
+                    );
+                }
+            }
+        }
+        if let Some(c) = snap["compression"].as_object() {
+            metric(
+                "gratify_compression_responses_total",
+                "counter",
+                "Bodies compressed.",
+                &[(String::new(), f(&c["responses"]))],
+            );
+            metric(
+                "gratify_compression_bytes_in_total",
+                "counter",
+                "Bytes compressed.",
+                &[(String::new(), f(&c["bytes_in"]))],
+            );
+            metric(
+                "gratify_compression_bytes_out_total",
+                "counter",
+                "Bytes they became.",
+                &[(String::new(), f(&c["bytes_out"]))],
+            );
+            metric(
+                "gratify_compression_cpu_seconds_total",
+                "counter",
+                "CPU spent compressing.",
+                &[(String::new(), f(&c["cpu_ms"]) / 1e3)],
+            );
+        }
+        for (key, list, help) in [
+            ("offload", "queued", "Jobs waiting for the pool."),
+            ("defer", "queued", "Deferred jobs waiting."),
+        ] {
+            let samples: Vec<(String, f64)> = snap[key]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| {
+                            (
+                                format!(
+                                    "{{name=\"{}\"}}",
+                                    escape(p["name"].as_str().unwrap_or(""))
+                                ),
+                                f(&p[list]),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !samples.is_empty() {
+                metric(&format!("gratify_{key}_queued"), "gauge", help, &samples);
+            }
+        }
+        out
+    }
+}
+
+fn fmt_value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
+    } else {
+        format!("{v}")
+    }
+}
+
+/// Escapes a label value (backslash, quote, newline).
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn answer(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+impl<B> Service<Request<B>> for Admin {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            let mut r = answer(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain; charset=utf-8",
+                "GET only\n",
+            );
+            r.headers_mut()
+                .insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return ready(Ok(r));
+        }
+        let path = request.uri().path().trim_end_matches('/');
+        let last = path.rsplit('/').next().unwrap_or("");
+        let response = match last {
+            "snapshot.json" => answer(
+                StatusCode::OK,
+                "application/json",
+                self.snapshot().to_string(),
+            ),
+            "metrics" => answer(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.prometheus(),
+            ),
+            _ => answer(
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "not found\n",
+            ),
+        };
+        ready(Ok(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(fmt_value(f64::INFINITY), "+Inf");
+        assert_eq!(fmt_value(1.5), "1.5");
+    }
+}
