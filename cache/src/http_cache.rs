@@ -133,6 +133,8 @@ struct Shared {
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<bool>>>,
     /// Keys recently found uncacheable.
     hit_for_miss: moka::sync::Cache<CacheKey, ()>,
+    /// Requests answered: hit, stale, miss, bypass.
+    requests: [std::sync::atomic::AtomicU64; 4],
 }
 
 impl Shared {
@@ -149,24 +151,37 @@ impl Shared {
         // Recorded on the request's span if it declares `cache` (as
         // `gratify::Stack`'s does).
         tracing::Span::current().record("cache", detail);
+        let (result, slot) = if detail.starts_with("hit") {
+            ("hit", 0)
+        } else if detail.contains("fwd=stale") {
+            ("stale", 1)
+        } else if detail.contains("fwd=bypass") {
+            ("bypass", 3)
+        } else {
+            ("miss", 2)
+        };
+        self.requests[slot].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        {
-            let result = if detail.starts_with("hit") {
-                "hit"
-            } else if detail.contains("fwd=stale") {
-                "stale"
-            } else if detail.contains("fwd=bypass") {
-                "bypass"
-            } else if detail.contains("fwd=") {
-                "miss"
-            } else {
-                "other"
-            };
-            metrics::counter!("gratify_cache_requests_total", "result" => result).increment(1);
-        }
+        metrics::counter!("gratify_cache_requests_total", "result" => result).increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = result;
         HeaderValue::from_str(&format!("{}; {detail}", self.config.name))
             .unwrap_or(HeaderValue::from_static("gratify"))
     }
+}
+
+/// Requests an [`HttpCacheLayer`] answered, by result (`Cache-Status`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheRequests {
+    /// Served fresh from the cache.
+    pub hit: u64,
+    /// Served stale (while revalidating, on error, or by the fail-safe).
+    pub stale: u64,
+    /// Forwarded to the origin (a miss, a revalidation).
+    pub miss: u64,
+    /// Not eligible: passed through (unsafe method, `no-store`, …).
+    pub bypass: u64,
 }
 
 /// A handle to purge what an [`HttpCacheLayer`] stored; cheap to clone.
@@ -214,6 +229,17 @@ impl CachePurge {
     /// Bytes held (moka's weighted size; may lag behind by pending work).
     pub fn weighted_size(&self) -> u64 {
         self.shared.store.weighted_size()
+    }
+
+    /// Requests answered so far, by result.
+    pub fn requests(&self) -> CacheRequests {
+        let n = |i: usize| self.shared.requests[i].load(std::sync::atomic::Ordering::Relaxed);
+        CacheRequests {
+            hit: n(0),
+            stale: n(1),
+            miss: n(2),
+            bypass: n(3),
+        }
     }
 
     /// Keys held.
@@ -284,6 +310,7 @@ impl HttpCacheLayer {
                 model: std::sync::RwLock::new(model),
                 inflight: Mutex::new(HashMap::new()),
                 hit_for_miss,
+                requests: Default::default(),
                 config,
             }),
         }

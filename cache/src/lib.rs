@@ -87,6 +87,8 @@ pub mod policy;
 mod store;
 pub mod tier;
 
-pub use self::http_cache::{CACHE_STATUS, CachePurge, HttpCache, HttpCacheConfig, HttpCacheLayer};
+pub use self::http_cache::{
+    CACHE_STATUS, CachePurge, CacheRequests, HttpCache, HttpCacheConfig, HttpCacheLayer,
+};
 pub use self::key::{CacheKey, KeyPart};
 pub use gratify_core::{ClassId, CostModel};

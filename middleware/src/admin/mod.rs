@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `/snapshot.json` | the [snapshot](Admin::snapshot) as JSON |
 //! | `/metrics` | the same figures in the Prometheus text exposition format (0.0.4) |
+//! | `/` or `/dashboard` | the live dashboard: one self-contained page (no CDN, no build step) polling `snapshot.json` every second, charting the last five minutes |
 //! | anything else | 404 |
 //!
 //! It reads the pieces' own counters, so it needs no metrics recorder; with
@@ -53,6 +54,9 @@ use tower_service::Service;
 
 use crate::compression::CompressionLayer;
 use crate::offload::{CpuPool, Defer};
+
+/// The dashboard page, embedded.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 const REASONS: [Reason; 7] = [
     Reason::Cost,
@@ -175,7 +179,13 @@ impl Admin {
                     "resubscribed": t.resubscribed,
                 })
             });
-            json!({ "entries": c.entry_count(), "bytes": c.weighted_size(), "tier": tier })
+            let r = c.requests();
+            json!({
+                "entries": c.entry_count(),
+                "bytes": c.weighted_size(),
+                "requests": { "hit": r.hit, "stale": r.stale, "miss": r.miss, "bypass": r.bypass },
+                "tier": tier,
+            })
         });
         let compression = self.compression.as_ref().map(|c| {
             let s = c.stats();
@@ -482,6 +492,7 @@ impl<B> Service<Request<B>> for Admin {
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.prometheus(),
             ),
+            "" | "dashboard" => answer(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD),
             _ => answer(
                 StatusCode::NOT_FOUND,
                 "text/plain; charset=utf-8",
