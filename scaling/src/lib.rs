@@ -20,6 +20,7 @@
 //! [`gratify_core::queueing`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod advisor;
 pub mod limit;
 #[cfg(feature = "sim")]
 pub mod sim;
