@@ -149,3 +149,37 @@ async fn a_live_stack_shows_in_the_snapshot_and_in_prometheus_text() {
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
     pool.shutdown(Duration::from_secs(1));
 }
+
+#[tokio::test]
+async fn the_advisor_is_exported_for_keda_and_the_hpa() {
+    use gratify::scaling::advisor::{AdvisorConfig, Measurements, ScalingAdvisor};
+    use std::sync::Arc;
+
+    let stack = Stack::from_config(FILE).unwrap();
+    let model = stack.model();
+    let advisor = Arc::new(ScalingAdvisor::new(
+        &model,
+        AdvisorConfig::new(4).replicas(2, 40),
+    ));
+    let admin = stack.admin().with_advisor(Arc::clone(&advisor));
+    // Before any measurement: said, not guessed; no replicas metric.
+    assert_eq!(admin.snapshot()["advisor"]["state"], "insufficient-data");
+    assert!(!admin.prometheus().contains("gratify_recommended_replicas "));
+    advisor.observe(
+        tokio::time::Instant::now(),
+        Measurements::new(&model)
+            .rate("browse", 300.0)
+            .rate("checkout", 20.0)
+            .service(0.05, 1.5)
+            .samples(5000),
+    );
+    let snap = admin.snapshot();
+    assert_eq!(snap["advisor"]["state"], "fresh");
+    let replicas = snap["advisor"]["replicas"].as_u64().unwrap();
+    assert!((4..=40).contains(&replicas), "{snap}");
+    let text = admin.prometheus();
+    assert!(
+        text.contains(&format!("gratify_recommended_replicas {replicas}")),
+        "{text}"
+    );
+}

@@ -448,6 +448,66 @@ impl ScalingAdvisor {
     }
 }
 
+/// Turns a [`Limiter`](crate::limit::Limiter)'s counters into
+/// [`Measurements`] for an advisor: arrivals per class from what it admitted
+/// and shed since the last call, the mean service time from the time
+/// requests hold their slots, the samples from what completed.
+///
+/// The limiter keeps a mean, not a variance, of service times: the squared
+/// coefficient of variation is the one given to [`new`](Self::new) (1 for
+/// exponential service, larger for heavier tails).
+#[derive(Debug)]
+pub struct LimiterFeed {
+    model: CostModel,
+    scv: f64,
+    last: Option<(Instant, Vec<u64>, u64)>,
+}
+
+impl LimiterFeed {
+    /// A feed for `model`'s classes, assuming service times of squared
+    /// coefficient of variation `scv`.
+    pub fn new(model: &CostModel, scv: f64) -> Self {
+        Self {
+            model: model.clone(),
+            scv,
+            last: None,
+        }
+    }
+
+    /// Reads `limiter` at `now` and, from the second call on, gives the
+    /// advisor what happened since the previous one.
+    pub fn feed(
+        &mut self,
+        advisor: &ScalingAdvisor,
+        limiter: &crate::limit::Limiter,
+        now: Instant,
+    ) {
+        let stats = limiter.stats();
+        let arrived: Vec<u64> = stats
+            .classes
+            .iter()
+            .map(|c| c.admitted + c.shed_total())
+            .collect();
+        let completed: u64 = stats.classes.iter().map(|c| c.completed).sum();
+        if let Some((then, before, done_before)) = &self.last {
+            let secs = now.saturating_duration_since(*then).as_secs_f64();
+            if secs > 0.0 {
+                let mut m = Measurements::new(&self.model)
+                    .service(stats.latency, self.scv)
+                    .samples(completed.saturating_sub(*done_before));
+                for (k, (a, b)) in arrived.iter().zip(before).enumerate() {
+                    m = m.rate_of(
+                        ClassId::from_index(k as u16),
+                        a.saturating_sub(*b) as f64 / secs,
+                    );
+                }
+                advisor.observe(now, m);
+            }
+        }
+        self.last = Some((now, arrived, completed));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,6 +613,34 @@ mod tests {
         tokio::time::advance(Duration::from_secs(300)).await;
         adv.observe(Instant::now(), at(100.0));
         assert_eq!(advice(adv.recommend(Instant::now())).replicas, low);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limiter_feeds_the_advisor() {
+        use crate::limit::Limiter;
+        let m = model(1.0, 0.05);
+        let limiter = Limiter::new(&m);
+        let adv = ScalingAdvisor::new(&m, AdvisorConfig::new(4));
+        let mut feed = LimiterFeed::new(&m, 1.0);
+        feed.feed(&adv, &limiter, Instant::now());
+        assert_eq!(
+            adv.recommend(Instant::now()),
+            Recommendation::InsufficientData
+        );
+        // 200 requests of 10 ms, one after another: 2 s.
+        let api = m.id("api").unwrap();
+        for _ in 0..200 {
+            let crate::limit::limiter::Acquire::Admitted(permit) = limiter.acquire(api) else {
+                panic!("refused");
+            };
+            tokio::time::advance(Duration::from_millis(10)).await;
+            permit.complete(crate::limit::Outcome::Success);
+        }
+        feed.feed(&adv, &limiter, Instant::now());
+        let a = advice(adv.recommend(Instant::now()));
+        // 100 requests a second of ~10 ms: one erlang; one replica of 4 slots.
+        assert!((a.offered_load - 1.0).abs() < 0.2, "{a:?}");
+        assert!(a.replicas >= 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -45,6 +45,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use gratify_cache::CachePurge;
 use gratify_core::{ClassId, CostModel};
+use gratify_scaling::advisor::{Recommendation, ScalingAdvisor};
 use gratify_scaling::limit::{Limiter, Reason};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -77,6 +78,7 @@ pub struct Admin {
     compression: Option<CompressionLayer>,
     pools: Vec<(String, CpuPool)>,
     defers: Vec<(String, Defer)>,
+    advisor: Option<std::sync::Arc<ScalingAdvisor>>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -105,7 +107,17 @@ impl Admin {
             compression,
             pools: Vec::new(),
             defers: Vec::new(),
+            advisor: None,
         }
+    }
+
+    /// Also reports `advisor`'s recommendation (`advisor` in the snapshot,
+    /// `gratify_recommended_replicas` in the Prometheus text — the metric a
+    /// KEDA or HPA external-metric scaler reads; see docs/deployment.md).
+    #[must_use]
+    pub fn with_advisor(mut self, advisor: std::sync::Arc<ScalingAdvisor>) -> Self {
+        self.advisor = Some(advisor);
+        self
     }
 
     /// Also reports the CPU pool `pool` under `name`.
@@ -227,6 +239,27 @@ impl Admin {
                 })
             })
             .collect();
+        let advisor = self.advisor.as_ref().map(|a| {
+            let (state, advice) = match a.recommend(tokio::time::Instant::now()) {
+                Recommendation::Replicas(advice) => ("fresh", Some(advice)),
+                Recommendation::Stale(advice) => ("stale", Some(advice)),
+                _ => ("insufficient-data", None),
+            };
+            match advice {
+                Some(x) => json!({
+                    "state": state,
+                    "replicas": x.replicas,
+                    "raw": x.raw,
+                    "pooled_replicas": x.pooled_replicas,
+                    "per_replica_replicas": x.per_replica_replicas,
+                    "bmr_replicas": x.bmr_replicas,
+                    "offered_load": x.offered_load,
+                    "replica_cost_per_s": x.cost.replica_cost,
+                    "delay_cost_per_s": x.cost.pooled_delay_cost.max(x.cost.per_replica_delay_cost),
+                }),
+                None => json!({ "state": state }),
+            }
+        });
         let prices = model.prices();
         json!({
             "time_ms": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
@@ -244,6 +277,7 @@ impl Admin {
             "compression": compression,
             "offload": offload,
             "defer": defer,
+            "advisor": advisor,
         })
     }
 
@@ -394,6 +428,34 @@ impl Admin {
                 "counter",
                 "CPU spent compressing.",
                 &[(String::new(), f(&c["cpu_ms"]) / 1e3)],
+            );
+        }
+        if let Some(a) = snap["advisor"].as_object()
+            && let Some(n) = a.get("replicas")
+        {
+            metric(
+                "gratify_recommended_replicas",
+                "gauge",
+                "Replicas the delay-cost model recommends.",
+                &[(String::new(), f(n))],
+            );
+            metric(
+                "gratify_advisor_replica_cost",
+                "gauge",
+                "Replica cost per second at the optimum.",
+                &[(String::new(), f(&a["replica_cost_per_s"]))],
+            );
+            metric(
+                "gratify_advisor_delay_cost",
+                "gauge",
+                "Expected delay cost per second at the optimum.",
+                &[(String::new(), f(&a["delay_cost_per_s"]))],
+            );
+            metric(
+                "gratify_advisor_stale",
+                "gauge",
+                "1 when the recommendation is the last good one.",
+                &[(String::new(), if a["state"] == "stale" { 1.0 } else { 0.0 })],
             );
         }
         for (key, list, help) in [

@@ -80,7 +80,7 @@ pub mod algorithm;
 pub mod body;
 pub mod error;
 pub mod future;
-mod limiter;
+pub(crate) mod limiter;
 mod mode;
 mod service;
 
