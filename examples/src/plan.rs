@@ -21,6 +21,19 @@
 //! served; the mean service time is the arrival-weighted mean) and prices
 //! each class's wait with its own curve.
 //!
+//! With a `[replicas]` table it also asks the replica advisor
+//! (`gratify_scaling::advisor`) how many replicas of `slots` concurrent
+//! requests each to run — the pooled and per-replica views, the
+//! square-root cross-check and a cost table per replica count:
+//!
+//! ```toml
+//! [replicas]
+//! slots = 4            # concurrent requests per replica
+//! min = 1              # bounds (defaults 1 and 100)
+//! max = 100
+//! service_scv = 1.0    # squared CV of the service time (1: exponential)
+//! ```
+//!
 //! # Example
 //!
 //! ```
@@ -61,8 +74,37 @@ pub struct PlanFile {
     prices: Prices,
     classes: BTreeMap<String, Class>,
     traffic: BTreeMap<String, Traffic>,
+    #[serde(default)]
+    replicas: Option<ReplicasSpec>,
     #[serde(skip)]
     model: Option<CostModel>,
+}
+
+/// How replicas are sized, for the advisor's part of the report.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicasSpec {
+    /// Concurrent requests per replica.
+    pub slots: u32,
+    /// The fewest replicas.
+    #[serde(default = "one")]
+    pub min: u32,
+    /// The most replicas.
+    #[serde(default = "hundred")]
+    pub max: u32,
+    /// Squared coefficient of variation of the service time.
+    #[serde(default = "one_f")]
+    pub service_scv: f64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn hundred() -> u32 {
+    100
+}
+fn one_f() -> f64 {
+    1.0
 }
 
 /// The traffic of one class.
@@ -155,6 +197,8 @@ pub struct Report {
     pub optimal: Row,
     /// The square-root staffing cross-check.
     pub sqrt_staffing: u32,
+    /// The replica advisor's answer, with a `[replicas]` table.
+    pub replicas: Option<gratify::scaling::advisor::Advice>,
 }
 
 impl PlanFile {
@@ -195,6 +239,20 @@ impl PlanFile {
                 return Err(PlanError::Traffic {
                     key: format!("{key}.mean_service"),
                     message: "must be above zero".into(),
+                });
+            }
+        }
+        if let Some(r) = &file.replicas {
+            if r.slots == 0 {
+                return Err(PlanError::Traffic {
+                    key: "replicas.slots".into(),
+                    message: "must be at least 1".into(),
+                });
+            }
+            if !(r.service_scv.is_finite() && r.service_scv >= 0.0) {
+                return Err(PlanError::Traffic {
+                    key: "replicas.service_scv".into(),
+                    message: "must be finite and non-negative".into(),
                 });
             }
         }
@@ -259,6 +317,7 @@ impl PlanFile {
             .filter_map(|c| staffing.evaluate(c).ok())
             .map(|c| Row::from_cost(&c))
             .collect();
+        let replicas = self.advise(&staffing);
         let model = self.model.as_ref().map_or(0.0, |m| m.prices().replica_hour);
         Ok(Report {
             arrival_rate: staffing.arrival_rate(),
@@ -268,7 +327,37 @@ impl PlanFile {
             rows,
             optimal: Row::from_cost(&optimal),
             sqrt_staffing: staffing.sqrt_staffing_estimate(),
+            replicas,
         })
+    }
+
+    fn advise(&self, staffing: &Staffing) -> Option<gratify::scaling::advisor::Advice> {
+        use gratify::scaling::advisor::{
+            AdvisorConfig, Measurements, Recommendation, ScalingAdvisor,
+        };
+        let spec = self.replicas.as_ref()?;
+        let model = self.model.as_ref()?;
+        let config = AdvisorConfig::new(spec.slots).replicas(spec.min, spec.max);
+        let advisor = ScalingAdvisor::new(model, config);
+        let mut m = Measurements::new(model)
+            .service(
+                staffing.offered_load() / staffing.arrival_rate().max(f64::MIN_POSITIVE),
+                spec.service_scv,
+            )
+            .samples(u64::MAX);
+        for (name, t) in &self.traffic {
+            let rate = t
+                .per_second
+                .or(t.per_day.map(|d| d / SECONDS_PER_DAY))
+                .unwrap_or(0.0);
+            m = m.rate(name, rate);
+        }
+        let now = tokio::time::Instant::now();
+        advisor.observe(now, m);
+        match advisor.recommend(now) {
+            Recommendation::Replicas(advice) => Some(advice),
+            _ => None,
+        }
     }
 }
 
@@ -354,6 +443,40 @@ impl fmt::Display for Report {
             "square-root staffing (Borst–Mandelbaum–Reiman) suggests {} servers",
             self.sqrt_staffing
         );
+        if let Some(a) = &self.replicas {
+            let _ = writeln!(
+                out,
+                "\n\nreplicas (the advisor): {} busy slots on average\n",
+                format!("{:.2}", a.offered_load)
+            );
+            let _ = writeln!(
+                out,
+                "| replicas | replica cost/day | delay cost/day, pooled | delay cost/day, per replica | total/day |  |"
+            );
+            let _ = writeln!(out, "|---:|---:|---:|---:|---:|---|");
+            for row in &a.table {
+                let mark = if row.replicas == a.raw {
+                    "← advised"
+                } else {
+                    ""
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    row.replicas,
+                    format_money(row.replica_cost * SECONDS_PER_DAY),
+                    format_money(row.pooled_delay_cost * SECONDS_PER_DAY),
+                    format_money(row.per_replica_delay_cost * SECONDS_PER_DAY),
+                    format_money(row.total() * SECONDS_PER_DAY),
+                    mark
+                );
+            }
+            let _ = write!(
+                out,
+                "\nadvised: {} replicas (pooled view alone: {}, per-replica view alone: {}, square-root rule: {})",
+                a.replicas, a.pooled_replicas, a.per_replica_replicas, a.bmr_replicas
+            );
+        }
         f.write_str(&out)
     }
 }
@@ -361,6 +484,23 @@ impl fmt::Display for Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replicas_table_adds_the_advisors_answer() {
+        let text = format!("{SEED_ECOMMERCE}\n[replicas]\nslots = 1\nmin = 1\nmax = 10\n");
+        let report = PlanFile::from_toml(&text).unwrap().report(None).unwrap();
+        let advice = report.replicas.as_ref().unwrap();
+        // One slot per replica: replicas are servers, so the advisor agrees
+        // with the pooled M/M/c optimum of the table above.
+        assert_eq!(advice.pooled_replicas, report.optimal.servers);
+        assert!(advice.replicas >= advice.pooled_replicas);
+        let shown = report.to_string();
+        assert!(shown.contains("← advised"), "{shown}");
+        let e = PlanFile::from_toml(&format!("{SEED_ECOMMERCE}\n[replicas]\nslots = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replicas.slots"), "{e}");
+    }
 
     #[test]
     fn seed_table() {
