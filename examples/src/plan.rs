@@ -446,8 +446,8 @@ impl fmt::Display for Report {
         if let Some(a) = &self.replicas {
             let _ = writeln!(
                 out,
-                "\n\nreplicas (the advisor): {} busy slots on average\n",
-                format!("{:.2}", a.offered_load)
+                "\n\nreplicas (the advisor): {:.2} busy slots on average\n",
+                a.offered_load
             );
             let _ = writeln!(
                 out,
