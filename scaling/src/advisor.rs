@@ -373,10 +373,10 @@ impl ScalingAdvisor {
                 if c < best.0 {
                     best = (c, n);
                 }
-                // Past the optimum the cost only grows (replicas cost, delay
-                // is already near zero): stop once it exceeds the best by a
-                // replica's price.
-                if c > best.0 + 2.0 * self.model.prices().replica_hour / 3600.0 && n > best.1 + 2 {
+                // Delay cost falls and flattens as replicas are added while
+                // their cost grows linearly: a few counts past the best
+                // without a new best, the optimum is found.
+                if n >= best.1.saturating_add(4) && c > best.0 {
                     break;
                 }
             }
