@@ -23,8 +23,9 @@
 //! scale-up limit (the larger of +100% and +4 pods per period):
 //!
 //! - `fixed-peak`: a fleet sized for the day's peak at 70% utilisation;
-//! - `hpa-cpu70`: the HPA algorithm on CPU utilisation (busy slots of the
-//!   ready replicas), target 70%, tolerance 0.1, 300 s scale-down
+//! - `hpa-cpu70`: the HPA algorithm on CPU utilisation (busy slots over the
+//!   requested replicas, a replica not yet ready counted at 0% as the HPA
+//!   assumes on scale-up), target 70%, tolerance 0.1, 300 s scale-down
 //!   stabilisation;
 //! - `advisor`: `ScalingAdvisor` fed the last 15 s of measured rates,
 //!   exported as an external metric with an AverageValue target of 1 through
@@ -288,12 +289,17 @@ fn simulate(policy: Policy, trace: &Trace, model: &CostModel, dt: f64) -> Outcom
         let current = pods.len() as u32;
         let desired = match policy {
             Policy::HpaCpu70 => {
-                let busy = if backlog > 0.0 {
-                    1.0
+                // Mean CPU over the requested pods, a pod not yet ready
+                // counted at 0% (what the HPA assumes when scaling up); a
+                // ready pod is busy in proportion to its busy slots, 100% at
+                // most.
+                let busy_slots = if backlog > 0.0 {
+                    f64::from(ready * SLOTS)
                 } else {
-                    (lambda * SERVICE / f64::from(ready.max(1) * SLOTS)).min(1.0)
+                    (lambda * SERVICE).min(f64::from(ready * SLOTS))
                 };
-                let ratio = busy / 0.7;
+                let usage = busy_slots / f64::from(current.max(1) * SLOTS);
+                let ratio = usage / 0.7;
                 if (ratio - 1.0).abs() <= 0.1 {
                     current
                 } else {
