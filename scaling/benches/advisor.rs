@@ -477,7 +477,7 @@ fn main() {
         for (policy, o) in &outcomes {
             let total = o.delay_cost + o.replica_cost;
             println!(
-                "| {name} | {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {name} | {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} | {:.4} |",
                 policy.name(),
                 o.replica_hours,
                 o.deadline_misses,
