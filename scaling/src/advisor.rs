@@ -450,28 +450,33 @@ impl ScalingAdvisor {
 
 /// Turns a [`Limiter`](crate::limit::Limiter)'s counters into
 /// [`Measurements`] for an advisor: arrivals per class from what it admitted
-/// and shed since the last call, the mean service time from the time
-/// requests hold their slots, the samples from what completed.
-///
-/// The limiter keeps a mean, not a variance, of service times: the squared
-/// coefficient of variation is the one given to [`new`](Self::new) (1 for
-/// exponential service, larger for heavier tails).
+/// and shed since the last call, the mean and squared coefficient of
+/// variation of the service time from the time requests hold their slots,
+/// the samples from what completed.
 #[derive(Debug)]
 pub struct LimiterFeed {
     model: CostModel,
-    scv: f64,
+    scv: Option<f64>,
     last: Option<(Instant, Vec<u64>, u64)>,
 }
 
 impl LimiterFeed {
-    /// A feed for `model`'s classes, assuming service times of squared
-    /// coefficient of variation `scv`.
-    pub fn new(model: &CostModel, scv: f64) -> Self {
+    /// A feed for `model`'s classes, taking the service time's variability
+    /// from the limiter.
+    pub fn new(model: &CostModel) -> Self {
         Self {
             model: model.clone(),
-            scv,
+            scv: None,
             last: None,
         }
+    }
+
+    /// Uses `scv` as the service time's squared coefficient of variation
+    /// instead of the limiter's estimate.
+    #[must_use]
+    pub fn assume_scv(mut self, scv: f64) -> Self {
+        self.scv = Some(scv);
+        self
     }
 
     /// Reads `limiter` at `now` and, from the second call on, gives the
@@ -493,7 +498,7 @@ impl LimiterFeed {
             let secs = now.saturating_duration_since(*then).as_secs_f64();
             if secs > 0.0 {
                 let mut m = Measurements::new(&self.model)
-                    .service(stats.latency, self.scv)
+                    .service(stats.latency, self.scv.unwrap_or(stats.latency_scv))
                     .samples(completed.saturating_sub(*done_before));
                 for (k, (a, b)) in arrived.iter().zip(before).enumerate() {
                     m = m.rate_of(
@@ -621,7 +626,7 @@ mod tests {
         let m = model(1.0, 0.05);
         let limiter = Limiter::new(&m);
         let adv = ScalingAdvisor::new(&m, AdvisorConfig::new(4));
-        let mut feed = LimiterFeed::new(&m, 1.0);
+        let mut feed = LimiterFeed::new(&m);
         feed.feed(&adv, &limiter, Instant::now());
         assert_eq!(
             adv.recommend(Instant::now()),

@@ -138,6 +138,10 @@ pub struct LimiterStats {
     pub queued: usize,
     /// Mean latency (exponentially weighted), seconds.
     pub latency: f64,
+    /// The squared coefficient of variation of latency (its variance over its
+    /// squared mean, both exponentially weighted; 1 before any sample), as
+    /// the replica advisor's Allen–Cunneen correction needs.
+    pub latency_scv: f64,
     /// The shadow price of a slot (model currency per request).
     pub shadow_price: f64,
     /// One completion in this many is timed and taught to the algorithm
@@ -239,6 +243,8 @@ struct State {
     next_id: u64,
     /// EWMA latency, seconds (0 until the first sample).
     latency: f64,
+    /// EWMA of the squared latency, for its variability.
+    latency_sq: f64,
     /// EWMA of latency over the class's baseline, over all classes: how
     /// congested the service is now, whatever the mix.
     inflation: f64,
@@ -353,6 +359,7 @@ impl Limiter {
                     classes,
                     next_id: 0,
                     latency: 0.0,
+                    latency_sq: 0.0,
                     inflation: 1.0,
                     samples: 0,
                     published: None,
@@ -440,6 +447,13 @@ impl Limiter {
             in_flight: fast.in_flight(),
             queued: state.queued,
             latency: state.latency,
+            latency_scv: if state.latency > 0.0 {
+                ((state.latency_sq - state.latency * state.latency)
+                    / (state.latency * state.latency))
+                    .max(0.0)
+            } else {
+                1.0
+            },
             shadow_price: shadow_price(fast, &state),
             timed_one_in: fast.sample_every.load(Ordering::Relaxed),
             classes: state
@@ -598,6 +612,7 @@ impl Limiter {
                     let ratio = secs / base.max(1e-9);
                     state.inflation = ewma(state.inflation, ratio, 0.02);
                     state.latency = ewma(state.latency, secs, 0.02);
+                    state.latency_sq = ewma(state.latency_sq, secs * secs, 0.02);
                 }
                 state.samples += 1;
             }
