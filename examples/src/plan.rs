@@ -268,6 +268,36 @@ impl PlanFile {
         Ok(file)
     }
 
+    /// The same plan with every class's traffic scaled so that the total is
+    /// `per_second` (the classes keep their shares).
+    #[must_use]
+    pub fn at_total_rate(&self, per_second: f64) -> Self {
+        let mut out = self.clone();
+        let total: f64 = self
+            .traffic
+            .values()
+            .map(|t| {
+                t.per_second
+                    .or(t.per_day.map(|d| d / SECONDS_PER_DAY))
+                    .unwrap_or(0.0)
+            })
+            .sum();
+        let factor = if total > 0.0 {
+            per_second.max(0.0) / total
+        } else {
+            0.0
+        };
+        for t in out.traffic.values_mut() {
+            let rate = t
+                .per_second
+                .or(t.per_day.map(|d| d / SECONDS_PER_DAY))
+                .unwrap_or(0.0);
+            t.per_second = Some(rate * factor);
+            t.per_day = None;
+        }
+        out
+    }
+
     /// The cost model of the file.
     pub fn model(&self) -> Option<&CostModel> {
         self.model.as_ref()
@@ -484,6 +514,15 @@ impl fmt::Display for Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_total_rate_keeps_the_class_shares() {
+        let text = format!("{SEED_ECOMMERCE}\n[replicas]\nslots = 1\n");
+        let file = PlanFile::from_toml(&text).unwrap();
+        let report = file.at_total_rate(0.5).report(None).unwrap();
+        assert!((report.arrival_rate - 0.5).abs() < 1e-12);
+        assert!(report.optimal.servers >= file.report(None).unwrap().optimal.servers);
+    }
 
     #[test]
     fn a_replicas_table_adds_the_advisors_answer() {
