@@ -7,8 +7,11 @@
 //! - `caching-proxy`: gratify's HTTP cache in front of any HTTP/1.1 origin
 //!   (see [`proxy`]).
 //!
-//! The e-commerce and game backends, with their load driver, are built here
-//! too as they land.
+//! - `shop`: the e-commerce example — a store on axum and SQLite behind a
+//!   `gratify::Stack` from `examples/shop/shop.toml` (see [`shop`]).
+//!
+//! The game backend and the load driver are built here too as they land.
 
 pub mod plan;
 pub mod proxy;
+pub mod shop;

@@ -1,0 +1,67 @@
+//! `shop`: the e-commerce example, served.
+//!
+//! ```text
+//! cargo run -p gratify-examples --bin shop -- --listen 127.0.0.1:8080 --db target/shop.db
+//! ```
+//!
+//! The dashboard is at `/ops/admin/`, Prometheus text at `/ops/admin/metrics`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use gratify_examples::shop::Shop;
+
+/// The e-commerce example: a store on SQLite behind a gratify Stack.
+#[derive(Debug, Parser)]
+#[command(name = "shop", version, about)]
+struct Args {
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The SQLite file (created and seeded on first start).
+    #[arg(long, default_value = "target/shop.db")]
+    db: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(dir) = args.db.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let shop = match Shop::open(&args.db) {
+        Ok(shop) => shop,
+        Err(e) => {
+            eprintln!("shop: {}: {e}", args.db.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("shop: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "shop: http://{}/products — dashboard http://{}/ops/admin/",
+        args.listen, args.listen
+    );
+    let app = shop.router();
+    let served = axum::serve(listener, app.into_make_service())
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+    // Every confirmation e-mail of a placed order is sent before exit.
+    shop.shutdown().await;
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shop: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

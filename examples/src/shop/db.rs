@@ -1,0 +1,382 @@
+//! The store's data: SQLite, created and seeded deterministically.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+/// Products in the seeded catalogue.
+pub const PRODUCTS: u32 = 2_000;
+
+const ADJECTIVES: [&str; 12] = [
+    "light",
+    "classic",
+    "trail",
+    "urban",
+    "merino",
+    "waterproof",
+    "recycled",
+    "wide",
+    "slim",
+    "thermal",
+    "vintage",
+    "sport",
+];
+const NOUNS: [&str; 10] = [
+    "runner", "boot", "sandal", "sneaker", "jacket", "sock", "cap", "backpack", "glove", "hoodie",
+];
+const CATEGORIES: [&str; 5] = ["shoes", "outdoor", "clothing", "accessories", "sale"];
+
+/// A product as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Product {
+    /// Its id.
+    pub id: u32,
+    /// Its name.
+    pub name: String,
+    /// Its category.
+    pub category: String,
+    /// Its price in cents.
+    pub price_cents: i64,
+    /// A description.
+    pub description: String,
+}
+
+/// An order as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Order {
+    /// Its id.
+    pub id: i64,
+    /// Who placed it.
+    pub user: String,
+    /// Its total in cents.
+    pub total_cents: i64,
+    /// `placed`.
+    pub status: String,
+    /// Lines: product id and quantity.
+    pub items: Vec<(u32, u32)>,
+}
+
+/// The store: one SQLite connection behind a mutex (queries are short; the
+/// handlers run them on the blocking pool).
+#[derive(Clone)]
+pub struct Db {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").finish_non_exhaustive()
+    }
+}
+
+fn lcg(x: u64) -> u64 {
+    x.wrapping_mul(6_364_136_223_846_793_005)
+        .wrapping_add(1_442_695_040_888_963_407)
+}
+
+impl Db {
+    /// Opens (creating and seeding on first use) the store at `path`.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn open(path: &Path) -> rusqlite::Result<Self> {
+        Self::with(Connection::open(path)?)
+    }
+
+    /// An in-memory store, seeded.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn in_memory() -> rusqlite::Result<Self> {
+        Self::with(Connection::open_in_memory()?)
+    }
+
+    fn with(conn: Connection) -> rusqlite::Result<Self> {
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS products (
+                 id INTEGER PRIMARY KEY, name TEXT NOT NULL, category TEXT NOT NULL,
+                 price_cents INTEGER NOT NULL, description TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS carts (
+                 user TEXT NOT NULL, product_id INTEGER NOT NULL, qty INTEGER NOT NULL,
+                 PRIMARY KEY (user, product_id));
+             CREATE TABLE IF NOT EXISTS orders (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL,
+                 total_cents INTEGER NOT NULL, status TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS order_items (
+                 order_id INTEGER NOT NULL, product_id INTEGER NOT NULL, qty INTEGER NOT NULL);
+             -- The mailer's sink: one row per order, so a repeated send is a no-op.
+             CREATE TABLE IF NOT EXISTS outbox (
+                 order_id INTEGER PRIMARY KEY, email TEXT NOT NULL, attempts INTEGER NOT NULL);",
+        )?;
+        let seeded: u32 = conn.query_row("SELECT COUNT(*) FROM products", [], |r| r.get(0))?;
+        if seeded == 0 {
+            let tx = conn.unchecked_transaction()?;
+            {
+                let mut insert = tx.prepare(
+                    "INSERT INTO products (id, name, category, price_cents, description) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                let mut x = 42u64;
+                for id in 1..=PRODUCTS {
+                    x = lcg(x);
+                    let adjective = ADJECTIVES[(x >> 33) as usize % ADJECTIVES.len()];
+                    let noun = NOUNS[(x >> 41) as usize % NOUNS.len()];
+                    let category = CATEGORIES[(x >> 49) as usize % CATEGORIES.len()];
+                    let price = 500 + (x >> 20) % 20_000;
+                    let description = format!(
+                        "The {adjective} {noun}: made to last, sized true, shipped in two days. {}",
+                        "Free returns within 30 days. ".repeat(1 + (x >> 55) as usize % 6)
+                    );
+                    insert.execute(params![
+                        id,
+                        format!("{adjective} {noun} {id}"),
+                        category,
+                        price as i64,
+                        description
+                    ])?;
+                }
+            }
+            tx.commit()?;
+        }
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn product_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Product> {
+        Ok(Product {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            category: r.get(2)?,
+            price_cents: r.get(3)?,
+            description: r.get(4)?,
+        })
+    }
+
+    /// A page of the catalogue (50 a page, from 1).
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn catalogue(&self, page: u32) -> rusqlite::Result<Vec<Product>> {
+        let conn = self.conn();
+        let mut q = conn.prepare_cached(
+            "SELECT id, name, category, price_cents, description FROM products ORDER BY id LIMIT 50 OFFSET ?1",
+        )?;
+        let offset = i64::from(page.max(1) - 1) * 50;
+        q.query_map([offset], Self::product_of)?.collect()
+    }
+
+    /// One product.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn product(&self, id: u32) -> rusqlite::Result<Option<Product>> {
+        let conn = self.conn();
+        conn.prepare_cached(
+            "SELECT id, name, category, price_cents, description FROM products WHERE id = ?1",
+        )?
+        .query_row([id], Self::product_of)
+        .optional()
+    }
+
+    /// Products whose name contains `text` (at most 20).
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn search(&self, text: &str) -> rusqlite::Result<Vec<Product>> {
+        let conn = self.conn();
+        let pattern = format!("%{}%", text.replace(['%', '_'], ""));
+        let mut q = conn.prepare_cached(
+            "SELECT id, name, category, price_cents, description FROM products WHERE name LIKE ?1 ORDER BY id LIMIT 20",
+        )?;
+        q.query_map([pattern], Self::product_of)?.collect()
+    }
+
+    /// Every product's id, category and price, for scoring.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn features(&self) -> rusqlite::Result<Vec<(u32, String, i64)>> {
+        let conn = self.conn();
+        let mut q = conn.prepare_cached("SELECT id, category, price_cents FROM products")?;
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect()
+    }
+
+    /// Adds `qty` of `product` to `user`'s cart; `false` if there is no such
+    /// product.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn add_to_cart(&self, user: &str, product: u32, qty: u32) -> rusqlite::Result<bool> {
+        let conn = self.conn();
+        let exists: Option<u32> = conn
+            .query_row("SELECT id FROM products WHERE id = ?1", [product], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        conn.execute(
+            "INSERT INTO carts (user, product_id, qty) VALUES (?1, ?2, ?3)
+             ON CONFLICT (user, product_id) DO UPDATE SET qty = qty + excluded.qty",
+            params![user, product, qty],
+        )?;
+        Ok(true)
+    }
+
+    /// Turns `user`'s cart into an order (in one transaction); `None` for an
+    /// empty cart.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn checkout(&self, user: &str) -> rusqlite::Result<Option<Order>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let items: Vec<(u32, u32, i64)> = {
+            let mut q = tx.prepare(
+                "SELECT c.product_id, c.qty, p.price_cents FROM carts c JOIN products p ON p.id = c.product_id
+                 WHERE c.user = ?1 ORDER BY c.product_id",
+            )?;
+            q.query_map([user], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        if items.is_empty() {
+            return Ok(None);
+        }
+        let total: i64 = items.iter().map(|(_, q, p)| i64::from(*q) * p).sum();
+        tx.execute(
+            "INSERT INTO orders (user, total_cents, status) VALUES (?1, ?2, 'placed')",
+            params![user, total],
+        )?;
+        let id = tx.last_insert_rowid();
+        for (product, qty, _) in &items {
+            tx.execute(
+                "INSERT INTO order_items (order_id, product_id, qty) VALUES (?1, ?2, ?3)",
+                params![id, product, qty],
+            )?;
+        }
+        tx.execute("DELETE FROM carts WHERE user = ?1", [user])?;
+        tx.commit()?;
+        Ok(Some(Order {
+            id,
+            user: user.to_owned(),
+            total_cents: total,
+            status: "placed".into(),
+            items: items.iter().map(|(p, q, _)| (*p, *q)).collect(),
+        }))
+    }
+
+    /// An order by id.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn order(&self, id: i64) -> rusqlite::Result<Option<Order>> {
+        let conn = self.conn();
+        let head: Option<(String, i64, String)> = conn
+            .query_row(
+                "SELECT user, total_cents, status FROM orders WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((user, total_cents, status)) = head else {
+            return Ok(None);
+        };
+        let mut q = conn.prepare_cached(
+            "SELECT product_id, qty FROM order_items WHERE order_id = ?1 ORDER BY product_id",
+        )?;
+        let items = q
+            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(Some(Order {
+            id,
+            user,
+            total_cents,
+            status,
+            items,
+        }))
+    }
+
+    /// Records the confirmation e-mail of `order` in the outbox, once: a
+    /// repeated send (a retry after a crash) only counts an attempt.
+    /// Returns whether this call sent it.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn send_confirmation(&self, order: i64, email: &str) -> rusqlite::Result<bool> {
+        let conn = self.conn();
+        let inserted = conn.execute(
+            "INSERT INTO outbox (order_id, email, attempts) VALUES (?1, ?2, 1)
+             ON CONFLICT (order_id) DO UPDATE SET attempts = attempts + 1",
+            params![order, email],
+        )?;
+        let attempts: i64 = conn.query_row(
+            "SELECT attempts FROM outbox WHERE order_id = ?1",
+            [order],
+            |r| r.get(0),
+        )?;
+        Ok(inserted == 1 && attempts == 1)
+    }
+
+    /// Orders placed, and confirmation e-mails in the outbox.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn counts(&self) -> rusqlite::Result<(i64, i64)> {
+        let conn = self.conn();
+        let orders = conn.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get(0))?;
+        let mails = conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?;
+        Ok((orders, mails))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_the_same_every_time() {
+        let a = Db::in_memory().unwrap();
+        let b = Db::in_memory().unwrap();
+        assert_eq!(a.product(7).unwrap(), b.product(7).unwrap());
+        assert_eq!(a.catalogue(1).unwrap().len(), 50);
+        assert!(!a.search("runner").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_checkout_empties_the_cart_and_the_email_is_sent_once() {
+        let db = Db::in_memory().unwrap();
+        assert!(db.add_to_cart("ann", 3, 2).unwrap());
+        assert!(db.add_to_cart("ann", 9, 1).unwrap());
+        assert!(!db.add_to_cart("ann", 999_999, 1).unwrap());
+        let order = db.checkout("ann").unwrap().unwrap();
+        assert_eq!(order.items, vec![(3, 2), (9, 1)]);
+        assert_eq!(db.checkout("ann").unwrap(), None, "the cart is empty");
+        assert_eq!(db.order(order.id).unwrap().unwrap(), order);
+        assert!(db.send_confirmation(order.id, "ann@example.com").unwrap());
+        assert!(!db.send_confirmation(order.id, "ann@example.com").unwrap());
+        assert_eq!(db.counts().unwrap(), (1, 1));
+    }
+}

@@ -1,0 +1,321 @@
+//! The e-commerce example: a small store on axum and SQLite, wrapped in a
+//! `gratify::Stack` built from `examples/shop/shop.toml`.
+//!
+//! | route | class | what |
+//! |---|---|---|
+//! | `GET /products?page=N` | product | a catalogue page, cacheable 30 s |
+//! | `GET /products/{id}` | product | a product page, cacheable 60 s |
+//! | `GET /search?q=…` | search | products whose name matches, cacheable 10 s |
+//! | `GET /recommendations/{user}` | recommendations | CPU-heavy scoring on the CPU pool; private |
+//! | `POST /cart/{user}/{product}` | browse | adds one to the user's cart |
+//! | `POST /checkout/{user}` | checkout | places the order; the confirmation e-mail is deferred |
+//! | `GET /orders/{id}` | browse | an order's status; never stored |
+//! | `/ops/admin/…` | — | the admin service: dashboard, snapshot, Prometheus |
+//!
+//! ```
+//! use gratify_examples::shop::Shop;
+//! use http::Request;
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() {
+//! let shop = Shop::in_memory().unwrap();
+//! let app = shop.router();
+//! let page = Request::get("/products/7").header("host", "shop.example").body(axum::body::Body::empty()).unwrap();
+//! let res = app.oneshot(page).await.unwrap();
+//! assert_eq!(res.status(), 200);
+//! let json: serde_json::Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+//! assert_eq!(json["id"], 7);
+//! # shop.shutdown().await;
+//! # }
+//! ```
+
+pub mod db;
+
+use std::path::Path;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use gratify::offload::{CpuPool, Defer, DeferConfig, DrainReport, OffloadLayer};
+use gratify::{CostModel, Stack};
+use serde::Deserialize;
+
+use self::db::Db;
+
+/// The example's configuration file.
+pub const CONFIG: &str = include_str!("../../shop/shop.toml");
+
+/// The store: its data, its stack, its CPU pool and its deferred work.
+#[derive(Clone, Debug)]
+pub struct Shop {
+    db: Db,
+    stack: Stack,
+    pool: CpuPool,
+    defer: Defer,
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    page: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct SearchQuery {
+    q: Option<String>,
+}
+
+fn json(status: StatusCode, cache: &'static str, body: &impl serde::Serialize) -> Response {
+    let mut r = (status, axum::Json(body)).into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    r
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    tracing::warn!(error = %e, "store error");
+    (StatusCode::INTERNAL_SERVER_ERROR, "store error\n").into_response()
+}
+
+/// Runs a store query on the blocking pool.
+async fn query<T: Send + 'static>(
+    db: &Db,
+    f: impl FnOnce(&Db) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, Response> {
+    let db = db.clone();
+    match tokio::task::spawn_blocking(move || f(&db)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(internal(e)),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+impl Shop {
+    /// The store with its data at `path` (created and seeded on first
+    /// start) and the stack of [`CONFIG`].
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be opened, or the configuration is invalid.
+    pub fn open(path: &Path) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Self::with(Db::open(path)?, CONFIG)
+    }
+
+    /// The store in memory (for tests and the demo).
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open).
+    pub fn in_memory() -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Self::with(Db::in_memory()?, CONFIG)
+    }
+
+    /// The store over `db` with the stack of `config`.
+    ///
+    /// # Errors
+    ///
+    /// The configuration is invalid.
+    pub fn with(db: Db, config: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let stack = Stack::from_config(config)?;
+        let model = stack.model();
+        let pool = CpuPool::new(None, 256);
+        let defer = Defer::start(
+            &model,
+            stack.limiter().map(|l| l.load_signal().clone()),
+            DeferConfig::default(),
+        );
+        Ok(Self {
+            db,
+            stack,
+            pool,
+            defer,
+        })
+    }
+
+    /// The stack.
+    pub fn stack(&self) -> &Stack {
+        &self.stack
+    }
+
+    /// The store.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The deferred work (confirmation e-mails).
+    pub fn defer(&self) -> &Defer {
+        &self.defer
+    }
+
+    /// The app without gratify: the same handlers, nothing around them (the
+    /// load driver's baseline).
+    pub fn plain_router(&self) -> Router {
+        self.routes(false)
+    }
+
+    /// The app wrapped in the stack, with the admin service at `/ops/admin`.
+    pub fn router(&self) -> Router {
+        let admin = self
+            .stack
+            .admin()
+            .with_pool("cpu", self.pool.clone())
+            .with_defer("mail", self.defer.clone());
+        self.routes(true)
+            .layer(self.stack.clone())
+            .nest_service("/ops/admin", admin)
+    }
+
+    fn routes(&self, offload: bool) -> Router {
+        let model = self.stack.model();
+        let recommendations = get(recommend);
+        let recommendations = if offload {
+            recommendations.layer(OffloadLayer::new(self.pool.clone(), &model))
+        } else {
+            recommendations
+        };
+        Router::new()
+            .route("/products", get(catalogue))
+            .route("/products/{id}", get(product))
+            .route("/search", get(search))
+            .route("/recommendations/{user}", recommendations)
+            .route("/cart/{user}/{product}", post(add_to_cart))
+            .route("/checkout/{user}", post(checkout))
+            .route("/orders/{id}", get(order))
+            .with_state(self.clone())
+    }
+
+    /// Sends what is deferred and stops: every e-mail of a placed order is in
+    /// the outbox when it returns (within `deadline`).
+    pub async fn drain(&self, deadline: Duration) -> DrainReport {
+        self.defer.drain(deadline).await
+    }
+
+    /// Drains and stops the pool.
+    pub async fn shutdown(&self) {
+        let _ = self.drain(Duration::from_secs(10)).await;
+        self.pool.shutdown(Duration::from_secs(2));
+    }
+
+    /// The model.
+    pub fn model(&self) -> CostModel {
+        self.stack.model()
+    }
+}
+
+async fn catalogue(State(shop): State<Shop>, Query(q): Query<PageQuery>) -> Response {
+    let page = q.page.unwrap_or(1).clamp(1, 1000);
+    match query(&shop.db, move |db| db.catalogue(page)).await {
+        Ok(products) => json(StatusCode::OK, "public, max-age=30", &products),
+        Err(r) => r,
+    }
+}
+
+async fn product(State(shop): State<Shop>, UrlPath(id): UrlPath<u32>) -> Response {
+    match query(&shop.db, move |db| db.product(id)).await {
+        Ok(Some(p)) => json(StatusCode::OK, "public, max-age=60", &p),
+        Ok(None) => (StatusCode::NOT_FOUND, "no such product\n").into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn search(State(shop): State<Shop>, Query(q): Query<SearchQuery>) -> Response {
+    let text: String = q.q.unwrap_or_default().chars().take(64).collect();
+    match query(&shop.db, move |db| db.search(&text)).await {
+        Ok(products) => json(StatusCode::OK, "public, max-age=10", &products),
+        Err(r) => r,
+    }
+}
+
+/// Scores every product for `user`: a deliberately CPU-heavy loop (a few
+/// milliseconds), as a real recommender's model would be.
+async fn recommend(State(shop): State<Shop>, UrlPath(user): UrlPath<String>) -> Response {
+    let features = match shop.db.features() {
+        Ok(f) => f,
+        Err(e) => return internal(e),
+    };
+    let seed = user.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut scored: Vec<(u64, u32)> = features
+        .iter()
+        .map(|(id, category, price)| {
+            let mut x = seed ^ u64::from(*id) ^ (*price as u64);
+            for b in category.bytes() {
+                x ^= u64::from(b);
+            }
+            for _ in 0..400 {
+                x = x
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                x ^= x >> 29;
+            }
+            (x, *id)
+        })
+        .collect();
+    scored.sort_unstable();
+    let top: Vec<u32> = scored.iter().take(10).map(|(_, id)| *id).collect();
+    json(
+        StatusCode::OK,
+        "private, no-store",
+        &serde_json::json!({ "user": user, "products": top }),
+    )
+}
+
+async fn add_to_cart(
+    State(shop): State<Shop>,
+    UrlPath((user, product)): UrlPath<(String, u32)>,
+) -> Response {
+    match query(&shop.db, move |db| db.add_to_cart(&user, product, 1)).await {
+        Ok(true) => json(
+            StatusCode::OK,
+            "no-store",
+            &serde_json::json!({ "added": product }),
+        ),
+        Ok(false) => (StatusCode::NOT_FOUND, "no such product\n").into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn checkout(State(shop): State<Shop>, UrlPath(user): UrlPath<String>) -> Response {
+    let who = user.clone();
+    let order = match query(&shop.db, move |db| db.checkout(&who)).await {
+        Ok(Some(order)) => order,
+        Ok(None) => return (StatusCode::CONFLICT, "the cart is empty\n").into_response(),
+        Err(r) => return r,
+    };
+    // The confirmation e-mail leaves the request path: deferred, retried,
+    // and recorded once in the outbox however often it runs.
+    let db = shop.db.clone();
+    let (id, email) = (order.id, format!("{user}@example.com"));
+    let class = shop
+        .model()
+        .id("email")
+        .unwrap_or_else(|| shop.model().default_class());
+    let job = move || {
+        let db = db.clone();
+        let email = email.clone();
+        async move {
+            tokio::task::spawn_blocking(move || db.send_confirmation(id, &email))
+                .await
+                .map_err(|e| -> gratify::BoxError { e.to_string().into() })?
+                .map(|_| ())
+                .map_err(Into::into)
+        }
+    };
+    if let Err(e) = shop.defer.spawn(format!("confirm-{id}"), class, job) {
+        tracing::warn!(order = id, error = %e, "the confirmation could not be deferred");
+    }
+    json(StatusCode::CREATED, "no-store", &order)
+}
+
+async fn order(State(shop): State<Shop>, UrlPath(id): UrlPath<i64>) -> Response {
+    match query(&shop.db, move |db| db.order(id)).await {
+        Ok(Some(o)) => json(StatusCode::OK, "no-store", &o),
+        Ok(None) => (StatusCode::NOT_FOUND, "no such order\n").into_response(),
+        Err(r) => r,
+    }
+}

@@ -1,0 +1,71 @@
+//! The e-commerce example in process: pages cached, recommendations
+//! private, checkout's e-mail sent exactly once.
+#![allow(clippy::unwrap_used)] // test helpers: a failure is a failed test
+
+use std::time::Duration;
+
+use axum::body::Body;
+use gratify_examples::shop::Shop;
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+async fn call(app: &axum::Router, method: Method, path: &str) -> (StatusCode, String, String) {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "shop.example")
+        .body(Body::empty())
+        .unwrap();
+    let r = app.clone().oneshot(request).await.unwrap();
+    let status = r.status();
+    let cache = r
+        .headers()
+        .get("cache-status")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    (status, cache, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_are_cached_and_recommendations_stay_private() {
+    let shop = Shop::in_memory().unwrap();
+    let app = shop.router();
+    let (status, cache, _) = call(&app, Method::GET, "/products/7").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(cache.contains("stored"), "{cache}");
+    let (_, cache, _) = call(&app, Method::GET, "/products/7").await;
+    assert!(cache.contains("hit"), "{cache}");
+    let (_, _, ann) = call(&app, Method::GET, "/recommendations/ann").await;
+    let (_, cache, bob) = call(&app, Method::GET, "/recommendations/bob").await;
+    assert!(!cache.contains("hit"), "{cache}");
+    assert!(ann.contains("\"user\":\"ann\"") && bob.contains("\"user\":\"bob\""));
+    assert_ne!(ann, bob, "one user's recommendations are not another's");
+    shop.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_checkout_sends_its_confirmation_exactly_once() {
+    let shop = Shop::in_memory().unwrap();
+    let app = shop.router();
+    for user in ["ann", "bob", "cy"] {
+        for product in [3, 9] {
+            let (status, _, _) = call(&app, Method::POST, &format!("/cart/{user}/{product}")).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        let (status, _, body) = call(&app, Method::POST, &format!("/checkout/{user}")).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let (status, _, _) = call(&app, Method::POST, "/checkout/ann").await;
+    assert_eq!(status, StatusCode::CONFLICT, "the cart is empty");
+    let report = shop.drain(Duration::from_secs(10)).await;
+    assert!(
+        report.dead.is_empty() && report.not_run.is_empty() && report.still_running.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(shop.db().counts().unwrap(), (3, 3));
+    // A confirmation sent again (a retry after a crash) is not a second e-mail.
+    assert!(!shop.db().send_confirmation(1, "ann@example.com").unwrap());
+    assert_eq!(shop.db().counts().unwrap(), (3, 3));
+}
