@@ -12,6 +12,7 @@
 //!
 //! The game backend and the load driver are built here too as they land.
 
+pub mod drive;
 pub mod plan;
 pub mod proxy;
 pub mod shop;

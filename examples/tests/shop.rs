@@ -69,3 +69,49 @@ async fn every_checkout_sends_its_confirmation_exactly_once() {
     assert!(!shop.db().send_confirmation(1, "ann@example.com").unwrap());
     assert_eq!(shop.db().counts().unwrap(), (3, 3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driver_reports_every_class_for_both_apps() {
+    use gratify_examples::drive::{Load, drive, table};
+    use gratify_examples::shop::mix;
+
+    let mix = mix();
+    let plain = Shop::in_memory().unwrap();
+    let wrapped = Shop::in_memory().unwrap();
+    let model = wrapped.model();
+    let run = |app: axum::Router| {
+        let mix = mix.clone();
+        let model = model.clone();
+        let load = Load {
+            rate: 100.0,
+            seconds: 2.0,
+            timeout: Duration::from_secs(5),
+            seed: 7,
+        };
+        async move { drive(app, &mix, &model, load, &|_| {}).await }
+    };
+    let a = run(plain.plain_router()).await;
+    let b = run(wrapped.router()).await;
+    for r in [&a, &b] {
+        for class in ["product", "search", "recommendations", "checkout"] {
+            let c = &r.classes[class];
+            assert!(c.sent > 0, "{class}: {r:?}");
+            assert!(c.success > 0.95, "{class}: {c:?}");
+        }
+    }
+    // The same seed: the same arrivals.
+    let sent =
+        |r: &gratify_examples::drive::Report| r.classes.values().map(|c| c.sent).sum::<u64>();
+    assert_eq!(sent(&a), sent(&b));
+    // Product pages repeat: the wrapped app serves some from its cache.
+    assert!(
+        b.classes["product"].cache_hit_ratio > 0.1,
+        "{:?}",
+        b.classes["product"]
+    );
+    assert_eq!(a.classes["product"].cache_hit_ratio, 0.0);
+    let text = table(&a, &b);
+    assert!(text.contains("| checkout | gratify |"), "{text}");
+    plain.shutdown().await;
+    wrapped.shutdown().await;
+}

@@ -50,6 +50,65 @@ use self::db::Db;
 /// The example's configuration file.
 pub const CONFIG: &str = include_str!("../../shop/shop.toml");
 
+/// The store's traffic: product and catalogue pages (popular ones far more
+/// often), searches, recommendations, and checkouts (a cart line, then the
+/// checkout, for a user of their own).
+pub fn mix() -> crate::drive::Mix {
+    use crate::drive::{Kind, Mix};
+    use http::Method;
+    const WORDS: [&str; 8] = [
+        "runner", "boot", "trail", "merino", "sock", "jacket", "slim", "cap",
+    ];
+    Mix {
+        kinds: vec![
+            Kind {
+                class: "product".into(),
+                weight: 0.45,
+                // Skewed popularity: squaring a uniform draw favours low ids.
+                build: |_, x| {
+                    let u = (x % 10_000) as f64 / 10_000.0;
+                    let id = 1 + (u * u * f64::from(db::PRODUCTS - 1)) as u32;
+                    vec![(Method::GET, format!("/products/{id}"))]
+                },
+            },
+            Kind {
+                class: "product".into(),
+                weight: 0.10,
+                build: |_, x| vec![(Method::GET, format!("/products?page={}", 1 + x % 5))],
+            },
+            Kind {
+                class: "search".into(),
+                weight: 0.15,
+                build: |_, x| {
+                    vec![(
+                        Method::GET,
+                        format!("/search?q={}", WORDS[(x % 8) as usize]),
+                    )]
+                },
+            },
+            Kind {
+                class: "recommendations".into(),
+                weight: 0.20,
+                build: |_, x| vec![(Method::GET, format!("/recommendations/u{}", x % 500))],
+            },
+            Kind {
+                class: "checkout".into(),
+                weight: 0.10,
+                build: |n, x| {
+                    let user = format!("buyer{n}");
+                    vec![
+                        (
+                            Method::POST,
+                            format!("/cart/{user}/{}", 1 + x % u64::from(db::PRODUCTS)),
+                        ),
+                        (Method::POST, format!("/checkout/{user}")),
+                    ]
+                },
+            },
+        ],
+    }
+}
+
 /// The store: its data, its stack, its CPU pool and its deferred work.
 #[derive(Clone, Debug)]
 pub struct Shop {

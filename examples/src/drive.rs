@@ -1,0 +1,305 @@
+//! The load driver: open-loop traffic at a chosen rate, and a per-class
+//! report of what it got.
+//!
+//! Arrivals are Poisson at the given rate (seeded, so two runs send the same
+//! requests at the same moments); each request's latency runs from its
+//! *intended* send time, so a stalled server cannot hide its queue
+//! (no coordinated omission). A request unanswered within `timeout` counts as
+//! failed at that latency.
+//!
+//! The driver talks to any tower service of HTTP requests: the app in
+//! process (`axum::Router`), or a running server through a hyper client.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use gratify::CostModel;
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use serde::Serialize;
+use tokio::time::Instant;
+use tower::{Service, ServiceExt};
+
+/// One kind of arrival: a class name and the requests it sends (in order;
+/// the latency is that of the whole sequence).
+#[derive(Debug, Clone)]
+pub struct Kind {
+    /// The class it is reported under.
+    pub class: String,
+    /// Its share of arrivals (weights need not sum to 1).
+    pub weight: f64,
+    /// Builds the requests of arrival number `n` (from a seeded draw `x`).
+    pub build: fn(u64, u64) -> Vec<(Method, String)>,
+}
+
+/// A traffic mix.
+#[derive(Debug, Clone)]
+pub struct Mix {
+    /// The kinds.
+    pub kinds: Vec<Kind>,
+}
+
+/// What one class got.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ClassReport {
+    /// Arrivals sent.
+    pub sent: u64,
+    /// Answered with success (2xx).
+    pub ok: u64,
+    /// Refused by the server (503 or 429).
+    pub shed: u64,
+    /// Other failures (errors, timeouts).
+    pub failed: u64,
+    /// `ok / sent`.
+    pub success: f64,
+    /// Median latency of the successes, ms.
+    pub p50_ms: f64,
+    /// 99th-percentile latency of the successes, ms.
+    pub p99_ms: f64,
+    /// Responses served from a cache (`Cache-Status: …hit`), of the successes.
+    pub cache_hit_ratio: f64,
+    /// Delay and refusal cost by the model: each success at its class's curve,
+    /// each refusal or failure at its refusal cost.
+    pub cost: f64,
+}
+
+/// The driver's report: per class, and in all.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Report {
+    /// The rate offered, arrivals per second.
+    pub rate: f64,
+    /// Seconds of traffic.
+    pub seconds: f64,
+    /// By class.
+    pub classes: BTreeMap<String, ClassReport>,
+    /// The sum of the classes' costs.
+    pub total_cost: f64,
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<f64>,
+    ok: u64,
+    shed: u64,
+    failed: u64,
+    hits: u64,
+    sent: u64,
+    cost: f64,
+}
+
+/// A small deterministic generator (SplitMix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn unit(&mut self) -> f64 {
+        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+}
+
+/// How much load, for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Arrivals per second.
+    pub rate: f64,
+    /// Seconds of traffic.
+    pub seconds: f64,
+    /// How long an arrival may take before it counts as failed.
+    pub timeout: Duration,
+    /// The seed of the arrival times and the requests.
+    pub seed: u64,
+}
+
+/// Sends `mix` to `svc` as `load` says; prices what happened with `model`.
+///
+/// `progress` is called about ten times a second with the fraction sent.
+pub async fn drive<S, B>(
+    svc: S,
+    mix: &Mix,
+    model: &CostModel,
+    load: Load,
+    progress: &(dyn Fn(f64) + Sync),
+) -> Report
+where
+    S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    B: axum::body::HttpBody + Send + 'static,
+    B::Data: Send,
+{
+    let Load {
+        rate,
+        seconds,
+        timeout,
+        seed,
+    } = load;
+    let total_weight: f64 = mix.kinds.iter().map(|k| k.weight.max(0.0)).sum();
+    let tallies: Arc<Mutex<BTreeMap<String, Tally>>> = Arc::default();
+    let mut rng = Rng(seed);
+    let start = Instant::now() + Duration::from_millis(20);
+    let mut t = 0.0;
+    let mut n = 0u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut last_progress = 0.0;
+    loop {
+        if rate <= 0.0 || mix.kinds.is_empty() {
+            break;
+        }
+        t += -(1.0 - rng.unit()).ln() / rate;
+        if t >= seconds {
+            break;
+        }
+        if t - last_progress >= 0.1 {
+            progress(t / seconds);
+            last_progress = t;
+        }
+        let mut pick = rng.unit() * total_weight;
+        let kind = mix
+            .kinds
+            .iter()
+            .find(|k| {
+                pick -= k.weight.max(0.0);
+                pick <= 0.0
+            })
+            .unwrap_or(&mix.kinds[0]);
+        let requests = (kind.build)(n, rng.next());
+        n += 1;
+        let class = kind.class.clone();
+        let intended = start + Duration::from_secs_f64(t);
+        tokio::time::sleep_until(intended).await;
+        let svc = svc.clone();
+        let tallies = Arc::clone(&tallies);
+        let model = model.clone();
+        tasks.spawn(async move {
+            let outcome = tokio::time::timeout(timeout, async move {
+                let mut hit = false;
+                for (method, path) in requests {
+                    let request = Request::builder()
+                        .method(method)
+                        .uri(path)
+                        .header("host", "shop.example")
+                        .header("accept-encoding", "gzip, br, zstd")
+                        .body(Body::empty())
+                        .ok()?;
+                    let response = svc.clone().oneshot(request).await.ok()?;
+                    let status = response.status();
+                    hit = response
+                        .headers()
+                        .get("cache-status")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.contains("; hit"));
+                    let _ = response.into_body().collect().await.ok()?;
+                    if !status.is_success() {
+                        return Some((status.as_u16(), hit));
+                    }
+                }
+                Some((200, hit))
+            })
+            .await;
+            let latency = intended.elapsed().as_secs_f64();
+            let class_def = model.id(&class).map(|id| model.class(id).clone());
+            let mut all = tallies
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let tally = all.entry(class).or_default();
+            tally.sent += 1;
+            match outcome {
+                Ok(Some((200, hit))) => {
+                    tally.ok += 1;
+                    tally.hits += u64::from(hit);
+                    tally.latencies.push(latency);
+                    if let Some(c) = &class_def {
+                        tally.cost += c.response_cost(Duration::from_secs_f64(latency));
+                    }
+                }
+                other => {
+                    if matches!(other, Ok(Some((503 | 429, _)))) {
+                        tally.shed += 1;
+                    } else {
+                        tally.failed += 1;
+                    }
+                    if let Some(c) = &class_def {
+                        tally.cost += c.refusal_cost();
+                    }
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    progress(1.0);
+    let all = std::mem::take(
+        &mut *tallies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let mut report = Report {
+        rate,
+        seconds,
+        ..Report::default()
+    };
+    for (class, mut t) in all {
+        t.latencies.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            if t.latencies.is_empty() {
+                0.0
+            } else {
+                t.latencies[((t.latencies.len() - 1) as f64 * p).round() as usize] * 1e3
+            }
+        };
+        report.total_cost += t.cost;
+        report.classes.insert(
+            class,
+            ClassReport {
+                sent: t.sent,
+                ok: t.ok,
+                shed: t.shed,
+                failed: t.failed,
+                success: t.ok as f64 / t.sent.max(1) as f64,
+                p50_ms: q(0.5),
+                p99_ms: q(0.99),
+                cache_hit_ratio: t.hits as f64 / t.ok.max(1) as f64,
+                cost: t.cost,
+            },
+        );
+    }
+    report
+}
+
+/// The report as a markdown table, `plain` and `gratify` side by side.
+pub fn table(plain: &Report, gratify: &Report) -> String {
+    let mut out = String::from(
+        "| class | app | sent | success | p50 ms | p99 ms | shed | cache hits | cost |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let classes: std::collections::BTreeSet<&String> =
+        plain.classes.keys().chain(gratify.classes.keys()).collect();
+    for class in classes {
+        for (name, r) in [("plain", plain), ("gratify", gratify)] {
+            if let Some(c) = r.classes.get(class) {
+                out.push_str(&format!(
+                    "| {class} | {name} | {} | {:.1}% | {:.1} | {:.1} | {} | {:.0}% | {:.2} |\n",
+                    c.sent,
+                    c.success * 100.0,
+                    c.p50_ms,
+                    c.p99_ms,
+                    c.shed,
+                    c.cache_hit_ratio * 100.0,
+                    c.cost
+                ));
+            }
+        }
+    }
+    out.push_str(&format!(
+        "| all | plain | | | | | | | {:.2} |\n| all | gratify | | | | | | | {:.2} |\n",
+        plain.total_cost, gratify.total_cost
+    ));
+    out
+}
