@@ -7,7 +7,7 @@
 //! | `GET /products/{id}` | product | a product page, cacheable 60 s |
 //! | `GET /search?q=…` | search | products whose name matches, cacheable 10 s |
 //! | `GET /recommendations/{user}` | recommendations | CPU-heavy scoring on the CPU pool; private |
-//! | `POST /cart/{user}/{product}` | browse | adds one to the user's cart |
+//! | `POST /cart/{user}/{product}` | checkout | adds one to the user's cart |
 //! | `POST /checkout/{user}` | checkout | places the order; the confirmation e-mail is deferred |
 //! | `GET /orders/{id}` | browse | an order's status; never stored |
 //! | `/ops/admin/…` | — | the admin service: dashboard, snapshot, Prometheus |
