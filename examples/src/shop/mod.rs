@@ -185,7 +185,7 @@ impl Shop {
         let defer = Defer::start(
             &model,
             stack.limiter().map(|l| l.load_signal().clone()),
-            DeferConfig::default(),
+            DeferConfig::default().max_queue(100_000),
         );
         Ok(Self {
             db,
@@ -365,8 +365,15 @@ async fn checkout(State(shop): State<Shop>, UrlPath(user): UrlPath<String>) -> R
                 .map_err(Into::into)
         }
     };
-    if let Err(e) = shop.defer.spawn(format!("confirm-{id}"), class, job) {
-        tracing::warn!(order = id, error = %e, "the confirmation could not be deferred");
+    if let Err(e) = shop
+        .defer
+        .spawn(format!("confirm-{id}"), class, job.clone())
+    {
+        // The queue is full or closing: send it now rather than lose it.
+        tracing::warn!(order = id, error = %e, "the confirmation could not be deferred; sending it inline");
+        if let Err(e) = job().await {
+            tracing::error!(order = id, error = %e, "the confirmation could not be sent");
+        }
     }
     json(StatusCode::CREATED, "no-store", &order)
 }
