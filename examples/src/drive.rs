@@ -117,6 +117,9 @@ pub struct Load {
     pub timeout: Duration,
     /// The seed of the arrival times and the requests.
     pub seed: u64,
+    /// The most arrivals in flight at once (the clients' connections); an
+    /// arrival past it waits for one, and its latency counts the wait.
+    pub max_in_flight: usize,
 }
 
 /// Sends `mix` to `svc` as `load` says; prices what happened with `model`.
@@ -141,7 +144,9 @@ where
         seconds,
         timeout,
         seed,
+        max_in_flight,
     } = load;
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
     let total_weight: f64 = mix.kinds.iter().map(|k| k.weight.max(0.0)).sum();
     let tallies: Arc<Mutex<BTreeMap<String, Tally>>> = Arc::default();
     let mut rng = Rng(seed);
@@ -179,8 +184,10 @@ where
         let svc = svc.clone();
         let tallies = Arc::clone(&tallies);
         let model = model.clone();
+        let slots = Arc::clone(&slots);
         tasks.spawn(async move {
-            let outcome = tokio::time::timeout(timeout, async move {
+            let outcome = tokio::time::timeout_at(intended + timeout, async move {
+                let _slot = slots.acquire_owned().await.ok()?;
                 let mut hit = false;
                 for (method, path) in requests {
                     let request = Request::builder()

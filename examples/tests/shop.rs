@@ -87,6 +87,7 @@ async fn the_driver_reports_every_class_for_both_apps() {
             seconds: 2.0,
             timeout: Duration::from_secs(5),
             seed: 7,
+            max_in_flight: 256,
         };
         async move { drive(app, &mix, &model, load, &|_| {}).await }
     };
@@ -114,4 +115,31 @@ async fn the_driver_reports_every_class_for_both_apps() {
     assert!(text.contains("| checkout | gratify |"), "{text}");
     plain.shutdown().await;
     wrapped.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_gives_up_leaves_no_order_without_its_email() {
+    let shop = Shop::in_memory().unwrap();
+    let app = shop.router();
+    for i in 0..50 {
+        let user = format!("quitter{i}");
+        let (status, _, _) = call(&app, Method::POST, &format!("/cart/{user}/5")).await;
+        assert_eq!(status, StatusCode::OK);
+        let request = Request::post(format!("/checkout/{user}"))
+            .header("host", "shop.example")
+            .body(Body::empty())
+            .unwrap();
+        // Polled once, then dropped: the client hung up.
+        let _ = tokio::time::timeout(Duration::ZERO, app.clone().oneshot(request)).await;
+    }
+    // Whatever was placed has its e-mail, once.
+    let report = shop.drain(Duration::from_secs(10)).await;
+    assert!(
+        report.dead.is_empty() && report.not_run.is_empty(),
+        "{report:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = shop.drain(Duration::from_secs(10)).await;
+    let (orders, mails) = shop.db().counts().unwrap();
+    assert_eq!(orders, mails, "{orders} orders, {mails} e-mails");
 }

@@ -162,6 +162,7 @@ async fn main() -> std::process::ExitCode {
         seconds: args.seconds,
         timeout: Duration::from_secs(10),
         seed: args.seed,
+        max_in_flight: 4096,
     };
     let mix = mix();
     let a: Report = drive(client(plain_addr), &mix, &model, load, &bar("plain  ")).await;

@@ -340,42 +340,47 @@ async fn add_to_cart(
 }
 
 async fn checkout(State(shop): State<Shop>, UrlPath(user): UrlPath<String>) -> Response {
-    let who = user.clone();
-    let order = match query(&shop.db, move |db| db.checkout(&who)).await {
-        Ok(Some(order)) => order,
-        Ok(None) => return (StatusCode::CONFLICT, "the cart is empty\n").into_response(),
-        Err(r) => return r,
-    };
-    // The confirmation e-mail leaves the request path: deferred, retried,
-    // and recorded once in the outbox however often it runs.
-    let db = shop.db.clone();
-    let (id, email) = (order.id, format!("{user}@example.com"));
     let class = shop
         .model()
         .id("email")
         .unwrap_or_else(|| shop.model().default_class());
-    let job = move || {
-        let db = db.clone();
-        let email = email.clone();
-        async move {
-            tokio::task::spawn_blocking(move || db.send_confirmation(id, &email))
-                .await
-                .map_err(|e| -> gratify::BoxError { e.to_string().into() })?
-                .map(|_| ())
-                .map_err(Into::into)
+    let defer = shop.defer.clone();
+    // The order and the hand-off of its confirmation e-mail happen together
+    // on the blocking pool: a client that gives up (and drops this handler)
+    // cannot leave an order without its e-mail.
+    let placed = query(&shop.db, move |db| {
+        let Some(order) = db.checkout(&user)? else {
+            return Ok(None);
+        };
+        let (id, email) = (order.id, format!("{user}@example.com"));
+        let mailer = db.clone();
+        let mail = email.clone();
+        // Deferred, retried, and recorded once in the outbox however often
+        // it runs.
+        let job = move || {
+            let db = mailer.clone();
+            let email = mail.clone();
+            async move {
+                tokio::task::spawn_blocking(move || db.send_confirmation(id, &email))
+                    .await
+                    .map_err(|e| -> gratify::BoxError { e.to_string().into() })?
+                    .map(|_| ())
+                    .map_err(Into::into)
+            }
+        };
+        if let Err(e) = defer.spawn(format!("confirm-{id}"), class, job) {
+            // The queue is full or closing: send it now rather than lose it.
+            tracing::warn!(order = id, error = %e, "the confirmation could not be deferred; sending it inline");
+            db.send_confirmation(id, &email)?;
         }
-    };
-    if let Err(e) = shop
-        .defer
-        .spawn(format!("confirm-{id}"), class, job.clone())
-    {
-        // The queue is full or closing: send it now rather than lose it.
-        tracing::warn!(order = id, error = %e, "the confirmation could not be deferred; sending it inline");
-        if let Err(e) = job().await {
-            tracing::error!(order = id, error = %e, "the confirmation could not be sent");
-        }
+        Ok(Some(order))
+    })
+    .await;
+    match placed {
+        Ok(Some(order)) => json(StatusCode::CREATED, "no-store", &order),
+        Ok(None) => (StatusCode::CONFLICT, "the cart is empty\n").into_response(),
+        Err(r) => r,
     }
-    json(StatusCode::CREATED, "no-store", &order)
 }
 
 async fn order(State(shop): State<Shop>, UrlPath(id): UrlPath<i64>) -> Response {
