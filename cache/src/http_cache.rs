@@ -127,7 +127,7 @@ struct Shared {
     store: Store,
     config: HttpCacheConfig,
     /// Swapped whole by `reload`.
-    model: std::sync::RwLock<Option<gratify_core::CostModel>>,
+    model: Option<gratify_core::SharedModel>,
     key_part: Option<Box<dyn KeyPart>>,
     /// Fills in progress: followers wait for the value to turn `true`.
     inflight: Mutex<HashMap<CacheKey, watch::Receiver<bool>>>,
@@ -307,7 +307,7 @@ impl HttpCacheLayer {
                     config.min_saved_per_hit,
                 ),
                 key_part,
-                model: std::sync::RwLock::new(model),
+                model: model.map(gratify_core::SharedModel::new),
                 inflight: Mutex::new(HashMap::new()),
                 hit_for_miss,
                 requests: Default::default(),
@@ -341,14 +341,10 @@ impl HttpCacheLayer {
     ///
     /// The new model has other classes or another default class.
     pub fn reload(&self, model: &gratify_core::CostModel) -> Result<(), gratify_core::ModelError> {
-        let Ok(mut current) = self.shared.model.write() else {
-            return Ok(());
-        };
-        if let Some(old) = current.as_ref() {
-            old.check_reload(model)?;
-            *current = Some(model.clone());
+        match &self.shared.model {
+            Some(current) => current.reload(model),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The purge handle.
@@ -387,41 +383,6 @@ impl<S> HttpCache<S> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
-    }
-
-    /// Puts a shared second tier (Redis) under this cache: see
-    /// [`tier`](crate::tier). Every replica given the same tier and namespace
-    /// shares entries and invalidations. Call it before the first request;
-    /// a second tier is ignored (with a warning).
-    #[must_use]
-    pub fn with_tier(self, tier: impl SharedTier, config: TierConfig) -> Self {
-        if !self
-            .shared
-            .store
-            .set_tier(Tier::new(Arc::new(tier), config))
-        {
-            tracing::warn!("this cache already has a shared tier; the new one is ignored");
-        }
-        // Subscribe now when inside a runtime (else at the first request).
-        let _ = self.shared.store.tier();
-        self
-    }
-
-    /// Takes new costs (same classes) at run time: entries stored from now
-    /// on are valued by them. A cache without a model ignores it.
-    ///
-    /// # Errors
-    ///
-    /// The new model has other classes or another default class.
-    pub fn reload(&self, model: &gratify_core::CostModel) -> Result<(), gratify_core::ModelError> {
-        let Ok(mut current) = self.shared.model.write() else {
-            return Ok(());
-        };
-        if let Some(old) = current.as_ref() {
-            old.check_reload(model)?;
-            *current = Some(model.clone());
-        }
-        Ok(())
     }
 
     /// The purge handle.
@@ -867,11 +828,7 @@ impl Asked {
 
     /// The cost rate of a second of this request's delay.
     fn cost_rate(&self, shared: &Shared, latency: Duration) -> f64 {
-        let model = shared
-            .model
-            .read()
-            .map_or_else(|e| e.into_inner().clone(), |m| m.clone());
-        match &model {
+        match &shared.model.as_ref().map(gratify_core::SharedModel::get) {
             Some(model) => {
                 let id = self.class.unwrap_or_else(|| model.default_class());
                 model

@@ -71,6 +71,6 @@ pub mod signal;
 
 pub use self::cost::{Class, DelayCost};
 pub use self::error::{BoxError, ConfigError, CostError, ModelError};
-pub use self::model::{ClassId, CostModel, CostModelBuilder, CostModelConfig, Prices};
+pub use self::model::{ClassId, CostModel, CostModelBuilder, CostModelConfig, Prices, SharedModel};
 pub use self::serde_util::parse_duration;
 pub use self::signal::{LoadSignal, LoadSnapshot};

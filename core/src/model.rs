@@ -508,6 +508,53 @@ impl CostModelBuilder {
     }
 }
 
+/// A [`CostModel`] that running layers share and that can be swapped at run
+/// time: readers take the current model (a cheap clone of one `Arc`), and
+/// [`reload`](Self::reload) replaces it whole if the new one has the same
+/// classes and default class.
+///
+/// ```
+/// use gratify_core::{CostModel, SharedModel};
+///
+/// let toml = |rate: f64| format!("[classes.api]\ndelay_cost = {{ shape = \"linear\", per_second = {rate} }}\nrefusal_cost = 1.0\n");
+/// let shared = SharedModel::new(CostModel::from_toml(&toml(1.0)).unwrap());
+/// shared.reload(&CostModel::from_toml(&toml(2.0)).unwrap()).unwrap();
+/// let api = shared.get().id("api").unwrap();
+/// assert_eq!(shared.get().class(api).urgency(0.0), 2.0);
+/// ```
+#[derive(Debug)]
+pub struct SharedModel(std::sync::RwLock<CostModel>);
+
+impl SharedModel {
+    /// Shares `model`.
+    pub fn new(model: CostModel) -> Self {
+        Self(std::sync::RwLock::new(model))
+    }
+
+    /// The current model.
+    pub fn get(&self) -> CostModel {
+        self.0
+            .read()
+            .map_or_else(|e| e.into_inner().clone(), |m| m.clone())
+    }
+
+    /// Replaces the model by `new`.
+    ///
+    /// # Errors
+    ///
+    /// [`ModelError::Incompatible`] (see [`CostModel::check_reload`]):
+    /// nothing changes.
+    pub fn reload(&self, new: &CostModel) -> Result<(), ModelError> {
+        let mut current = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        current.check_reload(new)?;
+        *current = new.clone();
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

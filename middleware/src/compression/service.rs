@@ -23,7 +23,7 @@ use super::{Calibration, Choice, Codec, CompressionConfig, Level, adaptive, slot
 struct Shared {
     config: CompressionConfig,
     /// Swapped whole by `reload`.
-    model: std::sync::RwLock<Option<CostModel>>,
+    model: Option<gratify_core::SharedModel>,
     signal: Option<LoadSignal>,
     calibration: Arc<Calibration>,
 }
@@ -88,7 +88,7 @@ impl CompressionLayer {
         Self {
             shared: Arc::new(Shared {
                 config,
-                model: std::sync::RwLock::new(model),
+                model: model.map(gratify_core::SharedModel::new),
                 signal,
                 calibration: Arc::new(Calibration::new()),
             }),
@@ -116,23 +116,17 @@ impl CompressionLayer {
     ///
     /// The new model has other classes or another default class.
     pub fn reload(&self, model: &CostModel) -> Result<(), gratify_core::ModelError> {
-        let Ok(mut current) = self.shared.model.write() else {
-            return Ok(());
-        };
-        if let Some(old) = current.as_ref() {
-            old.check_reload(model)?;
-            *current = Some(model.clone());
+        match &self.shared.model {
+            Some(current) => current.reload(model),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
 impl Shared {
     /// The current model (a cheap clone).
     fn model(&self) -> Option<CostModel> {
-        self.model
-            .read()
-            .map_or_else(|e| e.into_inner().clone(), |m| m.clone())
+        self.model.as_ref().map(gratify_core::SharedModel::get)
     }
 }
 

@@ -133,7 +133,7 @@ struct Built {
 #[derive(Clone, Debug)]
 pub struct Stack {
     /// Shared by clones; swapped by `reload`.
-    model: Arc<std::sync::RwLock<CostModel>>,
+    model: Arc<gratify_core::SharedModel>,
     signal: LoadSignal,
     routes: Option<RouteClassifier>,
     limiter: Option<Limiter>,
@@ -155,7 +155,7 @@ impl Stack {
     /// default class and passed on.
     pub fn new(model: &CostModel) -> Self {
         Self {
-            model: Arc::new(std::sync::RwLock::new(model.clone())),
+            model: Arc::new(gratify_core::SharedModel::new(model.clone())),
             signal: LoadSignal::new(),
             routes: None,
             limiter: None,
@@ -228,15 +228,13 @@ impl Stack {
     /// was called on (or that one's clones), used or not.
     fn unbuilt(mut self) -> Self {
         self.built = Arc::new(OnceLock::new());
-        self.model = Arc::new(std::sync::RwLock::new(self.model()));
+        self.model = Arc::new(gratify_core::SharedModel::new(self.model()));
         self
     }
 
     /// The cost model (the latest, after a [`reload`](Self::reload)).
     pub fn model(&self) -> CostModel {
-        self.model
-            .read()
-            .map_or_else(|e| e.into_inner().clone(), |m| m.clone())
+        self.model.get()
     }
 
     /// Takes new costs and prices at run time, without a restart and without
@@ -261,10 +259,7 @@ impl Stack {
         if let Some(cache) = &built.cache {
             cache.reload(model)?;
         }
-        if let Ok(mut m) = self.model.write() {
-            *m = model.clone();
-        }
-        Ok(())
+        self.model.reload(model)
     }
 
     /// Reloads the costs and prices of a stack file (see
@@ -297,11 +292,7 @@ impl Stack {
         let built = self.built();
         let model = Arc::clone(&self.model);
         crate::Admin::new(
-            move || {
-                model
-                    .read()
-                    .map_or_else(|e| e.into_inner().clone(), |m| m.clone())
-            },
+            move || model.get(),
             self.limiter.clone(),
             built.cache.as_ref().map(HttpCacheLayer::purge),
             built.compression.clone(),

@@ -192,7 +192,7 @@ struct Shared {
     state: Mutex<State>,
     fast: Fast,
     /// Swapped whole by `reload`; class names never change.
-    model: std::sync::RwLock<CostModel>,
+    model: gratify_core::SharedModel,
     signal: LoadSignal,
     config: LimiterConfig,
     rng: AtomicU64,
@@ -375,7 +375,7 @@ impl Limiter {
                     admitted: (0..n).map(|_| AtomicU64::new(0)).collect(),
                     released: (0..n).map(|_| AtomicU64::new(0)).collect(),
                 },
-                model: std::sync::RwLock::new(model.clone()),
+                model: gratify_core::SharedModel::new(model.clone()),
                 signal: LoadSignal::new(),
                 config,
                 rng: AtomicU64::new(0x2545_F491_4F6C_DD1D),
@@ -405,10 +405,7 @@ impl Limiter {
 
     /// The cost model (the latest, after a [`reload`](Self::reload)).
     pub fn model(&self) -> CostModel {
-        self.shared
-            .model
-            .read()
-            .map_or_else(|e| e.into_inner().clone(), |m| m.clone())
+        self.shared.model.get()
     }
 
     /// Takes new costs and prices at run time, without dropping a request:
@@ -427,10 +424,7 @@ impl Limiter {
             c.class = class.clone();
         }
         state.algorithm.reload(model);
-        if let Ok(mut m) = self.shared.model.write() {
-            *m = model.clone();
-        }
-        Ok(())
+        self.shared.model.reload(model)
     }
 
     /// The name of the algorithm.
