@@ -186,6 +186,37 @@ async fn ready(replicas: &[&CachePurge]) {
     );
 }
 
+/// Whether, within `limit`, a page fetched by `a` becomes a tier hit on `b`
+/// (fresh paths under `prefix`, tried every 100 ms).
+async fn tier_used_again<S, B>(
+    a: &S,
+    b: &S,
+    b_purge: &CachePurge,
+    prefix: &str,
+    limit: Duration,
+) -> bool
+where
+    S: Service<Request<()>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let until = Instant::now() + limit;
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        let path = format!("/{prefix}/{n}");
+        let _ = get(a, &path).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = b_purge.tier_stats().unwrap().hits;
+        let _ = get(b, &path).await;
+        if b_purge.tier_stats().unwrap().hits > before {
+            return true;
+        }
+    }
+    false
+}
+
 async fn wait_for(mut done: impl FnMut() -> bool, limit: Duration) -> bool {
     let until = Instant::now() + limit;
     while Instant::now() < until {
@@ -369,21 +400,7 @@ async fn redis_killed_during_10_000_requests_fails_none_and_is_used_again_after_
     assert!(down.errors > 0 || down.skipped > 0, "{down:?}");
     // Within 5 s of the restart the tier is in use again: a miss on A is a
     // tier hit on B.
-    let restarted = Instant::now();
-    let mut back = false;
-    let mut n = 0;
-    while restarted.elapsed() < Duration::from_secs(5) {
-        n += 1;
-        let path = format!("/fresh/{n}");
-        let _ = get(&a, &path).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let before = b_purge.tier_stats().unwrap().hits;
-        let _ = get(&b, &path).await;
-        if b_purge.tier_stats().unwrap().hits > before {
-            back = true;
-            break;
-        }
-    }
+    let back = tier_used_again(&a, &b, &b_purge, "fresh", Duration::from_secs(5)).await;
     assert!(
         back,
         "the tier was not used again within 5 s of the restart"
@@ -429,21 +446,7 @@ async fn a_stalled_redis_costs_requests_at_most_the_soft_timeout_and_is_used_aga
     assert!(worst < Duration::from_millis(250), "{worst:?}");
     assert!(stats.breaker_open && stats.skipped > 150, "{stats:?}");
     // Awake again, the breaker lets a trial through and closes.
-    let mut back = false;
-    let until = Instant::now() + Duration::from_secs(15);
-    let mut n = 0;
-    while Instant::now() < until {
-        n += 1;
-        let path = format!("/awake/{n}");
-        let _ = get(&a, &path).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let before = b_purge.tier_stats().unwrap().hits;
-        let _ = get(&b, &path).await;
-        if b_purge.tier_stats().unwrap().hits > before {
-            back = true;
-            break;
-        }
-    }
+    let back = tier_used_again(&a, &b, &b_purge, "awake", Duration::from_secs(15)).await;
     assert!(back, "the tier was not used again after SIGCONT");
 }
 
@@ -498,21 +501,7 @@ async fn the_first_command_after_a_dropped_connection_fails_no_request() {
         assert_eq!(body, format!("page /products/{}", 1 + i % 2));
     }
     // And the tier is in use again soon after.
-    let mut back = false;
-    let until = Instant::now() + Duration::from_secs(5);
-    let mut n = 0;
-    while Instant::now() < until {
-        n += 1;
-        let path = format!("/again/{n}");
-        let _ = get(&a, &path).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let before = b_purge.tier_stats().unwrap().hits;
-        let _ = get(&b, &path).await;
-        if b_purge.tier_stats().unwrap().hits > before {
-            back = true;
-            break;
-        }
-    }
+    let back = tier_used_again(&a, &b, &b_purge, "again", Duration::from_secs(5)).await;
     assert!(
         back,
         "the tier was not used again after the connections dropped"
