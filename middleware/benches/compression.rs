@@ -98,19 +98,40 @@ fn corpora() -> Vec<(&'static str, Bytes)> {
     ]
 }
 
-fn handler(
+/// An origin answering `body` as JSON after `io` of simulated I/O (none when
+/// zero), with `cache_control` if given.
+fn origin(
     body: Bytes,
-) -> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send> + Clone
-{
+    io: Duration,
+    cache_control: Option<&'static str>,
+) -> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
     service_fn(move |_: Request<()>| {
         let body = body.clone();
         async move {
+            if !io.is_zero() {
+                tokio::time::sleep(io).await;
+            }
             let mut r = Response::new(Full::new(body));
             r.headers_mut()
                 .insert("content-type", "application/json".parse().unwrap());
+            if let Some(cc) = cache_control {
+                r.headers_mut().insert("cache-control", cc.parse().unwrap());
+            }
             Ok::<_, Infallible>(r)
         }
     })
+}
+
+fn handler(
+    body: Bytes,
+) -> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    origin(body, Duration::ZERO, None)
 }
 
 /// The overload handler: 1 ms of I/O (a database read) before it answers,
@@ -121,35 +142,7 @@ fn db_handler(
 + Clone
 + Send
 + 'static {
-    service_fn(move |_: Request<()>| {
-        let body = body.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            let mut r = Response::new(Full::new(body));
-            r.headers_mut()
-                .insert("content-type", "application/json".parse().unwrap());
-            Ok::<_, Infallible>(r)
-        }
-    })
-}
-
-fn cacheable(
-    body: Bytes,
-) -> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
-+ Clone
-+ Send
-+ 'static {
-    service_fn(move |_: Request<()>| {
-        let body = body.clone();
-        async move {
-            let mut r = Response::new(Full::new(body));
-            r.headers_mut()
-                .insert("content-type", "application/json".parse().unwrap());
-            r.headers_mut()
-                .insert("cache-control", "public, max-age=3600".parse().unwrap());
-            Ok::<_, Infallible>(r)
-        }
-    })
+    origin(body, Duration::from_millis(1), None)
 }
 
 /// Requests per second through `svc` for a zstd-accepting client.
@@ -657,7 +650,11 @@ fn cached(quick: bool, results: &mut Vec<serde_json::Value>) {
         let compress = CompressionLayer::new().layer(handler(body.clone()));
         let mut config = gratify::cache::HttpCacheConfig::default();
         config.recoder = Some(std::sync::Arc::new(gratify::compression::Recompress::new()));
-        let cache = gratify::cache::HttpCacheLayer::new(config).layer(cacheable(body.clone()));
+        let cache = gratify::cache::HttpCacheLayer::new(config).layer(origin(
+            body.clone(),
+            Duration::ZERO,
+            Some("public, max-age=3600"),
+        ));
         let mut a = Vec::new();
         let mut b = Vec::new();
         for _ in 0..5 {
