@@ -22,6 +22,72 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
+/// One request of an arrival.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// Its method.
+    pub method: Method,
+    /// Its path and query.
+    pub path: String,
+    /// Headers beyond `Host` and `Accept-Encoding`.
+    pub headers: Vec<(&'static str, String)>,
+    /// Its body.
+    pub body: bytes::Bytes,
+}
+
+impl Call {
+    /// A request without headers or body.
+    pub fn new(method: Method, path: impl Into<String>) -> Self {
+        Self {
+            method,
+            path: path.into(),
+            headers: Vec::new(),
+            body: bytes::Bytes::new(),
+        }
+    }
+
+    /// A `GET`.
+    pub fn get(path: impl Into<String>) -> Self {
+        Self::new(Method::GET, path)
+    }
+
+    /// A `POST`.
+    pub fn post(path: impl Into<String>) -> Self {
+        Self::new(Method::POST, path)
+    }
+
+    /// With a header.
+    #[must_use]
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// With a body.
+    #[must_use]
+    pub fn body(mut self, body: impl Into<bytes::Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// The request, for `host`.
+    ///
+    /// # Errors
+    ///
+    /// A path or header that is not valid HTTP.
+    pub fn request(&self, host: &str) -> Result<Request<Body>, http::Error> {
+        let mut builder = Request::builder()
+            .method(self.method.clone())
+            .uri(self.path.as_str())
+            .header("host", host)
+            .header("accept-encoding", "gzip, br, zstd");
+        for (name, value) in &self.headers {
+            builder = builder.header(*name, value.as_str());
+        }
+        builder.body(Body::from(self.body.clone()))
+    }
+}
+
 /// One kind of arrival: a class name and the requests it sends (in order;
 /// the latency is that of the whole sequence).
 #[derive(Debug, Clone)]
@@ -31,7 +97,7 @@ pub struct Kind {
     /// Its share of arrivals (weights need not sum to 1).
     pub weight: f64,
     /// Builds the requests of arrival number `n` (from a seeded draw `x`).
-    pub build: fn(u64, u64) -> Vec<(Method, String)>,
+    pub build: fn(u64, u64) -> Vec<Call>,
 }
 
 /// A traffic mix.
@@ -39,6 +105,24 @@ pub struct Kind {
 pub struct Mix {
     /// The kinds.
     pub kinds: Vec<Kind>,
+    /// The `Host` header sent.
+    pub host: String,
+}
+
+impl Mix {
+    /// The kind a uniform draw `u` in `[0, 1)` picks, by weight (`None`
+    /// for a mix without kinds).
+    pub fn pick(&self, u: f64) -> Option<&Kind> {
+        let total: f64 = self.kinds.iter().map(|k| k.weight.max(0.0)).sum();
+        let mut left = u * total;
+        self.kinds
+            .iter()
+            .find(|k| {
+                left -= k.weight.max(0.0);
+                left <= 0.0
+            })
+            .or(self.kinds.last())
+    }
 }
 
 /// What one class got.
@@ -48,10 +132,18 @@ pub struct ClassReport {
     pub sent: u64,
     /// Answered with success (2xx).
     pub ok: u64,
+    /// Successes that came after the class's deadline (worth nothing by
+    /// the model: they cost the refusal cost).
+    pub late: u64,
     /// Refused by the server (503 or 429).
     pub shed: u64,
-    /// Other failures (errors, timeouts).
+    /// Other failures: timeouts and errors (`failed = timed_out + errors`).
     pub failed: u64,
+    /// Unanswered within the driver's timeout.
+    pub timed_out: u64,
+    /// Failed at the client: connection refused or reset, a bad response,
+    /// or another status than success or refusal (see [`Report::errors`]).
+    pub errors: u64,
     /// `ok / sent`.
     pub success: f64,
     /// Median latency of the successes, ms.
@@ -76,6 +168,9 @@ pub struct Report {
     pub classes: BTreeMap<String, ClassReport>,
     /// The sum of the classes' costs.
     pub total_cost: f64,
+    /// What the failures other than timeouts were, with how many of each
+    /// (the error's text, or `status N`).
+    pub errors: BTreeMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -83,7 +178,9 @@ struct Tally {
     latencies: Vec<f64>,
     ok: u64,
     shed: u64,
-    failed: u64,
+    timed_out: u64,
+    errors: u64,
+    late: u64,
     hits: u64,
     sent: u64,
     cost: f64,
@@ -104,6 +201,25 @@ impl Rng {
     fn unit(&mut self) -> f64 {
         ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
+}
+
+enum Failure {
+    Shed,
+    TimedOut,
+    Error(String),
+}
+
+/// An error and its sources on one line (a hyper client error says little
+/// at the top).
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// How much load, for how long.
@@ -135,7 +251,7 @@ pub async fn drive<S, B>(
 where
     S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
-    S::Error: Send,
+    S::Error: std::error::Error + Send,
     B: axum::body::HttpBody + Send + 'static,
     B::Data: Send,
 {
@@ -147,8 +263,8 @@ where
         max_in_flight,
     } = load;
     let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
-    let total_weight: f64 = mix.kinds.iter().map(|k| k.weight.max(0.0)).sum();
     let tallies: Arc<Mutex<BTreeMap<String, Tally>>> = Arc::default();
+    let errors: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let mut rng = Rng(seed);
     let start = Instant::now() + Duration::from_millis(20);
     let mut t = 0.0;
@@ -167,15 +283,9 @@ where
             progress(t / seconds);
             last_progress = t;
         }
-        let mut pick = rng.unit() * total_weight;
-        let kind = mix
-            .kinds
-            .iter()
-            .find(|k| {
-                pick -= k.weight.max(0.0);
-                pick <= 0.0
-            })
-            .unwrap_or(&mix.kinds[0]);
+        let Some(kind) = mix.pick(rng.unit()) else {
+            break;
+        };
         let requests = (kind.build)(n, rng.next());
         n += 1;
         let class = kind.class.clone();
@@ -183,35 +293,48 @@ where
         tokio::time::sleep_until(intended).await;
         let svc = svc.clone();
         let tallies = Arc::clone(&tallies);
+        let errors = Arc::clone(&errors);
         let model = model.clone();
         let slots = Arc::clone(&slots);
+        let host = mix.host.clone();
         tasks.spawn(async move {
             let outcome = tokio::time::timeout_at(intended + timeout, async move {
-                let _slot = slots.acquire_owned().await.ok()?;
+                let _slot = slots
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Failure::Error("the driver closed".into()))?;
                 let mut hit = false;
-                for (method, path) in requests {
-                    let request = Request::builder()
-                        .method(method)
-                        .uri(path)
-                        .header("host", "shop.example")
-                        .header("accept-encoding", "gzip, br, zstd")
-                        .body(Body::empty())
-                        .ok()?;
-                    let response = svc.clone().oneshot(request).await.ok()?;
+                for call in requests {
+                    let request = call
+                        .request(&host)
+                        .map_err(|e| Failure::Error(e.to_string()))?;
+                    let response = svc
+                        .clone()
+                        .oneshot(request)
+                        .await
+                        .map_err(|e| Failure::Error(describe(&e)))?;
                     let status = response.status();
                     hit = response
                         .headers()
                         .get("cache-status")
                         .and_then(|v| v.to_str().ok())
                         .is_some_and(|v| v.contains("; hit"));
-                    let _ = response.into_body().collect().await.ok()?;
+                    let _ = response
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|_| Failure::Error("the body failed".into()))?;
+                    if matches!(status.as_u16(), 503 | 429) {
+                        return Err(Failure::Shed);
+                    }
                     if !status.is_success() {
-                        return Some((status.as_u16(), hit));
+                        return Err(Failure::Error(format!("status {}", status.as_u16())));
                     }
                 }
-                Some((200, hit))
+                Ok(hit)
             })
-            .await;
+            .await
+            .unwrap_or(Err(Failure::TimedOut));
             let latency = intended.elapsed().as_secs_f64();
             let class_def = model.id(&class).map(|id| model.class(id).clone());
             let mut all = tallies
@@ -219,26 +342,37 @@ where
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let tally = all.entry(class).or_default();
             tally.sent += 1;
-            match outcome {
-                Ok(Some((200, hit))) => {
+            let cost = match outcome {
+                Ok(hit) => {
                     tally.ok += 1;
                     tally.hits += u64::from(hit);
                     tally.latencies.push(latency);
-                    if let Some(c) = &class_def {
-                        tally.cost += c.response_cost(Duration::from_secs_f64(latency));
+                    if class_def
+                        .as_ref()
+                        .and_then(gratify::Class::deadline)
+                        .is_some_and(|d| latency > d.as_secs_f64())
+                    {
+                        tally.late += 1;
                     }
+                    class_def.map(|c| c.response_cost(Duration::from_secs_f64(latency)))
                 }
-                other => {
-                    if matches!(other, Ok(Some((503 | 429, _)))) {
-                        tally.shed += 1;
-                    } else {
-                        tally.failed += 1;
+                Err(failure) => {
+                    match failure {
+                        Failure::Shed => tally.shed += 1,
+                        Failure::TimedOut => tally.timed_out += 1,
+                        Failure::Error(e) => {
+                            tally.errors += 1;
+                            *errors
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .entry(e)
+                                .or_default() += 1;
+                        }
                     }
-                    if let Some(c) = &class_def {
-                        tally.cost += c.refusal_cost();
-                    }
+                    class_def.map(|c| c.refusal_cost())
                 }
-            }
+            };
+            tally.cost += cost.unwrap_or(0.0);
         });
     }
     while tasks.join_next().await.is_some() {}
@@ -251,6 +385,11 @@ where
     let mut report = Report {
         rate,
         seconds,
+        errors: std::mem::take(
+            &mut *errors
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ),
         ..Report::default()
     };
     for (class, mut t) in all {
@@ -269,7 +408,10 @@ where
                 sent: t.sent,
                 ok: t.ok,
                 shed: t.shed,
-                failed: t.failed,
+                failed: t.timed_out + t.errors,
+                timed_out: t.timed_out,
+                late: t.late,
+                errors: t.errors,
                 success: t.ok as f64 / t.sent.max(1) as f64,
                 p50_ms: q(0.5),
                 p99_ms: q(0.99),
@@ -284,7 +426,7 @@ where
 /// The report as a markdown table, `plain` and `gratify` side by side.
 pub fn table(plain: &Report, gratify: &Report) -> String {
     let mut out = String::from(
-        "| class | app | sent | success | p50 ms | p99 ms | shed | cache hits | cost |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| class | app | sent | success | late | p50 ms | p99 ms | shed | failed | cache hits | cost |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let classes: std::collections::BTreeSet<&String> =
         plain.classes.keys().chain(gratify.classes.keys()).collect();
@@ -292,12 +434,14 @@ pub fn table(plain: &Report, gratify: &Report) -> String {
         for (name, r) in [("plain", plain), ("gratify", gratify)] {
             if let Some(c) = r.classes.get(class) {
                 out.push_str(&format!(
-                    "| {class} | {name} | {} | {:.1}% | {:.1} | {:.1} | {} | {:.0}% | {:.2} |\n",
+                    "| {class} | {name} | {} | {:.1}% | {} | {:.1} | {:.1} | {} | {} | {:.0}% | {:.2} |\n",
                     c.sent,
                     c.success * 100.0,
+                    c.late,
                     c.p50_ms,
                     c.p99_ms,
                     c.shed,
+                    c.failed,
                     c.cache_hit_ratio * 100.0,
                     c.cost
                 ));
@@ -305,7 +449,7 @@ pub fn table(plain: &Report, gratify: &Report) -> String {
         }
     }
     out.push_str(&format!(
-        "| all | plain | | | | | | | {:.2} |\n| all | gratify | | | | | | | {:.2} |\n",
+        "| all | plain | | | | | | | | | {:.2} |\n| all | gratify | | | | | | | | | {:.2} |\n",
         plain.total_cost, gratify.total_cost
     ));
     out

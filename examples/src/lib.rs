@@ -10,9 +10,16 @@
 //! - `shop`: the e-commerce example — a store on axum and SQLite behind a
 //!   `gratify::Stack` from `examples/shop/shop.toml` (see [`shop`]).
 //!
-//! The game backend and the load driver are built here too as they land.
+//! - `game`: the game backend — players, leaderboard, matchmaking, position
+//!   updates and replay uploads behind a `gratify::Stack` from
+//!   `examples/game/game.toml` (see [`game`]).
+//!
+//! - `demo`: either backend under overload, plain and wrapped, driven by
+//!   [`drive`] and reported by [`demo`].
 
+pub mod demo;
 pub mod drive;
+pub mod game;
 pub mod plan;
 pub mod proxy;
 pub mod shop;

@@ -54,8 +54,7 @@ pub const CONFIG: &str = include_str!("../../shop/shop.toml");
 /// often), searches, recommendations, and checkouts (a cart line, then the
 /// checkout, for a user of their own).
 pub fn mix() -> crate::drive::Mix {
-    use crate::drive::{Kind, Mix};
-    use http::Method;
+    use crate::drive::{Call, Kind, Mix};
     const WORDS: [&str; 8] = [
         "runner", "boot", "trail", "merino", "sock", "jacket", "slim", "cap",
     ];
@@ -68,28 +67,23 @@ pub fn mix() -> crate::drive::Mix {
                 build: |_, x| {
                     let u = (x % 10_000) as f64 / 10_000.0;
                     let id = 1 + (u * u * f64::from(db::PRODUCTS - 1)) as u32;
-                    vec![(Method::GET, format!("/products/{id}"))]
+                    vec![Call::get(format!("/products/{id}"))]
                 },
             },
             Kind {
                 class: "product".into(),
                 weight: 0.10,
-                build: |_, x| vec![(Method::GET, format!("/products?page={}", 1 + x % 5))],
+                build: |_, x| vec![Call::get(format!("/products?page={}", 1 + x % 5))],
             },
             Kind {
                 class: "search".into(),
                 weight: 0.15,
-                build: |_, x| {
-                    vec![(
-                        Method::GET,
-                        format!("/search?q={}", WORDS[(x % 8) as usize]),
-                    )]
-                },
+                build: |_, x| vec![Call::get(format!("/search?q={}", WORDS[(x % 8) as usize]))],
             },
             Kind {
                 class: "recommendations".into(),
                 weight: 0.20,
-                build: |_, x| vec![(Method::GET, format!("/recommendations/u{}", x % 500))],
+                build: |_, x| vec![Call::get(format!("/recommendations/u{}", x % 500))],
             },
             Kind {
                 class: "checkout".into(),
@@ -97,15 +91,13 @@ pub fn mix() -> crate::drive::Mix {
                 build: |n, x| {
                     let user = format!("buyer{n}");
                     vec![
-                        (
-                            Method::POST,
-                            format!("/cart/{user}/{}", 1 + x % u64::from(db::PRODUCTS)),
-                        ),
-                        (Method::POST, format!("/checkout/{user}")),
+                        Call::post(format!("/cart/{user}/{}", 1 + x % u64::from(db::PRODUCTS))),
+                        Call::post(format!("/checkout/{user}")),
                     ]
                 },
             },
         ],
+        host: "shop.example".into(),
     }
 }
 
@@ -306,7 +298,7 @@ async fn recommend(State(shop): State<Shop>, UrlPath(user): UrlPath<String>) -> 
             for b in category.bytes() {
                 x ^= u64::from(b);
             }
-            for _ in 0..400 {
+            for _ in 0..3000 {
                 x = x
                     .wrapping_mul(6_364_136_223_846_793_005)
                     .wrapping_add(1_442_695_040_888_963_407);

@@ -1,0 +1,433 @@
+//! The demo harness: an app served on loopback, plain and wrapped in
+//! gratify, the same traffic sent to each, and the report as a table, JSON
+//! and an SVG plot.
+//!
+//! Each server runs on a runtime of its own (so a handler that blocks its
+//! threads cannot stall the driver's clock) and is stopped, connections and
+//! all, before the next run starts: the second app never inherits the
+//! first one's backlog.
+//!
+//! ```
+//! use gratify_examples::demo::plot;
+//! use gratify_examples::drive::{ClassReport, Report};
+//!
+//! let mut plain = Report::default();
+//! plain.classes.insert("checkout".into(), ClassReport { sent: 10, ok: 2, success: 0.2, ..Default::default() });
+//! let mut wrapped = plain.clone();
+//! wrapped.classes.get_mut("checkout").unwrap().success = 1.0;
+//! let svg = plot("at 3×", &plain, &wrapped);
+//! assert!(svg.starts_with("<svg") && svg.contains("checkout"));
+//! ```
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use gratify::CostModel;
+use http::Request;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use tower::{Service, ServiceExt};
+
+use crate::drive::{Load, Mix, Report, drive};
+
+/// An app served on `127.0.0.1` by a runtime of its own.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Server {
+    /// Dropped without [`stop`](Server::stop) (a panic, an early return):
+    /// shut down without waiting, which is allowed inside a runtime.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Server {
+    /// Serves `app` on a free port with `threads` worker threads.
+    ///
+    /// # Errors
+    ///
+    /// No runtime or no port.
+    pub fn start(app: Router, threads: usize) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("demo-server")
+            .enable_all()
+            .build()?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        runtime.spawn(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    let _ = axum::serve(listener, app.into_make_service()).await;
+                }
+                Err(e) => tracing::error!(error = %e, "cannot serve"),
+            }
+        });
+        Ok(Self {
+            addr,
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, closes every connection and waits (at most
+    /// `deadline`) for the work in flight on its blocking threads.
+    pub async fn stop(mut self, deadline: Duration) {
+        if let Some(runtime) = self.runtime.take() {
+            let _ = tokio::task::spawn_blocking(move || runtime.shutdown_timeout(deadline)).await;
+        }
+    }
+}
+
+/// A hyper client of the server at `addr`, as a tower service of requests
+/// with relative URIs.
+pub fn client(
+    addr: SocketAddr,
+    connections: usize,
+) -> impl Service<
+    Request<Body>,
+    Response = http::Response<hyper::body::Incoming>,
+    Error = hyper_util::client::legacy::Error,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    let http = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(connections)
+        .build_http::<Body>();
+    tower::ServiceBuilder::new()
+        .map_request(move |mut r: Request<Body>| {
+            if let Ok(uri) = format!("http://{addr}{}", r.uri()).parse() {
+                *r.uri_mut() = uri;
+            }
+            r
+        })
+        .service(http)
+}
+
+/// Arrivals of `mix` per second the server at `addr` completes, closed loop
+/// with `concurrency` clients, over `seconds` after a second of warm-up.
+pub async fn capacity(addr: SocketAddr, mix: &Mix, seconds: f64, concurrency: u64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let start = tokio::time::Instant::now();
+    let until = start + Duration::from_secs_f64(1.0 + seconds);
+    let svc = client(addr, concurrency as usize);
+    let mut workers = Vec::new();
+    for w in 0..concurrency {
+        let svc = svc.clone();
+        let mix = mix.clone();
+        let done = Arc::clone(&done);
+        let counting = Arc::clone(&counting);
+        workers.push(tokio::spawn(async move {
+            let mut n = w;
+            while tokio::time::Instant::now() < until {
+                let pick = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let Some(kind) = mix.pick((pick >> 11) as f64 / (1u64 << 53) as f64) else {
+                    return;
+                };
+                for call in (kind.build)(n + 1_000_000, pick) {
+                    let Ok(request) = call.request(&mix.host) else {
+                        continue;
+                    };
+                    if let Ok(r) = svc.clone().oneshot(request).await {
+                        let _ = r.into_body().collect().await;
+                    }
+                }
+                if counting.load(Ordering::Relaxed) {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                n += concurrency;
+            }
+        }));
+    }
+    tokio::time::sleep_until(start + Duration::from_secs(1)).await;
+    counting.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    done.load(Ordering::Relaxed) as f64 / seconds
+}
+
+/// A progress bar on standard error, redrawn as it grows.
+pub fn progress_bar(label: &'static str) -> impl Fn(f64) + Sync {
+    let shown = AtomicUsize::new(usize::MAX);
+    move |f: f64| {
+        let filled = (f.clamp(0.0, 1.0) * 30.0) as usize;
+        if shown.swap(filled, Ordering::Relaxed) == filled && f < 1.0 {
+            return;
+        }
+        eprint!(
+            "\r{label} [{}{}] {:>3.0}%",
+            "#".repeat(filled),
+            " ".repeat(30 - filled),
+            f * 100.0
+        );
+        let _ = std::io::stderr().flush();
+        if f >= 1.0 {
+            eprintln!();
+        }
+    }
+}
+
+/// How a comparison runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// The load, as a multiple of the plain app's measured capacity.
+    pub multiple: f64,
+    /// Seconds of traffic per app.
+    pub seconds: f64,
+    /// Seconds of the capacity probe.
+    pub probe_seconds: f64,
+    /// The seed of the traffic.
+    pub seed: u64,
+    /// Worker threads of each server.
+    pub server_threads: usize,
+    /// Connections the driver may hold open (arrivals past it wait, and the
+    /// wait counts in their latency).
+    pub connections: usize,
+    /// How long an arrival may take before it counts as failed.
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            multiple: 3.0,
+            seconds: 15.0,
+            probe_seconds: 3.0,
+            seed: 7,
+            server_threads: 2,
+            connections: 4096,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a comparison measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// Arrivals per second the plain app completed in the probe.
+    pub capacity_per_s: f64,
+    /// The multiple of it sent.
+    pub multiple: f64,
+    /// Arrivals per second sent to each app.
+    pub rate: f64,
+    /// The plain app's report.
+    pub plain: Report,
+    /// The wrapped app's report.
+    pub gratify: Report,
+}
+
+/// Probes the plain app's capacity, then sends the same open-loop traffic
+/// at `options.multiple` of it to the plain app and then to the wrapped one,
+/// each served on its own runtime and stopped after its run.
+///
+/// # Errors
+///
+/// A server cannot start.
+pub async fn compare(
+    plain: Router,
+    wrapped: Router,
+    mix: &Mix,
+    model: &CostModel,
+    options: Options,
+    progress: bool,
+) -> std::io::Result<Outcome> {
+    let server = Server::start(plain, options.server_threads)?;
+    let capacity_per_s = capacity(server.addr(), mix, options.probe_seconds, 32).await;
+    let rate = capacity_per_s * options.multiple;
+    if progress {
+        eprintln!(
+            "demo: the plain app completes about {capacity_per_s:.0} arrivals/s of the mix; sending {rate:.0}/s ({}×) for {} s to each",
+            options.multiple, options.seconds
+        );
+    }
+    let load = Load {
+        rate,
+        seconds: options.seconds,
+        timeout: options.timeout,
+        seed: options.seed,
+        max_in_flight: options.connections,
+    };
+    let quiet = |_: f64| {};
+    let bar_plain = progress_bar("plain  ");
+    let bar_gratify = progress_bar("gratify");
+    let (p, g): (&(dyn Fn(f64) + Sync), &(dyn Fn(f64) + Sync)) = if progress {
+        (&bar_plain, &bar_gratify)
+    } else {
+        (&quiet, &quiet)
+    };
+    // Drives the app on `server`, then stops it with everything in flight.
+    let run = |server: Server, bar| async move {
+        let svc = client(server.addr(), options.connections);
+        let report = drive(svc, mix, model, load, bar).await;
+        server.stop(Duration::from_secs(10)).await;
+        report
+    };
+    let plain_report = run(server, p).await;
+    let server = Server::start(wrapped, options.server_threads)?;
+    if progress {
+        eprintln!(
+            "demo: gratify's dashboard: http://{}/ops/admin/",
+            server.addr()
+        );
+    }
+    let gratify_report = run(server, g).await;
+    Ok(Outcome {
+        capacity_per_s,
+        multiple: options.multiple,
+        rate,
+        plain: plain_report,
+        gratify: gratify_report,
+    })
+}
+
+/// The report as an SVG picture: per class, the success rate and the p99
+/// latency of the plain app beside the wrapped one's.
+pub fn plot(title: &str, plain: &Report, gratify: &Report) -> String {
+    use std::fmt::Write as _;
+    let classes: Vec<&String> = {
+        let mut c: Vec<&String> = plain.classes.keys().chain(gratify.classes.keys()).collect();
+        c.sort();
+        c.dedup();
+        c
+    };
+    let (width, panel_h, top, left) = (760.0_f64, 220.0_f64, 70.0_f64, 70.0_f64);
+    let height = top + 2.0 * (panel_h + 60.0) + 30.0;
+    let plot_w = width - left - 30.0;
+    let group = plot_w / classes.len().max(1) as f64;
+    let bar = (group * 0.32).min(60.0);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{}" y="24" text-anchor="middle" font-size="15" font-weight="bold">{}</text>
+<rect x="{}" y="34" width="12" height="12" fill="#b0b0b0"/><text x="{}" y="45">plain app</text>
+<rect x="{}" y="34" width="12" height="12" fill="#2a7de1"/><text x="{}" y="45">behind gratify</text>
+"##,
+        width / 2.0,
+        escape(title),
+        width / 2.0 - 110.0,
+        width / 2.0 - 94.0,
+        width / 2.0 + 10.0,
+        width / 2.0 + 26.0,
+    );
+    let max_p99 = plain
+        .classes
+        .values()
+        .chain(gratify.classes.values())
+        .map(|c| c.p99_ms)
+        .fold(1.0_f64, f64::max);
+    let panels: [(
+        &str,
+        Box<dyn Fn(&crate::drive::ClassReport) -> f64>,
+        f64,
+        String,
+    ); 2] = [
+        (
+            "success rate",
+            Box::new(|c| c.success),
+            1.0,
+            "100%".to_owned(),
+        ),
+        (
+            "p99 latency of the successes",
+            Box::new(|c| c.p99_ms),
+            max_p99,
+            format!("{max_p99:.0} ms"),
+        ),
+    ];
+    for (i, (name, value, max, max_label)) in panels.iter().enumerate() {
+        let y0 = top + 20.0 + i as f64 * (panel_h + 60.0);
+        let base = y0 + panel_h;
+        let _ = write!(
+            svg,
+            r##"<text x="{}" y="{}" font-weight="bold">{name}</text>
+<line x1="{left}" y1="{base}" x2="{}" y2="{base}" stroke="black"/>
+<line x1="{left}" y1="{y0}" x2="{left}" y2="{base}" stroke="black"/>
+<text x="{}" y="{}" text-anchor="end">{max_label}</text><text x="{}" y="{base}" text-anchor="end">0</text>
+<line x1="{left}" y1="{y0}" x2="{}" y2="{y0}" stroke="#dddddd"/>
+"##,
+            left - 60.0,
+            y0 - 20.0,
+            left + plot_w,
+            left - 4.0,
+            y0 + 4.0,
+            left - 4.0,
+            left + plot_w,
+        );
+        for (k, class) in classes.iter().enumerate() {
+            let gx = left + k as f64 * group + group / 2.0;
+            for (j, (report, colour)) in [(plain, "#b0b0b0"), (gratify, "#2a7de1")]
+                .into_iter()
+                .enumerate()
+            {
+                let Some(c) = report.classes.get(*class) else {
+                    continue;
+                };
+                let v = value(c);
+                let h = if *max > 0.0 {
+                    (v / max).clamp(0.0, 1.0) * panel_h
+                } else {
+                    0.0
+                };
+                let x = gx - bar - 2.0 + j as f64 * (bar + 4.0);
+                let label = if i == 0 {
+                    format!("{:.1}%", v * 100.0)
+                } else {
+                    format!("{v:.0}")
+                };
+                let _ = writeln!(
+                    svg,
+                    r##"<rect x="{x:.1}" y="{:.1}" width="{bar:.1}" height="{h:.1}" fill="{colour}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{label}</text>"##,
+                    base - h,
+                    x + bar / 2.0,
+                    base - h - 3.0,
+                );
+            }
+            let _ = writeln!(
+                svg,
+                r##"<text x="{gx:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+                base + 16.0,
+                escape(class)
+            );
+        }
+    }
+    let _ = write!(
+        svg,
+        r##"<text x="{}" y="{}" text-anchor="middle" font-size="11">total cost by the model: plain {:.0}, gratify {:.0}</text>
+</svg>
+"##,
+        width / 2.0,
+        height - 10.0,
+        plain.total_cost,
+        gratify.total_cost
+    );
+    svg
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
