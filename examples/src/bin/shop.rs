@@ -2,7 +2,11 @@
 //!
 //! ```text
 //! cargo run -p gratify-examples --bin shop -- --listen 127.0.0.1:8080 --db target/shop.db
+//! cargo run -p gratify-examples --features redis --bin shop -- --redis redis://127.0.0.1:6379
 //! ```
+//!
+//! With `--redis`, confirmation e-mails are jobs on the Redis Stream
+//! `shop:mail`: they survive a restart, and every replica sends them.
 //!
 //! The dashboard is at `/ops/admin/`, Prometheus text at `/ops/admin/metrics`.
 
@@ -23,6 +27,23 @@ struct Args {
     /// The SQLite file (created and seeded on first start).
     #[arg(long, default_value = "target/shop.db")]
     db: PathBuf,
+    /// Queue confirmation e-mails on this Redis (durable across restarts).
+    #[cfg(feature = "redis")]
+    #[arg(long)]
+    redis: Option<String>,
+}
+
+async fn open(args: &Args) -> Result<Shop, Box<dyn std::error::Error + Send + Sync>> {
+    #[cfg(feature = "redis")]
+    if let Some(url) = &args.redis {
+        use gratify::offload::durable::{DurableConfig, DurableQueue};
+        let client = redis::Client::open(url.as_str())?;
+        let queue = DurableQueue::connect(client, DurableConfig::new("shop:mail")).await?;
+        return Shop::open_durable(&args.db, queue).await;
+    }
+    let shop = Shop::open(&args.db)?;
+    shop.resend_unconfirmed().await?;
+    Ok(shop)
 }
 
 #[tokio::main]
@@ -31,7 +52,7 @@ async fn main() -> ExitCode {
     if let Some(dir) = args.db.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let shop = match Shop::open(&args.db) {
+    let shop = match open(&args).await {
         Ok(shop) => shop,
         Err(e) => {
             eprintln!("shop: {}: {e}", args.db.display());
@@ -50,11 +71,23 @@ async fn main() -> ExitCode {
         args.listen, args.listen
     );
     let app = shop.router();
+    #[cfg(feature = "redis")]
+    let mailer = {
+        let shop = shop.clone();
+        tokio::spawn(async move {
+            shop.run_mailer(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+        })
+    };
     let served = axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await;
+    #[cfg(feature = "redis")]
+    let _ = mailer.await;
     // Every confirmation e-mail of a placed order is sent before exit.
     shop.shutdown().await;
     match served {

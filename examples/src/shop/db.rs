@@ -339,6 +339,21 @@ impl Db {
         Ok(inserted == 1 && attempts == 1)
     }
 
+    /// Orders without a confirmation in the outbox (id and user): after a
+    /// crash, the e-mails still to send.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn unconfirmed(&self) -> rusqlite::Result<Vec<(i64, String)>> {
+        let conn = self.conn();
+        let mut q = conn.prepare(
+            "SELECT o.id, o.user FROM orders o LEFT JOIN outbox m ON m.order_id = o.id
+             WHERE m.order_id IS NULL ORDER BY o.id",
+        )?;
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+    }
+
     /// Orders placed, and confirmation e-mails in the outbox.
     ///
     /// # Errors
@@ -378,5 +393,12 @@ mod tests {
         assert!(db.send_confirmation(order.id, "ann@example.com").unwrap());
         assert!(!db.send_confirmation(order.id, "ann@example.com").unwrap());
         assert_eq!(db.counts().unwrap(), (1, 1));
+        assert!(db.unconfirmed().unwrap().is_empty());
+        assert!(db.add_to_cart("bob", 4, 1).unwrap());
+        let second = db.checkout("bob").unwrap().unwrap();
+        assert_eq!(
+            db.unconfirmed().unwrap(),
+            vec![(second.id, "bob".to_owned())]
+        );
     }
 }

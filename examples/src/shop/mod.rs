@@ -102,12 +102,40 @@ pub fn mix() -> crate::drive::Mix {
 }
 
 /// The store: its data, its stack, its CPU pool and its deferred work.
+///
+/// The confirmation e-mail of an order goes to the deferred queue in the
+/// same step that places the order, and the outbox records each order's
+/// e-mail once however often it is sent. Two ways to never lose one:
+///
+/// - in process (the default), the orders table is the record: after a
+///   crash, [`resend_unconfirmed`](Self::resend_unconfirmed) queues every
+///   order without its e-mail again;
+/// - with the durable backend (feature `redis`, [`open_durable`](Self::open_durable)),
+///   the e-mail is a job on a Redis Stream that any replica's
+///   [`run_mailer`](Self::run_mailer) sends, retried, across restarts.
 #[derive(Clone, Debug)]
 pub struct Shop {
     db: Db,
     stack: Stack,
     pool: CpuPool,
     defer: Defer,
+    #[cfg(feature = "redis")]
+    durable: Option<gratify::offload::durable::DurableQueue>,
+}
+
+/// The durable job of a confirmation e-mail.
+#[cfg(feature = "redis")]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SendConfirmation {
+    /// The order.
+    pub order: i64,
+    /// Where to send it.
+    pub email: String,
+}
+
+#[cfg(feature = "redis")]
+impl gratify::offload::durable::DurableJob for SendConfirmation {
+    const NAME: &'static str = "shop.send-confirmation";
 }
 
 #[derive(Deserialize)]
@@ -184,7 +212,125 @@ impl Shop {
             stack,
             pool,
             defer,
+            #[cfg(feature = "redis")]
+            durable: None,
         })
+    }
+
+    /// The store at `path` whose confirmation e-mails are jobs on `queue`
+    /// (a Redis Stream): they survive a restart of the store, and any
+    /// replica's [`run_mailer`](Self::run_mailer) sends them. Orders left
+    /// without their e-mail by a crash are queued again.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open), or the queue refuses the orders to resend.
+    #[cfg(feature = "redis")]
+    pub async fn open_durable(
+        path: &Path,
+        queue: gratify::offload::durable::DurableQueue,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let mut shop = Self::open(path)?;
+        shop.durable = Some(queue);
+        shop.resend_unconfirmed().await?;
+        Ok(shop)
+    }
+
+    /// Sends the durable queue's confirmation e-mails until `shutdown`
+    /// completes (at once without a durable queue). Run one per replica.
+    #[cfg(feature = "redis")]
+    pub async fn run_mailer(
+        &self,
+        shutdown: impl Future<Output = ()>,
+    ) -> gratify::offload::durable::WorkerReport {
+        let Some(queue) = &self.durable else {
+            return gratify::offload::durable::WorkerReport::default();
+        };
+        let mut worker = queue.worker();
+        let db = self.db.clone();
+        worker.register(move |job: SendConfirmation, _| {
+            let db = db.clone();
+            async move {
+                tokio::task::spawn_blocking(move || db.send_confirmation(job.order, &job.email))
+                    .await
+                    .map_err(|e| -> gratify::BoxError { e.to_string().into() })?
+                    .map(|_| ())
+                    .map_err(Into::into)
+            }
+        });
+        worker.run(shutdown).await
+    }
+
+    /// Queues again the confirmation of every order that has none in the
+    /// outbox (after a crash between placing an order and handing its
+    /// e-mail off, or with queued e-mails lost with the process). Sending
+    /// one twice is harmless: the outbox records it once. Returns how many.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be read.
+    pub async fn resend_unconfirmed(
+        &self,
+    ) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+        let shop = self.clone();
+        let resent = tokio::task::spawn_blocking(move || {
+            let orders = shop.db.unconfirmed()?;
+            for (id, user) in &orders {
+                shop.hand_off(&shop.db, *id, format!("{user}@example.com"))?;
+            }
+            Ok::<_, rusqlite::Error>(orders.len())
+        })
+        .await??;
+        if resent > 0 {
+            tracing::info!(orders = resent, "confirmations queued again");
+        }
+        Ok(resent)
+    }
+
+    /// Hands the confirmation of `order` off: to the durable queue if there
+    /// is one, else to the deferred queue; sent inline if the queue refuses.
+    /// Runs on a blocking thread (it may wait for Redis).
+    fn hand_off(&self, db: &Db, order: i64, email: String) -> rusqlite::Result<()> {
+        #[cfg(feature = "redis")]
+        if let Some(queue) = &self.durable {
+            let job = SendConfirmation {
+                order,
+                email: email.clone(),
+            };
+            let queued = tokio::runtime::Handle::try_current()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| rt.block_on(queue.enqueue(&job)).map_err(|e| e.to_string()));
+            return match queued {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    tracing::warn!(order, error = %e, "the confirmation could not be queued; sending it inline");
+                    db.send_confirmation(order, &email).map(|_| ())
+                }
+            };
+        }
+        let model = self.model();
+        let class = model.id("email").unwrap_or_else(|| model.default_class());
+        let mailer = db.clone();
+        let mail = email.clone();
+        // Deferred, retried, and recorded once in the outbox however often
+        // it runs.
+        let job = move || {
+            let db = mailer.clone();
+            let email = mail.clone();
+            async move {
+                tokio::task::spawn_blocking(move || db.send_confirmation(order, &email))
+                    .await
+                    .map_err(|e| -> gratify::BoxError { e.to_string().into() })?
+                    .map(|_| ())
+                    .map_err(Into::into)
+            }
+        };
+        if let Err(e) = self.defer.spawn(format!("confirm-{order}"), class, job) {
+            // The queue is full or closing: send it now rather than lose it.
+            tracing::warn!(order, error = %e, "the confirmation could not be deferred; sending it inline");
+            db.send_confirmation(order, &email)?;
+        }
+        Ok(())
     }
 
     /// The stack.
@@ -332,11 +478,7 @@ async fn add_to_cart(
 }
 
 async fn checkout(State(shop): State<Shop>, UrlPath(user): UrlPath<String>) -> Response {
-    let class = shop
-        .model()
-        .id("email")
-        .unwrap_or_else(|| shop.model().default_class());
-    let defer = shop.defer.clone();
+    let mailer = shop.clone();
     // The order and the hand-off of its confirmation e-mail happen together
     // on the blocking pool: a client that gives up (and drops this handler)
     // cannot leave an order without its e-mail.
@@ -344,27 +486,7 @@ async fn checkout(State(shop): State<Shop>, UrlPath(user): UrlPath<String>) -> R
         let Some(order) = db.checkout(&user)? else {
             return Ok(None);
         };
-        let (id, email) = (order.id, format!("{user}@example.com"));
-        let mailer = db.clone();
-        let mail = email.clone();
-        // Deferred, retried, and recorded once in the outbox however often
-        // it runs.
-        let job = move || {
-            let db = mailer.clone();
-            let email = mail.clone();
-            async move {
-                tokio::task::spawn_blocking(move || db.send_confirmation(id, &email))
-                    .await
-                    .map_err(|e| -> gratify::BoxError { e.to_string().into() })?
-                    .map(|_| ())
-                    .map_err(Into::into)
-            }
-        };
-        if let Err(e) = defer.spawn(format!("confirm-{id}"), class, job) {
-            // The queue is full or closing: send it now rather than lose it.
-            tracing::warn!(order = id, error = %e, "the confirmation could not be deferred; sending it inline");
-            db.send_confirmation(id, &email)?;
-        }
+        mailer.hand_off(db, order.id, format!("{user}@example.com"))?;
         Ok(Some(order))
     })
     .await;
