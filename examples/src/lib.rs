@@ -23,3 +23,8 @@ pub mod game;
 pub mod plan;
 pub mod proxy;
 pub mod shop;
+
+/// The guide's getting-started code compiles and runs.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/getting-started.md")]
+struct GettingStartedDoctests;
