@@ -81,7 +81,7 @@ fn report(out: &Path, app: &str, name: &str, outcome: &Outcome, extra: serde_jso
         }
     }
     let title = format!(
-        "The {name} at {:.1}× its capacity: success and p99 by class",
+        "The {name} at {:.1}× its capacity, by class",
         outcome.multiple
     );
     let svg = plot(&title, &outcome.plain, &outcome.gratify);
