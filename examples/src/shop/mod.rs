@@ -110,9 +110,9 @@ pub fn mix() -> crate::drive::Mix {
 /// - in process (the default), the orders table is the record: after a
 ///   crash, [`resend_unconfirmed`](Self::resend_unconfirmed) queues every
 ///   order without its e-mail again;
-/// - with the durable backend (feature `redis`, [`open_durable`](Self::open_durable)),
-///   the e-mail is a job on a Redis Stream that any replica's
-///   [`run_mailer`](Self::run_mailer) sends, retried, across restarts.
+/// - with the durable backend (feature `redis`, `Shop::open_durable`), the
+///   e-mail is a job on a Redis Stream that any replica's `Shop::run_mailer`
+///   sends, retried, across restarts.
 #[derive(Clone, Debug)]
 pub struct Shop {
     db: Db,
