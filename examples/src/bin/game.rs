@@ -1,0 +1,72 @@
+//! `game`: the game backend, served.
+//!
+//! ```text
+//! cargo run --release -p gratify-examples --bin game -- --listen 127.0.0.1:8081
+//! curl -H "authorization: Bearer $(cargo run -q -p gratify-examples --bin game -- --token 7)" \
+//!      http://127.0.0.1:8081/players/7/profile
+//! ```
+//!
+//! The dashboard is at `/ops/admin/`, Prometheus text at `/ops/admin/metrics`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Parser;
+use gratify_examples::game::{Game, PLAYERS, token};
+
+/// The game backend behind a gratify Stack.
+#[derive(Debug, Parser)]
+#[command(name = "game", version, about)]
+struct Args {
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// Print the bearer token of this seeded player and exit.
+    #[arg(long)]
+    token: Option<u32>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(id) = args.token {
+        if id >= PLAYERS {
+            eprintln!("game: players are 0 to {}", PLAYERS - 1);
+            return ExitCode::FAILURE;
+        }
+        println!("{}", token(id));
+        return ExitCode::SUCCESS;
+    }
+    let game = match Game::new() {
+        Ok(game) => game,
+        Err(e) => {
+            eprintln!("game: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("game: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "game: http://{}/leaderboard — dashboard http://{}/ops/admin/",
+        args.listen, args.listen
+    );
+    let served = axum::serve(listener, game.router().into_make_service())
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+    // Every accepted replay is processed before exit.
+    game.shutdown().await;
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("game: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
