@@ -425,13 +425,18 @@ where
 
 /// The report as a markdown table, `plain` and `gratify` side by side.
 pub fn table(plain: &Report, gratify: &Report) -> String {
+    table_of(&[("plain", plain), ("gratify", gratify)])
+}
+
+/// Several apps' reports as one markdown table, class by class.
+pub fn table_of(apps: &[(&str, &Report)]) -> String {
     let mut out = String::from(
         "| class | app | sent | success | late | p50 ms | p99 ms | shed | failed | cache hits | cost |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let classes: std::collections::BTreeSet<&String> =
-        plain.classes.keys().chain(gratify.classes.keys()).collect();
+        apps.iter().flat_map(|(_, r)| r.classes.keys()).collect();
     for class in classes {
-        for (name, r) in [("plain", plain), ("gratify", gratify)] {
+        for (name, r) in apps {
             if let Some(c) = r.classes.get(class) {
                 out.push_str(&format!(
                     "| {class} | {name} | {} | {:.1}% | {} | {:.1} | {:.1} | {} | {} | {:.0}% | {:.2} |\n",
@@ -448,9 +453,11 @@ pub fn table(plain: &Report, gratify: &Report) -> String {
             }
         }
     }
-    out.push_str(&format!(
-        "| all | plain | | | | | | | | | {:.2} |\n| all | gratify | | | | | | | | | {:.2} |\n",
-        plain.total_cost, gratify.total_cost
-    ));
+    for (name, r) in apps {
+        out.push_str(&format!(
+            "| all | {name} | | | | | | | | | {:.2} |\n",
+            r.total_cost
+        ));
+    }
     out
 }

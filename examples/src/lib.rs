@@ -15,7 +15,8 @@
 //!   `examples/game/game.toml` (see [`game`]).
 //!
 //! - `demo`: either backend under overload, plain and wrapped, driven by
-//!   [`drive`] and reported by [`demo`].
+//!   [`drive`] and reported by [`demo`]; `drive`: the same driver against a
+//!   server already running.
 
 pub mod demo;
 pub mod drive;
