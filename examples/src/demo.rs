@@ -245,7 +245,7 @@ pub struct Outcome {
 ///
 /// # Errors
 ///
-/// A server cannot start.
+/// A server cannot start, or the plain app completes nothing in the probe.
 pub async fn compare(
     plain: Router,
     wrapped: Router,
@@ -256,6 +256,11 @@ pub async fn compare(
 ) -> std::io::Result<Outcome> {
     let server = Server::start(plain, options.server_threads)?;
     let capacity_per_s = capacity(server.addr(), mix, options.probe_seconds, 32).await;
+    if capacity_per_s <= 0.0 {
+        return Err(std::io::Error::other(
+            "the plain app completed nothing in the capacity probe",
+        ));
+    }
     let rate = capacity_per_s * options.multiple;
     if progress {
         eprintln!(

@@ -68,6 +68,9 @@ pub const CONFIG: &str = include_str!("../../game/game.toml");
 /// Players in the seeded world.
 pub const PLAYERS: u32 = 100_000;
 
+/// Replay statuses kept in memory before the processed ones are forgotten.
+const MAX_STATUSES: usize = 1_000_000;
+
 /// The largest replay accepted.
 pub const MAX_REPLAY: usize = 1 << 20;
 
@@ -323,11 +326,17 @@ impl Game {
 
     fn new_replay(&self, player: u32) -> u64 {
         let id = self.world.next_replay.fetch_add(1, Ordering::Relaxed);
-        self.world
+        let mut replays = self
+            .world
             .replays
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id, (player, ReplayStatus::Queued));
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The statuses live in memory: past a bound, forget the processed
+        // ones (their results are in the players' ratings).
+        if replays.len() >= MAX_STATUSES {
+            replays.retain(|_, (_, status)| *status == ReplayStatus::Queued);
+        }
+        replays.insert(id, (player, ReplayStatus::Queued));
         id
     }
 }
