@@ -160,6 +160,13 @@ fn internal(e: impl std::fmt::Display) -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, "store error\n").into_response()
 }
 
+/// Sends the confirmation of `order` (records it in the outbox, once) on
+/// the blocking pool.
+async fn send(db: Db, order: i64, email: String) -> Result<(), gratify::BoxError> {
+    tokio::task::spawn_blocking(move || db.send_confirmation(order, &email)).await??;
+    Ok(())
+}
+
 /// Runs a store query on the blocking pool.
 async fn query<T: Send + 'static>(
     db: &Db,
@@ -248,16 +255,7 @@ impl Shop {
         };
         let mut worker = queue.worker();
         let db = self.db.clone();
-        worker.register(move |job: SendConfirmation, _| {
-            let db = db.clone();
-            async move {
-                tokio::task::spawn_blocking(move || db.send_confirmation(job.order, &job.email))
-                    .await
-                    .map_err(|e| -> gratify::BoxError { e.to_string().into() })?
-                    .map(|_| ())
-                    .map_err(Into::into)
-            }
-        });
+        worker.register(move |job: SendConfirmation, _| send(db.clone(), job.order, job.email));
         worker.run(shutdown).await
     }
 
@@ -314,17 +312,7 @@ impl Shop {
         let mail = email.clone();
         // Deferred, retried, and recorded once in the outbox however often
         // it runs.
-        let job = move || {
-            let db = mailer.clone();
-            let email = mail.clone();
-            async move {
-                tokio::task::spawn_blocking(move || db.send_confirmation(order, &email))
-                    .await
-                    .map_err(|e| -> gratify::BoxError { e.to_string().into() })?
-                    .map(|_| ())
-                    .map_err(Into::into)
-            }
-        };
+        let job = move || send(mailer.clone(), order, mail.clone());
         if let Err(e) = self.defer.spawn(format!("confirm-{order}"), class, job) {
             // The queue is full or closing: send it now rather than lose it.
             tracing::warn!(order, error = %e, "the confirmation could not be deferred; sending it inline");
