@@ -270,6 +270,48 @@ impl std::fmt::Debug for HttpCacheLayer {
 }
 
 impl HttpCacheLayer {
+    /// Whether memory holds an answer this cache would give `request` now
+    /// without calling the service: fresh, stale within the request's
+    /// `max-stale`, or within the entry's `stale-while-revalidate`. The
+    /// shared tier is not asked. `gratify::Stack` uses it to let such
+    /// requests past the limiter ([`PreAdmitted`](gratify_core::classify::PreAdmitted)):
+    /// an answer from memory needs no slot.
+    ///
+    /// The answer may change before the request reaches the cache (a purge,
+    /// an eviction); the request is then served by the service as usual.
+    pub fn holds_answer<B>(
+        &self,
+        request: &Request<B>,
+    ) -> impl Future<Output = bool> + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        let safe = matches!(*request.method(), Method::GET | Method::HEAD)
+            && !request
+                .headers()
+                .keys()
+                .any(|name| METHOD_OVERRIDES.contains(&name.as_str()));
+        let key = key_of(
+            request,
+            &shared.config.scheme,
+            shared.config.sort_query,
+            shared.key_part.as_deref(),
+        )
+        .filter(|_| safe);
+        let headers = key.as_ref().map(|_| request.headers().clone());
+        async move {
+            let (Some(key), Some(headers)) = (key, headers) else {
+                return false;
+            };
+            let directives = RequestDirectives::from_headers(&headers);
+            let Some(variants) = shared.store.peek(&key).await else {
+                return false;
+            };
+            let Some(entry) = variants.find(&headers) else {
+                return false;
+            };
+            !matches!(answer(entry, Instant::now(), &directives), Answer::Stale)
+        }
+    }
+
     /// A cache with `config`.
     pub fn new(config: HttpCacheConfig) -> Self {
         Self::build(config, None, None)
@@ -475,14 +517,8 @@ where
         .as_ref()
         .and_then(|v| v.find(request.headers()).cloned());
     if let Some(entry) = &entry {
-        let age = entry.age(now);
-        let lifetime = if entry.directives.no_cache {
-            Duration::ZERO
-        } else {
-            entry.lifetime
-        };
-        match usable(age, lifetime, &directives) {
-            Usable::Fresh => {
+        match answer(entry, now, &directives) {
+            Answer::Fresh { age, lifetime } => {
                 // Nearly expired: refresh it now, once, in the background.
                 if let Some(fraction) = shared.config.eager_refresh
                     && !lifetime.is_zero()
@@ -493,32 +529,19 @@ where
                 }
                 return Ok(serve(&shared, entry, &request, now, "hit"));
             }
-            Usable::StaleAccepted => {
+            Answer::StaleAccepted => {
                 return Ok(serve(&shared, entry, &request, now, "hit"));
             }
-            Usable::Stale if directives.only_if_cached => {
+            Answer::WhileRevalidating => {
+                // Stale, within stale-while-revalidate: serve it and refresh
+                // once in the background.
+                spawn_refresh(&shared, inner, &request, key.clone(), Arc::clone(entry));
+                return Ok(serve(&shared, entry, &request, now, "hit; fwd=stale"));
+            }
+            Answer::Stale if directives.only_if_cached => {
                 return Ok(gateway_timeout(&shared, "fwd=stale"));
             }
-            Usable::Stale => {}
-        }
-        // Stale: within stale-while-revalidate, serve it and refresh once
-        // in the background.
-        // Only the entry's own expiry qualifies: a client asking for
-        // something fresher than the entry is gets a fresh answer.
-        let swr = entry
-            .directives
-            .stale_while_revalidate
-            .unwrap_or(Duration::ZERO);
-        if !swr.is_zero()
-            && !directives.no_cache
-            && directives.max_age.is_none()
-            && directives.min_fresh.is_none()
-            && !entry.directives.requires_revalidation()
-            && age >= lifetime
-            && age < lifetime + swr
-        {
-            spawn_refresh(&shared, inner, &request, key.clone(), Arc::clone(entry));
-            return Ok(serve(&shared, entry, &request, now, "hit; fwd=stale"));
+            Answer::Stale => {}
         }
     } else if directives.only_if_cached {
         return Ok(gateway_timeout(&shared, "fwd=uri-miss"));
@@ -583,6 +606,53 @@ where
             }
             fetch(shared, inner, request, key, None, miss).await
         }
+    }
+}
+
+/// How a stored entry may answer a request now: the one decision the
+/// request path and [`HttpCacheLayer::holds_answer`] share.
+enum Answer {
+    /// Fresh for this request.
+    Fresh { age: Duration, lifetime: Duration },
+    /// Stale, but within the request's `max-stale`.
+    StaleAccepted,
+    /// Stale, within the entry's `stale-while-revalidate`: served while a
+    /// refresh runs.
+    WhileRevalidating,
+    /// To revalidate or fetch before answering.
+    Stale,
+}
+
+fn answer(entry: &Entry, now: Instant, directives: &RequestDirectives) -> Answer {
+    let age = entry.age(now);
+    let lifetime = if entry.directives.no_cache {
+        Duration::ZERO
+    } else {
+        entry.lifetime
+    };
+    match usable(age, lifetime, directives) {
+        Usable::Fresh => return Answer::Fresh { age, lifetime },
+        Usable::StaleAccepted => return Answer::StaleAccepted,
+        Usable::Stale if directives.only_if_cached => return Answer::Stale,
+        Usable::Stale => {}
+    }
+    // Only the entry's own expiry qualifies: a client asking for something
+    // fresher than the entry is gets a fresh answer.
+    let swr = entry
+        .directives
+        .stale_while_revalidate
+        .unwrap_or(Duration::ZERO);
+    if !swr.is_zero()
+        && !directives.no_cache
+        && directives.max_age.is_none()
+        && directives.min_fresh.is_none()
+        && !entry.directives.requires_revalidation()
+        && age >= lifetime
+        && age < lifetime + swr
+    {
+        Answer::WhileRevalidating
+    } else {
+        Answer::Stale
     }
 }
 

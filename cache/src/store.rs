@@ -343,6 +343,12 @@ impl Store {
         Some(tier)
     }
 
+    /// What memory holds for `key`, without counting a request or asking
+    /// the shared tier.
+    pub(crate) async fn peek(&self, key: &CacheKey) -> Option<Arc<Variants>> {
+        self.cache.get(key).await
+    }
+
     pub(crate) async fn get(&self, key: &CacheKey) -> Option<Arc<Variants>> {
         self.gate.touch(key);
         if let Some(v) = self.cache.get(key).await {

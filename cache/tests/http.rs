@@ -681,3 +681,78 @@ async fn hot_entries_are_refreshed_before_they_expire() {
     assert_eq!(body, "v1");
     assert!(status(&hd).starts_with("gratify; hit"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn holds_answer_says_what_memory_would_answer() {
+    let layer = HttpCacheLayer::new(HttpCacheConfig::default());
+    let origin = Origin::default();
+    let svc = layer.clone().layer(origin.service(
+        Duration::ZERO,
+        Arc::new(|req: &Request<()>, n| match req.uri().path() {
+            "/swr" => respond(
+                200,
+                "s",
+                &[("cache-control", "max-age=10, stale-while-revalidate=30")],
+            ),
+            "/vary" => respond(200, "v", &[FRESH_60, ("vary", "accept-language")]),
+            _ => respond(200, &format!("v{n}"), &[("cache-control", "max-age=10")]),
+        }),
+    ));
+    assert!(!layer.holds_answer(&get("/p")).await, "nothing stored yet");
+    send(&svc, get("/p")).await;
+    send(&svc, get("/swr")).await;
+    send(&svc, with(get("/vary"), &[("accept-language", "fr")])).await;
+    assert!(layer.holds_answer(&get("/p")).await);
+    let head = Request::head("/p")
+        .header("host", "shop.example")
+        .body(())
+        .unwrap();
+    assert!(layer.holds_answer(&head).await, "HEAD from the stored GET");
+    let no_cache = with(get("/p"), &[("cache-control", "no-cache")]);
+    assert!(!layer.holds_answer(&no_cache).await);
+    let post = Request::post("/p")
+        .header("host", "shop.example")
+        .body(())
+        .unwrap();
+    assert!(!layer.holds_answer(&post).await);
+    let other_host = Request::get("/p")
+        .header("host", "other.example")
+        .body(())
+        .unwrap();
+    assert!(!layer.holds_answer(&other_host).await);
+    assert!(
+        layer
+            .holds_answer(&with(get("/vary"), &[("accept-language", "fr")]))
+            .await
+    );
+    assert!(
+        !layer
+            .holds_answer(&with(get("/vary"), &[("accept-language", "de")]))
+            .await,
+        "another variant"
+    );
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert!(!layer.holds_answer(&get("/p")).await, "stale");
+    assert!(
+        layer.holds_answer(&get("/swr")).await,
+        "within stale-while-revalidate"
+    );
+    let (_, hd, _) = send(&svc, get("/swr")).await;
+    assert!(status(&hd).contains("hit"), "{}", status(&hd));
+    h_purged(&layer, &svc).await;
+}
+
+/// After a purge, memory holds nothing for the key.
+async fn h_purged<S>(layer: &HttpCacheLayer, svc: &S)
+where
+    S: Service<
+            Request<()>,
+            Response = Response<gratify_cache::body::CacheBody<Full<Bytes>>>,
+            Error = Infallible,
+        > + Clone,
+{
+    send(svc, get("/q")).await;
+    assert!(layer.holds_answer(&get("/q")).await);
+    layer.purge().purge_key("http://shop.example/q").await;
+    assert!(!layer.holds_answer(&get("/q")).await);
+}

@@ -170,13 +170,18 @@ async fn works_as_an_axum_router_layer() {
         assert_eq!(status.contains("hit"), expect_hit, "{status}");
         let _ = r.into_body().collect().await.unwrap();
     }
+    // The miss held a slot; the hit was let through without one.
     let stats = stack.limiter().unwrap().stats();
+    let sum = |f: fn(&gratify::scaling::limit::ClassStats) -> u64| {
+        stats.classes.iter().map(f).sum::<u64>()
+    };
     assert_eq!(
         (
             stats.in_flight,
-            stats.classes[0].completed + stats.classes[1].completed
+            sum(|c| c.completed),
+            sum(|c| c.pre_admitted)
         ),
-        (0, 2)
+        (0, 1, 1)
     );
 }
 
@@ -205,11 +210,10 @@ async fn a_stack_from_one_file_classifies_limits_compresses_and_caches() {
         let _ = r.into_body().collect().await.unwrap();
     }
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // The miss was admitted; the hit needed no slot.
     let checkout = stack.model().id("checkout").unwrap().index();
-    assert_eq!(
-        stack.limiter().unwrap().stats().classes[checkout].completed,
-        2
-    );
+    let stats = &stack.limiter().unwrap().stats().classes[checkout];
+    assert_eq!((stats.completed, stats.pre_admitted), (1, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,4 +278,62 @@ async fn a_builder_call_on_a_clone_shares_nothing_with_the_original() {
         limited.limiter().unwrap().stats().classes[browse].admitted,
         1
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cached_answer_is_never_queued_or_shed_for_a_slot() {
+    use gratify::scaling::limit::{Fixed, Limiter, LimiterConfig};
+    use std::time::Duration;
+
+    let model = CostModel::from_toml(MODEL).unwrap();
+    let mut config = LimiterConfig::default();
+    config.max_queue_time = Duration::from_millis(50);
+    let limiter = Limiter::with_algorithm(&model, Fixed::new(1), config);
+    let stack = Stack::new(&model)
+        .limit_with(limiter.clone())
+        .cache(HttpCacheConfig::default());
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&calls);
+    // "/slow" holds its slot for a second; everything is fresh for 10 s.
+    let svc = stack.layer(service_fn(move |r: Request<()>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if r.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let mut res = Response::new(Full::new(Bytes::from(r.uri().path().to_owned())));
+            res.headers_mut()
+                .insert("cache-control", "public, max-age=10".parse().unwrap());
+            Ok::<_, Infallible>(res)
+        }
+    }));
+    let fetch = |path: &'static str| {
+        let svc = svc.clone();
+        async move {
+            let r = svc.oneshot(get(path)).await.unwrap();
+            let status = r.status().as_u16();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (status, body)
+        }
+    };
+    assert_eq!(fetch("/page").await, (200, Bytes::from("/page")));
+    // The one slot is taken.
+    let slow = tokio::spawn(fetch("/slow"));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(limiter.stats().in_flight, 1);
+    // A miss waits for it and is refused; the cached page is answered.
+    assert_eq!(fetch("/other").await.0, 503);
+    assert_eq!(fetch("/page").await, (200, Bytes::from("/page")));
+    let browse = model.default_class().index();
+    let stats = &limiter.stats().classes[browse];
+    assert_eq!((stats.pre_admitted, stats.shed_total()), (1, 1));
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "/page once, /slow once");
+    slow.await.unwrap();
+    // Once stale, the page needs the origin again, so it needs a slot.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let slow = tokio::spawn(fetch("/slow"));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(fetch("/page").await.0, 503);
+    slow.await.unwrap();
+    assert_eq!(limiter.stats().in_flight, 0);
 }

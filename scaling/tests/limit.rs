@@ -652,3 +652,44 @@ mod with_tower_test {
         assert_eq!(l.stats().in_flight, 0);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pre_admitted_request_needs_no_slot_and_is_never_refused() {
+    let m = model();
+    let l = limiter(
+        &m,
+        1,
+        config(|c| c.max_queue_time = Duration::from_millis(50)),
+    );
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(Log::default()));
+    let batch = class(&m, "batch");
+    // The one slot is taken.
+    let running = tokio::spawn(svc.clone().oneshot(req(batch, "a:1000")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(l.stats().in_flight, 1);
+    // An ordinary request waits and is refused ...
+    let refused = svc.clone().oneshot(req(batch, "b:1")).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // ... a pre-admitted one goes straight through, holding nothing.
+    let mut marked = req(batch, "c:1");
+    marked
+        .extensions_mut()
+        .insert(gratify_core::classify::PreAdmitted);
+    let passed = svc.clone().oneshot(marked).await.unwrap();
+    assert_eq!(passed.status(), StatusCode::OK);
+    assert_eq!(passed.into_body().collect().await.unwrap().to_bytes(), "c");
+    let s = l.stats();
+    assert_eq!((s.in_flight, s.queued), (1, 0));
+    // It is counted apart: not admitted, not shed.
+    let batch_stats = &s.classes[batch.index()];
+    assert_eq!(
+        (
+            batch_stats.admitted,
+            batch_stats.pre_admitted,
+            batch_stats.shed_total()
+        ),
+        (1, 1, 1)
+    );
+    running.await.unwrap().unwrap();
+    assert_eq!(l.stats().in_flight, 0);
+}

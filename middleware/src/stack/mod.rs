@@ -9,16 +9,16 @@
 //! - **limit** (admission) next: a request shed here costs nothing further,
 //!   and a slot is held until the response body ends, so the time spent
 //!   compressing counts. The limiter publishes the load signal the others
-//!   read. A cache hit is admitted too — it is cheap, and holding its slot
-//!   for microseconds costs the others nothing.
+//!   read. A request the cache can answer from memory (fresh, or within
+//!   `stale-while-revalidate`) is looked up first and let past the limit
+//!   without a slot ([`PreAdmitted`]):
+//!   it is never queued or shed for capacity it does not use.
 //! - **compression** outside the cache: with both on, the cache stores
 //!   compressible bodies encoded once, hard, off the request path
 //!   ([`HttpCacheConfig::recoder`](crate::cache::HttpCacheConfig::recoder)),
 //!   and a hit carries `Content-Encoding` and is passed through — never
 //!   compressed again; what the cache does not store is compressed on its way
-//!   out, at the level the load allows. Under overload, a hit still goes
-//!   through the limit (it holds a slot for microseconds) and is never shed
-//!   for its compression cost: it has none.
+//!   out, at the level the load allows.
 //! - **cache** innermost of the four, next to the service whose responses it
 //!   keeps.
 //!
@@ -80,11 +80,12 @@
 pub mod config;
 mod optional;
 
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use gratify_cache::{CachePurge, HttpCache, HttpCacheConfig, HttpCacheLayer};
-use gratify_core::classify::{Classify, RouteClassifier};
+use gratify_core::classify::{Classify, PreAdmitted, RouteClassifier};
 use gratify_core::{ClassId, CostModel, LoadSignal};
 use gratify_scaling::limit::{AdaptiveLimit, AdaptiveLimitLayer, Limiter};
 use http::Request;
@@ -364,6 +365,7 @@ impl<S> Layer<S> for Stack {
             inner: limit,
             classifier: built.classifier.clone(),
             names: Arc::clone(&built.names),
+            peek: built.limit.as_ref().and(built.cache.clone()),
         }
     }
 }
@@ -372,23 +374,26 @@ impl<S> Layer<S> for Stack {
 ///
 /// Each request runs in a `gratify` span (at `INFO`) whose fields the layers
 /// fill in: `class`; `admission` (`admitted`, `queued`, `admitted after
-/// queueing`, `shed`) and `shed_reason`; `cache` (the `Cache-Status` detail:
-/// `hit`, `fwd=uri-miss; stored`, …); `codec` and `level` when the response
-/// is compressed.
+/// queueing`, `shed`, `pre-admitted`) and `shed_reason`; `cache` (the
+/// `Cache-Status` detail: `hit`, `fwd=uri-miss; stored`, …); `codec` and
+/// `level` when the response is compressed.
 #[derive(Clone, Debug)]
 pub struct StackService<S> {
     inner: LimitStage<S>,
     classifier: StackClassifier,
     names: Arc<[String]>,
+    /// With both a limit and a cache: the cache, to look up a request before
+    /// it asks the limit for a slot.
+    peek: Option<HttpCacheLayer>,
 }
 
 impl<S, B> Service<Request<B>> for StackService<S>
 where
-    LimitStage<S>: Service<Request<B>>,
+    LimitStage<S>: Service<Request<B>> + Clone,
 {
     type Response = <LimitStage<S> as Service<Request<B>>>::Response;
     type Error = <LimitStage<S> as Service<Request<B>>>::Error;
-    type Future = Instrumented<<LimitStage<S> as Service<Request<B>>>::Future>;
+    type Future = Instrumented<StackFuture<LimitStage<S>, Request<B>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -407,8 +412,114 @@ where
             codec = tracing::field::Empty,
             level = tracing::field::Empty,
         );
-        // The limit decides inside `call`: enter the span for it.
-        let future = span.in_scope(|| self.inner.call(request));
+        let safe = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
+        let future = match &self.peek {
+            Some(cache) if safe => {
+                // Look the request up first; the limit decides after. The
+                // service made ready goes with the request (a clone takes
+                // its place here).
+                let lookup = Box::pin(cache.holds_answer(&request));
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                StackFuture::looking_up(lookup, ready, request)
+            }
+            // The limit decides inside `call`: enter the span for it.
+            _ => StackFuture::called(span.in_scope(|| self.inner.call(request))),
+        };
         future.instrument(span)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a [`StackService`]: a cache lookup (for a safe request,
+    /// with a limit and a cache on), then the layers.
+    pub struct StackFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: StackState<S, Req, S::Future>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StackStateProj]
+    enum StackState<S, Req, F> {
+        LookingUp {
+            lookup: Pin<Box<dyn Future<Output = bool> + Send>>,
+            service: Option<S>,
+            request: Option<Req>,
+        },
+        Called {
+            #[pin]
+            future: F,
+        },
+    }
+}
+
+impl<S: Service<Req>, Req> StackFuture<S, Req> {
+    fn looking_up(
+        lookup: Pin<Box<dyn Future<Output = bool> + Send>>,
+        service: S,
+        request: Req,
+    ) -> Self {
+        Self {
+            state: StackState::LookingUp {
+                lookup,
+                service: Some(service),
+                request: Some(request),
+            },
+        }
+    }
+
+    fn called(future: S::Future) -> Self {
+        Self {
+            state: StackState::Called { future },
+        }
+    }
+}
+
+impl<S, B> Future for StackFuture<S, Request<B>>
+where
+    S: Service<Request<B>>,
+{
+    type Output = Result<S::Response, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StackStateProj::LookingUp {
+                    lookup,
+                    service,
+                    request,
+                } => {
+                    let held = ready!(lookup.as_mut().poll(cx));
+                    let (Some(mut service), Some(mut request)) = (service.take(), request.take())
+                    else {
+                        panic!("StackFuture polled after completion");
+                    };
+                    if held {
+                        // Answered from memory: no slot needed.
+                        request.extensions_mut().insert(PreAdmitted);
+                    }
+                    let future = service.call(request);
+                    this.state.set(StackState::Called { future });
+                }
+                StackStateProj::Called { future } => return future.poll(cx),
+            }
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> std::fmt::Debug for StackFuture<S, Req> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            StackState::LookingUp { .. } => "looking up",
+            StackState::Called { .. } => "called",
+        };
+        f.debug_struct("StackFuture")
+            .field("state", &state)
+            .finish()
     }
 }
