@@ -273,42 +273,40 @@ impl HttpCacheLayer {
     /// Whether memory holds an answer this cache would give `request` now
     /// without calling the service: fresh, stale within the request's
     /// `max-stale`, or within the entry's `stale-while-revalidate`. The
-    /// shared tier is not asked. `gratify::Stack` uses it to let such
-    /// requests past the limiter ([`PreAdmitted`](gratify_core::classify::PreAdmitted)):
+    /// shared tier is not asked. The request is handed back with the answer
+    /// (the look-up reads its headers after the store answers, without
+    /// copying them). `gratify::Stack` uses it to let such requests past
+    /// the limiter ([`PreAdmitted`](gratify_core::classify::PreAdmitted)):
     /// an answer from memory needs no slot.
     ///
     /// The answer may change before the request reaches the cache (a purge,
     /// an eviction); the request is then served by the service as usual.
-    pub fn holds_answer<B>(
+    pub fn holds_answer<B: Send + 'static>(
         &self,
-        request: &Request<B>,
-    ) -> impl Future<Output = bool> + Send + 'static {
+        request: Request<B>,
+    ) -> impl Future<Output = (bool, Request<B>)> + Send + 'static {
         let shared = Arc::clone(&self.shared);
         let safe = matches!(*request.method(), Method::GET | Method::HEAD)
-            && !request
-                .headers()
-                .keys()
-                .any(|name| METHOD_OVERRIDES.contains(&name.as_str()));
+            && !overridden(request.headers());
         let key = key_of(
-            request,
+            &request,
             &shared.config.scheme,
             shared.config.sort_query,
             shared.key_part.as_deref(),
         )
         .filter(|_| safe);
-        let headers = key.as_ref().map(|_| request.headers().clone());
         async move {
-            let (Some(key), Some(headers)) = (key, headers) else {
-                return false;
+            let Some(key) = key else {
+                return (false, request);
             };
-            let directives = RequestDirectives::from_headers(&headers);
             let Some(variants) = shared.store.peek(&key).await else {
-                return false;
+                return (false, request);
             };
-            let Some(entry) = variants.find(&headers) else {
-                return false;
-            };
-            !matches!(answer(entry, Instant::now(), &directives), Answer::Stale)
+            let held = variants.find(request.headers()).is_some_and(|entry| {
+                let directives = RequestDirectives::from_headers(request.headers());
+                !matches!(answer(entry, Instant::now(), &directives), Answer::Stale)
+            });
+            (held, request)
         }
     }
 
@@ -478,10 +476,7 @@ where
     RB::Error: Into<BoxError>,
 {
     let method = request.method().clone();
-    let overridden = request
-        .headers()
-        .keys()
-        .any(|name| METHOD_OVERRIDES.contains(&name.as_str()));
+    let overridden = overridden(request.headers());
     let key = key_of(
         &request,
         &shared.config.scheme,
@@ -607,6 +602,14 @@ where
             fetch(shared, inner, request, key, None, miss).await
         }
     }
+}
+
+/// Whether the request carries a method-override header: it is not the
+/// safe request its method says.
+fn overridden(headers: &HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|name| METHOD_OVERRIDES.contains(&name.as_str()))
 }
 
 /// How a stored entry may answer a request now: the one decision the

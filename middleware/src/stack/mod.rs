@@ -390,6 +390,7 @@ pub struct StackService<S> {
 impl<S, B> Service<Request<B>> for StackService<S>
 where
     LimitStage<S>: Service<Request<B>> + Clone,
+    B: Send + 'static,
 {
     type Response = <LimitStage<S> as Service<Request<B>>>::Response;
     type Error = <LimitStage<S> as Service<Request<B>>>::Error;
@@ -418,10 +419,10 @@ where
                 // Look the request up first; the limit decides after. The
                 // service made ready goes with the request (a clone takes
                 // its place here).
-                let lookup = Box::pin(cache.holds_answer(&request));
+                let lookup = Box::pin(cache.holds_answer(request));
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                StackFuture::looking_up(lookup, ready, request)
+                StackFuture::looking_up(lookup, ready)
             }
             // The limit decides inside `call`: enter the span for it.
             _ => StackFuture::called(span.in_scope(|| self.inner.call(request))),
@@ -445,10 +446,10 @@ pin_project_lite::pin_project! {
 pin_project_lite::pin_project! {
     #[project = StackStateProj]
     enum StackState<S, Req, F> {
+        // The look-up holds the request and hands it back.
         LookingUp {
-            lookup: Pin<Box<dyn Future<Output = bool> + Send>>,
+            lookup: Pin<Box<dyn Future<Output = (bool, Req)> + Send>>,
             service: Option<S>,
-            request: Option<Req>,
         },
         Called {
             #[pin]
@@ -458,16 +459,11 @@ pin_project_lite::pin_project! {
 }
 
 impl<S: Service<Req>, Req> StackFuture<S, Req> {
-    fn looking_up(
-        lookup: Pin<Box<dyn Future<Output = bool> + Send>>,
-        service: S,
-        request: Req,
-    ) -> Self {
+    fn looking_up(lookup: Pin<Box<dyn Future<Output = (bool, Req)> + Send>>, service: S) -> Self {
         Self {
             state: StackState::LookingUp {
                 lookup,
                 service: Some(service),
-                request: Some(request),
             },
         }
     }
@@ -489,14 +485,9 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StackStateProj::LookingUp {
-                    lookup,
-                    service,
-                    request,
-                } => {
-                    let held = ready!(lookup.as_mut().poll(cx));
-                    let (Some(mut service), Some(mut request)) = (service.take(), request.take())
-                    else {
+                StackStateProj::LookingUp { lookup, service } => {
+                    let (held, mut request) = ready!(lookup.as_mut().poll(cx));
+                    let Some(mut service) = service.take() else {
                         panic!("StackFuture polled after completion");
                     };
                     if held {
