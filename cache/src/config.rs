@@ -6,11 +6,13 @@
 //! max_bytes = 67108864          # the memory budget
 //! max_entry_bytes = 1048576     # larger responses stream through unstored
 //! coalesce_wait = "5s"
+//! coalesce_retries = 2          # new fills a waiting crowd elects after failures
 //! hit_for_miss = "10s"
 //! fail_safe = "10m"             # serve stale this long when the origin fails
 //! scheme = "http"
 //! sort_query = false
 //! tag_header = "surrogate-key"
+//! expose_tags = false           # send the tag header on to clients
 //! max_variants = 8
 //! cost_aware = true
 //! min_saved_per_hit = 0.0
@@ -105,6 +107,7 @@ struct Spec {
     max_entry_bytes: Option<usize>,
     #[serde(default, with = "serde_util::opt_duration")]
     coalesce_wait: Option<Duration>,
+    coalesce_retries: Option<u32>,
     #[serde(default, with = "serde_util::opt_duration")]
     hit_for_miss: Option<Duration>,
     #[serde(default, with = "serde_util::opt_duration")]
@@ -112,6 +115,7 @@ struct Spec {
     scheme: Option<String>,
     sort_query: Option<bool>,
     tag_header: Option<String>,
+    expose_tags: Option<bool>,
     max_variants: Option<usize>,
     cost_aware: Option<bool>,
     min_saved_per_hit: Option<f64>,
@@ -173,6 +177,15 @@ impl HttpCacheConfig {
         }
         if let Some(v) = spec.coalesce_wait {
             c.coalesce_wait = v;
+        }
+        if let Some(v) = spec.coalesce_retries {
+            if v > 10 {
+                return Err(invalid("coalesce_retries", "must be at most 10"));
+            }
+            c.coalesce_retries = v;
+        }
+        if let Some(v) = spec.expose_tags {
+            c.expose_tags = v;
         }
         if let Some(v) = spec.hit_for_miss {
             c.hit_for_miss = v;

@@ -80,36 +80,80 @@ pub const KEYED_HEADERS: [&str; 10] = [
     "forwarded",
 ];
 
-/// Builds the key of a request; `None` when it has no usable authority.
+/// Builds the key of a request; `None` when it has no usable authority, or
+/// when its URI names one authority and its `Host` another (which one the
+/// service routes by is not the cache's to guess).
 pub(crate) fn key_of<B>(
     request: &http::Request<B>,
     default_scheme: &str,
     sort_query: bool,
     extra: Option<&dyn KeyPart>,
 ) -> Option<CacheKey> {
+    let (scheme, authority) = origin_of(request, default_scheme)?;
+    let part = extra.and_then(|e| e.key_part(&request_parts(request)));
+    Some(build(
+        &scheme,
+        &authority,
+        request.uri(),
+        sort_query,
+        Some(request.headers()),
+        part.as_deref(),
+    ))
+}
+
+/// The request's origin as the cache keys it: its scheme and lower-cased
+/// authority (from the URI, else the one `Host`); `None` if it has none, if
+/// they disagree, or if the authority is not a plain host and port.
+pub(crate) fn origin_of<B>(
+    request: &http::Request<B>,
+    default_scheme: &str,
+) -> Option<(String, String)> {
     let (uri, headers) = (request.uri(), request.headers());
-    let authority = match uri.authority() {
-        Some(a) => a.as_str().to_ascii_lowercase(),
-        None => {
-            let mut hosts = headers.get_all(http::header::HOST).iter();
-            let host = hosts.next()?;
-            if hosts.next().is_some() {
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => return None,
+        (Some(h), None) => Some(h.to_str().ok()?.trim().to_ascii_lowercase()),
+        (None, None) => None,
+    };
+    let authority = match (uri.authority(), host) {
+        (Some(a), Some(h)) => {
+            let a = a.as_str().to_ascii_lowercase();
+            if a != h {
                 return None;
             }
-            host.to_str().ok()?.trim().to_ascii_lowercase()
+            a
         }
+        (Some(a), None) => a.as_str().to_ascii_lowercase(),
+        (None, Some(h)) => h,
+        (None, None) => return None,
     };
     if !valid_authority(&authority) {
         return None;
     }
-    let scheme = uri.scheme_str().unwrap_or(default_scheme);
+    let scheme = uri
+        .scheme_str()
+        .unwrap_or(default_scheme)
+        .to_ascii_lowercase();
+    Some((scheme, authority))
+}
+
+/// A key from its parts. With `headers`, the keyed headers the request
+/// carries are appended; with `part`, the application's part.
+pub(crate) fn build(
+    scheme: &str,
+    authority: &str,
+    uri: &http::Uri,
+    sort_query: bool,
+    headers: Option<&http::HeaderMap>,
+    part: Option<&str>,
+) -> CacheKey {
     let path = uri.path();
     let mut key = String::with_capacity(
         scheme.len() + authority.len() + uri.path_and_query().map_or(0, |p| p.as_str().len()) + 4,
     );
     key.push_str(scheme);
     key.push_str("://");
-    key.push_str(&authority);
+    key.push_str(authority);
     key.push_str(path);
     if let Some(query) = uri.query() {
         key.push('?');
@@ -124,30 +168,33 @@ pub(crate) fn key_of<B>(
             key.push_str(query);
         }
     }
-    // One pass over the request's headers (usually a handful) rather than a
-    // lookup per keyed name; sorted so the key does not depend on order.
-    let mut keyed: Vec<(&str, &[u8])> = headers
-        .iter()
-        .filter(|(name, _)| KEYED_HEADERS.contains(&name.as_str()))
-        .map(|(name, value)| (name.as_str(), value.as_bytes()))
-        .collect();
-    keyed.sort();
-    for (name, value) in keyed {
-        // A space cannot occur in a request target: no URI can collide.
-        key.push(' ');
-        key.push_str(name);
-        key.push('=');
-        key.push_str(&String::from_utf8_lossy(value));
+    if let Some(headers) = headers {
+        // One pass over the request's headers (usually a handful) rather
+        // than a lookup per keyed name; sorted so the key does not depend on
+        // order.
+        let mut keyed: Vec<(&str, &[u8])> = headers
+            .iter()
+            .filter(|(name, _)| KEYED_HEADERS.contains(&name.as_str()))
+            .map(|(name, value)| (name.as_str(), value.as_bytes()))
+            .collect();
+        keyed.sort();
+        for (name, value) in keyed {
+            // A space cannot occur in a request target: no URI can collide.
+            key.push(' ');
+            key.push_str(name);
+            key.push('=');
+            key.push_str(&String::from_utf8_lossy(value));
+        }
     }
-    if let Some(part) = extra.and_then(|e| e.key_part(&request_parts(request))) {
+    if let Some(part) = part {
         key.push('#');
-        key.push_str(&part);
+        key.push_str(part);
     }
-    Some(CacheKey(key.into()))
+    CacheKey(key.into())
 }
 
 /// The request's head without its body, for a [`KeyPart`].
-fn request_parts<B>(request: &http::Request<B>) -> Parts {
+pub(crate) fn request_parts<B>(request: &http::Request<B>) -> Parts {
     let mut parts = http::Request::new(()).into_parts().0;
     parts.method = request.method().clone();
     parts.uri = request.uri().clone();
@@ -177,6 +224,24 @@ mod tests {
         assert_eq!(k.as_str(), "https://h.example/p");
         assert!(key_of(&parts("/a", None), "http", false, None).is_none());
         assert!(key_of(&parts("/a", Some("evil host/")), "http", false, None).is_none());
+        // The URI and Host name different origins: not keyed at all.
+        assert!(
+            key_of(
+                &parts("http://a.example/p", Some("b.example")),
+                "http",
+                false,
+                None
+            )
+            .is_none()
+        );
+        let k = key_of(
+            &parts("http://A.example/p", Some("a.example")),
+            "http",
+            false,
+            None,
+        )
+        .unwrap();
+        assert_eq!(k.as_str(), "http://a.example/p");
         let sorted = key_of(&parts("/a?b=2&a=1", Some("h")), "http", true, None).unwrap();
         assert_eq!(sorted.as_str(), "http://h/a?a=1&b=2");
         let tenant = |_: &Parts| Some("t1".to_owned());

@@ -80,6 +80,7 @@
 pub mod body;
 pub mod config;
 pub mod directives;
+mod entry;
 pub mod generic;
 mod http_cache;
 pub mod key;
@@ -88,7 +89,8 @@ mod store;
 pub mod tier;
 
 pub use self::http_cache::{
-    CACHE_STATUS, CachePurge, CacheRequests, HttpCache, HttpCacheConfig, HttpCacheLayer,
+    CACHE_STATUS, CacheFill, CacheFillLayer, CacheLookup, CacheLookupLayer, CachePurge,
+    CacheRequests, HttpCache, HttpCacheConfig, HttpCacheLayer,
 };
 pub use self::key::{CacheKey, KeyPart};
 pub use gratify_core::{ClassId, CostModel};

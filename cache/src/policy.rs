@@ -248,11 +248,148 @@ pub fn usable(age: Duration, lifetime: Duration, request: &RequestDirectives) ->
     if needed < lifetime {
         return Usable::Fresh;
     }
+    // `max-stale` widens the response's own lifetime; the request's
+    // `max-age` still bounds the age it accepts.
+    if request.max_age.is_some_and(|max_age| age >= max_age) {
+        return Usable::Stale;
+    }
     match request.max_stale {
         Some(None) => Usable::StaleAccepted,
         Some(Some(extra)) if age < lifetime.saturating_add(extra) => Usable::StaleAccepted,
         _ => Usable::Stale,
     }
+}
+
+/// Header fields that concern one connection, not the message: never keyed,
+/// never stored, never copied from a `304` (RFC 9110 §7.6.1).
+pub const HOP_BY_HOP: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authentication-info",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
+
+/// The fields a `Connection` header names (hop-by-hop for this message).
+pub fn connection_fields(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect()
+}
+
+/// Removes the hop-by-hop fields and those `Connection` names, as a proxy
+/// does before it forwards a message.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.is_empty() {
+        return;
+    }
+    for name in connection_fields(headers) {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Fields a `304` never changes in a stored response (RFC 9111 §3.2, and
+/// cookies, which a shared cache never keeps).
+const NOT_UPDATED: [HeaderName; 6] = [
+    SET_COOKIE,
+    HeaderName::from_static("set-cookie2"),
+    http::header::CONTENT_ENCODING,
+    http::header::CONTENT_LENGTH,
+    http::header::CONTENT_RANGE,
+    ETAG,
+];
+
+/// The stored response's fields updated by a `304`'s (RFC 9111 §4.3.4):
+/// only fields the stored response already has, never those in
+/// [`NOT_UPDATED`], hop-by-hop fields or `Age`.
+pub(crate) fn merge_304(stored: &HeaderMap, update: &HeaderMap) -> HeaderMap {
+    let mut headers = stored.clone();
+    let named = connection_fields(update);
+    for name in update.keys() {
+        if !stored.contains_key(name)
+            || NOT_UPDATED.contains(name)
+            || HOP_BY_HOP.contains(&name.as_str())
+            || named.contains(name)
+            || name == AGE
+        {
+            continue;
+        }
+        headers.remove(name);
+        for value in update.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.remove(AGE);
+    headers
+}
+
+/// Whether a `304`'s validators select a stored response (RFC 9111
+/// §4.3.4): a strong `ETag` must be the stored one, strongly; a weak one
+/// must match weakly; without an `ETag`, the `Last-Modified` dates must be
+/// equal. A `304` with no validator at all answers the conditional request
+/// the cache built from this very response's validators, and selects it.
+pub(crate) fn selects(update: &HeaderMap, stored: &HeaderMap) -> bool {
+    let text = |h: &HeaderMap, n: &HeaderName| {
+        let mut values = h.get_all(n).iter();
+        match (values.next(), values.next()) {
+            (Some(v), None) => v.to_str().ok().map(str::trim).map(str::to_owned),
+            _ => None,
+        }
+    };
+    if update.contains_key(ETAG) {
+        let (Some(new), Some(old)) = (text(update, &ETAG), text(stored, &ETAG)) else {
+            return false;
+        };
+        return if new.starts_with("W/") {
+            new.trim_start_matches("W/") == old.trim_start_matches("W/")
+        } else {
+            !old.starts_with("W/") && new == old
+        };
+    }
+    if update.contains_key(LAST_MODIFIED) {
+        return match (
+            single_date(update, &LAST_MODIFIED),
+            single_date(stored, &LAST_MODIFIED),
+        ) {
+            (Some(new), Some(old)) => new == old,
+            _ => false,
+        };
+    }
+    true
+}
+
+/// How long past its freshness a response is kept: for
+/// `stale-while-revalidate`, `stale-if-error`, the fail-safe, and (with a
+/// validator) a while longer to revalidate it cheaply.
+pub(crate) fn keep_stale(
+    directives: &ResponseDirectives,
+    headers: &HeaderMap,
+    lifetime: Duration,
+    fail_safe: Option<Duration>,
+) -> Duration {
+    directives
+        .stale_while_revalidate
+        .unwrap_or_default()
+        .max(directives.stale_if_error.unwrap_or_default())
+        .max(fail_safe.unwrap_or_default())
+        .max(if has_validator(headers) {
+            lifetime.max(Duration::from_secs(60))
+        } else {
+            Duration::ZERO
+        })
 }
 
 #[cfg(test)]
@@ -392,6 +529,19 @@ mod tests {
             Usable::StaleAccepted
         );
         assert_eq!(usable(s(1), s(10), &r("no-cache")), Usable::Stale);
+        // max-stale widens the lifetime, not the request's own max-age.
+        assert_eq!(
+            usable(s(30), s(60), &r("max-age=5, max-stale=100")),
+            Usable::Stale
+        );
+        assert_eq!(
+            usable(s(70), s(60), &r("max-age=80, max-stale=100")),
+            Usable::StaleAccepted
+        );
+        assert_eq!(
+            usable(s(70), s(60), &r("max-age=69, max-stale")),
+            Usable::Stale
+        );
     }
 
     #[test]

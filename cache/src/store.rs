@@ -4,101 +4,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::HeaderName;
-use http::{HeaderMap, StatusCode, Version};
 use moka::Expiry;
 use moka::future::Cache;
 use tokio::time::Instant;
 
-use crate::directives::ResponseDirectives;
+use crate::entry::{Entry, Variants};
 use crate::key::CacheKey;
-use crate::policy::vary_value;
 use crate::tier::{BoxFuture, Evict, Scope, Tier};
-
-/// One stored response. Its body is shared: a hit copies no bytes.
-#[derive(Debug)]
-pub(crate) struct Entry {
-    pub(crate) status: StatusCode,
-    pub(crate) version: Version,
-    pub(crate) headers: HeaderMap,
-    pub(crate) body: Bytes,
-    /// When it was stored (or last revalidated).
-    pub(crate) stored_at: Instant,
-    /// Its age when it was stored.
-    pub(crate) initial_age: Duration,
-    /// Its freshness lifetime.
-    pub(crate) lifetime: Duration,
-    pub(crate) directives: ResponseDirectives,
-    /// The request's values for the fields the response varies on.
-    pub(crate) vary: Vec<(HeaderName, Option<String>)>,
-    pub(crate) tags: Vec<String>,
-    /// How long the origin took: what a hit saves.
-    pub(crate) origin_latency: Duration,
-    /// How long past its freshness the cache keeps it (for stale serving).
-    pub(crate) keep_stale: Duration,
-    /// What a second of its class's delay costs (1 without a cost model).
-    pub(crate) cost_rate: f64,
-    /// The body encoded once per coding (then `body` is empty and identity
-    /// is decoded on demand), best first.
-    pub(crate) encodings: Vec<(&'static str, Bytes)>,
-}
-
-impl Entry {
-    /// Its current age.
-    pub(crate) fn age(&self, now: Instant) -> Duration {
-        self.initial_age + now.saturating_duration_since(self.stored_at)
-    }
-
-    /// Whether a request's `Vary` field values match this variant.
-    pub(crate) fn matches(&self, request: &HeaderMap) -> bool {
-        self.vary
-            .iter()
-            .all(|(name, value)| vary_value(request, name) == *value)
-    }
-
-    /// Bytes it holds: body, headers and bookkeeping.
-    pub(crate) fn weight(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 32)
-            .sum();
-        let encoded: usize = self.encodings.iter().map(|(_, b)| b.len()).sum();
-        self.body.len() + encoded + headers + 256
-    }
-
-    /// What one hit on it saves: the origin's latency at its class's cost rate.
-    pub(crate) fn saved_per_hit(&self) -> f64 {
-        self.origin_latency.as_secs_f64() * self.cost_rate
-    }
-
-    /// How long moka should keep it: freshness plus the stale window.
-    fn keep_for(&self, now: Instant) -> Duration {
-        (self.lifetime + self.keep_stale).saturating_sub(self.age(now))
-    }
-}
-
-/// The variants stored under one key.
-#[derive(Debug)]
-pub(crate) struct Variants {
-    pub(crate) entries: Vec<Arc<Entry>>,
-    keep_for: Duration,
-    weight: u32,
-}
-
-impl Variants {
-    pub(crate) fn find(&self, request: &HeaderMap) -> Option<&Arc<Entry>> {
-        self.entries.iter().find(|e| e.matches(request))
-    }
-
-    /// Delay cost saved per hit, per byte held.
-    fn density(&self, frequency: u32) -> f64 {
-        let saved: f64 = self.entries.iter().map(|e| e.saved_per_hit()).sum::<f64>()
-            / self.entries.len().max(1) as f64;
-        f64::from(frequency) * saved / f64::from(self.weight.max(1))
-    }
-}
 
 /// A count-min sketch of recent request frequencies (4 rows of 8-bit
 /// counters, halved as a whole every `10 × width` additions), as TinyLFU
@@ -359,11 +271,7 @@ impl Store {
         // lets it in; it is served either way.
         self.insert_local(key.clone(), Arc::clone(&entry)).await;
         let now = Instant::now();
-        Some(Arc::new(Variants {
-            keep_for: entry.keep_for(now),
-            weight: entry.weight().min(u32::MAX as usize) as u32,
-            entries: vec![entry],
-        }))
+        Some(Arc::new(Variants::new(vec![entry], now)))
     }
 
     /// Stores `entry`, replacing the variant with the same `Vary` values —
@@ -404,25 +312,8 @@ impl Store {
         };
         entries.insert(0, entry);
         entries.truncate(self.max_variants);
-        let keep_for = entries
-            .iter()
-            .map(|e| e.keep_for(now))
-            .max()
-            .unwrap_or_default();
-        let weight = entries
-            .iter()
-            .map(|e| e.weight())
-            .sum::<usize>()
-            .min(u32::MAX as usize) as u32;
         self.cache
-            .insert(
-                key,
-                Arc::new(Variants {
-                    entries,
-                    keep_for,
-                    weight,
-                }),
-            )
+            .insert(key, Arc::new(Variants::new(entries, now)))
             .await;
         #[cfg(feature = "metrics")]
         {
@@ -465,6 +356,10 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode, Version};
+
+    use crate::directives::ResponseDirectives;
 
     fn entry(body: usize, latency_ms: u64) -> Arc<Entry> {
         Arc::new(Entry {

@@ -25,7 +25,7 @@ use http::{HeaderMap, StatusCode, Version};
 use tokio::time::Instant;
 
 use crate::directives::ResponseDirectives;
-use crate::store::Entry;
+use crate::entry::Entry;
 
 const MAGIC: &[u8; 3] = b"GRT";
 const VERSION: u8 = 1;

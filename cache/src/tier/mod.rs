@@ -53,7 +53,7 @@ use gratify_core::BoxError;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::store::Entry;
+use crate::entry::Entry;
 
 pub(crate) use self::envelope::Decoded;
 

@@ -65,24 +65,7 @@ use crate::ClassId;
 pub trait Classify<Req: ?Sized> {
     /// The class of `request`.
     fn classify(&self, request: &Req) -> ClassId;
-
-    /// Whether `request` was admitted ahead of the limiter — a layer in
-    /// front found that it can be answered without the service (a fresh
-    /// cache hit) and marked it [`PreAdmitted`]. A limiter lets such a
-    /// request through without a slot. `false` unless a classifier says so.
-    fn pre_admitted(&self, request: &Req) -> bool {
-        let _ = request;
-        false
-    }
 }
-
-/// Marks a request, in its extensions, as answerable without the service:
-/// `gratify::Stack` sets it on a request its cache holds a fresh answer
-/// for, so that a cached answer is never queued or refused for a slot it
-/// does not need. Only a layer that will answer the request itself should
-/// set it: a limiter lets a marked request through unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct PreAdmitted;
 
 impl<Req: ?Sized> Classify<Req> for ClassId {
     fn classify(&self, _: &Req) -> ClassId {
@@ -93,10 +76,6 @@ impl<Req: ?Sized> Classify<Req> for ClassId {
 impl<Req: ?Sized, C: Classify<Req> + ?Sized> Classify<Req> for std::sync::Arc<C> {
     fn classify(&self, request: &Req) -> ClassId {
         (**self).classify(request)
-    }
-
-    fn pre_admitted(&self, request: &Req) -> bool {
-        (**self).pre_admitted(request)
     }
 }
 
@@ -163,34 +142,5 @@ impl FromExtensions {
 impl<B> Classify<http::Request<B>> for FromExtensions {
     fn classify(&self, request: &http::Request<B>) -> ClassId {
         class_of(request).unwrap_or(self.default)
-    }
-
-    fn pre_admitted(&self, request: &http::Request<B>) -> bool {
-        request.extensions().get::<PreAdmitted>().is_some()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_marked_request_is_pre_admitted() {
-        let model = crate::CostModel::builder()
-            .class(
-                "browse",
-                crate::Class::new(crate::DelayCost::linear(1.0).unwrap(), 1.0).unwrap(),
-            )
-            .build()
-            .unwrap();
-        let by_extensions = FromExtensions::new(model.default_class());
-        let mut request = http::Request::new(());
-        assert!(!by_extensions.pre_admitted(&request));
-        assert!(!model.default_class().pre_admitted(&request));
-        request.extensions_mut().insert(PreAdmitted);
-        assert!(by_extensions.pre_admitted(&request));
-        assert!(std::sync::Arc::new(by_extensions).pre_admitted(&request));
-        // A fixed class never reads extensions.
-        assert!(!model.default_class().pre_admitted(&request));
     }
 }

@@ -164,7 +164,6 @@ impl Admin {
                         "in_flight": c.in_flight,
                         "queued": c.queued,
                         "admitted": c.admitted,
-                        "pre_admitted": c.pre_admitted,
                         "completed": c.completed,
                         "shed": shed,
                         "shed_total": c.shed_total(),
@@ -348,12 +347,6 @@ impl Admin {
                 "counter",
                 "Requests admitted, by class.",
                 &per("admitted"),
-            );
-            metric(
-                "gratify_limit_pre_admitted_total",
-                "counter",
-                "Requests let through without a slot (answered from the cache), by class.",
-                &per("pre_admitted"),
             );
             metric(
                 "gratify_cost_rate",

@@ -2,25 +2,30 @@
 //! load signal.
 //!
 //! ```text
-//! request ──► classify ──► limit ──► compression ──► cache ──► your service
+//! request ──► classify ──► cache lookup ──► limit ──► compression ──► cache fill ──► your service
 //! ```
 //!
 //! - **classify** first: every other layer reads the request's class.
-//! - **limit** (admission) next: a request shed here costs nothing further,
-//!   and a slot is held until the response body ends, so the time spent
+//! - **cache lookup** next: what memory can answer (fresh, within the
+//!   request's `max-stale` or the response's `stale-while-revalidate`) is
+//!   answered here and never waits for a slot; requests for a key that is
+//!   being filled wait here for that fill, holding no slot either.
+//! - **limit** (admission): every request that goes to the service passes
+//!   it — misses, revalidations, and the cache's background refreshes, as
+//!   requests of their class (a refresh waits while a slot costs more than
+//!   the delay it saves). A request shed here costs nothing further, and a
+//!   slot is held until the response body ends, so the time spent
 //!   compressing counts. The limiter publishes the load signal the others
-//!   read. A request the cache can answer from memory (fresh, or within
-//!   `stale-while-revalidate`) is looked up first and let past the limit
-//!   without a slot ([`PreAdmitted`]):
-//!   it is never queued or shed for capacity it does not use.
-//! - **compression** outside the cache: with both on, the cache stores
-//!   compressible bodies encoded once, hard, off the request path
+//!   read.
+//! - **compression**: with the cache on too, the fill stores compressible
+//!   bodies encoded once, hard, off the request path
 //!   ([`HttpCacheConfig::recoder`](crate::cache::HttpCacheConfig::recoder)),
-//!   and a hit carries `Content-Encoding` and is passed through — never
-//!   compressed again; what the cache does not store is compressed on its way
-//!   out, at the level the load allows.
-//! - **cache** innermost of the four, next to the service whose responses it
-//!   keeps.
+//!   and a hit carries `Content-Encoding` — never compressed again; what the
+//!   cache does not store is compressed on its way out, at the level the load
+//!   allows.
+//! - **cache fill** innermost, next to the service whose responses it keeps:
+//!   it goes to the service for what the lookup could not answer and stores
+//!   what may be stored. Both halves share one store.
 //!
 //! Offloading is per route: wrap the CPU-heavy handlers in
 //! [`OffloadLayer`](crate::offload::OffloadLayer) with the same model.
@@ -80,12 +85,11 @@
 pub mod config;
 mod optional;
 
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
-use gratify_cache::{CachePurge, HttpCache, HttpCacheConfig, HttpCacheLayer};
-use gratify_core::classify::{Classify, PreAdmitted, RouteClassifier};
+use gratify_cache::{CacheFill, CacheLookup, CachePurge, HttpCacheConfig, HttpCacheLayer};
+use gratify_core::classify::{Classify, RouteClassifier};
 use gratify_core::{ClassId, CostModel, LoadSignal};
 use gratify_scaling::limit::{AdaptiveLimit, AdaptiveLimitLayer, Limiter};
 use http::Request;
@@ -323,49 +327,63 @@ impl Stack {
             compression: self.compression.clone().map(|config| {
                 CompressionLayer::adaptive_with_config(config, &self.model(), self.signal.clone())
             }),
-            cache: self.cache.clone().map(|choice| match choice {
-                CacheChoice::Layer(layer) => layer,
-                CacheChoice::Config(config) => {
-                    let mut config = *config;
-                    if self.compression.is_some() && config.recoder.is_none() {
-                        config.recoder = Some(Arc::new(crate::compression::Recompress::new()));
+            cache: self.cache.clone().map(|choice| {
+                let layer = match choice {
+                    CacheChoice::Layer(layer) => layer,
+                    CacheChoice::Config(config) => {
+                        let mut config = *config;
+                        if self.compression.is_some() && config.recoder.is_none() {
+                            config.recoder = Some(Arc::new(crate::compression::Recompress::new()));
+                        }
+                        HttpCacheLayer::with_model(config, &self.model())
                     }
-                    HttpCacheLayer::with_model(config, &self.model())
+                };
+                if self.limiter.is_some() {
+                    layer.with_load_signal(self.signal.clone())
+                } else {
+                    layer
                 }
             }),
         })
     }
 }
 
-/// The cache, on or off.
-pub type CacheStage<S> = Optional<HttpCache<S>, S>;
-/// Compression around the cache stage, on or off.
-pub type CompressionStage<S> = Optional<Compression<CacheStage<S>>, CacheStage<S>>;
-/// The limit around the compression stage, on or off.
+/// The cache's second half (it fills what the first could not answer), on
+/// or off.
+pub type FillStage<S> = Optional<CacheFill<S>, S>;
+/// Compression around the fill, on or off.
+pub type CompressionStage<S> = Optional<Compression<FillStage<S>>, FillStage<S>>;
+/// The limit around compression, on or off.
 pub type LimitStage<S> = Optional<AdaptiveLimit<CompressionStage<S>>, CompressionStage<S>>;
+/// The cache's first half (it answers from memory) around the limit, on or
+/// off.
+pub type LookupStage<S> = Optional<CacheLookup<LimitStage<S>>, LimitStage<S>>;
 
 impl<S> Layer<S> for Stack {
     type Service = StackService<S>;
 
     fn layer(&self, inner: S) -> StackService<S> {
         let built = self.built();
-        let cache = match &built.cache {
-            Some(l) => Optional::On(l.layer(inner)),
+        let fill = match &built.cache {
+            Some(l) => Optional::On(l.fill().layer(inner)),
             None => Optional::Off(inner),
         };
         let compression = match &built.compression {
-            Some(l) => Optional::On(l.layer(cache)),
-            None => Optional::Off(cache),
+            Some(l) => Optional::On(l.layer(fill)),
+            None => Optional::Off(fill),
         };
         let limit = match &built.limit {
             Some(l) => Optional::On(l.layer(compression)),
             None => Optional::Off(compression),
         };
+        let lookup = match &built.cache {
+            Some(l) => Optional::On(l.lookup().layer(limit)),
+            None => Optional::Off(limit),
+        };
         StackService {
-            inner: limit,
+            inner: lookup,
             classifier: built.classifier.clone(),
             names: Arc::clone(&built.names),
-            peek: built.limit.as_ref().and(built.cache.clone()),
         }
     }
 }
@@ -374,27 +392,23 @@ impl<S> Layer<S> for Stack {
 ///
 /// Each request runs in a `gratify` span (at `INFO`) whose fields the layers
 /// fill in: `class`; `admission` (`admitted`, `queued`, `admitted after
-/// queueing`, `shed`, `pre-admitted`) and `shed_reason`; `cache` (the
-/// `Cache-Status` detail: `hit`, `fwd=uri-miss; stored`, …); `codec` and
-/// `level` when the response is compressed.
+/// queueing`, `shed`) and `shed_reason`; `cache` (the `Cache-Status` detail:
+/// `hit`, `fwd=uri-miss; stored`, …); `codec` and `level` when the response
+/// is compressed.
 #[derive(Clone, Debug)]
 pub struct StackService<S> {
-    inner: LimitStage<S>,
+    inner: LookupStage<S>,
     classifier: StackClassifier,
     names: Arc<[String]>,
-    /// With both a limit and a cache: the cache, to look up a request before
-    /// it asks the limit for a slot.
-    peek: Option<HttpCacheLayer>,
 }
 
 impl<S, B> Service<Request<B>> for StackService<S>
 where
-    LimitStage<S>: Service<Request<B>> + Clone,
-    B: Send + 'static,
+    LookupStage<S>: Service<Request<B>>,
 {
-    type Response = <LimitStage<S> as Service<Request<B>>>::Response;
-    type Error = <LimitStage<S> as Service<Request<B>>>::Error;
-    type Future = Instrumented<StackFuture<LimitStage<S>, Request<B>>>;
+    type Response = <LookupStage<S> as Service<Request<B>>>::Response;
+    type Error = <LookupStage<S> as Service<Request<B>>>::Error;
+    type Future = Instrumented<<LookupStage<S> as Service<Request<B>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -413,104 +427,7 @@ where
             codec = tracing::field::Empty,
             level = tracing::field::Empty,
         );
-        let safe = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
-        let future = match &self.peek {
-            Some(cache) if safe => {
-                // Look the request up first; the limit decides after. The
-                // service made ready goes with the request (a clone takes
-                // its place here).
-                let lookup = Box::pin(cache.holds_answer(request));
-                let clone = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, clone);
-                StackFuture::looking_up(lookup, ready)
-            }
-            // The limit decides inside `call`: enter the span for it.
-            _ => StackFuture::called(span.in_scope(|| self.inner.call(request))),
-        };
-        future.instrument(span)
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The future of a [`StackService`]: a cache lookup (for a safe request,
-    /// with a limit and a cache on), then the layers.
-    pub struct StackFuture<S, Req>
-    where
-        S: Service<Req>,
-    {
-        #[pin]
-        state: StackState<S, Req, S::Future>,
-    }
-}
-
-pin_project_lite::pin_project! {
-    #[project = StackStateProj]
-    enum StackState<S, Req, F> {
-        // The look-up holds the request and hands it back.
-        LookingUp {
-            lookup: Pin<Box<dyn Future<Output = (bool, Req)> + Send>>,
-            service: Option<S>,
-        },
-        Called {
-            #[pin]
-            future: F,
-        },
-    }
-}
-
-impl<S: Service<Req>, Req> StackFuture<S, Req> {
-    fn looking_up(lookup: Pin<Box<dyn Future<Output = (bool, Req)> + Send>>, service: S) -> Self {
-        Self {
-            state: StackState::LookingUp {
-                lookup,
-                service: Some(service),
-            },
-        }
-    }
-
-    fn called(future: S::Future) -> Self {
-        Self {
-            state: StackState::Called { future },
-        }
-    }
-}
-
-impl<S, B> Future for StackFuture<S, Request<B>>
-where
-    S: Service<Request<B>>,
-{
-    type Output = Result<S::Response, S::Error>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        loop {
-            match this.state.as_mut().project() {
-                StackStateProj::LookingUp { lookup, service } => {
-                    let (held, mut request) = ready!(lookup.as_mut().poll(cx));
-                    let Some(mut service) = service.take() else {
-                        panic!("StackFuture polled after completion");
-                    };
-                    if held {
-                        // Answered from memory: no slot needed.
-                        request.extensions_mut().insert(PreAdmitted);
-                    }
-                    let future = service.call(request);
-                    this.state.set(StackState::Called { future });
-                }
-                StackStateProj::Called { future } => return future.poll(cx),
-            }
-        }
-    }
-}
-
-impl<S: Service<Req>, Req> std::fmt::Debug for StackFuture<S, Req> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match &self.state {
-            StackState::LookingUp { .. } => "looking up",
-            StackState::Called { .. } => "called",
-        };
-        f.debug_struct("StackFuture")
-            .field("state", &state)
-            .finish()
+        // The layers decide inside `call`: enter the span for it.
+        span.in_scope(|| self.inner.call(request)).instrument(span)
     }
 }

@@ -37,11 +37,6 @@ pin_project! {
         Waiting {
             wait: Pin<Box<Wait<S, Req>>>,
         },
-        // A pre-admitted request: called without a slot.
-        Passed {
-            #[pin]
-            future: F,
-        },
         Called {
             #[pin]
             future: F,
@@ -67,10 +62,6 @@ impl<S: Service<Req>, Req, M> ResponseFuture<S, Req, M> {
         Self::with(State::Refused {
             refusal: Some(refusal),
         })
-    }
-
-    pub(crate) fn passed(future: S::Future) -> Self {
-        Self::with(State::Passed { future })
     }
 
     pub(crate) fn called(future: S::Future, permit: Permit, hold_body: bool) -> Self {
@@ -169,11 +160,6 @@ where
                         }
                     }
                 }
-                StateProj::Passed { future } => {
-                    let result = ready!(future.poll(cx));
-                    this.state.set(State::Done);
-                    return Poll::Ready(M::passed(result));
-                }
                 StateProj::Called { future, permit } => {
                     let result = ready!(future.poll(cx));
                     let Some(permit) = permit.take() else {
@@ -193,7 +179,6 @@ impl<S: Service<Req>, Req, M> fmt::Debug for ResponseFuture<S, Req, M> {
         let state = match &self.state {
             State::Refused { .. } => "refused",
             State::Waiting { .. } => "waiting",
-            State::Passed { .. } => "passed",
             State::Called { .. } => "called",
             State::Done => "done",
         };

@@ -161,9 +161,6 @@ pub struct ClassStats {
     pub queued: usize,
     /// Admitted so far.
     pub admitted: u64,
-    /// Let through without a slot so far: answered in front of the service
-    /// (a fresh cache hit), see [`PreAdmitted`](gratify_core::classify::PreAdmitted).
-    pub pre_admitted: u64,
     /// Released its slot: completed, failed or cancelled.
     pub completed: u64,
     /// Refused so far, by [`Reason`] (indexed as [`Reason::ALL`]).
@@ -218,8 +215,6 @@ struct Fast {
     hopeless: Box<[AtomicBool]>,
     /// Per class: admitted so far.
     admitted: Box<[AtomicU64]>,
-    /// Per class: let through without a slot so far.
-    pre_admitted: Box<[AtomicU64]>,
     /// Per class: slots released so far (completions, cancellations).
     released: Box<[AtomicU64]>,
 }
@@ -378,7 +373,6 @@ impl Limiter {
                     sample_every: AtomicU64::new(1),
                     hopeless: (0..n).map(|_| AtomicBool::new(false)).collect(),
                     admitted: (0..n).map(|_| AtomicU64::new(0)).collect(),
-                    pre_admitted: (0..n).map(|_| AtomicU64::new(0)).collect(),
                     released: (0..n).map(|_| AtomicU64::new(0)).collect(),
                 },
                 model: gratify_core::SharedModel::new(model.clone()),
@@ -464,7 +458,6 @@ impl Limiter {
                     in_flight: fast.class_in_flight(k),
                     queued: c.queue.len(),
                     admitted: fast.admitted[k].load(Ordering::Relaxed),
-                    pre_admitted: fast.pre_admitted[k].load(Ordering::Relaxed),
                     completed: fast.released[k].load(Ordering::Relaxed),
                     shed: c.stats.shed,
                     latency: c.latency,
@@ -571,20 +564,6 @@ impl Limiter {
             reason,
             retry_after: Duration::from_secs(secs as u64),
         }
-    }
-
-    /// Counts a request of `class` let through without a slot (answered in
-    /// front of the service).
-    pub fn note_pre_admitted(&self, class: ClassId) {
-        let fast = &self.shared.fast;
-        let k = class.index().min(fast.pre_admitted.len() - 1);
-        fast.pre_admitted[k].fetch_add(1, Ordering::Relaxed);
-        #[cfg(feature = "metrics")]
-        metrics::counter!(
-            "gratify_limit_pre_admitted_total",
-            "class" => self.model().name(ClassId::from_index(k as u16)).to_owned()
-        )
-        .increment(1);
     }
 
     fn on_shed(&self, k: usize, reason: Reason) {

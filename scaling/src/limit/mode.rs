@@ -44,10 +44,6 @@ pub trait Mode<Resp, E>: sealed::Sealed {
         permit: Permit,
         hold_body: bool,
     ) -> Result<Self::Response, Self::Error>;
-
-    /// A pre-admitted request's result: no slot, nothing to record.
-    #[doc(hidden)]
-    fn passed(result: Result<Resp, E>) -> Result<Self::Response, Self::Error>;
 }
 
 mod sealed {
@@ -116,13 +112,6 @@ impl<RB, E> Mode<Response<RB>, E> for Http {
             }
         }
     }
-
-    fn passed(result: Result<Response<RB>, E>) -> Result<Self::Response, E> {
-        result.map(|response| {
-            let outcome = outcome_of_status(response.status());
-            response.map(|body| LimitBody::inner(body, None, outcome))
-        })
-    }
 }
 
 impl<Resp, E: Into<BoxError>> Mode<Resp, E> for ErrorOnRefusal {
@@ -144,10 +133,6 @@ impl<Resp, E: Into<BoxError>> Mode<Resp, E> for ErrorOnRefusal {
             Outcome::Error
         };
         permit.complete(outcome);
-        result.map_err(Into::into)
-    }
-
-    fn passed(result: Result<Resp, E>) -> Result<Resp, BoxError> {
         result.map_err(Into::into)
     }
 }

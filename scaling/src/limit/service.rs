@@ -87,14 +87,6 @@ where
         // Recorded on the request's span, if it declares the fields (as
         // `gratify::Stack`'s does); a no-op otherwise.
         let span = tracing::Span::current();
-        if self.classify.pre_admitted(&request) {
-            // Answered in front of the service (a fresh cache hit): it
-            // needs no slot, and is neither queued nor refused.
-            span.record("admission", "pre-admitted");
-            self.limiter
-                .note_pre_admitted(self.classify.classify(&request));
-            return ResponseFuture::passed(self.inner.call(request));
-        }
         let class = self.classify.classify(&request);
         match self.limiter.acquire(class) {
             Acquire::Admitted(permit) => {

@@ -1,0 +1,545 @@
+//! The first half: answer from memory, coalesce, and mark the rest.
+
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use gratify_core::BoxError;
+use http::header::{
+    AUTHORIZATION, CONTENT_LENGTH, COOKIE, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
+    IF_UNMODIFIED_SINCE, RANGE, UPGRADE,
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Body;
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::flight::{self, Outcome, Role, Ticket};
+use super::invalidate::Invalidation;
+use super::represent::{conditional_matches, serve, take_conditionals};
+use super::{CACHE_STATUS, CachePurge, METHOD_OVERRIDES, Shared};
+use crate::body::CacheBody;
+use crate::directives::RequestDirectives;
+use crate::entry::{Entry, Reuse};
+use crate::key::{CacheKey, key_of};
+use crate::policy::{Rules, strip_hop_by_hop};
+use crate::tier::BoxFuture;
+
+/// What the lookup found for a request it sends on, for
+/// [`CacheFill`](super::CacheFill): the key, the stored response to
+/// revalidate, and — for the request that fills the key for everyone — the
+/// [`Ticket`]. Carried in the request's extensions.
+#[derive(Clone)]
+pub(crate) struct Looked {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) key: CacheKey,
+    pub(crate) stale: Option<Arc<Entry>>,
+    /// Taken by the fill half; a request that never reaches it drops it,
+    /// which ends the fill as abandoned.
+    pub(crate) ticket: Arc<Mutex<Option<Ticket>>>,
+    /// `Cache-Status`'s `fwd` detail.
+    pub(crate) miss: &'static str,
+}
+
+impl Looked {
+    pub(crate) fn take_ticket(&self) -> Option<Ticket> {
+        self.ticket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// The first half of an [`HttpCacheLayer`](super::HttpCacheLayer), from
+/// [`HttpCacheLayer::lookup`](super::HttpCacheLayer::lookup).
+#[derive(Clone)]
+pub struct CacheLookupLayer {
+    shared: Arc<Shared>,
+}
+
+impl CacheLookupLayer {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+impl std::fmt::Debug for CacheLookupLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheLookupLayer").finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for CacheLookupLayer {
+    type Service = CacheLookup<S>;
+
+    fn layer(&self, inner: S) -> CacheLookup<S> {
+        CacheLookup {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// Answers what the store can, holds requests for a key being filled until
+/// the fill ends, and sends the rest on marked for [`CacheFill`](super::CacheFill).
+/// Clones share the store.
+#[derive(Clone)]
+pub struct CacheLookup<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> std::fmt::Debug for CacheLookup<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheLookup").finish_non_exhaustive()
+    }
+}
+
+impl<S> CacheLookup<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The purge handle.
+    pub fn purge(&self) -> CachePurge {
+        CachePurge {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for CacheLookup<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: Default + Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    type Response = Response<CacheBody<RB>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // The ready service handles this request; a clone takes its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(lookup(Arc::clone(&self.shared), inner, request))
+    }
+}
+
+/// Whether the request carries a method-override header: it is not the
+/// safe request its method says.
+fn overridden(headers: &HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|name| METHOD_OVERRIDES.contains(&name.as_str()))
+}
+
+/// Whether a request may fill its key for everyone: nothing in it makes
+/// the origin's answer its own (credentials, cookies the route does not key
+/// by, `no-store`) or partial or conditional in a way the cache does not
+/// answer itself (`Range`, `If-Match`, …). Other requests go to the origin
+/// alone — and do not change how anyone else is served.
+fn may_lead(headers: &HeaderMap, directives: &RequestDirectives, rules: &Rules) -> bool {
+    !directives.no_store
+        && !headers.contains_key(AUTHORIZATION)
+        && (rules.allow_cookies || !headers.contains_key(COOKIE))
+        && ![RANGE, IF_RANGE, IF_MATCH, IF_UNMODIFIED_SINCE]
+            .iter()
+            .any(|h| headers.contains_key(h))
+}
+
+/// The statuses that count as the origin failing (RFC 5861): stale may be
+/// served in their place, and a coalesced fill that gets one has failed.
+pub(crate) fn origin_failed(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 500 | 502 | 503 | 504)
+}
+
+/// A service made ready for one call, or the clone to make ready when the
+/// request waited (a ready service may hold a reservation: it is not kept
+/// while waiting).
+enum Ready<S> {
+    Now(S),
+    Later(S),
+}
+
+impl<S> Ready<S> {
+    // The clone is the point: the ready service is dropped (with whatever
+    // it reserved), and a fresh clone is made ready when the wait ends.
+    #[allow(clippy::redundant_clone)]
+    fn release(self) -> Self
+    where
+        S: Clone,
+    {
+        match self {
+            Self::Now(s) => Self::Later(s.clone()),
+            later @ Self::Later(_) => later,
+        }
+    }
+
+    async fn call<Req>(self, request: Req) -> Result<S::Response, S::Error>
+    where
+        S: Service<Req>,
+    {
+        let mut service = match self {
+            Self::Now(s) => s,
+            Self::Later(mut s) => {
+                poll_fn(|cx| s.poll_ready(cx)).await?;
+                s
+            }
+        };
+        service.call(request).await
+    }
+}
+
+async fn lookup<S, B, RB>(
+    shared: Arc<Shared>,
+    inner: S,
+    mut request: Request<B>,
+) -> Result<Response<CacheBody<RB>>, S::Error>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: Default + Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let method = request.method().clone();
+    // Unsafe methods go through, and invalidate what they may have changed.
+    if !matches!(method, Method::GET | Method::HEAD) || overridden(request.headers()) {
+        let invalidation = (!method.is_safe())
+            .then(|| Invalidation::of(&shared, &request))
+            .flatten();
+        let mut inner = inner;
+        let response = inner.call(request).await?;
+        if let Some(invalidation) = invalidation
+            && response.status().as_u16() < 400
+        {
+            invalidation.run(&shared, response.headers()).await;
+        }
+        return Ok(bypass(&shared, response));
+    }
+    // A protocol switch (WebSocket) is a connection, not a response.
+    if request.headers().contains_key(UPGRADE) {
+        let mut inner = inner;
+        return Ok(bypass(&shared, inner.call(request).await?));
+    }
+    // Key and vary on what the origin will see.
+    strip_hop_by_hop(request.headers_mut());
+    let Some(key) = key_of(
+        &request,
+        &shared.config.scheme,
+        shared.config.sort_query,
+        shared.key_part.as_deref(),
+    ) else {
+        let mut inner = inner;
+        return Ok(bypass(&shared, inner.call(request).await?));
+    };
+    let directives = RequestDirectives::from_headers(request.headers());
+    let fail_safe = shared.config.fail_safe;
+    let head = method == Method::HEAD;
+
+    let now = Instant::now();
+    let variants = shared.store.get(&key).await;
+    let mut entry = variants
+        .as_ref()
+        .and_then(|v| v.find(request.headers()).cloned());
+    if let Some(found) = &entry {
+        match found.reuse(&directives, now, fail_safe) {
+            Reuse::Fresh { age, lifetime } => {
+                // Nearly expired: refresh it now, once, in the background.
+                if let Some(fraction) = shared.config.eager_refresh
+                    && !lifetime.is_zero()
+                    && age.as_secs_f64() >= lifetime.as_secs_f64() * fraction
+                    && !head
+                {
+                    refresh(&shared, &inner, &request, &key, found);
+                }
+                return Ok(serve(&shared, found, &method, request.headers(), now, "hit").await);
+            }
+            Reuse::StaleAccepted => {
+                return Ok(serve(&shared, found, &method, request.headers(), now, "hit").await);
+            }
+            Reuse::WhileRevalidating => {
+                if !head {
+                    refresh(&shared, &inner, &request, &key, found);
+                }
+                let detail = "hit; fwd=stale";
+                return Ok(serve(&shared, found, &method, request.headers(), now, detail).await);
+            }
+            Reuse::Validate { .. } if directives.only_if_cached => {
+                return Ok(gateway_timeout(&shared, "fwd=stale"));
+            }
+            Reuse::Validate { .. } => {}
+        }
+    } else if directives.only_if_cached {
+        return Ok(gateway_timeout(&shared, "fwd=uri-miss"));
+    }
+    if head {
+        // HEAD is answered from a stored GET, never stored itself.
+        let mut inner = inner;
+        return Ok(bypass(&shared, inner.call(request).await?));
+    }
+    let miss = if entry.is_some() {
+        "fwd=stale"
+    } else if variants.is_some() {
+        "fwd=vary-miss"
+    } else {
+        "fwd=uri-miss"
+    };
+
+    // Coalesce: one fill per key; the others wait for its outcome.
+    let rules = shared.rules(request.uri().path());
+    let mut solo =
+        shared.hit_for_miss.contains_key(&key) || !may_lead(request.headers(), &directives, &rules);
+    let mut service = Ready::Now(inner);
+    let mut rounds = 0u32;
+    let ticket = loop {
+        if solo {
+            break None;
+        }
+        let rx = match flight::elect(&shared, &key) {
+            Role::Leader(ticket) => break Some(ticket),
+            Role::Follower(rx) => rx,
+        };
+        service = service.release();
+        rounds += 1;
+        match flight::wait(rx, shared.config.coalesce_wait).await {
+            Some(Outcome::Stored) => {
+                let now = Instant::now();
+                if let Some(v) = shared.store.peek(&key).await
+                    && let Some(found) = v.find(request.headers())
+                {
+                    if !matches!(
+                        found.reuse(&directives, now, fail_safe),
+                        Reuse::Validate { .. }
+                    ) {
+                        let detail = "hit; collapsed";
+                        return Ok(
+                            serve(&shared, found, &method, request.headers(), now, detail).await,
+                        );
+                    }
+                    entry = Some(Arc::clone(found));
+                }
+                // Stored, but not for this request (it wants fresher).
+                solo = true;
+            }
+            // Not storable, or too slow: alone.
+            Some(Outcome::Uncacheable) | None => solo = true,
+            Some(Outcome::Failed) => {
+                let now = Instant::now();
+                if let Some(stale) = &entry
+                    && matches!(
+                        stale.reuse(&directives, now, fail_safe),
+                        Reuse::Validate { if_error: true }
+                    )
+                {
+                    let detail = "hit; fwd=stale; detail=stale-if-error";
+                    return Ok(
+                        serve(&shared, stale, &method, request.headers(), now, detail).await,
+                    );
+                }
+                // Every fill this crowd elected failed: the origin is failing,
+                // and a crowd sent on alone now would be the stampede
+                // coalescing exists to prevent.
+                let retries = shared.config.coalesce_retries;
+                let failures = flight::failures(&shared, &key);
+                if failures > retries {
+                    return Ok(origin_failing(&shared, miss));
+                }
+                tokio::time::sleep(flight::jitter(failures, shared.config.coalesce_wait)).await;
+                if flight::failures(&shared, &key) > retries {
+                    return Ok(origin_failing(&shared, miss));
+                }
+            }
+            // The filling request never reached the origin (shed, its
+            // client gone): elect another — a bounded number of times.
+            Some(Outcome::Abandoned | Outcome::Pending) => {
+                if rounds > 8 {
+                    solo = true;
+                } else {
+                    tokio::time::sleep(flight::jitter(0, shared.config.coalesce_wait)).await;
+                }
+            }
+        }
+    };
+
+    // A request that fills for everyone, or revalidates, asks the origin
+    // for the whole response; the client's own conditions are answered here.
+    let conditions = if ticket.is_some() || entry.is_some() {
+        take_conditionals(request.headers_mut())
+    } else {
+        None
+    };
+    request.extensions_mut().insert(Looked {
+        shared: Arc::clone(&shared),
+        key,
+        stale: entry.clone(),
+        ticket: Arc::new(Mutex::new(ticket)),
+        miss,
+    });
+    let outcome = service.call(request).await;
+    answer(
+        &shared,
+        outcome,
+        entry.as_deref(),
+        &directives,
+        conditions,
+        miss,
+    )
+    .await
+}
+
+/// The answer to a request the lookup sent on: stale in place of an origin
+/// failure where allowed, a `304` for the client's own conditions.
+async fn answer<RB, E>(
+    shared: &Shared,
+    outcome: Result<Response<RB>, E>,
+    stale: Option<&Entry>,
+    directives: &RequestDirectives,
+    conditions: Option<HeaderMap>,
+    miss: &str,
+) -> Result<Response<CacheBody<RB>>, E> {
+    let failed = match &outcome {
+        Ok(r) => origin_failed(r.status()),
+        Err(_) => true,
+    };
+    if failed && let Some(stale) = stale {
+        let now = Instant::now();
+        if let Reuse::Validate { if_error: true } =
+            stale.reuse(directives, now, shared.config.fail_safe)
+        {
+            let detail = "hit; fwd=stale; detail=stale-if-error";
+            let headers = conditions.unwrap_or_default();
+            return Ok(serve(shared, stale, &Method::GET, &headers, now, detail).await);
+        }
+        if outcome.is_err() && stale.directives.requires_revalidation() {
+            // It must not be served stale, and the origin cannot be asked.
+            return Ok(gateway_timeout(shared, "fwd=stale; detail=must-revalidate"));
+        }
+    }
+    let mut response = outcome?.map(CacheBody::inner);
+    if let Some(conditions) = conditions
+        && response.status() == StatusCode::OK
+        && conditional_matches(&conditions, response.headers())
+    {
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        *response.body_mut() = CacheBody::empty();
+        response.headers_mut().remove(CONTENT_LENGTH);
+    }
+    if !response.headers().contains_key(CACHE_STATUS) {
+        response
+            .headers_mut()
+            .insert(CACHE_STATUS, shared.status(miss));
+    }
+    Ok(response)
+}
+
+/// Starts at most one background refresh of `key` through the inner service
+/// — so through whatever limit sits between the halves, as a request of the
+/// class of the request that found the entry — unless a slot costs more now
+/// than the delay the refresh would save.
+fn refresh<S, B, RB>(
+    shared: &Arc<Shared>,
+    inner: &S,
+    request: &Request<B>,
+    key: &CacheKey,
+    entry: &Arc<Entry>,
+) where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: Default + Send + 'static,
+    RB: Send + 'static,
+{
+    if shared.refresh_deferred(entry.cost_rate) {
+        return;
+    }
+    let Some(ticket) = flight::try_lead(shared, key) else {
+        return;
+    };
+    let mut r = Request::new(B::default());
+    *r.method_mut() = Method::GET;
+    *r.uri_mut() = request.uri().clone();
+    *r.version_mut() = request.version();
+    *r.headers_mut() = request.headers().clone();
+    *r.extensions_mut() = request.extensions().clone();
+    for name in [
+        IF_NONE_MATCH,
+        IF_MODIFIED_SINCE,
+        IF_MATCH,
+        IF_UNMODIFIED_SINCE,
+        IF_RANGE,
+        RANGE,
+    ] {
+        r.headers_mut().remove(name);
+    }
+    r.extensions_mut().insert(Looked {
+        shared: Arc::clone(shared),
+        key: key.clone(),
+        stale: Some(Arc::clone(entry)),
+        ticket: Arc::new(Mutex::new(Some(ticket))),
+        miss: "fwd=stale",
+    });
+    let service = Ready::Later(inner.clone());
+    tokio::spawn(async move {
+        // Nobody reads the answer: the fill stores it on its own.
+        let _ = service.call(r).await;
+    });
+}
+
+fn bypass<RB>(shared: &Shared, response: Response<RB>) -> Response<CacheBody<RB>> {
+    let mut response = response.map(CacheBody::inner);
+    response
+        .headers_mut()
+        .insert(CACHE_STATUS, shared.status("fwd=bypass"));
+    response
+}
+
+/// The answer to a request whose coalesced fills all failed: 503, retry in
+/// a second.
+fn origin_failing<RB>(shared: &Shared, miss: &str) -> Response<CacheBody<RB>> {
+    let mut r = Response::new(CacheBody::empty());
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = r.headers_mut();
+    headers.insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    headers.insert(
+        CACHE_STATUS,
+        shared.status(&format!("{miss}; detail=origin-failed")),
+    );
+    r
+}
+
+fn gateway_timeout<RB>(shared: &Shared, detail: &str) -> Response<CacheBody<RB>> {
+    let mut r = Response::new(CacheBody::empty());
+    *r.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+    r.headers_mut().insert(CACHE_STATUS, shared.status(detail));
+    r
+}
