@@ -334,3 +334,113 @@ async fn a_cached_answer_is_never_queued_or_shed_for_a_slot() {
     slow.await.unwrap();
     assert_eq!(limiter.stats().in_flight, 0);
 }
+
+/// A stack with one slot and a cache, over an origin that takes `delay`
+/// and answers `cache_control`; the limiter and the origin's call count.
+fn one_slot(
+    delay: std::time::Duration,
+    cache_control: &'static str,
+) -> (
+    impl Service<
+        Request<()>,
+        Response = Response<impl http_body::Body<Data = Bytes, Error: std::fmt::Debug> + Send>,
+        Error = Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static,
+    gratify::scaling::limit::Limiter,
+    Arc<AtomicU64>,
+) {
+    use gratify::scaling::limit::{Fixed, Limiter, LimiterConfig};
+    let model = CostModel::from_toml(MODEL).unwrap();
+    let mut config = LimiterConfig::default();
+    config.max_queue_time = std::time::Duration::from_millis(50);
+    let limiter = Limiter::with_algorithm(&model, Fixed::new(1), config);
+    let stack = Stack::new(&model)
+        .limit_with(limiter.clone())
+        .cache(HttpCacheConfig::default());
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&calls);
+    let svc = stack.layer(service_fn(move |r: Request<()>| {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(delay).await;
+            let body = format!("{}:{n}", r.uri().path());
+            let mut res = Response::new(Full::new(Bytes::from(body)));
+            res.headers_mut()
+                .insert("cache-control", cache_control.parse().unwrap());
+            res.headers_mut().insert("etag", "\"v\"".parse().unwrap());
+            Ok::<_, Infallible>(res)
+        }
+    }));
+    (svc, limiter, calls)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crowd_on_a_cold_key_waits_for_one_fill_without_holding_slots() {
+    use std::time::Duration;
+    // One slot, and a queue that refuses after 50 ms: a crowd queued at the
+    // limit would be shed. It waits in front of the limit instead.
+    let (svc, limiter, calls) = one_slot(Duration::from_secs(1), "public, max-age=60");
+    let tasks: Vec<_> = (0..30)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let r = svc.oneshot(get("/hot")).await.unwrap();
+                let status = r.status().as_u16();
+                let body = r.into_body().collect().await.unwrap().to_bytes();
+                (status, body)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = limiter.stats();
+    assert_eq!(
+        (stats.in_flight, stats.queued),
+        (1, 0),
+        "only the fill holds a slot"
+    );
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), (200, Bytes::from("/hot:0")));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let browse = CostModel::from_toml(MODEL).unwrap().id("browse").unwrap();
+    let browse = &limiter.stats().classes[browse.index()];
+    assert_eq!((browse.admitted, browse.shed_total()), (1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn background_refreshes_take_a_slot_like_any_origin_call() {
+    use std::time::Duration;
+    let (svc, limiter, calls) = one_slot(
+        Duration::from_millis(100),
+        "public, max-age=10, stale-while-revalidate=60",
+    );
+    let fetch = |path: &'static str| {
+        let svc = svc.clone();
+        async move {
+            let r = svc.oneshot(get(path)).await.unwrap();
+            let status = r.headers()["cache-status"].to_str().unwrap().to_owned();
+            let _ = r.into_body().collect().await.unwrap();
+            status
+        }
+    };
+    fetch("/page").await;
+    tokio::time::advance(Duration::from_secs(11)).await;
+    // Stale within stale-while-revalidate: answered at once from memory,
+    // and refreshed once in the background — through the limit.
+    let status = fetch("/page").await;
+    assert!(status.contains("hit; fwd=stale"), "{status}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(limiter.stats().in_flight, 1, "the refresh holds the slot");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(limiter.stats().in_flight, 0);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let browse = CostModel::from_toml(MODEL).unwrap().id("browse").unwrap();
+    let browse = &limiter.stats().classes[browse.index()];
+    assert_eq!(browse.admitted, 2, "the miss and the refresh");
+    // The refresh stored a fresh copy.
+    let status = fetch("/page").await;
+    assert!(status.starts_with("gratify; hit;"), "{status}");
+}
