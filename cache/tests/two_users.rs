@@ -114,7 +114,7 @@ fn origin_answer(req: &Request<()>, n: usize, label: u8) -> Response<Full<Bytes>
     } else if matches {
         status = 304;
         body = String::new();
-        headers.push(("etag", etag.clone()));
+        headers.push(("etag", etag));
         match label % 4 {
             0 => headers.push(("set-cookie", cookie)),
             1 => headers.push(("cache-control", "private, max-age=30".to_owned())),
@@ -134,12 +134,12 @@ fn origin_answer(req: &Request<()>, n: usize, label: u8) -> Response<Full<Bytes>
                 _ => "max-age=30, stale-if-error=120",
             };
             headers.push(("cache-control", cc.to_owned()));
-            headers.push(("etag", etag.clone()));
-            if label % 3 == 0 {
+            headers.push(("etag", etag));
+            if label.is_multiple_of(3) {
                 // A session starts: the cookie is this client's alone.
                 headers.push(("set-cookie", cookie));
             }
-            if label % 5 == 0 {
+            if label.is_multiple_of(5) {
                 headers.push(("vary", "cookie".to_owned()));
             }
         } else {
@@ -158,10 +158,10 @@ fn origin_answer(req: &Request<()>, n: usize, label: u8) -> Response<Full<Bytes>
                 }
                 _ => {
                     headers.push(("cache-control", "private, no-cache".to_owned()));
-                    headers.push(("etag", etag.clone()));
+                    headers.push(("etag", etag));
                 }
             }
-            if label % 2 == 0 {
+            if label.is_multiple_of(2) {
                 headers.push(("set-cookie", cookie));
             }
         }
