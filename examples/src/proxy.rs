@@ -5,6 +5,12 @@
 //! Hop-by-hop headers are dropped in both directions; the origin sees its
 //! own authority in `Host`; an unreachable origin is a 502. The cache keys on
 //! the `Host` the client sent to the proxy.
+//!
+//! Idle upstream connections are closed before the origin would close them
+//! ([`ProxyOptions::upstream_idle`], 4 s: Node's default keep-alive is 5 s),
+//! and an idempotent request whose connection fails before any byte of the
+//! response — the race a reused connection loses when the origin closes it
+//! just as the request goes out — is sent once more on a new connection.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,12 +19,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use bytes::Bytes;
+use gratify::cache::policy::strip_hop_by_hop;
 use gratify::cache::{HttpCacheConfig, HttpCacheLayer};
 use gratify::core::BoxError;
 use gratify::core::body::{BoxBody, boxed, full};
-use http::header::{HOST, HeaderName};
-use http::{Request, Response, StatusCode, Uri};
+use http::header::HOST;
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -26,34 +36,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceBuilder};
-
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    // Headers named by Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
 
 /// A proxy error: the upstream address is not an absolute `http://` URI.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +66,41 @@ pub async fn serve(
     upstream: Uri,
     config: HttpCacheConfig,
 ) -> Result<(), BoxError> {
-    let client: Client<HttpConnector, ReqBody> = Client::builder(TokioExecutor::new()).build_http();
+    serve_with(listener, upstream, config, ProxyOptions::default()).await
+}
+
+/// How the proxy treats its upstream connections.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ProxyOptions {
+    /// Close an idle upstream connection after this long: keep it below the
+    /// origin's own keep-alive timeout, or the proxy will reuse connections
+    /// the origin is closing.
+    pub upstream_idle: Duration,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            upstream_idle: Duration::from_secs(4),
+        }
+    }
+}
+
+/// [`serve`] with `options`.
+///
+/// # Errors
+///
+/// When accepting a connection fails.
+pub async fn serve_with(
+    listener: TcpListener,
+    upstream: Uri,
+    config: HttpCacheConfig,
+    options: ProxyOptions,
+) -> Result<(), BoxError> {
+    let client: Client<HttpConnector, ReqBody> = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(options.upstream_idle)
+        .build_http();
     let origin = Upstream {
         client,
         upstream: Arc::new(upstream),
@@ -189,7 +205,7 @@ async fn forward(
     {
         req.headers_mut().insert(HOST, v);
     }
-    Ok(match client.request(req).await {
+    Ok(match send(&client, req).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -200,6 +216,59 @@ async fn forward(
             error(StatusCode::BAD_GATEWAY, "upstream unreachable")
         }
     })
+}
+
+/// Request bodies up to this size are kept to send an idempotent request a
+/// second time.
+const REPLAYABLE: u64 = 64 * 1024;
+
+/// Sends `req`; an idempotent request with a small body that fails before
+/// any byte of the response (the connection closed under it) is sent once
+/// more.
+async fn send(
+    client: &Client<HttpConnector, ReqBody>,
+    req: Request<ReqBody>,
+) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    );
+    let small = hyper::body::Body::size_hint(req.body())
+        .upper()
+        .is_some_and(|upper| upper <= REPLAYABLE);
+    if !idempotent || !small {
+        return client.request(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        // The client's body failed: nothing to send.
+        Err(_) => Bytes::new(),
+    };
+    let again = Request::from_parts(parts.clone(), ReqBody(full(body.clone())));
+    match client
+        .request(Request::from_parts(parts, ReqBody(full(body))))
+        .await
+    {
+        Err(e) if failed_before_response(&e) => {
+            tracing::debug!(error = %e, "upstream connection closed under the request; once more");
+            client.request(again).await
+        }
+        other => other,
+    }
+}
+
+/// Whether the upstream connection failed before any byte of a response:
+/// closed while the request was written or before the response began.
+fn failed_before_response(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.is_incomplete_message() || h.is_canceled() || h.is_closed();
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn box_request(request: Request<Incoming>) -> Request<ReqBody> {

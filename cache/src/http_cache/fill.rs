@@ -584,7 +584,8 @@ impl Exchange {
                     },
                 }
             }
-            drop(client);
+            // Stored before the client sees the end: a request it sends next
+            // finds the entry.
             let entry = entry_of(&shared, &asked, head, chunks.concat()).await;
             let stored = shared.store.insert(key.clone(), entry).await;
             if stored {
@@ -598,6 +599,7 @@ impl Exchange {
                     Outcome::Uncacheable
                 },
             );
+            drop(client);
         });
         Response::from_parts(client_parts, FillBody::tee(rx, hint))
     }

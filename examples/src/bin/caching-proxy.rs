@@ -24,6 +24,10 @@ struct Args {
     /// The memory budget in MiB.
     #[arg(long, default_value_t = 256)]
     max_mib: u64,
+    /// Close idle upstream connections after this many milliseconds (keep
+    /// it below the origin's keep-alive timeout).
+    #[arg(long, default_value_t = 4000)]
+    upstream_idle_ms: u64,
 }
 
 #[tokio::main]
@@ -45,9 +49,11 @@ async fn main() -> ExitCode {
     };
     let mut config = HttpCacheConfig::default();
     config.max_bytes = args.max_mib.saturating_mul(1024 * 1024);
+    let mut options = proxy::ProxyOptions::default();
+    options.upstream_idle = std::time::Duration::from_millis(args.upstream_idle_ms);
     eprintln!("caching-proxy: {} -> {upstream}", args.listen);
     tokio::select! {
-        r = proxy::serve(listener, upstream, config) => {
+        r = proxy::serve_with(listener, upstream, config, options) => {
             if let Err(e) = r {
                 eprintln!("caching-proxy: {e}");
                 return ExitCode::FAILURE;
