@@ -116,6 +116,8 @@ pub(crate) enum Tee<B> {
     /// The body grew past what the cache keeps: the client reads the rest
     /// from the origin itself.
     Rest(Pin<Box<B>>),
+    /// The body ended whole (a channel that closes without it was cut off).
+    End,
 }
 
 pin_project! {
@@ -132,7 +134,7 @@ pin_project! {
         Full { data: Option<Bytes> },
         Passed { #[pin] body: B },
         Prefixed { prefix: Option<Bytes>, rest: Pin<Box<B>> },
-        Tee { rx: mpsc::UnboundedReceiver<Tee<B>>, rest: Option<Pin<Box<B>>>, hint: SizeHint },
+        Tee { rx: mpsc::UnboundedReceiver<Tee<B>>, rest: Option<Pin<Box<B>>>, hint: SizeHint, ended: bool },
     }
 }
 
@@ -172,6 +174,7 @@ impl<B> FillBody<B> {
                 rx,
                 rest: None,
                 hint,
+                ended: false,
             },
         }
     }
@@ -202,10 +205,15 @@ where
                 let frame = ready!(rest.as_mut().poll_frame(cx));
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            FillKindProj::Tee { rx, rest, .. } => loop {
+            FillKindProj::Tee {
+                rx, rest, ended, ..
+            } => loop {
                 if let Some(rest) = rest {
                     let frame = ready!(rest.as_mut().poll_frame(cx));
                     return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+                }
+                if *ended {
+                    return Poll::Ready(None);
                 }
                 return match ready!(rx.poll_recv(cx)) {
                     Some(Tee::Data(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
@@ -215,7 +223,17 @@ where
                         *rest = Some(body);
                         continue;
                     }
-                    None => Poll::Ready(None),
+                    Some(Tee::End) => {
+                        *ended = true;
+                        Poll::Ready(None)
+                    }
+                    // The task that read the origin's body stopped short
+                    // (it panicked, or the runtime is shutting down): the
+                    // client must not take what it got for the whole body.
+                    None => {
+                        *ended = true;
+                        Poll::Ready(Some(Err("the origin's body was cut off".into())))
+                    }
                 };
             },
         }

@@ -176,6 +176,9 @@ impl HttpCacheConfig {
             c.max_entry_bytes = v;
         }
         if let Some(v) = spec.coalesce_wait {
+            if v > Duration::from_secs(3600) {
+                return Err(invalid("coalesce_wait", "must be at most an hour"));
+            }
             c.coalesce_wait = v;
         }
         if let Some(v) = spec.coalesce_retries {

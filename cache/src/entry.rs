@@ -200,8 +200,8 @@ impl Entry {
         let headers = merge_304(&self.headers, update);
         let directives = ResponseDirectives::from_headers(&headers);
         let own = ResponseDirectives::from_headers(update);
-        let vary_changed =
-            update.contains_key(http::header::VARY) && vary_fields(update) != vary_fields(&headers);
+        let vary_changed = update.contains_key(http::header::VARY)
+            && vary_fields(update) != vary_fields(&self.headers);
         let storable = rules.storable(
             &Method::GET,
             &HeaderMap::new(),

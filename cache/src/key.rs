@@ -183,7 +183,16 @@ pub(crate) fn build(
             key.push(' ');
             key.push_str(name);
             key.push('=');
-            key.push_str(&String::from_utf8_lossy(value));
+            // Escaped, so that no value can spell another header or a part.
+            for c in String::from_utf8_lossy(value).chars() {
+                match c {
+                    ' ' => key.push_str("%20"),
+                    '=' => key.push_str("%3D"),
+                    '#' => key.push_str("%23"),
+                    '%' => key.push_str("%25"),
+                    c => key.push(c),
+                }
+            }
         }
     }
     if let Some(part) = part {
@@ -242,6 +251,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(k.as_str(), "http://a.example/p");
+        // A keyed header's value cannot spell another keyed header or a part.
+        let forged = |v: &str| {
+            let mut r = parts("/p", Some("h"));
+            r.headers_mut()
+                .insert("x-forwarded-host", v.parse().unwrap());
+            key_of(&r, "http", false, None).unwrap()
+        };
+        let mut two = parts("/p", Some("h"));
+        two.headers_mut()
+            .insert("x-forwarded-host", "a".parse().unwrap());
+        two.headers_mut().insert("x-host", "b".parse().unwrap());
+        let two = key_of(&two, "http", false, None).unwrap();
+        assert_ne!(forged("a x-host=b"), two);
         let sorted = key_of(&parts("/a?b=2&a=1", Some("h")), "http", true, None).unwrap();
         assert_eq!(sorted.as_str(), "http://h/a?a=1&b=2");
         let tenant = |_: &Parts| Some("t1".to_owned());

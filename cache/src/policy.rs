@@ -312,14 +312,19 @@ const NOT_UPDATED: [HeaderName; 6] = [
     ETAG,
 ];
 
+/// Fields that decide how a response may be cached: a `304` that carries
+/// them always governs, whether the stored response had them or not.
+const CACHING: [HeaderName; 3] = [http::header::CACHE_CONTROL, EXPIRES, DATE];
+
 /// The stored response's fields updated by a `304`'s (RFC 9111 §4.3.4):
-/// only fields the stored response already has, never those in
-/// [`NOT_UPDATED`], hop-by-hop fields or `Age`.
+/// only fields the stored response already has — and the caching fields
+/// ([`CACHING`]), which always govern — never those in [`NOT_UPDATED`],
+/// hop-by-hop fields or `Age`.
 pub(crate) fn merge_304(stored: &HeaderMap, update: &HeaderMap) -> HeaderMap {
     let mut headers = stored.clone();
     let named = connection_fields(update);
     for name in update.keys() {
-        if !stored.contains_key(name)
+        if !(stored.contains_key(name) || CACHING.contains(name))
             || NOT_UPDATED.contains(name)
             || HOP_BY_HOP.contains(&name.as_str())
             || named.contains(name)

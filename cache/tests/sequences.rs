@@ -244,29 +244,127 @@ async fn a_304_that_makes_the_response_private_drops_it() {
     }
 }
 
+/// A `Date` and an `Expires` `secs` later, both from the wall clock (the
+/// cache ages responses by their `Date`).
+fn dated(secs: u64) -> (String, String) {
+    let now = std::time::SystemTime::now();
+    (
+        httpdate::fmt_http_date(now),
+        httpdate::fmt_http_date(now + Duration::from_secs(secs)),
+    )
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_304_adding_cache_control_to_an_expires_response_is_honoured() {
-    // The stored response has no Cache-Control (freshness from Expires):
-    // a 304 that says no-store must still drop it.
+async fn a_304_adding_cache_control_to_an_expires_response_governs() {
+    // The stored response has no Cache-Control (freshness from Expires); a
+    // 304 that brings one — and a new Expires an hour away — still governs.
+    for (update, served_fresh_after) in [
+        ("no-store", false),
+        ("no-cache, must-revalidate", false),
+        ("private", false),
+        ("max-age=600", true),
+    ] {
+        let h = harness(cache(), Duration::ZERO, move |req, n| {
+            if n > 0 && if_none_match(req, "\"a\"") {
+                let (date, expires) = dated(3600);
+                return respond(
+                    304,
+                    "",
+                    &[
+                        ("etag", "\"a\""),
+                        ("date", &date),
+                        ("expires", &expires),
+                        ("cache-control", update),
+                    ],
+                );
+            }
+            let (date, expires) = dated(1);
+            respond(
+                200,
+                "v",
+                &[("etag", "\"a\""), ("date", &date), ("expires", &expires)],
+            )
+        });
+        send(&h.svc, get("/p", &[])).await;
+        assert!(send(&h.svc, get("/p", &[])).await.hit(), "{update}: stored");
+        advance(2).await;
+        let revalidated = send(&h.svc, get("/p", &[])).await;
+        assert!(
+            revalidated.cache_status().contains("fwd-status=304"),
+            "{update}"
+        );
+        let next = send(&h.svc, get("/p", &[])).await;
+        assert_eq!(
+            next.hit(),
+            served_fresh_after,
+            "{update}: {}",
+            next.cache_status()
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_304_that_changes_vary_drops_the_entry() {
+    // Stored varying on Accept-Language only; the 304 says it varies on a
+    // tenant too. What was recorded no longer says who may have it.
     let h = harness(cache(), Duration::ZERO, |req, n| {
         if n > 0 && if_none_match(req, "\"a\"") {
-            return respond(304, "", &[("etag", "\"a\""), ("cache-control", "no-store")]);
+            return respond(
+                304,
+                "",
+                &[
+                    ("etag", "\"a\""),
+                    ("cache-control", "max-age=600"),
+                    ("vary", "accept-language, x-tenant"),
+                ],
+            );
         }
         respond(
             200,
-            "v",
+            "for tenant one",
             &[
                 ("etag", "\"a\""),
-                ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
-                ("expires", "Sun, 06 Nov 1994 08:49:38 GMT"),
+                ("cache-control", "max-age=1"),
+                ("vary", "accept-language"),
             ],
         )
     });
-    send(&h.svc, get("/p", &[])).await;
+    let tenant = |t: &str| get("/p", &[("accept-language", "en"), ("x-tenant", t)]);
+    send(&h.svc, tenant("one")).await;
     advance(2).await;
-    send(&h.svc, get("/p", &[])).await;
-    let next = send(&h.svc, get("/p", &[])).await;
-    assert!(!next.hit());
+    send(&h.svc, tenant("one")).await;
+    let other = send(&h.svc, tenant("two")).await;
+    assert!(!other.hit(), "{}", other.cache_status());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_304_to_a_request_with_credentials_changes_nothing_for_others() {
+    // Alice's revalidation (she is logged in) gets a 304 that would keep the
+    // entry a day, or make it private: neither is for anyone else to see.
+    for update in ["max-age=86400", "private, max-age=60"] {
+        let h = harness(cache(), Duration::ZERO, move |req, n| {
+            if n > 0 && if_none_match(req, "\"a\"") {
+                return respond(304, "", &[("etag", "\"a\""), ("cache-control", update)]);
+            }
+            respond(
+                200,
+                "public page",
+                &[("etag", "\"a\""), ("cache-control", "max-age=10")],
+            )
+        });
+        send(&h.svc, get("/p", &[])).await;
+        advance(11).await;
+        let alice = send(&h.svc, get("/p", &[("authorization", "Bearer alice")])).await;
+        assert_eq!(alice.body, "public page");
+        // Everyone else: the stored entry is still there, and still stale.
+        let other = send(&h.svc, get("/p", &[])).await;
+        assert!(
+            other.cache_status().contains("fwd=stale"),
+            "{update}: {}",
+            other.cache_status()
+        );
+        assert_eq!(h.seen.calls(), 3, "{update}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -725,7 +823,21 @@ async fn the_revalidation_survives_its_client_hanging_up() {
 
 #[tokio::test(start_paused = true)]
 async fn one_request_with_credentials_does_not_switch_coalescing_off() {
-    let h = harness(cache(), Duration::from_millis(100), |_, n| {
+    // Personal requests get personal answers (private, with a cookie);
+    // anonymous ones a public page.
+    let h = harness(cache(), Duration::from_millis(100), |req, n| {
+        let personal =
+            req.headers().contains_key("cookie") || req.headers().contains_key("authorization");
+        if personal {
+            return respond(
+                200,
+                &format!("v{n}"),
+                &[
+                    ("cache-control", "private, max-age=60"),
+                    ("set-cookie", "sid=2"),
+                ],
+            );
+        }
         respond(200, &format!("v{n}"), &[("cache-control", "max-age=60")])
     });
     for personal in [
@@ -782,6 +894,93 @@ async fn the_leaders_conditions_and_range_never_reach_a_shared_fill() {
             assert_eq!(leader.status, StatusCode::NOT_MODIFIED);
         }
     }
+    // /c: one shared fill. /r: the range went alone (206), one shared fill.
+    assert_eq!(h.seen.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_fills_takes_at_most_the_coalescing_wait_in_all() {
+    // Each fill fails just before the wait would end; a naive cache starts
+    // the wait again for each new fill.
+    let mut config = HttpCacheConfig::default();
+    config.coalesce_wait = Duration::from_secs(5);
+    config.coalesce_retries = 5;
+    let h = harness(
+        HttpCacheLayer::new(config),
+        Duration::from_millis(4900),
+        |_, _| respond(503, "down", &[]),
+    );
+    let started = tokio::time::Instant::now();
+    let got = crowd(&h.svc, 10, || get("/p", &[])).await;
+    assert!(
+        got.iter()
+            .all(|g| g.status == StatusCode::SERVICE_UNAVAILABLE)
+    );
+    // The leader's own call takes 4.9 s; a waiter that then goes alone
+    // takes 4.9 s more — never three rounds of five.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_stalls_after_its_client_left_frees_its_key() {
+    let senders = Arc::new(Mutex::new(Vec::new()));
+    let h = harness(cache(), Duration::ZERO, {
+        let senders = Arc::clone(&senders);
+        move |_, n| {
+            if n > 0 {
+                return respond(200, "whole", &[("cache-control", "max-age=60")]);
+            }
+            let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+            tx.send(Bytes::from_static(b"part")).unwrap();
+            senders.lock().unwrap().push(tx);
+            let mut r = Response::new(TestBody::Chan(rx));
+            r.headers_mut()
+                .insert("cache-control", "max-age=60".parse().unwrap());
+            r
+        }
+    });
+    // The client reads the first part and leaves; the origin never ends.
+    let response = h.svc.clone().oneshot(get("/p", &[])).await.unwrap();
+    let mut body = response.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // Past the coalescing wait, the key is free: a request fills it anew.
+    advance(6).await;
+    let next = tokio::time::timeout(Duration::from_secs(1), send(&h.svc, get("/p", &[])))
+        .await
+        .expect("not held behind the stalled fill");
+    assert_eq!(next.body, "whole");
+    assert_eq!(h.seen.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalidation_during_a_fill_keeps_the_fill_from_storing() {
+    let h = harness(cache(), Duration::from_millis(100), |req, n| {
+        if req.method() == http::Method::PUT {
+            return respond(204, "", &[]);
+        }
+        respond(200, &format!("v{n}"), &[("cache-control", "max-age=600")])
+    });
+    let before = tokio::spawn({
+        let svc = h.svc.clone();
+        async move { send(&svc, get("/p", &[])).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The resource changes while the fill is at the origin.
+    let put = Request::put("/p")
+        .header("host", "shop.example")
+        .body(())
+        .unwrap();
+    assert_eq!(send(&h.svc, put).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(before.await.unwrap().body, "v0");
+    // What the fill got predates the change: not served to anyone after.
+    let after = send(&h.svc, get("/p", &[])).await;
+    assert_eq!(after.body, "v2", "{}", after.cache_status());
 }
 
 #[tokio::test(start_paused = true)]

@@ -68,6 +68,7 @@ pub mod model;
 pub mod queueing;
 pub mod serde_util;
 pub mod signal;
+pub mod slot;
 
 pub use self::cost::{Class, DelayCost};
 pub use self::error::{BoxError, ConfigError, CostError, ModelError};

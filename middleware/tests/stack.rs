@@ -444,3 +444,32 @@ async fn background_refreshes_take_a_slot_like_any_origin_call() {
     let status = fetch("/page").await;
     assert!(status.starts_with("gratify; hit;"), "{status}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_fill_that_outlives_its_client_keeps_its_slot() {
+    use std::time::Duration;
+    let (svc, limiter, calls) = one_slot(Duration::from_secs(1), "public, max-age=60");
+    let leader = tokio::spawn({
+        let svc = svc.clone();
+        async move { svc.oneshot(get("/hot")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    leader.abort();
+    // The client is gone; the fill goes on for the others — under the slot.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        limiter.stats().in_flight,
+        1,
+        "the detached fill holds the slot"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(limiter.stats().in_flight, 0, "released when it ends");
+    let r = svc.oneshot(get("/hot")).await.unwrap();
+    assert!(
+        r.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .starts_with("gratify; hit")
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

@@ -652,3 +652,35 @@ mod with_tower_test {
         assert_eq!(l.stats().in_flight, 0);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_hold_keeps_the_slot_until_the_detached_work_ends() {
+    let m = model();
+    let l = limiter(&m, 1, LimiterConfig::default());
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(Log::default()));
+    // Work that outlives the request took a clone of its hold.
+    let hold = gratify_core::slot::SlotHold::new();
+    let mut r = req(class(&m, "batch"), "a:1");
+    r.extensions_mut().insert(hold.clone());
+    let response = svc.clone().oneshot(r).await.unwrap();
+    let _ = response.into_body().collect().await.unwrap();
+    assert_eq!(
+        l.stats().in_flight,
+        1,
+        "the request is done, its work is not"
+    );
+    // A second request waits for that slot.
+    let waiting = tokio::spawn(svc.clone().oneshot(req(class(&m, "batch"), "b:1")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(l.stats().queued, 1);
+    drop(hold);
+    assert_eq!(waiting.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(l.stats().in_flight, 0);
+    // Without a hold, or with a hold nobody else keeps, nothing changes.
+    let mut r = req(class(&m, "batch"), "c:1");
+    r.extensions_mut()
+        .insert(gratify_core::slot::SlotHold::new());
+    let response = svc.oneshot(r).await.unwrap();
+    let _ = response.into_body().collect().await.unwrap();
+    assert_eq!(l.stats().in_flight, 0);
+}

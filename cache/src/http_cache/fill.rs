@@ -34,6 +34,7 @@ use crate::policy::{
     has_validator, initial_age, keep_stale, strip_hop_by_hop, vary_fields, vary_value,
 };
 use crate::tier::BoxFuture;
+use gratify_core::slot::SlotHold;
 
 /// The second half of an [`HttpCacheLayer`](super::HttpCacheLayer), from
 /// [`HttpCacheLayer::fill`](super::HttpCacheLayer::fill).
@@ -166,6 +167,8 @@ where
 {
     let shared = Arc::clone(&looked.shared);
     let ticket = looked.take_ticket();
+    let mut request = request;
+    let slot = request.extensions_mut().remove::<SlotHold>();
     let exchange = Exchange {
         asked: Asked::of(&request),
         shared: Arc::clone(&shared),
@@ -175,16 +178,39 @@ where
             .clone()
             .filter(|entry| has_validator(&entry.headers)),
         miss: looked.miss,
+        may_lead: looked.may_lead,
+        since: shared.epoch(),
         ticket,
+        slot,
     };
     if exchange.ticket.is_none() {
         return exchange.run(inner, request).await;
     }
-    // The fill for everyone runs on its own: its client leaving does not
-    // cancel what the others wait for.
+    // The fill for everyone runs on its own, under its request's slot: its
+    // client leaving does not cancel what the others wait for. Once that
+    // client is gone, the fill has what anyone waits at most — the
+    // coalescing wait — to get its answer.
     let (tx, rx) = oneshot::channel();
+    let wait = shared.config.coalesce_wait;
     let fill = async move {
-        let _ = tx.send(exchange.run(inner, request).await);
+        let mut tx = tx;
+        let done = {
+            let mut work = std::pin::pin!(exchange.run(inner, request));
+            let mut gone = std::pin::pin!(async {
+                tx.closed().await;
+                tokio::time::sleep(wait).await;
+            });
+            poll_fn(move |cx| {
+                if let Poll::Ready(result) = work.as_mut().poll(cx) {
+                    return Poll::Ready(Some(result));
+                }
+                gone.as_mut().poll(cx).map(|()| None)
+            })
+            .await
+        };
+        if let Some(result) = done {
+            let _ = tx.send(result);
+        }
     };
     // In the request's span: what the fill decides is the request's.
     tokio::spawn(tracing::Instrument::in_current_span(fill));
@@ -210,7 +236,14 @@ struct Exchange {
     /// The stored response to revalidate (it has validators).
     stale: Option<Arc<Entry>>,
     miss: &'static str,
+    /// Whether its answer may change what everyone is served.
+    may_lead: bool,
+    /// The invalidation epoch when it started.
+    since: u64,
     ticket: Option<Ticket>,
+    /// The request's share of its slot, kept while the exchange (and the
+    /// tee that finishes its body) runs.
+    slot: Option<SlotHold>,
 }
 
 impl Exchange {
@@ -296,19 +329,24 @@ impl Exchange {
         keep: bool,
         update: &HeaderMap,
     ) -> Response<FillBody<RB>> {
-        let stored = if keep {
+        // A request that could not fill for everyone (credentials,
+        // cookies, …) is answered, and changes nothing for anyone else.
+        let shared_answer = keep && self.may_lead && !self.shared.overtaken(&self.key, self.since);
+        let stored = if shared_answer {
             self.shared
                 .store
                 .insert(self.key.clone(), Arc::clone(&fresh))
                 .await
         } else {
-            self.shared.store.remove(&self.key).await;
+            if self.may_lead && !keep {
+                self.shared.store.remove(&self.key).await;
+            }
             false
         };
         flight::finish(
             &mut self.ticket,
-            if stored {
-                Outcome::Stored
+            if shared_answer {
+                Outcome::Filled(Arc::clone(&fresh))
             } else {
                 Outcome::Uncacheable
             },
@@ -376,15 +414,19 @@ impl Exchange {
                 tracing::trace!(key = %self.key, ?reason, "not stored");
                 // Only the response can make a key hit-for-miss: a request's
                 // own credentials, cookies or no-store concern it alone.
-                let by_response = rules
-                    .storable(
-                        &Method::GET,
-                        &HeaderMap::new(),
-                        response.status(),
-                        response.headers(),
-                        &directives,
-                    )
-                    .is_err();
+                // Nor can a partial or conditional answer, or one to a
+                // request that could not fill for everyone.
+                let by_response = self.may_lead
+                    && !matches!(response.status().as_u16(), 206 | 304 | 412)
+                    && rules
+                        .storable(
+                            &Method::GET,
+                            &HeaderMap::new(),
+                            response.status(),
+                            response.headers(),
+                            &directives,
+                        )
+                        .is_err();
                 if by_response {
                     self.shared.hit_for_miss.insert(self.key.clone(), ());
                 }
@@ -447,22 +489,8 @@ impl Exchange {
             sent_at,
         };
         let entry = entry_of(&self.shared, &self.asked, head, identity.clone()).await;
-        let stored = self
-            .shared
-            .store
-            .insert(self.key.clone(), Arc::clone(&entry))
-            .await;
-        if stored {
-            self.shared.hit_for_miss.invalidate(&self.key);
-        }
-        flight::finish(
-            &mut self.ticket,
-            if stored {
-                Outcome::Stored
-            } else {
-                Outcome::Uncacheable
-            },
-        );
+        let (stored, outcome) = self.shared.fill(&self.key, &entry, self.since).await;
+        flight::finish(&mut self.ticket, outcome);
         let mut response = represent(&self.shared, &entry, &self.asked.headers, Some(identity))
             .await
             .map(FillBody::full);
@@ -483,7 +511,9 @@ impl Exchange {
     /// A body larger than what the cache keeps: passed on, the key
     /// remembered as hit-for-miss.
     fn too_large<RB>(mut self, mut response: Response<FillBody<RB>>) -> Response<FillBody<RB>> {
-        self.shared.hit_for_miss.insert(self.key.clone(), ());
+        if self.may_lead {
+            self.shared.hit_for_miss.insert(self.key.clone(), ());
+        }
         flight::finish(&mut self.ticket, Outcome::Uncacheable);
         self.hide_tags(response.headers_mut());
         response
@@ -525,30 +555,44 @@ impl Exchange {
             shared,
             key,
             mut ticket,
+            since,
+            may_lead,
+            slot,
             ..
         } = self;
         tokio::spawn(async move {
             let limit = shared.config.max_entry_bytes;
             let mut chunks = chunks;
             let mut client = Some(tx);
+            // Held until the copy is stored or given up.
+            let _slot = slot;
             let mut gone_since: Option<Instant> = None;
             loop {
-                if client
-                    .as_ref()
-                    .is_some_and(mpsc::UnboundedSender::is_closed)
-                {
-                    client = None;
-                }
-                let next = match &client {
-                    Some(_) => body.frame().await,
+                let polled = match &client {
+                    Some(tx) => {
+                        // The next frame, or the client leaving first.
+                        let mut frame = std::pin::pin!(body.frame());
+                        let mut closed = std::pin::pin!(tx.closed());
+                        poll_fn(|cx| {
+                            if let Poll::Ready(f) = frame.as_mut().poll(cx) {
+                                return Poll::Ready(Some(f));
+                            }
+                            closed.as_mut().poll(cx).map(|()| None)
+                        })
+                        .await
+                    }
                     None => {
                         let since = *gone_since.get_or_insert_with(Instant::now);
                         let deadline = since + shared.config.coalesce_wait;
                         match tokio::time::timeout_at(deadline, body.frame()).await {
-                            Ok(next) => next,
+                            Ok(next) => Some(next),
                             Err(_) => return, // the ticket ends it as abandoned
                         }
                     }
+                };
+                let Some(next) = polled else {
+                    client = None;
+                    continue;
                 };
                 match next {
                     None => break,
@@ -568,7 +612,9 @@ impl Exchange {
                                 client = None;
                             }
                             if chunks.len > limit {
-                                shared.hit_for_miss.insert(key.clone(), ());
+                                if may_lead {
+                                    shared.hit_for_miss.insert(key.clone(), ());
+                                }
                                 flight::finish(&mut ticket, Outcome::Uncacheable);
                                 if let Some(tx) = client {
                                     let _ = tx.send(Tee::Rest(body));
@@ -587,19 +633,11 @@ impl Exchange {
             // Stored before the client sees the end: a request it sends next
             // finds the entry.
             let entry = entry_of(&shared, &asked, head, chunks.concat()).await;
-            let stored = shared.store.insert(key.clone(), entry).await;
-            if stored {
-                shared.hit_for_miss.invalidate(&key);
+            let (_, outcome) = shared.fill(&key, &entry, since).await;
+            flight::finish(&mut ticket, outcome);
+            if let Some(tx) = client {
+                let _ = tx.send(Tee::End);
             }
-            flight::finish(
-                &mut ticket,
-                if stored {
-                    Outcome::Stored
-                } else {
-                    Outcome::Uncacheable
-                },
-            );
-            drop(client);
         });
         Response::from_parts(client_parts, FillBody::tee(rx, hint))
     }

@@ -15,15 +15,17 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::Shared;
+use crate::entry::Entry;
 use crate::key::CacheKey;
 
 /// How a fill ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Outcome {
     /// Still running.
     Pending,
-    /// The response was stored: look again.
-    Stored,
+    /// A response anyone may be served: here it is (stored, unless the
+    /// value gate turned it away or an invalidation overtook it).
+    Filled(Arc<Entry>),
     /// The response may not be stored (for anyone): go to the origin alone.
     Uncacheable,
     /// The origin failed (an error, 500, 502, 503, 504).
@@ -77,7 +79,7 @@ impl Drop for Ticket {
                 inflight.remove(&self.key);
             }
         }
-        let outcome = match self.outcome {
+        let outcome = match std::mem::replace(&mut self.outcome, Outcome::Abandoned) {
             Outcome::Pending => Outcome::Abandoned,
             o => o,
         };
@@ -86,7 +88,9 @@ impl Drop for Ticket {
                 let failed = self.shared.failures.get(&self.key).unwrap_or(0);
                 self.shared.failures.insert(self.key.clone(), failed + 1);
             }
-            Outcome::Stored | Outcome::Uncacheable => self.shared.failures.invalidate(&self.key),
+            Outcome::Filled(_) | Outcome::Uncacheable => {
+                self.shared.failures.invalidate(&self.key);
+            }
             Outcome::Pending | Outcome::Abandoned => {}
         }
         let _ = self.tx.send(outcome);
@@ -157,10 +161,14 @@ pub(crate) fn failures(shared: &Shared, key: &CacheKey) -> u32 {
     shared.failures.get(key).unwrap_or(0)
 }
 
-/// Waits up to `limit` for a fill to end; `None` if it did not.
-pub(crate) async fn wait(mut rx: watch::Receiver<Outcome>, limit: Duration) -> Option<Outcome> {
-    match tokio::time::timeout(limit, rx.wait_for(|o| *o != Outcome::Pending)).await {
-        Ok(Ok(outcome)) => Some(*outcome),
+/// Waits until `deadline` at most for a fill to end; `None` if it did not.
+pub(crate) async fn wait(
+    mut rx: watch::Receiver<Outcome>,
+    deadline: tokio::time::Instant,
+) -> Option<Outcome> {
+    let ended = rx.wait_for(|o| !matches!(o, Outcome::Pending));
+    match tokio::time::timeout_at(deadline, ended).await {
+        Ok(Ok(outcome)) => Some(outcome.clone()),
         // The sender always says how it ended before it goes; a closed
         // channel that says nothing was abandoned.
         Ok(Err(_)) => Some(Outcome::Abandoned),

@@ -59,7 +59,7 @@ impl Invalidation {
         }
         for uri in uris {
             for key in self.keys(shared, &uri) {
-                shared.store.remove(&key).await;
+                shared.invalidate(&key).await;
             }
         }
     }

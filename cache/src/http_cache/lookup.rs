@@ -6,9 +6,10 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use gratify_core::BoxError;
+use gratify_core::slot::SlotHold;
 use http::header::{
-    AUTHORIZATION, CONTENT_LENGTH, COOKIE, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
-    IF_UNMODIFIED_SINCE, RANGE, UPGRADE,
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, COOKIE, IF_MATCH, IF_MODIFIED_SINCE,
+    IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, PRAGMA, RANGE, UPGRADE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -41,6 +42,9 @@ pub(crate) struct Looked {
     pub(crate) ticket: Arc<Mutex<Option<Ticket>>>,
     /// `Cache-Status`'s `fwd` detail.
     pub(crate) miss: &'static str,
+    /// Whether the request could fill for everyone: only then may its
+    /// answer change what everyone is served (store, drop, hit-for-miss).
+    pub(crate) may_lead: bool,
 }
 
 impl Looked {
@@ -225,9 +229,11 @@ where
     RB::Error: Into<BoxError>,
 {
     let method = request.method().clone();
-    // Unsafe methods go through, and invalidate what they may have changed.
-    if !matches!(method, Method::GET | Method::HEAD) || overridden(request.headers()) {
-        let invalidation = (!method.is_safe())
+    let overridden = overridden(request.headers());
+    // Unsafe methods go through, and invalidate what they may have changed
+    // (a GET that says it is another method is taken at its word).
+    if !matches!(method, Method::GET | Method::HEAD) || overridden {
+        let invalidation = (!method.is_safe() || overridden)
             .then(|| Invalidation::of(&shared, &request))
             .flatten();
         let mut inner = inner;
@@ -258,6 +264,8 @@ where
     let directives = RequestDirectives::from_headers(request.headers());
     let fail_safe = shared.config.fail_safe;
     let head = method == Method::HEAD;
+    let rules = shared.rules(request.uri().path());
+    let may_lead = may_lead(request.headers(), &directives, &rules);
 
     let now = Instant::now();
     let variants = shared.store.get(&key).await;
@@ -272,6 +280,7 @@ where
                     && !lifetime.is_zero()
                     && age.as_secs_f64() >= lifetime.as_secs_f64() * fraction
                     && !head
+                    && may_lead
                 {
                     refresh(&shared, &inner, &request, &key, found);
                 }
@@ -281,7 +290,7 @@ where
                 return Ok(serve(&shared, found, &method, request.headers(), now, "hit").await);
             }
             Reuse::WhileRevalidating => {
-                if !head {
+                if !head && may_lead {
                     refresh(&shared, &inner, &request, &key, found);
                 }
                 let detail = "hit; fwd=stale";
@@ -308,11 +317,11 @@ where
         "fwd=uri-miss"
     };
 
-    // Coalesce: one fill per key; the others wait for its outcome.
-    let rules = shared.rules(request.uri().path());
-    let mut solo =
-        shared.hit_for_miss.contains_key(&key) || !may_lead(request.headers(), &directives, &rules);
+    // Coalesce: one fill per key; the others wait for its outcome — all
+    // rounds together at most `coalesce_wait`.
+    let mut solo = !may_lead || shared.hit_for_miss.contains_key(&key);
     let mut service = Ready::Now(inner);
+    let deadline = Instant::now() + shared.config.coalesce_wait;
     let mut rounds = 0u32;
     let ticket = loop {
         if solo {
@@ -324,28 +333,41 @@ where
         };
         service = service.release();
         rounds += 1;
-        match flight::wait(rx, shared.config.coalesce_wait).await {
-            Some(Outcome::Stored) => {
+        let pause = match flight::wait(rx, deadline).await {
+            Some(Outcome::Filled(filled)) => {
                 let now = Instant::now();
-                if let Some(v) = shared.store.peek(&key).await
-                    && let Some(found) = v.find(request.headers())
-                {
+                let found = if filled.matches(request.headers()) {
+                    Some(filled)
+                } else {
+                    // Another variant was filled: what fits this request?
+                    shared
+                        .store
+                        .peek(&key)
+                        .await
+                        .and_then(|v| v.find(request.headers()).cloned())
+                };
+                if let Some(found) = found {
                     if !matches!(
                         found.reuse(&directives, now, fail_safe),
                         Reuse::Validate { .. }
                     ) {
                         let detail = "hit; collapsed";
                         return Ok(
-                            serve(&shared, found, &method, request.headers(), now, detail).await,
+                            serve(&shared, &found, &method, request.headers(), now, detail).await,
                         );
                     }
-                    entry = Some(Arc::clone(found));
+                    entry = Some(found);
                 }
-                // Stored, but not for this request (it wants fresher).
+                // Filled, but not for this request (it wants fresher, or
+                // another variant): alone.
                 solo = true;
+                continue;
             }
             // Not storable, or too slow: alone.
-            Some(Outcome::Uncacheable) | None => solo = true,
+            Some(Outcome::Uncacheable) | None => {
+                solo = true;
+                continue;
+            }
             Some(Outcome::Failed) => {
                 let now = Instant::now();
                 if let Some(stale) = &entry
@@ -362,25 +384,29 @@ where
                 // Every fill this crowd elected failed: the origin is failing,
                 // and a crowd sent on alone now would be the stampede
                 // coalescing exists to prevent.
-                let retries = shared.config.coalesce_retries;
                 let failures = flight::failures(&shared, &key);
-                if failures > retries {
+                if failures > shared.config.coalesce_retries {
                     return Ok(origin_failing(&shared, miss));
                 }
-                tokio::time::sleep(flight::jitter(failures, shared.config.coalesce_wait)).await;
-                if flight::failures(&shared, &key) > retries {
-                    return Ok(origin_failing(&shared, miss));
-                }
+                flight::jitter(failures, shared.config.coalesce_wait)
             }
             // The filling request never reached the origin (shed, its
             // client gone): elect another — a bounded number of times.
             Some(Outcome::Abandoned | Outcome::Pending) => {
                 if rounds > 8 {
                     solo = true;
-                } else {
-                    tokio::time::sleep(flight::jitter(0, shared.config.coalesce_wait)).await;
+                    continue;
                 }
+                flight::jitter(0, shared.config.coalesce_wait)
             }
+        };
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(pause))
+            .await
+            .is_err()
+        {
+            solo = true;
+        } else if flight::failures(&shared, &key) > shared.config.coalesce_retries {
+            return Ok(origin_failing(&shared, miss));
         }
     };
 
@@ -391,23 +417,27 @@ where
     } else {
         None
     };
+    // What serving the stale entry in place of a failure needs.
+    let asked = entry.as_ref().map(|_| {
+        let mut h = request.headers().clone();
+        if let Some(c) = &conditions {
+            h.extend(c.clone());
+        }
+        h
+    });
     request.extensions_mut().insert(Looked {
         shared: Arc::clone(&shared),
         key,
         stale: entry.clone(),
         ticket: Arc::new(Mutex::new(ticket)),
         miss,
+        may_lead,
     });
+    // The fill may outlive this request: it keeps the request's slot.
+    request.extensions_mut().insert(SlotHold::new());
     let outcome = service.call(request).await;
-    answer(
-        &shared,
-        outcome,
-        entry.as_deref(),
-        &directives,
-        conditions,
-        miss,
-    )
-    .await
+    let stale = entry.as_deref().zip(asked.as_ref());
+    answer(&shared, outcome, stale, &directives, conditions, miss).await
 }
 
 /// The answer to a request the lookup sent on: stale in place of an origin
@@ -415,7 +445,7 @@ where
 async fn answer<RB, E>(
     shared: &Shared,
     outcome: Result<Response<RB>, E>,
-    stale: Option<&Entry>,
+    stale: Option<(&Entry, &HeaderMap)>,
     directives: &RequestDirectives,
     conditions: Option<HeaderMap>,
     miss: &str,
@@ -424,14 +454,13 @@ async fn answer<RB, E>(
         Ok(r) => origin_failed(r.status()),
         Err(_) => true,
     };
-    if failed && let Some(stale) = stale {
+    if failed && let Some((stale, asked)) = stale {
         let now = Instant::now();
         if let Reuse::Validate { if_error: true } =
             stale.reuse(directives, now, shared.config.fail_safe)
         {
             let detail = "hit; fwd=stale; detail=stale-if-error";
-            let headers = conditions.unwrap_or_default();
-            return Ok(serve(shared, stale, &Method::GET, &headers, now, detail).await);
+            return Ok(serve(shared, stale, &Method::GET, asked, now, detail).await);
         }
         if outcome.is_err() && stale.directives.requires_revalidation() {
             // It must not be served stale, and the origin cannot be asked.
@@ -458,7 +487,10 @@ async fn answer<RB, E>(
 /// Starts at most one background refresh of `key` through the inner service
 /// — so through whatever limit sits between the halves, as a request of the
 /// class of the request that found the entry — unless a slot costs more now
-/// than the delay the refresh would save.
+/// than the delay the refresh would save. Only a request that could fill
+/// for everyone starts one (no credentials or cookies go to the origin for
+/// an answer others will be served), without its conditions, range or
+/// `Cache-Control`.
 fn refresh<S, B, RB>(
     shared: &Arc<Shared>,
     inner: &S,
@@ -491,6 +523,8 @@ fn refresh<S, B, RB>(
         IF_UNMODIFIED_SINCE,
         IF_RANGE,
         RANGE,
+        CACHE_CONTROL,
+        PRAGMA,
     ] {
         r.headers_mut().remove(name);
     }
@@ -500,7 +534,9 @@ fn refresh<S, B, RB>(
         stale: Some(Arc::clone(entry)),
         ticket: Arc::new(Mutex::new(Some(ticket))),
         miss: "fwd=stale",
+        may_lead: true,
     });
+    r.extensions_mut().insert(SlotHold::new());
     let service = Ready::Later(inner.clone());
     tokio::spawn(async move {
         // Nobody reads the answer: the fill stores it on its own.
@@ -526,10 +562,7 @@ fn origin_failing<RB>(shared: &Shared, miss: &str) -> Response<CacheBody<RB>> {
         http::header::RETRY_AFTER,
         http::HeaderValue::from_static("1"),
     );
-    headers.insert(
-        http::header::CACHE_CONTROL,
-        http::HeaderValue::from_static("no-store"),
-    );
+    headers.insert(CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
     headers.insert(
         CACHE_STATUS,
         shared.status(&format!("{miss}; detail=origin-failed")),

@@ -41,6 +41,9 @@ pub use self::lookup::{CacheLookup, CacheLookupLayer};
 /// The two halves back to back: the whole cache around a service.
 pub type HttpCache<S> = CacheLookup<CacheFill<S>>;
 
+/// The longest any of the cache's own timers runs.
+const HOUR: Duration = Duration::from_secs(3600);
+
 /// The `Cache-Status` header (RFC 9211).
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
@@ -164,6 +167,13 @@ pub(crate) struct Shared {
     next_flight: AtomicU64,
     /// Fills that failed in a row lately, by key.
     failures: moka::sync::Cache<CacheKey, u32>,
+    /// Counts invalidations; a fill that started before the last one of its
+    /// key (or of a purge by prefix, tag or all) does not store.
+    epoch: AtomicU64,
+    /// The epoch of each key's last invalidation, lately.
+    invalidated: moka::sync::Cache<CacheKey, u64>,
+    /// The epoch of the last purge by prefix, tag or all.
+    scope_invalidated: AtomicU64,
     /// Keys whose responses were recently found uncacheable.
     hit_for_miss: moka::sync::Cache<CacheKey, ()>,
     /// Requests answered: hit, stale, miss, bypass.
@@ -178,6 +188,53 @@ impl Shared {
             .filter(|(prefix, _)| path.starts_with(prefix.as_str()))
             .max_by_key(|(prefix, _)| prefix.len())
             .map_or(self.config.rules, |(_, r)| *r)
+    }
+
+    /// The epoch a fill starting now records: it stores only if no
+    /// invalidation of its key comes after.
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Removes `key` (here, in the tier, on every replica); fills already
+    /// under way for it will not store what they got.
+    async fn invalidate(&self, key: &CacheKey) {
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        self.invalidated.insert(key.clone(), epoch);
+        self.store.remove(key).await;
+    }
+
+    /// Removes what `scope` covers; fills already under way do not store.
+    fn invalidate_scope(&self, scope: Scope) {
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        self.scope_invalidated.fetch_max(epoch, Ordering::AcqRel);
+        self.store.remove_scope(scope);
+    }
+
+    /// Whether `key` was invalidated after `since`: what a fill that
+    /// started then got is not to be stored or shared.
+    fn overtaken(&self, key: &CacheKey, since: u64) -> bool {
+        self.scope_invalidated.load(Ordering::Acquire) > since
+            || self.invalidated.get(key).is_some_and(|at| at > since)
+    }
+
+    /// Stores a filled `entry` (for a fill that started at `since`) and says
+    /// how the fill ended for those waiting: `true` if the store kept it.
+    async fn fill(
+        &self,
+        key: &CacheKey,
+        entry: &Arc<crate::entry::Entry>,
+        since: u64,
+    ) -> (bool, flight::Outcome) {
+        if self.overtaken(key, since) {
+            return (false, flight::Outcome::Uncacheable);
+        }
+        let kept = self.store.insert(key.clone(), Arc::clone(entry)).await;
+        if kept {
+            self.hit_for_miss.invalidate(key);
+        }
+        // Turned away by the value gate or not, those waiting may have it.
+        (kept, flight::Outcome::Filled(Arc::clone(entry)))
     }
 
     /// The cost rate of a second of delay for a request of `class` that
@@ -254,26 +311,25 @@ impl std::fmt::Debug for CachePurge {
 impl CachePurge {
     /// Removes the entry for a key such as `http://example.com/products/7`.
     pub async fn purge_key(&self, key: &str) {
-        self.shared.store.remove(&CacheKey::from_text(key)).await;
+        self.shared.invalidate(&CacheKey::from_text(key)).await;
     }
 
     /// Removes every entry whose key starts with `prefix` (on every replica,
     /// with a shared tier).
     pub fn purge_prefix(&self, prefix: &str) {
         self.shared
-            .store
-            .remove_scope(Scope::Prefix(prefix.to_owned()));
+            .invalidate_scope(Scope::Prefix(prefix.to_owned()));
     }
 
     /// Removes every entry tagged `tag` (by the tag header; on every
     /// replica, with a shared tier).
     pub fn purge_tag(&self, tag: &str) {
-        self.shared.store.remove_scope(Scope::Tag(tag.to_owned()));
+        self.shared.invalidate_scope(Scope::Tag(tag.to_owned()));
     }
 
     /// Removes everything (on every replica, with a shared tier).
     pub fn purge_all(&self) {
-        self.shared.store.remove_scope(Scope::All);
+        self.shared.invalidate_scope(Scope::All);
     }
 
     /// The shared tier's counters, if the cache has one.
@@ -351,7 +407,7 @@ impl HttpCacheLayer {
     ) -> Self {
         let hit_for_miss = moka::sync::Cache::builder()
             .max_capacity(100_000)
-            .time_to_live(config.hit_for_miss.max(Duration::from_millis(1)))
+            .time_to_live(config.hit_for_miss.clamp(Duration::from_millis(1), HOUR))
             .build();
         Self {
             shared: Arc::new(Shared {
@@ -368,8 +424,14 @@ impl HttpCacheLayer {
                 next_flight: AtomicU64::new(0),
                 failures: moka::sync::Cache::builder()
                     .max_capacity(100_000)
-                    .time_to_live(config.coalesce_wait.max(Duration::from_millis(1)))
+                    .time_to_live(config.coalesce_wait.clamp(Duration::from_millis(1), HOUR))
                     .build(),
+                epoch: AtomicU64::new(0),
+                invalidated: moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(HOUR)
+                    .build(),
+                scope_invalidated: AtomicU64::new(0),
                 hit_for_miss,
                 requests: Default::default(),
                 config,

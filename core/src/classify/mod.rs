@@ -65,6 +65,14 @@ use crate::ClassId;
 pub trait Classify<Req: ?Sized> {
     /// The class of `request`.
     fn classify(&self, request: &Req) -> ClassId;
+
+    /// The [`SlotHold`](crate::slot::SlotHold) a layer in front put on
+    /// `request`, if any: a limiter keeps the request's slot until every
+    /// clone of it is dropped. `None` unless a classifier says otherwise.
+    fn slot_hold(&self, request: &Req) -> Option<crate::slot::SlotHold> {
+        let _ = request;
+        None
+    }
 }
 
 impl<Req: ?Sized> Classify<Req> for ClassId {
@@ -76,6 +84,10 @@ impl<Req: ?Sized> Classify<Req> for ClassId {
 impl<Req: ?Sized, C: Classify<Req> + ?Sized> Classify<Req> for std::sync::Arc<C> {
     fn classify(&self, request: &Req) -> ClassId {
         (**self).classify(request)
+    }
+
+    fn slot_hold(&self, request: &Req) -> Option<crate::slot::SlotHold> {
+        (**self).slot_hold(request)
     }
 }
 
@@ -142,5 +154,9 @@ impl FromExtensions {
 impl<B> Classify<http::Request<B>> for FromExtensions {
     fn classify(&self, request: &http::Request<B>) -> ClassId {
         class_of(request).unwrap_or(self.default)
+    }
+
+    fn slot_hold(&self, request: &http::Request<B>) -> Option<crate::slot::SlotHold> {
+        request.extensions().get::<crate::slot::SlotHold>().cloned()
     }
 }

@@ -6,6 +6,7 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use gratify_core::slot::SlotHold;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -54,6 +55,7 @@ pin_project! {
         sleep: Sleep,
         service: Option<S>,
         request: Option<Req>,
+        hold: Option<SlotHold>,
     }
 }
 
@@ -73,7 +75,13 @@ impl<S: Service<Req>, Req, M> ResponseFuture<S, Req, M> {
         f
     }
 
-    pub(crate) fn waiting(ticket: Ticket, service: S, request: Req, hold_body: bool) -> Self {
+    pub(crate) fn waiting(
+        ticket: Ticket,
+        service: S,
+        request: Req,
+        hold: Option<SlotHold>,
+        hold_body: bool,
+    ) -> Self {
         let sleep = tokio::time::sleep_until(ticket.deadline());
         let mut f = Self::with(State::Waiting {
             wait: Box::pin(Wait {
@@ -81,6 +89,7 @@ impl<S: Service<Req>, Req, M> ResponseFuture<S, Req, M> {
                 sleep,
                 service: Some(service),
                 request: Some(request),
+                hold,
             }),
         });
         f.hold_body = hold_body;
@@ -120,6 +129,7 @@ where
                         sleep,
                         service,
                         request,
+                        hold,
                     } = wait.as_mut().project();
                     let outcome = match ticket.poll(cx) {
                         Poll::Ready(outcome) => outcome,
@@ -147,6 +157,7 @@ where
                             };
                             // The service was made ready before the request
                             // was queued, and kept for it.
+                            let permit = permit.held_by(hold.take());
                             let future = service.call(request);
                             this.state.set(State::Called {
                                 future,

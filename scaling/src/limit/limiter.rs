@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use gratify_core::estimate::MinTracker;
+use gratify_core::slot::SlotHold;
 use gratify_core::{Class, ClassId, CostModel, LoadSignal, LoadSnapshot};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -1016,6 +1017,19 @@ pub struct Permit {
     start: Option<Instant>,
     in_flight: usize,
     done: bool,
+    /// Work that may outlive the request: the slot is kept until it ends.
+    hold: Option<SlotHold>,
+}
+
+/// A permit parked in a [`SlotHold`]: completed when the last holder goes.
+struct Parked(Option<Permit>, Outcome);
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        if let Some(permit) = self.0.take() {
+            permit.complete(self.1);
+        }
+    }
 }
 
 impl Permit {
@@ -1026,7 +1040,15 @@ impl Permit {
             start,
             in_flight,
             done: false,
+            hold: None,
         }
+    }
+
+    /// Keeps the slot, after the request is done, until every clone of
+    /// `hold` is dropped (see [`SlotHold`]).
+    pub(crate) fn held_by(mut self, hold: Option<SlotHold>) -> Self {
+        self.hold = hold;
+        self
     }
 
     /// Releases the slot with the request's outcome.
@@ -1036,6 +1058,22 @@ impl Permit {
 
     fn finish(&mut self, outcome: Outcome) {
         if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        if let Some(hold) = self.hold.take()
+            && hold.shared()
+        {
+            // Work goes on under this request's slot: release it when the
+            // last holder is done (dropping `hold` here may be that moment).
+            let parked = Self {
+                limiter: self.limiter.clone(),
+                class: self.class,
+                start: self.start,
+                in_flight: self.in_flight,
+                done: false,
+                hold: None,
+            };
+            hold.park(Box::new(Parked(Some(parked), outcome)));
             return;
         }
         let Some(start) = self.start else {

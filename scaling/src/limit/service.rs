@@ -91,6 +91,7 @@ where
         match self.limiter.acquire(class) {
             Acquire::Admitted(permit) => {
                 span.record("admission", "admitted");
+                let permit = permit.held_by(self.classify.slot_hold(&request));
                 let future = self.inner.call(request);
                 ResponseFuture::called(future, permit, self.hold_body)
             }
@@ -98,7 +99,8 @@ where
                 span.record("admission", "queued");
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::waiting(ticket, ready, request, self.hold_body)
+                let hold = self.classify.slot_hold(&request);
+                ResponseFuture::waiting(ticket, ready, request, hold, self.hold_body)
             }
             Acquire::Refused(refusal) => {
                 span.record("admission", "shed");
