@@ -22,6 +22,7 @@
 //! ttl = "30s"                   # freshness for responses without any (opt-in)
 //! allow_cookies = false
 //! cache_errors = false
+//! heuristic = false             # a tenth of the time since Last-Modified, at most a day
 //!
 //! [[routes]]                    # per path prefix; the longest prefix wins
 //! prefix = "/catalogue"
@@ -80,6 +81,8 @@ struct RulesSpec {
     allow_cookies: bool,
     #[serde(default)]
     cache_errors: bool,
+    #[serde(default)]
+    heuristic: bool,
 }
 
 impl RulesSpec {
@@ -88,6 +91,7 @@ impl RulesSpec {
             default_ttl: self.ttl,
             allow_cookies: self.allow_cookies,
             cache_errors: self.cache_errors,
+            heuristic: self.heuristic,
         }
     }
 }

@@ -32,10 +32,22 @@ use http::header::CACHE_CONTROL;
 /// value overflows.
 pub const MAX_DELTA: Duration = Duration::from_secs(2_147_483_648);
 
+/// The targeted cache-control field (RFC 9213) this cache obeys: a CDN-like
+/// shared cache in front of the service.
+pub const CDN_CACHE_CONTROL: http::HeaderName = http::HeaderName::from_static("cdn-cache-control");
+
 /// One directive: a lower-case name and an optional value (quotes removed).
 fn directives(headers: &HeaderMap) -> Result<Vec<(String, Option<String>)>, ()> {
+    directives_of(headers, &CACHE_CONTROL)
+}
+
+/// The directives of every `name` field of `headers`.
+fn directives_of(
+    headers: &HeaderMap,
+    name: &http::HeaderName,
+) -> Result<Vec<(String, Option<String>)>, ()> {
     let mut out = Vec::new();
-    for value in headers.get_all(CACHE_CONTROL) {
+    for value in headers.get_all(name) {
         let text = value.to_str().map_err(|_| ())?;
         parse_list(text, &mut out)?;
         if out.len() > 64 {
@@ -177,31 +189,52 @@ pub struct ResponseDirectives {
     pub stale_while_revalidate: Option<Duration>,
     /// `stale-if-error` (RFC 5861).
     pub stale_if_error: Option<Duration>,
+    /// `must-understand`: store only if the status is understood (then
+    /// `no-store` is for caches that do not understand it).
+    pub must_understand: bool,
+    /// Read from `CDN-Cache-Control` (RFC 9213): `Cache-Control` and
+    /// `Expires` do not apply to this cache.
+    pub targeted: bool,
 }
 
 impl ResponseDirectives {
-    /// Reads every `Cache-Control` field of `headers`. A malformed field
-    /// makes the response `no-store`.
+    /// The directives this shared cache obeys: those of a valid, non-empty
+    /// `CDN-Cache-Control` if the response has one (RFC 9213 — then
+    /// `Cache-Control` and `Expires` are for other caches), else those of
+    /// every `Cache-Control` field. A malformed `Cache-Control` makes the
+    /// response `no-store`; a malformed `CDN-Cache-Control` is ignored.
     pub fn from_headers(headers: &HeaderMap) -> Self {
+        if let Some(list) = targeted(headers) {
+            return Self {
+                targeted: true,
+                ..Self::from_list(&list)
+            };
+        }
         let Ok(list) = directives(headers) else {
             return Self {
                 no_store: true,
                 ..Self::default()
             };
         };
+        Self::from_list(&list)
+    }
+
+    fn from_list(list: &[(String, Option<String>)]) -> Self {
         Self {
-            max_age: delta(&list, "max-age"),
-            s_maxage: delta(&list, "s-maxage"),
-            no_store: has(&list, "no-store"),
-            no_cache: has(&list, "no-cache"),
-            private: has(&list, "private"),
-            public: has(&list, "public"),
-            must_revalidate: has(&list, "must-revalidate"),
-            proxy_revalidate: has(&list, "proxy-revalidate"),
-            no_transform: has(&list, "no-transform"),
-            immutable: has(&list, "immutable"),
-            stale_while_revalidate: delta(&list, "stale-while-revalidate"),
-            stale_if_error: delta(&list, "stale-if-error"),
+            max_age: delta(list, "max-age"),
+            s_maxage: delta(list, "s-maxage"),
+            no_store: has(list, "no-store"),
+            no_cache: has(list, "no-cache"),
+            private: has(list, "private"),
+            public: has(list, "public"),
+            must_revalidate: has(list, "must-revalidate"),
+            proxy_revalidate: has(list, "proxy-revalidate"),
+            no_transform: has(list, "no-transform"),
+            immutable: has(list, "immutable"),
+            stale_while_revalidate: delta(list, "stale-while-revalidate"),
+            stale_if_error: delta(list, "stale-if-error"),
+            must_understand: has(list, "must-understand"),
+            targeted: false,
         }
     }
 
@@ -210,6 +243,47 @@ impl ResponseDirectives {
     pub fn requires_revalidation(&self) -> bool {
         self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_some()
     }
+}
+
+/// The directives of a valid, non-empty `CDN-Cache-Control`: a Structured
+/// Field dictionary (RFC 8941) — lower-case keys, no whitespace around `=`,
+/// integers where a number of seconds is meant. Anything else makes the
+/// whole field invalid, and it is ignored.
+fn targeted(headers: &HeaderMap) -> Option<Vec<(String, Option<String>)>> {
+    let mut list = Vec::new();
+    for value in headers.get_all(&CDN_CACHE_CONTROL) {
+        for member in value.to_str().ok()?.split(',') {
+            let member = member.trim_matches([' ', '\t']);
+            // Parameters do not change a directive's meaning here.
+            let member = member.split(';').next().unwrap_or("");
+            let (key, value) = match member.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (member, None),
+            };
+            let mut key_bytes = key.bytes();
+            let key_ok = key_bytes
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b == b'*')
+                && key_bytes
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.*".contains(&b));
+            if !key_ok {
+                return None;
+            }
+            let seconds = matches!(
+                key,
+                "max-age" | "s-maxage" | "stale-while-revalidate" | "stale-if-error"
+            );
+            match value {
+                Some(v) if seconds && (v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit())) => {
+                    return None;
+                }
+                Some(v) if v.is_empty() || v.contains([' ', '\t']) => return None,
+                _ => {}
+            }
+            list.push((key.to_owned(), value.map(unquote)));
+        }
+    }
+    (!list.is_empty()).then_some(list)
 }
 
 /// The directives of a request's `Cache-Control` (and `Pragma: no-cache`).

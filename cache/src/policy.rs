@@ -54,7 +54,7 @@ pub fn freshness_lifetime(
     if let Some(m) = directives.max_age {
         return Some(m);
     }
-    if headers.contains_key(EXPIRES) {
+    if headers.contains_key(EXPIRES) && !directives.targeted {
         // An invalid Expires (or several) means already expired.
         let expires = single_date(headers, &EXPIRES);
         let date = single_date(headers, &DATE);
@@ -76,7 +76,57 @@ pub fn single_date(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime>
     if values.next().is_some() {
         return None;
     }
-    httpdate::parse_http_date(first.to_str().ok()?).ok()
+    parse_date(first.to_str().ok()?)
+}
+
+/// An HTTP date (RFC 9110 §5.6.7): IMF-fixdate, RFC 850 or asctime — in any
+/// letter case, and with a weekday that does not match the date (recipients
+/// are asked to be lenient there). Anything else — another zone, missing
+/// punctuation, a one-digit hour — is not a date.
+pub fn parse_date(text: &str) -> Option<SystemTime> {
+    if let Ok(t) = httpdate::parse_http_date(text) {
+        return Some(t);
+    }
+    if text.len() > 64 || !text.is_ascii() {
+        return None;
+    }
+    // Letters as the grammar spells them: `Mon`, `Aug`, `GMT`.
+    let mut fixed = String::with_capacity(text.len());
+    let mut in_word = false;
+    for c in text.chars() {
+        if c.is_ascii_alphabetic() {
+            fixed.push(if in_word {
+                c.to_ascii_lowercase()
+            } else {
+                c.to_ascii_uppercase()
+            });
+            in_word = true;
+        } else {
+            fixed.push(c);
+            in_word = false;
+        }
+    }
+    let fixed = fixed.replace("Gmt", "GMT");
+    if let Ok(t) = httpdate::parse_http_date(&fixed) {
+        return Some(t);
+    }
+    // The weekday is redundant: try the date under each weekday name.
+    const SHORT: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const LONG: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let end = fixed.find([',', ' '])?;
+    let (weekday, rest) = fixed.split_at(end);
+    let names: &[&str] = if weekday.len() > 3 { &LONG } else { &SHORT };
+    names
+        .iter()
+        .find_map(|name| httpdate::parse_http_date(&format!("{name}{rest}")).ok())
 }
 
 /// What a route allows the cache to store.
@@ -92,6 +142,11 @@ pub struct Rules {
     /// Also store the heuristically cacheable error statuses (404, 405, 410,
     /// 414, 501) when they carry freshness information.
     pub cache_errors: bool,
+    /// Heuristic freshness (RFC 9111 §4.2.2) for responses with a
+    /// `Last-Modified` and no freshness information: a tenth of the time
+    /// since it was modified, at most a day. Off by default — for a proxy in
+    /// front of origins it does not control.
+    pub heuristic: bool,
 }
 
 impl Rules {
@@ -118,10 +173,20 @@ impl Rules {
         if method != Method::GET {
             return Err(NotStored::Method);
         }
-        if !self.status_storable(status) {
+        // Redirects that say how long they hold are stored too (RFC 9111
+        // §3: any understood status, with explicit freshness).
+        let explicit = directives.s_maxage.is_some()
+            || directives.max_age.is_some()
+            || (response.contains_key(EXPIRES) && !directives.targeted);
+        let understood = self.status_storable(status)
+            || (explicit && matches!(status.as_u16(), 302 | 303 | 307));
+        if !understood {
             return Err(NotStored::Status);
         }
-        if directives.no_store || RequestDirectives::from_headers(request).no_store {
+        // `must-understand`: a cache that understands the status stores it
+        // despite `no-store` (which is for caches that do not).
+        let no_store = directives.no_store && !directives.must_understand;
+        if no_store || RequestDirectives::from_headers(request).no_store {
             return Err(NotStored::NoStore);
         }
         if directives.private {
@@ -140,7 +205,16 @@ impl Rules {
         if vary_fields(response).is_none() {
             return Err(NotStored::VaryStar);
         }
-        match freshness_lifetime(directives, response, self.default_ttl) {
+        let heuristic = || {
+            if !self.heuristic || !self.status_storable(status) || directives.no_cache {
+                return None;
+            }
+            let modified = single_date(response, &LAST_MODIFIED)?;
+            let date = single_date(response, &DATE).unwrap_or_else(SystemTime::now);
+            let since = date.duration_since(modified).ok()?;
+            Some((since / 10).min(Duration::from_secs(86_400)))
+        };
+        match freshness_lifetime(directives, response, self.default_ttl).or_else(heuristic) {
             Some(lifetime) => Ok(lifetime),
             // `no-cache` with a validator: store, revalidate every time.
             None if directives.no_cache && has_validator(response) => Ok(Duration::ZERO),
@@ -216,10 +290,13 @@ pub fn initial_age(headers: &HeaderMap, response_delay: Duration, now: SystemTim
     let apparent = single_date(headers, &DATE)
         .and_then(|d| now.duration_since(d).ok())
         .unwrap_or(Duration::ZERO);
+    // The first value of the first line (`Age: 7200, 0` is 7200 s old; a
+    // parameter does not change the number).
     let age_header = headers
         .get(AGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_delta)
+        .and_then(|v| v.split([',', ';']).next())
+        .and_then(|v| parse_delta(v.trim()))
         .unwrap_or(Duration::ZERO);
     apparent.max(age_header.saturating_add(response_delay))
 }
@@ -464,6 +541,42 @@ mod tests {
     }
 
     #[test]
+    fn heuristic_freshness_only_where_asked() {
+        let mut rules = Rules::default();
+        let resp = map(&[
+            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ("last-modified", "Sun, 06 Nov 1994 07:49:37 GMT"),
+        ]);
+        let check = |rules: &Rules, resp: &HeaderMap, status: u16| {
+            let d = ResponseDirectives::from_headers(resp);
+            rules.storable(
+                &Method::GET,
+                &HeaderMap::new(),
+                StatusCode::from_u16(status).unwrap(),
+                resp,
+                &d,
+            )
+        };
+        assert_eq!(check(&rules, &resp, 200), Err(NotStored::NoFreshness));
+        rules.heuristic = true;
+        // A tenth of the hour since it was modified.
+        assert_eq!(check(&rules, &resp, 200), Ok(Duration::from_secs(360)));
+        // At most a day.
+        let old = map(&[
+            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ("last-modified", "Sun, 06 Nov 1990 08:49:37 GMT"),
+        ]);
+        assert_eq!(check(&rules, &old, 200), Ok(Duration::from_secs(86_400)));
+        // Not for what is not heuristically cacheable, nor without a date.
+        assert_eq!(check(&rules, &resp, 404), Err(NotStored::Status));
+        assert_eq!(check(&rules, &map(&[]), 200), Err(NotStored::NoFreshness));
+        // Explicit freshness wins.
+        let mut explicit = resp;
+        explicit.insert("cache-control", "max-age=5".parse().unwrap());
+        assert_eq!(check(&rules, &explicit, 200), Ok(Duration::from_secs(5)));
+    }
+
+    #[test]
     fn privacy_rules() {
         let cc = ("cache-control", "max-age=60");
         assert_eq!(
@@ -550,6 +663,41 @@ mod tests {
     }
 
     #[test]
+    fn dates_are_read_leniently() {
+        let t = |s: &str| parse_date(s).map(httpdate::fmt_http_date);
+        let want = Some("Thu, 18 Aug 2050 02:01:18 GMT".to_owned());
+        for text in [
+            "Thu, 18 Aug 2050 02:01:18 GMT",
+            "THU, 18 Aug 2050 02:01:18 GMT",
+            "Thu, 18 AUG 2050 02:01:18 GMT",
+            "Thu, 18 Aug 2050 02:01:18 gmt",
+            "Thursday, 18-Aug-50 02:01:18 GMT",
+            "Thu Aug 18 02:01:18 2050",
+            // A weekday that does not match the date.
+            "Mon, 18 Aug 2050 02:01:18 GMT",
+        ] {
+            assert_eq!(t(text), want, "{text}");
+        }
+        for bad in [
+            "",
+            "soon",
+            "18 Aug 2050",
+            "Thu, 32 Aug 2050 02:01:18 GMT",
+            "0",
+            "2050-08-18T02:01:18Z",
+        ] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_date_text_never_panics(text in "[ -~]{0,40}") {
+            let _ = parse_date(&text);
+        }
+    }
+
+    #[test]
     fn age_and_vary() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777 + 30);
         let h = map(&[("date", "Sun, 06 Nov 1994 08:49:37 GMT"), ("age", "10")]);
@@ -564,6 +712,19 @@ mod tests {
         );
         let h = map(&[("age", "-3")]);
         assert_eq!(initial_age(&h, Duration::ZERO, now), Duration::ZERO);
+        for (age, secs) in [
+            ("7200, 0", 7200),
+            ("0, 7200", 0),
+            ("7200;a=1", 7200),
+            (" 12 ", 12),
+        ] {
+            let h = map(&[("age", age)]);
+            assert_eq!(
+                initial_age(&h, Duration::ZERO, now),
+                Duration::from_secs(secs),
+                "{age}"
+            );
+        }
 
         let v = map(&[
             ("vary", "Accept-Encoding, accept-encoding"),

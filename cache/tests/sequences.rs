@@ -1106,3 +1106,130 @@ async fn an_endless_body_passes_through_past_the_entry_limit() {
     .unwrap();
     assert_eq!(h.seen.calls(), 2);
 }
+
+// ---------------------------------------------------------------------------
+// 7. What a stored response can also answer
+// ---------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_range_is_cut_from_the_stored_response() {
+    let h = harness(cache(), Duration::ZERO, |_, _| {
+        respond(
+            200,
+            "0123456789",
+            &[("cache-control", "max-age=60"), ("etag", "\"v\"")],
+        )
+    });
+    send(&h.svc, get("/p", &[])).await;
+    for (range, status, body, content_range) in [
+        ("bytes=0-1", 206, "01", Some("bytes 0-1/10")),
+        ("bytes=7-", 206, "789", Some("bytes 7-9/10")),
+        ("bytes=-2", 206, "89", Some("bytes 8-9/10")),
+        ("bytes=5-100", 206, "56789", Some("bytes 5-9/10")),
+        ("bytes=10-", 416, "", Some("bytes */10")),
+        // Several ranges, other units, nonsense: the whole response.
+        ("bytes=0-1,3-4", 200, "0123456789", None),
+        ("items=0-1", 200, "0123456789", None),
+        ("bytes=5-2", 200, "0123456789", None),
+    ] {
+        let got = send(&h.svc, get("/p", &[("range", range)])).await;
+        assert_eq!(
+            (got.status.as_u16(), got.body.as_str()),
+            (status, body),
+            "{range}"
+        );
+        assert_eq!(
+            got.headers
+                .get("content-range")
+                .map(|v| v.to_str().unwrap()),
+            content_range,
+            "{range}"
+        );
+        assert!(got.hit(), "{range}");
+    }
+    // If-Range names another version: the whole (current) response.
+    let got = send(
+        &h.svc,
+        get("/p", &[("range", "bytes=0-1"), ("if-range", "\"old\"")]),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let got = send(
+        &h.svc,
+        get("/p", &[("range", "bytes=0-1"), ("if-range", "\"v\"")]),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(h.seen.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cdn_cache_control_speaks_to_this_cache_alone() {
+    // (CDN-Cache-Control, Cache-Control) → stored and reused?
+    for (cdn, cc, reused) in [
+        ("max-age=600", "no-store", true),
+        ("no-store", "max-age=600", false),
+        ("private", "max-age=600", false),
+        ("max-age=0", "max-age=600", false),
+        // Malformed as a dictionary: ignored, Cache-Control applies.
+        ("max-age =600", "max-age=600", true),
+        ("max-age =600", "no-store", false),
+        ("max-age=\"600\"", "no-store", false),
+        ("max-age=600, &&&", "no-store", false),
+        ("Max-Age=600", "no-store", false),
+    ] {
+        let h = harness(cache(), Duration::ZERO, move |_, n| {
+            respond(
+                200,
+                &format!("v{n}"),
+                &[("cdn-cache-control", cdn), ("cache-control", cc)],
+            )
+        });
+        send(&h.svc, get("/p", &[])).await;
+        advance(1).await;
+        let got = send(&h.svc, get("/p", &[])).await;
+        assert_eq!(got.hit(), reused, "{cdn} / {cc}: {}", got.cache_status());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn redirects_with_explicit_freshness_and_must_understand_are_stored() {
+    for (status, cc, stored) in [
+        (302, "max-age=60", true),
+        (307, "max-age=60", true),
+        (302, "", false),
+        (200, "max-age=60, must-understand, no-store", true),
+        (404, "max-age=60, must-understand, no-store", false),
+        (500, "max-age=60", false),
+    ] {
+        let h = harness(cache(), Duration::ZERO, move |_, n| {
+            let mut headers = vec![("location", "/elsewhere")];
+            if !cc.is_empty() {
+                headers.push(("cache-control", cc));
+            }
+            respond(status, &format!("v{n}"), &headers)
+        });
+        send(&h.svc, get("/p", &[])).await;
+        let got = send(&h.svc, get("/p", &[])).await;
+        assert_eq!(got.hit(), stored, "{status} {cc}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn if_modified_since_is_answered_from_date_without_last_modified() {
+    let h = harness(cache(), Duration::ZERO, |_, _| {
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        respond(
+            200,
+            "v",
+            &[("cache-control", "max-age=60"), ("date", &date)],
+        )
+    });
+    send(&h.svc, get("/p", &[])).await;
+    let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(60));
+    let got = send(&h.svc, get("/p", &[("if-modified-since", &later)])).await;
+    assert_eq!(got.status, StatusCode::NOT_MODIFIED);
+    let earlier = httpdate::fmt_http_date(std::time::SystemTime::now() - Duration::from_secs(3600));
+    let got = send(&h.svc, get("/p", &[("if-modified-since", &earlier)])).await;
+    assert_eq!(got.status, StatusCode::OK);
+}

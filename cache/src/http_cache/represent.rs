@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{
-    AGE, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, HeaderMap, HeaderValue, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, LAST_MODIFIED, VARY,
+    AGE, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, DATE, ETAG, HeaderMap, HeaderValue,
+    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, RANGE, VARY,
 };
 use http::{Method, Response, StatusCode};
 use tokio::time::Instant;
@@ -110,7 +110,13 @@ pub(crate) async fn serve<RB>(
     let age = entry.age(now);
     let ttl = entry.lifetime.as_secs() as i64 - age.as_secs() as i64;
     let not_modified = conditional_matches(request, &entry.headers);
-    let response = represent(shared, entry, request, None).await;
+    let range = (*method == Method::GET && !not_modified && entry.status == StatusCode::OK)
+        .then(|| byte_range(request, &entry.headers))
+        .flatten();
+    let response = match range {
+        Some(range) => partial(shared, entry, range).await,
+        None => represent(shared, entry, request, None).await,
+    };
     let (mut parts, body) = response.into_parts();
     let body = if *method == Method::HEAD || not_modified {
         CacheBody::empty()
@@ -128,6 +134,115 @@ pub(crate) async fn serve<RB>(
     Response::from_parts(parts, body)
 }
 
+/// One range of bytes a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ByteRange {
+    /// `first-last` or `first-`.
+    From(u64, Option<u64>),
+    /// `-n`: the last n bytes.
+    Suffix(u64),
+}
+
+/// The one byte range a request asks of a stored response, if it asks for
+/// exactly one and its `If-Range` (if any) names this response; several
+/// ranges, other units or anything malformed are answered in full.
+fn byte_range(request: &HeaderMap, stored: &HeaderMap) -> Option<ByteRange> {
+    let mut values = request.get_all(RANGE).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    if let Some(if_range) = request.get(IF_RANGE) {
+        let if_range = if_range.to_str().ok()?.trim();
+        let matches = if if_range.starts_with('"') {
+            // A strong comparison: weak validators never match.
+            stored
+                .get(ETAG)
+                .and_then(|e| e.to_str().ok())
+                .is_some_and(|e| e.trim() == if_range)
+        } else {
+            let date = crate::policy::parse_date(if_range);
+            date.is_some() && date == crate::policy::single_date(stored, &LAST_MODIFIED)
+        };
+        if !matches {
+            return None;
+        }
+    }
+    let spec = value.to_str().ok()?.trim().strip_prefix("bytes=")?.trim();
+    if spec.contains(',') {
+        return None;
+    }
+    let (first, last) = spec.split_once('-')?;
+    let number = |t: &str| -> Option<u64> {
+        let t = t.trim();
+        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| t.parse().ok())
+            .flatten()
+    };
+    match (first.trim().is_empty(), last.trim().is_empty()) {
+        (true, false) => Some(ByteRange::Suffix(number(last)?)),
+        (false, true) => Some(ByteRange::From(number(first)?, None)),
+        (false, false) => {
+            let (first, last) = (number(first)?, number(last)?);
+            (first <= last).then_some(ByteRange::From(first, Some(last)))
+        }
+        (true, true) => None,
+    }
+}
+
+/// The stored response's identity body, cut to `range` (206), or 416 when
+/// the range lies outside it.
+async fn partial(shared: &Shared, entry: &Entry, range: ByteRange) -> Response<Bytes> {
+    let body = if entry.encodings.is_empty() {
+        Some(entry.body.clone())
+    } else {
+        decode(shared, entry).await
+    };
+    let mut response = Response::new(Bytes::new());
+    *response.version_mut() = entry.version;
+    *response.headers_mut() = entry.headers.clone();
+    if !shared.config.expose_tags
+        && let Some(tag) = &shared.config.tag_header
+    {
+        response.headers_mut().remove(tag);
+    }
+    let Some(body) = body else {
+        *response.status_mut() = StatusCode::BAD_GATEWAY;
+        response.headers_mut().remove(CONTENT_LENGTH);
+        return response;
+    };
+    let len = body.len() as u64;
+    let span = match range {
+        ByteRange::From(first, last) if first < len => {
+            Some((first, last.map_or(len - 1, |l| l.min(len - 1))))
+        }
+        ByteRange::Suffix(n) if n > 0 && len > 0 => Some((len - n.min(len), len - 1)),
+        _ => None,
+    };
+    let headers = response.headers_mut();
+    headers.remove(CONTENT_ENCODING);
+    match span {
+        Some((first, last)) => {
+            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let part = body.slice(first as usize..=last as usize);
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(part.len()));
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {first}-{last}/{len}")) {
+                headers.insert(CONTENT_RANGE, v);
+            }
+            *response.body_mut() = part;
+        }
+        None => {
+            *response.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(0));
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                headers.insert(CONTENT_RANGE, v);
+            }
+        }
+    }
+    response
+}
+
 /// Whether a client's `If-None-Match` (weak comparison) or
 /// `If-Modified-Since` is satisfied by a response with `stored`'s
 /// validators.
@@ -139,9 +254,13 @@ pub(crate) fn conditional_matches(request: &HeaderMap, stored: &HeaderMap) -> bo
         let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
         return inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(etag));
     }
+    // Without `Last-Modified`, the stored response's `Date` stands in
+    // (RFC 9111 §4.3.2).
+    let modified = crate::policy::single_date(stored, &LAST_MODIFIED)
+        .or_else(|| crate::policy::single_date(stored, &DATE));
     match (
         crate::policy::single_date(request, &IF_MODIFIED_SINCE),
-        crate::policy::single_date(stored, &LAST_MODIFIED),
+        modified,
     ) {
         (Some(since), Some(modified)) => modified <= since,
         _ => false,

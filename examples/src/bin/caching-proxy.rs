@@ -28,6 +28,11 @@ struct Args {
     /// it below the origin's keep-alive timeout).
     #[arg(long, default_value_t = 4000)]
     upstream_idle_ms: u64,
+    /// Store nothing without explicit freshness: no heuristic freshness
+    /// from `Last-Modified` (a proxy in front of origins it does not control
+    /// uses it by default, as Squid and Traffic Server do).
+    #[arg(long)]
+    no_heuristic: bool,
 }
 
 #[tokio::main]
@@ -49,6 +54,7 @@ async fn main() -> ExitCode {
     };
     let mut config = HttpCacheConfig::default();
     config.max_bytes = args.max_mib.saturating_mul(1024 * 1024);
+    config.rules.heuristic = !args.no_heuristic;
     let mut options = proxy::ProxyOptions::default();
     options.upstream_idle = std::time::Duration::from_millis(args.upstream_idle_ms);
     eprintln!("caching-proxy: {} -> {upstream}", args.listen);
