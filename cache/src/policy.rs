@@ -367,13 +367,21 @@ pub fn connection_fields(headers: &HeaderMap) -> Vec<HeaderName> {
 /// Removes the hop-by-hop fields and those `Connection` names, as a proxy
 /// does before it forwards a message.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.is_empty() {
+    // One pass over the names finds what to remove (usually nothing, or
+    // `Connection` alone): no lookup per hop-by-hop name.
+    let mut found: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if HOP_BY_HOP.contains(&name.as_str()) {
+            found.push(name.clone());
+        }
+    }
+    if found.is_empty() {
         return;
     }
-    for name in connection_fields(headers) {
-        headers.remove(name);
+    if found.contains(&http::header::CONNECTION) {
+        found.extend(connection_fields(headers));
     }
-    for name in HOP_BY_HOP {
+    for name in found {
         headers.remove(name);
     }
 }

@@ -264,8 +264,12 @@ where
     let directives = RequestDirectives::from_headers(request.headers());
     let fail_safe = shared.config.fail_safe;
     let head = method == Method::HEAD;
-    let rules = shared.rules(request.uri().path());
-    let may_lead = may_lead(request.headers(), &directives, &rules);
+    // Whether this request may fill for everyone: asked only off the hit
+    // path.
+    let leads = |request: &Request<B>| {
+        let rules = shared.rules(request.uri().path());
+        may_lead(request.headers(), &directives, &rules)
+    };
 
     let now = Instant::now();
     let variants = shared.store.get(&key).await;
@@ -280,7 +284,7 @@ where
                     && !lifetime.is_zero()
                     && age.as_secs_f64() >= lifetime.as_secs_f64() * fraction
                     && !head
-                    && may_lead
+                    && leads(&request)
                 {
                     refresh(&shared, &inner, &request, &key, found);
                 }
@@ -290,7 +294,7 @@ where
                 return Ok(serve(&shared, found, &method, request.headers(), now, "hit").await);
             }
             Reuse::WhileRevalidating => {
-                if !head && may_lead {
+                if !head && leads(&request) {
                     refresh(&shared, &inner, &request, &key, found);
                 }
                 let detail = "hit; fwd=stale";
@@ -319,6 +323,7 @@ where
 
     // Coalesce: one fill per key; the others wait for its outcome — all
     // rounds together at most `coalesce_wait`.
+    let may_lead = leads(&request);
     let mut solo = !may_lead || shared.hit_for_miss.contains_key(&key);
     let mut service = Ready::Now(inner);
     let deadline = Instant::now() + shared.config.coalesce_wait;

@@ -260,6 +260,14 @@ impl Shared {
     }
 
     fn status(&self, detail: &str) -> HeaderValue {
+        self.status_with(detail, None)
+    }
+
+    /// `Cache-Status` with `detail` and, for a stored response, its `ttl`;
+    /// counts the request by result. Built in one buffer: it is on every
+    /// hit.
+    fn status_with(&self, detail: &str, ttl: Option<i64>) -> HeaderValue {
+        use std::fmt::Write as _;
         // Recorded on the request's span if it declares `cache` (as
         // `gratify::Stack`'s does).
         tracing::Span::current().record("cache", detail);
@@ -277,8 +285,14 @@ impl Shared {
         metrics::counter!("gratify_cache_requests_total", "result" => result).increment(1);
         #[cfg(not(feature = "metrics"))]
         let _ = result;
-        HeaderValue::from_str(&format!("{}; {detail}", self.config.name))
-            .unwrap_or(HeaderValue::from_static("gratify"))
+        let mut text = String::with_capacity(self.config.name.len() + detail.len() + 16);
+        text.push_str(&self.config.name);
+        text.push_str("; ");
+        text.push_str(detail);
+        if let Some(ttl) = ttl {
+            let _ = write!(text, "; ttl={ttl}");
+        }
+        HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("gratify"))
     }
 }
 

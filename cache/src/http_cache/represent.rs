@@ -130,7 +130,7 @@ pub(crate) async fn serve<RB>(
     parts.headers.insert(AGE, HeaderValue::from(age.as_secs()));
     parts
         .headers
-        .insert(CACHE_STATUS, shared.status(&format!("{detail}; ttl={ttl}")));
+        .insert(CACHE_STATUS, shared.status_with(detail, Some(ttl)));
     Response::from_parts(parts, body)
 }
 
