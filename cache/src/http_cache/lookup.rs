@@ -491,8 +491,9 @@ async fn answer<RB, E>(
 
 /// Starts at most one background refresh of `key` through the inner service
 /// — so through whatever limit sits between the halves, as a request of the
-/// class of the request that found the entry — unless a slot costs more now
-/// than the delay the refresh would save. Only a request that could fill
+/// class of the request that found the entry: the limit admits, queues or
+/// refuses it at the going price of a slot like any request of that class
+/// (a refused refresh costs no one a wait). Only a request that could fill
 /// for everyone starts one (no credentials or cookies go to the origin for
 /// an answer others will be served), without its conditions, range or
 /// `Cache-Control`.
@@ -509,9 +510,6 @@ fn refresh<S, B, RB>(
     B: Default + Send + 'static,
     RB: Send + 'static,
 {
-    if shared.refresh_deferred(entry.cost_rate) {
-        return;
-    }
     let Some(ticket) = flight::try_lead(shared, key) else {
         return;
     };

@@ -24,7 +24,7 @@ mod represent;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
@@ -158,9 +158,6 @@ pub(crate) struct Shared {
     /// Swapped whole by `reload`.
     model: Option<gratify_core::SharedModel>,
     key_part: Option<Box<dyn KeyPart>>,
-    /// The load the limiter publishes: background refreshes wait while a
-    /// slot costs more than the delay they would save.
-    signal: OnceLock<gratify_core::LoadSignal>,
     /// Fills in progress, by key.
     inflight: Mutex<HashMap<CacheKey, flight::Flight>>,
     /// Numbers fills, so a finished one removes only itself.
@@ -249,14 +246,6 @@ impl Shared {
             }
             None => 1.0,
         }
-    }
-
-    /// Whether a background refresh worth `cost_rate` per second of the
-    /// origin's latency should wait: a slot costs more now than that.
-    fn refresh_deferred(&self, cost_rate: f64) -> bool {
-        self.signal
-            .get()
-            .is_some_and(|s| s.snapshot().slot_second_price() > cost_rate)
     }
 
     fn status(&self, detail: &str) -> HeaderValue {
@@ -433,7 +422,6 @@ impl HttpCacheLayer {
                 ),
                 key_part,
                 model: model.map(gratify_core::SharedModel::new),
-                signal: OnceLock::new(),
                 inflight: Mutex::new(HashMap::new()),
                 next_flight: AtomicU64::new(0),
                 failures: moka::sync::Cache::builder()
@@ -489,16 +477,6 @@ impl HttpCacheLayer {
         CachePurge {
             shared: Arc::clone(&self.shared),
         }
-    }
-
-    /// Lets background refreshes (eager and `stale-while-revalidate`) wait
-    /// while the limiter's slots cost more than the delay a refresh saves;
-    /// `gratify::Stack` passes its limiter's signal. Call it before the
-    /// first request; a second signal is ignored.
-    #[must_use]
-    pub fn with_load_signal(self, signal: gratify_core::LoadSignal) -> Self {
-        let _ = self.shared.signal.set(signal);
-        self
     }
 
     /// The first half alone: answers what memory can, coalesces, and marks

@@ -12,8 +12,7 @@
 //!   being filled wait here for that fill, holding no slot either.
 //! - **limit** (admission): every request that goes to the service passes
 //!   it — misses, revalidations, and the cache's background refreshes, as
-//!   requests of their class (a refresh waits while a slot costs more than
-//!   the delay it saves). A request shed here costs nothing further, and a
+//!   requests of their class. A request shed here costs nothing further, and a
 //!   slot is held until the response body ends, so the time spent
 //!   compressing counts. The limiter publishes the load signal the others
 //!   read.
@@ -327,21 +326,14 @@ impl Stack {
             compression: self.compression.clone().map(|config| {
                 CompressionLayer::adaptive_with_config(config, &self.model(), self.signal.clone())
             }),
-            cache: self.cache.clone().map(|choice| {
-                let layer = match choice {
-                    CacheChoice::Layer(layer) => layer,
-                    CacheChoice::Config(config) => {
-                        let mut config = *config;
-                        if self.compression.is_some() && config.recoder.is_none() {
-                            config.recoder = Some(Arc::new(crate::compression::Recompress::new()));
-                        }
-                        HttpCacheLayer::with_model(config, &self.model())
+            cache: self.cache.clone().map(|choice| match choice {
+                CacheChoice::Layer(layer) => layer,
+                CacheChoice::Config(config) => {
+                    let mut config = *config;
+                    if self.compression.is_some() && config.recoder.is_none() {
+                        config.recoder = Some(Arc::new(crate::compression::Recompress::new()));
                     }
-                };
-                if self.limiter.is_some() {
-                    layer.with_load_signal(self.signal.clone())
-                } else {
-                    layer
+                    HttpCacheLayer::with_model(config, &self.model())
                 }
             }),
         })
