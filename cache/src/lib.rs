@@ -90,7 +90,7 @@ pub mod tier;
 
 pub use self::http_cache::{
     CACHE_STATUS, CacheFill, CacheFillLayer, CacheLookup, CacheLookupLayer, CachePurge,
-    CacheRequests, HttpCache, HttpCacheConfig, HttpCacheLayer,
+    CacheRequests, HttpCache, HttpCacheConfig, HttpCacheLayer, LookupFuture,
 };
 pub use self::key::{CacheKey, KeyPart};
 pub use gratify_core::{ClassId, CostModel};

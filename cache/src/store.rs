@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use moka::Expiry;
-use moka::future::Cache;
+use moka::sync::Cache;
 use tokio::time::Instant;
 
 use crate::entry::{Entry, Variants};
@@ -175,7 +175,8 @@ impl Evict for L1 {
         if let Scope::Key(k) = scope {
             let cache = self.0.clone();
             let key = CacheKey::from_text(k);
-            return Box::pin(async move { cache.invalidate(&key).await });
+            cache.invalidate(&key);
+            return Box::pin(async {});
         }
         self.evict_now(scope);
         Box::pin(async {})
@@ -258,12 +259,23 @@ impl Store {
     /// What memory holds for `key`, without counting a request or asking
     /// the shared tier.
     pub(crate) async fn peek(&self, key: &CacheKey) -> Option<Arc<Variants>> {
-        self.cache.get(key).await
+        self.cache.get(key)
     }
 
-    pub(crate) async fn get(&self, key: &CacheKey) -> Option<Arc<Variants>> {
+    /// What memory holds for `key`, counting the request (synchronous: the
+    /// hit path).
+    pub(crate) fn local(&self, key: &CacheKey) -> Option<Arc<Variants>> {
         self.gate.touch(key);
-        if let Some(v) = self.cache.get(key).await {
+        self.cache.get(key)
+    }
+
+    /// What memory or the shared tier holds for `key`; `counted` if
+    /// [`local`](Self::local) already counted this request.
+    pub(crate) async fn get(&self, key: &CacheKey, counted: bool) -> Option<Arc<Variants>> {
+        if !counted {
+            self.gate.touch(key);
+        }
+        if let Some(v) = self.cache.get(key) {
             return Some(v);
         }
         let entry = self.tier()?.get(key.as_str()).await?.entry;
@@ -301,7 +313,7 @@ impl Store {
                 }
             }
         }
-        let mut entries: Vec<Arc<Entry>> = match self.cache.get(&key).await {
+        let mut entries: Vec<Arc<Entry>> = match self.cache.get(&key) {
             Some(v) => v
                 .entries
                 .iter()
@@ -313,8 +325,7 @@ impl Store {
         entries.insert(0, entry);
         entries.truncate(self.max_variants);
         self.cache
-            .insert(key, Arc::new(Variants::new(entries, now)))
-            .await;
+            .insert(key, Arc::new(Variants::new(entries, now)));
         #[cfg(feature = "metrics")]
         {
             metrics::gauge!("gratify_cache_bytes").set(self.cache.weighted_size() as f64);
@@ -325,7 +336,7 @@ impl Store {
 
     /// Removes `key` here, from the shared tier and from every replica.
     pub(crate) async fn remove(&self, key: &CacheKey) {
-        self.cache.invalidate(key).await;
+        self.cache.invalidate(key);
         if let Some(tier) = self.tier() {
             tier.invalidate(Scope::Key(key.as_str().to_owned()));
         }
@@ -341,7 +352,7 @@ impl Store {
     }
 
     pub(crate) async fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks().await;
+        self.cache.run_pending_tasks();
     }
 
     pub(crate) fn weighted_size(&self) -> u64 {
@@ -418,7 +429,7 @@ mod tests {
         for i in 0..1000u32 {
             let key = CacheKey::from_text(&format!("http://h/hot/{i}"));
             for _ in 0..20 {
-                store.get(&key).await;
+                store.get(&key, false).await;
             }
             store.insert(key, entry(1000, 200)).await;
         }

@@ -1,6 +1,6 @@
 //! The first half: answer from memory, coalesce, and mark the rest.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -19,7 +19,7 @@ use tower_service::Service;
 
 use super::flight::{self, Outcome, Role, Ticket};
 use super::invalidate::Invalidation;
-use super::represent::{conditional_matches, serve, take_conditionals};
+use super::represent::{conditional_matches, serve, serve_now, take_conditionals};
 use super::{CACHE_STATUS, CachePurge, METHOD_OVERRIDES, Shared};
 use crate::body::CacheBody;
 use crate::directives::RequestDirectives;
@@ -136,17 +136,159 @@ where
 {
     type Response = Response<CacheBody<RB>>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+    type Future = LookupFuture<Result<Self::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        // A fresh hit is answered here, without a task or an allocation for
+        // the way to the service.
+        let counted = match hit_now(&self.shared, &self.inner, &request) {
+            Ok(response) => return LookupFuture::ready(Ok(response)),
+            Err(counted) => counted,
+        };
         // The ready service handles this request; a clone takes its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(lookup(Arc::clone(&self.shared), inner, request))
+        LookupFuture::boxed(Box::pin(lookup(
+            Arc::clone(&self.shared),
+            inner,
+            request,
+            counted,
+        )))
+    }
+}
+
+/// The future of [`CacheLookup`]: an answer from memory, ready at once, or
+/// the way to the service.
+pub struct LookupFuture<T> {
+    kind: FutureKind<T>,
+}
+
+enum FutureKind<T> {
+    Ready(Option<T>),
+    Boxed(BoxFuture<T>),
+}
+
+impl<T> LookupFuture<T> {
+    fn ready(value: T) -> Self {
+        Self {
+            kind: FutureKind::Ready(Some(value)),
+        }
+    }
+
+    fn boxed(future: BoxFuture<T>) -> Self {
+        Self {
+            kind: FutureKind::Boxed(future),
+        }
+    }
+}
+
+// Nothing in it is pinned: the value is moved out whole, the boxed future
+// is pinned by its box.
+impl<T> Unpin for LookupFuture<T> {}
+
+impl<T> Future for LookupFuture<T> {
+    type Output = T;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match &mut self.get_mut().kind {
+            FutureKind::Ready(value) => match value.take() {
+                Some(value) => Poll::Ready(value),
+                None => panic!("LookupFuture polled after completion"),
+            },
+            FutureKind::Boxed(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for LookupFuture<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            FutureKind::Ready(_) => "ready",
+            FutureKind::Boxed(_) => "on its way",
+        };
+        f.debug_struct("LookupFuture").field("kind", &kind).finish()
+    }
+}
+
+/// A fresh answer from memory, decided without waiting; otherwise `Err`,
+/// saying whether the store already counted the request. Only requests the
+/// origin would see as they are take this path: none with hop-by-hop
+/// headers beyond `Connection: keep-alive` or `close`, and no stored
+/// variant recorded on a hop-by-hop field.
+fn hit_now<S, B, RB>(
+    shared: &Arc<Shared>,
+    inner: &S,
+    request: &Request<B>,
+) -> Result<Response<CacheBody<RB>>, bool>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: Default + Send + 'static,
+    RB: Send + 'static,
+{
+    let method = request.method();
+    let headers = request.headers();
+    if !matches!(*method, Method::GET | Method::HEAD) || overridden(headers) {
+        return Err(false);
+    }
+    let hop = headers
+        .keys()
+        .any(|n| crate::policy::HOP_BY_HOP.contains(&n.as_str()));
+    if hop {
+        let benign = headers.keys().all(|n| {
+            !crate::policy::HOP_BY_HOP.contains(&n.as_str())
+                || *n == http::header::CONNECTION
+                || n.as_str() == "keep-alive"
+        }) && crate::policy::connection_fields(headers)
+            .iter()
+            .all(|f| matches!(f.as_str(), "keep-alive" | "close"));
+        if !benign {
+            return Err(false);
+        }
+    }
+    let Some(key) = key_of(
+        request,
+        &shared.config.scheme,
+        shared.config.sort_query,
+        shared.key_part.as_deref(),
+    ) else {
+        return Err(false);
+    };
+    let Some(variants) = shared.store.local(&key) else {
+        return Err(true);
+    };
+    let Some(entry) = variants.find(headers) else {
+        return Err(true);
+    };
+    if hop
+        && entry
+            .vary
+            .iter()
+            .any(|(n, _)| crate::policy::HOP_BY_HOP.contains(&n.as_str()))
+    {
+        return Err(true);
+    }
+    let directives = RequestDirectives::from_headers(headers);
+    let now = Instant::now();
+    match entry.reuse(&directives, now, shared.config.fail_safe) {
+        Reuse::Fresh { age, lifetime } => {
+            if let Some(fraction) = shared.config.eager_refresh
+                && !lifetime.is_zero()
+                && age.as_secs_f64() >= lifetime.as_secs_f64() * fraction
+                && *method != Method::HEAD
+                && may_lead(headers, &directives, &shared.rules(request.uri().path()))
+            {
+                refresh(shared, inner, request, &key, entry);
+            }
+            serve_now(shared, entry, method, headers, now, "hit").ok_or(true)
+        }
+        Reuse::StaleAccepted => serve_now(shared, entry, method, headers, now, "hit").ok_or(true),
+        Reuse::WhileRevalidating | Reuse::Validate { .. } => Err(true),
     }
 }
 
@@ -219,6 +361,7 @@ async fn lookup<S, B, RB>(
     shared: Arc<Shared>,
     inner: S,
     mut request: Request<B>,
+    counted: bool,
 ) -> Result<Response<CacheBody<RB>>, S::Error>
 where
     S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
@@ -272,7 +415,7 @@ where
     };
 
     let now = Instant::now();
-    let variants = shared.store.get(&key).await;
+    let variants = shared.store.get(&key, counted).await;
     let mut entry = variants
         .as_ref()
         .and_then(|v| v.find(request.headers()).cloned());

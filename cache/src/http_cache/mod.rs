@@ -36,7 +36,7 @@ use crate::store::Store;
 use crate::tier::{Scope, SharedTier, Tier, TierConfig, TierStats};
 
 pub use self::fill::{CacheFill, CacheFillLayer};
-pub use self::lookup::{CacheLookup, CacheLookupLayer};
+pub use self::lookup::{CacheLookup, CacheLookupLayer, LookupFuture};
 
 /// The two halves back to back: the whole cache around a service.
 pub type HttpCache<S> = CacheLookup<CacheFill<S>>;

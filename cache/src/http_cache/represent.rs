@@ -27,6 +27,34 @@ pub(crate) async fn represent(
     request: &HeaderMap,
     identity: Option<Bytes>,
 ) -> Response<Bytes> {
+    if let Ok(response) = represent_now(shared, entry, request, identity) {
+        return response;
+    }
+    match decode(shared, entry).await {
+        Some(identity) => match represent_now(shared, entry, request, Some(identity)) {
+            Ok(response) => response,
+            Err(NeedsDecoding) => Response::new(Bytes::new()),
+        },
+        None => {
+            let mut response = Response::new(Bytes::new());
+            *response.status_mut() = StatusCode::BAD_GATEWAY;
+            response
+        }
+    }
+}
+
+/// The identity body must be decoded (on the blocking pool) first.
+#[derive(Debug)]
+pub(crate) struct NeedsDecoding;
+
+/// [`represent`] without waiting: `Err` when the client accepts none of the
+/// stored codings and the identity body must be decoded first.
+pub(crate) fn represent_now(
+    shared: &Shared,
+    entry: &Entry,
+    request: &HeaderMap,
+    identity: Option<Bytes>,
+) -> Result<Response<Bytes>, NeedsDecoding> {
     let mut response = Response::new(Bytes::new());
     *response.status_mut() = entry.status;
     *response.version_mut() = entry.version;
@@ -38,7 +66,7 @@ pub(crate) async fn represent(
     }
     if entry.encodings.is_empty() {
         *response.body_mut() = entry.body.clone();
-        return response;
+        return Ok(response);
     }
     let accepted = gratify_core::encoding::Accepted::parse(request);
     let offered: Vec<&'static str> = entry.encodings.iter().map(|(c, _)| *c).collect();
@@ -63,13 +91,13 @@ pub(crate) async fn represent(
         }
         None => match identity {
             Some(identity) => (Some(identity), None),
-            None => (decode(shared, entry).await, None),
+            None => return Err(NeedsDecoding),
         },
     };
     let Some(body) = body else {
         *response.status_mut() = StatusCode::BAD_GATEWAY;
         response.headers_mut().remove(CONTENT_LENGTH);
-        return response;
+        return Ok(response);
     };
     let headers = response.headers_mut();
     headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -83,7 +111,7 @@ pub(crate) async fn represent(
         }
     }
     *response.body_mut() = body;
-    response
+    Ok(response)
 }
 
 /// The identity body of an entry stored encoded, decoded off the async
@@ -117,6 +145,48 @@ pub(crate) async fn serve<RB>(
         Some(range) => partial(shared, entry, range).await,
         None => represent(shared, entry, request, None).await,
     };
+    finish(shared, response, method, not_modified, age, ttl, detail)
+}
+
+/// [`serve`] without waiting, for the hit path: `None` when the answer needs
+/// the blocking pool (a range, or a coding the client does not accept).
+pub(crate) fn serve_now<RB>(
+    shared: &Shared,
+    entry: &Entry,
+    method: &Method,
+    request: &HeaderMap,
+    now: Instant,
+    detail: &str,
+) -> Option<Response<CacheBody<RB>>> {
+    if request.contains_key(RANGE) {
+        return None;
+    }
+    let age = entry.age(now);
+    let ttl = entry.lifetime.as_secs() as i64 - age.as_secs() as i64;
+    let not_modified = conditional_matches(request, &entry.headers);
+    let response = represent_now(shared, entry, request, None).ok()?;
+    Some(finish(
+        shared,
+        response,
+        method,
+        not_modified,
+        age,
+        ttl,
+        detail,
+    ))
+}
+
+/// A stored response's representation as sent: no body for HEAD or a
+/// `304`, `Age`, `Cache-Status`.
+fn finish<RB>(
+    shared: &Shared,
+    response: Response<Bytes>,
+    method: &Method,
+    not_modified: bool,
+    age: std::time::Duration,
+    ttl: i64,
+    detail: &str,
+) -> Response<CacheBody<RB>> {
     let (mut parts, body) = response.into_parts();
     let body = if *method == Method::HEAD || not_modified {
         CacheBody::empty()
