@@ -250,9 +250,56 @@ impl ResponseDirectives {
 /// integers where a number of seconds is meant. Anything else makes the
 /// whole field invalid, and it is ignored.
 fn targeted(headers: &HeaderMap) -> Option<Vec<(String, Option<String>)>> {
+    if !headers.contains_key(&CDN_CACHE_CONTROL) {
+        return None;
+    }
+    match strict_dictionary(headers) {
+        Some(list) if !list.is_empty() => Some(list),
+        Some(_) => None,
+        None => {
+            // Present but not a valid dictionary: ignored — unless it tried
+            // to keep the response from this cache, which is then obeyed.
+            let text: String = headers
+                .get_all(&CDN_CACHE_CONTROL)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+                .collect();
+            (text.contains("private") || text.contains("no-store"))
+                .then(|| vec![("no-store".to_owned(), None)])
+        }
+    }
+}
+
+/// `CDN-Cache-Control` read as a Structured Field dictionary: members split
+/// outside quoted strings, lower-case keys, no whitespace around `=`,
+/// integers where a number of seconds is meant, `?0` for false; `None` for
+/// anything else.
+fn strict_dictionary(headers: &HeaderMap) -> Option<Vec<(String, Option<String>)>> {
     let mut list = Vec::new();
     for value in headers.get_all(&CDN_CACHE_CONTROL) {
-        for member in value.to_str().ok()?.split(',') {
+        let text = value.to_str().ok()?;
+        let mut members = Vec::new();
+        let (mut start, mut quoted, mut escaped) = (0, false, false);
+        for (i, c) in text.char_indices() {
+            if quoted {
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => quoted = false,
+                    _ => {}
+                }
+            } else if c == '"' {
+                quoted = true;
+            } else if c == ',' {
+                members.push(&text[start..i]);
+                start = i + 1;
+            }
+        }
+        if quoted {
+            return None;
+        }
+        members.push(&text[start..]);
+        for member in members {
             let member = member.trim_matches([' ', '\t']);
             // Parameters do not change a directive's meaning here.
             let member = member.split(';').next().unwrap_or("");
@@ -273,17 +320,22 @@ fn targeted(headers: &HeaderMap) -> Option<Vec<(String, Option<String>)>> {
                 key,
                 "max-age" | "s-maxage" | "stale-while-revalidate" | "stale-if-error"
             );
-            match value {
+            let value = match value {
+                // A boolean: `?1` is the bare key, `?0` no directive at all.
+                Some("?1") => None,
+                Some("?0") => continue,
                 Some(v) if seconds && (v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit())) => {
                     return None;
                 }
-                Some(v) if v.is_empty() || v.contains([' ', '\t']) => return None,
-                _ => {}
-            }
+                Some(v) if v.is_empty() || (!v.starts_with('"') && v.contains([' ', '\t'])) => {
+                    return None;
+                }
+                v => v,
+            };
             list.push((key.to_owned(), value.map(unquote)));
         }
     }
-    (!list.is_empty()).then_some(list)
+    Some(list)
 }
 
 /// The directives of a request's `Cache-Control` (and `Pragma: no-cache`).

@@ -123,6 +123,9 @@ pub fn parse_date(text: &str) -> Option<SystemTime> {
     ];
     let end = fixed.find([',', ' '])?;
     let (weekday, rest) = fixed.split_at(end);
+    if weekday.len() < 3 || !weekday.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return None;
+    }
     let names: &[&str] = if weekday.len() > 3 { &LONG } else { &SHORT };
     names
         .iter()
@@ -214,6 +217,15 @@ impl Rules {
             let since = date.duration_since(modified).ok()?;
             Some((since / 10).min(Duration::from_secs(86_400)))
         };
+        // An answer to a request with credentials, stored on the strength of
+        // `must-revalidate` alone, is fresh only as long as it says: no
+        // route TTL, no heuristic — the origin never said others may have it.
+        if request.contains_key(AUTHORIZATION)
+            && !directives.public
+            && directives.s_maxage.is_none()
+        {
+            return Ok(freshness_lifetime(directives, response, None).unwrap_or(Duration::ZERO));
+        }
         match freshness_lifetime(directives, response, self.default_ttl).or_else(heuristic) {
             Some(lifetime) => Ok(lifetime),
             // `no-cache` with a validator: store, revalidate every time.
@@ -399,7 +411,12 @@ const NOT_UPDATED: [HeaderName; 6] = [
 
 /// Fields that decide how a response may be cached: a `304` that carries
 /// them always governs, whether the stored response had them or not.
-const CACHING: [HeaderName; 3] = [http::header::CACHE_CONTROL, EXPIRES, DATE];
+const CACHING: [HeaderName; 4] = [
+    http::header::CACHE_CONTROL,
+    crate::directives::CDN_CACHE_CONTROL,
+    EXPIRES,
+    DATE,
+];
 
 /// The stored response's fields updated by a `304`'s (RFC 9111 §4.3.4):
 /// only fields the stored response already has — and the caching fields
@@ -578,6 +595,18 @@ mod tests {
         // Not for what is not heuristically cacheable, nor without a date.
         assert_eq!(check(&rules, &resp, 404), Err(NotStored::Status));
         assert_eq!(check(&rules, &map(&[]), 200), Err(NotStored::NoFreshness));
+        // An answer to a request with credentials that only says
+        // must-revalidate gets no heuristic (nor route) freshness.
+        let auth = map(&[("authorization", "Bearer a")]);
+        let mut personal = resp.clone();
+        personal.insert("cache-control", "must-revalidate".parse().unwrap());
+        let d = ResponseDirectives::from_headers(&personal);
+        let mut with_ttl = rules;
+        with_ttl.default_ttl = Some(Duration::from_secs(600));
+        assert_eq!(
+            with_ttl.storable(&Method::GET, &auth, StatusCode::OK, &personal, &d),
+            Ok(Duration::ZERO)
+        );
         // Explicit freshness wins.
         let mut explicit = resp;
         explicit.insert("cache-control", "max-age=5".parse().unwrap());
@@ -683,6 +712,7 @@ mod tests {
             "Thu Aug 18 02:01:18 2050",
             // A weekday that does not match the date.
             "Mon, 18 Aug 2050 02:01:18 GMT",
+            "Mon Aug 18 02:01:18 2050",
         ] {
             assert_eq!(t(text), want, "{text}");
         }
@@ -693,6 +723,17 @@ mod tests {
             "Thu, 32 Aug 2050 02:01:18 GMT",
             "0",
             "2050-08-18T02:01:18Z",
+            // Not the grammar: another zone, no comma, doubled spaces,
+            // dashes in an IMF date, a one-digit hour.
+            "Thu, 18 Aug 2050 02:01:18 UTC",
+            "Thu, 18 Aug 2050 02:01:18 AEST",
+            "Thu 18 Aug 2050 02:01:18 GMT",
+            "Thu,  18 Aug 2050  02:01:18 GMT",
+            "Thu, 18-Aug-2050 02:01:18 GMT",
+            "Thu, 18 Aug 2050 2:01:18 GMT",
+            // The weekday is letters or nothing parses.
+            ", 18 Aug 2050 02:01:18 GMT",
+            "1, 18 Aug 2050 02:01:18 GMT",
         ] {
             assert_eq!(t(bad), None, "{bad}");
         }

@@ -304,6 +304,39 @@ async fn a_304_adding_cache_control_to_an_expires_response_governs() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_304_that_brings_cdn_cache_control_governs() {
+    let h = harness(cache(), Duration::ZERO, |req, n| {
+        if n > 0 && if_none_match(req, "\"a\"") {
+            return respond(
+                304,
+                "",
+                &[
+                    ("etag", "\"a\""),
+                    ("cache-control", "max-age=600"),
+                    ("cdn-cache-control", "no-cache"),
+                ],
+            );
+        }
+        respond(
+            200,
+            "v",
+            &[
+                ("etag", "\"a\""),
+                ("cache-control", "max-age=1, stale-while-revalidate=600"),
+            ],
+        )
+    });
+    send(&h.svc, get("/p", &[])).await;
+    advance(2).await;
+    // Within stale-while-revalidate: served, refreshed in the background.
+    send(&h.svc, get("/p", &[])).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The refresh's 304 said no-cache to this cache: no more hits.
+    let next = send(&h.svc, get("/p", &[])).await;
+    assert!(!next.hit(), "{}", next.cache_status());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_304_that_changes_vary_drops_the_entry() {
     // Stored varying on Accept-Language only; the 304 says it varies on a
     // tenant too. What was recorded no longer says who may have it.
@@ -1147,6 +1180,24 @@ async fn a_range_is_cut_from_the_stored_response() {
         );
         assert!(got.hit(), "{range}");
     }
+    // A body the origin encoded itself is never cut: the whole of it.
+    let h2 = harness(cache(), Duration::ZERO, |_, _| {
+        respond(
+            200,
+            "gzip-bytes",
+            &[
+                ("cache-control", "max-age=60"),
+                ("content-encoding", "gzip"),
+            ],
+        )
+    });
+    send(&h2.svc, get("/z", &[])).await;
+    let got = send(&h2.svc, get("/z", &[("range", "bytes=0-1")])).await;
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (StatusCode::OK, "gzip-bytes")
+    );
+    assert_eq!(got.headers["content-encoding"], "gzip");
     // If-Range names another version: the whole (current) response.
     let got = send(
         &h.svc,
@@ -1177,6 +1228,12 @@ async fn cdn_cache_control_speaks_to_this_cache_alone() {
         ("max-age=\"600\"", "no-store", false),
         ("max-age=600, &&&", "no-store", false),
         ("Max-Age=600", "no-store", false),
+        // A quoted field list is one member; private keeps it out.
+        ("private=\"x-user, set-cookie\"", "max-age=600", false),
+        // Not a dictionary, but it says private: obeyed.
+        ("private, max-age =5", "max-age=600", false),
+        // `?0` is false: nothing is said but the max-age.
+        ("public=?0, max-age=600", "no-store", true),
     ] {
         let h = harness(cache(), Duration::ZERO, move |_, n| {
             respond(

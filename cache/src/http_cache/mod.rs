@@ -227,6 +227,11 @@ impl Shared {
             return (false, flight::Outcome::Uncacheable);
         }
         let kept = self.store.insert(key.clone(), Arc::clone(entry)).await;
+        if self.overtaken(key, since) {
+            // An invalidation came between the check and the insert.
+            self.store.remove(key).await;
+            return (false, flight::Outcome::Uncacheable);
+        }
         if kept {
             self.hit_for_miss.invalidate(key);
         }

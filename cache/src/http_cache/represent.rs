@@ -138,9 +138,13 @@ pub(crate) async fn serve<RB>(
     let age = entry.age(now);
     let ttl = entry.lifetime.as_secs() as i64 - age.as_secs() as i64;
     let not_modified = conditional_matches(request, &entry.headers);
-    let range = (*method == Method::GET && !not_modified && entry.status == StatusCode::OK)
-        .then(|| byte_range(request, &entry.headers))
-        .flatten();
+    // Ranges are cut from the identity body: not from a body the origin
+    // itself encoded (its ranges would count encoded bytes).
+    let cuttable = !entry.encodings.is_empty() || !entry.headers.contains_key(CONTENT_ENCODING);
+    let range =
+        (*method == Method::GET && !not_modified && entry.status == StatusCode::OK && cuttable)
+            .then(|| byte_range(request, &entry.headers))
+            .flatten();
     let response = match range {
         Some(range) => partial(shared, entry, range).await,
         None => represent(shared, entry, request, None).await,

@@ -83,4 +83,8 @@ impl<B, C: Classify<Request<B>>> Classify<Request<B>> for TrustedHeaderClassifie
             _ => self.fallback.classify(request),
         }
     }
+
+    fn slot_hold(&self, request: &Request<B>) -> Option<crate::slot::SlotHold> {
+        super::slot_hold_of(request)
+    }
 }

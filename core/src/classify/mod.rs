@@ -131,6 +131,12 @@ impl<F> fmt::Debug for ClassifyFn<F> {
     }
 }
 
+/// The [`SlotHold`](crate::slot::SlotHold) a layer in front put on an HTTP
+/// request: every classifier of HTTP requests reports it to the limiter.
+pub fn slot_hold_of<B>(request: &http::Request<B>) -> Option<crate::slot::SlotHold> {
+    request.extensions().get::<crate::slot::SlotHold>().cloned()
+}
+
 /// The class that [`ClassifyLayer`] stored in the request's extensions.
 pub fn class_of<B>(request: &http::Request<B>) -> Option<ClassId> {
     request.extensions().get::<ClassId>().copied()
@@ -157,6 +163,39 @@ impl<B> Classify<http::Request<B>> for FromExtensions {
     }
 
     fn slot_hold(&self, request: &http::Request<B>) -> Option<crate::slot::SlotHold> {
-        request.extensions().get::<crate::slot::SlotHold>().cloned()
+        slot_hold_of(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_http_classifier_reports_a_slot_hold() {
+        let model = crate::CostModel::builder()
+            .class(
+                "browse",
+                crate::Class::new(crate::DelayCost::linear(1.0).unwrap(), 1.0).unwrap(),
+            )
+            .build()
+            .unwrap();
+        let mut request = http::Request::get("/p").body(()).unwrap();
+        let routes = RouteClassifier::builder(&model).build().unwrap();
+        let header = TrustedHeaderClassifier::trusted_upstream(
+            http::HeaderName::from_static("x-class"),
+            &model,
+            FromExtensions::new(model.default_class()),
+        );
+        let extensions = FromExtensions::new(model.default_class());
+        assert!(routes.slot_hold(&request).is_none());
+        assert!(header.slot_hold(&request).is_none());
+        request
+            .extensions_mut()
+            .insert(crate::slot::SlotHold::new());
+        assert!(routes.slot_hold(&request).is_some());
+        assert!(header.slot_hold(&request).is_some());
+        assert!(extensions.slot_hold(&request).is_some());
+        assert!(std::sync::Arc::new(routes).slot_hold(&request).is_some());
     }
 }

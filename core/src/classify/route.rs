@@ -204,6 +204,10 @@ impl<B> Classify<Request<B>> for RouteClassifier {
     fn classify(&self, request: &Request<B>) -> ClassId {
         self.classify_path(request.method(), request.uri().path())
     }
+
+    fn slot_hold(&self, request: &Request<B>) -> Option<crate::slot::SlotHold> {
+        super::slot_hold_of(request)
+    }
 }
 
 impl Classify<http::request::Parts> for RouteClassifier {
