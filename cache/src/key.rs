@@ -92,8 +92,8 @@ pub(crate) fn key_of<B>(
     let (scheme, authority) = origin_of(request, default_scheme)?;
     let part = extra.and_then(|e| e.key_part(&request_parts(request)));
     Some(build(
-        &scheme,
-        &authority,
+        scheme,
+        authority,
         request.uri(),
         sort_query,
         Some(request.headers()),
@@ -101,40 +101,36 @@ pub(crate) fn key_of<B>(
     ))
 }
 
-/// The request's origin as the cache keys it: its scheme and lower-cased
-/// authority (from the URI, else the one `Host`); `None` if it has none, if
-/// they disagree, or if the authority is not a plain host and port.
-pub(crate) fn origin_of<B>(
-    request: &http::Request<B>,
-    default_scheme: &str,
-) -> Option<(String, String)> {
+/// The request's origin as the cache keys it: its scheme and authority
+/// (from the URI, else the one `Host`), as the request spells them — keys
+/// lower-case them; `None` if it has none, if they disagree (ignoring case),
+/// or if the authority is not a plain host and port.
+pub(crate) fn origin_of<'a, B>(
+    request: &'a http::Request<B>,
+    default_scheme: &'a str,
+) -> Option<(&'a str, &'a str)> {
     let (uri, headers) = (request.uri(), request.headers());
     let mut hosts = headers.get_all(http::header::HOST).iter();
     let host = match (hosts.next(), hosts.next()) {
         (_, Some(_)) => return None,
-        (Some(h), None) => Some(h.to_str().ok()?.trim().to_ascii_lowercase()),
+        (Some(h), None) => Some(h.to_str().ok()?.trim()),
         (None, None) => None,
     };
-    let authority = match (uri.authority(), host) {
+    let authority = match (uri.authority().map(http::uri::Authority::as_str), host) {
         (Some(a), Some(h)) => {
-            let a = a.as_str().to_ascii_lowercase();
-            if a != h {
+            if !a.eq_ignore_ascii_case(h) {
                 return None;
             }
             a
         }
-        (Some(a), None) => a.as_str().to_ascii_lowercase(),
+        (Some(a), None) => a,
         (None, Some(h)) => h,
         (None, None) => return None,
     };
-    if !valid_authority(&authority) {
+    if !valid_authority(authority) {
         return None;
     }
-    let scheme = uri
-        .scheme_str()
-        .unwrap_or(default_scheme)
-        .to_ascii_lowercase();
-    Some((scheme, authority))
+    Some((uri.scheme_str().unwrap_or(default_scheme), authority))
 }
 
 /// A key from its parts. With `headers`, the keyed headers the request
@@ -151,9 +147,9 @@ pub(crate) fn build(
     let mut key = String::with_capacity(
         scheme.len() + authority.len() + uri.path_and_query().map_or(0, |p| p.as_str().len()) + 4,
     );
-    key.push_str(scheme);
+    key.extend(scheme.chars().map(|c| c.to_ascii_lowercase()));
     key.push_str("://");
-    key.push_str(authority);
+    key.extend(authority.chars().map(|c| c.to_ascii_lowercase()));
     key.push_str(path);
     if let Some(query) = uri.query() {
         key.push('?');

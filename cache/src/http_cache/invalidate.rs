@@ -28,6 +28,7 @@ impl Invalidation {
     /// cache keys.
     pub(crate) fn of<B>(shared: &Shared, request: &Request<B>) -> Option<Self> {
         let (scheme, authority) = origin_of(request, &shared.config.scheme)?;
+        let (scheme, authority) = (scheme.to_ascii_lowercase(), authority.to_ascii_lowercase());
         let mut keyed = HeaderMap::new();
         for (name, value) in request.headers() {
             if KEYED_HEADERS.contains(&name.as_str()) {

@@ -58,7 +58,7 @@ pub(crate) fn represent_now(
     let mut response = Response::new(Bytes::new());
     *response.status_mut() = entry.status;
     *response.version_mut() = entry.version;
-    *response.headers_mut() = entry.headers.clone();
+    *response.headers_mut() = headers_of(entry);
     if !shared.config.expose_tags
         && let Some(tag) = &shared.config.tag_header
     {
@@ -112,6 +112,15 @@ pub(crate) fn represent_now(
     }
     *response.body_mut() = body;
     Ok(response)
+}
+
+/// A copy of the stored response's fields with room for the few the cache
+/// adds (`Age`, `Cache-Status`, `Vary`, `Content-Length`): a plain clone
+/// would be full, and the first insert would grow and rehash it.
+fn headers_of(entry: &Entry) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(entry.headers.len() + 4);
+    headers.extend(entry.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+    headers
 }
 
 /// The identity body of an entry stored encoded, decoded off the async
@@ -273,7 +282,7 @@ async fn partial(shared: &Shared, entry: &Entry, range: ByteRange) -> Response<B
     };
     let mut response = Response::new(Bytes::new());
     *response.version_mut() = entry.version;
-    *response.headers_mut() = entry.headers.clone();
+    *response.headers_mut() = headers_of(entry);
     if !shared.config.expose_tags
         && let Some(tag) = &shared.config.tag_header
     {
