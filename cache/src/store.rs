@@ -1,7 +1,7 @@
 //! Stored responses on moka, bounded by bytes, with variants per key.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use moka::Expiry;
@@ -83,7 +83,7 @@ impl Sketch {
 struct Gate {
     sketch: Sketch,
     /// Exponentially weighted density of entries evicted for space (f64 bits).
-    threshold: std::sync::atomic::AtomicU64,
+    threshold: AtomicU64,
     min_saved_per_hit: f64,
     enabled: bool,
 }
@@ -143,14 +143,64 @@ pub(crate) struct Store {
     max_bytes: u64,
     gate: Arc<Gate>,
     tier: Arc<std::sync::OnceLock<Arc<Tier>>>,
+    epochs: Arc<Epochs>,
+}
+
+/// Counts invalidations — here or on another replica — so that a fill that
+/// started before the last one of its key (or of a purge by prefix, tag or
+/// all) does not store what it got.
+#[derive(Debug)]
+pub(crate) struct Epochs {
+    epoch: AtomicU64,
+    /// The epoch of each key's last invalidation, lately.
+    keys: Cache<CacheKey, u64>,
+    /// The epoch of the last purge by prefix, tag or all.
+    scope: AtomicU64,
+}
+
+impl Epochs {
+    fn new() -> Self {
+        Self {
+            epoch: AtomicU64::new(0),
+            keys: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
+            scope: AtomicU64::new(0),
+        }
+    }
+
+    /// The epoch a fill starting now records.
+    pub(crate) fn now(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    fn key(&self, key: &CacheKey) {
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        self.keys.insert(key.clone(), epoch);
+    }
+
+    fn scope(&self) {
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        self.scope.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Whether `key` was invalidated after `since`.
+    pub(crate) fn overtaken(&self, key: &CacheKey, since: u64) -> bool {
+        self.scope.load(Ordering::Acquire) > since
+            || self.keys.get(key).is_some_and(|at| at > since)
+    }
 }
 
 /// Evicts L1 copies when another replica invalidates.
-struct L1(Cache<CacheKey, Arc<Variants>>);
+struct L1(Cache<CacheKey, Arc<Variants>>, Arc<Epochs>);
 
 impl L1 {
     /// Evicts what a prefix, tag or purge-all covers (a key needs `await`).
     fn evict_now(&self, scope: &Scope) {
+        if !matches!(scope, Scope::Key(_)) {
+            self.1.scope();
+        }
         // `invalidate_entries_if` fails only if closures were not enabled at
         // build time; they are.
         match scope.clone() {
@@ -173,9 +223,9 @@ impl L1 {
 impl Evict for L1 {
     fn evict(&self, scope: &Scope) -> BoxFuture<()> {
         if let Scope::Key(k) = scope {
-            let cache = self.0.clone();
             let key = CacheKey::from_text(k);
-            cache.invalidate(&key);
+            self.1.key(&key);
+            self.0.invalidate(&key);
             return Box::pin(async {});
         }
         self.evict_now(scope);
@@ -203,7 +253,7 @@ impl Store {
         let gate = Arc::new(Gate {
             // About one counter per 512 bytes of budget, within reason.
             sketch: Sketch::new(((max_bytes / 512) as usize).clamp(1024, 1 << 22)),
-            threshold: std::sync::atomic::AtomicU64::new(0),
+            threshold: AtomicU64::new(0),
             min_saved_per_hit,
             enabled: cost_aware,
         });
@@ -240,6 +290,7 @@ impl Store {
             max_bytes,
             gate,
             tier: Arc::new(std::sync::OnceLock::new()),
+            epochs: Arc::new(Epochs::new()),
         }
     }
 
@@ -251,7 +302,7 @@ impl Store {
     pub(crate) fn tier(&self) -> Option<&Arc<Tier>> {
         let tier = self.tier.get()?;
         if !tier.is_started() {
-            tier.start(Arc::new(L1(self.cache.clone())));
+            tier.start(Arc::new(L1(self.cache.clone(), Arc::clone(&self.epochs))));
         }
         Some(tier)
     }
@@ -334,8 +385,14 @@ impl Store {
         true
     }
 
+    /// The invalidation epochs (here and from other replicas).
+    pub(crate) fn epochs(&self) -> &Epochs {
+        &self.epochs
+    }
+
     /// Removes `key` here, from the shared tier and from every replica.
     pub(crate) async fn remove(&self, key: &CacheKey) {
+        self.epochs.key(key);
         self.cache.invalidate(key);
         if let Some(tier) = self.tier() {
             tier.invalidate(Scope::Key(key.as_str().to_owned()));
@@ -345,7 +402,7 @@ impl Store {
     /// Removes every entry whose key starts with `prefix`, tagged `tag`, or
     /// everything — here, and through the shared tier everywhere.
     pub(crate) fn remove_scope(&self, scope: Scope) {
-        L1(self.cache.clone()).evict_now(&scope);
+        L1(self.cache.clone(), Arc::clone(&self.epochs)).evict_now(&scope);
         if let Some(tier) = self.tier() {
             tier.invalidate(scope);
         }

@@ -507,3 +507,55 @@ async fn the_first_command_after_a_dropped_connection_fails_no_request() {
         "the tier was not used again after the connections dropped"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_overtaken_by_another_replicas_invalidation_stores_nothing() {
+    let server = Server::start();
+    let calls = Arc::new(AtomicU64::new(0));
+    let (a, a_purge) = replica(&server.url(), tier("t9"), &calls);
+    // Replica B's origin answers only when the test lets it.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let b_origin = {
+        let gate = Arc::clone(&gate);
+        service_fn(move |_: Request<()>| {
+            let gate = Arc::clone(&gate);
+            async move {
+                gate.notified().await;
+                let mut res = Response::new(Full::new(Bytes::from("before the change")));
+                res.headers_mut()
+                    .insert("cache-control", "public, max-age=60".parse().unwrap());
+                Ok::<_, Infallible>(res)
+            }
+        })
+    };
+    let layer = HttpCacheLayer::new(HttpCacheConfig::default())
+        .with_tier(RedisTier::open(&server.url()).unwrap(), tier("t9"));
+    let b_purge = layer.purge();
+    let b = layer.layer(b_origin);
+    ready(&[&a_purge, &b_purge]).await;
+    // B starts a fill; while it is at the origin, A changes the page.
+    let fill = tokio::spawn({
+        let b = b.clone();
+        async move { get(&b, "/products/7").await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let put = Request::put("/products/7")
+        .header("host", "shop.example")
+        .body(())
+        .unwrap();
+    let _ = a.clone().oneshot(put).await.unwrap();
+    // B hears of it; only then does its origin answer.
+    let heard = || b_purge.tier_stats().is_some_and(|s| s.invalidations > 0);
+    assert!(
+        wait_for(heard, Duration::from_secs(10)).await,
+        "B never heard"
+    );
+    gate.notify_one();
+    let (body, _) = fill.await.unwrap();
+    assert_eq!(body, "before the change", "its own client is answered");
+    // What it got predates the change: not kept on B, not written to the tier.
+    b_purge.sync().await;
+    assert_eq!(b_purge.entry_count(), 0);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(server.keys("t9:e"), 0);
+}

@@ -164,13 +164,6 @@ pub(crate) struct Shared {
     next_flight: AtomicU64,
     /// Fills that failed in a row lately, by key.
     failures: moka::sync::Cache<CacheKey, u32>,
-    /// Counts invalidations; a fill that started before the last one of its
-    /// key (or of a purge by prefix, tag or all) does not store.
-    epoch: AtomicU64,
-    /// The epoch of each key's last invalidation, lately.
-    invalidated: moka::sync::Cache<CacheKey, u64>,
-    /// The epoch of the last purge by prefix, tag or all.
-    scope_invalidated: AtomicU64,
     /// Keys whose responses were recently found uncacheable.
     hit_for_miss: moka::sync::Cache<CacheKey, ()>,
     /// Requests answered: hit, stale, miss, bypass.
@@ -190,29 +183,25 @@ impl Shared {
     /// The epoch a fill starting now records: it stores only if no
     /// invalidation of its key comes after.
     fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        self.store.epochs().now()
     }
 
     /// Removes `key` (here, in the tier, on every replica); fills already
     /// under way for it will not store what they got.
     async fn invalidate(&self, key: &CacheKey) {
-        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        self.invalidated.insert(key.clone(), epoch);
         self.store.remove(key).await;
     }
 
     /// Removes what `scope` covers; fills already under way do not store.
     fn invalidate_scope(&self, scope: Scope) {
-        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        self.scope_invalidated.fetch_max(epoch, Ordering::AcqRel);
         self.store.remove_scope(scope);
     }
 
-    /// Whether `key` was invalidated after `since`: what a fill that
-    /// started then got is not to be stored or shared.
+    /// Whether `key` was invalidated after `since` — here or on another
+    /// replica: what a fill that started then got is not to be stored or
+    /// shared.
     fn overtaken(&self, key: &CacheKey, since: u64) -> bool {
-        self.scope_invalidated.load(Ordering::Acquire) > since
-            || self.invalidated.get(key).is_some_and(|at| at > since)
+        self.store.epochs().overtaken(key, since)
     }
 
     /// Stores a filled `entry` (for a fill that started at `since`) and says
@@ -433,12 +422,6 @@ impl HttpCacheLayer {
                     .max_capacity(100_000)
                     .time_to_live(config.coalesce_wait.clamp(Duration::from_millis(1), HOUR))
                     .build(),
-                epoch: AtomicU64::new(0),
-                invalidated: moka::sync::Cache::builder()
-                    .max_capacity(100_000)
-                    .time_to_live(HOUR)
-                    .build(),
-                scope_invalidated: AtomicU64::new(0),
                 hit_for_miss,
                 requests: Default::default(),
                 config,
