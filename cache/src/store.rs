@@ -154,19 +154,28 @@ pub(crate) struct Epochs {
     epoch: AtomicU64,
     /// The epoch of each key's last invalidation, lately.
     keys: Cache<CacheKey, u64>,
-    /// The epoch of the last purge by prefix, tag or all.
-    scope: AtomicU64,
+    /// The epoch of the last purge by prefix, tag or all — and of any
+    /// key's record the bounded map had to let go (a fill older than that
+    /// might have been overtaken: it does not store).
+    scope: Arc<AtomicU64>,
 }
 
 impl Epochs {
     fn new() -> Self {
+        let scope = Arc::new(AtomicU64::new(0));
+        let floor = Arc::clone(&scope);
         Self {
             epoch: AtomicU64::new(0),
             keys: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(3600))
+                .eviction_listener(move |_, at: u64, cause| {
+                    if cause == moka::notification::RemovalCause::Size {
+                        floor.fetch_max(at, Ordering::AcqRel);
+                    }
+                })
                 .build(),
-            scope: AtomicU64::new(0),
+            scope,
         }
     }
 

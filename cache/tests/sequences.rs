@@ -1290,3 +1290,46 @@ async fn if_modified_since_is_answered_from_date_without_last_modified() {
     let got = send(&h.svc, get("/p", &[("if-modified-since", &earlier)])).await;
     assert_eq!(got.status, StatusCode::OK);
 }
+
+/// A stand-in coding: "gzip" that keeps every other byte (so it is smaller)
+/// and decodes by doubling them back — enough to see which body was sent.
+struct Halve;
+
+impl gratify_core::encoding::Recoder for Halve {
+    fn codings(&self) -> &[&'static str] {
+        &["gzip"]
+    }
+    fn encode(&self, _: &str, data: &[u8]) -> Result<Bytes, gratify_core::BoxError> {
+        Ok(data.iter().step_by(2).copied().collect())
+    }
+    fn decode(&self, _: &str, data: &[u8]) -> Result<Bytes, gratify_core::BoxError> {
+        Ok(data.iter().flat_map(|b| [*b, *b]).collect())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_range_on_a_body_stored_encoded_is_answered_whole_without_decoding() {
+    let mut config = HttpCacheConfig::default();
+    config.recoder = Some(Arc::new(Halve));
+    let body = "aabbccdd".repeat(256);
+    let h = harness(HttpCacheLayer::new(config), Duration::ZERO, move |_, _| {
+        respond(
+            200,
+            &body,
+            &[
+                ("cache-control", "max-age=60"),
+                ("content-type", "text/plain"),
+            ],
+        )
+    });
+    send(&h.svc, get("/p", &[])).await;
+    let got = send(
+        &h.svc,
+        get("/p", &[("range", "bytes=0-1"), ("accept-encoding", "gzip")]),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.headers["content-encoding"], "gzip");
+    assert_eq!(got.body.len(), 1024, "the stored encoding, whole");
+    assert_eq!(h.seen.calls(), 1);
+}

@@ -147,9 +147,12 @@ pub(crate) async fn serve<RB>(
     let age = entry.age(now);
     let ttl = entry.lifetime.as_secs() as i64 - age.as_secs() as i64;
     let not_modified = conditional_matches(request, &entry.headers);
-    // Ranges are cut from the identity body: not from a body the origin
-    // itself encoded (its ranges would count encoded bytes).
-    let cuttable = !entry.encodings.is_empty() || !entry.headers.contains_key(CONTENT_ENCODING);
+    // Ranges are cut from a body stored as it is served: not from one the
+    // origin encoded (its ranges would count encoded bytes), nor from one
+    // the cache stored encoded (each range would decode it again, on the
+    // blocking pool, for a hit that passes no limit) — those are answered
+    // whole.
+    let cuttable = entry.encodings.is_empty() && !entry.headers.contains_key(CONTENT_ENCODING);
     let range =
         (*method == Method::GET && !not_modified && entry.status == StatusCode::OK && cuttable)
             .then(|| byte_range(request, &entry.headers))
