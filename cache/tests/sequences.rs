@@ -1333,3 +1333,39 @@ async fn a_range_on_a_body_stored_encoded_is_answered_whole_without_decoding() {
     assert_eq!(got.body.len(), 1024, "the stored encoding, whole");
     assert_eq!(h.seen.calls(), 1);
 }
+
+#[test]
+fn a_hit_is_answered_in_call_even_off_a_runtime() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let h = rt.block_on(async {
+        let h = harness(cache(), Duration::ZERO, |_, n| {
+            respond(200, &format!("v{n}"), &[("cache-control", "max-age=10")])
+        });
+        send(&h.svc, get("/p", &[])).await;
+        // Past the eager-refresh point: a hit would start a refresh.
+        advance(9).await;
+        h
+    });
+    // No runtime on this thread: the hit is still answered, ready at once.
+    let svc = h.svc.clone();
+    let status = std::thread::spawn(move || {
+        let mut svc = svc;
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(svc.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+        let mut future = std::pin::pin!(svc.call(get("/p", &[])));
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(r)) => r.status(),
+            _ => panic!("a hit must be ready at once"),
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h.seen.calls(), 1);
+}

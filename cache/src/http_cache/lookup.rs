@@ -653,6 +653,11 @@ fn refresh<S, B, RB>(
     B: Default + Send + 'static,
     RB: Send + 'static,
 {
+    // A hit may be answered in `call`, which need not run on a runtime: no
+    // runtime, no refresh (the next request will try).
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     let Some(ticket) = flight::try_lead(shared, key) else {
         return;
     };
@@ -684,7 +689,7 @@ fn refresh<S, B, RB>(
     });
     r.extensions_mut().insert(SlotHold::new());
     let service = Ready::Later(inner.clone());
-    tokio::spawn(async move {
+    runtime.spawn(async move {
         // Nobody reads the answer: the fill stores it on its own.
         let _ = service.call(r).await;
     });
