@@ -149,34 +149,39 @@ pub(crate) struct Store {
 /// Counts invalidations — here or on another replica — so that a fill that
 /// started before the last one of its key (or of a purge by prefix, tag or
 /// all) does not store what it got.
+///
+/// Each key's last invalidation is kept in one of a fixed number of slots
+/// chosen by the key's hash, raised and never forgotten: two keys that share
+/// a slot only make a fill of one skip storing after an invalidation of the
+/// other — never the reverse.
 #[derive(Debug)]
 pub(crate) struct Epochs {
     epoch: AtomicU64,
-    /// The epoch of each key's last invalidation, lately.
-    keys: Cache<CacheKey, u64>,
-    /// The epoch of the last purge by prefix, tag or all — and of any
-    /// key's record the bounded map had to let go (a fill older than that
-    /// might have been overtaken: it does not store).
-    scope: Arc<AtomicU64>,
+    slots: Box<[AtomicU64]>,
+    /// The epoch of the last purge by prefix, tag or all.
+    scope: AtomicU64,
 }
+
+/// Slots of [`Epochs`] (512 KiB).
+const EPOCH_SLOTS: usize = 1 << 16;
 
 impl Epochs {
     fn new() -> Self {
-        let scope = Arc::new(AtomicU64::new(0));
-        let floor = Arc::clone(&scope);
         Self {
             epoch: AtomicU64::new(0),
-            keys: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(3600))
-                .eviction_listener(move |_, at: u64, cause| {
-                    if cause == moka::notification::RemovalCause::Size {
-                        floor.fetch_max(at, Ordering::AcqRel);
-                    }
-                })
-                .build(),
-            scope,
+            slots: (0..EPOCH_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            scope: AtomicU64::new(0),
         }
+    }
+
+    fn slot(&self, key: &CacheKey) -> &AtomicU64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        // A fixed hasher: the same key, the same slot, in every call.
+        let mut h =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .build_hasher();
+        key.hash(&mut h);
+        &self.slots[(h.finish() as usize) & (EPOCH_SLOTS - 1)]
     }
 
     /// The epoch a fill starting now records.
@@ -186,7 +191,7 @@ impl Epochs {
 
     fn key(&self, key: &CacheKey) {
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        self.keys.insert(key.clone(), epoch);
+        self.slot(key).fetch_max(epoch, Ordering::AcqRel);
     }
 
     fn scope(&self) {
@@ -196,8 +201,7 @@ impl Epochs {
 
     /// Whether `key` was invalidated after `since`.
     pub(crate) fn overtaken(&self, key: &CacheKey, since: u64) -> bool {
-        self.scope.load(Ordering::Acquire) > since
-            || self.keys.get(key).is_some_and(|at| at > since)
+        self.scope.load(Ordering::Acquire) > since || self.slot(key).load(Ordering::Acquire) > since
     }
 }
 

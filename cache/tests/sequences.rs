@@ -1369,3 +1369,36 @@ fn a_hit_is_answered_in_call_even_off_a_runtime() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(h.seen.calls(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hit_with_keep_alive_is_matched_as_the_origin_would_see_it() {
+    // Variant B varies on Accept-Encoding; variant A, stored after it, on
+    // Connection — recorded without one, since the origin never sees it.
+    let h = harness(cache(), Duration::ZERO, |req, _| {
+        if req.headers().contains_key("accept-encoding") {
+            respond(
+                200,
+                "B",
+                &[("cache-control", "max-age=60"), ("vary", "accept-encoding")],
+            )
+        } else {
+            respond(
+                200,
+                "A",
+                &[("cache-control", "max-age=60"), ("vary", "connection")],
+            )
+        }
+    });
+    send(&h.svc, get("/p", &[("accept-encoding", "gzip")])).await;
+    send(&h.svc, get("/p", &[])).await;
+    // With Connection: keep-alive (stripped before the origin), A fits first.
+    let got = send(
+        &h.svc,
+        get(
+            "/p",
+            &[("connection", "keep-alive"), ("accept-encoding", "gzip")],
+        ),
+    )
+    .await;
+    assert_eq!((got.body.as_str(), got.hit()), ("A", true));
+}

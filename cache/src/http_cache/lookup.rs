@@ -89,6 +89,10 @@ impl<S> Layer<S> for CacheLookupLayer {
 /// Answers what the store can, holds requests for a key being filled until
 /// the fill ends, and sends the rest on marked for [`CacheFill`](super::CacheFill).
 /// Clones share the store.
+///
+/// A request answered from memory does not use the readiness `poll_ready`
+/// obtained from the inner service: the next request does. Layers that
+/// reserve capacity in `poll_ready` belong inside the fill half.
 #[derive(Clone)]
 pub struct CacheLookup<S> {
     inner: S,
@@ -265,11 +269,15 @@ where
     let Some(entry) = variants.find(headers) else {
         return Err(true);
     };
+    // With hop-by-hop headers present, the stored variants are matched as
+    // the async path matches them (on the stripped request) unless none of
+    // them varies on a hop-by-hop field.
     if hop
-        && entry
-            .vary
-            .iter()
-            .any(|(n, _)| crate::policy::HOP_BY_HOP.contains(&n.as_str()))
+        && variants.entries.iter().any(|e| {
+            e.vary
+                .iter()
+                .any(|(n, _)| crate::policy::HOP_BY_HOP.contains(&n.as_str()))
+        })
     {
         return Err(true);
     }
@@ -666,6 +674,8 @@ fn refresh<S, B, RB>(
     *r.uri_mut() = request.uri().clone();
     *r.version_mut() = request.version();
     *r.headers_mut() = request.headers().clone();
+    // As the origin would see it (a hit answered in `call` is not stripped).
+    strip_hop_by_hop(r.headers_mut());
     *r.extensions_mut() = request.extensions().clone();
     for name in [
         IF_NONE_MATCH,
