@@ -177,11 +177,11 @@ impl Epochs {
     fn slot(&self, key: &CacheKey) -> &AtomicU64 {
         use std::hash::{BuildHasher, Hash, Hasher};
         // A fixed hasher: the same key, the same slot, in every call.
-        let mut h =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .build_hasher();
-        key.hash(&mut h);
-        &self.slots[(h.finish() as usize) & (EPOCH_SLOTS - 1)]
+
+        &self.slots
+            [(std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(&key) as usize)
+                & (EPOCH_SLOTS - 1)]
     }
 
     /// The epoch a fill starting now records.

@@ -278,7 +278,7 @@ async fn a_304_adding_cache_control_to_an_expires_response_governs() {
                     ],
                 );
             }
-            let (date, expires) = dated(1);
+            let (date, expires) = dated(10);
             respond(
                 200,
                 "v",
@@ -287,7 +287,7 @@ async fn a_304_adding_cache_control_to_an_expires_response_governs() {
         });
         send(&h.svc, get("/p", &[])).await;
         assert!(send(&h.svc, get("/p", &[])).await.hit(), "{update}: stored");
-        advance(2).await;
+        advance(12).await;
         let revalidated = send(&h.svc, get("/p", &[])).await;
         assert!(
             revalidated.cache_status().contains("fwd-status=304"),
