@@ -175,13 +175,11 @@ impl Epochs {
     }
 
     fn slot(&self, key: &CacheKey) -> &AtomicU64 {
-        use std::hash::{BuildHasher, Hash, Hasher};
+        use std::hash::BuildHasher;
         // A fixed hasher: the same key, the same slot, in every call.
-
-        &self.slots
-            [(std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .hash_one(&key) as usize)
-                & (EPOCH_SLOTS - 1)]
+        let hasher =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+        &self.slots[(hasher.hash_one(key) as usize) & (EPOCH_SLOTS - 1)]
     }
 
     /// The epoch a fill starting now records.
