@@ -11,8 +11,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use gratify_core::BoxError;
 use http::header::{
-    CONTENT_LENGTH, ETAG, HeaderValue, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE,
-    IF_UNMODIFIED_SINCE, LAST_MODIFIED, RANGE, SET_COOKIE,
+    CONTENT_LENGTH, ETAG, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, SET_COOKIE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Body, SizeHint};
@@ -24,7 +23,7 @@ use tower_service::Service;
 
 use super::flight::{self, Outcome, Ticket};
 use super::lookup::{Looked, origin_failed};
-use super::represent::represent;
+use super::represent::{PRECONDITIONS, represent};
 use super::{CACHE_STATUS, Shared};
 use crate::body::{FillBody, Tee};
 use crate::directives::ResponseDirectives;
@@ -686,14 +685,7 @@ impl Chunks {
 /// The request sent to revalidate `entry`: the stored response's validators
 /// in place of any the request had, and no range.
 fn set_validators(headers: &mut HeaderMap, entry: &Entry) {
-    for name in [
-        IF_NONE_MATCH,
-        IF_MODIFIED_SINCE,
-        IF_MATCH,
-        IF_UNMODIFIED_SINCE,
-        IF_RANGE,
-        RANGE,
-    ] {
+    for name in PRECONDITIONS {
         headers.remove(name);
     }
     if let Some(etag) = entry.headers.get(ETAG) {

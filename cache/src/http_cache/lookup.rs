@@ -8,8 +8,8 @@ use bytes::Bytes;
 use gratify_core::BoxError;
 use gratify_core::slot::SlotHold;
 use http::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, COOKIE, IF_MATCH, IF_MODIFIED_SINCE,
-    IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, PRAGMA, RANGE, UPGRADE,
+    AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, COOKIE, IF_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE,
+    PRAGMA, RANGE, UPGRADE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -19,11 +19,11 @@ use tower_service::Service;
 
 use super::flight::{self, Outcome, Role, Ticket};
 use super::invalidate::Invalidation;
-use super::represent::{conditional_matches, serve, serve_now, take_conditionals};
+use super::represent::{PRECONDITIONS, conditional_matches, serve, serve_now, take_conditionals};
 use super::{CACHE_STATUS, CachePurge, METHOD_OVERRIDES, Shared};
 use crate::body::CacheBody;
 use crate::directives::RequestDirectives;
-use crate::entry::{Entry, Reuse};
+use crate::entry::{Entry, Reuse, Variants};
 use crate::key::{CacheKey, key_of};
 use crate::policy::{Rules, strip_hop_by_hop};
 use crate::tier::BoxFuture;
@@ -149,9 +149,9 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         // A fresh hit is answered here, without a task or an allocation for
         // the way to the service.
-        let counted = match hit_now(&self.shared, &self.inner, &request) {
+        let seen = match hit_now(&self.shared, &self.inner, &request) {
             Ok(response) => return LookupFuture::ready(Ok(response)),
-            Err(counted) => counted,
+            Err(seen) => seen,
         };
         // The ready service handles this request; a clone takes its place.
         let clone = self.inner.clone();
@@ -160,7 +160,7 @@ where
             Arc::clone(&self.shared),
             inner,
             request,
-            counted,
+            seen,
         )))
     }
 }
@@ -218,8 +218,19 @@ impl<T> std::fmt::Debug for LookupFuture<T> {
     }
 }
 
+/// What [`hit_now`] found before it handed a request to the async path.
+struct Seen {
+    key: CacheKey,
+    /// What memory holds for the key (`None`: the tier may still hold it).
+    variants: Option<Arc<Variants>>,
+    /// Found on the request as the origin will see it (no hop-by-hop
+    /// fields to strip): the async path may use it as it is.
+    exact: bool,
+}
+
 /// A fresh answer from memory, decided without waiting; otherwise `Err`,
-/// saying whether the store already counted the request. Only requests the
+/// with what it found (the store counted the request if it got that far),
+/// so the async path never keys or looks up twice. Only requests the
 /// origin would see as they are take this path: none with hop-by-hop
 /// headers beyond `Connection: keep-alive` or `close`, and no stored
 /// variant recorded on a hop-by-hop field.
@@ -227,7 +238,7 @@ fn hit_now<S, B, RB>(
     shared: &Arc<Shared>,
     inner: &S,
     request: &Request<B>,
-) -> Result<Response<CacheBody<RB>>, bool>
+) -> Result<Response<CacheBody<RB>>, Option<Seen>>
 where
     S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
     S::Future: Send,
@@ -238,7 +249,7 @@ where
     let method = request.method();
     let headers = request.headers();
     if !matches!(*method, Method::GET | Method::HEAD) || overridden(headers) {
-        return Err(false);
+        return Err(None);
     }
     let hop = headers
         .keys()
@@ -252,7 +263,7 @@ where
             .iter()
             .all(|f| matches!(f.as_str(), "keep-alive" | "close"));
         if !benign {
-            return Err(false);
+            return Err(None);
         }
     }
     let Some(key) = key_of(
@@ -261,13 +272,18 @@ where
         shared.config.sort_query,
         shared.key_part.as_deref(),
     ) else {
-        return Err(false);
+        return Err(None);
+    };
+    let seen = |variants: Option<&Arc<Variants>>| Seen {
+        key: key.clone(),
+        variants: variants.cloned(),
+        exact: !hop,
     };
     let Some(variants) = shared.store.local(&key) else {
-        return Err(true);
+        return Err(Some(seen(None)));
     };
     let Some(entry) = variants.find(headers) else {
-        return Err(true);
+        return Err(Some(seen(Some(&variants))));
     };
     // With hop-by-hop headers present, the stored variants are matched as
     // the async path matches them (on the stripped request) unless none of
@@ -279,7 +295,7 @@ where
                 .any(|(n, _)| crate::policy::HOP_BY_HOP.contains(&n.as_str()))
         })
     {
-        return Err(true);
+        return Err(Some(seen(Some(&variants))));
     }
     let directives = RequestDirectives::from_headers(headers);
     let now = Instant::now();
@@ -293,10 +309,12 @@ where
             {
                 refresh(shared, inner, request, &key, entry);
             }
-            serve_now(shared, entry, method, headers, now, "hit").ok_or(true)
+            serve_now(shared, entry, method, headers, now, "hit")
+                .ok_or_else(|| Some(seen(Some(&variants))))
         }
-        Reuse::StaleAccepted => serve_now(shared, entry, method, headers, now, "hit").ok_or(true),
-        Reuse::WhileRevalidating | Reuse::Validate { .. } => Err(true),
+        Reuse::StaleAccepted => serve_now(shared, entry, method, headers, now, "hit")
+            .ok_or_else(|| Some(seen(Some(&variants)))),
+        Reuse::WhileRevalidating | Reuse::Validate { .. } => Err(Some(seen(Some(&variants)))),
     }
 }
 
@@ -369,7 +387,7 @@ async fn lookup<S, B, RB>(
     shared: Arc<Shared>,
     inner: S,
     mut request: Request<B>,
-    counted: bool,
+    seen: Option<Seen>,
 ) -> Result<Response<CacheBody<RB>>, S::Error>
 where
     S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
@@ -403,14 +421,25 @@ where
     }
     // Key and vary on what the origin will see.
     strip_hop_by_hop(request.headers_mut());
-    let Some(key) = key_of(
-        &request,
-        &shared.config.scheme,
-        shared.config.sort_query,
-        shared.key_part.as_deref(),
-    ) else {
-        let mut inner = inner;
-        return Ok(bypass(&shared, inner.call(request).await?));
+    let counted = seen.is_some();
+    let (key, known) = match seen {
+        Some(Seen {
+            key,
+            variants,
+            exact: true,
+        }) => (key, variants),
+        _ => {
+            let Some(key) = key_of(
+                &request,
+                &shared.config.scheme,
+                shared.config.sort_query,
+                shared.key_part.as_deref(),
+            ) else {
+                let mut inner = inner;
+                return Ok(bypass(&shared, inner.call(request).await?));
+            };
+            (key, None)
+        }
     };
     let directives = RequestDirectives::from_headers(request.headers());
     let fail_safe = shared.config.fail_safe;
@@ -423,7 +452,10 @@ where
     };
 
     let now = Instant::now();
-    let variants = shared.store.get(&key, counted).await;
+    let variants = match known {
+        Some(variants) => Some(variants),
+        None => shared.store.get(&key, counted).await,
+    };
     let mut entry = variants
         .as_ref()
         .and_then(|v| v.find(request.headers()).cloned());
@@ -677,16 +709,7 @@ fn refresh<S, B, RB>(
     // As the origin would see it (a hit answered in `call` is not stripped).
     strip_hop_by_hop(r.headers_mut());
     *r.extensions_mut() = request.extensions().clone();
-    for name in [
-        IF_NONE_MATCH,
-        IF_MODIFIED_SINCE,
-        IF_MATCH,
-        IF_UNMODIFIED_SINCE,
-        IF_RANGE,
-        RANGE,
-        CACHE_CONTROL,
-        PRAGMA,
-    ] {
+    for name in PRECONDITIONS.into_iter().chain([CACHE_CONTROL, PRAGMA]) {
         r.headers_mut().remove(name);
     }
     r.extensions_mut().insert(Looked {

@@ -357,6 +357,17 @@ pub(crate) fn conditional_matches(request: &HeaderMap, stored: &HeaderMap) -> bo
     }
 }
 
+/// A request's preconditions and range: what a request the cache sends for
+/// everyone (a revalidation, a refresh) never carries of a client's.
+pub(crate) const PRECONDITIONS: [http::HeaderName; 6] = [
+    IF_NONE_MATCH,
+    IF_MODIFIED_SINCE,
+    http::header::IF_MATCH,
+    http::header::IF_UNMODIFIED_SINCE,
+    IF_RANGE,
+    RANGE,
+];
+
 /// The client's own validators (`If-None-Match`, `If-Modified-Since`),
 /// taken out of a request the cache sends on for everyone: the origin
 /// answers the shared request in full, and the cache answers the client's
