@@ -31,6 +31,10 @@
 //! keep-alive connections for a few seconds; requests per second, median of
 //! 3 runs.
 //!
+//! Section names among the arguments (`-- --quick hit-path loopback`) run
+//! only those sections; subject names (`gratify`, `hitbox`) only those
+//! subjects beside the bare handler.
+//!
 //! Writes `target/gratify-bench/cache.json` (or `$GRATIFY_BENCH_DIR`) and
 //! prints markdown tables.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -550,101 +554,125 @@ fn page_handler() -> impl tower::Service<
     })
 }
 
+/// The sections, by the names that select them on the command line.
+const SECTIONS: [&str; 4] = ["cost-aware", "stampede", "hit-path", "loopback"];
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let requests = if quick { 300_000 } else { 2_000_000 };
-    let t = trace(100_000, requests, 7);
-    let started = std::time::Instant::now();
-    let plain = run(&t, false);
-    let gated = run(&t, true);
-    eprintln!(
-        "cost-aware: {} requests over 100,000 keys, budget {} bytes (10% of {}), {:.1} s of wall time",
-        requests,
-        t.working_set / 10,
-        t.working_set,
-        started.elapsed().as_secs_f64()
-    );
-    let n = requests as f64;
-    let rows = [("moka", &plain), ("gratify", &gated)];
-    println!("\n| subject | delay cost saved | vs moka | hit ratio | byte hit ratio |");
-    println!("|---|---:|---:|---:|---:|");
+    // Section names among the arguments run only those sections.
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| SECTIONS.contains(&a.as_str()))
+        .collect();
+    let section = |name: &str| named.is_empty() || named.iter().any(|a| a == name);
+    // Subject names among the arguments measure only those (and the bare
+    // handler, which the others are compared with).
+    let chosen: Vec<Subject> = Subject::ALL
+        .into_iter()
+        .filter(|s| std::env::args().any(|a| a == s.name()))
+        .collect();
+    let subject_runs = |s: &Subject| chosen.is_empty() || *s == Subject::Bare || chosen.contains(s);
     let mut results = Vec::new();
-    for (name, o) in rows {
-        let ratio = o.saved / plain.saved.max(1e-9);
-        println!(
-            "| {name} | {:.0} | {ratio:.2} | {:.3} | {:.3} |",
-            o.saved,
-            o.hits as f64 / n,
-            o.hit_bytes as f64 / o.bytes.max(1) as f64
+    if section("cost-aware") {
+        let requests = if quick { 300_000 } else { 2_000_000 };
+        let t = trace(100_000, requests, 7);
+        let started = std::time::Instant::now();
+        let plain = run(&t, false);
+        let gated = run(&t, true);
+        eprintln!(
+            "cost-aware: {} requests over 100,000 keys, budget {} bytes (10% of {}), {:.1} s of wall time",
+            requests,
+            t.working_set / 10,
+            t.working_set,
+            started.elapsed().as_secs_f64()
         );
-        results.push(serde_json::json!({
-            "scenario": "cost-aware",
-            "subject": name,
-            "metrics": {
-                "delay_saved": o.saved,
-                "delay_saved_ratio": ratio,
-                "hit_ratio": o.hits as f64 / n,
-                "byte_hit_ratio": o.hit_bytes as f64 / o.bytes.max(1) as f64,
-            },
-        }));
-    }
-
-    println!("\n| subject | origin calls | p99 (ms) |");
-    println!("|---|---:|---:|");
-    for subject in Subject::ALL.into_iter().skip(1) {
-        let (calls, p99) = stampede(subject);
-        println!("| {} | {calls} | {p99:.1} |", subject.name());
-        results.push(serde_json::json!({
-            "scenario": "stampede",
-            "subject": subject.name(),
-            "metrics": { "origin_calls": calls, "p99_ms": p99 },
-        }));
-    }
-
-    let n = if quick { 20_000 } else { 200_000 };
-    println!("\n| subject | ns per request | p99 ns | vs bare | origin calls |");
-    println!("|---|---:|---:|---:|---:|");
-    let mut bare = f64::NAN;
-    for subject in Subject::ALL {
-        let (ns, p99, calls) = hit_path(subject, n);
-        if subject == Subject::Bare {
-            bare = ns;
+        let n = requests as f64;
+        let rows = [("moka", &plain), ("gratify", &gated)];
+        println!("\n| subject | delay cost saved | vs moka | hit ratio | byte hit ratio |");
+        println!("|---|---:|---:|---:|---:|");
+        for (name, o) in rows {
+            let ratio = o.saved / plain.saved.max(1e-9);
+            println!(
+                "| {name} | {:.0} | {ratio:.2} | {:.3} | {:.3} |",
+                o.saved,
+                o.hits as f64 / n,
+                o.hit_bytes as f64 / o.bytes.max(1) as f64
+            );
+            results.push(serde_json::json!({
+                "scenario": "cost-aware",
+                "subject": name,
+                "metrics": {
+                    "delay_saved": o.saved,
+                    "delay_saved_ratio": ratio,
+                    "hit_ratio": o.hits as f64 / n,
+                    "byte_hit_ratio": o.hit_bytes as f64 / o.bytes.max(1) as f64,
+                },
+            }));
         }
-        println!(
-            "| {} | {ns:.0} | {p99:.0} | {:.2} | {calls} |",
-            subject.name(),
-            ns / bare
-        );
-        results.push(serde_json::json!({
+    }
+
+    if section("stampede") {
+        println!("\n| subject | origin calls | p99 (ms) |");
+        println!("|---|---:|---:|");
+        for subject in Subject::ALL.into_iter().skip(1).filter(subject_runs) {
+            let (calls, p99) = stampede(subject);
+            println!("| {} | {calls} | {p99:.1} |", subject.name());
+            results.push(serde_json::json!({
+                "scenario": "stampede",
+                "subject": subject.name(),
+                "metrics": { "origin_calls": calls, "p99_ms": p99 },
+            }));
+        }
+    }
+
+    if section("hit-path") {
+        let n = if quick { 20_000 } else { 200_000 };
+        println!("\n| subject | ns per request | p99 ns | vs bare | origin calls |");
+        println!("|---|---:|---:|---:|---:|");
+        let mut bare = f64::NAN;
+        for subject in Subject::ALL.into_iter().filter(subject_runs) {
+            let (ns, p99, calls) = hit_path(subject, n);
+            if subject == Subject::Bare {
+                bare = ns;
+            }
+            println!(
+                "| {} | {ns:.0} | {p99:.0} | {:.2} | {calls} |",
+                subject.name(),
+                ns / bare
+            );
+            results.push(serde_json::json!({
             "scenario": "hit-path",
             "subject": subject.name(),
             "metrics": { "ns_per_req": ns, "p99_ns": p99, "ratio_vs_bare": ns / bare, "origin_calls": calls },
         }));
+        }
     }
 
-    let seconds = if quick { 1.0 } else { 3.0 };
-    let mut bare_runs = Vec::new();
-    let mut cached_runs = Vec::new();
-    for _ in 0..3 {
-        bare_runs.push(loopback(page_handler(), seconds));
-        let cached = HttpCacheLayer::new(HttpCacheConfig::default()).layer(page_handler());
-        cached_runs.push(loopback(cached, seconds));
-    }
-    bare_runs.sort_by(f64::total_cmp);
-    cached_runs.sort_by(f64::total_cmp);
-    let (bare_rps, cached_rps) = (bare_runs[1], cached_runs[1]);
-    println!("\n| subject | requests/s (hyper, loopback) | vs bare |");
-    println!("|---|---:|---:|");
-    println!("| bare | {bare_rps:.0} | 1.00 |");
-    println!(
-        "| gratify (hit) | {cached_rps:.0} | {:.2} |",
-        cached_rps / bare_rps
-    );
-    results.push(serde_json::json!({
+    if section("loopback") {
+        let seconds = if quick { 1.0 } else { 3.0 };
+        let mut bare_runs = Vec::new();
+        let mut cached_runs = Vec::new();
+        for _ in 0..3 {
+            bare_runs.push(loopback(page_handler(), seconds));
+            let cached = HttpCacheLayer::new(HttpCacheConfig::default()).layer(page_handler());
+            cached_runs.push(loopback(cached, seconds));
+        }
+        bare_runs.sort_by(f64::total_cmp);
+        cached_runs.sort_by(f64::total_cmp);
+        let (bare_rps, cached_rps) = (bare_runs[1], cached_runs[1]);
+        println!("\n| subject | requests/s (hyper, loopback) | vs bare |");
+        println!("|---|---:|---:|");
+        println!("| bare | {bare_rps:.0} | 1.00 |");
+        println!(
+            "| gratify (hit) | {cached_rps:.0} | {:.2} |",
+            cached_rps / bare_rps
+        );
+        results.push(serde_json::json!({
         "scenario": "loopback",
         "subject": "gratify",
         "metrics": { "rps": cached_rps, "bare_rps": bare_rps, "hit_throughput_frac": cached_rps / bare_rps },
     }));
+    }
 
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])

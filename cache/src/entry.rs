@@ -1,11 +1,11 @@
 //! A stored response and the variants stored under one key.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::HeaderName;
-use http::{HeaderMap, Method, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use tokio::time::Instant;
 
 use crate::directives::{RequestDirectives, ResponseDirectives};
@@ -39,9 +39,69 @@ pub(crate) struct Entry {
     /// The body encoded once per coding (then `body` is empty and identity
     /// is decoded on demand), best first.
     pub(crate) encodings: Vec<(&'static str, Bytes)>,
+    /// What hits on it reuse: see [`Prepared`].
+    pub(crate) prepared: Prepared,
+}
+
+/// What every hit on an entry would otherwise build again: its headers as a
+/// hit sends them, and the `Age` and `Cache-Status` values the last hit
+/// sent.
+#[derive(Debug, Default)]
+pub(crate) struct Prepared {
+    headers: OnceLock<HeaderMap>,
+    /// The age (whole seconds) they were built for, and the two values.
+    fields: Mutex<Option<(u64, HeaderValue, HeaderValue)>>,
 }
 
 impl Entry {
+    /// Its headers as a hit sends them, with `Age` and `Cache-Status` in
+    /// place (values the hit replaces): a hit clones one prepared map
+    /// instead of building one header by header.
+    pub(crate) fn served_headers(&self) -> HeaderMap {
+        self.prepared
+            .headers
+            .get_or_init(|| {
+                if self.headers.len() > 1024 {
+                    // Far beyond any real response; kept as it is.
+                    return self.headers.clone();
+                }
+                let mut headers = HeaderMap::with_capacity(self.headers.len() + 2);
+                headers.extend(self.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+                headers.insert(http::header::AGE, HeaderValue::from_static("0"));
+                headers.insert(
+                    crate::http_cache::CACHE_STATUS,
+                    HeaderValue::from_static("-"),
+                );
+                headers
+            })
+            .clone()
+    }
+
+    /// The `Age` and `Cache-Status` of a hit at `age` whole seconds (its
+    /// lifetime is fixed, so the age decides both): the values the last hit
+    /// sent if it was at the same age, else those `status` builds (kept for
+    /// the next hit unless another hit is keeping its own at that moment —
+    /// nobody waits).
+    pub(crate) fn hit_fields(
+        &self,
+        age: u64,
+        status: impl FnOnce() -> HeaderValue,
+    ) -> (HeaderValue, HeaderValue) {
+        let Ok(mut last) = self.prepared.fields.try_lock() else {
+            return (HeaderValue::from(age), status());
+        };
+        match &*last {
+            Some((at, kept_age, kept_status)) if *at == age => {
+                (kept_age.clone(), kept_status.clone())
+            }
+            _ => {
+                let fields = (HeaderValue::from(age), status());
+                *last = Some((age, fields.0.clone(), fields.1.clone()));
+                fields
+            }
+        }
+    }
+
     /// Its current age.
     pub(crate) fn age(&self, now: Instant) -> Duration {
         self.initial_age + now.saturating_duration_since(self.stored_at)
@@ -227,6 +287,7 @@ impl Entry {
                 origin_latency: self.origin_latency,
                 cost_rate: self.cost_rate,
                 encodings: self.encodings.clone(),
+                prepared: Prepared::default(),
             }),
             keep,
         ))

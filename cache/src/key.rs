@@ -27,6 +27,20 @@ impl CacheKey {
     }
 }
 
+// Keys hash and compare as their text, so the store can be asked with the
+// text alone (no shared allocation for a hit).
+impl std::borrow::Borrow<str> for CacheKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for CacheKey {
+    fn from(text: String) -> Self {
+        Self(text.into())
+    }
+}
+
 impl fmt::Debug for CacheKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -89,9 +103,19 @@ pub(crate) fn key_of<B>(
     sort_query: bool,
     extra: Option<&dyn KeyPart>,
 ) -> Option<CacheKey> {
+    key_text_of(request, default_scheme, sort_query, extra).map(CacheKey::from)
+}
+
+/// [`key_of`] as text, for a look-up that needs no [`CacheKey`].
+pub(crate) fn key_text_of<B>(
+    request: &http::Request<B>,
+    default_scheme: &str,
+    sort_query: bool,
+    extra: Option<&dyn KeyPart>,
+) -> Option<String> {
     let (scheme, authority) = origin_of(request, default_scheme)?;
     let part = extra.and_then(|e| e.key_part(&request_parts(request)));
-    Some(build(
+    Some(build_text(
         scheme,
         authority,
         request.uri(),
@@ -143,13 +167,25 @@ pub(crate) fn build(
     headers: Option<&http::HeaderMap>,
     part: Option<&str>,
 ) -> CacheKey {
+    build_text(scheme, authority, uri, sort_query, headers, part).into()
+}
+
+fn build_text(
+    scheme: &str,
+    authority: &str,
+    uri: &http::Uri,
+    sort_query: bool,
+    headers: Option<&http::HeaderMap>,
+    part: Option<&str>,
+) -> String {
     let path = uri.path();
     let mut key = String::with_capacity(
         scheme.len() + authority.len() + uri.path_and_query().map_or(0, |p| p.as_str().len()) + 4,
     );
-    key.extend(scheme.chars().map(|c| c.to_ascii_lowercase()));
+    key.push_str(scheme);
     key.push_str("://");
-    key.extend(authority.chars().map(|c| c.to_ascii_lowercase()));
+    key.push_str(authority);
+    key.make_ascii_lowercase();
     key.push_str(path);
     if let Some(query) = uri.query() {
         key.push('?');
@@ -195,7 +231,7 @@ pub(crate) fn build(
         key.push('#');
         key.push_str(part);
     }
-    CacheKey(key.into())
+    key
 }
 
 /// The request's head without its body, for a [`KeyPart`].

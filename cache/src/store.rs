@@ -33,12 +33,12 @@ impl Sketch {
         }
     }
 
-    fn slots(&self, key: &CacheKey) -> [usize; 4] {
+    fn slots(&self, key: &str) -> [usize; 4] {
         // FNV-1a, then a multiply to spread it: a sketch needs speed, not
         // resistance to chosen keys (a collision only overestimates one
         // key's popularity).
         let mut x: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in key.as_str().bytes() {
+        for b in key.bytes() {
             x ^= u64::from(b);
             x = x.wrapping_mul(0x0100_0000_01b3);
         }
@@ -47,7 +47,7 @@ impl Sketch {
         std::array::from_fn(|i| a.wrapping_add(i.wrapping_mul(b)) & self.mask)
     }
 
-    fn add(&self, key: &CacheKey) {
+    fn add(&self, key: &str) {
         for (row, slot) in self.slots(key).into_iter().enumerate() {
             let c = &self.rows[row][slot];
             let v = c.load(Ordering::Relaxed);
@@ -65,7 +65,7 @@ impl Sketch {
         }
     }
 
-    fn estimate(&self, key: &CacheKey) -> u32 {
+    fn estimate(&self, key: &str) -> u32 {
         self.slots(key)
             .into_iter()
             .enumerate()
@@ -90,10 +90,10 @@ struct Gate {
 
 impl Gate {
     fn frequency(&self, key: &CacheKey) -> u32 {
-        self.sketch.estimate(key)
+        self.sketch.estimate(key.as_str())
     }
 
-    fn touch(&self, key: &CacheKey) {
+    fn touch(&self, key: &str) {
         self.sketch.add(key);
     }
 
@@ -326,7 +326,7 @@ impl Store {
 
     /// What memory holds for `key`, counting the request (synchronous: the
     /// hit path).
-    pub(crate) fn local(&self, key: &CacheKey) -> Option<Arc<Variants>> {
+    pub(crate) fn local(&self, key: &str) -> Option<Arc<Variants>> {
         self.gate.touch(key);
         self.cache.get(key)
     }
@@ -335,7 +335,7 @@ impl Store {
     /// [`local`](Self::local) already counted this request.
     pub(crate) async fn get(&self, key: &CacheKey, counted: bool) -> Option<Arc<Variants>> {
         if !counted {
-            self.gate.touch(key);
+            self.gate.touch(key.as_str());
         }
         if let Some(v) = self.cache.get(key) {
             return Some(v);
@@ -456,6 +456,7 @@ mod tests {
             keep_stale: Duration::ZERO,
             cost_rate: 1.0,
             encodings: Vec::new(),
+            prepared: Default::default(),
         })
     }
 

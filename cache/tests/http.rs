@@ -148,12 +148,30 @@ async fn hits_carry_age_and_expire() {
         (body.as_str(), status(&hd)),
         ("v0", "gratify; fwd=uri-miss; stored")
     );
+    // The origin sent no `Age`; the miss passes on none.
+    assert!(!hd.contains_key("age"));
     tokio::time::advance(Duration::from_secs(10)).await;
     let (_, hd, body) = send(&h.svc, get("/p")).await;
     assert_eq!(body, "v0");
     assert_eq!(hd["age"], "10");
     assert_eq!(status(&hd), "gratify; hit; ttl=50");
-    tokio::time::advance(Duration::from_secs(51)).await;
+    // Hits within the same second send the same fields; a later one its
+    // own (the values a hit keeps for the next never go stale), and each
+    // field once.
+    let (_, hd, _) = send(&h.svc, get("/p")).await;
+    assert_eq!(
+        (&hd["age"], status(&hd)),
+        (&"10".parse().unwrap(), "gratify; hit; ttl=50")
+    );
+    tokio::time::advance(Duration::from_millis(1500)).await;
+    let (_, hd, _) = send(&h.svc, get("/p")).await;
+    assert_eq!(hd.get_all("age").iter().count(), 1);
+    assert_eq!(hd.get_all("cache-status").iter().count(), 1);
+    assert_eq!(
+        (&hd["age"], status(&hd)),
+        (&"11".parse().unwrap(), "gratify; hit; ttl=49")
+    );
+    tokio::time::advance(Duration::from_millis(49_500)).await;
     let (_, hd, body) = send(&h.svc, get("/p")).await;
     assert_eq!(body, "v1", "{:?}", status(&hd));
     assert_eq!(h.origin.calls(), 2);

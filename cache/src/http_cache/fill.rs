@@ -350,7 +350,7 @@ impl Exchange {
                 Outcome::Uncacheable
             },
         );
-        let mut response = represent(&self.shared, &fresh, &self.asked.headers, None)
+        let mut response = represent(&self.shared, &fresh, &self.asked.headers, None, false)
             .await
             .map(FillBody::full);
         // Cookies the origin set are this request's alone.
@@ -490,9 +490,15 @@ impl Exchange {
         let entry = entry_of(&self.shared, &self.asked, head, identity.clone()).await;
         let (stored, outcome) = self.shared.fill(&self.key, &entry, self.since).await;
         flight::finish(&mut self.ticket, outcome);
-        let mut response = represent(&self.shared, &entry, &self.asked.headers, Some(identity))
-            .await
-            .map(FillBody::full);
+        let mut response = represent(
+            &self.shared,
+            &entry,
+            &self.asked.headers,
+            Some(identity),
+            false,
+        )
+        .await
+        .map(FillBody::full);
         for cookie in cookies {
             response.headers_mut().append(SET_COOKIE, cookie);
         }
@@ -768,6 +774,7 @@ async fn entry_of(shared: &Shared, asked: &Asked, head: Head, body: Bytes) -> Ar
         keep_stale,
         cost_rate: shared.cost_rate(asked.class, latency),
         encodings,
+        prepared: Default::default(),
     })
 }
 

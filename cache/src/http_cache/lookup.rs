@@ -24,7 +24,7 @@ use super::{CACHE_STATUS, CachePurge, METHOD_OVERRIDES, Shared};
 use crate::body::CacheBody;
 use crate::directives::RequestDirectives;
 use crate::entry::{Entry, Reuse, Variants};
-use crate::key::{CacheKey, key_of};
+use crate::key::{CacheKey, key_of, key_text_of};
 use crate::policy::{Rules, strip_hop_by_hop};
 use crate::tier::BoxFuture;
 
@@ -266,7 +266,7 @@ where
             return Err(None);
         }
     }
-    let Some(key) = key_of(
+    let Some(key) = key_text_of(
         request,
         &shared.config.scheme,
         shared.config.sort_query,
@@ -274,8 +274,9 @@ where
     ) else {
         return Err(None);
     };
+    // The key is looked up as text; a miss takes it along as a `CacheKey`.
     let seen = |variants: Option<&Arc<Variants>>| Seen {
-        key: key.clone(),
+        key: CacheKey::from(key.clone()),
         variants: variants.cloned(),
         exact: !hop,
     };
@@ -307,7 +308,7 @@ where
                 && *method != Method::HEAD
                 && may_lead(headers, &directives, &shared.rules(request.uri().path()))
             {
-                refresh(shared, inner, request, &key, entry);
+                refresh(shared, inner, request, &CacheKey::from(key.clone()), entry);
             }
             serve_now(shared, entry, method, headers, now, "hit")
                 .ok_or_else(|| Some(seen(Some(&variants))))

@@ -247,10 +247,14 @@ impl Shared {
     }
 
     /// `Cache-Status` with `detail` and, for a stored response, its `ttl`;
-    /// counts the request by result. Built in one buffer: it is on every
-    /// hit.
+    /// counts the request by result.
     fn status_with(&self, detail: &str, ttl: Option<i64>) -> HeaderValue {
-        use std::fmt::Write as _;
+        self.count(detail);
+        self.status_text(detail, ttl)
+    }
+
+    /// Counts a request by its result, as its `Cache-Status` `detail` says.
+    fn count(&self, detail: &str) {
         // Recorded on the request's span if it declares `cache` (as
         // `gratify::Stack`'s does).
         tracing::Span::current().record("cache", detail);
@@ -268,6 +272,11 @@ impl Shared {
         metrics::counter!("gratify_cache_requests_total", "result" => result).increment(1);
         #[cfg(not(feature = "metrics"))]
         let _ = result;
+    }
+
+    /// The `Cache-Status` value itself, built in one buffer.
+    fn status_text(&self, detail: &str, ttl: Option<i64>) -> HeaderValue {
+        use std::fmt::Write as _;
         let mut text = String::with_capacity(self.config.name.len() + detail.len() + 16);
         text.push_str(&self.config.name);
         text.push_str("; ");

@@ -20,18 +20,21 @@ use crate::entry::Entry;
 /// identity body, or — for an entry stored encoded — the best stored coding
 /// it accepts, decoded (on the blocking pool, never on the async threads)
 /// for a client that accepts none. `identity`, when the caller still holds
-/// the body as the origin sent it, spares the decoding.
+/// the body as the origin sent it, spares the decoding. `hit`: a hit, which
+/// [`finish`] completes (its headers come with `Age` and `Cache-Status` in
+/// place, for it to set).
 pub(crate) async fn represent(
     shared: &Shared,
     entry: &Entry,
     request: &HeaderMap,
     identity: Option<Bytes>,
+    hit: bool,
 ) -> Response<Bytes> {
-    if let Ok(response) = represent_now(shared, entry, request, identity) {
+    if let Ok(response) = represent_now(shared, entry, request, identity, hit) {
         return response;
     }
     match decode(shared, entry).await {
-        Some(identity) => match represent_now(shared, entry, request, Some(identity)) {
+        Some(identity) => match represent_now(shared, entry, request, Some(identity), hit) {
             Ok(response) => response,
             Err(NeedsDecoding) => Response::new(Bytes::new()),
         },
@@ -54,11 +57,16 @@ pub(crate) fn represent_now(
     entry: &Entry,
     request: &HeaderMap,
     identity: Option<Bytes>,
+    hit: bool,
 ) -> Result<Response<Bytes>, NeedsDecoding> {
     let mut response = Response::new(Bytes::new());
     *response.status_mut() = entry.status;
     *response.version_mut() = entry.version;
-    *response.headers_mut() = headers_of(entry);
+    *response.headers_mut() = if hit {
+        entry.served_headers()
+    } else {
+        entry.headers.clone()
+    };
     if !shared.config.expose_tags
         && let Some(tag) = &shared.config.tag_header
     {
@@ -114,19 +122,6 @@ pub(crate) fn represent_now(
     Ok(response)
 }
 
-/// A copy of the stored response's fields with room for the few the cache
-/// adds (`Age`, `Cache-Status`, `Vary`, `Content-Length`): a plain clone
-/// would be full, and the first insert would grow and rehash it.
-fn headers_of(entry: &Entry) -> HeaderMap {
-    if entry.headers.len() > 1024 {
-        // Far beyond any real response; a plain clone cannot overflow.
-        return entry.headers.clone();
-    }
-    let mut headers = HeaderMap::with_capacity(entry.headers.len() + 4);
-    headers.extend(entry.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
-    headers
-}
-
 /// The identity body of an entry stored encoded, decoded off the async
 /// threads.
 async fn decode(shared: &Shared, entry: &Entry) -> Option<Bytes> {
@@ -148,8 +143,6 @@ pub(crate) async fn serve<RB>(
     now: Instant,
     detail: &str,
 ) -> Response<CacheBody<RB>> {
-    let age = entry.age(now);
-    let ttl = entry.lifetime.as_secs() as i64 - age.as_secs() as i64;
     let not_modified = conditional_matches(request, &entry.headers);
     // Ranges are cut from a body stored as it is served: not from one the
     // origin encoded (its ranges would count encoded bytes), nor from one
@@ -163,9 +156,9 @@ pub(crate) async fn serve<RB>(
             .flatten();
     let response = match range {
         Some(range) => partial(shared, entry, range).await,
-        None => represent(shared, entry, request, None).await,
+        None => represent(shared, entry, request, None, true).await,
     };
-    finish(shared, response, method, not_modified, age, ttl, detail)
+    finish(shared, entry, response, method, not_modified, now, detail)
 }
 
 /// [`serve`] without waiting, for the hit path: `None` when the answer needs
@@ -181,17 +174,15 @@ pub(crate) fn serve_now<RB>(
     if request.contains_key(RANGE) {
         return None;
     }
-    let age = entry.age(now);
-    let ttl = entry.lifetime.as_secs() as i64 - age.as_secs() as i64;
     let not_modified = conditional_matches(request, &entry.headers);
-    let response = represent_now(shared, entry, request, None).ok()?;
+    let response = represent_now(shared, entry, request, None, true).ok()?;
     Some(finish(
         shared,
+        entry,
         response,
         method,
         not_modified,
-        age,
-        ttl,
+        now,
         detail,
     ))
 }
@@ -200,13 +191,15 @@ pub(crate) fn serve_now<RB>(
 /// `304`, `Age`, `Cache-Status`.
 fn finish<RB>(
     shared: &Shared,
+    entry: &Entry,
     response: Response<Bytes>,
     method: &Method,
     not_modified: bool,
-    age: std::time::Duration,
-    ttl: i64,
+    now: Instant,
     detail: &str,
 ) -> Response<CacheBody<RB>> {
+    let age = entry.age(now);
+    let ttl = entry.lifetime.as_secs() as i64 - age.as_secs() as i64;
     let (mut parts, body) = response.into_parts();
     let body = if *method == Method::HEAD || not_modified {
         CacheBody::empty()
@@ -217,10 +210,19 @@ fn finish<RB>(
         parts.status = StatusCode::NOT_MODIFIED;
         parts.headers.remove(CONTENT_LENGTH);
     }
-    parts.headers.insert(AGE, HeaderValue::from(age.as_secs()));
-    parts
-        .headers
-        .insert(CACHE_STATUS, shared.status_with(detail, Some(ttl)));
+    // In place of the prepared fields: no growth (and a map at its size
+    // limit is answered without them rather than a panic).
+    let (age, status) = if detail == "hit" {
+        shared.count(detail);
+        entry.hit_fields(age.as_secs(), || shared.status_text(detail, Some(ttl)))
+    } else {
+        (
+            HeaderValue::from(age.as_secs()),
+            shared.status_with(detail, Some(ttl)),
+        )
+    };
+    let _ = parts.headers.try_insert(AGE, age);
+    let _ = parts.headers.try_insert(CACHE_STATUS, status);
     Response::from_parts(parts, body)
 }
 
@@ -289,7 +291,7 @@ async fn partial(shared: &Shared, entry: &Entry, range: ByteRange) -> Response<B
     };
     let mut response = Response::new(Bytes::new());
     *response.version_mut() = entry.version;
-    *response.headers_mut() = headers_of(entry);
+    *response.headers_mut() = entry.served_headers();
     if !shared.config.expose_tags
         && let Some(tag) = &shared.config.tag_header
     {
@@ -344,17 +346,14 @@ pub(crate) fn conditional_matches(request: &HeaderMap, stored: &HeaderMap) -> bo
         let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
         return inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(etag));
     }
+    let Some(since) = crate::policy::single_date(request, &IF_MODIFIED_SINCE) else {
+        return false;
+    };
     // Without `Last-Modified`, the stored response's `Date` stands in
     // (RFC 9111 §4.3.2).
-    let modified = crate::policy::single_date(stored, &LAST_MODIFIED)
-        .or_else(|| crate::policy::single_date(stored, &DATE));
-    match (
-        crate::policy::single_date(request, &IF_MODIFIED_SINCE),
-        modified,
-    ) {
-        (Some(since), Some(modified)) => modified <= since,
-        _ => false,
-    }
+    crate::policy::single_date(stored, &LAST_MODIFIED)
+        .or_else(|| crate::policy::single_date(stored, &DATE))
+        .is_some_and(|modified| modified <= since)
 }
 
 /// A request's preconditions and range: what a request the cache sends for

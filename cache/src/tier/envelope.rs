@@ -197,6 +197,7 @@ pub(crate) fn decode(mut b: Bytes, now: Instant, wall: SystemTime) -> Option<Dec
             keep_stale,
             cost_rate,
             encodings,
+            prepared: Default::default(),
         }),
         stored_ms,
     })
@@ -263,6 +264,7 @@ mod tests {
             keep_stale: Duration::from_secs(30),
             cost_rate: 2.5,
             encodings: vec![("zstd", Bytes::from_static(b"zz"))],
+            prepared: Default::default(),
         }
     }
 
