@@ -3,6 +3,9 @@
 //! - [`RateEstimator`]: an exponentially weighted arrival rate;
 //! - [`LatencyWindow`]: latency quantiles over a sliding window, in bounded
 //!   memory (HdrHistogram);
+//! - [`DecayedLatency`]: latency quantiles and a robust mean whose evidence
+//!   halves every half-life, in constant memory (what the limiter judges
+//!   each class by);
 //! - [`MinTracker`]: the minimum of a signal (such as round-trip time) over a
 //!   sliding window, in constant memory.
 //!
@@ -35,10 +38,12 @@
 //! assert_eq!(min_rtt.min(), Some(Duration::from_millis(5)));
 //! ```
 
+mod decayed;
 mod latency;
 mod min;
 mod rate;
 
+pub use self::decayed::DecayedLatency;
 pub use self::latency::LatencyWindow;
 pub use self::min::MinTracker;
 pub use self::rate::RateEstimator;

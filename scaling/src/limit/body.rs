@@ -21,6 +21,20 @@ pin_project! {
         #[pin]
         kind: Kind<B>,
     }
+
+    impl<B> PinnedDrop for LimitBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            // A body nobody polled (HEAD, 204, 304: the server sends none)
+            // ended with its head: its request's latency is whole, not a
+            // cancellation's.
+            if let KindProj::Inner { permit, outcome, polled, .. } = this.project().kind.project()
+                && !*polled
+                && let Some(permit) = permit.take()
+            {
+                permit.complete(*outcome);
+            }
+        }
+    }
 }
 
 pin_project! {
@@ -31,6 +45,7 @@ pin_project! {
             body: B,
             permit: Option<Permit>,
             outcome: Outcome,
+            polled: bool,
         },
         Refusal {
             text: Option<Bytes>,
@@ -45,6 +60,7 @@ impl<B> LimitBody<B> {
                 body,
                 permit,
                 outcome,
+                polled: false,
             },
         }
     }
@@ -74,7 +90,9 @@ where
                 mut body,
                 permit,
                 outcome,
+                polled,
             } => {
+                *polled = true;
                 let frame = std::task::ready!(body.as_mut().poll_frame(cx));
                 // The body ends at `None`, at an error, or at the frame after
                 // which it says it has ended: hyper does not poll again then.

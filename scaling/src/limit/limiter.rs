@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use gratify_core::estimate::MinTracker;
+use gratify_core::estimate::DecayedLatency;
 use gratify_core::slot::SlotHold;
 use gratify_core::{Class, ClassId, CostModel, LoadSignal, LoadSnapshot};
 use tokio::sync::oneshot;
@@ -112,6 +112,18 @@ pub struct LimiterConfig {
     /// Classes never shed by the cost or deadline rules, each with a cap on
     /// how many of it may wait.
     pub never_shed: Vec<(ClassId, usize)>,
+    /// How fast each class's latency estimate forgets: the weight of a
+    /// sample halves every `estimate_half_life` (default 2 s).
+    pub estimate_half_life: Duration,
+    /// The quantile of a class's own latency that the deadline rule compares
+    /// with its deadline (default 0.5: a request is refused for its deadline
+    /// only when it would more likely than not be late).
+    pub deadline_quantile: f64,
+    /// While a class is refused for its deadline, one of its requests is
+    /// still admitted this often (default 100 ms), so that its estimate
+    /// follows the service and the class returns as soon as it can be
+    /// served; a probe that finishes in time outweighs the old evidence.
+    pub probe_interval: Duration,
 }
 
 impl Default for LimiterConfig {
@@ -123,6 +135,9 @@ impl Default for LimiterConfig {
             max_queue_time: Duration::from_secs(5),
             warmup_samples: 50,
             never_shed: Vec::new(),
+            estimate_half_life: Duration::from_secs(2),
+            deadline_quantile: 0.5,
+            probe_interval: Duration::from_millis(100),
         }
     }
 }
@@ -166,8 +181,11 @@ pub struct ClassStats {
     pub completed: u64,
     /// Refused so far, by [`Reason`] (indexed as [`Reason::ALL`]).
     pub shed: [u64; 7],
-    /// Mean latency of the class (exponentially weighted), seconds.
+    /// Mean latency of the class (time-decayed, outliers bounded), seconds.
     pub latency: f64,
+    /// The class's latency at the deadline rule's quantile (time-decayed),
+    /// seconds; 0 before any sample.
+    pub latency_quantile: f64,
 }
 
 impl ClassStats {
@@ -246,9 +264,10 @@ struct State {
     latency: f64,
     /// EWMA of the squared latency, for its variability.
     latency_sq: f64,
-    /// EWMA of latency over the class's baseline, over all classes: how
-    /// congested the service is now, whatever the mix.
-    inflation: f64,
+    /// The mean service time of the recent mix (each class's robust mean,
+    /// weighted by its recent completions), seconds: what a slot's turnover
+    /// is judged by. 0 until the first sample.
+    service: f64,
     samples: u64,
     /// When the load signal was last published.
     published: Option<Instant>,
@@ -260,10 +279,14 @@ struct State {
 struct ClassState {
     class: Class,
     queue: VecDeque<Waiter>,
-    /// EWMA latency of the class, seconds (0 until the first sample).
+    /// The class's own recent latencies: nothing another class does moves
+    /// them, and they fade when the class is not served.
+    estimate: DecayedLatency,
+    /// Its mean latency, seconds (0 until the first sample).
     latency: f64,
-    /// The windowed minimum of `latency`: the class's uncongested latency.
-    baseline: MinTracker,
+    /// When the next probe may pass while the class is refused for its
+    /// deadline.
+    probe_at: Option<Instant>,
     never_shed: Option<usize>,
     share: Option<f64>,
     stats: ClassStats,
@@ -338,8 +361,9 @@ impl Limiter {
             .map(|(id, _, class)| ClassState {
                 class: class.clone(),
                 queue: VecDeque::new(),
+                estimate: DecayedLatency::new(config.estimate_half_life),
                 latency: 0.0,
-                baseline: MinTracker::new(Duration::from_secs(30)),
+                probe_at: None,
                 never_shed: config
                     .never_shed
                     .iter()
@@ -361,7 +385,7 @@ impl Limiter {
                     next_id: 0,
                     latency: 0.0,
                     latency_sq: 0.0,
-                    inflation: 1.0,
+                    service: 0.0,
                     samples: 0,
                     published: None,
                     rate_count: 0,
@@ -423,8 +447,12 @@ impl Limiter {
         let mut state = self.lock();
         for (c, (_, _, class)) in state.classes.iter_mut().zip(model.iter()) {
             c.class = class.clone();
+            // Refusals for the old deadline end; the latencies learned
+            // stay (they are the service's, not the model's).
+            c.probe_at = None;
         }
         state.algorithm.reload(model);
+        self.tune(&mut state, Instant::now());
         self.shared.model.reload(model)
     }
 
@@ -462,6 +490,10 @@ impl Limiter {
                     completed: fast.released[k].load(Ordering::Relaxed),
                     shed: c.stats.shed,
                     latency: c.latency,
+                    latency_quantile: c
+                        .estimate
+                        .quantile(self.shared.config.deadline_quantile)
+                        .map_or(0.0, |d| d.as_secs_f64()),
                 })
                 .collect(),
         }
@@ -493,17 +525,33 @@ impl Limiter {
 
         let now = Instant::now();
         let mut state = self.lock();
-        let mut decision = decide(&self.shared.config, fast, &state, k, now);
+        let config = &self.shared.config;
+        let room = fast.in_flight() < fast.limit();
+        let mut decision = decide(config, fast, &state, k, now, room);
         let mut taken = None;
-        if let Decision::Admit = decision {
-            // The fast path may have taken the last slot meanwhile.
+        if let Decision::Admit = decision
+            && !matches!(config.admission, Admission::Partitioned(_))
+        {
+            // The fast path may have taken the last slot meanwhile: then
+            // there is no room, whatever `room` said.
             taken = try_take(fast, k);
             if taken.is_none() {
-                decision = decide(&self.shared.config, fast, &state, k, now);
+                decision = decide(config, fast, &state, k, now, false);
             }
+        }
+        if let Decision::Refuse(Reason::Deadline) = decision
+            && own_latency_late(config, &state.classes[k], now)
+            && probe_due(config, &mut state.classes[k], now)
+            && let Some(in_flight) = try_take(fast, k)
+        {
+            // Refused by its own latency estimate: a probe passes now and
+            // then, so the estimate follows the service.
+            taken = Some(in_flight);
+            decision = Decision::Admit;
         }
         let result = match decision {
             Decision::Admit => {
+                // Only a partition admits past the limit (within its share).
                 let in_flight = taken.unwrap_or_else(|| force_take(fast, k));
                 Acquire::Admitted(Permit::new(self.clone(), class, Some(now), in_flight))
             }
@@ -554,7 +602,7 @@ impl Limiter {
         // clients do not all return at once; at least a second, as
         // Retry-After counts whole seconds.
         let limit = self.shared.fast.limit() as f64;
-        let drain = (state.queued as f64 + 1.0) * state.latency / limit + state.latency;
+        let drain = (state.queued as f64 + 1.0) * state.service / limit + state.service;
         let x = self
             .shared
             .rng
@@ -595,24 +643,26 @@ impl Limiter {
         };
         let mut state = self.lock();
         if let Some(sample) = sample {
-            if sample.outcome != Outcome::Cancelled {
+            if teaches_latency(sample.outcome) {
                 let secs = sample.latency.as_secs_f64();
                 let c = &mut state.classes[k];
-                if !sample.outcome.is_drop() {
-                    c.latency = ewma(c.latency, secs, 0.05);
-                    let base = c
-                        .baseline
-                        .record(sample.end(), Duration::from_secs_f64(c.latency))
-                        .as_secs_f64();
-                    let ratio = secs / base.max(1e-9);
-                    state.inflation = ewma(state.inflation, ratio, 0.02);
-                    state.latency = ewma(state.latency, secs, 0.02);
-                    state.latency_sq = ewma(state.latency_sq, secs * secs, 0.02);
+                // A class being refused for its deadline that finishes a
+                // request in time: the old evidence is out of date.
+                if c.probe_at.is_some() && c.class.deadline().is_some_and(|d| sample.latency <= d) {
+                    c.estimate.discount(0.25);
                 }
+                c.estimate.record(now.into_std(), sample.latency);
+                c.latency = c.estimate.mean().map_or(0.0, |d| d.as_secs_f64());
+                state.latency = ewma(state.latency, secs, 0.02);
+                state.latency_sq = ewma(state.latency_sq, secs * secs, 0.02);
                 state.samples += 1;
             }
-            let limit = state.algorithm.update(&sample).max(1);
-            fast.limit.store(limit, Ordering::Relaxed);
+            // Cancellations, errors and answers the client caused say
+            // nothing of the service's capacity (Netflix's `onIgnore`).
+            if teaches_limit(sample.outcome) {
+                let limit = state.algorithm.update(&sample).max(1);
+                fast.limit.store(limit, Ordering::Relaxed);
+            }
             self.tune(&mut state, now);
         }
         let queued = state.queued;
@@ -638,15 +688,22 @@ impl Limiter {
             state.rate_count = 0;
             state.rate_since = Some(now);
         }
-        let judge = matches!(self.shared.config.admission, Admission::DelayCost)
-            && state.samples >= self.shared.config.warmup_samples;
-        for (k, c) in state.classes.iter().enumerate() {
-            let late = judge
-                && c.never_shed.is_none()
-                && c.class
-                    .deadline()
-                    .is_some_and(|d| expected_latency(state, k) > d.as_secs_f64());
-            fast.hopeless[k].store(late, Ordering::Relaxed);
+        let config = &self.shared.config;
+        let judge = matches!(config.admission, Admission::DelayCost)
+            && state.samples >= config.warmup_samples;
+        let (mut weighted, mut weights) = (0.0, 0.0);
+        for (k, c) in state.classes.iter_mut().enumerate() {
+            let w = c.estimate.weight(now.into_std());
+            weighted += w * c.latency;
+            weights += w;
+            let late = own_latency_late(config, c, now);
+            if !late {
+                c.probe_at = None;
+            }
+            fast.hopeless[k].store(judge && late, Ordering::Relaxed);
+        }
+        if weights > 0.0 {
+            state.service = weighted / weights;
         }
     }
 
@@ -693,7 +750,7 @@ impl Limiter {
         let in_flight = fast.in_flight();
         let limit = fast.limit() as f64;
         let utilisation = (in_flight + state.queued) as f64 / limit;
-        let delay = state.queued as f64 * state.latency / limit;
+        let delay = state.queued as f64 * state.service / limit;
         let price = shadow_price(fast, state);
         self.shared.signal.publish(
             LoadSnapshot::new(
@@ -701,7 +758,7 @@ impl Limiter {
                 Duration::from_secs_f64(delay.clamp(0.0, 1e9)),
                 price,
             )
-            .with_latency(Duration::from_secs_f64(state.latency.clamp(0.0, 1e9))),
+            .with_latency(Duration::from_secs_f64(state.service.clamp(0.0, 1e9))),
         );
         #[cfg(feature = "metrics")]
         {
@@ -733,7 +790,7 @@ fn shadow_price(fast: &Fast, state: &State) -> f64 {
     if state.queued == 0 {
         return 0.0;
     }
-    let per_slot = state.latency / fast.limit() as f64;
+    let per_slot = state.service / fast.limit() as f64;
     let rates: f64 = state
         .classes
         .iter()
@@ -751,14 +808,61 @@ enum Decision {
     Refuse(Reason),
 }
 
-/// The class's expected latency now: its uncongested latency times the
-/// service's current inflation, which every class keeps up to date — so a
-/// class that is not being admitted does not keep a stale estimate. Falls
-/// back to the overall mean before the class has been seen.
+/// Evidence (in recent samples) a class's estimate needs before its
+/// deadline is judged by it.
+const MIN_EVIDENCE: f64 = 3.0;
+
+/// Which outcomes' latencies describe the service: successes and timeouts
+/// (a fast error, an overload answer or a cancelled request would drag an
+/// estimate down or cut it short).
+fn teaches_latency(outcome: Outcome) -> bool {
+    matches!(outcome, Outcome::Success | Outcome::Timeout)
+}
+
+/// Which outcomes reach the limit algorithm: successes and the loss signals.
+fn teaches_limit(outcome: Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::Success | Outcome::Overload | Outcome::Timeout
+    )
+}
+
+/// The class's own latency at the deadline quantile, while its estimate
+/// holds enough recent evidence to judge by (seconds).
+fn judged_latency(config: &LimiterConfig, c: &ClassState, now: Instant) -> Option<f64> {
+    if c.estimate.weight(now.into_std()) < MIN_EVIDENCE {
+        return None;
+    }
+    c.estimate
+        .quantile(config.deadline_quantile)
+        .map(|d| d.as_secs_f64())
+}
+
+/// Whether the class's own latency, as recently measured, misses its
+/// deadline (even with no wait for a slot).
+fn own_latency_late(config: &LimiterConfig, c: &ClassState, now: Instant) -> bool {
+    c.never_shed.is_none()
+        && c.class
+            .deadline()
+            .is_some_and(|d| judged_latency(config, c, now).is_some_and(|s| s > d.as_secs_f64()))
+}
+
+/// Whether a probe of a class refused for its deadline may pass now (and,
+/// if so, when the next may).
+fn probe_due(config: &LimiterConfig, c: &mut ClassState, now: Instant) -> bool {
+    if c.probe_at.is_some_and(|t| now < t) {
+        return false;
+    }
+    c.probe_at = Some(now + config.probe_interval);
+    true
+}
+
+/// The class's expected service time: its own recent mean (outliers
+/// bounded), or the mix's before it has been seen.
 fn expected_latency(state: &State, k: usize) -> f64 {
-    match state.classes[k].baseline.min() {
-        Some(base) => base.as_secs_f64() * state.inflation.clamp(0.5, 1e3),
-        None => state.latency,
+    match state.classes[k].latency {
+        l if l > 0.0 => l,
+        _ => state.service,
     }
 }
 
@@ -769,10 +873,18 @@ fn index(state: &State, k: usize, age: f64) -> f64 {
     urgency(&state.classes[k].class, age + s) / s
 }
 
-fn decide(config: &LimiterConfig, fast: &Fast, state: &State, k: usize, now: Instant) -> Decision {
+/// What to do with a request of class `k`; `room`: whether a slot is free
+/// under the limit.
+fn decide(
+    config: &LimiterConfig,
+    fast: &Fast,
+    state: &State,
+    k: usize,
+    now: Instant,
+    room: bool,
+) -> Decision {
     let c = &state.classes[k];
     let limit = fast.limit();
-    let room = fast.in_flight() < limit;
     match &config.admission {
         Admission::RejectAtLimit => {
             return if room {
@@ -809,12 +921,15 @@ fn decide(config: &LimiterConfig, fast: &Fast, state: &State, k: usize, now: Ins
     let warm = state.samples >= config.warmup_samples;
     let protected = c.never_shed.is_some();
     let judge = warm && !protected;
+    // Its mean service time, for costs; the quantile its deadline is judged
+    // by (none without enough recent evidence: then only the wait counts).
     let s_k = expected_latency(state, k);
+    let s_deadline = judged_latency(config, c, now).unwrap_or(0.0);
     let class = &c.class;
     let late_at = |t: f64| class.deadline().is_some_and(|d| t > d.as_secs_f64());
 
     if room && state.queued == 0 {
-        if judge && late_at(s_k) {
+        if judge && late_at(s_deadline) {
             return Decision::Refuse(Reason::Deadline);
         }
         return Decision::Admit;
@@ -848,11 +963,11 @@ fn decide(config: &LimiterConfig, fast: &Fast, state: &State, k: usize, now: Ins
             behind_rate += other.queue.len() as f64 * urgency(&other.class, other.latency);
         }
     }
-    let per_slot = state.latency / limit as f64;
+    let per_slot = state.service / limit as f64;
     let wait = (ahead as f64 + 1.0) * per_slot;
 
     if judge {
-        if late_at(wait + s_k) {
+        if late_at(wait + s_deadline) {
             return Decision::Refuse(Reason::Deadline);
         }
         let externality = s_k / limit as f64 * behind_rate;
@@ -881,7 +996,7 @@ fn decide(config: &LimiterConfig, fast: &Fast, state: &State, k: usize, now: Ins
     let mut max_wait = config.max_queue_time.as_secs_f64();
     if judge {
         if let Some(d) = class.deadline() {
-            max_wait = max_wait.min(d.as_secs_f64() - s_k);
+            max_wait = max_wait.min(d.as_secs_f64() - s_deadline);
         }
         max_wait = max_wait.min(worth_waiting(class, s_k, max_wait));
     }

@@ -53,11 +53,12 @@ mod sealed {
 }
 
 /// The outcome an HTTP status says: 503 and 429 are the service's own
-/// overload signals, other 5xx are errors.
+/// overload signals, other 5xx are errors, other 4xx the client's doing.
 pub(crate) fn outcome_of_status(status: StatusCode) -> Outcome {
     match status {
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => Outcome::Overload,
         s if s.is_server_error() => Outcome::Error,
+        s if s.is_client_error() => Outcome::ClientError,
         _ => Outcome::Success,
     }
 }

@@ -44,6 +44,10 @@ pub enum Outcome {
     Success,
     /// An error or a server-error response unrelated to load.
     Error,
+    /// An answer the request itself caused (HTTP 4xx other than 429): the
+    /// service did not do the request's work, so its latency says nothing
+    /// of the service.
+    ClientError,
     /// The inner service said it was overloaded (HTTP 503 or 429, or a
     /// load-shedding error): a loss signal.
     Overload,
@@ -102,6 +106,12 @@ impl Sample {
 }
 
 /// Learns a concurrency limit from samples.
+///
+/// The limiter hands an algorithm successes and loss signals only
+/// ([`Outcome::Success`], [`Outcome::Overload`], [`Outcome::Timeout`]):
+/// cancelled requests (whose latency is cut short), errors and answers the
+/// client caused are ignored, as Netflix's limiters ignore them
+/// (`onIgnore`).
 pub trait Algorithm: fmt::Debug + Send + 'static {
     /// The limit before any sample.
     fn initial_limit(&self) -> usize;

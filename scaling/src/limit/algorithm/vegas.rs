@@ -8,7 +8,8 @@ use super::{Algorithm, Sample, clamp_limit};
 /// It estimates the queue at the service as `L·(1 − rtt_noload/rtt)` and
 /// grows the limit while the queue is below `alpha = 3·log10(L)`, shrinks it
 /// above `beta = 6·log10(L)`, and jumps by `beta` when the queue is below
-/// `log10(L)`. `rtt_noload` is the lowest latency seen, re-probed every
+/// `log10(L)` — as Netflix's `Log10RootFunction`, a whole number:
+/// `max(1, ⌊log10 L⌋)`. `rtt_noload` is the lowest latency seen, re-probed every
 /// `probe_multiplier × L` samples (with jitter) so it can follow a slower
 /// service.
 ///
@@ -45,8 +46,16 @@ impl Default for Vegas {
     }
 }
 
+/// Netflix's `Log10RootFunction` of the limit as an integer: `max(1,
+/// (int) log10(n))` — whole numbers, so the thresholds step at 10, 100 and
+/// 1,000 as theirs do.
 fn log10_root(limit: f64) -> f64 {
-    limit.max(1.0).log10().max(1.0)
+    let n = limit.max(0.0) as u64;
+    if n < 10 {
+        1.0
+    } else {
+        (n as f64).log10().floor().max(1.0)
+    }
 }
 
 impl Vegas {
@@ -159,6 +168,30 @@ mod tests {
     use super::*;
     use crate::limit::algorithm::Outcome;
     use crate::limit::algorithm::testing::sample;
+
+    #[test]
+    fn log10_is_netflixs_whole_number() {
+        // Log10RootFunction: max(1, (int) Math.log10(n)), of the limit as an
+        // int.
+        for (limit, expected) in [
+            (0.0, 1.0),
+            (1.0, 1.0),
+            (9.9, 1.0),
+            (50.0, 1.0),
+            (99.9, 1.0),
+            (100.0, 2.0),
+            (999.0, 2.0),
+            (1000.0, 3.0),
+            (12_345.0, 4.0),
+        ] {
+            assert_eq!(log10_root(limit), expected, "limit {limit}");
+        }
+        // At 50, Netflix grows by 6·1 below the threshold, not by 6·log10(50).
+        let now = Instant::now();
+        let mut v = Vegas::new().initial_limit(50).probe_multiplier(1000);
+        v.update(&sample(now, 10.0, 50, Outcome::Success));
+        assert_eq!(v.update(&sample(now, 10.0, 50, Outcome::Success)), 56);
+    }
 
     #[test]
     fn grows_without_queueing_and_shrinks_with_it() {
