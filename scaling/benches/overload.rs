@@ -5,6 +5,7 @@
 //! cargo bench -p gratify-scaling --bench overload                 # full
 //! cargo bench -p gratify-scaling --bench overload -- --quick      # phases ×0.1
 //! cargo bench -p gratify-scaling --bench overload -- --scenario my.toml --seed 7
+//! cargo bench -p gratify-scaling --bench overload -- --quick --only rare-export
 //! cargo bench -p gratify-scaling --bench overload -- --series     # also CSV series
 //! ```
 //!
@@ -28,7 +29,7 @@ use gratify_core::classify::classify_fn;
 use gratify_core::{ClassId, CostModel};
 use gratify_scaling::limit::{
     AdaptiveLimitLayer, Admission, Aimd, Algorithm, DelayCostLimit, Fixed, Gradient2, Limiter,
-    LimiterConfig, Vegas, Windowed,
+    LimiterConfig, Reason, Vegas, Windowed,
 };
 use gratify_scaling::sim::{
     self, Arrival, Evaluation, Figures, Job, RunResult, Scenario, SimServer,
@@ -42,6 +43,8 @@ struct Args {
     series: bool,
     seed: u64,
     scenarios: Vec<PathBuf>,
+    /// Library scenarios to run (all when empty).
+    only: Vec<String>,
 }
 
 fn args() -> Args {
@@ -50,6 +53,7 @@ fn args() -> Args {
         series: false,
         seed: 1,
         scenarios: Vec::new(),
+        only: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,6 +62,7 @@ fn args() -> Args {
             "--series" => a.series = true,
             "--seed" => a.seed = it.next().and_then(|s| s.parse().ok()).unwrap_or(1),
             "--scenario" => a.scenarios.extend(it.next().map(PathBuf::from)),
+            "--only" => a.only.extend(it.next()),
             _ => {} // cargo passes --bench
         }
     }
@@ -78,7 +83,8 @@ fn gratify(
 ) -> RunResult {
     let limiter = Limiter::with_algorithm(model, algorithm, config);
     let probe = limiter.clone();
-    sim::run(
+    let after = limiter.clone();
+    let result = sim::run(
         scenario,
         model,
         workload,
@@ -88,7 +94,27 @@ fn gratify(
                 .layer(server)
         },
         move || Some(probe.stats().limit),
-    )
+    );
+    if after.algorithm_name() == "delay-cost" {
+        // What the limiter decided, by class and reason.
+        let stats = after.stats();
+        for (id, name, _) in model.iter() {
+            let c = &stats.classes[id.index()];
+            let reasons: Vec<String> = Reason::ALL
+                .iter()
+                .filter(|r| c.shed_for(**r) > 0)
+                .map(|r| format!("{} {}", r.as_str(), c.shed_for(*r)))
+                .collect();
+            eprintln!(
+                "{}: delay-cost {name}: admitted {}, shed {} ({})",
+                scenario.name,
+                c.admitted,
+                c.shed_total(),
+                reasons.join(", ")
+            );
+        }
+    }
+    result
 }
 
 fn reject_at_limit() -> LimiterConfig {
@@ -413,6 +439,48 @@ fn fmt(f: &Figures, key: &str, digits: usize) -> String {
         .map_or_else(|| "–".into(), |v| format!("{v:.digits$}"))
 }
 
+/// One line of the summary: delay-cost beside the best adaptive contender
+/// (not a static or oracle limit) of the scenario.
+fn summary_row(
+    scenario: &Scenario,
+    evaluations: &[(String, Option<Evaluation>, String)],
+) -> String {
+    let adaptive = |n: &str| n != "delay-cost" && n != "none" && !n.starts_with("static-");
+    let best = evaluations
+        .iter()
+        .filter(|(n, _, _)| adaptive(n))
+        .filter_map(|(n, e, _)| Some((n.as_str(), e.as_ref()?.overall["total_cost"])))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    let Some(ours) = evaluations
+        .iter()
+        .find(|(n, _, _)| n == "delay-cost")
+        .and_then(|(_, e, _)| e.as_ref())
+    else {
+        return format!("| {} | – |", scenario.name);
+    };
+    let f = &ours.overall;
+    let cost = f["total_cost"];
+    let worst = scenario
+        .classes
+        .iter()
+        .filter_map(|c| Some((c.name.as_str(), *f.get(&format!("success.{}", c.name))?)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or_else(|| "–".into(), |(n, s)| format!("{n} {s:.3}"));
+    let settle = ours
+        .phases
+        .iter()
+        .filter_map(|(_, f)| f.get("settle_ms").copied())
+        .fold(0.0, f64::max);
+    let (best_name, best_cost) = best.unwrap_or(("–", f64::NAN));
+    format!(
+        "| {} | {cost:.0} | {best_name} | {best_cost:.0} | {:.2} | {} | {worst} | {} | {settle:.0} |",
+        scenario.name,
+        cost / best_cost,
+        fmt(f, "inversions", 0),
+        fmt(f, "convergence_s", 0),
+    )
+}
+
 fn print_tables(scenario: &Scenario, evaluations: &[(String, Option<Evaluation>, String)]) {
     let classes: Vec<&str> = scenario.classes.iter().map(|c| c.name.as_str()).collect();
     let best_other = evaluations
@@ -688,8 +756,11 @@ fn main() {
     }));
     let mut texts: Vec<(String, String)> = Vec::new();
     if args.scenarios.is_empty() {
-        texts.push(("seven-phase".into(), sim::SEVEN_PHASE.into()));
-        texts.push(("heavy-tail".into(), sim::SEVEN_PHASE_HEAVY_TAIL.into()));
+        for (name, text) in sim::LIBRARY {
+            if args.only.is_empty() || args.only.iter().any(|o| o == name) {
+                texts.push((name.into(), text.into()));
+            }
+        }
     }
     for path in &args.scenarios {
         match std::fs::read_to_string(path) {
@@ -707,7 +778,8 @@ fn main() {
     let _ = std::fs::create_dir_all(&out_dir);
 
     let mut results = Vec::new();
-    for (i, (source, text)) in texts.iter().enumerate() {
+    let mut summary = Vec::new();
+    for (source, text) in &texts {
         let scenario = match Scenario::from_toml(text) {
             Ok(s) => s,
             Err(e) => {
@@ -757,6 +829,7 @@ fn main() {
             );
         }
         print_tables(&scenario, &evaluations);
+        summary.push(summary_row(&scenario, &evaluations));
         if args.series {
             // The limit and in-flight series of every subject, as CSV.
             for s in &subjects {
@@ -773,7 +846,7 @@ fn main() {
         }
 
         // The scenario key: `full`/`P1`… for the first, prefixed for the others.
-        let prefix = if i == 0 {
+        let prefix = if scenario.name == "seven-phase" {
             String::new()
         } else {
             format!("{}:", scenario.name)
@@ -800,7 +873,7 @@ fn main() {
             }
         }
 
-        if i == 0 && !args.quick {
+        if scenario.name == "seven-phase" && !args.quick {
             let _ = std::fs::create_dir_all(&img_dir);
             let end = scenario.duration().as_secs_f64();
             let outcomes = [
@@ -826,6 +899,15 @@ fn main() {
                 }
             }
         }
+    }
+
+    println!("\n### Every scenario — delay-cost against the best adaptive contender\n");
+    println!(
+        "| scenario | delay-cost cost | best adaptive | its cost | ratio | inversions | worst class success | convergence (s) | settle (ms, max over phases) |"
+    );
+    println!("|---|---:|---|---:|---:|---:|---|---:|---:|");
+    for row in &summary {
+        println!("{row}");
     }
 
     let doc = serde_json::json!({

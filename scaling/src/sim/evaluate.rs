@@ -37,12 +37,18 @@ fn on_time(class: &Class, latency: Duration) -> bool {
 pub fn request_cost(class: &Class, record: &Record) -> f64 {
     match record.fate {
         Fate::Served => class.response_cost(record.latency),
-        Fate::Refused | Fate::ServerRejected | Fate::Failed => class.refusal_cost(),
+        Fate::Refused
+        | Fate::ServerRejected
+        | Fate::Failed
+        | Fate::Abandoned
+        | Fate::ServerFailed => class.refusal_cost(),
     }
 }
 
 struct Acc {
     failed: u64,
+    abandoned: Vec<u64>,
+    server_failed: Vec<u64>,
     arrivals: Vec<u64>,
     good: Vec<u64>,
     refused: Vec<u64>,
@@ -55,6 +61,8 @@ impl Acc {
     fn new(classes: usize) -> Self {
         Self {
             failed: 0,
+            abandoned: vec![0; classes],
+            server_failed: vec![0; classes],
             arrivals: vec![0; classes],
             good: vec![0; classes],
             refused: vec![0; classes],
@@ -85,6 +93,8 @@ impl Acc {
                 self.refused[k] += 1;
             }
             Fate::Refused | Fate::ServerRejected => self.refused[k] += 1,
+            Fate::Abandoned => self.abandoned[k] += 1,
+            Fate::ServerFailed => self.server_failed[k] += 1,
         }
     }
 
@@ -106,11 +116,22 @@ impl Acc {
         f.insert("shed".into(), self.refused.iter().sum::<u64>() as f64);
         f.insert("late".into(), self.late.iter().sum::<u64>() as f64);
         f.insert("failed".into(), self.failed as f64);
+        f.insert(
+            "abandoned".into(),
+            self.abandoned.iter().sum::<u64>() as f64,
+        );
+        f.insert(
+            "server_failed".into(),
+            self.server_failed.iter().sum::<u64>() as f64,
+        );
         for (k, c) in scenario.classes.iter().enumerate() {
             let n = self.arrivals[k].max(1) as f64;
             let name = &c.name;
             if self.arrivals[k] > 0 {
-                f.insert(format!("success.{name}"), self.good[k] as f64 / n);
+                // Of the requests the server could serve: its own fast
+                // failures are not a limiter's doing.
+                let servable = (self.arrivals[k] - self.server_failed[k]).max(1) as f64;
+                f.insert(format!("success.{name}"), self.good[k] as f64 / servable);
                 f.insert(format!("shed_frac.{name}"), self.refused[k] as f64 / n);
             }
             let h = &self.latency[k];
@@ -152,6 +173,31 @@ fn inversions(records: &[&Record], refusal: &[f64]) -> u64 {
             (0..refusal.len()).any(|l| refusal[l] < refusal[r.class] && near(&admitted[l], t))
         })
         .count() as u64
+}
+
+/// Milliseconds from a phase's start until it has settled: the arrival time
+/// of the last request in the phase's first half that was served slower
+/// than 1.1 × the p99 of the phase's second half (its steady state); 0 if
+/// none was. `None` with fewer than 20 served requests in the second half.
+fn settle_ms(records: &[&Record], start: Duration, length: Duration) -> Option<f64> {
+    let half = start + length / 2;
+    let mut steady: Vec<Duration> = records
+        .iter()
+        .filter(|r| r.fate == Fate::Served && r.arrival >= half)
+        .map(|r| r.latency)
+        .collect();
+    if steady.len() < 20 {
+        return None;
+    }
+    steady.sort_unstable();
+    let p99 = steady[steady.len() * 99 / 100].mul_f64(1.1);
+    let last = records
+        .iter()
+        .filter(|r| r.fate == Fate::Served && r.arrival < half && r.latency > p99)
+        .map(|r| r.arrival.saturating_sub(start))
+        .max()
+        .unwrap_or(Duration::ZERO);
+    Some(last.as_secs_f64() * 1e3)
 }
 
 /// Seconds from `from` until goodput stays at least 90% of the reference
@@ -264,6 +310,11 @@ pub fn evaluate(
             "inversions".into(),
             inversions(&by_phase[p], &refusal) as f64,
         );
+        if p > 0
+            && let Some(ms) = settle_ms(&by_phase[p], starts[p], phase.duration)
+        {
+            f.insert("settle_ms".into(), ms);
+        }
         let end = starts[p] + phase.duration;
         if let Some((mean, cv)) = limit_stats(starts[p] + phase.duration / 2, end) {
             f.insert("limit_mean".into(), mean);

@@ -45,7 +45,7 @@ pub use self::evaluate::{Evaluation, Figures, convergence, evaluate, request_cos
 pub use self::rng::Rng;
 pub use self::run::{Fate, Point, Record, RunResult, run};
 pub use self::scenario::{
-    Arrival, ClassSpec, Phase, SEVEN_PHASE, SEVEN_PHASE_HEAVY_TAIL, Scenario, ScenarioError,
-    ServerModel,
+    Arrival, ClassSpec, LIBRARY, Phase, SEVEN_PHASE, SEVEN_PHASE_HEAVY_TAIL, Scenario,
+    ScenarioError, ServerModel,
 };
 pub use self::server::{AdmittedAt, Job, SERVER_HEADER, SimServer};

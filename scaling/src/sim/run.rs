@@ -25,6 +25,10 @@ pub enum Fate {
     ServerRejected,
     /// The service failed (an error, not a response).
     Failed,
+    /// The client gave up waiting (its class's `give_up`) and cancelled it.
+    Abandoned,
+    /// The server failed it (a 500: the scenario's fast failures).
+    ServerFailed,
 }
 
 /// One simulated request.
@@ -168,6 +172,7 @@ where
         .map(|(start, p)| (start, p.workers.unwrap_or(scenario.server.workers)))
         .collect();
     let end = scenario.duration();
+    let give_ups: Vec<Option<Duration>> = scenario.classes.iter().map(|c| c.give_up).collect();
 
     runtime.block_on(async move {
         let start = Instant::now();
@@ -211,6 +216,7 @@ where
             let outstanding = Arc::clone(&outstanding);
             outstanding.fetch_add(1, Ordering::Relaxed);
             let class = ids[arrival.class];
+            let give_up = give_ups[arrival.class];
             tokio::spawn(async move {
                 let began = Instant::now();
                 // A panic in the stack under test must not lose the request.
@@ -229,10 +235,26 @@ where
                 let request = Request::new(Job {
                     class,
                     base: arrival.base,
+                    fail: arrival.fail,
                 });
-                let result = match poll_fn(|cx| svc.poll_ready(cx)).await {
-                    Ok(()) => svc.call(request).await,
-                    Err(e) => Err(e),
+                let call = async {
+                    match poll_fn(|cx| svc.poll_ready(cx)).await {
+                        Ok(()) => svc.call(request).await,
+                        Err(e) => Err(e),
+                    }
+                };
+                let result = match give_up {
+                    Some(after) => match tokio::time::timeout(after, call).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            // The client hangs up: the call is dropped.
+                            if let Some(record) = &mut guard.record {
+                                record.fate = Fate::Abandoned;
+                            }
+                            return;
+                        }
+                    },
+                    None => call.await,
                 };
                 let admitted = result
                     .as_ref()
@@ -241,6 +263,7 @@ where
                     .map(|a| a.0.saturating_duration_since(start));
                 let fate = match result {
                     Ok(r) if r.status() == StatusCode::OK => Fate::Served,
+                    Ok(r) if r.status() == StatusCode::INTERNAL_SERVER_ERROR => Fate::ServerFailed,
                     Ok(r) if r.headers().contains_key(SERVER_HEADER) => Fate::ServerRejected,
                     Ok(_) => Fate::Refused,
                     Err(_) => Fate::Failed,

@@ -17,6 +17,54 @@ pub const SEVEN_PHASE: &str = include_str!("../../scenarios/seven-phase.toml");
 pub const SEVEN_PHASE_HEAVY_TAIL: &str =
     include_str!("../../scenarios/seven-phase-heavy-tail.toml");
 
+/// The scenario library, by name: shapes production traffic really has, each
+/// in its own file under `scaling/scenarios/` (the header of each says what
+/// it represents and what a limiter must get right).
+pub const LIBRARY: [(&str, &str); 12] = [
+    ("seven-phase", SEVEN_PHASE),
+    ("heavy-tail", SEVEN_PHASE_HEAVY_TAIL),
+    (
+        "cheap-heavy-tail",
+        include_str!("../../scenarios/cheap-heavy-tail.toml"),
+    ),
+    (
+        "rare-export",
+        include_str!("../../scenarios/rare-export.toml"),
+    ),
+    (
+        "fast-failures",
+        include_str!("../../scenarios/fast-failures.toml"),
+    ),
+    (
+        "impatient-clients",
+        include_str!("../../scenarios/impatient-clients.toml"),
+    ),
+    (
+        "single-class",
+        include_str!("../../scenarios/single-class.toml"),
+    ),
+    (
+        "idle-class-returns",
+        include_str!("../../scenarios/idle-class-returns.toml"),
+    ),
+    (
+        "cheapest-spike-12x",
+        include_str!("../../scenarios/cheapest-spike-12x.toml"),
+    ),
+    (
+        "breakwater-step",
+        include_str!("../../scenarios/breakwater-step.toml"),
+    ),
+    (
+        "capacity-halved",
+        include_str!("../../scenarios/capacity-halved.toml"),
+    ),
+    (
+        "service-drift",
+        include_str!("../../scenarios/service-drift.toml"),
+    ),
+];
+
 /// The simulated server: `workers` workers with a first-come-first-served
 /// queue behind them; a request that starts with `n` requests in the server
 /// takes `base · (1 + slope·(n − 1) + (growth^max(0, n − knee) − 1))`.
@@ -79,6 +127,17 @@ pub struct ClassSpec {
     /// The σ of the log of the service time.
     #[serde(default = "default_sigma")]
     pub sigma: f64,
+    /// The share of the class's requests that are rare long ones inside it
+    /// (an export, a long poll): same class and costs, another service time.
+    #[serde(default)]
+    pub tail_share: f64,
+    /// Their median service time (lognormal, σ 0.25).
+    #[serde(default, with = "serde_util::duration")]
+    pub tail_service: Duration,
+    /// Its clients give up after this long (the request is cancelled; to
+    /// them it is as good as refused).
+    #[serde(default, with = "serde_util::opt_duration")]
+    pub give_up: Option<Duration>,
 }
 
 fn default_sigma() -> f64 {
@@ -103,6 +162,10 @@ pub struct Phase {
     /// Class shares during the phase, by name (default: the classes').
     #[serde(default)]
     pub shares: Option<std::collections::BTreeMap<String, f64>>,
+    /// The share of a class's requests that fail fast during the phase (the
+    /// server answers 500 after 1 ms without taking a worker), by name.
+    #[serde(default)]
+    pub failures: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// A whole scenario.
@@ -118,6 +181,10 @@ pub struct Scenario {
     /// Price of one worker for one second.
     #[serde(default)]
     pub worker_price: f64,
+    /// Service times grow by this fraction per minute from the start
+    /// (0.01: 1% a minute, linearly); capacity figures are at the start.
+    #[serde(default)]
+    pub drift_per_minute: f64,
     /// The server.
     pub server: ServerModel,
     /// The classes.
@@ -140,6 +207,8 @@ pub struct Arrival {
     pub class: usize,
     /// Its service time before slowdown.
     pub base: Duration,
+    /// The server fails it fast (a 500 after 1 ms).
+    pub fail: bool,
 }
 
 impl Scenario {
@@ -180,6 +249,20 @@ impl Scenario {
             if c.median_service.is_zero() {
                 return bad(format!("classes[{i}].median_service: above zero"));
             }
+            if !(c.tail_share.is_finite() && (0.0..=1.0).contains(&c.tail_share)) {
+                return bad(format!("classes[{i}].tail_share: between 0 and 1"));
+            }
+            if c.tail_share > 0.0 && c.tail_service.is_zero() {
+                return bad(format!(
+                    "classes[{i}].tail_service: above zero with a tail_share"
+                ));
+            }
+            if c.give_up.is_some_and(|g| g.is_zero()) {
+                return bad(format!("classes[{i}].give_up: above zero"));
+            }
+        }
+        if !(self.drift_per_minute.is_finite() && (-0.5..=10.0).contains(&self.drift_per_minute)) {
+            return bad("drift_per_minute: between -0.5 and 10".into());
         }
         if self.classes.iter().map(|c| c.share).sum::<f64>() <= 0.0 {
             return bad("classes: the shares sum to zero".into());
@@ -195,6 +278,16 @@ impl Scenario {
                 for name in shares.keys() {
                     if !self.classes.iter().any(|c| &c.name == name) {
                         return bad(format!("phases[{i}].shares: unknown class {name:?}"));
+                    }
+                }
+            }
+            if let Some(failures) = &p.failures {
+                for (name, f) in failures {
+                    if !self.classes.iter().any(|c| &c.name == name) {
+                        return bad(format!("phases[{i}].failures: unknown class {name:?}"));
+                    }
+                    if !(f.is_finite() && (0.0..=1.0).contains(f)) {
+                        return bad(format!("phases[{i}].failures.{name}: between 0 and 1"));
                     }
                 }
             }
@@ -308,10 +401,14 @@ impl Scenario {
     }
 
     /// Draws the arrivals: Poisson at each phase's rate, classes by share,
-    /// lognormal service times. The same seed gives the same arrivals.
+    /// lognormal service times (a class's tail share drawn from its tail),
+    /// drift applied, fast failures marked. The same seed gives the same
+    /// arrivals.
     pub fn workload(&self, seed: u64) -> Vec<Arrival> {
         let mut rng = Rng::new(seed);
         let mu = self.capacity(self.server.workers);
+        let extra_draws = self.classes.iter().any(|c| c.tail_share > 0.0)
+            || self.phases.iter().any(|p| p.failures.is_some());
         let mut out = Vec::new();
         let mut start = 0.0;
         for phase in &self.phases {
@@ -335,11 +432,32 @@ impl Scenario {
                         u -= s;
                     }
                     let c = &self.classes[class];
-                    let base = c.median_service.as_secs_f64() * libm::exp(c.sigma * rng.normal());
+                    // A scenario with tails or failures draws two more
+                    // numbers per arrival, always (adding a tail to one class
+                    // reshuffles no other); one without draws none, so its
+                    // arrivals are as they always were.
+                    let z = rng.normal();
+                    let (tail_u, fail_u) = if extra_draws {
+                        (rng.uniform(), rng.uniform())
+                    } else {
+                        (1.0, 1.0)
+                    };
+                    let base = if tail_u < c.tail_share {
+                        c.tail_service.as_secs_f64() * libm::exp(0.25 * z)
+                    } else {
+                        c.median_service.as_secs_f64() * libm::exp(c.sigma * z)
+                    };
+                    let drift = (1.0 + self.drift_per_minute * t / 60.0).max(0.01);
+                    let fail = phase
+                        .failures
+                        .as_ref()
+                        .and_then(|f| f.get(&c.name))
+                        .is_some_and(|f| fail_u < *f);
                     out.push(Arrival {
                         at: Duration::from_secs_f64(t),
                         class,
-                        base: Duration::from_secs_f64(base.min(3600.0)),
+                        base: Duration::from_secs_f64((base * drift).min(3600.0)),
+                        fail,
                     });
                 }
             }
@@ -361,6 +479,87 @@ mod tests {
             assert_eq!(s.duration(), Duration::from_secs(600));
             assert!(s.capacity(16) > 50.0, "{}", s.capacity(16));
         }
+    }
+
+    #[test]
+    fn the_library_parses_and_its_names_match_its_files() {
+        for (name, text) in LIBRARY {
+            let s = Scenario::from_toml(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(s.name, name);
+            assert!(!s.description.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn tails_failures_and_drift_shape_the_workload() {
+        let text = LIBRARY.iter().find(|(n, _)| *n == "rare-export").unwrap().1;
+        let s = Scenario::from_toml(text).unwrap();
+        let a = s.workload(3);
+        let browse = s.classes.iter().position(|c| c.name == "browse").unwrap();
+        let n = a.iter().filter(|x| x.class == browse).count() as f64;
+        let long = a
+            .iter()
+            .filter(|x| x.class == browse && x.base > Duration::from_secs(10))
+            .count() as f64;
+        assert!((long / n - 0.001).abs() < 0.0006, "{long} of {n}");
+
+        let text = LIBRARY
+            .iter()
+            .find(|(n, _)| *n == "fast-failures")
+            .unwrap()
+            .1;
+        let s = Scenario::from_toml(text).unwrap();
+        let a = s.workload(3);
+        let failing =
+            |x: &&Arrival| x.at >= Duration::from_secs(60) && x.at < Duration::from_secs(80);
+        let in_window = a.iter().filter(failing).count() as f64;
+        let failed = a.iter().filter(failing).filter(|x| x.fail).count() as f64;
+        assert!(
+            (failed / in_window - 0.3).abs() < 0.03,
+            "{failed} of {in_window}"
+        );
+        assert!(
+            a.iter()
+                .filter(|x| x.at < Duration::from_secs(60))
+                .all(|x| !x.fail)
+        );
+
+        let text = LIBRARY
+            .iter()
+            .find(|(n, _)| *n == "service-drift")
+            .unwrap()
+            .1;
+        let s = Scenario::from_toml(text).unwrap();
+        let a = s.workload(3);
+        let mean = |from: u64, to: u64| {
+            let v: Vec<f64> = a
+                .iter()
+                .filter(|x| x.at >= Duration::from_secs(from) && x.at < Duration::from_secs(to))
+                .map(|x| x.base.as_secs_f64())
+                .collect();
+            v.iter().sum::<f64>() / v.len() as f64
+        };
+        // 1% a minute: 14 minutes in, about 14% slower than at the start.
+        let growth = mean(840, 900) / mean(0, 60);
+        assert!((growth - 1.14).abs() < 0.04, "{growth}");
+    }
+
+    #[test]
+    fn bad_extensions_are_refused() {
+        let base = LIBRARY.iter().find(|(n, _)| *n == "rare-export").unwrap().1;
+        assert!(
+            Scenario::from_toml(&base.replace("tail_share = 0.001", "tail_share = 2.0")).is_err()
+        );
+        assert!(Scenario::from_toml(&base.replace("tail_service = \"30s\"", "")).is_err());
+        let base = LIBRARY
+            .iter()
+            .find(|(n, _)| *n == "fast-failures")
+            .unwrap()
+            .1;
+        assert!(Scenario::from_toml(&base.replacen("checkout = 0.3", "nobody = 0.3", 1)).is_err());
+        assert!(
+            Scenario::from_toml(&base.replacen("checkout = 0.3", "checkout = 1.5", 1)).is_err()
+        );
     }
 
     #[test]

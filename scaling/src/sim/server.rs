@@ -31,6 +31,8 @@ pub struct Job {
     pub class: ClassId,
     /// Its service time before slowdown.
     pub base: Duration,
+    /// It fails fast: a 500 after 1 ms, without taking a worker.
+    pub fail: bool,
 }
 
 /// The server of a [`Scenario`](super::Scenario): workers, a FIFO queue
@@ -104,6 +106,10 @@ impl SimServer {
 
     async fn serve(self, job: Job) -> Response<()> {
         let admitted = AdmittedAt(tokio::time::Instant::now());
+        if job.fail {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            return response(StatusCode::INTERNAL_SERVER_ERROR);
+        }
         let wait = {
             let mut s = self.lock();
             if s.model.reject_above.is_some_and(|max| s.in_flight >= max) {
