@@ -74,3 +74,38 @@ fn delay_cost_protects_checkout_in_a_short_overload() {
     // The cheapest class absorbs the shedding.
     assert!(e.overall["success.batch"] < e.overall["success.browse"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_request_gives_back_its_worker_or_its_place() {
+    use std::time::Duration;
+    use tower::ServiceExt;
+
+    let text = sim::SEVEN_PHASE.replace("workers = 16", "workers = 1");
+    let scenario = Scenario::from_toml(&text).unwrap();
+    let server = sim::SimServer::new(scenario.server.clone());
+    let job = |ms: u64| {
+        http::Request::new(sim::Job {
+            class: gratify_core::ClassId::from_index(0),
+            base: Duration::from_millis(ms),
+            fail: false,
+        })
+    };
+    // One request works, one waits for the only worker; both clients hang up.
+    let working = tokio::spawn(server.clone().oneshot(job(10_000)));
+    let waiting = tokio::spawn(server.clone().oneshot(job(10_000)));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(server.in_flight(), 2);
+    waiting.abort();
+    working.abort();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(server.in_flight(), 0, "both gave back what they held");
+    // The worker is free: the next request takes its own time, no more.
+    let started = tokio::time::Instant::now();
+    let res = server.clone().oneshot(job(20)).await.unwrap();
+    assert_eq!(res.status(), http::StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_millis(25),
+        "{:?}",
+        started.elapsed()
+    );
+}

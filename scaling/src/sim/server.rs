@@ -125,20 +125,56 @@ impl SimServer {
                 Some(rx)
             }
         };
-        // A request is never cancelled in the simulation; if it were, its
-        // worker would be released by `finish` below only after it ran.
-        if let Some(rx) = wait {
+        // From here the request is inside: if its caller goes away (a client
+        // giving up), the guard gives back its worker or its place, as a
+        // server that drops a cancelled handler does.
+        let mut inside = Inside {
+            server: self.clone(),
+            waiting: wait,
+            done: false,
+        };
+        if let Some(rx) = &mut inside.waiting {
             let _ = rx.await;
         }
+        inside.waiting = None;
         let slowdown = {
             let s = self.lock();
             s.model.slowdown(s.in_flight)
         };
         tokio::time::sleep(job.base.mul_f64(slowdown)).await;
+        inside.done = true;
         self.finish();
         let mut r = response(StatusCode::OK);
         r.extensions_mut().insert(admitted);
         r
+    }
+}
+
+/// A request inside the server: on drop before it finished, its worker
+/// (or, while it waits for one, its place) is given back.
+struct Inside {
+    server: SimServer,
+    waiting: Option<oneshot::Receiver<()>>,
+    done: bool,
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        match self.waiting.take() {
+            // Still waiting: a worker handed over meanwhile is passed on;
+            // otherwise the place is left (its sender fails when popped).
+            Some(mut rx) => {
+                if rx.try_recv().is_ok() {
+                    self.server.finish();
+                } else {
+                    self.server.lock().in_flight -= 1;
+                }
+            }
+            None => self.server.finish(),
+        }
     }
 }
 
