@@ -192,3 +192,175 @@ async fn the_layer_runs_handlers_on_the_pool_with_the_runtime_at_hand() {
     blocker.await.unwrap();
     assert_eq!(waiting.await.unwrap().unwrap().status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn an_abandoned_job_leaves_the_queue_when_its_caller_does() {
+    let pool = CpuPool::new(Some(1), 1);
+    let (gate, blocker) = block(&pool).await;
+    let ran = Arc::new(Mutex::new(false));
+    let flag = Arc::clone(&ran);
+    let cheap = tokio::spawn(pool.run(0.001, None, move || *flag.lock().unwrap() = true));
+    wait_queued(&pool, 1).await;
+    // The caller hangs up while the only thread is busy.
+    cheap.abort();
+    let _ = cheap.await;
+    assert_eq!(pool.stats().queued, 0, "out of the queue at once");
+    // The one queue slot is free for the next job, however urgent.
+    let urgent = tokio::spawn(pool.run(1000.0, None, || "urgent"));
+    wait_queued(&pool, 1).await;
+    drop(gate);
+    blocker.await.unwrap();
+    assert_eq!(urgent.await.unwrap(), Ok("urgent"));
+    assert!(!*ran.lock().unwrap());
+    assert_eq!(pool.stats().dropped, 1);
+}
+
+#[tokio::test]
+async fn a_full_queue_displaces_its_cheapest_job_never_a_more_valuable_one() {
+    let pool = CpuPool::new(Some(1), 2);
+    let (gate, blocker) = block(&pool).await;
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let job = |name: &'static str, priority: f64| {
+        let order = Arc::clone(&order);
+        tokio::spawn(pool.run(priority, None, move || order.lock().unwrap().push(name)))
+    };
+    let cheap_1 = job("cheap-1", 1.0);
+    wait_queued(&pool, 1).await;
+    let cheap_2 = job("cheap-2", 1.0);
+    wait_queued(&pool, 2).await;
+    // Full: an urgent job takes the place of the cheapest (the newer of the
+    // two equals)...
+    let urgent = job("urgent", 100.0);
+    assert_eq!(cheap_2.await.unwrap(), Err(OffloadError::QueueFull));
+    // ...and a cheap arrival displaces nothing.
+    assert_eq!(
+        pool.run(0.5, None, || ()).await,
+        Err(OffloadError::QueueFull)
+    );
+    drop(gate);
+    blocker.await.unwrap();
+    assert_eq!(urgent.await.unwrap(), Ok(()));
+    assert_eq!(cheap_1.await.unwrap(), Ok(()));
+    assert_eq!(*order.lock().unwrap(), ["urgent", "cheap-1"]);
+    let s = pool.stats();
+    assert_eq!((s.displaced, s.refused), (1, 2));
+}
+
+#[tokio::test]
+async fn a_job_still_queued_at_its_deadline_is_answered_then_and_never_runs() {
+    let pool = CpuPool::new(Some(1), 10);
+    let (gate, blocker) = block(&pool).await;
+    let ran = Arc::new(Mutex::new(false));
+    let flag = Arc::clone(&ran);
+    // The only thread stays busy: the answer cannot come from a thread
+    // reaching the job, only from its deadline.
+    let answer = pool
+        .run(1.0, Some(Duration::from_millis(30)), move || {
+            *flag.lock().unwrap() = true;
+        })
+        .await;
+    assert_eq!(answer, Err(OffloadError::Deadline));
+    assert_eq!(pool.stats().queued, 0);
+    drop(gate);
+    blocker.await.unwrap();
+    assert_eq!(pool.run(1.0, None, || ()).await, Ok(()));
+    assert!(!*ran.lock().unwrap(), "never started late");
+    assert_eq!(pool.stats().expired, 1);
+}
+
+#[tokio::test]
+async fn work_that_cannot_finish_in_what_is_left_is_refused_at_once() {
+    let pool = CpuPool::new(Some(1), 10);
+    let deadline = std::time::Instant::now() + Duration::from_millis(100);
+    // A job expected to run a second cannot fit in 100 ms.
+    let refused = pool
+        .run_until(1.0, Some(deadline), Duration::from_secs(1), || ())
+        .await;
+    assert_eq!(refused, Err(OffloadError::Deadline));
+    assert_eq!(pool.stats().done, 0);
+    // Nor can any job whose deadline has already passed.
+    let past = std::time::Instant::now();
+    assert_eq!(
+        pool.run_until(1.0, Some(past), Duration::ZERO, || ()).await,
+        Err(OffloadError::Deadline)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_urgent_work_does_not_starve_a_cheap_job() {
+    // Priority doubles every 10 ms of waiting: a job 1,000 times cheaper
+    // overtakes fresh urgent work after about 100 ms.
+    let pool = CpuPool::new(Some(1), 1000).aging(Duration::from_millis(10));
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let (gate, blocker) = block(&pool).await;
+    let cheap = {
+        let order = Arc::clone(&order);
+        tokio::spawn(pool.run(1.0, None, move || order.lock().unwrap().push(usize::MAX)))
+    };
+    wait_queued(&pool, 1).await;
+    drop(gate);
+    blocker.await.unwrap();
+    // A thousand urgent jobs of about a millisecond each, a few always
+    // waiting: without aging the cheap job would run last.
+    let mut urgent = Vec::new();
+    for i in 0..1000 {
+        while pool.stats().queued > 4 {
+            tokio::task::yield_now().await;
+        }
+        let order = Arc::clone(&order);
+        urgent.push(tokio::spawn(pool.run(1000.0, None, move || {
+            std::thread::sleep(Duration::from_millis(1));
+            order.lock().unwrap().push(i);
+        })));
+    }
+    cheap.await.unwrap().unwrap();
+    for u in urgent {
+        u.await.unwrap().unwrap();
+    }
+    let order = order.lock().unwrap();
+    let at = order.iter().position(|x| *x == usize::MAX).unwrap();
+    assert!(at < 900, "the cheap job ran {at}th of {}", order.len());
+}
+
+#[tokio::test]
+async fn the_pool_spends_what_is_left_of_the_requests_budget() {
+    // Checkout has 30 s from its arrival. A request that arrived 31 s ago
+    // (it waited in the limiter's queue, say) has nothing left: refused at
+    // once, its handler never run.
+    let m = model();
+    let pool = CpuPool::new(Some(1), 10);
+    let ran = Arc::new(Mutex::new(0));
+    let count = Arc::clone(&ran);
+    let svc = OffloadLayer::new(pool.clone(), &m).layer(service_fn(move |_: Request<()>| {
+        let count = Arc::clone(&count);
+        async move {
+            *count.lock().unwrap() += 1;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }
+    }));
+    let request = |waited: Duration| {
+        let mut r = Request::get("/pay").body(()).unwrap();
+        r.extensions_mut().insert(m.id("checkout").unwrap());
+        r.extensions_mut().insert(gratify::core::classify::Arrived(
+            std::time::Instant::now() - waited,
+        ));
+        r
+    };
+    let late = svc
+        .clone()
+        .oneshot(request(Duration::from_secs(31)))
+        .await
+        .unwrap();
+    assert_eq!(late.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let fresh = svc
+        .clone()
+        .oneshot(request(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert_eq!(fresh.status(), StatusCode::OK);
+    assert_eq!(
+        *ran.lock().unwrap(),
+        1,
+        "the late request's handler never ran"
+    );
+}

@@ -109,7 +109,11 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let class = self.classifier.classify(&request);
         tracing::trace!(class = class.index(), "classified");
-        request.extensions_mut().insert(class);
+        let extensions = request.extensions_mut();
+        extensions.insert(class);
+        if extensions.get::<super::Arrived>().is_none() {
+            extensions.insert(super::Arrived(std::time::Instant::now()));
+        }
         self.inner.call(request)
     }
 }

@@ -137,6 +137,18 @@ pub fn slot_hold_of<B>(request: &http::Request<B>) -> Option<crate::slot::SlotHo
     request.extensions().get::<crate::slot::SlotHold>().cloned()
 }
 
+/// When a request arrived, as the first gratify layer saw it:
+/// [`ClassifyLayer`] stamps it unless an earlier layer did. Every queue the
+/// request passes afterwards — the limiter's, the CPU pool's — spends from
+/// one budget: its class's deadline, counted from this instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrived(pub std::time::Instant);
+
+/// When the request arrived ([`Arrived`]), if a layer stamped it.
+pub fn arrived_of<B>(request: &http::Request<B>) -> Option<std::time::Instant> {
+    request.extensions().get::<Arrived>().map(|a| a.0)
+}
+
 /// The class that [`ClassifyLayer`] stored in the request's extensions.
 pub fn class_of<B>(request: &http::Request<B>) -> Option<ClassId> {
     request.extensions().get::<ClassId>().copied()

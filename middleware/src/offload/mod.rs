@@ -5,11 +5,17 @@
 //! own threads, separate from the runtime's workers — so a CPU-heavy handler
 //! cannot stall I/O for everyone else. The queue is ordered by the cμ rule
 //! (Reinertsen's CD3): the urgency of the request's class over the expected
-//! run time of its route, learned as requests finish. It is bounded; a
-//! request is refused (503 with `Retry-After`) when the queue is full or its
-//! predicted wait would pass its class's deadline; a request whose client
-//! has gone before it starts is dropped unrun; a panic becomes a 500 and the
-//! thread lives on; [`CpuPool::shutdown`] drains the queue within a deadline.
+//! run time of its route (its template — axum's `MatchedPath` with the
+//! `axum` feature — or else its class; never the raw path), learned as
+//! requests finish; a waiting job's priority doubles every second, so no
+//! class starves. It is bounded; a full queue gives a less valuable job's
+//! place to a more valuable one. A request spends one deadline budget across
+//! every queue: from its arrival (stamped by `ClassifyLayer`), it is refused
+//! (503 with `Retry-After`) when its wait and run time in the pool would pass
+//! its class's deadline, and answered at its deadline if it is still queued
+//! then — it never starts late. A request whose client has gone leaves the
+//! queue at once; a panic becomes a 500 and the thread lives on;
+//! [`CpuPool::shutdown`] drains the queue within a deadline.
 //! The inner future runs with the caller's tokio runtime entered, so it may
 //! still use timers and I/O.
 //!

@@ -1,6 +1,6 @@
 //! The bounded, cost-ordered CPU pool.
 
-use std::collections::BinaryHeap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -31,43 +31,54 @@ pub enum OffloadError {
     Panicked,
 }
 
-/// A unit of work: runs on a pool thread; `cancelled` says whether its
-/// caller is gone (then it is dropped without running).
 /// Sends a finished job's result to its caller.
 type Deliver = Box<dyn FnOnce() + Send>;
 
-struct Job {
-    priority: f64,
-    seq: u64,
-    enqueued: Instant,
-    /// Runs the job; returns whether it panicked and how to deliver the
-    /// result (after the pool's books are updated).
-    work: Box<dyn FnOnce() -> (bool, Deliver) + Send>,
-    cancelled: Box<dyn Fn() -> bool + Send>,
+/// A job's place in the queue: higher first. `rank` is the log2 of its
+/// priority less its enqueue time in doublings (see [`CpuPool::aging`]), so
+/// that comparing ranks compares priorities as they have grown by now —
+/// a fixed key, and the queue an ordered map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    rank: Rank,
+    /// The older first among equals.
+    seq: std::cmp::Reverse<u64>,
 }
 
-impl PartialEq for Job {
+#[derive(Debug, Clone, Copy)]
+struct Rank(f64);
+
+impl PartialEq for Rank {
     fn eq(&self, other: &Self) -> bool {
-        self.seq == other.seq
+        self.0.total_cmp(&other.0).is_eq()
     }
 }
-impl Eq for Job {}
-impl PartialOrd for Job {
+impl Eq for Rank {}
+impl PartialOrd for Rank {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Job {
-    /// Highest priority first; among equals, the oldest.
+impl Ord for Rank {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.priority
-            .total_cmp(&other.priority)
-            .then(other.seq.cmp(&self.seq))
+        self.0.total_cmp(&other.0)
     }
 }
 
+struct Job {
+    enqueued: Instant,
+    /// When its caller stops waiting for it: past this it is not started.
+    deadline: Option<Instant>,
+    /// Runs the job; returns whether it panicked and how to deliver the
+    /// result (after the pool's books are updated).
+    work: Box<dyn FnOnce() -> (bool, Deliver) + Send>,
+    /// Answers its caller with an error instead (displaced, expired).
+    refuse: Box<dyn FnOnce(OffloadError) + Send>,
+    cancelled: Box<dyn Fn() -> bool + Send>,
+}
+
 struct Queue {
-    heap: BinaryHeap<Job>,
+    jobs: BTreeMap<Key, Job>,
     open: bool,
 }
 
@@ -80,7 +91,34 @@ struct Shared {
     running: AtomicUsize,
     /// EWMA of job run time, nanoseconds.
     mean_run: AtomicU64,
+    /// Seconds over which a waiting job's priority doubles (f64 bits).
+    aging: AtomicU64,
+    /// Where enqueue times are counted from.
+    origin: Instant,
     stats: Stats,
+}
+
+impl Shared {
+    fn key(&self, priority: f64, at: Instant, seq: u64) -> Key {
+        let p = if priority.is_nan() { 0.0 } else { priority };
+        let aging = f64::from_bits(self.aging.load(Ordering::Relaxed));
+        let since = at.saturating_duration_since(self.origin).as_secs_f64();
+        Key {
+            rank: Rank(p.max(1e-300).log2() - since / aging),
+            seq: std::cmp::Reverse(seq),
+        }
+    }
+
+    /// The wait of a job with `key`: the jobs ahead of it and those running,
+    /// spread over the threads. Counts at most `cap` jobs ahead (enough to
+    /// know a deadline is out of reach).
+    fn wait_for(&self, q: &Queue, key: Key, cap: usize) -> Duration {
+        let ahead = q.jobs.range(key..).take(cap).count();
+        let busy = self.running.load(Ordering::Relaxed);
+        let waiting = (ahead + busy + 1).saturating_sub(self.threads);
+        Duration::from_nanos(self.mean_run.load(Ordering::Relaxed))
+            * u32::try_from(waiting.div_ceil(self.threads)).unwrap_or(u32::MAX)
+    }
 }
 
 #[derive(Default)]
@@ -89,6 +127,8 @@ struct Stats {
     refused: AtomicU64,
     dropped: AtomicU64,
     panicked: AtomicU64,
+    displaced: AtomicU64,
+    expired: AtomicU64,
 }
 
 /// A snapshot of a pool's figures.
@@ -101,17 +141,39 @@ pub struct PoolStats {
     pub running: usize,
     /// Jobs completed (panics included).
     pub done: u64,
-    /// Jobs refused (queue full, deadline, shutdown).
+    /// Jobs refused (queue full, deadline, shutdown, displaced, expired).
     pub refused: u64,
-    /// Jobs dropped unrun because their caller left.
+    /// Jobs taken out unrun because their caller left.
     pub dropped: u64,
     /// Jobs that panicked.
     pub panicked: u64,
+    /// Queued jobs that made room in a full queue for a more valuable one
+    /// (counted in `refused` too).
+    pub displaced: u64,
+    /// Queued jobs whose deadline passed before they could start (counted
+    /// in `refused` too).
+    pub expired: u64,
 }
 
 /// A fixed set of threads, separate from the async runtime's, running CPU
 /// work by priority: the cost rate of the job's class over its expected run
 /// time (the cμ rule, Reinertsen's CD3). Cloning shares the pool.
+///
+/// - **No starvation.** A waiting job's priority doubles every
+///   [`aging`](Self::aging) (1 s by default), so a job of priority `p` is
+///   ahead of every newly arriving job of priority up to `P` once it has
+///   waited `aging × log2(P / p)`: with a cost rate 200 times lower than the
+///   most urgent class's, about 7.6 s. Ordering is kept in an ordered map on
+///   a fixed key (log priority less age in doublings): O(log n) to queue,
+///   start or remove a job.
+/// - **Deadlines.** A job with a deadline is refused at once if its
+///   predicted wait and run time would pass it; if it is still queued when
+///   the deadline comes, it is taken out and its caller answered
+///   [`OffloadError::Deadline`] at that moment — it never starts late.
+/// - **Abandoned jobs leave at once.** Dropping the future of [`run`](Self::run)
+///   takes the job out of the queue then, not when a thread reaches it.
+/// - **A full queue displaces its least valuable job** (by priority as it
+///   stands now) for a more valuable arrival, never the reverse.
 #[derive(Clone)]
 pub struct CpuPool {
     shared: Arc<Shared>,
@@ -131,6 +193,49 @@ fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A queued job's ticket: takes the job out if its caller leaves first.
+struct Place {
+    shared: Arc<Shared>,
+    key: Option<Key>,
+}
+
+impl Place {
+    /// Takes the job out if it has not started; `true` if it had not.
+    fn withdraw(&mut self) -> bool {
+        let Some(key) = self.key.take() else {
+            return false;
+        };
+        let removed = lock(&self.shared.queue).jobs.remove(&key).is_some();
+        if removed {
+            gauge_queued(&self.shared);
+        }
+        removed
+    }
+}
+
+impl Place {
+    /// The job was answered: nothing to take out.
+    fn answered(&mut self) {
+        self.key = None;
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if self.withdraw() {
+            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            super::count("gratify_offload_dropped_total");
+        }
+    }
+}
+
+fn gauge_queued(shared: &Shared) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("gratify_offload_queued").set(lock(&shared.queue).jobs.len() as f64);
+    #[cfg(not(feature = "metrics"))]
+    let _ = shared;
+}
+
 impl CpuPool {
     /// A pool of `threads` threads (at least one) with room for `max_queue`
     /// waiting jobs. When `threads` is `None`, one per available core.
@@ -140,7 +245,7 @@ impl CpuPool {
             .max(1);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
-                heap: BinaryHeap::new(),
+                jobs: BTreeMap::new(),
                 open: true,
             }),
             ready: Condvar::new(),
@@ -149,6 +254,8 @@ impl CpuPool {
             seq: AtomicU64::new(0),
             running: AtomicUsize::new(0),
             mean_run: AtomicU64::new(0),
+            aging: AtomicU64::new(1.0f64.to_bits()),
+            origin: Instant::now(),
             stats: Stats::default(),
         });
         let workers = (0..threads)
@@ -166,16 +273,28 @@ impl CpuPool {
         }
     }
 
+    /// How long a waiting job takes to double its priority (default 1 s; at
+    /// least a millisecond). Shorter ages faster: fairer to cheap work, less
+    /// strict about cost. Applies to jobs queued from now on.
+    #[must_use]
+    pub fn aging(self, doubling: Duration) -> Self {
+        let secs = doubling.as_secs_f64().max(1e-3);
+        self.shared.aging.store(secs.to_bits(), Ordering::Relaxed);
+        self
+    }
+
     /// The pool's figures.
     pub fn stats(&self) -> PoolStats {
         let s = &self.shared.stats;
         PoolStats {
-            queued: lock(&self.shared.queue).heap.len(),
+            queued: lock(&self.shared.queue).jobs.len(),
             running: self.shared.running.load(Ordering::Relaxed),
             done: s.done.load(Ordering::Relaxed),
             refused: s.refused.load(Ordering::Relaxed),
             dropped: s.dropped.load(Ordering::Relaxed),
             panicked: s.panicked.load(Ordering::Relaxed),
+            displaced: s.displaced.load(Ordering::Relaxed),
+            expired: s.expired.load(Ordering::Relaxed),
         }
     }
 
@@ -184,21 +303,20 @@ impl CpuPool {
         Duration::from_nanos(self.shared.mean_run.load(Ordering::Relaxed))
     }
 
-    /// How long a job of `priority` would wait: the work queued ahead of it
-    /// and running, spread over the threads.
+    /// How long a job of `priority` queued now would wait: the work queued
+    /// ahead of it and running, spread over the threads.
     pub fn predicted_wait(&self, priority: f64) -> Duration {
+        let key = self.shared.key(priority, Instant::now(), u64::MAX);
         let q = lock(&self.shared.queue);
-        let ahead = q.heap.iter().filter(|j| j.priority >= priority).count();
-        let busy = self.shared.running.load(Ordering::Relaxed);
-        let waiting = (ahead + busy + 1).saturating_sub(self.shared.threads);
-        self.mean_run() * u32::try_from(waiting.div_ceil(self.shared.threads)).unwrap_or(u32::MAX)
+        self.shared.wait_for(&q, key, usize::MAX)
     }
 
     /// Runs `work` on the pool with `priority` (higher first), unless the
-    /// queue is full, the predicted wait passes `deadline`, or the pool is
-    /// shutting down. If the returned future is dropped before the job
-    /// starts, the job is dropped unrun. A panic in `work` is
-    /// [`OffloadError::Panicked`]; the thread lives on.
+    /// queue is full of more valuable work, the predicted wait and run time
+    /// pass `deadline` (from now), or the pool is shutting down. If the
+    /// returned future is dropped before the job starts, the job is taken out
+    /// unrun. A panic in `work` is [`OffloadError::Panicked`]; the thread
+    /// lives on.
     pub fn run<T, F>(
         &self,
         priority: f64,
@@ -209,13 +327,56 @@ impl CpuPool {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
+        let now = Instant::now();
+        self.run_until(
+            priority,
+            deadline.and_then(|d| now.checked_add(d)),
+            self.mean_run(),
+            work,
+        )
+    }
+
+    /// As [`run`](Self::run), with the deadline as an instant (what is left
+    /// of a request's budget after the queues before this one) and the
+    /// job's own expected run time, which must fit before it too.
+    pub fn run_until<T, F>(
+        &self,
+        priority: f64,
+        deadline: Option<Instant>,
+        expected: Duration,
+        work: F,
+    ) -> impl Future<Output = Result<T, OffloadError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel::<Result<T, OffloadError>>();
         let submitted = self
-            .submit(priority, deadline, tx, work)
+            .submit(priority, deadline, expected, tx, work)
             .map_err(|(e, _)| e);
         async move {
-            submitted?;
-            rx.await.unwrap_or(Err(OffloadError::Shutdown))
+            let mut place = submitted?;
+            let mut rx = rx;
+            let result = match deadline {
+                Some(d) => {
+                    match tokio::time::timeout_at(tokio::time::Instant::from_std(d), &mut rx).await
+                    {
+                        Ok(result) => result,
+                        // Still queued at its deadline: out, and answered now.
+                        Err(_) if place.withdraw() => {
+                            place.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                            place.shared.stats.expired.fetch_add(1, Ordering::Relaxed);
+                            super::count("gratify_offload_refused_total");
+                            return Err(OffloadError::Deadline);
+                        }
+                        // Running already: it finishes.
+                        Err(_) => rx.await,
+                    }
+                }
+                None => rx.await,
+            };
+            place.answered();
+            result.unwrap_or(Err(OffloadError::Shutdown))
         }
     }
 
@@ -231,72 +392,111 @@ impl CpuPool {
         F: FnOnce() -> T + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T, OffloadError>>();
-        self.submit(priority, None, tx, work)
+        let mut place = self
+            .submit(priority, None, Duration::ZERO, tx, work)
             .map_err(|(_, work)| work)?;
-        Ok(async move { rx.await.unwrap_or(Err(OffloadError::Shutdown)) })
+        Ok(async move {
+            let result = rx.await;
+            place.answered();
+            result.unwrap_or(Err(OffloadError::Shutdown))
+        })
     }
 
     /// Queues `work`, or refuses it and hands it back.
     fn submit<T, F>(
         &self,
         priority: f64,
-        deadline: Option<Duration>,
+        deadline: Option<Instant>,
+        expected: Duration,
         tx: oneshot::Sender<Result<T, OffloadError>>,
         work: F,
-    ) -> Result<(), (OffloadError, F)>
+    ) -> Result<Place, (OffloadError, F)>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
+        let shared = &self.shared;
         let refuse = |e, work| {
-            self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
             super::count("gratify_offload_refused_total");
             Err((e, work))
         };
-        if let Some(d) = deadline
-            && self.predicted_wait(priority) > d
-        {
-            return refuse(OffloadError::Deadline, work);
-        }
-        let mut q = lock(&self.shared.queue);
+        let now = Instant::now();
+        let seq = shared.seq.fetch_add(1, Ordering::Relaxed);
+        let key = shared.key(priority, now, seq);
+        let mut q = lock(&shared.queue);
         if !q.open {
             drop(q);
             return refuse(OffloadError::Shutdown, work);
         }
-        if q.heap.len() >= self.shared.max_queue {
-            drop(q);
-            return refuse(OffloadError::QueueFull, work);
+        if let Some(d) = deadline {
+            let budget = d.saturating_duration_since(now);
+            // Jobs ahead beyond this many are past the budget anyway.
+            let per = (self.mean_run() / u32::try_from(shared.threads).unwrap_or(u32::MAX))
+                .max(Duration::from_nanos(1));
+            let cap = usize::try_from(budget.as_nanos() / per.as_nanos())
+                .unwrap_or(usize::MAX)
+                .saturating_add(shared.threads + 1);
+            if shared.wait_for(&q, key, cap) + expected > budget {
+                drop(q);
+                return refuse(OffloadError::Deadline, work);
+            }
+        }
+        let mut displaced = None;
+        if q.jobs.len() >= shared.max_queue {
+            match q.jobs.first_key_value() {
+                Some((least, _)) if *least < key => displaced = q.jobs.pop_first(),
+                _ => {
+                    drop(q);
+                    return refuse(OffloadError::QueueFull, work);
+                }
+            }
         }
         let tx = Arc::new(Mutex::new(Some(tx)));
-        let closed = Arc::clone(&tx);
-        q.heap.push(Job {
-            priority: if priority.is_nan() { 0.0 } else { priority },
-            seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
-            enqueued: Instant::now(),
-            work: Box::new(move || {
-                let result =
-                    catch_unwind(AssertUnwindSafe(work)).map_err(|_| OffloadError::Panicked);
-                let panicked = result.is_err();
-                let deliver: Deliver = Box::new(move || {
-                    if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
-                        let _ = tx.send(result);
+        let (closed, refused) = (Arc::clone(&tx), Arc::clone(&tx));
+        q.jobs.insert(
+            key,
+            Job {
+                enqueued: now,
+                deadline,
+                work: Box::new(move || {
+                    let result =
+                        catch_unwind(AssertUnwindSafe(work)).map_err(|_| OffloadError::Panicked);
+                    let panicked = result.is_err();
+                    let deliver: Deliver = Box::new(move || {
+                        if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
+                            let _ = tx.send(result);
+                        }
+                    });
+                    (panicked, deliver)
+                }),
+                refuse: Box::new(move |e| {
+                    if let Some(tx) = refused.lock().ok().and_then(|mut t| t.take()) {
+                        let _ = tx.send(Err(e));
                     }
-                });
-                (panicked, deliver)
-            }),
-            cancelled: Box::new(move || {
-                closed
-                    .lock()
-                    .ok()
-                    .and_then(|t| t.as_ref().map(oneshot::Sender::is_closed))
-                    .unwrap_or(true)
-            }),
-        });
-        #[cfg(feature = "metrics")]
-        metrics::gauge!("gratify_offload_queued").set(q.heap.len() as f64);
+                }),
+                cancelled: Box::new(move || {
+                    closed
+                        .lock()
+                        .ok()
+                        .and_then(|t| t.as_ref().map(oneshot::Sender::is_closed))
+                        .unwrap_or(true)
+                }),
+            },
+        );
         drop(q);
-        self.shared.ready.notify_one();
-        Ok(())
+        if let Some((_, job)) = displaced {
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            shared.stats.displaced.fetch_add(1, Ordering::Relaxed);
+            super::count("gratify_offload_refused_total");
+            (job.refuse)(OffloadError::QueueFull);
+        }
+        gauge_queued(shared);
+        shared.ready.notify_one();
+        Ok(Place {
+            shared: Arc::clone(shared),
+            key: Some(key),
+        })
     }
 
     /// Stops taking jobs, lets the threads work through the queue until
@@ -308,7 +508,7 @@ impl CpuPool {
         let until = Instant::now() + deadline;
         while Instant::now() < until {
             let q = lock(&self.shared.queue);
-            if q.heap.is_empty() && self.shared.running.load(Ordering::Relaxed) == 0 {
+            if q.jobs.is_empty() && self.shared.running.load(Ordering::Relaxed) == 0 {
                 break;
             }
             drop(q);
@@ -316,8 +516,8 @@ impl CpuPool {
         }
         let left = {
             let mut q = lock(&self.shared.queue);
-            let n = q.heap.len();
-            q.heap.clear();
+            let n = q.jobs.len();
+            q.jobs.clear();
             n
         };
         self.shared.ready.notify_all();
@@ -343,13 +543,11 @@ fn worker(shared: &Shared) {
         let job = {
             let mut q = lock(&shared.queue);
             loop {
-                if let Some(job) = q.heap.pop() {
+                if let Some((_, job)) = q.jobs.pop_last() {
                     // Counted as running from the moment it leaves the
                     // queue, so a job is always queued or running until
                     // its books are done.
                     shared.running.fetch_add(1, Ordering::Relaxed);
-                    #[cfg(feature = "metrics")]
-                    metrics::gauge!("gratify_offload_queued").set(q.heap.len() as f64);
                     break job;
                 }
                 if !q.open {
@@ -361,10 +559,21 @@ fn worker(shared: &Shared) {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
             }
         };
+        gauge_queued(shared);
         if (job.cancelled)() {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             super::count("gratify_offload_dropped_total");
             shared.running.fetch_sub(1, Ordering::Relaxed);
+            continue;
+        }
+        if job.deadline.is_some_and(|d| Instant::now() >= d) {
+            // Its caller is being answered at this moment; it never starts
+            // late.
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            shared.stats.expired.fetch_add(1, Ordering::Relaxed);
+            super::count("gratify_offload_refused_total");
+            shared.running.fetch_sub(1, Ordering::Relaxed);
+            (job.refuse)(OffloadError::Deadline);
             continue;
         }
         #[cfg(feature = "metrics")]

@@ -7,7 +7,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gratify_core::classify::class_of;
+use gratify_core::classify::{arrived_of, class_of};
 use gratify_core::{BoxError, ClassId, CostModel};
 use http::header::{HeaderValue, RETRY_AFTER};
 use http::{Request, Response, StatusCode};
@@ -18,14 +18,68 @@ use tower_service::Service;
 
 use super::pool::{CpuPool, OffloadError, block_on};
 
+/// Run times kept for at most this many routes (and classes); the least
+/// recently updated goes first.
+const MAX_KEYS: usize = 1024;
+
+/// Learned run times: per route template or class, bounded, evicting.
+#[derive(Debug, Default)]
+struct RunTimes {
+    /// Seconds (EWMA) and when each was last updated (a counter).
+    keys: HashMap<String, (f64, u64)>,
+    clock: u64,
+}
+
+impl RunTimes {
+    fn get(&self, key: &str) -> Option<f64> {
+        self.keys.get(key).map(|(t, _)| *t)
+    }
+
+    fn learn(&mut self, key: &str, took: f64) {
+        self.clock += 1;
+        let clock = self.clock;
+        if let Some((t, at)) = self.keys.get_mut(key) {
+            *t += (took - *t) * 0.1;
+            *at = clock;
+            return;
+        }
+        if self.keys.len() >= MAX_KEYS {
+            // Rare with templates for keys (a route table is small); a scan
+            // then is cheaper than keeping an order on every update.
+            if let Some(oldest) = self
+                .keys
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| k.clone())
+            {
+                self.keys.remove(&oldest);
+            }
+        }
+        self.keys.insert(key.to_owned(), (took, clock));
+    }
+}
+
+/// What a request's run time is learned under: its route template (axum's
+/// `MatchedPath`, with the `axum` feature), else its class — never the raw
+/// path, which clients choose (`/users/{id}` is one route, not a million).
+fn route_key<B>(request: &Request<B>, class: ClassId) -> String {
+    #[cfg(feature = "axum")]
+    if let Some(path) = request.extensions().get::<axum::extract::MatchedPath>() {
+        return format!("route:{}", path.as_str());
+    }
+    #[cfg(not(feature = "axum"))]
+    let _ = request;
+    format!("class:{}", class.index())
+}
+
 /// Runs closures on a [`CpuPool`] by the cost of delaying their class.
 /// Cloning shares the pool.
 #[derive(Clone)]
 pub struct Offloader {
     pool: CpuPool,
     model: CostModel,
-    /// Expected run time per key (route or class), seconds, EWMA.
-    expected: Arc<Mutex<HashMap<String, f64>>>,
+    /// Expected run time per route template or class.
+    expected: Arc<Mutex<RunTimes>>,
 }
 
 impl fmt::Debug for Offloader {
@@ -42,7 +96,7 @@ impl Offloader {
         Self {
             pool,
             model: model.clone(),
-            expected: Arc::new(Mutex::new(HashMap::new())),
+            expected: Arc::new(Mutex::new(RunTimes::default())),
         }
     }
 
@@ -55,30 +109,38 @@ impl Offloader {
         self.expected
             .lock()
             .ok()
-            .and_then(|m| m.get(key).copied())
+            .and_then(|m| m.get(key))
             .unwrap_or_else(|| self.pool.mean_run().as_secs_f64())
             .max(1e-6)
     }
 
     fn learn(&self, key: &str, took: Duration) {
         if let Ok(mut m) = self.expected.lock() {
-            if m.len() >= 4096 && !m.contains_key(key) {
-                return;
-            }
-            let e = m.entry(key.to_owned()).or_insert(took.as_secs_f64());
-            *e += (took.as_secs_f64() - *e) * 0.1;
+            m.learn(key, took.as_secs_f64());
         }
     }
 
-    /// The priority (urgency ÷ expected run time) and deadline of a job of
-    /// `class` keyed `key`.
-    fn plan(&self, class: ClassId, key: &str) -> (f64, Option<Duration>) {
+    /// The priority (urgency ÷ expected run time), expected run time and
+    /// deadline of a job of `class` keyed `key` that arrived at `arrived`.
+    fn plan(
+        &self,
+        class: ClassId,
+        key: &str,
+        arrived: Option<Instant>,
+    ) -> (f64, Duration, Option<Instant>) {
         let class = self
             .model
             .get(class)
             .unwrap_or_else(|| self.model.class(self.model.default_class()));
         let run = self.expected(key);
-        (class.urgency(run) / run, class.deadline())
+        let deadline = class
+            .deadline()
+            .and_then(|d| arrived.unwrap_or_else(Instant::now).checked_add(d));
+        (
+            class.urgency(run) / run,
+            Duration::from_secs_f64(run),
+            deadline,
+        )
     }
 
     /// Runs `work` for a request of `class` on the pool.
@@ -91,20 +153,39 @@ impl Offloader {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let key = format!("class:{}", class.index());
-        let (priority, deadline) = self.plan(class, &key);
+        self.run_keyed(class, format!("class:{}", class.index()), None, work)
+            .await
+    }
+
+    async fn run_keyed<T, F>(
+        &self,
+        class: ClassId,
+        key: String,
+        arrived: Option<Instant>,
+        work: F,
+    ) -> Result<T, OffloadError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (priority, expected, deadline) = self.plan(class, &key, arrived);
         // Learn the run time alone, not the wait in the queue.
         let timed = move || {
             let started = Instant::now();
             let out = work();
             (out, started.elapsed())
         };
-        let (out, took) = self.pool.run(priority, deadline, timed).await?;
+        let (out, took) = self
+            .pool
+            .run_until(priority, deadline, expected, timed)
+            .await?;
         self.learn(&key, took);
         Ok(out)
     }
 
-    /// Runs `work` with the class a `ClassifyLayer` put on `request`.
+    /// Runs `work` with the class a `ClassifyLayer` put on `request`,
+    /// within what is left of its deadline (counted from its arrival), its
+    /// run time learned under its route template.
     ///
     /// # Errors
     ///
@@ -115,7 +196,8 @@ impl Offloader {
         F: FnOnce() -> T + Send + 'static,
     {
         let class = class_of(request).unwrap_or_else(|| self.model.default_class());
-        self.run(class, work).await
+        let key = route_key(request, class);
+        self.run_keyed(class, key, arrived_of(request), work).await
     }
 }
 
@@ -268,18 +350,20 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let offloader = self.offloader.clone();
         let class = class_of(&request).unwrap_or_else(|| offloader.model.default_class());
-        let key = request.uri().path().to_owned();
-        let (priority, deadline) = offloader.plan(class, &key);
+        let key = route_key(&request, class);
+        let (priority, expected, deadline) = offloader.plan(class, &key, arrived_of(&request));
         let future = self.inner.call(request);
         let runtime = tokio::runtime::Handle::try_current().ok();
         Box::pin(async move {
-            let job = offloader.pool.run(priority, deadline, move || {
-                // Timers and I/O inside the handler still reach the runtime.
-                let _guard = runtime.as_ref().map(tokio::runtime::Handle::enter);
-                let started = Instant::now();
-                let out = block_on(future);
-                (out, started.elapsed())
-            });
+            let job = offloader
+                .pool
+                .run_until(priority, deadline, expected, move || {
+                    // Timers and I/O inside the handler still reach the runtime.
+                    let _guard = runtime.as_ref().map(tokio::runtime::Handle::enter);
+                    let started = Instant::now();
+                    let out = block_on(future);
+                    (out, started.elapsed())
+                });
             let outcome = job.await.map(|(out, took)| {
                 // The run time alone, not the wait in the queue.
                 offloader.learn(&key, took);
@@ -295,5 +379,61 @@ where
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_times_stay_bounded_and_forget_the_least_recent() {
+        let mut t = RunTimes::default();
+        t.learn("hot", 0.5);
+        for i in 0..10 * MAX_KEYS {
+            t.learn(&format!("k{i}"), 0.001);
+            // A key in use stays.
+            t.learn("hot", 0.5);
+        }
+        assert_eq!(t.keys.len(), MAX_KEYS);
+        assert_eq!(t.get("hot"), Some(0.5));
+        assert_eq!(t.get("k0"), None);
+        assert!(t.get(&format!("k{}", 10 * MAX_KEYS - 1)).is_some());
+    }
+
+    #[test]
+    fn raw_paths_are_never_keys() {
+        let class = ClassId::from_index(3);
+        let key = |path: &str| route_key(&Request::get(path).body(()).unwrap(), class);
+        assert_eq!(key("/recommendations/alice"), key("/recommendations/bob"));
+        assert_eq!(key("/recommendations/alice"), "class:3");
+    }
+
+    #[cfg(feature = "axum")]
+    #[tokio::test]
+    async fn under_axum_the_route_template_is_the_key() {
+        use tower::ServiceExt;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        let app = axum::Router::new().route(
+            "/recommendations/{user}",
+            axum::routing::get(move |req: Request<axum::body::Body>| {
+                let log = Arc::clone(&log);
+                async move {
+                    log.lock()
+                        .unwrap()
+                        .push(route_key(&req, ClassId::from_index(0)));
+                    ""
+                }
+            }),
+        );
+        for user in ["alice", "bob"] {
+            let req = Request::get(format!("/recommendations/{user}"))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            app.clone().oneshot(req).await.unwrap();
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(*seen, ["route:/recommendations/{user}"; 2]);
     }
 }
