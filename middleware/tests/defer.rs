@@ -198,3 +198,82 @@ async fn the_layer_hands_every_request_the_same_queue() {
     let report = defer.drain(Duration::from_secs(1)).await;
     assert_eq!(report.ran, 1, "the job went into the shared queue");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_job_whose_factory_panics_is_a_failed_attempt_and_drain_does_not_wait_for_it() {
+    let m = model();
+    let config = DeferConfig::default()
+        .max_attempts(2)
+        .concurrency(1)
+        .backoff(Duration::from_millis(10));
+    let defer = Defer::start(&m, None, config);
+    // Panics while making its future, before any future exists.
+    defer
+        .spawn(
+            "bad-factory",
+            m.default_class(),
+            || -> std::future::Ready<Result<(), BoxError>> { panic!("factory bug") },
+        )
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let report = defer.drain(Duration::from_secs(60)).await;
+    assert_eq!(report.dead, ["bad-factory"]);
+    assert!(report.still_running.is_empty(), "{report:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "drained in {:?}, not at its deadline",
+        started.elapsed()
+    );
+    assert_eq!(defer.stats().running, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_letters_are_counted_all_and_named_within_a_bound() {
+    let m = model();
+    let config = DeferConfig::default().max_attempts(1).dead_letters_kept(3);
+    let defer = Defer::start(&m, None, config);
+    for i in 0..10 {
+        defer
+            .spawn(format!("job-{i}"), m.default_class(), || async {
+                Err::<(), BoxError>("always fails".into())
+            })
+            .unwrap();
+    }
+    let report = defer.drain(Duration::from_secs(5)).await;
+    assert_eq!(report.dead_total, 10);
+    assert_eq!(report.dead, ["job-7", "job-8", "job-9"]);
+    assert_eq!(defer.stats().dead, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_wait_their_backoff_without_blocking_other_jobs() {
+    let m = model();
+    let config = DeferConfig::default()
+        .max_attempts(3)
+        .concurrency(1)
+        .backoff(Duration::from_secs(10));
+    let defer = Defer::start(&m, None, config);
+    let log = Log::default();
+    let tries = Arc::new(Mutex::new(0));
+    let t = Arc::clone(&tries);
+    defer
+        .spawn("flaky", m.default_class(), move || {
+            let t = Arc::clone(&t);
+            async move {
+                *t.lock().unwrap() += 1;
+                Err::<(), BoxError>("down".into())
+            }
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(*tries.lock().unwrap(), 1);
+    // While the retry waits out its 10 s, new work runs at once.
+    defer
+        .spawn("next", m.default_class(), job(&log, "next"))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(*log.lock().unwrap(), ["next"]);
+    assert_eq!(*tries.lock().unwrap(), 1);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(*tries.lock().unwrap(), 2);
+}

@@ -1,6 +1,6 @@
 //! Deferred work: jobs that run after the response, when resources are cheap.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -48,6 +48,9 @@ pub struct DeferConfig {
     /// A job with a deadline runs whatever the load once this much time (or
     /// a tenth of its deadline, if larger) is left.
     pub urgent_within: Duration,
+    /// How many dead letters' names are kept for reports (the most recent;
+    /// all are counted).
+    pub dead_letters_kept: usize,
 }
 
 impl Default for DeferConfig {
@@ -59,6 +62,7 @@ impl Default for DeferConfig {
             backoff: Duration::from_millis(100),
             poll: Duration::from_millis(50),
             urgent_within: Duration::from_secs(1),
+            dead_letters_kept: 1000,
         }
     }
 }
@@ -105,6 +109,13 @@ impl DeferConfig {
         self.urgent_within = d;
         self
     }
+
+    /// Sets the `dead_letters_kept` field.
+    #[must_use]
+    pub fn dead_letters_kept(mut self, n: usize) -> Self {
+        self.dead_letters_kept = n;
+        self
+    }
 }
 
 /// Why a job was not queued.
@@ -125,9 +136,12 @@ pub enum DeferError {
 pub struct DrainReport {
     /// Jobs that ran to success during the drain.
     pub ran: usize,
-    /// Jobs that exhausted their attempts (dead letters), by name, over the
-    /// queue's lifetime.
+    /// Jobs that exhausted their attempts (dead letters), by name: the most
+    /// recent [`dead_letters_kept`](DeferConfig::dead_letters_kept), oldest
+    /// first.
     pub dead: Vec<String>,
+    /// Dead letters over the queue's lifetime, named above or not.
+    pub dead_total: u64,
     /// Jobs still queued at the deadline, by name: never started, and
     /// now dropped.
     pub not_run: Vec<String>,
@@ -154,12 +168,33 @@ pub struct DeferStats {
 }
 
 struct State {
-    queue: VecDeque<Job>,
-    running: Vec<String>,
+    /// Jobs ready to run, per class, oldest first: within a class the oldest
+    /// job is the most urgent and the nearest its deadline, so picking looks
+    /// at one job per class, not at every job.
+    ready: Vec<BTreeMap<(Instant, u64), Job>>,
+    /// Jobs waiting out a retry's backoff, by when they may run again.
+    backoff: BTreeMap<(Instant, u64), Job>,
+    /// Running, by sequence number.
+    running: HashMap<u64, String>,
     open: bool,
     draining: bool,
-    dead: Vec<String>,
+    /// The most recent dead letters' names.
+    dead: VecDeque<String>,
+    dead_total: u64,
     next_seq: u64,
+}
+
+impl State {
+    fn queued(&self) -> usize {
+        self.ready.iter().map(BTreeMap::len).sum::<usize>() + self.backoff.len()
+    }
+
+    fn push_ready(&mut self, job: Job) {
+        let k = job.class.index().min(self.ready.len().saturating_sub(1));
+        if let Some(q) = self.ready.get_mut(k) {
+            q.insert((job.created, job.seq), job);
+        }
+    }
 }
 
 struct Shared {
@@ -239,11 +274,13 @@ impl Defer {
     pub fn start(model: &CostModel, signal: Option<LoadSignal>, config: DeferConfig) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                queue: VecDeque::new(),
-                running: Vec::new(),
+                ready: (0..model.len().max(1)).map(|_| BTreeMap::new()).collect(),
+                backoff: BTreeMap::new(),
+                running: HashMap::new(),
                 open: true,
                 draining: false,
-                dead: Vec::new(),
+                dead: VecDeque::new(),
+                dead_total: 0,
                 next_seq: 0,
             }),
             wake: Notify::new(),
@@ -286,12 +323,12 @@ impl Defer {
             if !s.open {
                 return Err(DeferError::Closed);
             }
-            if s.queue.len() >= self.shared.config.max_queue {
+            if s.queued() >= self.shared.config.max_queue {
                 return Err(DeferError::QueueFull);
             }
             let seq = s.next_seq;
             s.next_seq += 1;
-            s.queue.push_back(Job {
+            s.push_ready(Job {
                 name: name.into(),
                 class,
                 created: now,
@@ -310,11 +347,11 @@ impl Defer {
     pub fn stats(&self) -> DeferStats {
         let s = lock(&self.shared.state);
         DeferStats {
-            queued: s.queue.len(),
+            queued: s.queued(),
             running: s.running.len(),
             done: self.shared.done.load(Ordering::Relaxed),
             retries: self.shared.retries.load(Ordering::Relaxed),
-            dead: s.dead.len() as u64,
+            dead: s.dead_total,
         }
     }
 
@@ -332,7 +369,7 @@ impl Defer {
         loop {
             {
                 let s = lock(&self.shared.state);
-                if s.queue.is_empty() && s.running.is_empty() {
+                if s.queued() == 0 && s.running.is_empty() {
                     break;
                 }
             }
@@ -342,8 +379,19 @@ impl Defer {
             tokio::time::sleep(Duration::from_millis(5).min(deadline)).await;
         }
         let mut s = lock(&self.shared.state);
-        let not_run: Vec<String> = s.queue.drain(..).map(|j| j.name).collect();
-        let still_running = s.running.clone();
+        let mut left: Vec<Job> = s
+            .ready
+            .iter_mut()
+            .flat_map(std::mem::take)
+            .map(|(_, j)| j)
+            .collect();
+        left.extend(std::mem::take(&mut s.backoff).into_values());
+        left.sort_by_key(|j| j.seq);
+        let not_run: Vec<String> = left.into_iter().map(|j| j.name).collect();
+        let mut running: Vec<(u64, String)> =
+            s.running.iter().map(|(k, v)| (*k, v.clone())).collect();
+        running.sort_unstable();
+        let still_running: Vec<String> = running.into_iter().map(|(_, n)| n).collect();
         for name in &not_run {
             tracing::warn!(job = %name, "deferred job not run before the drain deadline");
         }
@@ -352,7 +400,8 @@ impl Defer {
         }
         DrainReport {
             ran: (self.shared.done.load(Ordering::Relaxed) - done_before) as usize,
-            dead: s.dead.clone(),
+            dead: s.dead.iter().cloned().collect(),
+            dead_total: s.dead_total,
             not_run,
             still_running,
         }
@@ -398,31 +447,42 @@ async fn runner(shared: Arc<Shared>) {
         let next = {
             let mut s = lock(&shared.state);
             // Every handle gone and nothing left: the runner ends.
-            if Arc::strong_count(&shared) == 1 && s.queue.is_empty() && s.running.is_empty() {
+            if Arc::strong_count(&shared) == 1 && s.queued() == 0 && s.running.is_empty() {
                 return;
             }
+            // Retries whose backoff is over are ready again.
+            while let Some(entry) = s.backoff.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                let job = entry.remove();
+                s.push_ready(job);
+            }
             let draining = s.draining;
-            // The most urgent due job first.
+            // The most urgent due job first: each class's oldest.
+            let urgency = |j: &Job| {
+                shared.model.get(j.class).map_or(0.0, |c| {
+                    c.urgency(now.saturating_duration_since(j.created).as_secs_f64())
+                })
+            };
             let pick = s
-                .queue
+                .ready
                 .iter()
                 .enumerate()
-                .filter(|(_, j)| shared.due(j, now, draining))
-                .max_by(|(_, a), (_, b)| {
-                    let u = |j: &Job| {
-                        shared.model.get(j.class).map_or(0.0, |c| {
-                            c.urgency(now.saturating_duration_since(j.created).as_secs_f64())
-                        })
-                    };
-                    u(a).total_cmp(&u(b)).then(b.seq.cmp(&a.seq))
+                .filter_map(|(k, q)| {
+                    let (_, head) = q.first_key_value()?;
+                    shared
+                        .due(head, now, draining)
+                        .then(|| (k, urgency(head), head.seq))
                 })
-                .map(|(i, _)| i);
-            let job = pick.and_then(|i| s.queue.remove(i));
+                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.2.cmp(&a.2)))
+                .map(|(k, ..)| k);
+            let job = pick.and_then(|k| s.ready[k].pop_first()).map(|(_, j)| j);
             if let Some(job) = &job {
-                s.running.push(job.name.clone());
+                s.running.insert(job.seq, job.name.clone());
             }
             #[cfg(feature = "metrics")]
-            metrics::gauge!("gratify_defer_pending").set((s.queue.len() + s.running.len()) as f64);
+            metrics::gauge!("gratify_defer_pending").set((s.queued() + s.running.len()) as f64);
             job
         };
         let Some(mut job) = next else {
@@ -435,16 +495,16 @@ async fn runner(shared: Arc<Shared>) {
         tokio::spawn(async move {
             let _permit = permit;
             job.attempts += 1;
-            // Its own task, so a panicking job is a failed attempt and its
-            // slot and running entry are still released.
-            let outcome = match tokio::spawn((job.run)()).await {
+            // Its own task — the factory called inside it too — so a job
+            // that panics, making its future or running it, is a failed
+            // attempt and its slot and running entry are still released.
+            let run = Arc::clone(&job.run);
+            let outcome = match tokio::spawn(async move { run().await }).await {
                 Ok(outcome) => outcome,
                 Err(e) => Err(format!("deferred job panicked: {e}").into()),
             };
             let mut s = lock(&shared2.state);
-            if let Some(i) = s.running.iter().position(|n| *n == job.name) {
-                s.running.swap_remove(i);
-            }
+            s.running.remove(&job.seq);
             match outcome {
                 Ok(()) => {
                     shared2.done.fetch_add(1, Ordering::Relaxed);
@@ -456,11 +516,15 @@ async fn runner(shared: Arc<Shared>) {
                     tracing::debug!(job = %job.name, attempt = job.attempts, error = %e, "deferred job failed; will retry");
                     job.not_before =
                         Instant::now() + super::retry_delay(shared2.config.backoff, job.attempts);
-                    s.queue.push_back(job);
+                    s.backoff.insert((job.not_before, job.seq), job);
                 }
                 Err(e) => {
                     tracing::warn!(job = %job.name, attempts = job.attempts, error = %e, "deferred job is a dead letter");
-                    s.dead.push(job.name);
+                    s.dead_total += 1;
+                    s.dead.push_back(job.name);
+                    while s.dead.len() > shared2.config.dead_letters_kept {
+                        s.dead.pop_front();
+                    }
                     super::count("gratify_defer_dead_total");
                 }
             }
