@@ -214,6 +214,23 @@ impl DecayedLatency {
         Some(Duration::from_secs_f64(middle_of(self.highest())))
     }
 
+    /// The expectation of `f(latency in seconds)` over the recent
+    /// distribution (each bucket at its middle); `None` before any sample.
+    /// O(buckets in use).
+    pub fn expect(&self, mut f: impl FnMut(f64) -> f64) -> Option<f64> {
+        if self.total <= 0.0 {
+            return None;
+        }
+        let sum: f64 = self
+            .buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w > 0.0)
+            .map(|(i, w)| w * f(middle_of(i)))
+            .sum();
+        Some(sum / self.total)
+    }
+
     /// The recent (winsorised) mean latency; `None` before any sample.
     pub fn mean(&self) -> Option<Duration> {
         (self.total > 0.0).then(|| Duration::from_secs_f64((self.sum / self.total).max(0.0)))
@@ -330,6 +347,22 @@ mod tests {
         assert!(mean < Duration::from_millis(23), "{mean:?}");
         // The quantiles see it where it is.
         assert!(d.quantile(1.0).unwrap() > Duration::from_secs(28));
+    }
+
+    #[test]
+    fn expectations_weigh_each_bucket() {
+        let t0 = Instant::now();
+        let mut d = DecayedLatency::new(Duration::from_secs(10));
+        assert_eq!(d.expect(|_| 1.0), None);
+        for _ in 0..3 {
+            d.record(t0, Duration::from_millis(10));
+        }
+        d.record(t0, Duration::from_secs(1));
+        // The share of latencies past 0.5 s, and a mean through the buckets.
+        let late = d.expect(|s| f64::from(u8::from(s > 0.5))).unwrap();
+        assert!((late - 0.25).abs() < 1e-9);
+        let mean = d.expect(|s| s).unwrap();
+        assert!((mean / 0.2575 - 1.0).abs() < 0.05, "{mean}");
     }
 
     #[test]
