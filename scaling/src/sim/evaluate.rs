@@ -175,29 +175,48 @@ fn inversions(records: &[&Record], refusal: &[f64]) -> u64 {
         .count() as u64
 }
 
-/// Milliseconds from a phase's start until it has settled: the arrival time
-/// of the last request in the phase's first half that was served slower
-/// than 1.1 × the p99 of the phase's second half (its steady state); 0 if
-/// none was. `None` with fewer than 20 served requests in the second half.
-fn settle_ms(records: &[&Record], start: Duration, length: Duration) -> Option<f64> {
+/// Milliseconds from a phase's start until it has settled for the most
+/// valuable class (`class`, the highest refusal cost): the end of the
+/// last 50 ms window in the phase's first half whose served requests' p90
+/// latency exceeded 1.2 × the p90 of the phase's second half (its steady
+/// state); 0 if none did. Windows with fewer than 5 served requests are not
+/// judged, and one slow request cannot make a window (the p90 of five is
+/// its second slowest). `None` with fewer than 20 served requests in the
+/// second half.
+fn settle_ms(records: &[&Record], class: usize, start: Duration, length: Duration) -> Option<f64> {
+    const WINDOW: Duration = Duration::from_millis(50);
+    let p90 = |v: &mut Vec<Duration>| {
+        v.sort_unstable();
+        v[(v.len() * 9 / 10).min(v.len() - 1)]
+    };
     let half = start + length / 2;
     let mut steady: Vec<Duration> = records
         .iter()
-        .filter(|r| r.fate == Fate::Served && r.arrival >= half)
+        .filter(|r| r.class == class && r.fate == Fate::Served && r.arrival >= half)
         .map(|r| r.latency)
         .collect();
     if steady.len() < 20 {
         return None;
     }
-    steady.sort_unstable();
-    let p99 = steady[steady.len() * 99 / 100].mul_f64(1.1);
-    let last = records
+    let bound = p90(&mut steady).mul_f64(1.2);
+    let mut windows: BTreeMap<u64, Vec<Duration>> = BTreeMap::new();
+    for r in records
         .iter()
-        .filter(|r| r.fate == Fate::Served && r.arrival < half && r.latency > p99)
-        .map(|r| r.arrival.saturating_sub(start))
-        .max()
-        .unwrap_or(Duration::ZERO);
-    Some(last.as_secs_f64() * 1e3)
+        .filter(|r| r.class == class && r.fate == Fate::Served)
+        .filter(|r| r.arrival >= start && r.arrival < half)
+    {
+        let w = (r.arrival - start).as_nanos() / WINDOW.as_nanos();
+        windows
+            .entry(u64::try_from(w).unwrap_or(u64::MAX))
+            .or_default()
+            .push(r.latency);
+    }
+    let last = windows
+        .into_iter()
+        .filter(|(_, v)| v.len() >= 5)
+        .filter_map(|(w, mut v)| (p90(&mut v) > bound).then_some(w))
+        .max();
+    Some(last.map_or(0.0, |w| (w + 1) as f64 * WINDOW.as_secs_f64() * 1e3))
 }
 
 /// Seconds from `from` until goodput stays at least 90% of the reference
@@ -238,6 +257,9 @@ pub fn evaluate(
         })
         .collect();
     let refusal: Vec<f64> = classes.iter().map(Class::refusal_cost).collect();
+    let most_valuable = (0..refusal.len())
+        .max_by(|a, b| refusal[*a].total_cmp(&refusal[*b]))
+        .unwrap_or(0);
     let starts = scenario.phase_starts();
     let total = scenario.duration();
     let phase_of = |t: Duration| starts.iter().rposition(|s| *s <= t).unwrap_or(0);
@@ -311,7 +333,7 @@ pub fn evaluate(
             inversions(&by_phase[p], &refusal) as f64,
         );
         if p > 0
-            && let Some(ms) = settle_ms(&by_phase[p], starts[p], phase.duration)
+            && let Some(ms) = settle_ms(&by_phase[p], most_valuable, starts[p], phase.duration)
         {
             f.insert("settle_ms".into(), ms);
         }
