@@ -230,7 +230,10 @@ async fn a_job_whose_factory_panics_is_a_failed_attempt_and_drain_does_not_wait_
 #[tokio::test(start_paused = true)]
 async fn dead_letters_are_counted_all_and_named_within_a_bound() {
     let m = model();
-    let config = DeferConfig::default().max_attempts(1).dead_letters_kept(3);
+    let config = DeferConfig::default()
+        .max_attempts(1)
+        .concurrency(1)
+        .dead_letters_kept(3);
     let defer = Defer::start(&m, None, config);
     for i in 0..10 {
         defer
@@ -276,4 +279,31 @@ async fn retries_wait_their_backoff_without_blocking_other_jobs() {
     assert_eq!(*tries.lock().unwrap(), 1);
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(*tries.lock().unwrap(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_of_a_class_the_model_does_not_know_blocks_no_other() {
+    let m = model();
+    // Busy: only jobs near their deadline run.
+    let signal = LoadSignal::new();
+    signal.publish(
+        LoadSnapshot::new(1.5, Duration::from_millis(50), 0.1)
+            .with_latency(Duration::from_millis(10)),
+    );
+    let defer = Defer::start(&m, Some(signal), DeferConfig::default());
+    let log = Log::default();
+    // An id from another model: treated as the default class (e-mail,
+    // 60 s deadline), not as a class with no deadline that never runs.
+    defer
+        .spawn(
+            "stray",
+            gratify::ClassId::from_index(40),
+            job(&log, "stray"),
+        )
+        .unwrap();
+    defer
+        .spawn("email", m.id("email").unwrap(), job(&log, "email"))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert_eq!(*log.lock().unwrap(), ["stray", "email"]);
 }

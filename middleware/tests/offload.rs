@@ -284,6 +284,9 @@ async fn work_that_cannot_finish_in_what_is_left_is_refused_at_once() {
         pool.run_until(1.0, Some(past), Duration::ZERO, || ()).await,
         Err(OffloadError::Deadline)
     );
+    // Both refused at once, neither queued then expired.
+    let s = pool.stats();
+    assert_eq!((s.refused, s.expired, s.queued), (2, 0, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,20 +301,29 @@ async fn sustained_urgent_work_does_not_starve_a_cheap_job() {
         tokio::spawn(pool.run(1.0, None, move || order.lock().unwrap().push(usize::MAX)))
     };
     wait_queued(&pool, 1).await;
+    // Urgent work is already waiting when the thread frees up: it goes
+    // first, and keeps arriving.
+    let mut urgent = Vec::new();
+    let urgent_job = |i: usize| {
+        let order = Arc::clone(&order);
+        pool.run(1000.0, None, move || {
+            std::thread::sleep(Duration::from_millis(1));
+            order.lock().unwrap().push(i);
+        })
+    };
+    for i in 0..5 {
+        urgent.push(tokio::spawn(urgent_job(i)));
+    }
+    wait_queued(&pool, 6).await;
     drop(gate);
     blocker.await.unwrap();
     // A thousand urgent jobs of about a millisecond each, a few always
     // waiting: without aging the cheap job would run last.
-    let mut urgent = Vec::new();
-    for i in 0..1000 {
+    for i in 5..1000 {
         while pool.stats().queued > 4 {
             tokio::task::yield_now().await;
         }
-        let order = Arc::clone(&order);
-        urgent.push(tokio::spawn(pool.run(1000.0, None, move || {
-            std::thread::sleep(Duration::from_millis(1));
-            order.lock().unwrap().push(i);
-        })));
+        urgent.push(tokio::spawn(urgent_job(i)));
     }
     cheap.await.unwrap().unwrap();
     for u in urgent {
@@ -319,6 +331,7 @@ async fn sustained_urgent_work_does_not_starve_a_cheap_job() {
     }
     let order = order.lock().unwrap();
     let at = order.iter().position(|x| *x == usize::MAX).unwrap();
+    assert!(at > 0, "urgent work waiting ran first");
     assert!(at < 900, "the cheap job ran {at}th of {}", order.len());
 }
 
@@ -338,25 +351,22 @@ async fn the_pool_spends_what_is_left_of_the_requests_budget() {
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
         }
     }));
-    let request = |waited: Duration| {
+    let now = std::time::Instant::now();
+    // A clock younger than 31 s (a freshly booted machine) cannot say
+    // "31 s ago": nothing to test there.
+    let Some(long_ago) = now.checked_sub(Duration::from_secs(31)) else {
+        return;
+    };
+    let request = |arrived: std::time::Instant| {
         let mut r = Request::get("/pay").body(()).unwrap();
         r.extensions_mut().insert(m.id("checkout").unwrap());
-        r.extensions_mut().insert(gratify::core::classify::Arrived(
-            std::time::Instant::now() - waited,
-        ));
+        r.extensions_mut()
+            .insert(gratify::core::classify::Arrived(arrived));
         r
     };
-    let late = svc
-        .clone()
-        .oneshot(request(Duration::from_secs(31)))
-        .await
-        .unwrap();
+    let late = svc.clone().oneshot(request(long_ago)).await.unwrap();
     assert_eq!(late.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let fresh = svc
-        .clone()
-        .oneshot(request(Duration::from_secs(1)))
-        .await
-        .unwrap();
+    let fresh = svc.clone().oneshot(request(now)).await.unwrap();
     assert_eq!(fresh.status(), StatusCode::OK);
     assert_eq!(
         *ran.lock().unwrap(),

@@ -22,11 +22,11 @@ const RENORMALISE_AT: f64 = 64.0;
 ///
 /// The distribution is kept in 256 log-spaced buckets from 1 µs to about 71
 /// minutes, 8 per doubling: quantiles are exact to about ±4.5%, and a sample
-/// outside the range counts at its edge. The mean is a winsorised mean:
-/// each sample counts at most `outlier_factor` (default 10) times the
-/// median at the time it arrives, so that one 30-second export among
-/// 20-millisecond requests moves it by a bounded amount — the quantiles
-/// still see the outlier as it is.
+/// outside the range counts at its edge. The mean is a winsorised mean over
+/// the buckets: each latency counts at most `outlier_factor` (default 10)
+/// times the current median, so that one 30-second export among
+/// 20-millisecond requests — even the very first sample — moves it by a
+/// bounded amount; the quantiles still see the outlier as it is.
 ///
 /// Recording is O(1); quantiles are cached when a sample arrives (decay
 /// scales every weight alike, so it does not move them).
@@ -54,13 +54,13 @@ pub struct DecayedLatency {
     /// Forward-decayed weights: a sample at `t` adds 2^((t − landmark)/h).
     buckets: Box<[f64]>,
     total: f64,
-    /// Forward-decayed sum of (winsorised) seconds.
-    sum: f64,
     landmark: Option<Instant>,
     half_life: f64,
     outlier_factor: f64,
     /// Cached quantiles at 0.5, 0.9 and 0.99.
     cached: [Option<Duration>; 3],
+    /// Cached winsorised mean, seconds.
+    mean: Option<f64>,
 }
 
 impl fmt::Debug for DecayedLatency {
@@ -98,11 +98,11 @@ impl DecayedLatency {
         Self {
             buckets: vec![0.0; BUCKETS].into_boxed_slice(),
             total: 0.0,
-            sum: 0.0,
             landmark: None,
-            half_life: half_life.as_secs_f64().max(1e-3),
+            half_life: half_life.as_secs_f64().clamp(1e-3, 1e15),
             outlier_factor: 10.0,
             cached: [None; 3],
+            mean: None,
         }
     }
 
@@ -118,7 +118,7 @@ impl DecayedLatency {
 
     /// The half-life of the evidence.
     pub fn half_life(&self) -> Duration {
-        Duration::from_secs_f64(self.half_life)
+        Duration::try_from_secs_f64(self.half_life).unwrap_or(Duration::MAX)
     }
 
     /// log2 of the weight a sample at `now` gets relative to the landmark.
@@ -142,27 +142,19 @@ impl DecayedLatency {
                 *b *= scale;
             }
             self.total *= scale;
-            self.sum *= scale;
             self.landmark = Some(now.max(landmark));
             e = 0.0;
         }
         let w = e.exp2();
-        let secs = latency.as_secs_f64();
-        let capped = match self.cached[0] {
-            Some(median) if self.outlier_factor.is_finite() => {
-                secs.min(self.outlier_factor * median.as_secs_f64())
-            }
-            _ => secs,
-        };
         self.buckets[bucket_of(latency)] += w;
         self.total += w;
-        self.sum += w * capped;
         self.refresh();
     }
 
     fn refresh(&mut self) {
         if self.total <= 0.0 {
             self.cached = [None; 3];
+            self.mean = None;
             return;
         }
         let mut targets = CACHED.map(|q| q * self.total);
@@ -187,6 +179,15 @@ impl DecayedLatency {
             }
         }
         self.cached = found;
+        let cap = found[0].map_or(f64::INFINITY, |m| self.outlier_factor * m.as_secs_f64());
+        let sum: f64 = self
+            .buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w > 0.0)
+            .map(|(i, w)| w * middle_of(i).min(cap))
+            .sum();
+        self.mean = Some(sum / self.total);
     }
 
     fn highest(&self) -> usize {
@@ -233,7 +234,8 @@ impl DecayedLatency {
 
     /// The recent (winsorised) mean latency; `None` before any sample.
     pub fn mean(&self) -> Option<Duration> {
-        (self.total > 0.0).then(|| Duration::from_secs_f64((self.sum / self.total).max(0.0)))
+        self.mean
+            .map(|m| Duration::try_from_secs_f64(m.max(0.0)).unwrap_or(Duration::MAX))
     }
 
     /// The evidence left at `now`, in samples: each sample counts 1 when it
@@ -256,7 +258,6 @@ impl DecayedLatency {
         };
         self.buckets.iter_mut().for_each(|b| *b *= factor);
         self.total *= factor;
-        self.sum *= factor;
         if self.total <= 0.0 {
             self.clear();
         }
@@ -266,9 +267,9 @@ impl DecayedLatency {
     pub fn clear(&mut self) {
         self.buckets.iter_mut().for_each(|b| *b = 0.0);
         self.total = 0.0;
-        self.sum = 0.0;
         self.landmark = None;
         self.cached = [None; 3];
+        self.mean = None;
     }
 }
 
@@ -326,12 +327,30 @@ mod tests {
         for i in 0..100_000u64 {
             // 1,000 seconds at 10 ms half-life: 100,000 half-lives.
             d.record(t0 + Duration::from_millis(10 * i), Duration::from_millis(5));
-            assert!(d.total.is_finite() && d.sum.is_finite());
+            assert!(d.total.is_finite());
         }
         let p50 = d.quantile(0.5).unwrap();
         assert!(p50 > Duration::from_millis(4) && p50 < Duration::from_millis(6));
         let mean = d.mean().unwrap();
         assert!(mean > Duration::from_millis(4) && mean < Duration::from_millis(6));
+    }
+
+    #[test]
+    fn a_first_sample_that_is_an_outlier_is_bounded_once_others_arrive() {
+        let t0 = Instant::now();
+        let mut d = DecayedLatency::new(Duration::from_secs(10));
+        d.record(t0, Duration::from_secs(30));
+        for _ in 0..20 {
+            d.record(t0, Duration::from_millis(20));
+        }
+        // 30 s counts as ten medians (0.2 s) among 21: the mean is about 29 ms.
+        let mean = d.mean().unwrap();
+        assert!(mean < Duration::from_millis(35), "{mean:?}");
+        let huge = DecayedLatency::new(Duration::MAX);
+        assert!(huge.half_life() > Duration::from_secs(1_000_000));
+        let mut one = DecayedLatency::new(Duration::from_secs(1));
+        one.record(t0, Duration::MAX);
+        assert!(one.mean().is_some());
     }
 
     #[test]

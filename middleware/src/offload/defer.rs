@@ -311,6 +311,13 @@ impl Defer {
         Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
         let now = Instant::now();
+        // A class the model does not know is its default class, for its
+        // deadline, its urgency and its place alike.
+        let class = if self.shared.model.get(class).is_some() {
+            class
+        } else {
+            self.shared.model.default_class()
+        };
         let deadline = self
             .shared
             .model

@@ -67,7 +67,8 @@ impl Ord for Rank {
 
 struct Job {
     enqueued: Instant,
-    /// When its caller stops waiting for it: past this it is not started.
+    /// The last moment it can start and still finish by its deadline (its
+    /// deadline less its expected run time): past this it is not started.
     deadline: Option<Instant>,
     /// Runs the job; returns whether it panicked and how to deliver the
     /// result (after the pool's books are updated).
@@ -100,11 +101,19 @@ struct Shared {
 
 impl Shared {
     fn key(&self, priority: f64, at: Instant, seq: u64) -> Key {
-        let p = if priority.is_nan() { 0.0 } else { priority };
+        // Priorities beyond 2^±64 of each other age as if they were that far
+        // apart (so a job of priority 0 is not left for a thousand aging
+        // periods, nor one of infinite priority ahead of everything for
+        // ever).
+        let log = if priority.is_nan() || priority <= 0.0 {
+            -64.0
+        } else {
+            priority.log2().clamp(-64.0, 64.0)
+        };
         let aging = f64::from_bits(self.aging.load(Ordering::Relaxed));
         let since = at.saturating_duration_since(self.origin).as_secs_f64();
         Key {
-            rank: Rank(p.max(1e-300).log2() - since / aging),
+            rank: Rank(log - since / aging),
             seq: std::cmp::Reverse(seq),
         }
     }
@@ -205,11 +214,15 @@ impl Place {
         let Some(key) = self.key.take() else {
             return false;
         };
-        let removed = lock(&self.shared.queue).jobs.remove(&key).is_some();
-        if removed {
+        // The job (the caller's closure) is dropped after the lock is
+        // released: its drop is the caller's code.
+        let removed = lock(&self.shared.queue).jobs.remove(&key);
+        let was_queued = removed.is_some();
+        drop(removed);
+        if was_queued {
             gauge_queued(&self.shared);
         }
-        removed
+        was_queued
     }
 }
 
@@ -331,14 +344,18 @@ impl CpuPool {
         self.run_until(
             priority,
             deadline.and_then(|d| now.checked_add(d)),
-            self.mean_run(),
+            Duration::ZERO,
             work,
         )
     }
 
     /// As [`run`](Self::run), with the deadline as an instant (what is left
     /// of a request's budget after the queues before this one) and the
-    /// job's own expected run time, which must fit before it too.
+    /// job's own expected run time, which must fit before it too: the job is
+    /// refused at once if its predicted wait and run time pass the deadline,
+    /// and answered [`OffloadError::Deadline`] when it has not started by
+    /// the deadline less its run time. ([`run`](Self::run) counts the wait
+    /// alone.) Needs a tokio runtime with timers when there is a deadline.
     pub fn run_until<T, F>(
         &self,
         priority: f64,
@@ -354,15 +371,17 @@ impl CpuPool {
         let submitted = self
             .submit(priority, deadline, expected, tx, work)
             .map_err(|(e, _)| e);
+        let latest_start = deadline.map(|d| d.checked_sub(expected).unwrap_or(d));
         async move {
             let mut place = submitted?;
             let mut rx = rx;
-            let result = match deadline {
+            let result = match latest_start {
                 Some(d) => {
                     match tokio::time::timeout_at(tokio::time::Instant::from_std(d), &mut rx).await
                     {
                         Ok(result) => result,
-                        // Still queued at its deadline: out, and answered now.
+                        // Not started when it could still have finished: out,
+                        // and answered now.
                         Err(_) if place.withdraw() => {
                             place.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
                             place.shared.stats.expired.fetch_add(1, Ordering::Relaxed);
@@ -437,7 +456,7 @@ impl CpuPool {
             let cap = usize::try_from(budget.as_nanos() / per.as_nanos())
                 .unwrap_or(usize::MAX)
                 .saturating_add(shared.threads + 1);
-            if shared.wait_for(&q, key, cap) + expected > budget {
+            if budget.is_zero() || shared.wait_for(&q, key, cap).saturating_add(expected) > budget {
                 drop(q);
                 return refuse(OffloadError::Deadline, work);
             }
@@ -458,7 +477,7 @@ impl CpuPool {
             key,
             Job {
                 enqueued: now,
-                deadline,
+                deadline: deadline.map(|d| d.checked_sub(expected).unwrap_or(d)),
                 work: Box::new(move || {
                     let result =
                         catch_unwind(AssertUnwindSafe(work)).map_err(|_| OffloadError::Panicked);
@@ -514,10 +533,12 @@ impl CpuPool {
             drop(q);
             thread::sleep(Duration::from_millis(1));
         }
+        // Taken out under the lock, dropped after it (the jobs are callers'
+        // closures).
+        let left = std::mem::take(&mut lock(&self.shared.queue).jobs);
         let left = {
-            let mut q = lock(&self.shared.queue);
-            let n = q.jobs.len();
-            q.jobs.clear();
+            let n = left.len();
+            drop(left);
             n
         };
         self.shared.ready.notify_all();

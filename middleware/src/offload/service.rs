@@ -22,25 +22,42 @@ use super::pool::{CpuPool, OffloadError, block_on};
 /// recently updated goes first.
 const MAX_KEYS: usize = 1024;
 
+/// A learned run time refuses work by itself (a job that could not finish
+/// in what is left of its budget) only while it is this fresh: a route
+/// whose first run was slow (a cold cache) is not refused for ever on that
+/// one figure.
+const FRESH: Duration = Duration::from_secs(10);
+
 /// Learned run times: per route template or class, bounded, evicting.
 #[derive(Debug, Default)]
 struct RunTimes {
-    /// Seconds (EWMA) and when each was last updated (a counter).
-    keys: HashMap<String, (f64, u64)>,
+    /// Seconds (EWMA), when each was last updated (a counter, for
+    /// eviction) and at what time.
+    keys: HashMap<String, (f64, u64, Option<Instant>)>,
     clock: u64,
 }
 
 impl RunTimes {
     fn get(&self, key: &str) -> Option<f64> {
-        self.keys.get(key).map(|(t, _)| *t)
+        self.keys.get(key).map(|(t, ..)| *t)
+    }
+
+    /// The run time, if it was learned within [`FRESH`].
+    fn fresh(&self, key: &str, now: Instant) -> Option<f64> {
+        self.keys
+            .get(key)
+            .filter(|(.., at)| at.is_some_and(|at| now.saturating_duration_since(at) < FRESH))
+            .map(|(t, ..)| *t)
     }
 
     fn learn(&mut self, key: &str, took: f64) {
         self.clock += 1;
         let clock = self.clock;
-        if let Some((t, at)) = self.keys.get_mut(key) {
+        let now = Some(Instant::now());
+        if let Some((t, at, when)) = self.keys.get_mut(key) {
             *t += (took - *t) * 0.1;
             *at = clock;
+            *when = now;
             return;
         }
         if self.keys.len() >= MAX_KEYS {
@@ -49,13 +66,13 @@ impl RunTimes {
             if let Some(oldest) = self
                 .keys
                 .iter()
-                .min_by_key(|(_, (_, at))| *at)
+                .min_by_key(|(_, (_, at, _))| *at)
                 .map(|(k, _)| k.clone())
             {
                 self.keys.remove(&oldest);
             }
         }
-        self.keys.insert(key.to_owned(), (took, clock));
+        self.keys.insert(key.to_owned(), (took, clock, now));
     }
 }
 
@@ -133,12 +150,20 @@ impl Offloader {
             .get(class)
             .unwrap_or_else(|| self.model.class(self.model.default_class()));
         let run = self.expected(key);
+        let now = Instant::now();
         let deadline = class
             .deadline()
-            .and_then(|d| arrived.unwrap_or_else(Instant::now).checked_add(d));
+            .and_then(|d| arrived.unwrap_or(now).checked_add(d));
+        // Only a fresh run time may refuse a job on its own.
+        let fresh = self
+            .expected
+            .lock()
+            .ok()
+            .and_then(|m| m.fresh(key, now))
+            .unwrap_or(0.0);
         (
             class.urgency(run) / run,
-            Duration::from_secs_f64(run),
+            Duration::try_from_secs_f64(fresh).unwrap_or(Duration::MAX),
             deadline,
         )
     }

@@ -24,11 +24,14 @@ pin_project! {
 
     impl<B> PinnedDrop for LimitBody<B> {
         fn drop(this: Pin<&mut Self>) {
-            // A body nobody polled (HEAD, 204, 304: the server sends none)
-            // ended with its head: its request's latency is whole, not a
-            // cancellation's.
-            if let KindProj::Inner { permit, outcome, polled, .. } = this.project().kind.project()
+            // A response without a body (204, 304) that nobody polled ended
+            // with its head: its request's latency is whole, not a
+            // cancellation's. Any other body dropped unread is a
+            // cancellation (the client left before it was sent).
+            if let KindProj::Inner { permit, outcome, polled, bodiless, .. } =
+                this.project().kind.project()
                 && !*polled
+                && *bodiless
                 && let Some(permit) = permit.take()
             {
                 permit.complete(*outcome);
@@ -46,6 +49,7 @@ pin_project! {
             permit: Option<Permit>,
             outcome: Outcome,
             polled: bool,
+            bodiless: bool,
         },
         Refusal {
             text: Option<Bytes>,
@@ -54,13 +58,14 @@ pin_project! {
 }
 
 impl<B> LimitBody<B> {
-    pub(crate) fn inner(body: B, permit: Option<Permit>, outcome: Outcome) -> Self {
+    pub(crate) fn inner(body: B, permit: Option<Permit>, outcome: Outcome, bodiless: bool) -> Self {
         Self {
             kind: Kind::Inner {
                 body,
                 permit,
                 outcome,
                 polled: false,
+                bodiless,
             },
         }
     }
@@ -91,6 +96,7 @@ where
                 permit,
                 outcome,
                 polled,
+                ..
             } => {
                 *polled = true;
                 let frame = std::task::ready!(body.as_mut().poll_frame(cx));

@@ -529,31 +529,47 @@ impl Limiter {
         let room = fast.in_flight() < fast.limit();
         let mut decision = decide(config, fast, &state, k, now, room);
         let mut taken = None;
+        let partitioned = matches!(config.admission, Admission::Partitioned(_));
         if let Decision::Admit = decision
-            && !matches!(config.admission, Admission::Partitioned(_))
+            && (!partitioned || over_share(fast, &state.classes[k], k, fast.limit()))
         {
             // The fast path may have taken the last slot meanwhile: then
-            // there is no room, whatever `room` said.
+            // there is no room, whatever `room` said (and a partition over
+            // its share has no claim past the limit).
             taken = try_take(fast, k);
             if taken.is_none() {
                 decision = decide(config, fast, &state, k, now, false);
+                if partitioned && matches!(decision, Decision::Admit) {
+                    decision = Decision::Refuse(Reason::Partition);
+                }
             }
         }
+        let mut probe = false;
         if let Decision::Refuse(Reason::Deadline) = decision
+            && state.queued == 0
             && own_latency_late(config, &state.classes[k], now)
-            && probe_due(config, &mut state.classes[k], now)
+            && state.classes[k].probe_at.is_none_or(|t| now >= t)
             && let Some(in_flight) = try_take(fast, k)
         {
-            // Refused by its own latency estimate: a probe passes now and
-            // then, so the estimate follows the service.
+            // Refused by its own latency estimate, with nobody waiting: a
+            // probe passes now and then, so the estimate follows the
+            // service. The next is due one interval after a probe that
+            // passed (a probe that found no slot is not spent).
+            state.classes[k].probe_at = Some(
+                now.checked_add(config.probe_interval)
+                    .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400)),
+            );
             taken = Some(in_flight);
+            probe = true;
             decision = Decision::Admit;
         }
         let result = match decision {
             Decision::Admit => {
-                // Only a partition admits past the limit (within its share).
+                // Only a partition within its share admits past the limit.
                 let in_flight = taken.unwrap_or_else(|| force_take(fast, k));
-                Acquire::Admitted(Permit::new(self.clone(), class, Some(now), in_flight))
+                let mut permit = Permit::new(self.clone(), class, Some(now), in_flight);
+                permit.probe = probe;
+                Acquire::Admitted(permit)
             }
             Decision::Queue { max_wait, displace } => {
                 if let Some(j) = displace
@@ -626,7 +642,7 @@ impl Limiter {
 
     /// Releases a slot; a timed completion (`sample`) also teaches the
     /// algorithm and the estimators.
-    fn release(&self, class: ClassId, sample: Option<Sample>, now: Option<Instant>) {
+    fn release(&self, class: ClassId, sample: Option<Sample>, now: Option<Instant>, probe: bool) {
         let fast = &self.shared.fast;
         let k = class.index().min(fast.hopeless.len() - 1);
         fast.released[k].fetch_add(1, Ordering::Relaxed);
@@ -643,12 +659,13 @@ impl Limiter {
         };
         let mut state = self.lock();
         if let Some(sample) = sample {
-            if teaches_latency(sample.outcome) {
+            let median = state.classes[k].estimate.quantile(0.5);
+            if teaches_latency(sample.outcome, sample.latency, median) {
                 let secs = sample.latency.as_secs_f64();
                 let c = &mut state.classes[k];
-                // A class being refused for its deadline that finishes a
-                // request in time: the old evidence is out of date.
-                if c.probe_at.is_some() && c.class.deadline().is_some_and(|d| sample.latency <= d) {
+                // A probe of a class refused for its deadline that finishes
+                // in time: the old evidence is out of date.
+                if probe && c.class.deadline().is_some_and(|d| sample.latency <= d) {
                     c.estimate.discount(0.25);
                 }
                 c.estimate.record(now.into_std(), sample.latency);
@@ -812,11 +829,17 @@ enum Decision {
 /// deadline is judged by it.
 const MIN_EVIDENCE: f64 = 3.0;
 
-/// Which outcomes' latencies describe the service: successes and timeouts
-/// (a fast error, an overload answer or a cancelled request would drag an
-/// estimate down or cut it short).
-fn teaches_latency(outcome: Outcome) -> bool {
-    matches!(outcome, Outcome::Success | Outcome::Timeout)
+/// Which samples' latencies describe the class's service: successes and
+/// timeouts, and failures at least as slow as the class's median (a slow
+/// failure is a request the service could not serve in time; a fast one
+/// must not drag the estimate down). An overload answer or a cancelled
+/// request would drag it down or cut it short.
+fn teaches_latency(outcome: Outcome, latency: Duration, median: Option<Duration>) -> bool {
+    match outcome {
+        Outcome::Success | Outcome::Timeout => true,
+        Outcome::Error => median.is_none_or(|m| latency >= m),
+        _ => false,
+    }
 }
 
 /// Which outcomes reach the limit algorithm: successes and the loss signals.
@@ -845,16 +868,6 @@ fn own_latency_late(config: &LimiterConfig, c: &ClassState, now: Instant) -> boo
         && c.class
             .deadline()
             .is_some_and(|d| judged_latency(config, c, now).is_some_and(|s| s > d.as_secs_f64()))
-}
-
-/// Whether a probe of a class refused for its deadline may pass now (and,
-/// if so, when the next may).
-fn probe_due(config: &LimiterConfig, c: &mut ClassState, now: Instant) -> bool {
-    if c.probe_at.is_some_and(|t| now < t) {
-        return false;
-    }
-    c.probe_at = Some(now + config.probe_interval);
-    true
 }
 
 /// The class's expected service time: its own recent mean (outliers
@@ -894,9 +907,7 @@ fn decide(
             };
         }
         Admission::Partitioned(_) => {
-            let share = c.share.unwrap_or(0.0);
-            let held = fast.class_in_flight(k) as f64;
-            let over = held >= (share * limit as f64).floor().max(1.0);
+            let over = over_share(fast, c, k, limit);
             return if room || !over {
                 Decision::Admit
             } else {
@@ -1007,6 +1018,14 @@ fn decide(
         max_wait: Duration::from_secs_f64(max_wait),
         displace,
     }
+}
+
+/// Whether class `k` holds its share of the limit or more (partitioned
+/// admission).
+fn over_share(fast: &Fast, c: &ClassState, k: usize, limit: usize) -> bool {
+    let share = c.share.unwrap_or(0.0);
+    let held = fast.class_in_flight(k) as f64;
+    held >= (share * limit as f64).floor().max(1.0)
 }
 
 /// The longest wait `w ≤ cap` with `response_cost(w + s) ≤ refusal_cost`
@@ -1134,6 +1153,8 @@ pub struct Permit {
     done: bool,
     /// Work that may outlive the request: the slot is kept until it ends.
     hold: Option<SlotHold>,
+    /// Admitted as a probe of a class refused for its deadline.
+    probe: bool,
 }
 
 /// A permit parked in a [`SlotHold`]: completed when the last holder goes.
@@ -1156,6 +1177,7 @@ impl Permit {
             in_flight,
             done: false,
             hold: None,
+            probe: false,
         }
     }
 
@@ -1187,12 +1209,13 @@ impl Permit {
                 in_flight: self.in_flight,
                 done: false,
                 hold: None,
+                probe: self.probe,
             };
             hold.park(Box::new(Parked(Some(parked), outcome)));
             return;
         }
         let Some(start) = self.start else {
-            self.limiter.release(self.class, None, None);
+            self.limiter.release(self.class, None, None, false);
             return;
         };
         let now = Instant::now();
@@ -1203,7 +1226,8 @@ impl Permit {
             outcome,
             self.class,
         );
-        self.limiter.release(self.class, Some(sample), Some(now));
+        self.limiter
+            .release(self.class, Some(sample), Some(now), self.probe);
     }
 }
 
@@ -1304,7 +1328,7 @@ impl Drop for Ticket {
         if !self.limiter.withdraw(self.class, self.id) {
             // Granted meanwhile: give the slot back.
             if let Ok(Ok(())) = self.rx.try_recv() {
-                self.limiter.release(self.class, None, None);
+                self.limiter.release(self.class, None, None, false);
             }
         }
     }

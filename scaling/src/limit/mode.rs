@@ -53,10 +53,12 @@ mod sealed {
 }
 
 /// The outcome an HTTP status says: 503 and 429 are the service's own
-/// overload signals, other 5xx are errors, other 4xx the client's doing.
+/// overload signals, 504 a timeout further in (a loss signal too), other
+/// 5xx are errors, other 4xx the client's doing.
 pub(crate) fn outcome_of_status(status: StatusCode) -> Outcome {
     match status {
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => Outcome::Overload,
+        StatusCode::GATEWAY_TIMEOUT => Outcome::Timeout,
         s if s.is_server_error() => Outcome::Error,
         s if s.is_client_error() => Outcome::ClientError,
         _ => Outcome::Success,
@@ -98,14 +100,20 @@ impl<RB, E> Mode<Response<RB>, E> for Http {
     ) -> Result<Self::Response, E> {
         match result {
             Ok(response) => {
-                let outcome = outcome_of_status(response.status());
+                let status = response.status();
+                let outcome = outcome_of_status(status);
                 let permit = if hold_body {
                     Some(permit)
                 } else {
                     permit.complete(outcome);
                     None
                 };
-                Ok(response.map(|body| LimitBody::inner(body, permit, outcome)))
+                // A 204, a 304 or an interim response has no body to send:
+                // dropped unread, it ended with its head.
+                let bodiless = status == StatusCode::NO_CONTENT
+                    || status == StatusCode::NOT_MODIFIED
+                    || status.is_informational();
+                Ok(response.map(|body| LimitBody::inner(body, permit, outcome, bodiless)))
             }
             Err(e) => {
                 permit.complete(Outcome::Error);

@@ -167,6 +167,9 @@ impl Drop for Inside {
             // Still waiting: a worker handed over meanwhile is passed on;
             // otherwise the place is left (its sender fails when popped).
             Some(mut rx) => {
+                // Closed first: a worker handed over after this cannot be
+                // lost (its send fails and goes to the next in line).
+                rx.close();
                 if rx.try_recv().is_ok() {
                     self.server.finish();
                 } else {
