@@ -109,3 +109,18 @@ async fn a_cancelled_request_gives_back_its_worker_or_its_place() {
         started.elapsed()
     );
 }
+
+/// The sequence that once locked the most valuable class out for minutes:
+/// heavy tails, capacity dropping to 6 workers, the limit full of cheaper
+/// work, checkout refused on a mean it could no longer refresh. Every phase
+/// must serve most checkouts.
+#[test]
+fn no_phase_locks_the_most_valuable_class_out() {
+    let scenario = Scenario::from_toml(sim::SEVEN_PHASE_HEAVY_TAIL).unwrap();
+    let result = delay_cost_run(&scenario, 1);
+    let e = sim::evaluate(&scenario, &result, None, 10);
+    for (phase, f) in &e.phases {
+        let checkout = f["success.checkout"];
+        assert!(checkout > 0.8, "{phase}: checkout success {checkout}");
+    }
+}

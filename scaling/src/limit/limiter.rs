@@ -269,6 +269,8 @@ struct State {
     /// is judged by. 0 until the first sample.
     service: f64,
     samples: u64,
+    /// The time of the decision being made (for evidence weights).
+    now_std: std::time::Instant,
     /// When the load signal was last published.
     published: Option<Instant>,
     /// Completions (estimated) since `rate_since`, to size `sample_every`.
@@ -387,6 +389,7 @@ impl Limiter {
                     latency_sq: 0.0,
                     service: 0.0,
                     samples: 0,
+                    now_std: Instant::now().into_std(),
                     published: None,
                     rate_count: 0,
                     rate_since: None,
@@ -525,6 +528,7 @@ impl Limiter {
 
         let now = Instant::now();
         let mut state = self.lock();
+        state.now_std = now.into_std();
         let config = &self.shared.config;
         let room = fast.in_flight() < fast.limit();
         let mut decision = decide(config, fast, &state, k, now, room);
@@ -545,23 +549,36 @@ impl Limiter {
             }
         }
         let mut probe = false;
-        if let Decision::Refuse(Reason::Deadline) = decision
-            && state.queued == 0
-            && own_latency_late(config, &state.classes[k], now)
+        if let Decision::Refuse(Reason::Deadline | Reason::Cost) = decision
+            && matches!(config.admission, Admission::DelayCost)
+            && state.classes[k].never_shed.is_none()
             && state.classes[k].probe_at.is_none_or(|t| now >= t)
-            && let Some(in_flight) = try_take(fast, k)
         {
-            // Refused by its own latency estimate, with nobody waiting: a
-            // probe passes now and then, so the estimate follows the
-            // service. The next is due one interval after a probe that
-            // passed (a probe that found no slot is not spent).
+            // Refused on what its own latency estimate says: now and then a
+            // request is served anyway — at once with a slot free and
+            // nobody waiting, else from the queue in its turn — so that the
+            // estimate follows the service and the class comes back when it
+            // can be served.
             state.classes[k].probe_at = Some(
                 now.checked_add(config.probe_interval)
                     .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400)),
             );
-            taken = Some(in_flight);
             probe = true;
-            decision = Decision::Admit;
+            if state.queued == 0
+                && let Some(in_flight) = try_take(fast, k)
+            {
+                taken = Some(in_flight);
+                decision = Decision::Admit;
+            } else {
+                let cap = state.classes[k]
+                    .class
+                    .deadline()
+                    .map_or(config.max_queue_time, |d| d.min(config.max_queue_time));
+                decision = Decision::Queue {
+                    max_wait: cap,
+                    displace: None,
+                };
+            }
         }
         let result = match decision {
             Decision::Admit => {
@@ -598,6 +615,7 @@ impl Limiter {
                     rx,
                     deadline: now + max_wait,
                     done: false,
+                    probe,
                 })
             }
             Decision::Refuse(reason) => {
@@ -652,12 +670,14 @@ impl Limiter {
             if fast.queued.load(Ordering::SeqCst) > 0 {
                 let mut state = self.lock();
                 let now = Instant::now();
+                state.now_std = now.into_std();
                 grant(&self.shared.config, fast, &mut state, now);
                 self.publish(&mut state, now, true);
             }
             return;
         };
         let mut state = self.lock();
+        state.now_std = now.into_std();
         if let Some(sample) = sample {
             let median = state.classes[k].estimate.quantile(0.5);
             if teaches_latency(sample.outcome, sample.latency, median) {
@@ -714,9 +734,6 @@ impl Limiter {
             weighted += w * c.latency;
             weights += w;
             let late = own_latency_late(config, c, now);
-            if !late {
-                c.probe_at = None;
-            }
             fast.hopeless[k].store(judge && late, Ordering::Relaxed);
         }
         if weights > 0.0 {
@@ -736,6 +753,7 @@ impl Limiter {
                 set_queued(&self.shared.fast, &mut state, -1);
                 // A waiter leaving can unblock a partition or a smaller queue.
                 let now = Instant::now();
+                state.now_std = now.into_std();
                 grant(&self.shared.config, &self.shared.fast, &mut state, now);
                 self.publish(&mut state, now, true);
                 true
@@ -873,8 +891,13 @@ fn own_latency_late(config: &LimiterConfig, c: &ClassState, now: Instant) -> boo
 /// The class's expected service time: its own recent mean (outliers
 /// bounded), or the mix's before it has been seen.
 fn expected_latency(state: &State, k: usize) -> f64 {
-    match state.classes[k].latency {
-        l if l > 0.0 => l,
+    let c = &state.classes[k];
+    // Its own figure while its evidence is recent: a class that has not
+    // been served for a while falls back to the mix (its old figure may
+    // describe a service that has since recovered).
+    match c.latency {
+        l if l > 0.0 && c.estimate.weight(state.now_std) >= MIN_EVIDENCE => l,
+        l if state.service <= 0.0 && l > 0.0 => l,
         _ => state.service,
     }
 }
@@ -1255,6 +1278,8 @@ pub(crate) struct Ticket {
     rx: oneshot::Receiver<Result<(), Reason>>,
     deadline: Instant,
     done: bool,
+    /// Queued as a probe of a class refused on its own estimate.
+    probe: bool,
 }
 
 /// What became of a ticket.
@@ -1272,12 +1297,14 @@ impl Ticket {
     fn admitted(&mut self) -> TicketOutcome {
         self.done = true;
         let in_flight = self.limiter.shared.fast.in_flight();
-        TicketOutcome::Admitted(Permit::new(
+        let mut permit = Permit::new(
             self.limiter.clone(),
             self.class,
             Some(Instant::now()),
             in_flight,
-        ))
+        );
+        permit.probe = self.probe;
+        TicketOutcome::Admitted(permit)
     }
 
     fn refused(&mut self, reason: Reason) -> TicketOutcome {
