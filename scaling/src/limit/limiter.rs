@@ -119,10 +119,12 @@ pub struct LimiterConfig {
     /// with its deadline (default 0.5: a request is refused for its deadline
     /// only when it would more likely than not be late).
     pub deadline_quantile: f64,
-    /// While a class is refused for its deadline, one of its requests is
-    /// still admitted this often (default 100 ms), so that its estimate
-    /// follows the service and the class returns as soon as it can be
-    /// served; a probe that finishes in time outweighs the old evidence.
+    /// While a class is refused on its own latency estimate (for its
+    /// deadline or for cost), one of its requests is still served this
+    /// often (default 100 ms) — at once with a slot free and nobody waiting,
+    /// else queued in its turn — so that its estimate follows the service
+    /// and the class returns as soon as it can be served; a probe that
+    /// finishes in time outweighs the old evidence.
     pub probe_interval: Duration,
 }
 
