@@ -2,16 +2,33 @@
 //!
 //! Jobs are serialised with serde under a registered type name into a Redis
 //! Stream read by a consumer group: workers in any replica share the work.
-//! An entry is acknowledged only after its handler succeeds, so a worker
-//! that dies mid-job leaves it pending; on restart a worker first reads its
-//! own pending entries, and any worker reclaims (`XAUTOCLAIM`) the entries
-//! of a consumer silent for longer than the visibility timeout. A failed
-//! attempt is retried after a doubling backoff (through a sorted set of
-//! delayed entries, moved back atomically when due); after `max_attempts`
-//! failures, or `max_deliveries` deliveries without an acknowledgement (a
-//! job that kills its worker), the entry goes to a dead-letter stream with
-//! its last error. Entries of an unknown type or an undecodable payload go
-//! there too: nothing is dropped silently.
+//!
+//! - **A lease per job.** A worker claims one entry at a time, when it can
+//!   start it, and holds a lease on it while its handler runs: every third
+//!   of the visibility timeout it renews the claim (the entry's idle time
+//!   goes back to zero), so a job longer than the visibility timeout is not
+//!   taken by another worker while it runs. A worker that dies stops
+//!   renewing; after the visibility timeout any worker reclaims the entry
+//!   (`XAUTOCLAIM`).
+//! - **Finishing needs the lease.** Acknowledging, scheduling a retry or
+//!   dead-lettering happen in one script that first checks that this worker
+//!   still owns the entry: a worker that lost its lease (it stalled past the
+//!   visibility timeout and another took the job) cannot ack, retry or
+//!   dead-letter the other worker's run.
+//! - **Blocking reads on their own connection.** Each worker reads on a
+//!   connection of its own; enqueueing never waits behind a worker's
+//!   blocking read.
+//! - **Retries.** A failed attempt is retried after a backoff drawn
+//!   uniformly between zero and a doubling ceiling (full jitter: failed jobs
+//!   do not come back together), through a sorted set of delayed entries
+//!   moved back atomically when due; after `max_attempts` failures the entry
+//!   goes to a dead-letter stream with its last error.
+//! - **Poison jobs.** An entry delivered more than `max_deliveries` times
+//!   without an acknowledgement (a job that kills its worker) is a dead
+//!   letter, whichever way it comes back: reclaimed from another worker or
+//!   re-read from the worker's own pending list after a restart under a
+//!   stable name. Entries of an unknown type or an undecodable payload go
+//!   there too: nothing is dropped silently.
 //!
 //! Delivery is at least once: a handler may see a job again after a crash.
 //! Each job carries an idempotency key ([`JobContext::key`]) that stays the
@@ -111,14 +128,14 @@ pub struct DurableConfig {
     pub backoff: Duration,
     /// How long a read waits for new entries.
     pub block: Duration,
-    /// Entries read at once.
+    /// Delayed retries moved back onto the stream at once.
     pub batch: usize,
 }
 
 impl DurableConfig {
     /// Defaults for `stream`: group `gratify`, a fresh consumer name,
-    /// visibility 30 s, 5 attempts, 10 deliveries, backoff 1 s, reads
-    /// blocking 1 s for up to 16 entries.
+    /// visibility 30 s (renewed every 10 s while a job runs), 5 attempts,
+    /// 10 deliveries, backoff up to 1 s doubling, reads blocking 1 s.
     pub fn new(stream: impl Into<String>) -> Self {
         Self {
             stream: stream.into(),
@@ -228,9 +245,11 @@ pub struct JobContext {
 }
 
 /// A handle to enqueue jobs and make workers. Cloning shares the
-/// connection.
+/// connection (never used for a blocking command: each worker reads on its
+/// own).
 #[derive(Clone)]
 pub struct DurableQueue {
+    client: redis::Client,
     conn: ConnectionManager,
     config: Arc<DurableConfig>,
 }
@@ -241,6 +260,47 @@ impl fmt::Debug for DurableQueue {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// Renews this consumer's claim on an entry if it still owns it: 1, or 0
+/// when the lease was lost. KEYS: stream; ARGV: group, consumer, id.
+const RENEW: &str = r"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+";
+
+/// Finishes an entry if this consumer still owns it: schedules a retry or
+/// dead-letters as asked, then acknowledges and deletes it; 1, or 0 when the
+/// lease was lost (nothing is done). KEYS: stream, delayed set, dead stream;
+/// ARGV: group, consumer, id, action (`ack`, `retry`, `dead`), then for a
+/// retry its member and due time, for a dead letter type, payload, key,
+/// attempt and error.
+const FINISH: &str = r"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+if ARGV[4] == 'retry' then
+  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
+elseif ARGV[4] == 'dead' then
+  redis.call('XADD', KEYS[3], '*', 'type', ARGV[5], 'payload', ARGV[6], 'key', ARGV[7],
+    'attempt', ARGV[8], 'error', ARGV[9], 'entry', ARGV[3])
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+";
+
+/// A uniform draw in `[0, 1)` for backoff jitter (not for secrets).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Moves due delayed entries back onto the stream, atomically.
@@ -273,10 +333,11 @@ impl DurableQueue {
         config: DurableConfig,
     ) -> Result<Self, DurableError> {
         let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.block + Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
             .set_connection_timeout(Some(Duration::from_secs(2)));
-        let conn = ConnectionManager::new_with_config(client, manager_config).await?;
+        let conn = ConnectionManager::new_with_config(client.clone(), manager_config).await?;
         let queue = Self {
+            client,
             conn,
             config: Arc::new(config),
         };
@@ -396,6 +457,7 @@ struct Counters {
     dead: AtomicU64,
     reclaimed: AtomicU64,
     redis_errors: AtomicU64,
+    lost_leases: AtomicU64,
 }
 
 /// What a worker did, returned by [`Worker::run`].
@@ -412,6 +474,9 @@ pub struct WorkerReport {
     pub reclaimed: u64,
     /// Redis errors survived (the worker waits and goes on).
     pub redis_errors: u64,
+    /// Jobs this worker ran but could not finish because its lease had
+    /// passed to another worker (which runs the job again).
+    pub lost_leases: u64,
 }
 
 /// Runs registered handlers on the queue's entries; see the
@@ -483,15 +548,15 @@ impl Worker {
             dead: c.dead.load(Ordering::Relaxed),
             reclaimed: c.reclaimed.load(Ordering::Relaxed),
             redis_errors: c.redis_errors.load(Ordering::Relaxed),
+            lost_leases: c.lost_leases.load(Ordering::Relaxed),
         }
     }
 
     /// Works until `shutdown` completes: its own pending entries first,
-    /// then reclaimed and new ones. A job in progress when `shutdown`
-    /// completes is finished and acknowledged; the rest of the batch in
-    /// hand stays pending for this consumer name (read first on the next
-    /// start) or for another worker after the visibility timeout. Redis
-    /// errors are logged and survived: the worker waits and reconnects.
+    /// then reclaimed and new ones, one at a time. A job in progress when
+    /// `shutdown` completes is finished and acknowledged; nothing else is
+    /// claimed. Redis errors are logged and survived: the worker waits and
+    /// reconnects.
     ///
     /// Dropping the returned future instead is a crash: the job in
     /// progress is aborted and stays pending for redelivery.
@@ -500,7 +565,33 @@ impl Worker {
         let mut stopping = false;
         let mut own_pending = true;
         let mut pause = Duration::from_millis(50);
-        let mut conn = self.queue.conn.clone();
+        // Blocking reads on a connection of this worker's own.
+        let mut conn = loop {
+            let manager_config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(self.queue.config.block + Duration::from_secs(2)))
+                .set_connection_timeout(Some(Duration::from_secs(2)));
+            let connecting =
+                ConnectionManager::new_with_config(self.queue.client.clone(), manager_config);
+            let connected = tokio::select! {
+                biased;
+                () = &mut shutdown => return self.report(),
+                c = connecting => c,
+            };
+            match connected {
+                Ok(c) => break c,
+                Err(e) => {
+                    self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "durable worker: cannot connect; retrying");
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => return self.report(),
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        pause = Duration::from_millis(50);
         'work: while !stopping {
             let fetched = tokio::select! {
                 biased;
@@ -563,9 +654,14 @@ impl Worker {
             .invoke_async(conn)
             .await?;
         if *own_pending {
-            let entries = self.read(conn, "0", None).await?;
+            let mut entries = self.read(conn, "0", None).await?;
             if entries.is_empty() {
                 *own_pending = false;
+            }
+            // Re-read after a restart: it may be a job that kills its
+            // worker, so it counts its deliveries too.
+            for (entry, delivered) in &mut entries {
+                *delivered = self.deliveries(conn, &entry.id).await?;
             }
             return Ok(entries);
         }
@@ -584,9 +680,10 @@ impl Worker {
         block: Option<Duration>,
     ) -> Result<Vec<(StreamId, Option<usize>)>, DurableError> {
         let config = &self.queue.config;
+        // One at a time: a worker claims what it can start now.
         let mut options = StreamReadOptions::default()
             .group(&config.group, &config.consumer)
-            .count(config.batch);
+            .count(1);
         if let Some(block) = block {
             options = options.block(usize::try_from(block.as_millis()).unwrap_or(usize::MAX));
         }
@@ -615,20 +712,30 @@ impl Worker {
                 &config.consumer,
                 u64::try_from(config.visibility.as_millis()).unwrap_or(u64::MAX),
                 "0-0",
-                StreamAutoClaimOptions::default().count(config.batch),
+                StreamAutoClaimOptions::default().count(1),
             )
             .await?;
         let mut out = Vec::with_capacity(reply.claimed.len());
         for entry in reply.claimed {
             self.stats.reclaimed.fetch_add(1, Ordering::Relaxed);
             super::count("gratify_durable_reclaimed_total");
-            let pending: redis::streams::StreamPendingCountReply = conn
-                .xpending_count(&config.stream, &config.group, &entry.id, &entry.id, 1)
-                .await?;
-            let delivered = pending.ids.first().map(|p| p.times_delivered);
+            let delivered = self.deliveries(conn, &entry.id).await?;
             out.push((entry, delivered));
         }
         Ok(out)
+    }
+
+    /// How many times an entry pending for the group was delivered.
+    async fn deliveries(
+        &self,
+        conn: &mut ConnectionManager,
+        id: &str,
+    ) -> Result<Option<usize>, DurableError> {
+        let config = &self.queue.config;
+        let pending: redis::streams::StreamPendingCountReply = conn
+            .xpending_count(&config.stream, &config.group, id, id, 1)
+            .await?;
+        Ok(pending.ids.first().map(|p| p.times_delivered))
     }
 
     async fn handle(
@@ -662,59 +769,106 @@ impl Worker {
             };
             match handler(&payload, ctx) {
                 // Its own task: a panicking handler is a failed attempt.
-                Ok(fut) => match AbortOnDrop(tokio::spawn(fut)).join().await {
-                    Ok(Ok(())) => Outcome::Done,
-                    Ok(Err(e)) => Outcome::Failed(e.to_string()),
-                    Err(e) => Outcome::Failed(format!("handler panicked: {e}")),
-                },
+                // The lease is renewed while it runs.
+                Ok(fut) => {
+                    let job = AbortOnDrop(tokio::spawn(fut));
+                    let renewing = self.renew_while(&entry.id);
+                    let joined = tokio::select! {
+                        joined = job.join() => joined,
+                        () = renewing => unreachable!("renewing never ends"),
+                    };
+                    match joined {
+                        Ok(Ok(())) => Outcome::Done,
+                        Ok(Err(e)) => Outcome::Failed(e.to_string()),
+                        Err(e) => Outcome::Failed(format!("handler panicked: {e}")),
+                    }
+                }
                 Err(e) => Outcome::Undecodable(format!("undecodable payload: {e}")),
             }
         } else {
             Outcome::Undecodable(format!("no handler registered for job type {kind:?}"))
         };
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        match &outcome {
+        let script = redis::Script::new(FINISH);
+        let mut finish = script.prepare_invoke();
+        finish
+            .key(&config.stream)
+            .key(config.delayed_key())
+            .key(config.dead_key())
+            .arg(&config.group)
+            .arg(&config.consumer)
+            .arg(&entry.id);
+        let counter = match &outcome {
             Outcome::Done => {
-                self.stats.done.fetch_add(1, Ordering::Relaxed);
-                super::count("gratify_durable_done_total");
+                finish.arg("ack");
+                ("gratify_durable_done_total", &self.stats.done)
             }
             Outcome::Failed(error) if attempt < config.max_attempts => {
-                self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                super::count("gratify_durable_retried_total");
                 tracing::debug!(job = %kind, key = %key, attempt, error = %error, "durable job failed; will retry");
-                let backoff = super::retry_delay(config.backoff, attempt);
+                // Full jitter: anywhere up to the doubling ceiling.
+                let ceiling = super::retry_delay(config.backoff, attempt);
+                let backoff = ceiling.mul_f64(jitter());
                 let due = now_ms().saturating_add(u64::try_from(backoff.as_millis()).unwrap_or(0));
                 let member = serde_json::json!({
                     "type": kind, "payload": payload, "key": key,
                     "attempt": attempt + 1, "error": error,
                 })
                 .to_string();
-                pipe.zadd(config.delayed_key(), member, due).ignore();
+                finish.arg("retry").arg(member).arg(due);
+                ("gratify_durable_retried_total", &self.stats.retried)
             }
             Outcome::Failed(error) | Outcome::Undecodable(error) => {
-                self.stats.dead.fetch_add(1, Ordering::Relaxed);
-                super::count("gratify_durable_dead_total");
                 tracing::warn!(job = %kind, key = %key, attempt, error = %error, "durable job is a dead letter");
-                pipe.xadd(
-                    config.dead_key(),
-                    "*",
-                    &[
-                        ("type", kind.as_str()),
-                        ("payload", payload.as_str()),
-                        ("key", key.as_str()),
-                        ("attempt", attempt.to_string().as_str()),
-                        ("error", error.as_str()),
-                        ("entry", entry.id.as_str()),
-                    ],
-                )
-                .ignore();
+                finish
+                    .arg("dead")
+                    .arg(&kind)
+                    .arg(&payload)
+                    .arg(&key)
+                    .arg(attempt.to_string())
+                    .arg(error);
+                ("gratify_durable_dead_total", &self.stats.dead)
+            }
+        };
+        let finished: i64 = finish.invoke_async(conn).await?;
+        if finished == 1 {
+            counter.1.fetch_add(1, Ordering::Relaxed);
+            super::count(counter.0);
+        } else {
+            // Another worker holds the entry now and runs it again.
+            self.stats.lost_leases.fetch_add(1, Ordering::Relaxed);
+            super::count("gratify_durable_lost_leases_total");
+            tracing::warn!(job = %kind, key = %key, entry = %entry.id, "durable job's lease was lost before it finished; its new holder runs it again");
+        }
+        Ok(())
+    }
+
+    /// Renews this worker's lease on `id` every third of the visibility
+    /// timeout, for as long as it is polled (on the queue's shared
+    /// connection: a renewal never waits behind this worker's own blocking
+    /// read). A lost lease or a failed renewal is logged; finishing checks
+    /// ownership anyway.
+    async fn renew_while(&self, id: &str) {
+        let config = &self.queue.config;
+        let every = (config.visibility / 3).max(Duration::from_millis(1));
+        let mut conn = self.queue.conn.clone();
+        loop {
+            tokio::time::sleep(every).await;
+            let renewed: Result<i64, RedisError> = redis::Script::new(RENEW)
+                .key(&config.stream)
+                .arg(&config.group)
+                .arg(&config.consumer)
+                .arg(id)
+                .invoke_async(&mut conn)
+                .await;
+            match renewed {
+                Ok(1) => {}
+                Ok(_) => {
+                    tracing::warn!(entry = %id, "durable job's lease is held by another worker");
+                }
+                Err(e) => {
+                    self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(entry = %id, error = %e, "durable job's lease could not be renewed");
+                }
             }
         }
-        pipe.xack(&config.stream, &config.group, &[&entry.id])
-            .ignore();
-        pipe.xdel(&config.stream, &[&entry.id]).ignore();
-        let () = pipe.query_async(conn).await?;
-        Ok(())
     }
 }
