@@ -621,3 +621,91 @@ async fn retries_that_fail_together_come_back_spread_out() {
         - times.iter().cloned().fold(f64::MAX, f64::min);
     assert!(spread > 600_000.0, "spread over {spread} ms only");
 }
+
+/// The idempotency pattern keeps at-least-once: a send that fails after the
+/// effect was claimed is retried (the claim is released), a send recorded
+/// done is not repeated when the attempt then fails, and a claim left by a
+/// dead worker expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_effects_are_retried_after_failures_and_done_once() {
+    use gratify::offload::durable::Effect;
+    let server = Server::start();
+    let config = DurableConfig::new("effects")
+        .backoff(Duration::from_millis(20))
+        .block(Duration::from_millis(20));
+    let queue = DurableQueue::connect(server.client(), config)
+        .await
+        .unwrap();
+    // Order 1: the send fails on the first attempt. Order 2: the send
+    // succeeds and is recorded, then the attempt fails anyway.
+    queue.enqueue(&Email { order: 1 }).await.unwrap();
+    queue.enqueue(&Email { order: 2 }).await.unwrap();
+    let sent = Seen::default();
+    let attempts = Seen::default();
+    let mut worker = queue.worker();
+    let (q, s, a) = (queue.clone(), Arc::clone(&sent), Arc::clone(&attempts));
+    worker.register(move |job: Email, ctx| {
+        let (q, s, a) = (q.clone(), Arc::clone(&s), Arc::clone(&a));
+        async move {
+            let attempt = {
+                let mut a = a.lock().unwrap();
+                let n = a.entry(job.order).or_default();
+                *n += 1;
+                *n
+            };
+            match q.claim_effect(&ctx.key, Duration::from_secs(60)).await? {
+                Effect::Claimed(claim) => {
+                    if job.order == 1 && attempt == 1 {
+                        claim.release().await?;
+                        return Err::<(), BoxError>("smtp down".into());
+                    }
+                    *s.lock().unwrap().entry(job.order).or_default() += 1;
+                    assert!(claim.done("sent", Duration::from_secs(600)).await?);
+                    if job.order == 2 && attempt == 1 {
+                        return Err("the worker stumbled after sending".into());
+                    }
+                    Ok(())
+                }
+                Effect::Done(result) => {
+                    assert_eq!(result, "sent");
+                    Ok(())
+                }
+                _ => Err("in progress elsewhere".into()),
+            }
+        }
+    });
+    let report = worker
+        .run(tokio::time::sleep(Duration::from_millis(1500)))
+        .await;
+    assert_eq!(report.done, 2, "{report:?}");
+    assert_eq!(
+        *sent.lock().unwrap(),
+        HashMap::from([(1, 1), (2, 1)]),
+        "each sent once"
+    );
+    assert_eq!(*attempts.lock().unwrap(), HashMap::from([(1, 2), (2, 2)]));
+    // A claim whose holder died expires with its lease.
+    match queue
+        .claim_effect("orphan", Duration::from_millis(100))
+        .await
+        .unwrap()
+    {
+        Effect::Claimed(claim) => drop(claim),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        queue
+            .claim_effect("orphan", Duration::from_secs(1))
+            .await
+            .unwrap(),
+        Effect::InProgress
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(matches!(
+        queue
+            .claim_effect("orphan", Duration::from_secs(1))
+            .await
+            .unwrap(),
+        Effect::Claimed(_)
+    ));
+}

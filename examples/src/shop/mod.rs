@@ -255,7 +255,31 @@ impl Shop {
         };
         let mut worker = queue.worker();
         let db = self.db.clone();
-        worker.register(move |job: SendConfirmation, _| send(db.clone(), job.order, job.email));
+        let q = queue.clone();
+        worker.register(move |job: SendConfirmation, ctx| {
+            let (db, q) = (db.clone(), q.clone());
+            async move {
+                use gratify::offload::durable::Effect;
+                // Recorded only once sent; released if the send fails, so
+                // the retry sends. (The outbox row is keyed by order too:
+                // a send whose record was lost with its worker is counted,
+                // not doubled.)
+                match q.claim_effect(&ctx.key, Duration::from_secs(60)).await? {
+                    Effect::Claimed(claim) => match send(db, job.order, job.email).await {
+                        Ok(()) => {
+                            claim.done("sent", Duration::from_secs(7 * 86_400)).await?;
+                            Ok(())
+                        }
+                        Err(e) => {
+                            claim.release().await?;
+                            Err(e)
+                        }
+                    },
+                    Effect::Done(_) => Ok(()),
+                    _ => Err("the confirmation is being sent by another attempt".into()),
+                }
+            }
+        });
         worker.run(shutdown).await
     }
 

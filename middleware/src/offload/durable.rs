@@ -32,8 +32,20 @@
 //!
 //! Delivery is at least once: a handler may see a job again after a crash.
 //! Each job carries an idempotency key ([`JobContext::key`]) that stays the
-//! same across retries, and [`DurableQueue::first_time`] de-duplicates side
-//! effects with `SET NX` and a time to live.
+//! same across retries. Guard a side effect with
+//! [`DurableQueue::claim_effect`]: a completion record written only after
+//! the effect succeeded, and a short lease while it is in progress.
+//!
+//! | what happens | with `claim_effect` |
+//! |---|---|
+//! | the handler fails before or during the effect | the claim is released; the retry does the effect |
+//! | the worker dies before or during the effect | the lease expires; the retry does the effect |
+//! | the effect succeeded and `done` was recorded, then the worker dies before the acknowledgement | the redelivery finds the record and skips the effect |
+//! | the effect succeeded, then the worker dies before `done` | **the retry does the effect again**: no queue can tell an effect that happened from one that did not once the process is gone. Make the effect idempotent where it happens — pass [`JobContext::key`] as the provider's idempotency key (a payment API's `Idempotency-Key`, an e-mail's `Message-ID`, a unique row in your database) |
+//!
+//! (Its predecessor, [`DurableQueue::first_time`], marks the key *before*
+//! the effect: a failed effect is then never retried. It remains for
+//! effects that must never run twice even at the cost of not running.)
 //!
 //! Durability is Redis's: run it with the append-only file on
 //! (`appendonly yes`) for queued jobs to survive a Redis restart.
@@ -50,7 +62,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use gratify::offload::durable::{DurableConfig, DurableJob, DurableQueue};
+//! use gratify::offload::durable::{DurableConfig, DurableJob, DurableQueue, Effect};
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Serialize, Deserialize)]
@@ -70,8 +82,15 @@
 //! worker.register(move |job: SendConfirmation, ctx| {
 //!     let q = q.clone();
 //!     async move {
-//!         if q.first_time(&ctx.key, Duration::from_secs(86_400)).await? {
-//!             println!("mail for order {}", job.order);
+//!         match q.claim_effect(&ctx.key, Duration::from_secs(60)).await? {
+//!             Effect::Claimed(claim) => {
+//!                 // The provider de-duplicates by the key too.
+//!                 println!("mail for order {} (Message-ID {})", job.order, ctx.key);
+//!                 claim.done("sent", Duration::from_secs(86_400)).await?;
+//!             }
+//!             Effect::Done(_) => {}
+//!             Effect::InProgress => return Err("being sent by another attempt".into()),
+//!             _ => {}
 //!         }
 //!         Ok(())
 //!     }
@@ -303,6 +322,95 @@ fn jitter() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Claims an effect: `{1, ""}` claimed, `{2, result}` done, `{3, ""}` in
+/// progress elsewhere. KEYS: the effect's key; ARGV: token, lease (ms).
+const CLAIM_EFFECT: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], 'claim:' .. ARGV[1], 'PX', ARGV[2])
+  return {1, ''}
+end
+if string.sub(v, 1, 5) == 'done:' then return {2, string.sub(v, 6)} end
+return {3, ''}
+";
+
+/// Records an effect done, if the claim is still this one's: 1, else 0.
+/// KEYS: the effect's key; ARGV: token, result, how long to keep it (ms).
+const EFFECT_DONE: &str = r"
+if redis.call('GET', KEYS[1]) ~= 'claim:' .. ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], 'done:' .. ARGV[2], 'PX', ARGV[3])
+return 1
+";
+
+/// Releases a claim, if it is still this one's. KEYS: the effect's key;
+/// ARGV: token.
+const EFFECT_RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == 'claim:' .. ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+";
+
+/// What [`DurableQueue::claim_effect`] found.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Effect {
+    /// Nobody has done it and nobody is doing it: it is yours to do until
+    /// the lease ends.
+    Claimed(EffectClaim),
+    /// It was done; the result recorded with it.
+    Done(String),
+    /// Another attempt holds a claim that has not expired.
+    InProgress,
+}
+
+/// A claim on a side effect: record it [`done`](Self::done) after the
+/// effect succeeded, or [`release`](Self::release) it when the effect
+/// failed (so that a retry does it). Dropped without either, the claim
+/// lasts until its lease ends.
+#[derive(Debug)]
+pub struct EffectClaim {
+    queue: DurableQueue,
+    key: String,
+    token: String,
+}
+
+impl EffectClaim {
+    /// Records the effect done with `result` (kept for `keep`): later
+    /// attempts get [`Effect::Done`]. `false` if the claim had expired
+    /// meanwhile (another attempt may have done the effect too: the
+    /// provider's idempotency key is what prevents a double).
+    ///
+    /// # Errors
+    ///
+    /// When Redis refuses (the effect is done but not recorded: a retry will
+    /// do it again).
+    pub async fn done(self, result: &str, keep: Duration) -> Result<bool, DurableError> {
+        let mut conn = self.queue.conn.clone();
+        let recorded: i64 = redis::Script::new(EFFECT_DONE)
+            .key(&self.key)
+            .arg(&self.token)
+            .arg(result)
+            .arg(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(recorded == 1)
+    }
+
+    /// Gives the claim up: the effect was not done, and a retry may do it.
+    ///
+    /// # Errors
+    ///
+    /// When Redis refuses (the claim then lasts until its lease ends).
+    pub async fn release(self) -> Result<(), DurableError> {
+        let mut conn = self.queue.conn.clone();
+        let _: i64 = redis::Script::new(EFFECT_RELEASE)
+            .key(&self.key)
+            .arg(&self.token)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+}
+
 /// Moves due delayed entries back onto the stream, atomically.
 const PROMOTE: &str = r"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
@@ -387,8 +495,10 @@ impl DurableQueue {
         Ok(key)
     }
 
-    /// `true` the first time `key` is seen within `ttl`: guard a side
-    /// effect with it to make an at-least-once handler effectively once.
+    /// `true` the first time `key` is seen within `ttl`. It marks the key
+    /// before the effect: if the effect then fails, a retry finds the mark
+    /// and skips it — at most once, not at least once. Prefer
+    /// [`claim_effect`](Self::claim_effect).
     ///
     /// # Errors
     ///
@@ -404,6 +514,41 @@ impl DurableQueue {
             .query_async(&mut conn)
             .await?;
         Ok(set.is_some())
+    }
+
+    /// Claims the side effect named `key` (use [`JobContext::key`]) for
+    /// `lease`: [`Effect::Claimed`] if nobody has done it and nobody is doing
+    /// it — do it, then [`EffectClaim::done`]; [`Effect::Done`] with the
+    /// recorded result if it was done; [`Effect::InProgress`] if another
+    /// attempt holds a claim that has not expired (fail the attempt: the
+    /// job is retried later). See the [module docs](self) for the failure
+    /// cases.
+    ///
+    /// # Errors
+    ///
+    /// When Redis refuses.
+    pub async fn claim_effect(&self, key: &str, lease: Duration) -> Result<Effect, DurableError> {
+        let token = fresh_name("claim");
+        let mut conn = self.conn.clone();
+        let reply: (i64, String) = redis::Script::new(CLAIM_EFFECT)
+            .key(self.effect_key(key))
+            .arg(&token)
+            .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match reply.0 {
+            1 => Effect::Claimed(EffectClaim {
+                queue: self.clone(),
+                key: self.effect_key(key),
+                token,
+            }),
+            2 => Effect::Done(reply.1),
+            _ => Effect::InProgress,
+        })
+    }
+
+    fn effect_key(&self, key: &str) -> String {
+        format!("{}:effect:{key}", self.config.stream)
     }
 
     /// Entries in the dead-letter stream.
