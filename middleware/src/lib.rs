@@ -14,10 +14,19 @@
 //! - [`scaling`] (`gratify-scaling`): adaptive limits, admission and replica
 //!   advice.
 //!
-//! [`compression`] (features `compression-gzip`, `-deflate`, `-br`, `-zstd`,
-//! `-full`) compresses responses at a level chosen by the cost of CPU now.
-//! Offloading and the `Stack` that wires every layer to one model land here
-//! next.
+//! Its own layers:
+//!
+//! - [`compression`] (features `compression-gzip`, `-deflate`, `-br`,
+//!   `-zstd`, `-full`) compresses responses at a level chosen by the cost of
+//!   CPU now;
+//! - [`offload`]: a bounded CPU pool ordered by the cost of delay, deferred
+//!   work that runs when resources are cheap, and (feature `redis`) durable
+//!   deferred work;
+//! - [`stack`]: one configuration file and one layer that wire
+//!   classification, caching, admission, compression and offloading to one
+//!   model;
+//! - [`admin`]: what a `Stack` is doing, as JSON, Prometheus text and a live
+//!   dashboard.
 //!
 //! # Example
 //!

@@ -11,13 +11,12 @@
 //! [`gratify_core::LoadSignal`].
 //!
 //! - [`limit`]: [`AdaptiveLimitLayer`](limit::AdaptiveLimitLayer), its
-//!   algorithms and the value-based admission (the guide is `docs/limiter.md`
-//!   in the repository);
-//! - `sim` (feature `sim`): the deterministic overload simulator.
+//!   algorithms and the value-based admission;
+//! - [`advisor`]: how many replicas to run for the traffic and the prices;
+//! - `sim` (feature `sim`): the deterministic overload simulator and its
+//!   library of scenarios.
 //!
-//! Status: the limiter is here; the replica advisor and the simulator land
-//! under their own issues. The queueing maths they use is in
-//! [`gratify_core::queueing`].
+//! The queueing maths they use is in [`gratify_core::queueing`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod advisor;
