@@ -257,7 +257,9 @@ impl Shared {
     fn count(&self, detail: &str) {
         // Recorded on the request's span if it declares `cache` (as
         // `gratify::Stack`'s does).
-        tracing::Span::current().record("cache", detail);
+        if tracing::dispatcher::has_been_set() {
+            tracing::Span::current().record("cache", detail);
+        }
         let (result, slot) = if detail.starts_with("hit") {
             ("hit", 0)
         } else if detail.contains("fwd=stale") {

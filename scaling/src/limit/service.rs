@@ -85,26 +85,32 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         // Recorded on the request's span, if it declares the fields (as
-        // `gratify::Stack`'s does); a no-op otherwise.
-        let span = tracing::Span::current();
+        // `gratify::Stack`'s does); not even looked up when no subscriber
+        // was ever set.
+        let span = tracing::dispatcher::has_been_set().then(tracing::Span::current);
+        let record = |field: &str, value: &str| {
+            if let Some(span) = &span {
+                span.record(field, value);
+            }
+        };
         let class = self.classify.classify(&request);
         match self.limiter.acquire(class) {
             Acquire::Admitted(permit) => {
-                span.record("admission", "admitted");
+                record("admission", "admitted");
                 let permit = permit.held_by(self.classify.slot_hold(&request));
                 let future = self.inner.call(request);
                 ResponseFuture::called(future, permit, self.hold_body)
             }
             Acquire::Queued(ticket) => {
-                span.record("admission", "queued");
+                record("admission", "queued");
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
                 let hold = self.classify.slot_hold(&request);
                 ResponseFuture::waiting(ticket, ready, request, hold, self.hold_body)
             }
             Acquire::Refused(refusal) => {
-                span.record("admission", "shed");
-                span.record("shed_reason", refusal.reason().as_str());
+                record("admission", "shed");
+                record("shed_reason", refusal.reason().as_str());
                 ResponseFuture::refused(refusal)
             }
         }
