@@ -276,7 +276,10 @@ impl Shop {
                         }
                     },
                     Effect::Done(_) => Ok(()),
-                    _ => Err("the confirmation is being sent by another attempt".into()),
+                    // Being sent by another attempt: tried again when its
+                    // claim ends, no attempt counted.
+                    Effect::InProgress(later) => Err(later.into()),
+                    _ => Err("the confirmation is in an unknown state".into()),
                 }
             }
         });
@@ -321,7 +324,12 @@ impl Shop {
             };
             let queued = tokio::runtime::Handle::try_current()
                 .map_err(|e| e.to_string())
-                .and_then(|rt| rt.block_on(queue.enqueue(&job)).map_err(|e| e.to_string()));
+                .and_then(|rt| {
+                    // Keyed by order: a copy queued again after a restart,
+                    // or after an enqueue that timed out, is sent once.
+                    rt.block_on(queue.enqueue_with_key(&job, &format!("confirm-{order}")))
+                        .map_err(|e| e.to_string())
+                });
             return match queued {
                 Ok(_) => Ok(()),
                 Err(e) => {

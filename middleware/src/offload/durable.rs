@@ -89,7 +89,8 @@
 //!                 claim.done("sent", Duration::from_secs(86_400)).await?;
 //!             }
 //!             Effect::Done(_) => {}
-//!             Effect::InProgress => return Err("being sent by another attempt".into()),
+//!             // Tried again when the other attempt's claim ends.
+//!             Effect::InProgress(later) => return Err(later.into()),
 //!             _ => {}
 //!         }
 //!         Ok(())
@@ -135,8 +136,10 @@ pub struct DurableConfig {
     pub group: String,
     /// This worker's consumer name, unique among live workers.
     pub consumer: String,
-    /// How long an entry may stay unacknowledged by a silent consumer
-    /// before another reclaims it. Longer than the slowest job.
+    /// How long an entry may stay unacknowledged by a consumer that has
+    /// stopped renewing its lease before another reclaims it: how fast a
+    /// dead worker's job is picked up again. A running job's lease is
+    /// renewed every third of it, so it need not exceed the slowest job.
     pub visibility: Duration,
     /// Failed attempts before an entry is a dead letter.
     pub max_attempts: u32,
@@ -149,6 +152,15 @@ pub struct DurableConfig {
     pub block: Duration,
     /// Delayed retries moved back onto the stream at once.
     pub batch: usize,
+    /// The longest a handler may run: past it the job is aborted and the
+    /// attempt counts as failed (a handler waiting for ever on a downstream
+    /// would otherwise hold its lease, its worker and shutdown for ever).
+    pub job_timeout: Duration,
+    /// How long an entry of a type this worker has no handler for (or whose
+    /// payload it cannot decode) is set aside for another worker — a
+    /// replica of a newer version during a rolling deploy — before it is a
+    /// dead letter. No attempt is counted meanwhile.
+    pub unknown_grace: Duration,
 }
 
 impl DurableConfig {
@@ -166,7 +178,38 @@ impl DurableConfig {
             backoff: Duration::from_secs(1),
             block: Duration::from_secs(1),
             batch: 16,
+            job_timeout: Duration::from_secs(300),
+            unknown_grace: Duration::from_secs(900),
         }
+    }
+
+    /// The settings with every bound the setters keep (the fields are
+    /// public, so a value may bypass them).
+    fn sanitised(mut self) -> Self {
+        self.visibility = self.visibility.max(Duration::from_millis(1));
+        self.block = self
+            .block
+            .clamp(Duration::from_millis(1), Duration::from_secs(3600));
+        self.batch = self.batch.max(1);
+        self.max_attempts = self.max_attempts.max(1);
+        self.max_deliveries = self.max_deliveries.max(1);
+        self.job_timeout = self.job_timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets the longest a handler may run.
+    #[must_use]
+    pub fn job_timeout(mut self, d: Duration) -> Self {
+        self.job_timeout = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets how long entries of unknown types are set aside before they
+    /// are dead letters.
+    #[must_use]
+    pub fn unknown_grace(mut self, d: Duration) -> Self {
+        self.unknown_grace = d;
+        self
     }
 
     /// Sets the consumer group.
@@ -271,6 +314,8 @@ pub struct DurableQueue {
     client: redis::Client,
     conn: ConnectionManager,
     config: Arc<DurableConfig>,
+    /// Workers made so far: each gets its own consumer name.
+    workers: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for DurableQueue {
@@ -281,29 +326,35 @@ impl fmt::Debug for DurableQueue {
     }
 }
 
-/// Renews this consumer's claim on an entry if it still owns it: 1, or 0
-/// when the lease was lost. KEYS: stream; ARGV: group, consumer, id.
+/// Renews this consumer's claim on an entry if it still holds this
+/// delivery of it (the owner and the delivery count it claimed it with —
+/// `XCLAIM … JUSTID` does not count a delivery, so the count fences off an
+/// earlier delivery of the same entry): 1, or 0 when the lease was lost.
+/// KEYS: stream; ARGV: group, consumer, id, delivery count.
 const RENEW: &str = r"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+if #p == 0 or p[1][2] ~= ARGV[2] or tonumber(p[1][4]) ~= tonumber(ARGV[4]) then return 0 end
 redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 return 1
 ";
 
-/// Finishes an entry if this consumer still owns it: schedules a retry or
-/// dead-letters as asked, then acknowledges and deletes it; 1, or 0 when the
-/// lease was lost (nothing is done). KEYS: stream, delayed set, dead stream;
-/// ARGV: group, consumer, id, action (`ack`, `retry`, `dead`), then for a
-/// retry its member and due time, for a dead letter type, payload, key,
-/// attempt and error.
+/// Finishes an entry if this consumer still holds this delivery of it:
+/// schedules a retry or dead-letters as asked, then acknowledges and
+/// deletes it; 1, or 0 when the lease was lost (nothing is done). A retry is
+/// due after its delay by Redis's clock, not a worker's. KEYS: stream,
+/// delayed set, dead stream; ARGV: group, consumer, id, delivery count,
+/// action (`ack`, `retry`, `dead`), then for a retry its member and delay
+/// (ms), for a dead letter type, payload, key, attempt and error.
 const FINISH: &str = r"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
-if ARGV[4] == 'retry' then
-  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
-elseif ARGV[4] == 'dead' then
-  redis.call('XADD', KEYS[3], '*', 'type', ARGV[5], 'payload', ARGV[6], 'key', ARGV[7],
-    'attempt', ARGV[8], 'error', ARGV[9], 'entry', ARGV[3])
+if #p == 0 or p[1][2] ~= ARGV[2] or tonumber(p[1][4]) ~= tonumber(ARGV[4]) then return 0 end
+if ARGV[5] == 'retry' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), ARGV[6])
+elseif ARGV[5] == 'dead' then
+  redis.call('XADD', KEYS[3], '*', 'type', ARGV[6], 'payload', ARGV[7], 'key', ARGV[8],
+    'attempt', ARGV[9], 'error', ARGV[10], 'entry', ARGV[3])
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('XDEL', KEYS[1], ARGV[3])
@@ -322,8 +373,9 @@ fn jitter() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Claims an effect: `{1, ""}` claimed, `{2, result}` done, `{3, ""}` in
-/// progress elsewhere. KEYS: the effect's key; ARGV: token, lease (ms).
+/// Claims an effect: `{1, ""}` claimed, `{2, result}` done, `{3, ms}` in
+/// progress elsewhere for up to `ms` more. KEYS: the effect's key; ARGV:
+/// token, lease (ms).
 const CLAIM_EFFECT: &str = r"
 local v = redis.call('GET', KEYS[1])
 if not v then
@@ -331,13 +383,16 @@ if not v then
   return {1, ''}
 end
 if string.sub(v, 1, 5) == 'done:' then return {2, string.sub(v, 6)} end
-return {3, ''}
+return {3, tostring(redis.call('PTTL', KEYS[1]))}
 ";
 
-/// Records an effect done, if the claim is still this one's: 1, else 0.
-/// KEYS: the effect's key; ARGV: token, result, how long to keep it (ms).
+/// Records an effect done, if the claim is still this one's or has
+/// expired with nobody else holding it: 1, else 0 (another attempt holds
+/// it, or recorded it). KEYS: the effect's key; ARGV: token, result, how
+/// long to keep it (ms).
 const EFFECT_DONE: &str = r"
-if redis.call('GET', KEYS[1]) ~= 'claim:' .. ARGV[1] then return 0 end
+local v = redis.call('GET', KEYS[1])
+if v and v ~= 'claim:' .. ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], 'done:' .. ARGV[2], 'PX', ARGV[3])
 return 1
 ";
@@ -352,15 +407,26 @@ return 1
 /// What [`DurableQueue::claim_effect`] found.
 #[derive(Debug)]
 #[non_exhaustive]
+// One per claim, handled at once: not worth an allocation to shrink.
+#[allow(clippy::large_enum_variant)]
 pub enum Effect {
     /// Nobody has done it and nobody is doing it: it is yours to do until
     /// the lease ends.
     Claimed(EffectClaim),
     /// It was done; the result recorded with it.
     Done(String),
-    /// Another attempt holds a claim that has not expired.
-    InProgress,
+    /// Another attempt holds a claim that has not expired; return the
+    /// [`RetryLater`] it carries as the handler's error, and the job is
+    /// tried again when the claim ends, without counting an attempt.
+    InProgress(RetryLater),
 }
+
+/// A handler's error that asks for the job to be tried again after a
+/// while without counting a failed attempt (an effect another attempt is
+/// still doing, say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("to be retried in {0:?}")]
+pub struct RetryLater(pub Duration);
 
 /// A claim on a side effect: record it [`done`](Self::done) after the
 /// effect succeeded, or [`release`](Self::release) it when the effect
@@ -411,13 +477,16 @@ impl EffectClaim {
     }
 }
 
-/// Moves due delayed entries back onto the stream, atomically.
+/// Moves due delayed entries back onto the stream, atomically, due by
+/// Redis's clock. KEYS: delayed set, stream; ARGV: unused, batch.
 const PROMOTE: &str = r"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, m in ipairs(due) do
   local e = cjson.decode(m)
   redis.call('XADD', KEYS[2], '*', 'type', e.type, 'payload', e.payload, 'key', e.key,
-    'attempt', tostring(e.attempt), 'error', e.error)
+    'attempt', tostring(e.attempt), 'error', e.error, 'enqueued', tostring(e.enqueued or ''))
   redis.call('ZREM', KEYS[1], m)
 end
 return #due
@@ -447,7 +516,8 @@ impl DurableQueue {
         let queue = Self {
             client,
             conn,
-            config: Arc::new(config),
+            config: Arc::new(config.sanitised()),
+            workers: Arc::new(AtomicU64::new(0)),
         };
         queue.ensure_group().await?;
         Ok(queue)
@@ -476,8 +546,26 @@ impl DurableQueue {
     ///
     /// When the job cannot be serialised or Redis refuses.
     pub async fn enqueue<J: DurableJob>(&self, job: &J) -> Result<String, DurableError> {
+        self.enqueue_with_key(job, &fresh_name(J::NAME)).await
+    }
+
+    /// Queues `job` under an idempotency key of the caller's choosing (an
+    /// order's `confirm-42`): a second copy of the same job — re-queued after
+    /// a restart, or queued again because an enqueue timed out after Redis
+    /// had taken it — shares its key, so [`claim_effect`](Self::claim_effect)
+    /// does its effect once. Returns the key.
+    ///
+    /// # Errors
+    ///
+    /// When the job cannot be serialised or Redis refuses.
+    pub async fn enqueue_with_key<J: DurableJob>(
+        &self,
+        job: &J,
+        key: &str,
+    ) -> Result<String, DurableError> {
         let payload = serde_json::to_string(job)?;
-        let key = fresh_name(J::NAME);
+        let key = key.to_owned();
+        let enqueued = now_ms().to_string();
         let mut conn = self.conn.clone();
         let _: String = conn
             .xadd(
@@ -489,6 +577,7 @@ impl DurableQueue {
                     ("key", key.as_str()),
                     ("attempt", "1"),
                     ("error", ""),
+                    ("enqueued", enqueued.as_str()),
                 ],
             )
             .await?;
@@ -520,8 +609,9 @@ impl DurableQueue {
     /// `lease`: [`Effect::Claimed`] if nobody has done it and nobody is doing
     /// it — do it, then [`EffectClaim::done`]; [`Effect::Done`] with the
     /// recorded result if it was done; [`Effect::InProgress`] if another
-    /// attempt holds a claim that has not expired (fail the attempt: the
-    /// job is retried later). See the [module docs](self) for the failure
+    /// attempt holds a claim that has not expired (return its
+    /// [`RetryLater`]: the job is tried again when the claim ends, and no
+    /// attempt is counted). See the [module docs](self) for the failure
     /// cases.
     ///
     /// # Errors
@@ -543,7 +633,9 @@ impl DurableQueue {
                 token,
             }),
             2 => Effect::Done(reply.1),
-            _ => Effect::InProgress,
+            _ => Effect::InProgress(RetryLater(Duration::from_millis(
+                reply.1.parse::<u64>().unwrap_or(1000).max(1),
+            ))),
         })
     }
 
@@ -582,10 +674,21 @@ impl DurableQueue {
         })
     }
 
-    /// A worker reading this queue under its configured consumer name.
+    /// A worker reading this queue. The first worker of this handle reads
+    /// under the configured consumer name, the next ones under
+    /// `<name>-1`, `<name>-2`, … — every live worker needs a name of its own
+    /// (and the same handle in the same order after a restart gets the same
+    /// names back, with their pending entries).
     pub fn worker(&self) -> Worker {
+        let n = self.workers.fetch_add(1, Ordering::Relaxed);
+        let consumer = if n == 0 {
+            self.config.consumer.clone()
+        } else {
+            format!("{}-{n}", self.config.consumer)
+        };
         Worker {
             queue: self.clone(),
+            consumer,
             handlers: HashMap::new(),
             stats: Arc::new(Counters::default()),
         }
@@ -628,6 +731,8 @@ pub struct WorkerReport {
 /// [module docs](self).
 pub struct Worker {
     queue: DurableQueue,
+    /// Its consumer name, its own among live workers.
+    consumer: String,
     handlers: HashMap<&'static str, Handler>,
     stats: Arc<Counters>,
 }
@@ -635,7 +740,7 @@ pub struct Worker {
 impl fmt::Debug for Worker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Worker")
-            .field("consumer", &self.queue.config.consumer)
+            .field("consumer", &self.consumer)
             .field("jobs", &self.handlers.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
@@ -644,10 +749,10 @@ impl fmt::Debug for Worker {
 /// A handler's task, aborted if the worker is dropped mid-job (a worker
 /// cancelled like a crashed one: the entry stays pending for redelivery, and
 /// no handler runs on unsupervised).
-struct AbortOnDrop(tokio::task::JoinHandle<Result<(), BoxError>>);
+struct AbortOnDrop(tokio::task::JoinHandle<Run>);
 
 impl AbortOnDrop {
-    async fn join(mut self) -> Result<Result<(), BoxError>, tokio::task::JoinError> {
+    async fn join(&mut self) -> Result<Run, tokio::task::JoinError> {
         (&mut self.0).await
     }
 }
@@ -658,10 +763,20 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// How a handler's task ended.
+enum Run {
+    Done,
+    Failed(String),
+    Later(Duration),
+    Undecodable(String),
+}
+
 enum Outcome {
     Done,
     Failed(String),
-    Undecodable(String),
+    /// Tried again after the delay, the attempt not counted.
+    Later(Duration, String),
+    Dead(String),
 }
 
 impl Worker {
@@ -684,6 +799,11 @@ impl Worker {
         self
     }
 
+    /// Its consumer name.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
     /// The figures so far.
     pub fn report(&self) -> WorkerReport {
         let c = &self.stats;
@@ -699,21 +819,27 @@ impl Worker {
 
     /// Works until `shutdown` completes: its own pending entries first,
     /// then reclaimed and new ones, one at a time. A job in progress when
-    /// `shutdown` completes is finished and acknowledged; nothing else is
-    /// claimed. Redis errors are logged and survived: the worker waits and
-    /// reconnects.
+    /// `shutdown` completes is finished and acknowledged (or, past
+    /// `job_timeout`, aborted as a failed attempt); nothing else is claimed.
+    /// Redis errors are logged and survived: the worker waits and
+    /// reconnects (and recreates the consumer group if Redis lost it).
     ///
     /// Dropping the returned future instead is a crash: the job in
     /// progress is aborted and stays pending for redelivery.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> WorkerReport {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut stopping = false;
         let mut own_pending = true;
+        let mut cursor = String::from("0-0");
         let mut pause = Duration::from_millis(50);
         // Blocking reads on a connection of this worker's own.
         let mut conn = loop {
             let manager_config = ConnectionManagerConfig::new()
-                .set_response_timeout(Some(self.queue.config.block + Duration::from_secs(2)))
+                .set_response_timeout(Some(
+                    self.queue
+                        .config
+                        .block
+                        .saturating_add(Duration::from_secs(2)),
+                ))
                 .set_connection_timeout(Some(Duration::from_secs(2)));
             let connecting =
                 ConnectionManager::new_with_config(self.queue.client.clone(), manager_config);
@@ -737,37 +863,30 @@ impl Worker {
             }
         };
         pause = Duration::from_millis(50);
-        'work: while !stopping {
+        loop {
             let fetched = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                r = self.fetch(&mut conn, &mut own_pending) => r,
+                r = self.fetch(&mut conn, &mut own_pending, &mut cursor) => r,
             };
-            let mut result = fetched.map(|batch| batch.into_iter());
-            if let Ok(batch) = &mut result {
-                for entry in batch {
-                    if let Err(e) = self.handle(&mut conn, entry).await {
-                        result = Err(e);
-                        break;
-                    }
-                    // Stop between jobs once asked; a completed shutdown
-                    // future is never polled again.
-                    stopping = tokio::select! {
-                        biased;
-                        () = &mut shutdown => true,
-                        () = std::future::ready(()) => false,
-                    };
-                    if stopping {
-                        break 'work;
-                    }
-                }
-            }
+            let result = match fetched {
+                Ok(Some(entry)) => self.handle(&mut conn, entry).await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
             match result {
-                Ok(_) => pause = Duration::from_millis(50),
+                Ok(()) => pause = Duration::from_millis(50),
                 Err(e) => {
                     self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
                     super::count("gratify_durable_redis_errors_total");
                     tracing::warn!(error = %e, "durable worker: redis error; retrying");
+                    if let DurableError::Redis(r) = &e
+                        && r.code() == Some("NOGROUP")
+                    {
+                        // Redis lost the group (a restart without
+                        // persistence, a failover): make it again.
+                        let _ = self.queue.ensure_group().await;
+                    }
                     // After a reconnect, read our own pending entries again.
                     own_pending = true;
                     tokio::select! {
@@ -778,44 +897,55 @@ impl Worker {
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
             }
+            // Stop between jobs once asked; a completed shutdown future is
+            // never polled again.
+            let stopping = tokio::select! {
+                biased;
+                () = &mut shutdown => true,
+                () = std::future::ready(()) => false,
+            };
+            if stopping {
+                break;
+            }
         }
         self.report()
     }
 
-    /// Promotes due retries and fetches a batch: own pending entries while
-    /// there are any, then entries reclaimed from silent consumers, then
-    /// new ones (blocking up to `block`).
+    /// Promotes due retries and fetches one entry: its own pending entries
+    /// while there are any, then one reclaimed from a silent consumer, then
+    /// a new one (blocking up to `block`); with how many times it has been
+    /// delivered.
     async fn fetch(
         &self,
         conn: &mut ConnectionManager,
         own_pending: &mut bool,
-    ) -> Result<Vec<(StreamId, Option<usize>)>, DurableError> {
+        cursor: &mut String,
+    ) -> Result<Option<(StreamId, usize)>, DurableError> {
         let config = &self.queue.config;
         let _: u64 = redis::Script::new(PROMOTE)
             .key(config.delayed_key())
             .key(&config.stream)
-            .arg(now_ms())
+            .arg(0)
             .arg(config.batch)
             .invoke_async(conn)
             .await?;
         if *own_pending {
-            let mut entries = self.read(conn, "0", None).await?;
-            if entries.is_empty() {
+            let Some(entry) = self.read(conn, "0", None).await? else {
                 *own_pending = false;
-            }
+                return Ok(None);
+            };
             // Re-read after a restart: it may be a job that kills its
             // worker, so it counts its deliveries too.
-            for (entry, delivered) in &mut entries {
-                *delivered = self.deliveries(conn, &entry.id).await?;
-            }
-            return Ok(entries);
+            let delivered = self.deliveries(conn, &entry.id).await?.unwrap_or(1);
+            return Ok(Some((entry, delivered)));
         }
-        let claimed = self.reclaim(conn).await?;
-        if claimed.is_empty() {
-            self.read(conn, ">", Some(config.block)).await
-        } else {
-            Ok(claimed)
+        if let Some(claimed) = self.reclaim(conn, cursor).await? {
+            return Ok(Some(claimed));
         }
+        Ok(self
+            .read(conn, ">", Some(config.block))
+            .await?
+            .map(|entry| (entry, 1)))
     }
 
     async fn read(
@@ -823,11 +953,11 @@ impl Worker {
         conn: &mut ConnectionManager,
         from: &str,
         block: Option<Duration>,
-    ) -> Result<Vec<(StreamId, Option<usize>)>, DurableError> {
+    ) -> Result<Option<StreamId>, DurableError> {
         let config = &self.queue.config;
         // One at a time: a worker claims what it can start now.
         let mut options = StreamReadOptions::default()
-            .group(&config.group, &config.consumer)
+            .group(&config.group, &self.consumer)
             .count(1);
         if let Some(block) = block {
             options = options.block(usize::try_from(block.as_millis()).unwrap_or(usize::MAX));
@@ -839,35 +969,43 @@ impl Worker {
             .into_iter()
             .flat_map(|r| r.keys)
             .flat_map(|k| k.ids)
-            .map(|id| (id, None))
-            .collect())
+            .next())
     }
 
-    /// Claims entries idle past the visibility timeout, with how many times
-    /// each was delivered.
+    /// Claims one entry idle past the visibility timeout, with how many
+    /// times it was delivered. The scan goes on from where the last one
+    /// stopped (`XAUTOCLAIM` looks at a bounded number of pending entries a
+    /// call), so an old live entry does not hide a newer dead one.
     async fn reclaim(
         &self,
         conn: &mut ConnectionManager,
-    ) -> Result<Vec<(StreamId, Option<usize>)>, DurableError> {
+        cursor: &mut String,
+    ) -> Result<Option<(StreamId, usize)>, DurableError> {
         let config = &self.queue.config;
         let reply: redis::streams::StreamAutoClaimReply = conn
             .xautoclaim_options(
                 &config.stream,
                 &config.group,
-                &config.consumer,
+                &self.consumer,
                 u64::try_from(config.visibility.as_millis()).unwrap_or(u64::MAX),
-                "0-0",
+                cursor.as_str(),
                 StreamAutoClaimOptions::default().count(1),
             )
             .await?;
-        let mut out = Vec::with_capacity(reply.claimed.len());
-        for entry in reply.claimed {
-            self.stats.reclaimed.fetch_add(1, Ordering::Relaxed);
-            super::count("gratify_durable_reclaimed_total");
-            let delivered = self.deliveries(conn, &entry.id).await?;
-            out.push((entry, delivered));
+        *cursor = reply.next_stream_id;
+        if !reply.deleted_ids.is_empty() {
+            tracing::warn!(
+                entries = reply.deleted_ids.len(),
+                "durable worker: pending entries deleted from the stream were dropped from the group"
+            );
         }
-        Ok(out)
+        let Some(entry) = reply.claimed.into_iter().next() else {
+            return Ok(None);
+        };
+        self.stats.reclaimed.fetch_add(1, Ordering::Relaxed);
+        super::count("gratify_durable_reclaimed_total");
+        let delivered = self.deliveries(conn, &entry.id).await?.unwrap_or(1);
+        Ok(Some((entry, delivered)))
     }
 
     /// How many times an entry pending for the group was delivered.
@@ -883,10 +1021,11 @@ impl Worker {
         Ok(pending.ids.first().map(|p| p.times_delivered))
     }
 
+    /// Runs the handler of one entry under its lease, then finishes it.
     async fn handle(
         &self,
         conn: &mut ConnectionManager,
-        (entry, delivered): (StreamId, Option<usize>),
+        (entry, delivered): (StreamId, usize),
     ) -> Result<(), DurableError> {
         let config = &self.queue.config;
         let field = |name: &str| -> String {
@@ -900,11 +1039,32 @@ impl Worker {
         let payload = field("payload");
         let key = field("key");
         let attempt: u32 = field("attempt").parse().unwrap_or(1).max(1);
+        // When it was first queued: its own field, else its entry id's time.
+        let enqueued: u64 = field("enqueued").parse().unwrap_or_else(|_| {
+            entry
+                .id
+                .split('-')
+                .next()
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or(0)
+        });
         let max_deliveries = usize::try_from(config.max_deliveries).unwrap_or(usize::MAX);
-        let outcome = if delivered.is_some_and(|d| d > max_deliveries) {
-            Outcome::Undecodable(format!(
-                "delivered {} times without an acknowledgement",
-                delivered.unwrap_or(0)
+        // Set aside for a worker that knows it, until the grace ends.
+        let unknown = |why: String| {
+            let age = Duration::from_millis(now_ms().saturating_sub(enqueued));
+            if age < config.unknown_grace {
+                Outcome::Later(
+                    (config.unknown_grace / 10)
+                        .clamp(Duration::from_millis(100), Duration::from_secs(30)),
+                    why,
+                )
+            } else {
+                Outcome::Dead(why)
+            }
+        };
+        let outcome = if delivered > max_deliveries {
+            Outcome::Dead(format!(
+                "delivered {delivered} times without an acknowledgement"
             ))
         } else if let Some(handler) = self.handlers.get(kind.as_str()) {
             let ctx = JobContext {
@@ -912,26 +1072,52 @@ impl Worker {
                 attempt,
                 entry: entry.id.clone(),
             };
-            match handler(&payload, ctx) {
-                // Its own task: a panicking handler is a failed attempt.
-                // The lease is renewed while it runs.
-                Ok(fut) => {
-                    let job = AbortOnDrop(tokio::spawn(fut));
-                    let renewing = self.renew_while(&entry.id);
-                    let joined = tokio::select! {
-                        joined = job.join() => joined,
-                        () = renewing => unreachable!("renewing never ends"),
-                    };
-                    match joined {
-                        Ok(Ok(())) => Outcome::Done,
-                        Ok(Err(e)) => Outcome::Failed(e.to_string()),
-                        Err(e) => Outcome::Failed(format!("handler panicked: {e}")),
-                    }
+            let handler = Arc::clone(handler);
+            let body = payload.clone();
+            // Its own task — decoding and the handler's first, synchronous
+            // part included — so a panic anywhere in it is a failed attempt,
+            // not the worker's end. The lease is renewed while it runs, up to
+            // `job_timeout`.
+            let mut job = AbortOnDrop(tokio::spawn(async move {
+                let fut = match handler(&body, ctx) {
+                    Ok(fut) => fut,
+                    Err(e) => return Run::Undecodable(format!("undecodable payload: {e}")),
+                };
+                match fut.await {
+                    Ok(()) => Run::Done,
+                    Err(e) => match e.downcast::<RetryLater>() {
+                        Ok(later) => Run::Later(later.0),
+                        Err(e) => Run::Failed(e.to_string()),
+                    },
                 }
-                Err(e) => Outcome::Undecodable(format!("undecodable payload: {e}")),
+            }));
+            let renewing = self.renew_while(&entry.id, delivered);
+            let joined = tokio::select! {
+                joined = job.join() => Some(joined),
+                () = renewing => unreachable!("renewing never ends"),
+                () = tokio::time::sleep(config.job_timeout) => None,
+            };
+            match joined {
+                Some(Ok(Run::Done)) => Outcome::Done,
+                Some(Ok(Run::Failed(e))) => Outcome::Failed(e),
+                Some(Ok(Run::Later(d))) => Outcome::Later(d, "asked to be tried later".into()),
+                Some(Ok(Run::Undecodable(e))) => unknown(e),
+                Some(Err(e)) => Outcome::Failed(format!("handler panicked: {e}")),
+                None => {
+                    // Dropping the handle aborts the task.
+                    drop(job);
+                    Outcome::Failed(format!(
+                        "aborted after the job timeout of {:?}",
+                        config.job_timeout
+                    ))
+                }
             }
         } else {
-            Outcome::Undecodable(format!("no handler registered for job type {kind:?}"))
+            unknown(format!("no handler registered for job type {kind:?}"))
+        };
+        let outcome = match outcome {
+            Outcome::Failed(error) if attempt >= config.max_attempts => Outcome::Dead(error),
+            other => other,
         };
         let script = redis::Script::new(FINISH);
         let mut finish = script.prepare_invoke();
@@ -940,28 +1126,41 @@ impl Worker {
             .key(config.delayed_key())
             .key(config.dead_key())
             .arg(&config.group)
-            .arg(&config.consumer)
-            .arg(&entry.id);
+            .arg(&self.consumer)
+            .arg(&entry.id)
+            .arg(delivered);
+        let retry_member = |attempt: u32, error: &str| {
+            serde_json::json!({
+                "type": kind, "payload": payload, "key": key,
+                "attempt": attempt, "error": error, "enqueued": enqueued,
+            })
+            .to_string()
+        };
         let counter = match &outcome {
             Outcome::Done => {
                 finish.arg("ack");
-                ("gratify_durable_done_total", &self.stats.done)
+                Some(("gratify_durable_done_total", &self.stats.done))
             }
-            Outcome::Failed(error) if attempt < config.max_attempts => {
+            Outcome::Failed(error) => {
                 tracing::debug!(job = %kind, key = %key, attempt, error = %error, "durable job failed; will retry");
                 // Full jitter: anywhere up to the doubling ceiling.
                 let ceiling = super::retry_delay(config.backoff, attempt);
                 let backoff = ceiling.mul_f64(jitter());
-                let due = now_ms().saturating_add(u64::try_from(backoff.as_millis()).unwrap_or(0));
-                let member = serde_json::json!({
-                    "type": kind, "payload": payload, "key": key,
-                    "attempt": attempt + 1, "error": error,
-                })
-                .to_string();
-                finish.arg("retry").arg(member).arg(due);
-                ("gratify_durable_retried_total", &self.stats.retried)
+                finish
+                    .arg("retry")
+                    .arg(retry_member(attempt + 1, error))
+                    .arg(u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX));
+                Some(("gratify_durable_retried_total", &self.stats.retried))
             }
-            Outcome::Failed(error) | Outcome::Undecodable(error) => {
+            Outcome::Later(delay, why) => {
+                tracing::debug!(job = %kind, key = %key, attempt, reason = %why, "durable job set aside");
+                finish
+                    .arg("retry")
+                    .arg(retry_member(attempt, why))
+                    .arg(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+                None
+            }
+            Outcome::Dead(error) => {
                 tracing::warn!(job = %kind, key = %key, attempt, error = %error, "durable job is a dead letter");
                 finish
                     .arg("dead")
@@ -970,13 +1169,29 @@ impl Worker {
                     .arg(&key)
                     .arg(attempt.to_string())
                     .arg(error);
-                ("gratify_durable_dead_total", &self.stats.dead)
+                Some(("gratify_durable_dead_total", &self.stats.dead))
             }
         };
-        let finished: i64 = finish.invoke_async(conn).await?;
-        if finished == 1 {
-            counter.1.fetch_add(1, Ordering::Relaxed);
-            super::count(counter.0);
+        // The script is safe to repeat: a reply lost on the way is retried
+        // (a handler that succeeded is not run again for a blip), and a
+        // repeat that finds the entry gone means the first one did it.
+        let mut tries = 0;
+        let finished = loop {
+            tries += 1;
+            match finish.invoke_async::<i64>(conn).await {
+                Ok(n) => break n == 1 || tries > 1,
+                Err(e) if tries < 3 => {
+                    tracing::debug!(error = %e, "durable worker: finishing failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if finished {
+            if let Some((name, counter)) = counter {
+                counter.fetch_add(1, Ordering::Relaxed);
+                super::count(name);
+            }
         } else {
             // Another worker holds the entry now and runs it again.
             self.stats.lost_leases.fetch_add(1, Ordering::Relaxed);
@@ -989,31 +1204,36 @@ impl Worker {
     /// Renews this worker's lease on `id` every third of the visibility
     /// timeout, for as long as it is polled (on the queue's shared
     /// connection: a renewal never waits behind this worker's own blocking
-    /// read). A lost lease or a failed renewal is logged; finishing checks
-    /// ownership anyway.
-    async fn renew_while(&self, id: &str) {
+    /// read); a failed renewal is tried again within a tenth of it.
+    /// Finishing checks ownership anyway.
+    async fn renew_while(&self, id: &str, delivered: usize) {
         let config = &self.queue.config;
         let every = (config.visibility / 3).max(Duration::from_millis(1));
+        let soon = (config.visibility / 10).max(Duration::from_millis(1));
         let mut conn = self.queue.conn.clone();
+        let mut wait = every;
         loop {
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(wait).await;
             let renewed: Result<i64, RedisError> = redis::Script::new(RENEW)
                 .key(&config.stream)
                 .arg(&config.group)
-                .arg(&config.consumer)
+                .arg(&self.consumer)
                 .arg(id)
+                .arg(delivered)
                 .invoke_async(&mut conn)
                 .await;
-            match renewed {
-                Ok(1) => {}
+            wait = match renewed {
+                Ok(1) => every,
                 Ok(_) => {
                     tracing::warn!(entry = %id, "durable job's lease is held by another worker");
+                    every
                 }
                 Err(e) => {
                     self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(entry = %id, error = %e, "durable job's lease could not be renewed");
+                    soon
                 }
-            }
+            };
         }
     }
 }
