@@ -904,3 +904,46 @@ async fn every_worker_of_a_queue_reads_under_its_own_name() {
         .collect();
     assert_eq!(names, ["pod-7", "pod-7-1", "pod-7-2"]);
 }
+
+/// A worker that yields to the load takes no new job while a slot costs
+/// more than delaying its jobs' class, and takes them as the load falls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_yields_to_the_load_waits_for_it_to_fall() {
+    use gratify::{CostModel, LoadSignal, LoadSnapshot};
+    let model = CostModel::from_toml(
+        r#"
+        [classes.email]
+        delay_cost = { shape = "linear", per_second = 0.01, deadline = "60s" }
+        refusal_cost = 1.0
+        "#,
+    )
+    .unwrap();
+    let server = Server::start();
+    let config = DurableConfig::new("yield").block(Duration::from_millis(20));
+    let queue = DurableQueue::connect(server.client(), config)
+        .await
+        .unwrap();
+    queue.enqueue(&Email { order: 1 }).await.unwrap();
+    let signal = LoadSignal::new();
+    // Busy: a slot-second costs 10, far above the e-mail's 0.027 a second.
+    signal.publish(
+        LoadSnapshot::new(1.5, Duration::from_millis(50), 0.1)
+            .with_latency(Duration::from_millis(10)),
+    );
+    let seen = Seen::default();
+    let started = Arc::new(AtomicU32::new(0));
+    let worker = worker_recording(&queue, &seen, &started, Duration::ZERO)
+        .yield_to_load(&model, signal.clone());
+    let task =
+        tokio::spawn(async move { worker.run(tokio::time::sleep(Duration::from_secs(3))).await });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(started.load(Ordering::Relaxed), 0, "held back under load");
+    assert_eq!(queue.pending().await.unwrap(), 0, "not even claimed");
+    // Idle: it runs.
+    signal.publish(
+        LoadSnapshot::new(0.2, Duration::ZERO, 0.0).with_latency(Duration::from_millis(10)),
+    );
+    assert!(wait_for(|| seen.lock().unwrap().len() == 1, Duration::from_secs(2)).await);
+    let report = task.await.unwrap();
+    assert_eq!(report.done, 1);
+}

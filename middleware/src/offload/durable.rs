@@ -123,6 +123,9 @@ use serde::de::DeserializeOwned;
 pub trait DurableJob: Serialize + DeserializeOwned + Send + 'static {
     /// The registered name; it is stored with each entry.
     const NAME: &'static str;
+    /// Its class in the cost model, for a worker that yields to the load
+    /// ([`Worker::yield_to_load`]); `None`: the model's default class.
+    const CLASS: Option<&'static str> = None;
 }
 
 /// Settings of a [`DurableQueue`] and its workers.
@@ -690,6 +693,8 @@ impl DurableQueue {
             queue: self.clone(),
             consumer,
             handlers: HashMap::new(),
+            classes: Vec::new(),
+            load: None,
             stats: Arc::new(Counters::default()),
         }
     }
@@ -734,6 +739,10 @@ pub struct Worker {
     /// Its consumer name, its own among live workers.
     consumer: String,
     handlers: HashMap<&'static str, Handler>,
+    /// The classes of the registered job types.
+    classes: Vec<Option<&'static str>>,
+    /// The model and signal it yields to, if any.
+    load: Option<(gratify_core::CostModel, gratify_core::LoadSignal)>,
     stats: Arc<Counters>,
 }
 
@@ -788,6 +797,7 @@ impl Worker {
         Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
     {
         let handler = Arc::new(handler);
+        self.classes.push(J::CLASS);
         self.handlers.insert(
             J::NAME,
             Arc::new(move |payload: &str, ctx: JobContext| {
@@ -802,6 +812,43 @@ impl Worker {
     /// Its consumer name.
     pub fn consumer(&self) -> &str {
         &self.consumer
+    }
+
+    /// Takes no new job while a second of a slot on `signal` costs more
+    /// than delaying the most urgent class it handles (its job types'
+    /// [`DurableJob::CLASS`] in `model`), as [`Defer`](super::Defer) does:
+    /// under load the work waits in Redis; as the load falls it runs. Jobs
+    /// this worker already holds (its own pending entries after a restart)
+    /// are not held back. Under load that never falls, queued jobs wait —
+    /// deadlines included: give a class that must not wait a cost rate
+    /// above what a slot ever costs.
+    #[must_use]
+    pub fn yield_to_load(
+        mut self,
+        model: &gratify_core::CostModel,
+        signal: gratify_core::LoadSignal,
+    ) -> Self {
+        self.load = Some((model.clone(), signal));
+        self
+    }
+
+    /// Whether the load says to take no new job now.
+    fn held_back(&self) -> bool {
+        let Some((model, signal)) = &self.load else {
+            return false;
+        };
+        let price = signal.snapshot().slot_second_price();
+        let urgency = self
+            .classes
+            .iter()
+            .map(|name| {
+                let id = name
+                    .and_then(|n| model.id(n))
+                    .unwrap_or_else(|| model.default_class());
+                model.class(id).urgency(0.0)
+            })
+            .fold(0.0, f64::max);
+        price > urgency
     }
 
     /// The figures so far.
@@ -938,6 +985,11 @@ impl Worker {
             // worker, so it counts its deliveries too.
             let delivered = self.deliveries(conn, &entry.id).await?.unwrap_or(1);
             return Ok(Some((entry, delivered)));
+        }
+        if self.held_back() {
+            // Under load: no new work; look again after a read's time.
+            tokio::time::sleep(config.block).await;
+            return Ok(None);
         }
         if let Some(claimed) = self.reclaim(conn, cursor).await? {
             return Ok(Some(claimed));
