@@ -15,7 +15,13 @@ use crate::{ClassId, CostModel, ModelError};
 /// - `/orders/{id}` — `{name}` matches one non-empty segment;
 /// - `/static/*` — a trailing `*` matches the prefix itself and anything
 ///   below it (`/static`, `/static/a/b`), at segment boundaries (`/staticx`
-///   does not match); `/*` matches every path.
+///   does not match); `/*` matches every path;
+/// - `/assets/{*path}` — axum's catch-all: a trailing `{*name}` matches one
+///   segment or more (`/assets/a`, `/assets/css/site.css`, not `/assets`),
+///   as axum routes it.
+///
+/// Anything else with `{`, `}` or `*` in it is refused when the classifier
+/// is built, never matched as something else.
 ///
 /// Paths are compared segment by segment, after dropping empty segments
 /// (`//a/` is `/a`); the query string is ignored; matching is case-sensitive
@@ -73,8 +79,19 @@ pub struct RouteClassifier {
 struct Route {
     method: Option<Method>,
     segments: Box<[Segment]>,
-    prefix: bool,
+    tail: Tail,
     class: ClassId,
+}
+
+/// What a pattern allows after its fixed segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tail {
+    /// Nothing: the path ends where the pattern does.
+    End,
+    /// `*`: any number of segments, none included.
+    Star,
+    /// `{*name}`: one segment or more.
+    CatchAll,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,10 +255,10 @@ impl RouteClassifierBuilder {
             .resolve(&format!("{key}.class"), class)
             .map_err(RouteError::from);
         match (parsed, class) {
-            (Ok((segments, prefix)), Ok(class)) => self.routes.push(Route {
+            (Ok((segments, tail)), Ok(class)) => self.routes.push(Route {
                 method,
                 segments,
-                prefix,
+                tail,
                 class,
             }),
             (Err(e), _) | (_, Err(e)) => self.error = Some(e),
@@ -269,7 +286,7 @@ fn segments(path: &str) -> impl Iterator<Item = &str> {
     path.split('/').filter(|s| !s.is_empty())
 }
 
-fn parse_pattern(pattern: &str) -> Result<(Box<[Segment]>, bool), &'static str> {
+fn parse_pattern(pattern: &str) -> Result<(Box<[Segment]>, Tail), &'static str> {
     if !pattern.starts_with('/') {
         return Err("must start with '/'");
     }
@@ -278,16 +295,26 @@ fn parse_pattern(pattern: &str) -> Result<(Box<[Segment]>, bool), &'static str> 
     }
     let parts: Vec<&str> = segments(pattern).collect();
     let mut out = Vec::with_capacity(parts.len());
-    let mut prefix = false;
+    let mut tail = Tail::End;
     for (i, part) in parts.iter().enumerate() {
         if *part == "*" {
             if i + 1 != parts.len() {
                 return Err("'*' may only be the last segment");
             }
-            prefix = true;
+            tail = Tail::Star;
+        } else if let Some(name) = part.strip_prefix("{*") {
+            match name.strip_suffix('}') {
+                Some(name) if !name.is_empty() && !name.contains(['{', '}', '*']) => {
+                    if i + 1 != parts.len() {
+                        return Err("a catch-all {*name} may only be the last segment");
+                    }
+                    tail = Tail::CatchAll;
+                }
+                _ => return Err("a catch-all must be a whole segment such as {*path}"),
+            }
         } else if let Some(name) = part.strip_prefix('{') {
             match name.strip_suffix('}') {
-                Some(name) if !name.is_empty() && !name.contains(['{', '}']) => {
+                Some(name) if !name.is_empty() && !name.contains(['{', '}', '*']) => {
                     out.push(Segment::Param);
                 }
                 _ => return Err("a parameter must be a whole segment such as {id}"),
@@ -298,7 +325,7 @@ fn parse_pattern(pattern: &str) -> Result<(Box<[Segment]>, bool), &'static str> 
             out.push(Segment::Literal((*part).into()));
         }
     }
-    Ok((out.into(), prefix))
+    Ok((out.into(), tail))
 }
 
 impl Route {
@@ -311,7 +338,12 @@ impl Route {
 
     fn matches(&self, path: &str, n: usize) -> bool {
         let fixed = self.segments.len();
-        if n < fixed || (!self.prefix && n != fixed) {
+        let fits = match self.tail {
+            Tail::End => n == fixed,
+            Tail::Star => n >= fixed,
+            Tail::CatchAll => n > fixed,
+        };
+        if !fits {
             return false;
         }
         self.segments
@@ -327,7 +359,7 @@ impl Route {
         match self.segments.get(i) {
             Some(Segment::Literal(_)) => Rank::Literal,
             Some(Segment::Param) => Rank::Param,
-            None if self.prefix => Rank::Wildcard,
+            None if self.tail != Tail::End => Rank::Wildcard,
             None => Rank::End,
         }
     }
@@ -428,10 +460,58 @@ mod tests {
         check(&r, &m, Method::GET, "/x/1", "a");
     }
 
+    proptest::proptest! {
+        /// Whatever the pattern and the path, building refuses or accepts
+        /// without panicking, and a path that matches a pattern has at least
+        /// as many segments as the pattern has fixed ones (more for a
+        /// catch-all).
+        #[test]
+        fn patterns_and_paths_never_panic(
+            pattern in "[/{}*ab]{0,12}",
+            path in "[/ab*{}]{0,12}",
+        ) {
+            let m = model(&["default", "x"]);
+            if let Ok(r) = RouteClassifier::builder(&m).route(None, &pattern, "x").build() {
+                let got = r.classify_path(&Method::GET, &path);
+                if got == m.id("x").unwrap() {
+                    let (fixed, tail) = parse_pattern(&pattern).unwrap();
+                    let n = segments(&path).count();
+                    proptest::prop_assert!(n >= fixed.len());
+                    if tail == Tail::CatchAll {
+                        proptest::prop_assert!(n > fixed.len());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn axum_catch_alls_take_the_rest_of_the_path() {
+        let m = model(&["default", "assets", "one", "css"]);
+        let r = RouteClassifier::builder(&m)
+            .route(Some(Method::GET), "/assets/{*path}", "assets")
+            .route(None, "/files/{name}", "one")
+            .route(None, "/assets/css/{*rest}", "css")
+            .build()
+            .unwrap();
+        check(&r, &m, Method::GET, "/assets/logo.png", "assets");
+        check(&r, &m, Method::GET, "/assets/js/app/main.js", "assets");
+        // As axum: the catch-all needs a segment, the prefix alone is not it.
+        check(&r, &m, Method::GET, "/assets", "default");
+        check(&r, &m, Method::GET, "/assets/", "default");
+        // The more specific catch-all wins below its prefix.
+        check(&r, &m, Method::GET, "/assets/css/site.css", "css");
+        // A plain parameter is still one segment.
+        check(&r, &m, Method::GET, "/files/a", "one");
+        check(&r, &m, Method::GET, "/files/a/b", "default");
+    }
+
     #[test]
     fn invalid_patterns() {
         let m = model(&["default"]);
-        for bad in ["nope", "/a/*/b", "/a{b}", "/{}", "/{a", "/a*"] {
+        for bad in [
+            "nope", "/a/*/b", "/a{b}", "/{}", "/{a", "/a*", "/{*}", "/{*a}/b", "/{a*}", "/{**a}",
+        ] {
             let e = RouteClassifier::builder(&m)
                 .route(None, bad, "default")
                 .build();
