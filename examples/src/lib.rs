@@ -20,6 +20,52 @@
 
 pub mod demo;
 pub mod drive;
+
+/// Resolves when the process is asked to stop: Ctrl-C, or (on Unix) the
+/// SIGTERM a container orchestrator sends before it kills a pod.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            // No handler could be installed: only Ctrl-C stops it.
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+/// A [`shutdown_signal`] that many tasks can wait for: the first to see
+/// the signal tells every clone.
+#[derive(Debug, Clone)]
+pub struct Stopping(tokio::sync::watch::Receiver<bool>);
+
+impl Stopping {
+    /// Starts listening for the signal.
+    pub fn listen() -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = tx.send(true);
+        });
+        Self(rx)
+    }
+
+    /// Resolves once the signal has come.
+    pub async fn wait(mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
 pub mod game;
 pub mod plan;
 pub mod proxy;

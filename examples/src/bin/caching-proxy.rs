@@ -66,6 +66,6 @@ async fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+        () = gratify_examples::shutdown_signal() => ExitCode::SUCCESS,
     }
 }

@@ -56,9 +56,7 @@ async fn main() -> ExitCode {
         args.listen, args.listen
     );
     let served = axum::serve(listener, game.router().into_make_service())
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(gratify_examples::shutdown_signal())
         .await;
     // Every accepted replay is processed before exit.
     game.shutdown().await;

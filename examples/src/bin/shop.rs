@@ -71,25 +71,28 @@ async fn main() -> ExitCode {
         args.listen, args.listen
     );
     let app = shop.router();
+    // Ctrl-C or SIGTERM: stop accepting, finish the requests in flight,
+    // then send or report every queued e-mail.
+    let stopping = gratify_examples::Stopping::listen();
     #[cfg(feature = "redis")]
     let mailer = {
         let shop = shop.clone();
-        tokio::spawn(async move {
-            shop.run_mailer(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-        })
+        let stopping = stopping.clone();
+        tokio::spawn(async move { shop.run_mailer(stopping.wait()).await })
     };
     let served = axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(stopping.wait())
         .await;
     #[cfg(feature = "redis")]
     let _ = mailer.await;
-    // Every confirmation e-mail of a placed order is sent before exit.
-    shop.shutdown().await;
+    let report = shop.shutdown().await;
+    eprintln!(
+        "shop: stopped; {} deferred job(s) run while draining, {} not run, {} still running, {} dead letter(s)",
+        report.ran,
+        report.not_run.len(),
+        report.still_running.len(),
+        report.dead_total
+    );
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -411,10 +411,14 @@ impl Shop {
         self.defer.drain(deadline).await
     }
 
-    /// Drains and stops the pool.
-    pub async fn shutdown(&self) {
-        let _ = self.drain(Duration::from_secs(10)).await;
-        self.pool.shutdown(Duration::from_secs(2));
+    /// Drains the deferred work (within 10 s) and stops the pool; returns
+    /// what the drain did.
+    pub async fn shutdown(&self) -> DrainReport {
+        let report = self.drain(Duration::from_secs(10)).await;
+        // The pool's shutdown waits on a thread: not on the runtime's.
+        let pool = self.pool.clone();
+        let _ = tokio::task::spawn_blocking(move || pool.shutdown(Duration::from_secs(2))).await;
+        report
     }
 
     /// The model.

@@ -399,11 +399,30 @@ impl Defer {
             s.running.iter().map(|(k, v)| (*k, v.clone())).collect();
         running.sort_unstable();
         let still_running: Vec<String> = running.into_iter().map(|(_, n)| n).collect();
-        for name in &not_run {
-            tracing::warn!(job = %name, "deferred job not run before the drain deadline");
+        // Counts, and a bounded list of names: a full queue must not write
+        // ten thousand names into one log line.
+        let some = |names: &[String]| {
+            let shown: Vec<&str> = names.iter().take(10).map(String::as_str).collect();
+            let more = names.len().saturating_sub(shown.len());
+            if more > 0 {
+                format!("{} and {more} more", shown.join(", "))
+            } else {
+                shown.join(", ")
+            }
+        };
+        if !not_run.is_empty() {
+            tracing::warn!(
+                count = not_run.len(),
+                jobs = %some(&not_run),
+                "deferred jobs not run before the drain deadline"
+            );
         }
-        for name in &still_running {
-            tracing::warn!(job = %name, "deferred job still running at the drain deadline");
+        if !still_running.is_empty() {
+            tracing::warn!(
+                count = still_running.len(),
+                jobs = %some(&still_running),
+                "deferred jobs still running at the drain deadline"
+            );
         }
         DrainReport {
             ran: (self.shared.done.load(Ordering::Relaxed) - done_before) as usize,

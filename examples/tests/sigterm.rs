@@ -1,0 +1,94 @@
+//! `shop` stops cleanly on SIGTERM, as a container orchestrator asks: it
+//! stops accepting, finishes what is in flight, sends (or reports) every
+//! queued confirmation e-mail, and exits 0. Runs the real binary as a child
+//! process.
+#![cfg(unix)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a failed test
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One HTTP/1.1 request on a fresh connection; the status code.
+fn request(port: u16, method: &str, path: &str) -> u16 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn sigterm_drains_the_queued_emails_and_exits_zero() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("gratify-sigterm-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("shop.db");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shop"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--db")
+        .arg(&db)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the shop binary");
+    let until = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < until, "the shop did not start");
+        assert!(child.try_wait().unwrap().is_none(), "the shop exited early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Ten orders, each with a confirmation e-mail handed to the queue.
+    for user in 0..10 {
+        assert_eq!(request(port, "POST", &format!("/cart/u{user}/1")), 200);
+        assert_eq!(request(port, "POST", &format!("/checkout/u{user}")), 201);
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < until, "the shop did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "exit {status:?}: {stderr}");
+    assert!(stderr.contains("shop: stopped;"), "{stderr}");
+    assert!(stderr.contains(" 0 not run, 0 still running"), "{stderr}");
+    // Every order has its confirmation in the outbox.
+    let (orders, mails) = gratify_examples::shop::db::Db::open(&db)
+        .unwrap()
+        .counts()
+        .unwrap();
+    assert!(orders >= 10, "{orders} orders");
+    assert_eq!(mails, orders, "an e-mail for every order");
+    let _ = std::fs::remove_dir_all(&dir);
+}
