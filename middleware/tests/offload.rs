@@ -188,6 +188,9 @@ async fn the_layer_runs_handlers_on_the_pool_with_the_runtime_at_hand() {
         .unwrap();
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(refused.headers().contains_key("retry-after"));
+    // Shaped as the limiter's refusals are.
+    assert_eq!(refused.headers()["x-gratify-shed"], "offload-queue-full");
+    assert_eq!(refused.headers()["cache-control"], "no-store");
     drop(gate);
     blocker.await.unwrap();
     assert_eq!(waiting.await.unwrap().unwrap().status(), StatusCode::OK);

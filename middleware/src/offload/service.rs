@@ -333,23 +333,46 @@ impl<B> fmt::Debug for OffloadBody<B> {
     }
 }
 
+/// The answer for a job the pool refused or lost: the same shape as the
+/// limiter's refusals (503, `Retry-After`, `Cache-Control: no-store`,
+/// `x-gratify-shed` naming the reason, a one-line text body), so a client
+/// or a dashboard cannot tell who refused by the form of the answer.
 fn failure<B>(error: OffloadError, retry: Duration) -> Response<OffloadBody<B>> {
-    let (status, text) = match error {
-        OffloadError::Panicked => (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"),
+    let (status, reason, text) = match error {
+        OffloadError::Panicked => (StatusCode::INTERNAL_SERVER_ERROR, None, "internal error\n"),
         OffloadError::QueueFull => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded: offload queue full\n",
+            Some("offload-queue-full"),
+            "overloaded: request shed (offload-queue-full)\n",
         ),
         OffloadError::Deadline => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded: would miss its deadline\n",
+            Some("offload-deadline"),
+            "overloaded: request shed (offload-deadline)\n",
         ),
-        OffloadError::Shutdown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        OffloadError::Shutdown => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("shutting-down"),
+            "shutting down\n",
+        ),
     };
     let mut r = Response::new(OffloadBody::text(text));
     *r.status_mut() = status;
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut().insert(
+    let headers = r.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    if let Some(reason) = reason {
+        headers.insert(
+            gratify_scaling::limit::SHED_REASON_HEADER,
+            HeaderValue::from_static(reason),
+        );
+        headers.insert(
             RETRY_AFTER,
             HeaderValue::from(retry.as_secs().clamp(1, 3600)),
         );
