@@ -377,3 +377,33 @@ async fn the_pool_spends_what_is_left_of_the_requests_budget() {
         "the late request's handler never ran"
     );
 }
+
+#[tokio::test]
+async fn dropping_the_last_handle_still_runs_what_was_queued() {
+    let pool = CpuPool::new(Some(2), 10);
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let jobs: Vec<_> = (0..4)
+        .map(|_| {
+            let done = Arc::clone(&done);
+            tokio::spawn(pool.run(1.0, None, move || {
+                std::thread::sleep(Duration::from_millis(5));
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }))
+        })
+        .collect();
+    drop(pool);
+    // Every job queued before the drop still runs.
+    for j in jobs {
+        assert_eq!(j.await.unwrap(), Ok(()));
+    }
+    assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn shutdown_async_waits_off_the_runtime() {
+    let pool = CpuPool::new(Some(1), 10);
+    let job = tokio::spawn(pool.run(1.0, None, || 7));
+    assert_eq!(pool.shutdown_async(Duration::from_secs(5)).await, 0);
+    assert_eq!(job.await.unwrap(), Ok(7));
+    assert_eq!(pool.run(1.0, None, || 8).await, Err(OffloadError::Shutdown));
+}

@@ -288,7 +288,7 @@ impl Game {
     /// Drains and stops the pool.
     pub async fn shutdown(&self) {
         let _ = self.drain(Duration::from_secs(10)).await;
-        self.pool.shutdown(Duration::from_secs(2));
+        self.pool.shutdown_async(Duration::from_secs(2)).await;
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Player>> {

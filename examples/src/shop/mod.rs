@@ -415,9 +415,7 @@ impl Shop {
     /// what the drain did.
     pub async fn shutdown(&self) -> DrainReport {
         let report = self.drain(Duration::from_secs(10)).await;
-        // The pool's shutdown waits on a thread: not on the runtime's.
-        let pool = self.pool.clone();
-        let _ = tokio::task::spawn_blocking(move || pool.shutdown(Duration::from_secs(2))).await;
+        self.pool.shutdown_async(Duration::from_secs(2)).await;
         report
     }
 

@@ -183,10 +183,25 @@ pub struct PoolStats {
 ///   takes the job out of the queue then, not when a thread reaches it.
 /// - **A full queue displaces its least valuable job** (by priority as it
 ///   stands now) for a more valuable arrival, never the reverse.
+///
+/// When the last handle is dropped, the pool takes no more work and its
+/// threads end once the queue is empty.
 #[derive(Clone)]
 pub struct CpuPool {
     shared: Arc<Shared>,
     workers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Closes the queue when the last handle goes (the threads hold the
+    /// shared state themselves, so its own drop would never come).
+    _close: Arc<CloseOnDrop>,
+}
+
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        lock(&self.0.queue).open = false;
+        self.0.ready.notify_all();
+    }
 }
 
 impl fmt::Debug for CpuPool {
@@ -281,6 +296,7 @@ impl CpuPool {
             })
             .collect();
         Self {
+            _close: Arc::new(CloseOnDrop(Arc::clone(&shared))),
             shared,
             workers: Arc::new(Mutex::new(workers)),
         }
@@ -518,9 +534,20 @@ impl CpuPool {
         })
     }
 
+    /// [`shutdown`](Self::shutdown) from async code: the waiting happens on
+    /// the blocking pool, not on the runtime's threads.
+    pub async fn shutdown_async(&self, deadline: Duration) -> usize {
+        let pool = self.clone();
+        tokio::task::spawn_blocking(move || pool.shutdown(deadline))
+            .await
+            .unwrap_or(0)
+    }
+
     /// Stops taking jobs, lets the threads work through the queue until
     /// `deadline`, then drops what is left (their callers get
     /// [`OffloadError::Shutdown`]). Returns how many jobs were dropped.
+    /// It blocks the calling thread: from async code, use
+    /// [`shutdown_async`](Self::shutdown_async).
     pub fn shutdown(&self, deadline: Duration) -> usize {
         lock(&self.shared.queue).open = false;
         self.shared.ready.notify_all();
