@@ -21,6 +21,18 @@
 pub mod demo;
 pub mod drive;
 
+/// Sends the process's logs to stderr, at the level `RUST_LOG` asks
+/// (`default` when unset, `info` or `warn`, say): what the binaries call
+/// first.
+pub fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Resolves when the process is asked to stop: Ctrl-C, or (on Unix) the
 /// SIGTERM a container orchestrator sends before it kills a pod.
 pub async fn shutdown_signal() {

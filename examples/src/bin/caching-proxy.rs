@@ -37,6 +37,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    gratify_examples::init_logs("info");
     let args = Args::parse();
     let upstream = match proxy::parse_upstream(&args.upstream) {
         Ok(u) => u,

@@ -101,6 +101,7 @@ fn report(out: &Path, app: &str, name: &str, outcome: &Outcome, extra: serde_jso
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    gratify_examples::init_logs("warn");
     let args = Args::parse();
     let options = Options {
         multiple: args.multiple,

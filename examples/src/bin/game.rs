@@ -28,6 +28,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    gratify_examples::init_logs("info");
     let args = Args::parse();
     if let Some(id) = args.token {
         if id >= PLAYERS {

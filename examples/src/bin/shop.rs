@@ -48,6 +48,7 @@ async fn open(args: &Args) -> Result<Shop, Box<dyn std::error::Error + Send + Sy
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    gratify_examples::init_logs("info");
     let args = Args::parse();
     if let Some(dir) = args.db.parent() {
         let _ = std::fs::create_dir_all(dir);
