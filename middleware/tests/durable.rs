@@ -899,10 +899,13 @@ async fn every_worker_of_a_queue_reads_under_its_own_name() {
     )
     .await
     .unwrap();
-    let names: Vec<String> = (0..3)
-        .map(|_| queue.worker().consumer().to_owned())
-        .collect();
+    let mut workers: Vec<_> = (0..3).map(|_| queue.worker()).collect();
+    let names: Vec<&str> = workers.iter().map(|w| w.consumer()).collect();
     assert_eq!(names, ["pod-7", "pod-7-1", "pod-7-2"]);
+    // A worker made again after one stopped gets its name back, with its
+    // pending entries.
+    drop(workers.remove(1));
+    assert_eq!(queue.worker().consumer(), "pod-7-1");
 }
 
 /// A worker that yields to the load takes no new job while a slot costs

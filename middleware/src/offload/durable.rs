@@ -317,8 +317,6 @@ pub struct DurableQueue {
     client: redis::Client,
     conn: ConnectionManager,
     config: Arc<DurableConfig>,
-    /// Workers made so far: each gets its own consumer name.
-    workers: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for DurableQueue {
@@ -343,14 +341,16 @@ return 1
 
 /// Finishes an entry if this consumer still holds this delivery of it:
 /// schedules a retry or dead-letters as asked, then acknowledges and
-/// deletes it; 1, or 0 when the lease was lost (nothing is done). A retry is
+/// deletes it; 1, or 0 when another consumer or delivery holds it, or 2 when
+/// it is pending for nobody (finished already) — nothing is done then. A retry is
 /// due after its delay by Redis's clock, not a worker's. KEYS: stream,
 /// delayed set, dead stream; ARGV: group, consumer, id, delivery count,
 /// action (`ack`, `retry`, `dead`), then for a retry its member and delay
 /// (ms), for a dead letter type, payload, key, attempt and error.
 const FINISH: &str = r"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p == 0 or p[1][2] ~= ARGV[2] or tonumber(p[1][4]) ~= tonumber(ARGV[4]) then return 0 end
+if #p == 0 then return 2 end
+if p[1][2] ~= ARGV[2] or tonumber(p[1][4]) ~= tonumber(ARGV[4]) then return 0 end
 if ARGV[5] == 'retry' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -431,6 +431,21 @@ pub enum Effect {
 #[error("to be retried in {0:?}")]
 pub struct RetryLater(pub Duration);
 
+impl RetryLater {
+    /// The `RetryLater` in `error` or anywhere in its chain of sources
+    /// (wrapped by an application's own error type, say).
+    pub fn find(error: &(dyn std::error::Error + 'static)) -> Option<Self> {
+        let mut current = Some(error);
+        while let Some(e) = current {
+            if let Some(later) = e.downcast_ref::<Self>() {
+                return Some(*later);
+            }
+            current = e.source();
+        }
+        None
+    }
+}
+
 /// A claim on a side effect: record it [`done`](Self::done) after the
 /// effect succeeded, or [`release`](Self::release) it when the effect
 /// failed (so that a retry does it). Dropped without either, the claim
@@ -444,9 +459,10 @@ pub struct EffectClaim {
 
 impl EffectClaim {
     /// Records the effect done with `result` (kept for `keep`): later
-    /// attempts get [`Effect::Done`]. `false` if the claim had expired
-    /// meanwhile (another attempt may have done the effect too: the
-    /// provider's idempotency key is what prevents a double).
+    /// attempts get [`Effect::Done`]. Also recorded, and `true`, if the
+    /// claim had expired meanwhile and nobody has claimed or recorded it
+    /// since; `false` if another attempt has (it may have done the effect
+    /// too: the provider's idempotency key is what prevents a double).
     ///
     /// # Errors
     ///
@@ -489,17 +505,12 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumb
 for _, m in ipairs(due) do
   local e = cjson.decode(m)
   redis.call('XADD', KEYS[2], '*', 'type', e.type, 'payload', e.payload, 'key', e.key,
-    'attempt', tostring(e.attempt), 'error', e.error, 'enqueued', tostring(e.enqueued or ''))
+    'attempt', tostring(e.attempt), 'error', e.error, 'enqueued', tostring(e.enqueued or ''),
+    'crashed', tostring(e.crashed or 0))
   redis.call('ZREM', KEYS[1], m)
 end
 return #due
 ";
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
 
 impl DurableQueue {
     /// Connects (reconnecting by itself later) and creates the stream and
@@ -520,7 +531,6 @@ impl DurableQueue {
             client,
             conn,
             config: Arc::new(config.sanitised()),
-            workers: Arc::new(AtomicU64::new(0)),
         };
         queue.ensure_group().await?;
         Ok(queue)
@@ -568,7 +578,6 @@ impl DurableQueue {
     ) -> Result<String, DurableError> {
         let payload = serde_json::to_string(job)?;
         let key = key.to_owned();
-        let enqueued = now_ms().to_string();
         let mut conn = self.conn.clone();
         let _: String = conn
             .xadd(
@@ -580,7 +589,6 @@ impl DurableQueue {
                     ("key", key.as_str()),
                     ("attempt", "1"),
                     ("error", ""),
-                    ("enqueued", enqueued.as_str()),
                 ],
             )
             .await?;
@@ -677,13 +685,25 @@ impl DurableQueue {
         })
     }
 
-    /// A worker reading this queue. The first worker of this handle reads
-    /// under the configured consumer name, the next ones under
-    /// `<name>-1`, `<name>-2`, … — every live worker needs a name of its own
-    /// (and the same handle in the same order after a restart gets the same
-    /// names back, with their pending entries).
+    /// A worker reading this queue. Every live worker in this process gets
+    /// a name of its own: the configured consumer name if no live worker
+    /// has it, else `<name>-1`, `<name>-2`, … (the lowest free), given back
+    /// when the worker is dropped — so a worker made again after another
+    /// stopped reads under the same name, with its pending entries.
     pub fn worker(&self) -> Worker {
-        let n = self.workers.fetch_add(1, Ordering::Relaxed);
+        let slot = format!(
+            "{}\0{}\0{}",
+            self.config.stream, self.config.group, self.config.consumer
+        );
+        let n = {
+            let mut in_use = names_in_use()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let taken = in_use.entry(slot.clone()).or_default();
+            let n = (0..).find(|n| !taken.contains(n)).unwrap_or(0);
+            taken.insert(n);
+            n
+        };
         let consumer = if n == 0 {
             self.config.consumer.clone()
         } else {
@@ -691,6 +711,7 @@ impl DurableQueue {
         };
         Worker {
             queue: self.clone(),
+            name_slot: (slot, n),
             consumer,
             handlers: HashMap::new(),
             classes: Vec::new(),
@@ -738,6 +759,8 @@ pub struct Worker {
     queue: DurableQueue,
     /// Its consumer name, its own among live workers.
     consumer: String,
+    /// Where its name is held in this process's registry.
+    name_slot: (String, u64),
     handlers: HashMap<&'static str, Handler>,
     /// The classes of the registered job types.
     classes: Vec<Option<&'static str>>,
@@ -752,6 +775,29 @@ impl fmt::Debug for Worker {
             .field("consumer", &self.consumer)
             .field("jobs", &self.handlers.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
+    }
+}
+
+/// The consumer names live workers of this process hold, by stream, group
+/// and configured name: the indexes in use.
+fn names_in_use() -> &'static std::sync::Mutex<HashMap<String, std::collections::BTreeSet<u64>>> {
+    static NAMES: std::sync::OnceLock<
+        std::sync::Mutex<HashMap<String, std::collections::BTreeSet<u64>>>,
+    > = std::sync::OnceLock::new();
+    NAMES.get_or_init(Default::default)
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let mut in_use = names_in_use()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(taken) = in_use.get_mut(&self.name_slot.0) {
+            taken.remove(&self.name_slot.1);
+            if taken.is_empty() {
+                in_use.remove(&self.name_slot.0);
+            }
+        }
     }
 }
 
@@ -786,6 +832,10 @@ enum Outcome {
     /// Tried again after the delay, the attempt not counted.
     Later(Duration, String),
     Dead(String),
+    /// Deleted from the stream while pending: acknowledged, nothing else.
+    Gone,
+    /// Another worker holds it now: this worker finishes nothing.
+    Lost,
 }
 
 impl Worker {
@@ -837,6 +887,9 @@ impl Worker {
         let Some((model, signal)) = &self.load else {
             return false;
         };
+        if self.classes.is_empty() {
+            return false;
+        }
         let price = signal.snapshot().slot_second_price();
         let urgency = self
             .classes
@@ -986,13 +1039,15 @@ impl Worker {
             let delivered = self.deliveries(conn, &entry.id).await?.unwrap_or(1);
             return Ok(Some((entry, delivered)));
         }
-        if self.held_back() {
-            // Under load: no new work; look again after a read's time.
-            tokio::time::sleep(config.block).await;
-            return Ok(None);
-        }
+        // A dead worker's job is picked up whatever the load (it was taken
+        // on already).
         if let Some(claimed) = self.reclaim(conn, cursor).await? {
             return Ok(Some(claimed));
+        }
+        if self.held_back() {
+            // Under load: no new work; look again shortly.
+            tokio::time::sleep(config.block.min(Duration::from_millis(200))).await;
+            return Ok(None);
         }
         Ok(self
             .read(conn, ">", Some(config.block))
@@ -1091,32 +1146,45 @@ impl Worker {
         let payload = field("payload");
         let key = field("key");
         let attempt: u32 = field("attempt").parse().unwrap_or(1).max(1);
-        // When it was first queued: its own field, else its entry id's time.
-        let enqueued: u64 = field("enqueued").parse().unwrap_or_else(|_| {
-            entry
-                .id
-                .split('-')
-                .next()
-                .and_then(|ms| ms.parse().ok())
-                .unwrap_or(0)
-        });
+        // Times by Redis's clock: entry ids carry it. When the job was first
+        // queued (its first entry's id, carried through retries), and about
+        // now (this entry's id: added when it became due).
+        let id_ms = entry
+            .id
+            .split('-')
+            .next()
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .unwrap_or(0);
+        let enqueued: u64 = field("enqueued").parse().unwrap_or(id_ms);
+        let age = Duration::from_millis(id_ms.saturating_sub(enqueued));
+        // Deliveries that ended without an answer, on this entry and on the
+        // entries that carried the job before it (a job set aside is queued
+        // again under a new entry): a job that kills its worker is caught
+        // however it comes back.
+        let crashed_before: usize = field("crashed").parse().unwrap_or(0);
+        let deliveries = crashed_before + delivered;
         let max_deliveries = usize::try_from(config.max_deliveries).unwrap_or(usize::MAX);
-        // Set aside for a worker that knows it, until the grace ends.
-        let unknown = |why: String| {
-            let age = Duration::from_millis(now_ms().saturating_sub(enqueued));
+        // Set aside without counting an attempt — for a while only: past
+        // `unknown_grace` since it was first queued, it counts.
+        let set_aside = |delay: Duration, why: String, unknown: bool| {
             if age < config.unknown_grace {
                 Outcome::Later(
-                    (config.unknown_grace / 10)
-                        .clamp(Duration::from_millis(100), Duration::from_secs(30)),
+                    delay.clamp(Duration::from_millis(50), Duration::from_secs(3600)),
                     why,
                 )
-            } else {
+            } else if unknown {
                 Outcome::Dead(why)
+            } else {
+                Outcome::Failed(why)
             }
         };
-        let outcome = if delivered > max_deliveries {
+        let outcome = if entry.map.is_empty() {
+            // Deleted from the stream while pending (trimmed): nothing to
+            // run, nothing to keep.
+            Outcome::Gone
+        } else if deliveries > max_deliveries {
             Outcome::Dead(format!(
-                "delivered {delivered} times without an acknowledgement"
+                "delivered {deliveries} times without an acknowledgement"
             ))
         } else if let Some(handler) = self.handlers.get(kind.as_str()) {
             let ctx = JobContext {
@@ -1137,27 +1205,43 @@ impl Worker {
                 };
                 match fut.await {
                     Ok(()) => Run::Done,
-                    Err(e) => match e.downcast::<RetryLater>() {
-                        Ok(later) => Run::Later(later.0),
-                        Err(e) => Run::Failed(e.to_string()),
+                    Err(e) => match RetryLater::find(e.as_ref()) {
+                        Some(later) => Run::Later(later.0),
+                        None => Run::Failed(e.to_string()),
                     },
                 }
             }));
             let renewing = self.renew_while(&entry.id, delivered);
             let joined = tokio::select! {
-                joined = job.join() => Some(joined),
-                () = renewing => unreachable!("renewing never ends"),
+                biased;
+                joined = job.join() => Some(Ok(joined)),
+                () = renewing => Some(Err(())),
                 () = tokio::time::sleep(config.job_timeout) => None,
             };
             match joined {
-                Some(Ok(Run::Done)) => Outcome::Done,
-                Some(Ok(Run::Failed(e))) => Outcome::Failed(e),
-                Some(Ok(Run::Later(d))) => Outcome::Later(d, "asked to be tried later".into()),
-                Some(Ok(Run::Undecodable(e))) => unknown(e),
-                Some(Err(e)) => Outcome::Failed(format!("handler panicked: {e}")),
-                None => {
-                    // Dropping the handle aborts the task.
+                Some(Ok(Ok(Run::Done))) => Outcome::Done,
+                Some(Ok(Ok(Run::Failed(e)))) => Outcome::Failed(e),
+                Some(Ok(Ok(Run::Later(d)))) => {
+                    set_aside(d, "asked to be tried later".into(), false)
+                }
+                Some(Ok(Ok(Run::Undecodable(e)))) => set_aside(
+                    (config.unknown_grace / 10).min(Duration::from_secs(30)),
+                    e,
+                    true,
+                ),
+                Some(Ok(Err(e))) => Outcome::Failed(format!("handler panicked: {e}")),
+                Some(Err(())) => {
+                    // Another worker holds the entry now and runs it: stop
+                    // this run rather than do the work twice at once.
                     drop(job);
+                    Outcome::Lost
+                }
+                None => {
+                    // Dropping the handle aborts the task (a handler blocked
+                    // in synchronous code cannot be stopped by anyone: it
+                    // runs on, and is logged).
+                    drop(job);
+                    tracing::error!(job = %kind, key = %key, timeout = ?config.job_timeout, "durable job timed out and was aborted");
                     Outcome::Failed(format!(
                         "aborted after the job timeout of {:?}",
                         config.job_timeout
@@ -1165,12 +1249,22 @@ impl Worker {
                 }
             }
         } else {
-            unknown(format!("no handler registered for job type {kind:?}"))
+            set_aside(
+                (config.unknown_grace / 10).min(Duration::from_secs(30)),
+                format!("no handler registered for job type {kind:?}"),
+                true,
+            )
         };
         let outcome = match outcome {
             Outcome::Failed(error) if attempt >= config.max_attempts => Outcome::Dead(error),
             other => other,
         };
+        if let Outcome::Lost = outcome {
+            self.stats.lost_leases.fetch_add(1, Ordering::Relaxed);
+            super::count("gratify_durable_lost_leases_total");
+            tracing::warn!(job = %kind, key = %key, entry = %entry.id, "durable job's lease was lost while it ran; its new holder runs it");
+            return Ok(());
+        }
         let script = redis::Script::new(FINISH);
         let mut finish = script.prepare_invoke();
         finish
@@ -1181,17 +1275,22 @@ impl Worker {
             .arg(&self.consumer)
             .arg(&entry.id)
             .arg(delivered);
+        // The deliveries of this entry before the one that answers ended
+        // without an answer.
+        let crashed = crashed_before + delivered.saturating_sub(1);
         let retry_member = |attempt: u32, error: &str| {
             serde_json::json!({
                 "type": kind, "payload": payload, "key": key,
                 "attempt": attempt, "error": error, "enqueued": enqueued,
+                "crashed": crashed,
             })
             .to_string()
         };
         let counter = match &outcome {
-            Outcome::Done => {
+            Outcome::Done | Outcome::Gone | Outcome::Lost => {
                 finish.arg("ack");
-                Some(("gratify_durable_done_total", &self.stats.done))
+                matches!(outcome, Outcome::Done)
+                    .then_some(("gratify_durable_done_total", &self.stats.done))
             }
             Outcome::Failed(error) => {
                 tracing::debug!(job = %kind, key = %key, attempt, error = %error, "durable job failed; will retry");
@@ -1225,13 +1324,16 @@ impl Worker {
             }
         };
         // The script is safe to repeat: a reply lost on the way is retried
-        // (a handler that succeeded is not run again for a blip), and a
-        // repeat that finds the entry gone means the first one did it.
+        // (a handler that succeeded is not run again for a blip). A repeat
+        // that finds the entry pending for nobody means the first try did
+        // it; one that finds another holder means the lease was lost.
         let mut tries = 0;
         let finished = loop {
             tries += 1;
             match finish.invoke_async::<i64>(conn).await {
-                Ok(n) => break n == 1 || tries > 1,
+                Ok(1) => break true,
+                Ok(2) if tries > 1 => break true,
+                Ok(_) => break false,
                 Err(e) if tries < 3 => {
                     tracing::debug!(error = %e, "durable worker: finishing failed; trying again");
                     tokio::time::sleep(Duration::from_millis(100 * tries)).await;
@@ -1254,10 +1356,10 @@ impl Worker {
     }
 
     /// Renews this worker's lease on `id` every third of the visibility
-    /// timeout, for as long as it is polled (on the queue's shared
-    /// connection: a renewal never waits behind this worker's own blocking
-    /// read); a failed renewal is tried again within a tenth of it.
-    /// Finishing checks ownership anyway.
+    /// timeout (on the queue's shared connection: a renewal never waits
+    /// behind this worker's own blocking read); a failed renewal is tried
+    /// again within a tenth of it. Returns when the lease is held by another
+    /// worker or delivery.
     async fn renew_while(&self, id: &str, delivered: usize) {
         let config = &self.queue.config;
         let every = (config.visibility / 3).max(Duration::from_millis(1));
@@ -1276,10 +1378,7 @@ impl Worker {
                 .await;
             wait = match renewed {
                 Ok(1) => every,
-                Ok(_) => {
-                    tracing::warn!(entry = %id, "durable job's lease is held by another worker");
-                    every
-                }
+                Ok(_) => return,
                 Err(e) => {
                     self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(entry = %id, error = %e, "durable job's lease could not be renewed");
