@@ -950,3 +950,67 @@ async fn a_worker_that_yields_to_the_load_waits_for_it_to_fall() {
     let report = task.await.unwrap();
     assert_eq!(report.done, 1);
 }
+
+/// A job that kills its worker inside a claimed effect, every time: the
+/// redeliveries that find the claim set it aside, and each re-queue starts
+/// a new entry with a fresh delivery count. Its unanswered deliveries are
+/// carried along, so it still ends as a dead letter after
+/// `max_deliveries` instead of cycling for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_dies_inside_its_effect_every_time_is_still_a_dead_letter() {
+    use gratify::offload::durable::Effect;
+    let server = Server::start();
+    let config = DurableConfig::new("dies-inside")
+        .max_deliveries(3)
+        .visibility(Duration::from_millis(100))
+        .consumer("w")
+        .block(Duration::from_millis(20));
+    let queue = DurableQueue::connect(server.client(), config.clone())
+        .await
+        .unwrap();
+    queue.enqueue(&Email { order: 1 }).await.unwrap();
+    let claims = Arc::new(AtomicU32::new(0));
+    for _ in 0..16 {
+        if queue.dead_letters().await.unwrap() == 1 {
+            break;
+        }
+        // A restarted process.
+        let q = DurableQueue::connect(server.client(), config.clone())
+            .await
+            .unwrap();
+        let mut worker = q.worker();
+        let (queue2, claims2) = (q.clone(), Arc::clone(&claims));
+        worker.register(move |_job: Email, ctx| {
+            let (queue, claims) = (queue2.clone(), Arc::clone(&claims2));
+            async move {
+                match queue
+                    .claim_effect(&ctx.key, Duration::from_millis(300))
+                    .await?
+                {
+                    Effect::Claimed(_claim) => {
+                        claims.fetch_add(1, Ordering::Relaxed);
+                        // The worker dies in the middle of the effect.
+                        std::future::pending::<()>().await;
+                        Ok(())
+                    }
+                    Effect::InProgress(later) => Err(later.into()),
+                    _ => Ok(()),
+                }
+            }
+        });
+        let task = tokio::spawn(async move { worker.run(std::future::pending()).await });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        task.abort();
+        let _ = task.await;
+    }
+    assert_eq!(
+        queue.dead_letters().await.unwrap(),
+        1,
+        "a dead letter at last"
+    );
+    assert!(
+        claims.load(Ordering::Relaxed) <= 3,
+        "the effect was started {} times",
+        claims.load(Ordering::Relaxed)
+    );
+}
