@@ -77,6 +77,18 @@ fn lcg(x: u64) -> u64 {
 }
 
 impl Db {
+    /// This store's identity, made when its database was: order ids are
+    /// unique only within one database file, so keys that outlive it (a
+    /// durable job's) carry this too.
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn store_id(&self) -> rusqlite::Result<String> {
+        self.conn()
+            .query_row("SELECT id FROM store LIMIT 1", [], |r| r.get(0))
+    }
+
     /// Opens (creating and seeding on first use) the store at `path`.
     ///
     /// # Errors
@@ -112,8 +124,14 @@ impl Db {
                  order_id INTEGER NOT NULL, product_id INTEGER NOT NULL, qty INTEGER NOT NULL);
              -- The mailer's sink: one row per order, so a repeated send is a no-op.
              CREATE TABLE IF NOT EXISTS outbox (
-                 order_id INTEGER PRIMARY KEY, email TEXT NOT NULL, attempts INTEGER NOT NULL);",
+                 order_id INTEGER PRIMARY KEY, email TEXT NOT NULL, attempts INTEGER NOT NULL);
+             -- This store's identity: order ids repeat across database files.
+             CREATE TABLE IF NOT EXISTS store (id TEXT NOT NULL);",
         )?;
+        let has_id: u32 = conn.query_row("SELECT COUNT(*) FROM store", [], |r| r.get(0))?;
+        if has_id == 0 {
+            conn.execute("INSERT INTO store (id) VALUES (?1)", [fresh_store_id()])?;
+        }
         let seeded: u32 = conn.query_row("SELECT COUNT(*) FROM products", [], |r| r.get(0))?;
         if seeded == 0 {
             let tx = conn.unchecked_transaction()?;
@@ -367,9 +385,33 @@ impl Db {
     }
 }
 
+/// A store identity unlikely to repeat: the time and random bits.
+fn fresh_store_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{:016x}", h.finish())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_keeps_its_id_and_another_store_has_another() {
+        let dir = std::env::temp_dir().join(format!("gratify-store-id-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.db");
+        let first = Db::open(&path).unwrap().store_id().unwrap();
+        assert_eq!(Db::open(&path).unwrap().store_id().unwrap(), first);
+        let other = Db::open(&dir.join("b.db")).unwrap().store_id().unwrap();
+        assert_ne!(other, first);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn seeded_the_same_every_time() {

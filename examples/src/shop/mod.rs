@@ -327,7 +327,10 @@ impl Shop {
                 .and_then(|rt| {
                     // Keyed by order: a copy queued again after a restart,
                     // or after an enqueue that timed out, is sent once.
-                    rt.block_on(queue.enqueue_with_key(&job, &format!("confirm-{order}")))
+                    // The store's id too: order ids repeat across database
+                    // files, and the effect records outlive one.
+                    let store = db.store_id().map_err(|e| e.to_string())?;
+                    rt.block_on(queue.enqueue_with_key(&job, &format!("confirm-{store}-{order}")))
                         .map_err(|e| e.to_string())
                 });
             return match queued {
