@@ -9,7 +9,8 @@
 //! with a paused clock. The same seed gives the same figures on any
 //! machine. [`evaluate`] turns a run into the benchmark's figures.
 //!
-//! The `overload` benchmark of this crate runs every contender through the
+//! The `overload` benchmark (`cargo bench -p gratify-benches --bench
+//! overload` in the repository) runs every contender through the
 //! scenarios; with `--scenario FILE` it runs yours.
 //!
 //! # Example

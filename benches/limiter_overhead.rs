@@ -3,8 +3,8 @@
 //! threads contending for one limiter.
 //!
 //! ```text
-//! cargo bench -p gratify-scaling --bench limiter_overhead
-//! cargo bench -p gratify-scaling --bench limiter_overhead -- --quick
+//! cargo bench -p gratify-benches --bench limiter_overhead
+//! cargo bench -p gratify-benches --bench limiter_overhead -- --quick
 //! ```
 //!
 //! Criterion prints its own statistics; the figures in

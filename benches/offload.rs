@@ -2,8 +2,8 @@
 //! pool is overloaded?
 //!
 //! ```text
-//! cargo bench -p gratify --bench offload
-//! cargo bench -p gratify --bench offload -- --quick   # under 60 s
+//! cargo bench -p gratify-benches --bench offload
+//! cargo bench -p gratify-benches --bench offload -- --quick   # under 60 s
 //! ```
 //!
 //! Three scenarios, all in process on real time (the quantity measured is

@@ -2,9 +2,9 @@
 //! `CompressionLayer` at the same codec and level, on deterministic corpora.
 //!
 //! ```text
-//! cargo bench -p gratify --bench compression
-//! cargo bench -p gratify --bench compression -- --quick
-//! cargo bench -p gratify --bench compression -- --quick overload   # one part
+//! cargo bench -p gratify-benches --bench compression
+//! cargo bench -p gratify-benches --bench compression -- --quick
+//! cargo bench -p gratify-benches --bench compression -- --quick overload   # one part
 //! ```
 //!
 //! Three parts (name one or more of `throughput`, `overload`, `cached` after

@@ -2,9 +2,9 @@
 //! months of real traffic) in virtual time.
 //!
 //! ```text
-//! cargo bench -p gratify-scaling --bench advisor
-//! cargo bench -p gratify-scaling --bench advisor -- --quick
-//! cargo bench -p gratify-scaling --bench advisor -- --trace my.txt --trace-step 60 --trace-scale 20
+//! cargo bench -p gratify-benches --bench advisor
+//! cargo bench -p gratify-benches --bench advisor -- --quick
+//! cargo bench -p gratify-benches --bench advisor -- --trace my.txt --trace-step 60 --trace-scale 20
 //! ```
 //!
 //! A deterministic fluid simulation, one step a second (five in quick mode).

@@ -1,8 +1,8 @@
 //! The response cache's benchmark.
 //!
 //! ```text
-//! cargo bench -p gratify-cache --bench cache              # full
-//! cargo bench -p gratify-cache --bench cache -- --quick
+//! cargo bench -p gratify-benches --bench cache              # full
+//! cargo bench -p gratify-benches --bench cache -- --quick
 //! ```
 //!
 //! Section "cost-aware": a Zipf(0.9) trace over 100,000 keys whose origin

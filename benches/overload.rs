@@ -2,11 +2,11 @@
 //! arrivals of each scenario, on tokio's paused clock.
 //!
 //! ```text
-//! cargo bench -p gratify-scaling --bench overload                 # full
-//! cargo bench -p gratify-scaling --bench overload -- --quick      # phases ×0.1
-//! cargo bench -p gratify-scaling --bench overload -- --scenario my.toml --seed 7
-//! cargo bench -p gratify-scaling --bench overload -- --quick --only rare-export
-//! cargo bench -p gratify-scaling --bench overload -- --series     # also CSV series
+//! cargo bench -p gratify-benches --bench overload                 # full
+//! cargo bench -p gratify-benches --bench overload -- --quick      # phases ×0.1
+//! cargo bench -p gratify-benches --bench overload -- --scenario my.toml --seed 7
+//! cargo bench -p gratify-benches --bench overload -- --quick --only rare-export
+//! cargo bench -p gratify-benches --bench overload -- --series     # also CSV series
 //! ```
 //!
 //! Writes `target/gratify-bench/overload.json` (or `$GRATIFY_BENCH_DIR`),
