@@ -473,3 +473,22 @@ async fn a_fill_that_outlives_its_client_keeps_its_slot() {
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+/// The configuration block of the Stack guide is accepted as it is: a user
+/// who pastes it gets a running Stack, not an error.
+#[test]
+fn the_guides_config_block_is_accepted_as_it_is() {
+    let guide = include_str!("../../docs/stack.md");
+    let section = guide
+        .split("## One config file")
+        .nth(1)
+        .expect("the guide's config section");
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("a TOML block");
+    if let Err(e) = Stack::from_config(block) {
+        panic!("the guide's block is refused: {e}");
+    }
+}
