@@ -695,7 +695,7 @@ async fn claimed_effects_are_retried_after_failures_and_done_once() {
     assert_eq!(*attempts.lock().unwrap(), HashMap::from([(1, 2), (2, 2)]));
     // A claim whose holder died expires with its lease.
     match queue
-        .claim_effect("orphan", Duration::from_millis(300))
+        .claim_effect("orphan", Duration::from_secs(3))
         .await
         .unwrap()
     {
@@ -709,7 +709,9 @@ async fn claimed_effects_are_retried_after_failures_and_done_once() {
             .unwrap(),
         Effect::InProgress(_)
     ));
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // A generous lease, so that the check above never races it; then
+    // past it.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     assert!(matches!(
         queue
             .claim_effect("orphan", Duration::from_secs(1))

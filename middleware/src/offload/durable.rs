@@ -275,6 +275,12 @@ impl DurableConfig {
 
 /// A name unlikely to be repeated: a prefix, the process id and random bits.
 fn fresh_name(prefix: &str) -> String {
+    format!("{prefix}-{}-{:016x}", std::process::id(), random_u64())
+}
+
+/// Random bits, differently seeded per call (std's hasher keys and the
+/// time): for names and jitter, not for secrets.
+fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -282,7 +288,7 @@ fn fresh_name(prefix: &str) -> String {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos()),
     );
-    format!("{prefix}-{}-{:016x}", std::process::id(), h.finish())
+    h.finish()
 }
 
 /// What went wrong talking to Redis or encoding a job.
@@ -366,14 +372,7 @@ return 1
 
 /// A uniform draw in `[0, 1)` for backoff jitter (not for secrets).
 fn jitter() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Claims an effect: `{1, ""}` claimed, `{2, result}` done, `{3, ms}` in

@@ -271,8 +271,6 @@ struct State {
     /// is judged by. 0 until the first sample.
     service: f64,
     samples: u64,
-    /// The time of the decision being made (for evidence weights).
-    now_std: std::time::Instant,
     /// When the load signal was last published.
     published: Option<Instant>,
     /// Completions (estimated) since `rate_since`, to size `sample_every`.
@@ -391,7 +389,6 @@ impl Limiter {
                     latency_sq: 0.0,
                     service: 0.0,
                     samples: 0,
-                    now_std: Instant::now().into_std(),
                     published: None,
                     rate_count: 0,
                     rate_since: None,
@@ -530,7 +527,6 @@ impl Limiter {
 
         let now = Instant::now();
         let mut state = self.lock();
-        state.now_std = now.into_std();
         let config = &self.shared.config;
         let room = fast.in_flight() < fast.limit();
         let mut decision = decide(config, fast, &state, k, now, room);
@@ -672,14 +668,12 @@ impl Limiter {
             if fast.queued.load(Ordering::SeqCst) > 0 {
                 let mut state = self.lock();
                 let now = Instant::now();
-                state.now_std = now.into_std();
                 grant(&self.shared.config, fast, &mut state, now);
                 self.publish(&mut state, now, true);
             }
             return;
         };
         let mut state = self.lock();
-        state.now_std = now.into_std();
         if let Some(sample) = sample {
             let median = state.classes[k].estimate.quantile(0.5);
             if teaches_latency(sample.outcome, sample.latency, median) {
@@ -755,7 +749,6 @@ impl Limiter {
                 set_queued(&self.shared.fast, &mut state, -1);
                 // A waiter leaving can unblock a partition or a smaller queue.
                 let now = Instant::now();
-                state.now_std = now.into_std();
                 grant(&self.shared.config, &self.shared.fast, &mut state, now);
                 self.publish(&mut state, now, true);
                 true
@@ -892,13 +885,13 @@ fn own_latency_late(config: &LimiterConfig, c: &ClassState, now: Instant) -> boo
 
 /// The class's expected service time: its own recent mean (outliers
 /// bounded), or the mix's before it has been seen.
-fn expected_latency(state: &State, k: usize) -> f64 {
+fn expected_latency(state: &State, k: usize, now: Instant) -> f64 {
     let c = &state.classes[k];
     // Its own figure while its evidence is recent: a class that has not
     // been served for a while falls back to the mix (its old figure may
     // describe a service that has since recovered).
     match c.latency {
-        l if l > 0.0 && c.estimate.weight(state.now_std) >= MIN_EVIDENCE => l,
+        l if l > 0.0 && c.estimate.weight(now.into_std()) >= MIN_EVIDENCE => l,
         l if state.service <= 0.0 && l > 0.0 => l,
         _ => state.service,
     }
@@ -906,8 +899,8 @@ fn expected_latency(state: &State, k: usize) -> f64 {
 
 /// The cμ index of class `k` for a request that has waited `age` seconds:
 /// its urgency when it would complete, per second of service.
-fn index(state: &State, k: usize, age: f64) -> f64 {
-    let s = expected_latency(state, k).max(1e-6);
+fn index(state: &State, k: usize, age: f64, now: Instant) -> f64 {
+    let s = expected_latency(state, k, now).max(1e-6);
     urgency(&state.classes[k].class, age + s) / s
 }
 
@@ -959,7 +952,7 @@ fn decide(
     let judge = warm && !protected;
     // Its mean service time, for costs; the quantile its deadline is judged
     // by (none without enough recent evidence: then only the wait counts).
-    let s_k = expected_latency(state, k);
+    let s_k = expected_latency(state, k, now);
     let s_deadline = judged_latency(config, c, now).unwrap_or(0.0);
     let class = &c.class;
     let late_at = |t: f64| class.deadline().is_some_and(|d| t > d.as_secs_f64());
@@ -972,7 +965,7 @@ fn decide(
     }
 
     // At the limit: where would it stand in the queue?
-    let mine = index(state, k, 0.0);
+    let mine = index(state, k, 0.0, now);
     let mut ahead = c.queue.len();
     let mut behind_rate = 0.0;
     let mut lowest: Option<(usize, f64)> = None;
@@ -984,6 +977,7 @@ fn decide(
             state,
             j,
             now.saturating_duration_since(tail.enqueued).as_secs_f64(),
+            now,
         );
         if other.never_shed.is_none() && lowest.is_none_or(|(_, x)| tail_index < x) {
             lowest = Some((j, tail_index));
@@ -992,7 +986,12 @@ fn decide(
             continue;
         }
         let head = other.queue.front().map_or(now, |w| w.enqueued);
-        let head_index = index(state, j, now.saturating_duration_since(head).as_secs_f64());
+        let head_index = index(
+            state,
+            j,
+            now.saturating_duration_since(head).as_secs_f64(),
+            now,
+        );
         if head_index >= mine {
             ahead += other.queue.len();
         } else {
@@ -1137,7 +1136,7 @@ fn grant(config: &LimiterConfig, fast: &Fast, state: &mut State, now: Instant) {
                 .filter_map(|j| {
                     let head = state.classes[j].queue.front()?;
                     let age = now.saturating_duration_since(head.enqueued).as_secs_f64();
-                    Some((j, index(state, j, age), head.enqueued))
+                    Some((j, index(state, j, age, now), head.enqueued))
                 })
                 // Highest index; the longest waiting on a tie.
                 .max_by(|a, b| a.1.total_cmp(&b.1).then(b.2.cmp(&a.2)))
