@@ -49,8 +49,8 @@
 //! ```
 
 mod defer;
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+#[cfg(any(feature = "redis", feature = "postgres"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "redis", feature = "postgres"))))]
 pub mod durable;
 mod pool;
 mod service;

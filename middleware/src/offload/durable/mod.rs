@@ -1,34 +1,35 @@
-//! Durable deferred work on a Redis Stream (feature `redis`).
+//! Durable deferred work: jobs that survive a restart, on Redis Streams
+//! (feature `redis`) or in a PostgreSQL table (feature `postgres`).
 //!
-//! Jobs are serialised with serde under a registered type name into a Redis
-//! Stream read by a consumer group: workers in any replica share the work.
+//! Jobs are serialised with serde under a registered type name; workers in
+//! any replica share the work. One interface, [`DurableQueue`] and
+//! [`Worker`], over both backends:
 //!
-//! - **A lease per job.** A worker claims one entry at a time, when it can
+//! - **A lease per job.** A worker claims one job at a time, when it can
 //!   start it, and holds a lease on it while its handler runs: every third
-//!   of the visibility timeout it renews the claim (the entry's idle time
-//!   goes back to zero), so a job longer than the visibility timeout is not
-//!   taken by another worker while it runs. A worker that dies stops
-//!   renewing; after the visibility timeout any worker reclaims the entry
-//!   (`XAUTOCLAIM`).
+//!   of the visibility timeout it renews the lease, so a job longer than
+//!   the visibility timeout is not taken by another worker while it runs. A
+//!   worker that dies stops renewing; after the visibility timeout any
+//!   worker reclaims the job.
 //! - **Finishing needs the lease.** Acknowledging, scheduling a retry or
-//!   dead-lettering happen in one script that first checks that this worker
-//!   still owns the entry: a worker that lost its lease (it stalled past the
-//!   visibility timeout and another took the job) cannot ack, retry or
-//!   dead-letter the other worker's run.
-//! - **Blocking reads on their own connection.** Each worker reads on a
-//!   connection of its own; enqueueing never waits behind a worker's
-//!   blocking read.
+//!   dead-lettering happen in one atomic step that first checks that this
+//!   worker still holds this delivery of the job: a worker that lost its
+//!   lease (it stalled past the visibility timeout and another took the
+//!   job) cannot ack, retry or dead-letter the other worker's run.
+//! - **Waiting on a connection of its own.** Each worker waits for new jobs
+//!   on a connection of its own (a blocking read on Redis, `LISTEN` on
+//!   PostgreSQL); enqueueing never waits behind a worker.
 //! - **Retries.** A failed attempt is retried after a backoff drawn
 //!   uniformly between zero and a doubling ceiling (full jitter: failed jobs
-//!   do not come back together), through a sorted set of delayed entries
-//!   moved back atomically when due; after `max_attempts` failures the entry
-//!   goes to a dead-letter stream with its last error.
-//! - **Poison jobs.** An entry delivered more than `max_deliveries` times
-//!   without an acknowledgement (a job that kills its worker) is a dead
-//!   letter, whichever way it comes back: reclaimed from another worker or
-//!   re-read from the worker's own pending list after a restart under a
-//!   stable name. Entries of an unknown type or an undecodable payload go
-//!   there too: nothing is dropped silently.
+//!   do not come back together), due by the backend's clock; after
+//!   `max_attempts` failures the job is a dead letter, kept with its last
+//!   error.
+//! - **Poison jobs.** A job delivered more than `max_deliveries` times
+//!   without an answer (a job that kills its worker) is a dead letter,
+//!   whichever way it comes back: reclaimed from another worker or picked
+//!   up again by its own worker after a restart under a stable name. Jobs
+//!   of an unknown type or an undecodable payload go there too, after
+//!   `unknown_grace`: nothing is dropped silently.
 //!
 //! Delivery is at least once: a handler may see a job again after a crash.
 //! Each job carries an idempotency key ([`JobContext::key`]) that stays the
@@ -47,16 +48,32 @@
 //! the effect: a failed effect is then never retried. It remains for
 //! effects that must never run twice even at the cost of not running.)
 //!
-//! Durability is Redis's: run it with the append-only file on
-//! (`appendonly yes`) for queued jobs to survive a Redis restart.
-//! On Redis Cluster, give the stream a hash tag (`{shop}:jobs`) so that its
-//! companion keys (`:delayed`, `:dead`, `:once:*`) share its slot.
+//! # Which backend
+//!
+//! - **PostgreSQL** ([`DurableQueue::postgres`]) when the application's data
+//!   is in PostgreSQL: [`DurableQueue::enqueue_in`] queues a job inside the
+//!   application's own transaction (the *outbox*), so an order and its
+//!   confirmation e-mail commit together or not at all — no job for an
+//!   order rolled back, no order without its job. Jobs live in a table
+//!   (named after the queue: `shop:mail` is `shop_mail`, with
+//!   `shop_mail_dead` and `shop_mail_effects`), created on first connect;
+//!   workers claim them with `FOR UPDATE SKIP LOCKED` and wake on
+//!   `LISTEN/NOTIFY`. Every lease is timed by the database's clock. The
+//!   consumer group setting does not apply.
+//! - **Redis** ([`DurableQueue::connect`]) when jobs are queued from
+//!   outside one database's transactions, or at rates a table would feel.
+//!   Durability is Redis's: run it with the append-only file on
+//!   (`appendonly yes`) for queued jobs to survive a Redis restart. On Redis
+//!   Cluster, give the stream a hash tag (`{shop}:jobs`) so that its
+//!   companion keys (`:delayed`, `:dead`, `:effect:*`) share its slot.
+//! - Neither, for work that may be lost with the process: the in-memory
+//!   [`Defer`](super::Defer).
 //!
 //! Consumer names must be unique among live workers (two live workers under
-//! one name would read each other's pending entries); the default is a
-//! fresh random name. Give a stable name (the pod's, say) to have a
-//! restarted worker pick up its own pending entries at once rather than
-//! after the visibility timeout.
+//! one name would take each other's leased jobs); the default is a fresh
+//! random name. Give a stable name (the pod's, say) to have a restarted
+//! worker pick up its own leased jobs at once rather than after the
+//! visibility timeout.
 //!
 //! # Example
 //!
@@ -72,6 +89,7 @@
 //!     const NAME: &'static str = "send-confirmation";
 //! }
 //!
+//! # #[cfg(feature = "redis")]
 //! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! let client = redis::Client::open("redis://127.0.0.1:6379")?;
 //! let queue = DurableQueue::connect(client, DurableConfig::new("orders:jobs")).await?;
@@ -102,6 +120,31 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! The outbox, with PostgreSQL:
+//!
+//! ```no_run
+//! # use gratify::offload::durable::{DurableConfig, DurableJob, DurableQueue};
+//! # #[derive(serde::Serialize, serde::Deserialize)]
+//! # struct SendConfirmation { order: i64 }
+//! # impl DurableJob for SendConfirmation { const NAME: &'static str = "send-confirmation"; }
+//! # #[cfg(feature = "postgres")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let pool = sqlx::PgPool::connect("postgres://127.0.0.1/shop").await?;
+//! let queue = DurableQueue::postgres(pool.clone(), DurableConfig::new("shop:mail")).await?;
+//!
+//! let mut tx = pool.begin().await?;
+//! let order: i64 = sqlx::query_scalar("INSERT INTO orders (total) VALUES (42) RETURNING id")
+//!     .fetch_one(&mut *tx)
+//!     .await?;
+//! queue
+//!     .enqueue_in(&mut tx, &SendConfirmation { order }, &format!("confirm-{order}"))
+//!     .await?;
+//! // The order and its job are both there, or (rolled back) neither.
+//! tx.commit().await?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::HashMap;
 use std::fmt;
@@ -112,11 +155,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gratify_core::BoxError;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands, RedisError, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+#[cfg(feature = "postgres")]
+mod on_postgres;
+#[cfg(feature = "redis")]
+mod on_redis;
 
 /// A job type that can be queued durably: serialisable, under a stable
 /// name that every replica registers.
@@ -132,16 +177,18 @@ pub trait DurableJob: Serialize + DeserializeOwned + Send + 'static {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct DurableConfig {
-    /// The stream's key; the delayed set and dead-letter stream are
-    /// `<stream>:delayed` and `<stream>:dead`.
+    /// The queue's name. On Redis, the stream's key (the delayed set and
+    /// dead-letter stream are `<stream>:delayed` and `<stream>:dead`); on
+    /// PostgreSQL, the table's name (other characters than ASCII letters,
+    /// digits and `_` become `_`).
     pub stream: String,
-    /// The consumer group.
+    /// The consumer group (Redis only).
     pub group: String,
     /// This worker's consumer name, unique among live workers.
     pub consumer: String,
-    /// How long an entry may stay unacknowledged by a consumer that has
-    /// stopped renewing its lease before another reclaims it: how fast a
-    /// dead worker's job is picked up again. A running job's lease is
+    /// How long a job may stay leased by a worker that has stopped
+    /// renewing its lease before another reclaims it: how fast a dead
+    /// worker's job is picked up again. A running job's lease is
     /// renewed every third of it, so it need not exceed the slowest job.
     pub visibility: Duration,
     /// Failed attempts before an entry is a dead letter.
@@ -151,9 +198,10 @@ pub struct DurableConfig {
     pub max_deliveries: u32,
     /// The first retry's delay; it doubles with each attempt.
     pub backoff: Duration,
-    /// How long a read waits for new entries.
+    /// How long a worker waits for new jobs before it looks again (retries
+    /// falling due on PostgreSQL are found within it).
     pub block: Duration,
-    /// Delayed retries moved back onto the stream at once.
+    /// Delayed retries moved back onto the stream at once (Redis).
     pub batch: usize,
     /// The longest a handler may run: past it the job is aborted and the
     /// attempt counts as failed (a handler waiting for ever on a downstream
@@ -264,10 +312,12 @@ impl DurableConfig {
         self
     }
 
+    #[cfg(feature = "redis")]
     fn delayed_key(&self) -> String {
         format!("{}:delayed", self.stream)
     }
 
+    #[cfg(feature = "redis")]
     fn dead_key(&self) -> String {
         format!("{}:dead", self.stream)
     }
@@ -291,16 +341,28 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
-/// What went wrong talking to Redis or encoding a job.
+/// What went wrong talking to the backend or encoding a job.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DurableError {
     /// Redis refused or the connection failed.
+    #[cfg(feature = "redis")]
     #[error("redis: {0}")]
-    Redis(#[from] RedisError),
+    Redis(#[from] redis::RedisError),
+    /// PostgreSQL refused or the connection failed.
+    #[cfg(feature = "postgres")]
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
     /// The job could not be serialised.
     #[error("encoding a job: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The settings cannot be used with this backend.
+    #[error("durable queue settings: {0}")]
+    Config(String),
+    /// Asked of a backend that cannot do it (enqueueing inside a database
+    /// transaction on a Redis queue).
+    #[error("not supported by the {0} backend")]
+    Unsupported(&'static str),
 }
 
 /// What a handler is told about the job it runs.
@@ -311,100 +373,45 @@ pub struct JobContext {
     pub key: String,
     /// This attempt, from 1.
     pub attempt: u32,
-    /// The stream entry id.
+    /// The job's id in the backend (a stream entry id, a row id).
     pub entry: String,
 }
 
 /// A handle to enqueue jobs and make workers. Cloning shares the
-/// connection (never used for a blocking command: each worker reads on its
-/// own).
+/// connection (never used for waiting: each worker waits on its own).
 #[derive(Clone)]
 pub struct DurableQueue {
-    client: redis::Client,
-    conn: ConnectionManager,
+    backend: Backend,
     config: Arc<DurableConfig>,
+}
+
+#[derive(Clone)]
+enum Backend {
+    #[cfg(feature = "redis")]
+    Redis(on_redis::RedisQueue),
+    #[cfg(feature = "postgres")]
+    Postgres(on_postgres::PgQueue),
+}
+
+impl Backend {
+    fn name(&self) -> &'static str {
+        match self {
+            #[cfg(feature = "redis")]
+            Self::Redis(_) => "redis",
+            #[cfg(feature = "postgres")]
+            Self::Postgres(_) => "postgres",
+        }
+    }
 }
 
 impl fmt::Debug for DurableQueue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DurableQueue")
+            .field("backend", &self.backend.name())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
-
-/// Renews this consumer's claim on an entry if it still holds this
-/// delivery of it (the owner and the delivery count it claimed it with —
-/// `XCLAIM … JUSTID` does not count a delivery, so the count fences off an
-/// earlier delivery of the same entry): 1, or 0 when the lease was lost.
-/// KEYS: stream; ARGV: group, consumer, id, delivery count.
-const RENEW: &str = r"
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p == 0 or p[1][2] ~= ARGV[2] or tonumber(p[1][4]) ~= tonumber(ARGV[4]) then return 0 end
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
-return 1
-";
-
-/// Finishes an entry if this consumer still holds this delivery of it:
-/// schedules a retry or dead-letters as asked, then acknowledges and
-/// deletes it; 1, or 0 when another consumer or delivery holds it, or 2 when
-/// it is pending for nobody (finished already) — nothing is done then. A retry is
-/// due after its delay by Redis's clock, not a worker's. KEYS: stream,
-/// delayed set, dead stream; ARGV: group, consumer, id, delivery count,
-/// action (`ack`, `retry`, `dead`), then for a retry its member and delay
-/// (ms), for a dead letter type, payload, key, attempt and error.
-const FINISH: &str = r"
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p == 0 then return 2 end
-if p[1][2] ~= ARGV[2] or tonumber(p[1][4]) ~= tonumber(ARGV[4]) then return 0 end
-if ARGV[5] == 'retry' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), ARGV[6])
-elseif ARGV[5] == 'dead' then
-  redis.call('XADD', KEYS[3], '*', 'type', ARGV[6], 'payload', ARGV[7], 'key', ARGV[8],
-    'attempt', ARGV[9], 'error', ARGV[10], 'entry', ARGV[3])
-end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
-return 1
-";
-
-/// A uniform draw in `[0, 1)` for backoff jitter (not for secrets).
-fn jitter() -> f64 {
-    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Claims an effect: `{1, ""}` claimed, `{2, result}` done, `{3, ms}` in
-/// progress elsewhere for up to `ms` more. KEYS: the effect's key; ARGV:
-/// token, lease (ms).
-const CLAIM_EFFECT: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then
-  redis.call('SET', KEYS[1], 'claim:' .. ARGV[1], 'PX', ARGV[2])
-  return {1, ''}
-end
-if string.sub(v, 1, 5) == 'done:' then return {2, string.sub(v, 6)} end
-return {3, tostring(redis.call('PTTL', KEYS[1]))}
-";
-
-/// Records an effect done, if the claim is still this one's or has
-/// expired with nobody else holding it: 1, else 0 (another attempt holds
-/// it, or recorded it). KEYS: the effect's key; ARGV: token, result, how
-/// long to keep it (ms).
-const EFFECT_DONE: &str = r"
-local v = redis.call('GET', KEYS[1])
-if v and v ~= 'claim:' .. ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], 'done:' .. ARGV[2], 'PX', ARGV[3])
-return 1
-";
-
-/// Releases a claim, if it is still this one's. KEYS: the effect's key;
-/// ARGV: token.
-const EFFECT_RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == 'claim:' .. ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-";
 
 /// What [`DurableQueue::claim_effect`] found.
 #[derive(Debug)]
@@ -465,86 +472,141 @@ impl EffectClaim {
     ///
     /// # Errors
     ///
-    /// When Redis refuses (the effect is done but not recorded: a retry will
-    /// do it again).
+    /// When the backend refuses (the effect is done but not recorded: a
+    /// retry will do it again).
     pub async fn done(self, result: &str, keep: Duration) -> Result<bool, DurableError> {
-        let mut conn = self.queue.conn.clone();
-        let recorded: i64 = redis::Script::new(EFFECT_DONE)
-            .key(&self.key)
-            .arg(&self.token)
-            .arg(result)
-            .arg(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1))
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(recorded == 1)
+        let config = &self.queue.config;
+        match &self.queue.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis(q) => {
+                q.effect_done(config, &self.key, &self.token, result, keep)
+                    .await
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(q) => {
+                let _ = config;
+                q.effect_done(&self.key, &self.token, result, keep).await
+            }
+        }
     }
 
     /// Gives the claim up: the effect was not done, and a retry may do it.
     ///
     /// # Errors
     ///
-    /// When Redis refuses (the claim then lasts until its lease ends).
+    /// When the backend refuses (the claim then lasts until its lease ends).
     pub async fn release(self) -> Result<(), DurableError> {
-        let mut conn = self.queue.conn.clone();
-        let _: i64 = redis::Script::new(EFFECT_RELEASE)
-            .key(&self.key)
-            .arg(&self.token)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(())
+        let config = &self.queue.config;
+        match &self.queue.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis(q) => q.effect_release(config, &self.key, &self.token).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(q) => {
+                let _ = config;
+                q.effect_release(&self.key, &self.token).await
+            }
+        }
     }
 }
 
-/// Moves due delayed entries back onto the stream, atomically, due by
-/// Redis's clock. KEYS: delayed set, stream; ARGV: unused, batch.
-const PROMOTE: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-for _, m in ipairs(due) do
-  local e = cjson.decode(m)
-  redis.call('XADD', KEYS[2], '*', 'type', e.type, 'payload', e.payload, 'key', e.key,
-    'attempt', tostring(e.attempt), 'error', e.error, 'enqueued', tostring(e.enqueued or ''),
-    'crashed', tostring(e.crashed or 0))
-  redis.call('ZREM', KEYS[1], m)
-end
-return #due
-";
+/// A uniform draw in `[0, 1)` for backoff jitter (not for secrets).
+fn jitter() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// What a backend found claiming an effect.
+enum Claimed {
+    Yes,
+    Done(String),
+    InProgress(Duration),
+}
+
+/// One delivery of a job to a worker, under a lease.
+struct Delivery {
+    /// The job's id in the backend.
+    id: String,
+    kind: String,
+    payload: String,
+    key: String,
+    attempt: u32,
+    /// Deliveries that ended without an answer, this one included.
+    deliveries: usize,
+    /// Since it was first queued, by the backend's clock.
+    age: Duration,
+    /// Deleted from the backend while leased: nothing to run or keep.
+    gone: bool,
+    /// What fences this delivery's lease off from any other.
+    lease: Lease,
+}
+
+#[derive(Clone, Copy)]
+enum Lease {
+    #[cfg(feature = "redis")]
+    Redis {
+        /// This entry's delivery count when it was claimed.
+        delivered: usize,
+        /// When the job was first queued (ms, Redis's clock).
+        enqueued: u64,
+        /// Deliveries without an answer on the entries before this one.
+        crashed_before: usize,
+    },
+    #[cfg(feature = "postgres")]
+    Postgres { id: i64, fence: i32 },
+}
+
+/// How a delivery is finished.
+enum Finish<'a> {
+    Ack,
+    Retry {
+        attempt: u32,
+        error: &'a str,
+        delay: Duration,
+    },
+    Dead {
+        attempt: u32,
+        error: &'a str,
+    },
+}
 
 impl DurableQueue {
-    /// Connects (reconnecting by itself later) and creates the stream and
-    /// consumer group if they do not exist.
+    /// A queue on Redis Streams: connects (reconnecting by itself later)
+    /// and creates the stream and consumer group if they do not exist.
     ///
     /// # Errors
     ///
     /// When Redis cannot be reached or refuses.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub async fn connect(
         client: redis::Client,
         config: DurableConfig,
     ) -> Result<Self, DurableError> {
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_connection_timeout(Some(Duration::from_secs(2)));
-        let conn = ConnectionManager::new_with_config(client.clone(), manager_config).await?;
-        let queue = Self {
-            client,
-            conn,
-            config: Arc::new(config.sanitised()),
-        };
-        queue.ensure_group().await?;
-        Ok(queue)
+        let config = config.sanitised();
+        let backend = Backend::Redis(on_redis::RedisQueue::connect(client, &config).await?);
+        Ok(Self {
+            backend,
+            config: Arc::new(config),
+        })
     }
 
-    async fn ensure_group(&self) -> Result<(), DurableError> {
-        let mut conn = self.conn.clone();
-        let created: Result<(), RedisError> = conn
-            .xgroup_create_mkstream(&self.config.stream, &self.config.group, "0")
-            .await;
-        match created {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+    /// A queue in PostgreSQL, on the application's pool: creates its
+    /// tables if they do not exist (replicas starting together take turns).
+    /// Each worker holds one more connection of its own, outside the pool,
+    /// to listen for new jobs.
+    ///
+    /// # Errors
+    ///
+    /// When the queue's name cannot be a table's, or PostgreSQL cannot be
+    /// reached or refuses.
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub async fn postgres(pool: sqlx::PgPool, config: DurableConfig) -> Result<Self, DurableError> {
+        let config = config.sanitised();
+        let backend = Backend::Postgres(on_postgres::PgQueue::connect(pool, &config).await?);
+        Ok(Self {
+            backend,
+            config: Arc::new(config),
+        })
     }
 
     /// The settings.
@@ -556,42 +618,63 @@ impl DurableQueue {
     ///
     /// # Errors
     ///
-    /// When the job cannot be serialised or Redis refuses.
+    /// When the job cannot be serialised or the backend refuses.
     pub async fn enqueue<J: DurableJob>(&self, job: &J) -> Result<String, DurableError> {
         self.enqueue_with_key(job, &fresh_name(J::NAME)).await
     }
 
     /// Queues `job` under an idempotency key of the caller's choosing (an
     /// order's `confirm-42`): a second copy of the same job — re-queued after
-    /// a restart, or queued again because an enqueue timed out after Redis
-    /// had taken it — shares its key, so [`claim_effect`](Self::claim_effect)
-    /// does its effect once. Returns the key.
+    /// a restart, or queued again because an enqueue timed out after the
+    /// backend had taken it — shares its key, so
+    /// [`claim_effect`](Self::claim_effect) does its effect once. Returns
+    /// the key.
     ///
     /// # Errors
     ///
-    /// When the job cannot be serialised or Redis refuses.
+    /// When the job cannot be serialised or the backend refuses.
     pub async fn enqueue_with_key<J: DurableJob>(
         &self,
         job: &J,
         key: &str,
     ) -> Result<String, DurableError> {
         let payload = serde_json::to_string(job)?;
-        let key = key.to_owned();
-        let mut conn = self.conn.clone();
-        let _: String = conn
-            .xadd(
-                &self.config.stream,
-                "*",
-                &[
-                    ("type", J::NAME),
-                    ("payload", payload.as_str()),
-                    ("key", key.as_str()),
-                    ("attempt", "1"),
-                    ("error", ""),
-                ],
-            )
-            .await?;
-        Ok(key)
+        match &self.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis(q) => q.enqueue(&self.config, J::NAME, &payload, key).await?,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(q) => q.enqueue(J::NAME, &payload, key).await?,
+        }
+        Ok(key.to_owned())
+    }
+
+    /// Queues `job` under `key` inside the application's own open
+    /// transaction (or on any connection of its): the job exists when the
+    /// transaction commits, and never if it rolls back — the outbox. Workers
+    /// are woken at the commit. Returns the job's id.
+    ///
+    /// # Errors
+    ///
+    /// When the job cannot be serialised, PostgreSQL refuses (the
+    /// transaction is then aborted, as after any failed statement), or the
+    /// queue is not on PostgreSQL ([`DurableError::Unsupported`]).
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub async fn enqueue_in<J: DurableJob>(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        job: &J,
+        key: &str,
+    ) -> Result<String, DurableError> {
+        let payload = serde_json::to_string(job)?;
+        match &self.backend {
+            Backend::Postgres(q) => Ok(q
+                .enqueue_on(conn, J::NAME, &payload, key)
+                .await?
+                .to_string()),
+            #[cfg(feature = "redis")]
+            Backend::Redis(_) => Err(DurableError::Unsupported("redis")),
+        }
     }
 
     /// `true` the first time `key` is seen within `ttl`. It marks the key
@@ -601,18 +684,14 @@ impl DurableQueue {
     ///
     /// # Errors
     ///
-    /// When Redis refuses.
+    /// When the backend refuses.
     pub async fn first_time(&self, key: &str, ttl: Duration) -> Result<bool, DurableError> {
-        let mut conn = self.conn.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(format!("{}:once:{key}", self.config.stream))
-            .arg(1)
-            .arg("NX")
-            .arg("PX")
-            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
-            .query_async(&mut conn)
-            .await?;
-        Ok(set.is_some())
+        match &self.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis(q) => q.first_time(&self.config, key, ttl).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(q) => q.first_time(key, ttl).await,
+        }
     }
 
     /// Claims the side effect named `key` (use [`JobContext::key`]) for
@@ -626,69 +705,69 @@ impl DurableQueue {
     ///
     /// # Errors
     ///
-    /// When Redis refuses.
+    /// When the backend refuses.
     pub async fn claim_effect(&self, key: &str, lease: Duration) -> Result<Effect, DurableError> {
         let token = fresh_name("claim");
-        let mut conn = self.conn.clone();
-        let reply: (i64, String) = redis::Script::new(CLAIM_EFFECT)
-            .key(self.effect_key(key))
-            .arg(&token)
-            .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1))
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(match reply.0 {
-            1 => Effect::Claimed(EffectClaim {
+        let claimed = match &self.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis(q) => q.claim_effect(&self.config, key, &token, lease).await?,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(q) => q.claim_effect(key, &token, lease).await?,
+        };
+        Ok(match claimed {
+            Claimed::Yes => Effect::Claimed(EffectClaim {
                 queue: self.clone(),
-                key: self.effect_key(key),
+                key: key.to_owned(),
                 token,
             }),
-            2 => Effect::Done(reply.1),
-            _ => Effect::InProgress(RetryLater(Duration::from_millis(
-                reply.1.parse::<u64>().unwrap_or(1000).max(1),
-            ))),
+            Claimed::Done(result) => Effect::Done(result),
+            Claimed::InProgress(left) => Effect::InProgress(RetryLater(left)),
         })
     }
 
-    fn effect_key(&self, key: &str) -> String {
-        format!("{}:effect:{key}", self.config.stream)
-    }
-
-    /// Entries in the dead-letter stream.
+    /// Dead letters kept.
     ///
     /// # Errors
     ///
-    /// When Redis refuses.
+    /// When the backend refuses.
     pub async fn dead_letters(&self) -> Result<usize, DurableError> {
-        let mut conn = self.conn.clone();
-        Ok(conn.xlen(self.config.dead_key()).await?)
+        match &self.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis(q) => q.dead_letters(&self.config).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(q) => q.dead_letters().await,
+        }
     }
 
-    /// Entries delivered to a consumer and not yet acknowledged.
+    /// Jobs delivered to a worker and not yet finished.
     ///
     /// # Errors
     ///
-    /// When Redis refuses.
+    /// When the backend refuses.
     pub async fn pending(&self) -> Result<usize, DurableError> {
-        let mut conn = self.conn.clone();
-        let reply: Value = redis::cmd("XPENDING")
-            .arg(&self.config.stream)
-            .arg(&self.config.group)
-            .query_async(&mut conn)
-            .await?;
-        Ok(match reply {
-            Value::Array(items) => match items.first() {
-                Some(Value::Int(n)) => usize::try_from(*n).unwrap_or(0),
-                _ => 0,
-            },
-            _ => 0,
-        })
+        match &self.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis(q) => q.pending(&self.config).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(q) => q.pending().await,
+        }
+    }
+
+    /// Renews `consumer`'s lease on a delivery: whether it still held it.
+    async fn renew(&self, consumer: &str, delivery: &Delivery) -> Result<bool, DurableError> {
+        match &self.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis(q) => q.renew(&self.config, consumer, delivery).await,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(q) => q.renew(&self.config, consumer, delivery).await,
+        }
     }
 
     /// A worker reading this queue. Every live worker in this process gets
     /// a name of its own: the configured consumer name if no live worker
     /// has it, else `<name>-1`, `<name>-2`, … (the lowest free), given back
     /// when the worker is dropped — so a worker made again after another
-    /// stopped reads under the same name, with its pending entries.
+    /// stopped reads under the same name, with its leased jobs.
     pub fn worker(&self) -> Worker {
         let slot = format!(
             "{}\0{}\0{}",
@@ -729,7 +808,7 @@ struct Counters {
     retried: AtomicU64,
     dead: AtomicU64,
     reclaimed: AtomicU64,
-    redis_errors: AtomicU64,
+    backend_errors: AtomicU64,
     lost_leases: AtomicU64,
 }
 
@@ -741,18 +820,18 @@ pub struct WorkerReport {
     pub done: u64,
     /// Failed attempts scheduled for a retry.
     pub retried: u64,
-    /// Entries moved to the dead-letter stream.
+    /// Jobs made dead letters.
     pub dead: u64,
-    /// Entries reclaimed from silent consumers.
+    /// Jobs reclaimed from workers that stopped renewing their lease.
     pub reclaimed: u64,
-    /// Redis errors survived (the worker waits and goes on).
-    pub redis_errors: u64,
+    /// Errors of the backend survived (the worker waits and goes on).
+    pub backend_errors: u64,
     /// Jobs this worker ran but could not finish because its lease had
     /// passed to another worker (which runs the job again).
     pub lost_leases: u64,
 }
 
-/// Runs registered handlers on the queue's entries; see the
+/// Runs registered handlers on the queue's jobs; see the
 /// [module docs](self).
 pub struct Worker {
     queue: DurableQueue,
@@ -866,9 +945,9 @@ impl Worker {
     /// Takes no new job while a second of a slot on `signal` costs more
     /// than delaying the most urgent class it handles (its job types'
     /// [`DurableJob::CLASS`] in `model`), as [`Defer`](super::Defer) does:
-    /// under load the work waits in Redis; as the load falls it runs. Jobs
-    /// this worker already holds (its own pending entries after a restart)
-    /// are not held back. Under load that never falls, queued jobs wait —
+    /// under load the work waits in the queue; as the load falls it runs. Jobs
+    /// already taken on (its own leased jobs after a restart, a dead
+    /// worker's) are not held back. Under load that never falls, queued jobs wait —
     /// deadlines included: give a class that must not wait a cost rate
     /// above what a slot ever costs.
     #[must_use]
@@ -911,46 +990,35 @@ impl Worker {
             retried: c.retried.load(Ordering::Relaxed),
             dead: c.dead.load(Ordering::Relaxed),
             reclaimed: c.reclaimed.load(Ordering::Relaxed),
-            redis_errors: c.redis_errors.load(Ordering::Relaxed),
+            backend_errors: c.backend_errors.load(Ordering::Relaxed),
             lost_leases: c.lost_leases.load(Ordering::Relaxed),
         }
     }
 
-    /// Works until `shutdown` completes: its own pending entries first,
-    /// then reclaimed and new ones, one at a time. A job in progress when
-    /// `shutdown` completes is finished and acknowledged (or, past
-    /// `job_timeout`, aborted as a failed attempt); nothing else is claimed.
-    /// Redis errors are logged and survived: the worker waits and
-    /// reconnects (and recreates the consumer group if Redis lost it).
+    /// Works until `shutdown` completes: jobs leased under its own name
+    /// before it started first, then reclaimed and new ones, one at a time.
+    /// A job in progress when `shutdown` completes is finished and
+    /// acknowledged (or, past `job_timeout`, aborted as a failed attempt);
+    /// nothing else is claimed. Errors of the backend are logged and
+    /// survived: the worker waits and reconnects (on Redis, it recreates the
+    /// consumer group if Redis lost it).
     ///
     /// Dropping the returned future instead is a crash: the job in
-    /// progress is aborted and stays pending for redelivery.
+    /// progress is aborted and stays leased until its lease expires.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> WorkerReport {
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut own_pending = true;
-        let mut cursor = String::from("0-0");
         let mut pause = Duration::from_millis(50);
-        // Blocking reads on a connection of this worker's own.
+        // Waiting on a connection of this worker's own.
         let mut conn = loop {
-            let manager_config = ConnectionManagerConfig::new()
-                .set_response_timeout(Some(
-                    self.queue
-                        .config
-                        .block
-                        .saturating_add(Duration::from_secs(2)),
-                ))
-                .set_connection_timeout(Some(Duration::from_secs(2)));
-            let connecting =
-                ConnectionManager::new_with_config(self.queue.client.clone(), manager_config);
             let connected = tokio::select! {
                 biased;
                 () = &mut shutdown => return self.report(),
-                c = connecting => c,
+                c = WorkerConn::connect(&self.queue) => c,
             };
             match connected {
                 Ok(c) => break c,
                 Err(e) => {
-                    self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats.backend_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "durable worker: cannot connect; retrying");
                     tokio::select! {
                         biased;
@@ -966,28 +1034,20 @@ impl Worker {
             let fetched = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                r = self.fetch(&mut conn, &mut own_pending, &mut cursor) => r,
+                r = conn.fetch(self) => r,
             };
             let result = match fetched {
-                Ok(Some(entry)) => self.handle(&mut conn, entry).await,
+                Ok(Some(delivery)) => self.handle(&mut conn, delivery).await,
                 Ok(None) => Ok(()),
                 Err(e) => Err(e),
             };
             match result {
                 Ok(()) => pause = Duration::from_millis(50),
                 Err(e) => {
-                    self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
-                    super::count("gratify_durable_redis_errors_total");
-                    tracing::warn!(error = %e, "durable worker: redis error; retrying");
-                    if let DurableError::Redis(r) = &e
-                        && r.code() == Some("NOGROUP")
-                    {
-                        // Redis lost the group (a restart without
-                        // persistence, a failover): make it again.
-                        let _ = self.queue.ensure_group().await;
-                    }
-                    // After a reconnect, read our own pending entries again.
-                    own_pending = true;
+                    self.stats.backend_errors.fetch_add(1, Ordering::Relaxed);
+                    super::count("gratify_durable_backend_errors_total");
+                    tracing::warn!(error = %e, "durable worker: backend error; retrying");
+                    conn.recover(&self.queue.config, &e).await;
                     tokio::select! {
                         biased;
                         () = &mut shutdown => break,
@@ -1010,163 +1070,17 @@ impl Worker {
         self.report()
     }
 
-    /// Promotes due retries and fetches one entry: its own pending entries
-    /// while there are any, then one reclaimed from a silent consumer, then
-    /// a new one (blocking up to `block`); with how many times it has been
-    /// delivered.
-    async fn fetch(
-        &self,
-        conn: &mut ConnectionManager,
-        own_pending: &mut bool,
-        cursor: &mut String,
-    ) -> Result<Option<(StreamId, usize)>, DurableError> {
+    /// Runs the handler of one delivery under its lease, then finishes it.
+    async fn handle(&self, conn: &mut WorkerConn, delivery: Delivery) -> Result<(), DurableError> {
         let config = &self.queue.config;
-        let _: u64 = redis::Script::new(PROMOTE)
-            .key(config.delayed_key())
-            .key(&config.stream)
-            .arg(0)
-            .arg(config.batch)
-            .invoke_async(conn)
-            .await?;
-        if *own_pending {
-            let Some(entry) = self.read(conn, "0", None).await? else {
-                *own_pending = false;
-                return Ok(None);
-            };
-            // Re-read after a restart: it may be a job that kills its
-            // worker, so it counts its deliveries too.
-            let delivered = self.deliveries(conn, &entry.id).await?.unwrap_or(1);
-            return Ok(Some((entry, delivered)));
-        }
-        // A dead worker's job is picked up whatever the load (it was taken
-        // on already).
-        if let Some(claimed) = self.reclaim(conn, cursor).await? {
-            return Ok(Some(claimed));
-        }
-        if self.held_back() {
-            // Under load: no new work; look again shortly.
-            tokio::time::sleep(config.block.min(Duration::from_millis(200))).await;
-            return Ok(None);
-        }
-        Ok(self
-            .read(conn, ">", Some(config.block))
-            .await?
-            .map(|entry| (entry, 1)))
-    }
-
-    async fn read(
-        &self,
-        conn: &mut ConnectionManager,
-        from: &str,
-        block: Option<Duration>,
-    ) -> Result<Option<StreamId>, DurableError> {
-        let config = &self.queue.config;
-        // One at a time: a worker claims what it can start now.
-        let mut options = StreamReadOptions::default()
-            .group(&config.group, &self.consumer)
-            .count(1);
-        if let Some(block) = block {
-            options = options.block(usize::try_from(block.as_millis()).unwrap_or(usize::MAX));
-        }
-        let reply: Option<StreamReadReply> = conn
-            .xread_options(&[&config.stream], &[from], &options)
-            .await?;
-        Ok(reply
-            .into_iter()
-            .flat_map(|r| r.keys)
-            .flat_map(|k| k.ids)
-            .next())
-    }
-
-    /// Claims one entry idle past the visibility timeout, with how many
-    /// times it was delivered. The scan goes on from where the last one
-    /// stopped (`XAUTOCLAIM` looks at a bounded number of pending entries a
-    /// call), so an old live entry does not hide a newer dead one.
-    async fn reclaim(
-        &self,
-        conn: &mut ConnectionManager,
-        cursor: &mut String,
-    ) -> Result<Option<(StreamId, usize)>, DurableError> {
-        let config = &self.queue.config;
-        let reply: redis::streams::StreamAutoClaimReply = conn
-            .xautoclaim_options(
-                &config.stream,
-                &config.group,
-                &self.consumer,
-                u64::try_from(config.visibility.as_millis()).unwrap_or(u64::MAX),
-                cursor.as_str(),
-                StreamAutoClaimOptions::default().count(1),
-            )
-            .await?;
-        *cursor = reply.next_stream_id;
-        if !reply.deleted_ids.is_empty() {
-            tracing::warn!(
-                entries = reply.deleted_ids.len(),
-                "durable worker: pending entries deleted from the stream were dropped from the group"
-            );
-        }
-        let Some(entry) = reply.claimed.into_iter().next() else {
-            return Ok(None);
-        };
-        self.stats.reclaimed.fetch_add(1, Ordering::Relaxed);
-        super::count("gratify_durable_reclaimed_total");
-        let delivered = self.deliveries(conn, &entry.id).await?.unwrap_or(1);
-        Ok(Some((entry, delivered)))
-    }
-
-    /// How many times an entry pending for the group was delivered.
-    async fn deliveries(
-        &self,
-        conn: &mut ConnectionManager,
-        id: &str,
-    ) -> Result<Option<usize>, DurableError> {
-        let config = &self.queue.config;
-        let pending: redis::streams::StreamPendingCountReply = conn
-            .xpending_count(&config.stream, &config.group, id, id, 1)
-            .await?;
-        Ok(pending.ids.first().map(|p| p.times_delivered))
-    }
-
-    /// Runs the handler of one entry under its lease, then finishes it.
-    async fn handle(
-        &self,
-        conn: &mut ConnectionManager,
-        (entry, delivered): (StreamId, usize),
-    ) -> Result<(), DurableError> {
-        let config = &self.queue.config;
-        let field = |name: &str| -> String {
-            match entry.map.get(name) {
-                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                Some(Value::SimpleString(s)) => s.clone(),
-                _ => String::new(),
-            }
-        };
-        let kind = field("type");
-        let payload = field("payload");
-        let key = field("key");
-        let attempt: u32 = field("attempt").parse().unwrap_or(1).max(1);
-        // Times by Redis's clock: entry ids carry it. When the job was first
-        // queued (its first entry's id, carried through retries), and about
-        // now (this entry's id: added when it became due).
-        let id_ms = entry
-            .id
-            .split('-')
-            .next()
-            .and_then(|ms| ms.parse::<u64>().ok())
-            .unwrap_or(0);
-        let enqueued: u64 = field("enqueued").parse().unwrap_or(id_ms);
-        let age = Duration::from_millis(id_ms.saturating_sub(enqueued));
-        // Deliveries that ended without an answer, on this entry and on the
-        // entries that carried the job before it (a job set aside is queued
-        // again under a new entry): a job that kills its worker is caught
-        // however it comes back.
-        let crashed_before: usize = field("crashed").parse().unwrap_or(0);
-        let deliveries = crashed_before + delivered;
+        let kind = delivery.kind.as_str();
+        let key = delivery.key.as_str();
+        let attempt = delivery.attempt;
         let max_deliveries = usize::try_from(config.max_deliveries).unwrap_or(usize::MAX);
         // Set aside without counting an attempt — for a while only: past
         // `unknown_grace` since it was first queued, it counts.
         let set_aside = |delay: Duration, why: String, unknown: bool| {
-            if age < config.unknown_grace {
+            if delivery.age < config.unknown_grace {
                 Outcome::Later(
                     delay.clamp(Duration::from_millis(50), Duration::from_secs(3600)),
                     why,
@@ -1177,22 +1091,21 @@ impl Worker {
                 Outcome::Failed(why)
             }
         };
-        let outcome = if entry.map.is_empty() {
-            // Deleted from the stream while pending (trimmed): nothing to
-            // run, nothing to keep.
+        let outcome = if delivery.gone {
             Outcome::Gone
-        } else if deliveries > max_deliveries {
+        } else if delivery.deliveries > max_deliveries {
             Outcome::Dead(format!(
-                "delivered {deliveries} times without an acknowledgement"
+                "delivered {} times without an answer",
+                delivery.deliveries
             ))
-        } else if let Some(handler) = self.handlers.get(kind.as_str()) {
+        } else if let Some(handler) = self.handlers.get(kind) {
             let ctx = JobContext {
-                key: key.clone(),
+                key: key.to_owned(),
                 attempt,
-                entry: entry.id.clone(),
+                entry: delivery.id.clone(),
             };
             let handler = Arc::clone(handler);
-            let body = payload.clone();
+            let body = delivery.payload.clone();
             // Its own task — decoding and the handler's first, synchronous
             // part included — so a panic anywhere in it is a failed attempt,
             // not the worker's end. The lease is renewed while it runs, up to
@@ -1210,7 +1123,7 @@ impl Worker {
                     },
                 }
             }));
-            let renewing = self.renew_while(&entry.id, delivered);
+            let renewing = self.renew_while(&delivery);
             let joined = tokio::select! {
                 biased;
                 joined = job.join() => Some(Ok(joined)),
@@ -1230,7 +1143,7 @@ impl Worker {
                 ),
                 Some(Ok(Err(e))) => Outcome::Failed(format!("handler panicked: {e}")),
                 Some(Err(())) => {
-                    // Another worker holds the entry now and runs it: stop
+                    // Another worker holds the job now and runs it: stop
                     // this run rather than do the work twice at once.
                     drop(job);
                     Outcome::Lost
@@ -1261,75 +1174,55 @@ impl Worker {
         if let Outcome::Lost = outcome {
             self.stats.lost_leases.fetch_add(1, Ordering::Relaxed);
             super::count("gratify_durable_lost_leases_total");
-            tracing::warn!(job = %kind, key = %key, entry = %entry.id, "durable job's lease was lost while it ran; its new holder runs it");
+            tracing::warn!(job = %kind, key = %key, entry = %delivery.id, "durable job's lease was lost while it ran; its new holder runs it");
             return Ok(());
         }
-        let script = redis::Script::new(FINISH);
-        let mut finish = script.prepare_invoke();
-        finish
-            .key(&config.stream)
-            .key(config.delayed_key())
-            .key(config.dead_key())
-            .arg(&config.group)
-            .arg(&self.consumer)
-            .arg(&entry.id)
-            .arg(delivered);
-        // The deliveries of this entry before the one that answers ended
-        // without an answer.
-        let crashed = crashed_before + delivered.saturating_sub(1);
-        let retry_member = |attempt: u32, error: &str| {
-            serde_json::json!({
-                "type": kind, "payload": payload, "key": key,
-                "attempt": attempt, "error": error, "enqueued": enqueued,
-                "crashed": crashed,
-            })
-            .to_string()
-        };
-        let counter = match &outcome {
-            Outcome::Done | Outcome::Gone | Outcome::Lost => {
-                finish.arg("ack");
+        let (finish, counter) = match &outcome {
+            Outcome::Done | Outcome::Gone | Outcome::Lost => (
+                Finish::Ack,
                 matches!(outcome, Outcome::Done)
-                    .then_some(("gratify_durable_done_total", &self.stats.done))
-            }
+                    .then_some(("gratify_durable_done_total", &self.stats.done)),
+            ),
             Outcome::Failed(error) => {
                 tracing::debug!(job = %kind, key = %key, attempt, error = %error, "durable job failed; will retry");
                 // Full jitter: anywhere up to the doubling ceiling.
                 let ceiling = super::retry_delay(config.backoff, attempt);
-                let backoff = ceiling.mul_f64(jitter());
-                finish
-                    .arg("retry")
-                    .arg(retry_member(attempt + 1, error))
-                    .arg(u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX));
-                Some(("gratify_durable_retried_total", &self.stats.retried))
+                (
+                    Finish::Retry {
+                        attempt: attempt + 1,
+                        error,
+                        delay: ceiling.mul_f64(jitter()),
+                    },
+                    Some(("gratify_durable_retried_total", &self.stats.retried)),
+                )
             }
             Outcome::Later(delay, why) => {
                 tracing::debug!(job = %kind, key = %key, attempt, reason = %why, "durable job set aside");
-                finish
-                    .arg("retry")
-                    .arg(retry_member(attempt, why))
-                    .arg(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
-                None
+                (
+                    Finish::Retry {
+                        attempt,
+                        error: why,
+                        delay: *delay,
+                    },
+                    None,
+                )
             }
             Outcome::Dead(error) => {
                 tracing::warn!(job = %kind, key = %key, attempt, error = %error, "durable job is a dead letter");
-                finish
-                    .arg("dead")
-                    .arg(&kind)
-                    .arg(&payload)
-                    .arg(&key)
-                    .arg(attempt.to_string())
-                    .arg(error);
-                Some(("gratify_durable_dead_total", &self.stats.dead))
+                (
+                    Finish::Dead { attempt, error },
+                    Some(("gratify_durable_dead_total", &self.stats.dead)),
+                )
             }
         };
-        // The script is safe to repeat: a reply lost on the way is retried
+        // Finishing is safe to repeat: a reply lost on the way is retried
         // (a handler that succeeded is not run again for a blip). A repeat
-        // that finds the entry pending for nobody means the first try did
-        // it; one that finds another holder means the lease was lost.
+        // that finds the job held by nobody means the first try did it; one
+        // that finds another holder means the lease was lost.
         let mut tries = 0;
         let finished = loop {
             tries += 1;
-            match finish.invoke_async::<i64>(conn).await {
+            match conn.finish(self, &delivery, &finish).await {
                 Ok(1) => break true,
                 Ok(2) if tries > 1 => break true,
                 Ok(_) => break false,
@@ -1337,7 +1230,7 @@ impl Worker {
                     tracing::debug!(error = %e, "durable worker: finishing failed; trying again");
                     tokio::time::sleep(Duration::from_millis(100 * tries)).await;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         };
         if finished {
@@ -1346,44 +1239,102 @@ impl Worker {
                 super::count(name);
             }
         } else {
-            // Another worker holds the entry now and runs it again.
+            // Another worker holds the job now and runs it again.
             self.stats.lost_leases.fetch_add(1, Ordering::Relaxed);
             super::count("gratify_durable_lost_leases_total");
-            tracing::warn!(job = %kind, key = %key, entry = %entry.id, "durable job's lease was lost before it finished; its new holder runs it again");
+            tracing::warn!(job = %kind, key = %key, entry = %delivery.id, "durable job's lease was lost before it finished; its new holder runs it again");
         }
         Ok(())
     }
 
-    /// Renews this worker's lease on `id` every third of the visibility
-    /// timeout (on the queue's shared connection: a renewal never waits
-    /// behind this worker's own blocking read); a failed renewal is tried
+    /// Renews this worker's lease on a delivery every third of the
+    /// visibility timeout (on the queue's shared connection: a renewal
+    /// never waits behind this worker's own wait); a failed renewal is tried
     /// again within a tenth of it. Returns when the lease is held by another
     /// worker or delivery.
-    async fn renew_while(&self, id: &str, delivered: usize) {
+    async fn renew_while(&self, delivery: &Delivery) {
         let config = &self.queue.config;
         let every = (config.visibility / 3).max(Duration::from_millis(1));
         let soon = (config.visibility / 10).max(Duration::from_millis(1));
-        let mut conn = self.queue.conn.clone();
         let mut wait = every;
         loop {
             tokio::time::sleep(wait).await;
-            let renewed: Result<i64, RedisError> = redis::Script::new(RENEW)
-                .key(&config.stream)
-                .arg(&config.group)
-                .arg(&self.consumer)
-                .arg(id)
-                .arg(delivered)
-                .invoke_async(&mut conn)
-                .await;
-            wait = match renewed {
-                Ok(1) => every,
-                Ok(_) => return,
+            wait = match self.queue.renew(&self.consumer, delivery).await {
+                Ok(true) => every,
+                Ok(false) => return,
                 Err(e) => {
-                    self.stats.redis_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(entry = %id, error = %e, "durable job's lease could not be renewed");
+                    self.stats.backend_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(entry = %delivery.id, error = %e, "durable job's lease could not be renewed");
                     soon
                 }
             };
+        }
+    }
+}
+
+/// A worker's own connection, where it waits for jobs.
+enum WorkerConn {
+    #[cfg(feature = "redis")]
+    Redis(on_redis::RedisWorker),
+    #[cfg(feature = "postgres")]
+    Postgres(on_postgres::PgWorker),
+}
+
+impl WorkerConn {
+    async fn connect(queue: &DurableQueue) -> Result<Self, DurableError> {
+        Ok(match &queue.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis(q) => {
+                Self::Redis(on_redis::RedisWorker::connect(q, &queue.config).await?)
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(q) => Self::Postgres(on_postgres::PgWorker::connect(q).await?),
+        })
+    }
+
+    async fn fetch(&mut self, worker: &Worker) -> Result<Option<Delivery>, DurableError> {
+        let config = &worker.queue.config;
+        let held_back = || worker.held_back();
+        match self {
+            #[cfg(feature = "redis")]
+            Self::Redis(w) => {
+                w.fetch(config, &worker.consumer, &worker.stats, held_back)
+                    .await
+            }
+            #[cfg(feature = "postgres")]
+            Self::Postgres(w) => {
+                w.fetch(config, &worker.consumer, &worker.stats, held_back)
+                    .await
+            }
+        }
+    }
+
+    async fn finish(
+        &mut self,
+        worker: &Worker,
+        delivery: &Delivery,
+        finish: &Finish<'_>,
+    ) -> Result<i64, DurableError> {
+        match self {
+            #[cfg(feature = "redis")]
+            Self::Redis(w) => {
+                w.finish(&worker.queue.config, &worker.consumer, delivery, finish)
+                    .await
+            }
+            #[cfg(feature = "postgres")]
+            Self::Postgres(w) => w.finish(&worker.consumer, delivery, finish).await,
+        }
+    }
+
+    async fn recover(&mut self, config: &DurableConfig, error: &DurableError) {
+        match self {
+            #[cfg(feature = "redis")]
+            Self::Redis(w) => w.recover(config, error).await,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(w) => {
+                let _ = (config, error);
+                w.recover();
+            }
         }
     }
 }
