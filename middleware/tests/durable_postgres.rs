@@ -26,6 +26,7 @@ fn admin_url() -> String {
 struct Database {
     name: String,
     pool: PgPool,
+    url: String,
 }
 
 impl Database {
@@ -49,7 +50,17 @@ impl Database {
             .connect(&url)
             .await
             .unwrap();
-        Self { name, pool }
+        Self { name, pool, url }
+    }
+
+    /// A pool of one connection: what the queue's workers must not take
+    /// from the application.
+    async fn tiny_pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&self.url)
+            .await
+            .unwrap()
     }
 
     async fn queue(&self, config: DurableConfig) -> DurableQueue {
@@ -204,12 +215,14 @@ async fn an_order_rolled_back_leaves_no_job_and_one_committed_runs_once() {
 }
 
 /// Many workers over many jobs, nobody killed: each job runs exactly once
-/// (`SKIP LOCKED` hands each row to one worker).
+/// (`SKIP LOCKED` hands each row to one worker). The application's pool has
+/// one connection: the workers hold none of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_workers_run_each_job_exactly_once() {
     let db = Database::create("concurrent").await;
     let config = DurableConfig::new("jobs").block(Duration::from_millis(50));
-    let queue = db.queue(config).await;
+    let app = db.tiny_pool().await;
+    let queue = DurableQueue::postgres(app.clone(), config).await.unwrap();
     let jobs = 200u32;
     let seen = Seen::default();
     let started = Arc::new(AtomicU32::new(0));
@@ -246,6 +259,15 @@ async fn concurrent_workers_run_each_job_exactly_once() {
     );
     assert_eq!(started.load(Ordering::Relaxed), jobs);
     assert_eq!(queue.pending().await.unwrap(), 0);
+    // The application's one connection is still there for it.
+    let one: i32 = tokio::time::timeout(
+        Duration::from_secs(5),
+        sqlx::query_scalar("SELECT 1").fetch_one(&app),
+    )
+    .await
+    .expect("the application's pool is not held by the workers")
+    .unwrap();
+    assert_eq!(one, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,7 +472,8 @@ async fn failures_retry_with_backoff_then_go_to_the_dead_letters() {
         let a = Arc::clone(&a);
         async move {
             a.lock().unwrap().push((ctx.attempt, ctx.key));
-            Err::<(), BoxError>("smtp down".into())
+            // A NUL, which PostgreSQL's TEXT refuses, is dropped.
+            Err::<(), BoxError>("smtp down\0".into())
         }
     });
     let report = worker.run(tokio::time::sleep(Duration::from_secs(2))).await;

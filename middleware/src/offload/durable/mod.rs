@@ -589,10 +589,14 @@ impl DurableQueue {
         })
     }
 
-    /// A queue in PostgreSQL, on the application's pool: creates its
-    /// tables if they do not exist (replicas starting together take turns).
-    /// Each worker holds one more connection of its own, outside the pool,
-    /// to listen for new jobs.
+    /// A queue in PostgreSQL, where `pool` (the application's) connects:
+    /// creates its tables if they do not exist (replicas starting together
+    /// take turns). The queue makes connections of its own with the pool's
+    /// options — up to 8 for claims, renewals and enqueues, in READ
+    /// COMMITTED, plus one per worker to listen — so it never takes one of
+    /// the application's or waits behind it. Stop the workers before the
+    /// database goes away for good: a job whose finish cannot reach it is
+    /// run again.
     ///
     /// # Errors
     ///
@@ -602,7 +606,7 @@ impl DurableQueue {
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub async fn postgres(pool: sqlx::PgPool, config: DurableConfig) -> Result<Self, DurableError> {
         let config = config.sanitised();
-        let backend = Backend::Postgres(on_postgres::PgQueue::connect(pool, &config).await?);
+        let backend = Backend::Postgres(on_postgres::PgQueue::connect(&pool, &config).await?);
         Ok(Self {
             backend,
             config: Arc::new(config),
@@ -769,10 +773,16 @@ impl DurableQueue {
     /// when the worker is dropped — so a worker made again after another
     /// stopped reads under the same name, with its leased jobs.
     pub fn worker(&self) -> Worker {
-        let slot = format!(
-            "{}\0{}\0{}",
-            self.config.stream, self.config.group, self.config.consumer
-        );
+        // Where the backend keeps leases: names are unique there.
+        let slot = match &self.backend {
+            #[cfg(feature = "redis")]
+            Backend::Redis(_) => format!(
+                "redis\0{}\0{}\0{}",
+                self.config.stream, self.config.group, self.config.consumer
+            ),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(q) => format!("postgres\0{}\0{}", q.table(), self.config.consumer),
+        };
         let n = {
             let mut in_use = names_in_use()
                 .lock()
@@ -1215,20 +1225,23 @@ impl Worker {
                 )
             }
         };
-        // Finishing is safe to repeat: a reply lost on the way is retried
-        // (a handler that succeeded is not run again for a blip). A repeat
-        // that finds the job held by nobody means the first try did it; one
-        // that finds another holder means the lease was lost.
-        let mut tries = 0;
+        // Finishing is safe to repeat: a reply lost on the way, or a backend
+        // restarting, is retried for as long as the lease may still hold (a
+        // handler that succeeded is not run again for a blip). A repeat that
+        // finds the job held by nobody means an earlier try did it; one that
+        // finds another holder means the lease was lost.
+        let mut tries = 0u32;
+        let started = tokio::time::Instant::now();
         let finished = loop {
             tries += 1;
             match conn.finish(self, &delivery, &finish).await {
                 Ok(1) => break true,
                 Ok(2) if tries > 1 => break true,
                 Ok(_) => break false,
-                Err(e) if tries < 3 => {
+                Err(e) if started.elapsed() < config.visibility + Duration::from_secs(60) => {
                     tracing::debug!(error = %e, "durable worker: finishing failed; trying again");
-                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                    let pause = Duration::from_millis(100).saturating_mul(1 << tries.min(4));
+                    tokio::time::sleep(pause.min(Duration::from_secs(1))).await;
                 }
                 Err(e) => return Err(e),
             }

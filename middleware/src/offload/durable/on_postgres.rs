@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use sqlx::postgres::{PgListener, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Row};
 
 use super::{Claimed, Delivery, DurableConfig, DurableError, Finish, Lease};
@@ -49,6 +49,12 @@ impl Names {
             )));
         }
         // FNV-1a of the name: a stable key for the advisory lock.
+        // A queue named like another's companion table would share it.
+        if base.ends_with("_dead") || base.ends_with("_effects") {
+            return Err(DurableError::Config(format!(
+                "queue name {stream:?} must not end with _dead or _effects"
+            )));
+        }
         let lock = base.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
@@ -62,9 +68,11 @@ impl Names {
     }
 }
 
-/// Runs `schema` under the advisory lock `lock`, in one transaction. Boxed:
-/// the future of generic sqlx executors inside an `async fn` is otherwise
-/// not provably `Send` to callers that spawn it (rust-lang/rust#102211).
+/// Runs `schema` under the advisory lock `lock`, in one transaction that
+/// waits at most 10 s for a lock (`CREATE INDEX IF NOT EXISTS` locks the
+/// table before it looks: it is run only when something is missing).
+/// Boxed: the future of generic sqlx executors inside an `async fn` is
+/// otherwise not provably `Send` to callers that spawn it.
 fn create_tables<'a>(
     pool: &'a PgPool,
     lock: i64,
@@ -72,6 +80,9 @@ fn create_tables<'a>(
 ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + Send + 'a>> {
     Box::pin(async move {
         let mut tx = pool.begin().await?;
+        sqlx::query("SET LOCAL lock_timeout = '10s'")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(lock)
             .execute(&mut *tx)
@@ -87,20 +98,38 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-/// The queue's side: a pool (the application's, typically).
+/// The queue's side: a pool of its own, made with the application pool's
+/// connect options — never waiting behind the application for a
+/// connection, and never holding one of the application's — in READ
+/// COMMITTED (what `SKIP LOCKED` claims rely on).
 #[derive(Clone)]
 pub(super) struct PgQueue {
     pool: PgPool,
+    options: PgConnectOptions,
     names: std::sync::Arc<Names>,
 }
 
 impl PgQueue {
     /// Creates the tables if they do not exist (one replica at a time).
     pub(super) async fn connect(
-        pool: PgPool,
+        app: &PgPool,
         config: &DurableConfig,
     ) -> Result<Self, DurableError> {
         let names = Names::of(&config.stream)?;
+        let options = app
+            .connect_options()
+            .as_ref()
+            .clone()
+            // (The space escaped as the startup `options` want it.)
+            .options([("default_transaction_isolation", "read\\ committed")]);
+        // A lease must be renewable well within its visibility timeout.
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .min_connections(0)
+            .acquire_timeout(
+                (config.visibility / 3).clamp(Duration::from_millis(500), Duration::from_secs(10)),
+            )
+            .connect_lazy_with(options.clone());
         let Names {
             jobs,
             dead,
@@ -121,13 +150,14 @@ CREATE TABLE IF NOT EXISTS {jobs} (
   fence INTEGER NOT NULL DEFAULT 0,
   lease_owner TEXT,
   lease_until TIMESTAMPTZ,
-  enqueued_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-  run_at TIMESTAMPTZ NOT NULL DEFAULT now()
+  enqueued_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+  run_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
 );
-CREATE INDEX IF NOT EXISTS "{channel}_ready" ON {jobs} (run_at, id) WHERE lease_owner IS NULL;
-CREATE INDEX IF NOT EXISTS "{channel}_leased" ON {jobs} (lease_until) WHERE lease_owner IS NOT NULL;
+CREATE INDEX IF NOT EXISTS "{channel}_ready_idx" ON {jobs} (run_at, id) WHERE lease_owner IS NULL;
+CREATE INDEX IF NOT EXISTS "{channel}_leased_idx" ON {jobs} (lease_until) WHERE lease_owner IS NOT NULL;
 CREATE TABLE IF NOT EXISTS {dead} (
-  id BIGINT PRIMARY KEY,
+  id BIGSERIAL PRIMARY KEY,
+  job_id BIGINT NOT NULL,
   kind TEXT NOT NULL,
   payload TEXT NOT NULL,
   key TEXT NOT NULL,
@@ -143,13 +173,38 @@ CREATE TABLE IF NOT EXISTS {effects} (
   result TEXT NOT NULL,
   until TIMESTAMPTZ NOT NULL
 );
+CREATE INDEX IF NOT EXISTS "{channel}_effects_until_idx" ON {effects} (until)
 "#
         );
-        create_tables(&pool, names.lock, &schema).await?;
+        // Everything there already (every start but the first): no DDL,
+        // whose locks would queue behind open transactions on the table.
+        let relations = [
+            jobs.clone(),
+            dead.clone(),
+            effects.clone(),
+            format!("\"{channel}_ready_idx\""),
+            format!("\"{channel}_leased_idx\""),
+            format!("\"{channel}_effects_until_idx\""),
+        ];
+        let present: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM unnest($1::text[]) AS r(name) WHERE to_regclass(r.name) IS NOT NULL",
+        )
+        .bind(&relations[..])
+        .fetch_one(&pool)
+        .await?;
+        if usize::try_from(present).unwrap_or(0) < relations.len() {
+            create_tables(&pool, names.lock, &schema).await?;
+        }
         Ok(Self {
             pool,
+            options,
             names: std::sync::Arc::new(names),
         })
+    }
+
+    /// The jobs table's name, unquoted.
+    pub(super) fn table(&self) -> &str {
+        &self.names.channel
     }
 
     /// Inserts a job and notifies the workers, in one statement on `conn`:
@@ -339,23 +394,53 @@ CREATE TABLE IF NOT EXISTS {effects} (
     }
 }
 
-/// A worker's side: a connection of its own that listens for new jobs.
+/// A worker's side: a connection of its own that listens for new jobs,
+/// read all the time by a task of its own (a listener left unread while a
+/// job runs would hold up PostgreSQL's notification queue for everyone).
 pub(super) struct PgWorker {
     queue: PgQueue,
-    listener: PgListener,
+    /// Woken by each notification (a permit is kept when nobody waits).
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    listening: tokio::task::JoinHandle<()>,
     /// Whether jobs leased under its name before it started may remain.
     own_pending: bool,
     /// When it last swept expired effect records.
     swept: tokio::time::Instant,
 }
 
+impl Drop for PgWorker {
+    fn drop(&mut self) {
+        self.listening.abort();
+    }
+}
+
 impl PgWorker {
     pub(super) async fn connect(queue: &PgQueue) -> Result<Self, DurableError> {
-        let mut listener = PgListener::connect_with(&queue.pool).await?;
+        // One connection, outside every pool the application uses.
+        let own = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(queue.options.clone());
+        let mut listener = PgListener::connect_with(&own).await?;
         listener.listen(&queue.names.channel).await?;
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let woken = std::sync::Arc::clone(&wake);
+        let listening = tokio::spawn(async move {
+            loop {
+                match listener.recv().await {
+                    Ok(_) => woken.notify_one(),
+                    Err(e) => {
+                        // Notifications sent meanwhile are lost: look.
+                        woken.notify_one();
+                        tracing::debug!(error = %e, "durable worker: listening failed; reconnecting");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
         Ok(Self {
             queue: queue.clone(),
-            listener,
+            wake,
+            listening,
             own_pending: true,
             swept: tokio::time::Instant::now(),
         })
@@ -415,13 +500,10 @@ impl PgWorker {
             return Ok(Some(new));
         }
         // Nothing due: wait for a new job's notification (a retry falling
-        // due is found by the next look, at most `block` later). Several
-        // notifications wake the worker once each; a look that finds
-        // nothing is cheap.
-        match tokio::time::timeout(config.block, self.listener.recv()).await {
-            Ok(Ok(_)) | Err(_) => Ok(None),
-            Ok(Err(e)) => Err(e.into()),
-        }
+        // due, or a notification missed, is found by the next look, at most
+        // `block` later). A look that finds nothing is cheap.
+        let _ = tokio::time::timeout(config.block, self.wake.notified()).await;
+        Ok(None)
     }
 
     /// Leases the first job that `condition` selects (`$1` is the
@@ -489,6 +571,8 @@ impl PgWorker {
             return Ok(0);
         };
         let Names { jobs, dead, .. } = &*self.queue.names;
+        // TEXT refuses NUL: an error message carrying one is kept without.
+        let clean = |e: &str| e.replace('\0', "");
         let held = "id = $1 AND fence = $2 AND lease_owner = $3";
         let done = match finish {
             Finish::Ack => {
@@ -514,7 +598,7 @@ impl PgWorker {
                 .bind(fence)
                 .bind(consumer)
                 .bind(i32::try_from(*attempt).unwrap_or(i32::MAX))
-                .bind(*error)
+                .bind(clean(error))
                 .bind(secs(*delay))
                 .execute(&self.queue.pool)
                 .await?
@@ -523,14 +607,14 @@ impl PgWorker {
                 sqlx::query(&format!(
                     "WITH d AS (DELETE FROM {jobs} WHERE {held} \
                        RETURNING id, kind, payload, key, enqueued_at) \
-                     INSERT INTO {dead} (id, kind, payload, key, attempt, error, enqueued_at) \
+                     INSERT INTO {dead} (job_id, kind, payload, key, attempt, error, enqueued_at) \
                      SELECT id, kind, payload, key, $4, $5, enqueued_at FROM d"
                 ))
                 .bind(id)
                 .bind(fence)
                 .bind(consumer)
                 .bind(i32::try_from(*attempt).unwrap_or(i32::MAX))
-                .bind(*error)
+                .bind(clean(error))
                 .execute(&self.queue.pool)
                 .await?
             }
