@@ -3,10 +3,13 @@
 //! ```text
 //! cargo run -p gratify-examples --bin shop -- --listen 127.0.0.1:8080 --db target/shop.db
 //! cargo run -p gratify-examples --features redis --bin shop -- --redis redis://127.0.0.1:6379
+//! cargo run -p gratify-examples --features postgres --bin shop -- --postgres postgres://127.0.0.1/shop
 //! ```
 //!
 //! With `--redis`, confirmation e-mails are jobs on the Redis Stream
-//! `shop:mail`: they survive a restart, and every replica sends them.
+//! `shop:mail`: they survive a restart, and every replica sends them. With
+//! `--postgres`, the store itself is in PostgreSQL (replicas share it) and
+//! a checkout commits the order and its e-mail's job in one transaction.
 //!
 //! The dashboard is at `/ops/admin/`, Prometheus text at `/ops/admin/metrics`.
 
@@ -31,9 +34,18 @@ struct Args {
     #[cfg(feature = "redis")]
     #[arg(long)]
     redis: Option<String>,
+    /// Keep the store, and its confirmation e-mails' jobs, in this
+    /// PostgreSQL database instead of SQLite.
+    #[cfg(feature = "postgres")]
+    #[arg(long)]
+    postgres: Option<String>,
 }
 
 async fn open(args: &Args) -> Result<Shop, Box<dyn std::error::Error + Send + Sync>> {
+    #[cfg(feature = "postgres")]
+    if let Some(url) = &args.postgres {
+        return Shop::open_postgres(url).await;
+    }
     #[cfg(feature = "redis")]
     if let Some(url) = &args.redis {
         use gratify::offload::durable::{DurableConfig, DurableQueue};
@@ -75,7 +87,7 @@ async fn main() -> ExitCode {
     // Ctrl-C or SIGTERM: stop accepting, finish the requests in flight,
     // then send or report every queued e-mail.
     let stopping = gratify_examples::Stopping::listen();
-    #[cfg(feature = "redis")]
+    #[cfg(any(feature = "redis", feature = "postgres"))]
     let mailer = {
         let shop = shop.clone();
         let stopping = stopping.clone();
@@ -84,7 +96,7 @@ async fn main() -> ExitCode {
     let served = axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(stopping.wait())
         .await;
-    #[cfg(feature = "redis")]
+    #[cfg(any(feature = "redis", feature = "postgres"))]
     let _ = mailer.await;
     let report = shop.shutdown().await;
     eprintln!(

@@ -1,4 +1,4 @@
-//! The store's data: SQLite, created and seeded deterministically.
+//! The store's data: SQLite (or PostgreSQL), created and seeded deterministically.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -58,11 +58,40 @@ pub struct Order {
     pub items: Vec<(u32, u32)>,
 }
 
-/// The store: one SQLite connection behind a mutex (queries are short; the
-/// handlers run them on the blocking pool).
+/// What the store's database refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    /// SQLite's.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL's.
+    #[cfg(feature = "postgres")]
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    /// The durable queue's (queueing an e-mail inside a checkout).
+    #[cfg(feature = "postgres")]
+    #[error("queue: {0}")]
+    Queue(#[from] gratify::offload::durable::DurableError),
+}
+
+/// The store's results.
+pub type DbResult<T> = Result<T, DbError>;
+
+/// The store: SQLite (one connection behind a mutex: queries are short; the
+/// handlers run them on the blocking pool), or PostgreSQL with the feature
+/// `postgres` (what replicas share, and where an order and its e-mail's job
+/// commit together).
 #[derive(Clone)]
 pub struct Db {
-    conn: Arc<Mutex<Connection>>,
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Lite(Arc<Mutex<Connection>>),
+    #[cfg(feature = "postgres")]
+    Pg(Arc<super::pg::PgStore>),
 }
 
 impl std::fmt::Debug for Db {
@@ -76,17 +105,54 @@ fn lcg(x: u64) -> u64 {
         .wrapping_add(1_442_695_040_888_963_407)
 }
 
+/// The seeded catalogue, the same on every start and every backend.
+pub(crate) fn seed_products() -> Vec<Product> {
+    let mut x = 42u64;
+    (1..=PRODUCTS)
+        .map(|id| {
+            x = lcg(x);
+            let adjective = ADJECTIVES[(x >> 33) as usize % ADJECTIVES.len()];
+            let noun = NOUNS[(x >> 41) as usize % NOUNS.len()];
+            let category = CATEGORIES[(x >> 49) as usize % CATEGORIES.len()];
+            let price = 500 + (x >> 20) % 20_000;
+            let description = format!(
+                "The {adjective} {noun}: made to last, sized true, shipped in two days. {}",
+                "Free returns within 30 days. ".repeat(1 + (x >> 55) as usize % 6)
+            );
+            Product {
+                id,
+                name: format!("{adjective} {noun} {id}"),
+                category: category.to_owned(),
+                price_cents: price as i64,
+                description,
+            }
+        })
+        .collect()
+}
+
+/// Runs `$pg` on the PostgreSQL store, or goes on with SQLite.
+macro_rules! on_postgres {
+    ($self:ident, $pg:ident => $e:expr) => {
+        #[cfg(feature = "postgres")]
+        if let Inner::Pg($pg) = &$self.inner {
+            return $e;
+        }
+    };
+}
+
 impl Db {
     /// This store's identity, made when its database was: order ids are
-    /// unique only within one database file, so keys that outlive it (a
-    /// durable job's) carry this too.
+    /// unique only within one database, so keys that outlive it (a durable
+    /// job's) carry this too.
     ///
     /// # Errors
     ///
-    /// SQLite's.
-    pub fn store_id(&self) -> rusqlite::Result<String> {
-        self.conn()
-            .query_row("SELECT id FROM store LIMIT 1", [], |r| r.get(0))
+    /// The database's.
+    pub fn store_id(&self) -> DbResult<String> {
+        on_postgres!(self, pg => Ok(pg.store_id()));
+        Ok(self
+            .lite()?
+            .query_row("SELECT id FROM store LIMIT 1", [], |r| r.get(0))?)
     }
 
     /// Opens (creating and seeding on first use) the store at `path`.
@@ -94,7 +160,7 @@ impl Db {
     /// # Errors
     ///
     /// SQLite's.
-    pub fn open(path: &Path) -> rusqlite::Result<Self> {
+    pub fn open(path: &Path) -> DbResult<Self> {
         Self::with(Connection::open(path)?)
     }
 
@@ -103,11 +169,36 @@ impl Db {
     /// # Errors
     ///
     /// SQLite's.
-    pub fn in_memory() -> rusqlite::Result<Self> {
+    pub fn in_memory() -> DbResult<Self> {
         Self::with(Connection::open_in_memory()?)
     }
 
-    fn with(conn: Connection) -> rusqlite::Result<Self> {
+    /// The store in PostgreSQL on `pool` (tables created and seeded on first
+    /// use, one replica at a time). With `queue`, a checkout queues its
+    /// confirmation e-mail in the order's own transaction. Its methods block
+    /// on the current runtime: call them off the async threads.
+    ///
+    /// # Errors
+    ///
+    /// PostgreSQL's.
+    #[cfg(feature = "postgres")]
+    pub async fn postgres(
+        pool: sqlx::PgPool,
+        queue: Option<gratify::offload::durable::DurableQueue>,
+    ) -> DbResult<Self> {
+        Ok(Self {
+            inner: Inner::Pg(Arc::new(super::pg::PgStore::open(pool, queue).await?)),
+        })
+    }
+
+    /// Whether a checkout queues its confirmation e-mail itself, in its
+    /// own transaction (PostgreSQL with a queue).
+    pub fn queues_confirmations(&self) -> bool {
+        on_postgres!(self, pg => pg.queues_confirmations());
+        false
+    }
+
+    fn with(conn: Connection) -> DbResult<Self> {
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
@@ -139,37 +230,33 @@ impl Db {
                 let mut insert = tx.prepare(
                     "INSERT INTO products (id, name, category, price_cents, description) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
-                let mut x = 42u64;
-                for id in 1..=PRODUCTS {
-                    x = lcg(x);
-                    let adjective = ADJECTIVES[(x >> 33) as usize % ADJECTIVES.len()];
-                    let noun = NOUNS[(x >> 41) as usize % NOUNS.len()];
-                    let category = CATEGORIES[(x >> 49) as usize % CATEGORIES.len()];
-                    let price = 500 + (x >> 20) % 20_000;
-                    let description = format!(
-                        "The {adjective} {noun}: made to last, sized true, shipped in two days. {}",
-                        "Free returns within 30 days. ".repeat(1 + (x >> 55) as usize % 6)
-                    );
+                for p in seed_products() {
                     insert.execute(params![
-                        id,
-                        format!("{adjective} {noun} {id}"),
-                        category,
-                        price as i64,
-                        description
+                        p.id,
+                        p.name,
+                        p.category,
+                        p.price_cents,
+                        p.description
                     ])?;
                 }
             }
             tx.commit()?;
         }
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            inner: Inner::Lite(Arc::new(Mutex::new(conn))),
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The SQLite connection (PostgreSQL stores have answered before any
+    /// caller gets here).
+    fn lite(&self) -> DbResult<std::sync::MutexGuard<'_, Connection>> {
+        match &self.inner {
+            Inner::Lite(conn) => Ok(conn
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)),
+            #[cfg(feature = "postgres")]
+            Inner::Pg(_) => Err(DbError::Sqlite(rusqlite::Error::InvalidQuery)),
+        }
     }
 
     fn product_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Product> {
@@ -186,54 +273,61 @@ impl Db {
     ///
     /// # Errors
     ///
-    /// SQLite's.
-    pub fn catalogue(&self, page: u32) -> rusqlite::Result<Vec<Product>> {
-        let conn = self.conn();
+    /// The database's.
+    pub fn catalogue(&self, page: u32) -> DbResult<Vec<Product>> {
+        on_postgres!(self, pg => pg.catalogue(page));
+        let conn = self.lite()?;
         let mut q = conn.prepare_cached(
             "SELECT id, name, category, price_cents, description FROM products ORDER BY id LIMIT 50 OFFSET ?1",
         )?;
         let offset = i64::from(page.max(1) - 1) * 50;
-        q.query_map([offset], Self::product_of)?.collect()
+        Ok(q.query_map([offset], Self::product_of)?
+            .collect::<rusqlite::Result<_>>()?)
     }
 
     /// One product.
     ///
     /// # Errors
     ///
-    /// SQLite's.
-    pub fn product(&self, id: u32) -> rusqlite::Result<Option<Product>> {
-        let conn = self.conn();
-        conn.prepare_cached(
-            "SELECT id, name, category, price_cents, description FROM products WHERE id = ?1",
-        )?
-        .query_row([id], Self::product_of)
-        .optional()
+    /// The database's.
+    pub fn product(&self, id: u32) -> DbResult<Option<Product>> {
+        on_postgres!(self, pg => pg.product(id));
+        let conn = self.lite()?;
+        Ok(conn
+            .prepare_cached(
+                "SELECT id, name, category, price_cents, description FROM products WHERE id = ?1",
+            )?
+            .query_row([id], Self::product_of)
+            .optional()?)
     }
 
     /// Products whose name contains `text` (at most 20).
     ///
     /// # Errors
     ///
-    /// SQLite's.
-    pub fn search(&self, text: &str) -> rusqlite::Result<Vec<Product>> {
-        let conn = self.conn();
+    /// The database's.
+    pub fn search(&self, text: &str) -> DbResult<Vec<Product>> {
+        on_postgres!(self, pg => pg.search(text));
+        let conn = self.lite()?;
         let pattern = format!("%{}%", text.replace(['%', '_'], ""));
         let mut q = conn.prepare_cached(
             "SELECT id, name, category, price_cents, description FROM products WHERE name LIKE ?1 ORDER BY id LIMIT 20",
         )?;
-        q.query_map([pattern], Self::product_of)?.collect()
+        Ok(q.query_map([pattern], Self::product_of)?
+            .collect::<rusqlite::Result<_>>()?)
     }
 
     /// Every product's id, category and price, for scoring.
     ///
     /// # Errors
     ///
-    /// SQLite's.
-    pub fn features(&self) -> rusqlite::Result<Vec<(u32, String, i64)>> {
-        let conn = self.conn();
+    /// The database's.
+    pub fn features(&self) -> DbResult<Vec<(u32, String, i64)>> {
+        on_postgres!(self, pg => Ok(pg.features()));
+        let conn = self.lite()?;
         let mut q = conn.prepare_cached("SELECT id, category, price_cents FROM products")?;
-        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect()
+        Ok(q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?)
     }
 
     /// Adds `qty` of `product` to `user`'s cart; `false` if there is no such
@@ -241,9 +335,10 @@ impl Db {
     ///
     /// # Errors
     ///
-    /// SQLite's.
-    pub fn add_to_cart(&self, user: &str, product: u32, qty: u32) -> rusqlite::Result<bool> {
-        let conn = self.conn();
+    /// The database's.
+    pub fn add_to_cart(&self, user: &str, product: u32, qty: u32) -> DbResult<bool> {
+        on_postgres!(self, pg => pg.add_to_cart(user, product, qty));
+        let conn = self.lite()?;
         let exists: Option<u32> = conn
             .query_row("SELECT id FROM products WHERE id = ?1", [product], |r| {
                 r.get(0)
@@ -260,14 +355,16 @@ impl Db {
         Ok(true)
     }
 
-    /// Turns `user`'s cart into an order (in one transaction); `None` for an
-    /// empty cart.
+    /// Turns `user`'s cart into an order (in one transaction; on
+    /// PostgreSQL with a queue, its confirmation e-mail's job too); `None`
+    /// for an empty cart.
     ///
     /// # Errors
     ///
-    /// SQLite's.
-    pub fn checkout(&self, user: &str) -> rusqlite::Result<Option<Order>> {
-        let mut conn = self.conn();
+    /// The database's (nothing is placed then).
+    pub fn checkout(&self, user: &str) -> DbResult<Option<Order>> {
+        on_postgres!(self, pg => pg.checkout(user));
+        let mut conn = self.lite()?;
         let tx = conn.transaction()?;
         let items: Vec<(u32, u32, i64)> = {
             let mut q = tx.prepare(
@@ -307,9 +404,10 @@ impl Db {
     ///
     /// # Errors
     ///
-    /// SQLite's.
-    pub fn order(&self, id: i64) -> rusqlite::Result<Option<Order>> {
-        let conn = self.conn();
+    /// The database's.
+    pub fn order(&self, id: i64) -> DbResult<Option<Order>> {
+        on_postgres!(self, pg => pg.order(id));
+        let conn = self.lite()?;
         let head: Option<(String, i64, String)> = conn
             .query_row(
                 "SELECT user, total_cents, status FROM orders WHERE id = ?1",
@@ -341,9 +439,10 @@ impl Db {
     ///
     /// # Errors
     ///
-    /// SQLite's.
-    pub fn send_confirmation(&self, order: i64, email: &str) -> rusqlite::Result<bool> {
-        let conn = self.conn();
+    /// The database's.
+    pub fn send_confirmation(&self, order: i64, email: &str) -> DbResult<bool> {
+        on_postgres!(self, pg => pg.send_confirmation(order, email));
+        let conn = self.lite()?;
         let inserted = conn.execute(
             "INSERT INTO outbox (order_id, email, attempts) VALUES (?1, ?2, 1)
              ON CONFLICT (order_id) DO UPDATE SET attempts = attempts + 1",
@@ -362,23 +461,26 @@ impl Db {
     ///
     /// # Errors
     ///
-    /// SQLite's.
-    pub fn unconfirmed(&self) -> rusqlite::Result<Vec<(i64, String)>> {
-        let conn = self.conn();
+    /// The database's.
+    pub fn unconfirmed(&self) -> DbResult<Vec<(i64, String)>> {
+        on_postgres!(self, pg => pg.unconfirmed());
+        let conn = self.lite()?;
         let mut q = conn.prepare(
             "SELECT o.id, o.user FROM orders o LEFT JOIN outbox m ON m.order_id = o.id
              WHERE m.order_id IS NULL ORDER BY o.id",
         )?;
-        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+        Ok(q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?)
     }
 
     /// Orders placed, and confirmation e-mails in the outbox.
     ///
     /// # Errors
     ///
-    /// SQLite's.
-    pub fn counts(&self) -> rusqlite::Result<(i64, i64)> {
-        let conn = self.conn();
+    /// The database's.
+    pub fn counts(&self) -> DbResult<(i64, i64)> {
+        on_postgres!(self, pg => pg.counts());
+        let conn = self.lite()?;
         let orders = conn.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get(0))?;
         let mails = conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))?;
         Ok((orders, mails))
@@ -386,7 +488,7 @@ impl Db {
 }
 
 /// A store identity unlikely to repeat: the time and random bits.
-fn fresh_store_id() -> String {
+pub(crate) fn fresh_store_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

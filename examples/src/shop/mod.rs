@@ -32,6 +32,8 @@
 //! ```
 
 pub mod db;
+#[cfg(feature = "postgres")]
+mod pg;
 
 use std::path::Path;
 use std::time::Duration;
@@ -112,19 +114,22 @@ pub fn mix() -> crate::drive::Mix {
 ///   order without its e-mail again;
 /// - with the durable backend (feature `redis`, `Shop::open_durable`), the
 ///   e-mail is a job on a Redis Stream that any replica's `Shop::run_mailer`
-///   sends, retried, across restarts.
+///   sends, retried, across restarts;
+/// - on PostgreSQL (feature `postgres`, `Shop::open_postgres`), the store's
+///   data and the e-mail's job are in one database, and a checkout commits
+///   the order and its job together: neither exists without the other.
 #[derive(Clone, Debug)]
 pub struct Shop {
     db: Db,
     stack: Stack,
     pool: CpuPool,
     defer: Defer,
-    #[cfg(feature = "redis")]
+    #[cfg(any(feature = "redis", feature = "postgres"))]
     durable: Option<gratify::offload::durable::DurableQueue>,
 }
 
 /// The durable job of a confirmation e-mail.
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SendConfirmation {
     /// The order.
@@ -133,7 +138,7 @@ pub struct SendConfirmation {
     pub email: String,
 }
 
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 impl gratify::offload::durable::DurableJob for SendConfirmation {
     const NAME: &'static str = "shop.send-confirmation";
 }
@@ -170,7 +175,7 @@ async fn send(db: Db, order: i64, email: String) -> Result<(), gratify::BoxError
 /// Runs a store query on the blocking pool.
 async fn query<T: Send + 'static>(
     db: &Db,
-    f: impl FnOnce(&Db) -> rusqlite::Result<T> + Send + 'static,
+    f: impl FnOnce(&Db) -> db::DbResult<T> + Send + 'static,
 ) -> Result<T, Response> {
     let db = db.clone();
     match tokio::task::spawn_blocking(move || f(&db)).await {
@@ -219,7 +224,7 @@ impl Shop {
             stack,
             pool,
             defer,
-            #[cfg(feature = "redis")]
+            #[cfg(any(feature = "redis", feature = "postgres"))]
             durable: None,
         })
     }
@@ -232,7 +237,7 @@ impl Shop {
     /// # Errors
     ///
     /// As [`open`](Self::open), or the queue refuses the orders to resend.
-    #[cfg(feature = "redis")]
+    #[cfg(any(feature = "redis", feature = "postgres"))]
     pub async fn open_durable(
         path: &Path,
         queue: gratify::offload::durable::DurableQueue,
@@ -243,9 +248,33 @@ impl Shop {
         Ok(shop)
     }
 
+    /// The store in PostgreSQL at `url` (shared by every replica), whose
+    /// confirmation e-mails are durable jobs in the same database: a
+    /// checkout queues its e-mail in the order's own transaction (the
+    /// outbox), and any replica's [`run_mailer`](Self::run_mailer) sends it.
+    ///
+    /// # Errors
+    ///
+    /// PostgreSQL cannot be reached or refuses.
+    #[cfg(feature = "postgres")]
+    pub async fn open_postgres(
+        url: &str,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        use gratify::offload::durable::{DurableConfig, DurableQueue};
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(16)
+            .connect(url)
+            .await?;
+        let queue = DurableQueue::postgres(pool.clone(), DurableConfig::new("shop:mail")).await?;
+        let db = Db::postgres(pool, Some(queue.clone())).await?;
+        let mut shop = Self::with(db, CONFIG)?;
+        shop.durable = Some(queue);
+        Ok(shop)
+    }
+
     /// Sends the durable queue's confirmation e-mails until `shutdown`
     /// completes (at once without a durable queue). Run one per replica.
-    #[cfg(feature = "redis")]
+    #[cfg(any(feature = "redis", feature = "postgres"))]
     pub async fn run_mailer(
         &self,
         shutdown: impl Future<Output = ()>,
@@ -303,7 +332,7 @@ impl Shop {
             for (id, user) in &orders {
                 shop.hand_off(&shop.db, *id, format!("{user}@example.com"))?;
             }
-            Ok::<_, rusqlite::Error>(orders.len())
+            Ok::<_, db::DbError>(orders.len())
         })
         .await??;
         if resent > 0 {
@@ -315,8 +344,12 @@ impl Shop {
     /// Hands the confirmation of `order` off: to the durable queue if there
     /// is one, else to the deferred queue; sent inline if the queue refuses.
     /// Runs on a blocking thread (it may wait for Redis).
-    fn hand_off(&self, db: &Db, order: i64, email: String) -> rusqlite::Result<()> {
-        #[cfg(feature = "redis")]
+    fn hand_off(&self, db: &Db, order: i64, email: String) -> db::DbResult<()> {
+        if db.queues_confirmations() {
+            // Queued by the checkout, in the order's own transaction.
+            return Ok(());
+        }
+        #[cfg(any(feature = "redis", feature = "postgres"))]
         if let Some(queue) = &self.durable {
             let job = SendConfirmation {
                 order,

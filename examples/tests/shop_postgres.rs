@@ -1,0 +1,137 @@
+//! The store on PostgreSQL: an order and its confirmation e-mail's job
+//! commit in one transaction. The test makes a database of its own on the
+//! server at `GRATIFY_TEST_POSTGRES` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) and drops it afterwards.
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failure is a failed test
+
+use std::time::Duration;
+
+use axum::body::Body;
+use gratify_examples::shop::Shop;
+use http::{Request, StatusCode};
+use sqlx::PgPool;
+use tower::ServiceExt;
+
+fn admin_url() -> String {
+    std::env::var("GRATIFY_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database of this test's own, dropped when the test ends.
+struct Database {
+    name: String,
+    url: String,
+}
+
+impl Database {
+    async fn create(test: &str) -> Self {
+        let name = format!("gratify_shop_{test}_{}", std::process::id());
+        let admin = PgPool::connect(&admin_url())
+            .await
+            .expect("PostgreSQL at GRATIFY_TEST_POSTGRES (default 127.0.0.1:5432, trust auth)");
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let url = format!("{}/{name}", admin_url().rsplit_once('/').unwrap().0);
+        Self { name, url }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(admin) = PgPool::connect(&admin_url()).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn post(app: &axum::Router, path: &str) -> StatusCode {
+    let request = Request::post(path)
+        .header("host", "shop.example")
+        .body(Body::empty())
+        .unwrap();
+    app.clone().oneshot(request).await.unwrap().status()
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// A checkout that fails after its order row was written (a trigger
+/// refuses one of its lines) leaves no order and no e-mail job, and the
+/// cart as it was; one that succeeds leaves both, and the mailer sends its
+/// e-mail once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_and_its_email_job_commit_together_or_not_at_all() {
+    let db = Database::create("outbox").await;
+    let shop = Shop::open_postgres(&db.url).await.unwrap();
+    let pool = PgPool::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_thirteen() RETURNS trigger AS $$
+         BEGIN IF NEW.qty = 13 THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END
+         $$ LANGUAGE plpgsql;
+         CREATE TRIGGER refuse_thirteen BEFORE INSERT ON order_items
+         FOR EACH ROW EXECUTE FUNCTION refuse_thirteen();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let app = shop.router();
+    assert_eq!(post(&app, "/cart/ann/3").await, StatusCode::OK);
+    // Bob's cart: 13 of product 5 (the store's calls block: off the
+    // async threads, as the handlers make them).
+    let store = shop.clone();
+    let added = tokio::task::spawn_blocking(move || store.db().add_to_cart("bob", 5, 13))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(added);
+
+    assert_eq!(post(&app, "/checkout/ann").await, StatusCode::CREATED);
+    assert_eq!(
+        post(&app, "/checkout/bob").await,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM orders").await, 1);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM orders WHERE customer = 'bob'").await,
+        0
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM shop_mail").await,
+        1,
+        "one job: ann's, and none for bob's rolled-back order"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM carts WHERE customer = 'bob'").await,
+        1,
+        "bob's cart is as it was"
+    );
+
+    let report = shop
+        .run_mailer(tokio::time::sleep(Duration::from_secs(2)))
+        .await;
+    assert_eq!(report.done, 1, "{report:?}");
+    assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM shop_mail").await, 0);
+    pool.close().await;
+}
