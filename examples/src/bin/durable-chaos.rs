@@ -183,14 +183,12 @@ async fn work(args: &Args, url: &str) -> Result<(), BoxError> {
                 Ok(())
             }
         });
-        runs.push(tokio::spawn(async move {
-            worker.run(std::future::pending()).await
-        }));
+        runs.push(async move { worker.run(std::future::pending()).await });
     }
-    for r in runs {
-        let _ = r.await;
-    }
-    Ok(())
+    // A worker that ends is a failure of the run, not a quiet survivor.
+    let mut runs: tokio::task::JoinSet<_> = runs.into_iter().collect();
+    let _ = runs.join_next().await;
+    Err("a worker stopped by itself".into())
 }
 
 // ---------------------------------------------------------------- server
@@ -274,13 +272,22 @@ impl Server {
         else {
             return Ok(());
         };
+        // Debian keeps initdb and pg_ctl off the PATH: ask pg_config.
+        let tool = Command::new("pg_config")
+            .arg("--bindir")
+            .output()
+            .ok()
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join(args[0]))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from(args[0]));
         let mut cmd = if *as_postgres {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]);
-            c.args(args);
+            c.arg(&tool);
+            c.args(&args[1..]);
             c
         } else {
-            let mut c = Command::new(args[0]);
+            let mut c = Command::new(&tool);
             c.args(&args[1..]);
             c
         };
@@ -381,14 +388,17 @@ enum End {
 struct Execution {
     start: u128,
     end: End,
-    /// When it ended (its start if it never did).
+    /// When it ended: its completion or failure, when its worker moved on
+    /// (aborted), when its process was killed (nothing), else its start.
     ended: u128,
-    /// Whether it was its ledger's last line(s) and that ledger's process
-    /// was killed by the chaos.
-    last_of_killed: bool,
+    /// When its process was killed by the chaos, if it was, and this was
+    /// that process's ledger's last run.
+    killed_at: Option<u128>,
 }
 
-/// Reads every ledger: the executions of each job.
+/// Reads every ledger: the executions of each job. A run's end is the next
+/// line of the same ledger if it is that job's completion or failure; a
+/// run followed by another job's start was aborted (its worker moved on).
 fn executions(
     dir: &Path,
     killed: &HashMap<String, u128>,
@@ -407,7 +417,7 @@ fn executions(
             .rsplit_once('-')
             .map(|(p, _)| p.to_owned())
             .unwrap_or_default();
-        let was_killed = killed.contains_key(&process);
+        let kill = killed.get(&process).copied();
         let text = std::fs::read_to_string(&path)?;
         let lines: Vec<(char, u64, u128)> = text
             .lines()
@@ -423,18 +433,19 @@ fn executions(
             if kind != 'S' {
                 continue;
             }
-            let next = lines.get(i + 1);
-            let (end, ended, rest) = match next {
-                Some(&('F', nid, nt)) if nid == id => (End::Completed, nt, lines.get(i + 2)),
-                Some(&('X', nid, nt)) if nid == id => (End::Failed, nt, lines.get(i + 2)),
-                Some(&(_, _, nt)) => (End::Aborted, nt, next),
-                None => (End::Nothing, t, None),
+            let (end, ended, last) = match lines.get(i + 1) {
+                Some(&('F', nid, nt)) if nid == id => {
+                    (End::Completed, nt, lines.get(i + 2).is_none())
+                }
+                Some(&('X', nid, nt)) if nid == id => (End::Failed, nt, lines.get(i + 2).is_none()),
+                Some(&(_, _, nt)) => (End::Aborted, nt, false),
+                None => (End::Nothing, kill.unwrap_or(t), true),
             };
             jobs.entry(id).or_default().push(Execution {
                 start: t,
                 end,
                 ended,
-                last_of_killed: rest.is_none() && was_killed,
+                killed_at: kill.filter(|_| last),
             });
         }
     }
@@ -442,6 +453,35 @@ fn executions(
         list.sort_by_key(|e| e.start);
     }
     Ok(jobs)
+}
+
+/// Jobs still in the backend (queued, delayed or leased): none once every
+/// job is done and acknowledged.
+async fn left_in(backend: Backend, url: &str) -> Result<u64, BoxError> {
+    Ok(match backend {
+        Backend::Redis => {
+            let mut conn = redis::Client::open(url)?
+                .get_multiplexed_async_connection()
+                .await?;
+            let stream: u64 = redis::cmd("XLEN")
+                .arg("chaos")
+                .query_async(&mut conn)
+                .await?;
+            let delayed: u64 = redis::cmd("ZCARD")
+                .arg("chaos:delayed")
+                .query_async(&mut conn)
+                .await?;
+            stream + delayed
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(url).await?;
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM chaos")
+                .fetch_one(&pool)
+                .await?;
+            pool.close().await;
+            u64::try_from(n).unwrap_or(0)
+        }
+    })
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -453,6 +493,19 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 // ---------------------------------------------------------------- the run
+
+/// The worker processes; any left are killed when it is dropped (an error
+/// mid-run leaves none behind).
+struct Fleet(Vec<Process>);
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for p in &mut self.0 {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
 
 struct Process {
     /// Its ledgers' name.
@@ -488,7 +541,9 @@ fn spawn_worker(
         .arg(dir.join(format!("ledger-{name}")))
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(
+            dir.join(format!("worker-{name}.err")),
+        )?)
         .spawn()?;
     Ok(Process {
         name,
@@ -514,7 +569,8 @@ async fn run(args: &Args, dir: &Path) -> Result<serde_json::Value, BoxError> {
     let queue = connect(args.backend, &url, config(visibility)).await?;
     let mut rng = Rng(args.seed);
 
-    let mut processes = Vec::new();
+    let mut fleet = Fleet(Vec::new());
+    let processes = &mut fleet.0;
     let mut spawned = 0;
     for i in 0..args.processes {
         processes.push(spawn_worker(args, &url, dir, &format!("pod-{i}"), spawned)?);
@@ -567,9 +623,25 @@ async fn run(args: &Args, dir: &Path) -> Result<serde_json::Value, BoxError> {
     let mut restart_window = (0u128, 0u128);
     let mut restarted = false;
     let enqueue_until = Instant::now() + Duration::from_secs(args.seconds);
+    let mut died_on_their_own = 0usize;
     while Instant::now() < enqueue_until {
         let pause = Duration::from_millis(1000 + rng.next() % 2000);
         tokio::time::sleep(pause).await;
+        // A worker process that ended without being killed is a failure
+        // (its runs must not pass for killed ones).
+        let before = processes.len();
+        processes.retain_mut(|p| !matches!(p.child.try_wait(), Ok(Some(_))));
+        for _ in processes.len()..before {
+            died_on_their_own += 1;
+            processes.push(spawn_worker(
+                args,
+                &url,
+                dir,
+                &format!("fresh-{spawned}"),
+                spawned,
+            )?);
+            spawned += 1;
+        }
         if !restarted && Instant::now() + Duration::from_secs(args.seconds / 2) > enqueue_until {
             restarted = true;
             let t = now_us();
@@ -596,8 +668,8 @@ async fn run(args: &Args, dir: &Path) -> Result<serde_json::Value, BoxError> {
     stop.store(true, Ordering::Relaxed);
     let (accepted, latencies, enqueue_errors) = enqueuer.await?;
 
-    // Drain: until every accepted job completed or is a dead letter, or the
-    // limit.
+    // Drain: until every accepted job completed, or the limit; then as long
+    // again as a lease lasts, so that a rerun of a finished job would show.
     let drain_limit = Instant::now() + Duration::from_secs(60) + 4 * visibility;
     let completed_ids = loop {
         let jobs = executions(dir, &killed)?;
@@ -607,20 +679,19 @@ async fn run(args: &Args, dir: &Path) -> Result<serde_json::Value, BoxError> {
             .map(|(id, _)| *id)
             .collect();
         let open = accepted.iter().filter(|id| !completed.contains(id)).count();
-        let dead = queue.dead_letters().await.unwrap_or(0);
-        if open <= dead || Instant::now() > drain_limit {
+        if open == 0 || Instant::now() > drain_limit {
             break completed;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    // Let the last acknowledgements land, then stop the workers (their
-    // ledgers are not counted as killed: nothing is mid-job).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for mut p in processes {
-        let _ = p.child.kill();
-        let _ = p.child.wait();
-    }
+    tokio::time::sleep(visibility + Duration::from_secs(2)).await;
+    died_on_their_own += processes
+        .iter_mut()
+        .filter_map(|p| p.child.try_wait().ok().flatten())
+        .count();
+    drop(fleet);
     let dead_letters = queue.dead_letters().await.unwrap_or(0);
+    let left_in_queue = left_in(args.backend, &url).await?;
     let jobs = executions(dir, &killed)?;
     drop(server);
 
@@ -633,24 +704,34 @@ async fn run(args: &Args, dir: &Path) -> Result<serde_json::Value, BoxError> {
     let mut retries = 0usize;
     let mut cut_by_kill = 0usize;
     let mut explained = 0usize;
+    let mut completed_then_killed = 0usize;
     let mut not_explained = 0usize;
     let mut explained_by_restart = 0usize;
-    // A run in progress while the server was down (its lease could not be
-    // renewed) — up to a visibility timeout after it was back.
-    let visibility_us = u128::from(args.visibility_ms) * 1000;
-    let spans_outage = |e: &Execution| {
-        restarted
-            && e.start < restart_window.1 + visibility_us
-            && e.ended.max(e.start) + visibility_us > restart_window.0
-    };
     let mut lost_lease_reruns = 0usize;
     let mut completed_twice = 0usize;
     let mut ran_without_accepted_enqueue = 0usize;
+    let (crash, up) = restart_window;
+    // A lease not renewable while the server was down may be taken when it
+    // returns: a rerun is put down to the outage only if its first run was
+    // aborted by then, or completed just before the crash or during it
+    // (its acknowledgement lost with the server), and the rerun began
+    // between the crash and a lease (and a look) after the server was back.
+    let grace = u128::from(args.visibility_ms) * 1000 + 3_000_000;
+    let outage = |first: &Execution, next: &Execution| {
+        restarted
+            && next.start >= crash
+            && next.start <= up + grace
+            && match first.end {
+                End::Completed => first.ended + 1_000_000 >= crash && first.ended <= up,
+                End::Aborted => first.ended >= crash && first.ended <= up + grace,
+                _ => false,
+            }
+    };
     for (id, list) in &jobs {
         executions_total += list.len();
         cut_by_kill += list
             .iter()
-            .filter(|e| e.end == End::Nothing && e.last_of_killed)
+            .filter(|e| e.end == End::Nothing && e.killed_at.is_some())
             .count();
         if list.iter().filter(|e| e.end == End::Completed).count() > 1 {
             completed_twice += 1;
@@ -661,17 +742,26 @@ async fn run(args: &Args, dir: &Path) -> Result<serde_json::Value, BoxError> {
         }
         for pair in list.windows(2) {
             let (first, next) = (pair[0], pair[1]);
-            let overlapped = next.start < first.ended;
-            match first.end {
-                End::Failed if !overlapped => retries += 1,
-                // Killed mid-job, or after completing and before the
-                // acknowledgement.
-                End::Nothing | End::Completed if first.last_of_killed => explained += 1,
-                End::Aborted | End::Completed if spans_outage(&first) => {
+            if next.start < first.ended {
+                // Two runs at once.
+                not_explained += 1;
+                continue;
+            }
+            match (first.end, first.killed_at) {
+                (End::Failed, _) => retries += 1,
+                // Killed mid-job.
+                (End::Nothing, Some(_)) => explained += 1,
+                // Completed, then killed before its acknowledgement could
+                // land (within 250 ms).
+                (End::Completed, Some(kill)) if kill.saturating_sub(first.ended) < 250_000 => {
+                    explained += 1;
+                    completed_then_killed += 1;
+                }
+                _ if outage(&first, &next) => {
                     lost_lease_reruns += usize::from(first.end == End::Aborted);
                     explained_by_restart += 1;
                 }
-                End::Aborted => {
+                (End::Aborted, _) => {
                     lost_lease_reruns += 1;
                     not_explained += 1;
                 }
@@ -705,12 +795,15 @@ async fn run(args: &Args, dir: &Path) -> Result<serde_json::Value, BoxError> {
         "retries_after_failure": retries,
         "executions_cut_by_kill": cut_by_kill,
         "reruns_explained_by_kill": explained,
+        "of_which_completed_then_killed_before_ack": completed_then_killed,
         "reruns_explained_by_server_restart": explained_by_restart,
         "reruns_not_explained": not_explained,
         "of_which_lost_lease": lost_lease_reruns,
         "jobs_completed_more_than_once": completed_twice,
         "ran_without_an_accepted_enqueue": ran_without_accepted_enqueue,
         "worker_kills": killed.len(),
+        "worker_processes_that_died_on_their_own": died_on_their_own,
+        "left_in_queue": left_in_queue,
         "server_restarts": u32::from(restarted),
         "server_down_ms": (restart_window.1.saturating_sub(restart_window.0)) / 1000,
         "enqueue_p50_ms": percentile(&all, 0.5),
@@ -735,7 +828,11 @@ async fn main() -> ExitCode {
     match orchestrate(&args).await {
         Ok(report) => {
             println!("{report:#}");
-            let bad = report["lost"] != 0 || report["reruns_not_explained"] != 0;
+            let bad = report["lost"] != 0
+                || report["reruns_not_explained"] != 0
+                || report["dead_letters"] != 0
+                || report["left_in_queue"] != 0
+                || report["worker_processes_that_died_on_their_own"] != 0;
             if bad {
                 ExitCode::FAILURE
             } else {

@@ -365,6 +365,41 @@ pub enum DurableError {
     Unsupported(&'static str),
 }
 
+impl DurableError {
+    /// Whether the same step may succeed if tried again shortly: a lost
+    /// connection, a timeout, a server starting or failing over, a
+    /// serialization conflict — not a refusal that would repeat.
+    fn is_transient(&self) -> bool {
+        match self {
+            #[cfg(feature = "redis")]
+            Self::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || matches!(
+                        e.code(),
+                        Some("LOADING" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN")
+                    )
+            }
+            #[cfg(feature = "postgres")]
+            Self::Postgres(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::Tls(_) => true,
+                // Connection exceptions (08…), shutdowns and start-ups
+                // (57P01–57P03), serialization failures and deadlocks.
+                sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+                    c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01"
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
 /// What a handler is told about the job it runs.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -1226,8 +1261,10 @@ impl Worker {
             }
         };
         // Finishing is safe to repeat: a reply lost on the way, or a backend
-        // restarting, is retried for as long as the lease may still hold (a
-        // handler that succeeded is not run again for a blip). A repeat that
+        // restarting, is retried for as long as the lease may hold and half a
+        // minute more (a handler that succeeded is not run again for a blip;
+        // past its lease, the fenced step still finishes it if nobody took
+        // it meanwhile). Other errors are tried three times. A repeat that
         // finds the job held by nobody means an earlier try did it; one that
         // finds another holder means the lease was lost.
         let mut tries = 0u32;
@@ -1238,7 +1275,11 @@ impl Worker {
                 Ok(1) => break true,
                 Ok(2) if tries > 1 => break true,
                 Ok(_) => break false,
-                Err(e) if started.elapsed() < config.visibility + Duration::from_secs(60) => {
+                Err(e)
+                    if tries < 3
+                        || (e.is_transient()
+                            && started.elapsed() < config.visibility + Duration::from_secs(30)) =>
+                {
                     tracing::debug!(error = %e, "durable worker: finishing failed; trying again");
                     let pause = Duration::from_millis(100).saturating_mul(1 << tries.min(4));
                     tokio::time::sleep(pause.min(Duration::from_secs(1))).await;

@@ -19,6 +19,9 @@ struct Names {
     jobs: String,
     dead: String,
     effects: String,
+    /// The schema, quoted.
+    schema: String,
+    /// The table's name unquoted: the notification channel too.
     channel: String,
     /// The advisory lock that serialises creating the tables.
     lock: i64,
@@ -27,8 +30,9 @@ struct Names {
 impl Names {
     /// Names from the queue's name: characters other than ASCII letters,
     /// digits and `_` become `_`, letters lower-case (`shop:mail` is table
-    /// `shop_mail`, with `shop_mail_dead` and `shop_mail_effects`).
-    fn of(stream: &str) -> Result<Self, DurableError> {
+    /// `shop_mail`, with `shop_mail_dead` and `shop_mail_effects`), in
+    /// `schema`.
+    fn of(stream: &str, schema: &str) -> Result<Self, DurableError> {
         let mut base: String = stream
             .chars()
             .map(|c| {
@@ -58,10 +62,12 @@ impl Names {
         let lock = base.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
+        let schema = format!("\"{}\"", schema.replace('"', "\"\""));
         Ok(Self {
-            jobs: format!("\"{base}\""),
-            dead: format!("\"{base}_dead\""),
-            effects: format!("\"{base}_effects\""),
+            jobs: format!("{schema}.\"{base}\""),
+            dead: format!("{schema}.\"{base}_dead\""),
+            effects: format!("{schema}.\"{base}_effects\""),
+            schema,
             lock: i64::from_ne_bytes(lock.to_ne_bytes()),
             channel: base,
         })
@@ -100,8 +106,9 @@ fn secs(d: Duration) -> f64 {
 
 /// The queue's side: a pool of its own, made with the application pool's
 /// connect options — never waiting behind the application for a
-/// connection, and never holding one of the application's — in READ
-/// COMMITTED (what `SKIP LOCKED` claims rely on).
+/// connection, and never holding one of the application's. Its tables are
+/// named in the schema the application's connections resolve names in,
+/// so `enqueue_in` on the application's transaction and the workers agree.
 #[derive(Clone)]
 pub(super) struct PgQueue {
     pool: PgPool,
@@ -115,13 +122,11 @@ impl PgQueue {
         app: &PgPool,
         config: &DurableConfig,
     ) -> Result<Self, DurableError> {
-        let names = Names::of(&config.stream)?;
-        let options = app
-            .connect_options()
-            .as_ref()
-            .clone()
-            // (The space escaped as the startup `options` want it.)
-            .options([("default_transaction_isolation", "read\\ committed")]);
+        let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(app)
+            .await?;
+        let names = Names::of(&config.stream, schema.as_deref().unwrap_or("public"))?;
+        let options = app.connect_options().as_ref().clone();
         // A lease must be renewable well within its visibility timeout.
         let pool = PgPoolOptions::new()
             .max_connections(8)
@@ -182,9 +187,9 @@ CREATE INDEX IF NOT EXISTS "{channel}_effects_until_idx" ON {effects} (until)
             jobs.clone(),
             dead.clone(),
             effects.clone(),
-            format!("\"{channel}_ready_idx\""),
-            format!("\"{channel}_leased_idx\""),
-            format!("\"{channel}_effects_until_idx\""),
+            format!("{}.\"{channel}_ready_idx\"", names.schema),
+            format!("{}.\"{channel}_leased_idx\"", names.schema),
+            format!("{}.\"{channel}_effects_until_idx\"", names.schema),
         ];
         let present: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM unnest($1::text[]) AS r(name) WHERE to_regclass(r.name) IS NOT NULL",
@@ -194,6 +199,15 @@ CREATE INDEX IF NOT EXISTS "{channel}_effects_until_idx" ON {effects} (until)
         .await?;
         if usize::try_from(present).unwrap_or(0) < relations.len() {
             create_tables(&pool, names.lock, &schema).await?;
+        }
+        // Claims rely on READ COMMITTED's re-check of a row changed under
+        // them; under a stricter default they fail with serialization errors
+        // (retried, never wrong) under contention.
+        let isolation: String = sqlx::query_scalar("SHOW default_transaction_isolation")
+            .fetch_one(&pool)
+            .await?;
+        if isolation != "read committed" {
+            tracing::warn!(%isolation, "durable queue: the database's default isolation is not READ COMMITTED; claims will conflict and be retried under contention");
         }
         Ok(Self {
             pool,
