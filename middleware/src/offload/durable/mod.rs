@@ -626,10 +626,14 @@ impl DurableQueue {
 
     /// A queue in PostgreSQL, where `pool` (the application's) connects:
     /// creates its tables if they do not exist (replicas starting together
-    /// take turns). The queue makes connections of its own with the pool's
-    /// options — up to 8 for claims, renewals and enqueues, in READ
-    /// COMMITTED, plus one per worker to listen — so it never takes one of
-    /// the application's or waits behind it. Stop the workers before the
+    /// take turns), in the schema the pool's connections resolve names in.
+    /// The queue makes connections of its own with the pool's options — up
+    /// to 8 for claims, renewals and enqueues, plus one per worker to
+    /// listen — so it never takes one of the application's or waits behind
+    /// it (settings the pool applies after connecting are not applied to
+    /// them; the schema is named explicitly). Claims expect the default
+    /// READ COMMITTED isolation; under a stricter default they conflict and
+    /// are retried (logged at connect). Stop the workers before the
     /// database goes away for good: a job whose finish cannot reach it is
     /// run again.
     ///
