@@ -91,6 +91,58 @@ fn middle_of(i: usize) -> f64 {
     1e-6 * ((i as f64 + 0.5) / PER_DOUBLING as f64).exp2()
 }
 
+/// A [`DecayedLatency`]'s evidence at one moment: `total` samples' worth
+/// at `landmark`, halving every `half_life` seconds after it.
+///
+/// ```
+/// use std::time::{Duration, Instant};
+/// use gratify_core::estimate::DecayedLatency;
+///
+/// let t0 = Instant::now();
+/// let mut latency = DecayedLatency::new(Duration::from_secs(2));
+/// latency.record(t0, Duration::from_millis(10));
+/// let evidence = latency.evidence().unwrap();
+/// let later = t0 + Duration::from_secs(2);
+/// assert_eq!(evidence.weight(later), latency.weight(later));
+/// assert!((evidence.weight(later) - 0.5).abs() < 1e-9);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct Evidence {
+    /// The instant `total` refers to.
+    pub landmark: Instant,
+    /// The weight at `landmark`, in samples.
+    pub total: f64,
+    /// Seconds for the weight to halve.
+    pub half_life: f64,
+}
+
+impl Evidence {
+    /// Evidence of `total` samples at `landmark`, halving every `half_life`
+    /// seconds (at least a millisecond).
+    pub fn new(landmark: Instant, total: f64, half_life: f64) -> Self {
+        Self {
+            landmark,
+            total,
+            half_life: if half_life.is_nan() {
+                1e-3
+            } else {
+                half_life.clamp(1e-3, 1e15)
+            },
+        }
+    }
+
+    /// The weight left at `now`: each sample counts 1 when it arrives and
+    /// half as much every half-life after.
+    pub fn weight(&self, now: Instant) -> f64 {
+        if self.total <= 0.0 {
+            return 0.0;
+        }
+        let exponent = now.saturating_duration_since(self.landmark).as_secs_f64() / self.half_life;
+        self.total * (-exponent).exp2()
+    }
+}
+
 impl DecayedLatency {
     /// An empty estimator whose evidence halves every `half_life` (at least
     /// a millisecond).
@@ -241,10 +293,21 @@ impl DecayedLatency {
     /// The evidence left at `now`, in samples: each sample counts 1 when it
     /// arrives and half as much every half-life after.
     pub fn weight(&self, now: Instant) -> f64 {
-        if self.total <= 0.0 {
-            return 0.0;
-        }
-        self.total * (-self.exponent(now)).exp2()
+        self.evidence().map_or(0.0, |e| e.weight(now))
+    }
+
+    /// The evidence in a form that can be copied out — for example into
+    /// atomics that readers reach without the estimator's lock — and asked
+    /// for its [`weight`](Evidence::weight) later, with the same result as
+    /// [`weight`](Self::weight) until the next sample. `None` before any
+    /// sample.
+    pub fn evidence(&self) -> Option<Evidence> {
+        let landmark = self.landmark?;
+        (self.total > 0.0).then_some(Evidence {
+            landmark,
+            total: self.total,
+            half_life: self.half_life,
+        })
     }
 
     /// Keeps only `factor` (0 to 1) of the evidence so far, as if it were

@@ -43,7 +43,7 @@ mod latency;
 mod min;
 mod rate;
 
-pub use self::decayed::DecayedLatency;
+pub use self::decayed::{DecayedLatency, Evidence};
 pub use self::latency::LatencyWindow;
 pub use self::min::MinTracker;
 pub use self::rate::RateEstimator;

@@ -4,10 +4,10 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use gratify_core::estimate::DecayedLatency;
+use gratify_core::estimate::{DecayedLatency, Evidence};
 use gratify_core::slot::SlotHold;
 use gratify_core::{Class, ClassId, CostModel, LoadSignal, LoadSnapshot};
 use tokio::sync::oneshot;
@@ -204,14 +204,43 @@ impl ClassStats {
 
 /// The limiter: a concurrency limit learned by an [`Algorithm`], and
 /// admission by the cost model. Cloning shares it.
+///
+/// No lock is shared by every request. A request that finds room and no
+/// queue is admitted with one compare-and-swap; under overload each class's
+/// queue has a lock of its own, taken only to join it, leave it or be
+/// granted from it; what the admission rules read of the other classes
+/// (their queues' lengths and ages, their latency estimates) is published in
+/// atomics. Timed completions (all of them below about 2,000 a second, one
+/// in N above) teach the algorithm and the estimates under a lock of their
+/// own that no request waits for.
 #[derive(Clone)]
 pub struct Limiter {
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    state: Mutex<State>,
     fast: Fast,
+    /// What timed completions teach: the algorithm and the estimates.
+    learn: Mutex<Learn>,
+    /// Per class: its queue and what the request path reads of it.
+    classes: Box<[ClassShared]>,
+    /// Each class's delay-cost curve (swapped by `reload`).
+    curves: RwLock<Vec<Curve>>,
+    /// The mean service time of the recent mix (seconds, f64 bits): each
+    /// class's robust mean weighted by its recent completions; what a slot's
+    /// turnover is judged by. 0 until the first sample.
+    service: AtomicU64,
+    /// Enough samples for the cost rules to shed (cold start is over).
+    warm: AtomicBool,
+    /// When the load signal was last published (`NEVER`: not yet).
+    published: AtomicU64,
+    /// The queues' length it published then.
+    published_queued: AtomicUsize,
+    /// The instant the atomics' times count from.
+    origin: Instant,
+    /// Waiters' ids, taken under their class's queue lock so that each
+    /// queue is in id order.
+    next_id: AtomicU64,
     /// Swapped whole by `reload`; class names never change.
     model: gratify_core::SharedModel,
     signal: LoadSignal,
@@ -219,15 +248,19 @@ struct Shared {
     rng: AtomicU64,
 }
 
-/// What the request path reads and writes without the lock: a request that
+/// An instant that is not set, in the atomics that hold times.
+const NEVER: u64 = u64::MAX;
+
+/// What the request path reads and writes without a lock: a request that
 /// finds room and no queue is admitted with one compare-and-swap, and most
 /// completions only decrement a counter.
 struct Fast {
-    /// Requests holding a slot (the truth; the lock is not needed to change it).
+    /// Requests holding a slot (the truth; no lock is needed to change it).
     in_flight: AtomicUsize,
-    /// The limit (written under the lock).
+    /// The limit (written under the learning lock).
     limit: AtomicUsize,
-    /// A copy of the queue length (written under the lock).
+    /// Places in the queues, taken (before joining) and given back (after
+    /// leaving), over all classes.
     queued: AtomicUsize,
     /// One completion in this many is timed and taught to the algorithm
     /// (1 below a couple of thousand completions a second).
@@ -249,6 +282,10 @@ impl Fast {
         self.limit.load(Ordering::Relaxed).max(1)
     }
 
+    fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
     /// Slots held by class `k`.
     fn class_in_flight(&self, k: usize) -> usize {
         let admitted = self.admitted[k].load(Ordering::Relaxed);
@@ -257,41 +294,82 @@ impl Fast {
     }
 }
 
-struct State {
+/// One class: its queue behind its own lock, and copies of what others read
+/// of it (the queue's length and the ages of its ends, the class's learned
+/// latency) in atomics.
+struct ClassShared {
+    queue: Mutex<VecDeque<Waiter>>,
+    /// The queue's length (written under its lock).
+    len: AtomicUsize,
+    /// When the first and the last waiter joined (nanoseconds from
+    /// `origin`; meaningful while `len > 0`).
+    head_at: AtomicU64,
+    tail_at: AtomicU64,
+    /// Its mean latency, seconds (f64 bits; 0 until the first sample).
+    latency: AtomicU64,
+    /// Its latency at the deadline rule's quantile, seconds (f64 bits; NaN
+    /// before any sample).
+    quantile: AtomicU64,
+    /// Its estimate's evidence: the total (f64 bits) at the landmark
+    /// (nanoseconds from `origin`, `NEVER` before any sample).
+    evidence_total: AtomicU64,
+    evidence_landmark: AtomicU64,
+    /// When the next probe may pass while the class is refused on its own
+    /// estimate (nanoseconds from `origin`; `NEVER`: at once).
+    probe_at: AtomicU64,
+    never_shed: Option<usize>,
+    share: Option<f64>,
+    /// Refused so far, by reason.
+    shed: [AtomicU64; 7],
+}
+
+impl ClassShared {
+    fn len(&self) -> usize {
+        self.len.load(Ordering::SeqCst)
+    }
+
+    /// Updates the atomic copies of the queue's shape (under its lock).
+    fn mirror(&self, queue: &VecDeque<Waiter>, origin: Instant) {
+        if let (Some(head), Some(tail)) = (queue.front(), queue.back()) {
+            self.head_at
+                .store(nanos_since(origin, head.enqueued), Ordering::Relaxed);
+            self.tail_at
+                .store(nanos_since(origin, tail.enqueued), Ordering::Relaxed);
+        }
+        self.len.store(queue.len(), Ordering::SeqCst);
+    }
+}
+
+fn nanos_since(origin: Instant, t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(origin).as_nanos()).unwrap_or(NEVER - 1)
+}
+
+fn at_nanos(origin: Instant, nanos: u64) -> Instant {
+    origin + Duration::from_nanos(nanos)
+}
+
+fn load_f64(a: &AtomicU64) -> f64 {
+    f64::from_bits(a.load(Ordering::Relaxed))
+}
+
+fn store_f64(a: &AtomicU64, x: f64) {
+    a.store(x.to_bits(), Ordering::Relaxed);
+}
+
+/// What timed completions teach, under the learning lock.
+struct Learn {
     algorithm: Box<dyn Algorithm>,
-    queued: usize,
-    classes: Vec<ClassState>,
-    next_id: u64,
+    /// Per class: its own recent latencies (nothing another class does
+    /// moves them, and they fade when the class is not served).
+    estimates: Vec<DecayedLatency>,
     /// EWMA latency, seconds (0 until the first sample).
     latency: f64,
     /// EWMA of the squared latency, for its variability.
     latency_sq: f64,
-    /// The mean service time of the recent mix (each class's robust mean,
-    /// weighted by its recent completions), seconds: what a slot's turnover
-    /// is judged by. 0 until the first sample.
-    service: f64,
     samples: u64,
-    /// When the load signal was last published.
-    published: Option<Instant>,
     /// Completions (estimated) since `rate_since`, to size `sample_every`.
     rate_count: u64,
     rate_since: Option<Instant>,
-}
-
-struct ClassState {
-    class: Class,
-    queue: VecDeque<Waiter>,
-    /// The class's own recent latencies: nothing another class does moves
-    /// them, and they fade when the class is not served.
-    estimate: DecayedLatency,
-    /// Its mean latency, seconds (0 until the first sample).
-    latency: f64,
-    /// When the next probe may pass while the class is refused for its
-    /// deadline.
-    probe_at: Option<Instant>,
-    never_shed: Option<usize>,
-    share: Option<f64>,
-    stats: ClassStats,
 }
 
 struct Waiter {
@@ -330,7 +408,7 @@ impl Refusal {
 impl fmt::Debug for Limiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Limiter")
-            .field("algorithm", &self.lock().algorithm.name())
+            .field("algorithm", &self.algorithm_name())
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -342,6 +420,146 @@ fn ewma(old: f64, new: f64, weight: f64) -> f64 {
     } else {
         old + (new - old) * weight
     }
+}
+
+/// What the admission rules read, without a lock: the limiter's atomics
+/// and the classes' curves, at one instant.
+struct View<'a> {
+    shared: &'a Shared,
+    curves: &'a [Curve],
+    now: Instant,
+}
+
+impl View<'_> {
+    fn service(&self) -> f64 {
+        load_f64(&self.shared.service)
+    }
+
+    fn class(&self, k: usize) -> &ClassShared {
+        &self.shared.classes[k]
+    }
+
+    /// The class's mean latency (0 before any sample).
+    fn latency(&self, k: usize) -> f64 {
+        load_f64(&self.class(k).latency)
+    }
+
+    /// The class's evidence left now, in samples.
+    fn weight(&self, k: usize) -> f64 {
+        let c = self.class(k);
+        let landmark = c.evidence_landmark.load(Ordering::Relaxed);
+        if landmark == NEVER {
+            return 0.0;
+        }
+        Evidence::new(
+            at_nanos(self.shared.origin, landmark).into_std(),
+            load_f64(&c.evidence_total),
+            half_life_secs(&self.shared.config),
+        )
+        .weight(self.now.into_std())
+    }
+
+    /// The class's own latency at the deadline quantile, while its estimate
+    /// holds enough recent evidence to judge by (seconds).
+    fn judged_latency(&self, k: usize) -> Option<f64> {
+        if self.weight(k) < MIN_EVIDENCE {
+            return None;
+        }
+        let q = load_f64(&self.class(k).quantile);
+        (!q.is_nan()).then_some(q)
+    }
+
+    /// The class's expected service time: its own recent mean (outliers
+    /// bounded), or the mix's before it has been seen.
+    fn expected_latency(&self, k: usize) -> f64 {
+        // Its own figure while its evidence is recent: a class that has not
+        // been served for a while falls back to the mix (its old figure may
+        // describe a service that has since recovered).
+        let service = self.service();
+        match self.latency(k) {
+            l if l > 0.0 && self.weight(k) >= MIN_EVIDENCE => l,
+            l if service <= 0.0 && l > 0.0 => l,
+            _ => service,
+        }
+    }
+
+    /// The cμ index of class `k` for a request that has waited `age`
+    /// seconds: its urgency when it would complete, per second of service.
+    fn index(&self, k: usize, age: f64) -> f64 {
+        let s = self.expected_latency(k).max(1e-6);
+        urgency(&self.curves[k], age + s) / s
+    }
+
+    /// How long the first (`head`) or last waiter of class `k` has waited,
+    /// seconds.
+    fn age(&self, k: usize, head: bool) -> f64 {
+        let c = self.class(k);
+        let at = if head { &c.head_at } else { &c.tail_at };
+        let at = at_nanos(self.shared.origin, at.load(Ordering::Relaxed));
+        self.now.saturating_duration_since(at).as_secs_f64()
+    }
+}
+
+/// A class's delay-cost curve, and the longest a response of it is worth
+/// waiting for.
+struct Curve {
+    class: Class,
+    /// The latest response time (seconds from arrival) whose cost is still
+    /// at most the refusal cost (the cost is nondecreasing in time);
+    /// negative when even an immediate response costs more.
+    worth_until: f64,
+}
+
+impl std::ops::Deref for Curve {
+    type Target = Class;
+
+    fn deref(&self) -> &Class {
+        &self.class
+    }
+}
+
+impl Curve {
+    fn new(class: &Class) -> Self {
+        let r = class.refusal_cost();
+        let cost = |t: f64| class.response_cost(Duration::from_secs_f64(t.clamp(0.0, 1e9)));
+        let worth_until = if cost(0.0) > r {
+            -1.0
+        } else if cost(1e9) <= r {
+            f64::INFINITY
+        } else {
+            // Bisection over [0, 1e9] seconds, to well under a nanosecond
+            // for any wait that matters.
+            let (mut lo, mut hi) = (0.0, 1e9);
+            for _ in 0..100 {
+                let mid = (lo + hi) / 2.0;
+                if cost(mid) <= r {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            lo
+        };
+        Self {
+            class: class.clone(),
+            worth_until,
+        }
+    }
+
+    /// The longest wait `w ≤ cap` with `response_cost(w + s) ≤
+    /// refusal_cost`, for a request whose service takes `s` seconds.
+    fn worth_waiting(&self, s: f64, cap: f64) -> f64 {
+        if cap <= 0.0 {
+            return cap;
+        }
+        (self.worth_until - s).clamp(0.0, cap)
+    }
+}
+
+/// The half-life of every class's estimate, seconds, as the estimator
+/// holds it.
+fn half_life_secs(config: &LimiterConfig) -> f64 {
+    config.estimate_half_life.as_secs_f64().clamp(1e-3, 1e15)
 }
 
 impl Limiter {
@@ -360,12 +578,16 @@ impl Limiter {
         let n = model.len();
         let classes = model
             .iter()
-            .map(|(id, _, class)| ClassState {
-                class: class.clone(),
-                queue: VecDeque::new(),
-                estimate: DecayedLatency::new(config.estimate_half_life),
-                latency: 0.0,
-                probe_at: None,
+            .map(|(id, _, _)| ClassShared {
+                queue: Mutex::new(VecDeque::new()),
+                len: AtomicUsize::new(0),
+                head_at: AtomicU64::new(0),
+                tail_at: AtomicU64::new(0),
+                latency: AtomicU64::new(0f64.to_bits()),
+                quantile: AtomicU64::new(f64::NAN.to_bits()),
+                evidence_total: AtomicU64::new(0f64.to_bits()),
+                evidence_landmark: AtomicU64::new(NEVER),
+                probe_at: AtomicU64::new(NEVER),
                 never_shed: config
                     .never_shed
                     .iter()
@@ -375,24 +597,18 @@ impl Limiter {
                     Admission::Partitioned(shares) => shares.get(id.index()).copied(),
                     _ => None,
                 },
-                stats: ClassStats::default(),
+                shed: Default::default(),
             })
+            .collect();
+        let curves = model
+            .iter()
+            .map(|(_, _, class)| Curve::new(class))
+            .collect();
+        let estimates = (0..n)
+            .map(|_| DecayedLatency::new(config.estimate_half_life))
             .collect();
         Self {
             shared: Arc::new(Shared {
-                state: Mutex::new(State {
-                    algorithm: Box::new(algorithm),
-                    queued: 0,
-                    classes,
-                    next_id: 0,
-                    latency: 0.0,
-                    latency_sq: 0.0,
-                    service: 0.0,
-                    samples: 0,
-                    published: None,
-                    rate_count: 0,
-                    rate_since: None,
-                }),
                 fast: Fast {
                     in_flight: AtomicUsize::new(0),
                     limit: AtomicUsize::new(limit),
@@ -402,6 +618,23 @@ impl Limiter {
                     admitted: (0..n).map(|_| AtomicU64::new(0)).collect(),
                     released: (0..n).map(|_| AtomicU64::new(0)).collect(),
                 },
+                learn: Mutex::new(Learn {
+                    algorithm: Box::new(algorithm),
+                    estimates,
+                    latency: 0.0,
+                    latency_sq: 0.0,
+                    samples: 0,
+                    rate_count: 0,
+                    rate_since: None,
+                }),
+                classes,
+                curves: RwLock::new(curves),
+                service: AtomicU64::new(0f64.to_bits()),
+                warm: AtomicBool::new(config.warmup_samples == 0),
+                published: AtomicU64::new(NEVER),
+                published_queued: AtomicUsize::new(0),
+                origin: Instant::now(),
+                next_id: AtomicU64::new(0),
                 model: gratify_core::SharedModel::new(model.clone()),
                 signal: LoadSignal::new(),
                 config,
@@ -436,9 +669,8 @@ impl Limiter {
     }
 
     /// Takes new costs and prices at run time, without dropping a request:
-    /// under the limiter's lock, every class's curve and the algorithm's
-    /// model are swapped together; requests decided before see the old
-    /// costs, requests after the new.
+    /// every class's curve and the algorithm's model are swapped together;
+    /// requests decided before see the old costs, requests after the new.
     ///
     /// # Errors
     ///
@@ -446,68 +678,107 @@ impl Limiter {
     /// [`CostModel::check_reload`]); nothing changes then.
     pub fn reload(&self, model: &CostModel) -> Result<(), gratify_core::ModelError> {
         self.model().check_reload(model)?;
-        let mut state = self.lock();
-        for (c, (_, _, class)) in state.classes.iter_mut().zip(model.iter()) {
-            c.class = class.clone();
+        let mut learn = self.learn();
+        {
+            let mut curves = self.curves_mut();
+            for (curve, (_, _, class)) in curves.iter_mut().zip(model.iter()) {
+                *curve = Curve::new(class);
+            }
+        }
+        for c in self.shared.classes.iter() {
             // Refusals for the old deadline end; the latencies learned
             // stay (they are the service's, not the model's).
-            c.probe_at = None;
+            c.probe_at.store(NEVER, Ordering::Relaxed);
         }
-        state.algorithm.reload(model);
-        self.tune(&mut state, Instant::now());
+        learn.algorithm.reload(model);
+        self.tune(&mut learn, Instant::now());
         self.shared.model.reload(model)
     }
 
     /// The name of the algorithm.
     pub fn algorithm_name(&self) -> &'static str {
-        self.lock().algorithm.name()
+        self.learn().algorithm.name()
     }
 
     /// A snapshot of the limiter's figures.
     pub fn stats(&self) -> LimiterStats {
-        let state = self.lock();
+        let (latency, latency_sq) = {
+            let learn = self.learn();
+            (learn.latency, learn.latency_sq)
+        };
+        let curves = self.curves();
+        let view = self.view(&curves, Instant::now());
         let fast = &self.shared.fast;
         LimiterStats {
             limit: fast.limit(),
             in_flight: fast.in_flight(),
-            queued: state.queued,
-            latency: state.latency,
-            latency_scv: if state.latency > 0.0 {
-                ((state.latency_sq - state.latency * state.latency)
-                    / (state.latency * state.latency))
-                    .max(0.0)
+            queued: fast.queued(),
+            latency,
+            latency_scv: if latency > 0.0 {
+                ((latency_sq - latency * latency) / (latency * latency)).max(0.0)
             } else {
                 1.0
             },
-            shadow_price: shadow_price(fast, &state),
+            shadow_price: shadow_price(&view),
             timed_one_in: fast.sample_every.load(Ordering::Relaxed),
-            classes: state
+            classes: self
+                .shared
                 .classes
                 .iter()
                 .enumerate()
                 .map(|(k, c)| ClassStats {
                     in_flight: fast.class_in_flight(k),
-                    queued: c.queue.len(),
+                    queued: c.len(),
                     admitted: fast.admitted[k].load(Ordering::Relaxed),
                     completed: fast.released[k].load(Ordering::Relaxed),
-                    shed: c.stats.shed,
-                    latency: c.latency,
-                    latency_quantile: c
-                        .estimate
-                        .quantile(self.shared.config.deadline_quantile)
-                        .map_or(0.0, |d| d.as_secs_f64()),
+                    shed: std::array::from_fn(|r| c.shed[r].load(Ordering::Relaxed)),
+                    latency: view.latency(k),
+                    latency_quantile: {
+                        let q = load_f64(&c.quantile);
+                        if q.is_nan() { 0.0 } else { q }
+                    },
                 })
                 .collect(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // The state is consistent between statements; a panic elsewhere
-        // while it was held cannot leave it half-updated, so recover.
+    // The locks guard data that is consistent between statements; a panic
+    // elsewhere while one was held cannot leave it half-updated, so recover.
+
+    fn learn(&self) -> MutexGuard<'_, Learn> {
         self.shared
-            .state
+            .learn
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn curves(&self) -> RwLockReadGuard<'_, Vec<Curve>> {
+        self.shared
+            .curves
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn curves_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Curve>> {
+        self.shared
+            .curves
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn queue(&self, k: usize) -> MutexGuard<'_, VecDeque<Waiter>> {
+        self.shared.classes[k]
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn view<'a>(&'a self, curves: &'a [Curve], now: Instant) -> View<'a> {
+        View {
+            shared: &self.shared,
+            curves,
+            now,
+        }
     }
 
     /// Asks for a slot for a request of `class`.
@@ -517,7 +788,7 @@ impl Limiter {
         let class = ClassId::from_index(k as u16);
         // The fast path: room, nobody waiting, nothing to judge.
         if !matches!(self.shared.config.admission, Admission::Partitioned(_))
-            && fast.queued.load(Ordering::SeqCst) == 0
+            && fast.queued() == 0
             && !fast.hopeless[k].load(Ordering::Relaxed)
             && let Some(in_flight) = try_take(fast, k)
         {
@@ -526,21 +797,23 @@ impl Limiter {
         }
 
         let now = Instant::now();
-        let mut state = self.lock();
+        let curves = self.curves();
+        let view = self.view(&curves, now);
         let config = &self.shared.config;
         let room = fast.in_flight() < fast.limit();
-        let mut decision = decide(config, fast, &state, k, now, room);
+        let mut decision = decide(config, fast, &view, k, room);
         let mut taken = None;
         let partitioned = matches!(config.admission, Admission::Partitioned(_));
+        let c = &self.shared.classes[k];
         if let Decision::Admit = decision
-            && (!partitioned || over_share(fast, &state.classes[k], k, fast.limit()))
+            && (!partitioned || over_share(fast, c, k, fast.limit()))
         {
-            // The fast path may have taken the last slot meanwhile: then
+            // Another request may have taken the last slot meanwhile: then
             // there is no room, whatever `room` said (and a partition over
             // its share has no claim past the limit).
             taken = try_take(fast, k);
             if taken.is_none() {
-                decision = decide(config, fast, &state, k, now, false);
+                decision = decide(config, fast, &view, k, false);
                 if partitioned && matches!(decision, Decision::Admit) {
                     decision = Decision::Refuse(Reason::Partition);
                 }
@@ -549,27 +822,22 @@ impl Limiter {
         let mut probe = false;
         if let Decision::Refuse(Reason::Deadline | Reason::Cost) = decision
             && matches!(config.admission, Admission::DelayCost)
-            && state.classes[k].never_shed.is_none()
-            && state.classes[k].probe_at.is_none_or(|t| now >= t)
+            && c.never_shed.is_none()
+            && self.claim_probe(c, now)
         {
             // Refused on what its own latency estimate says: now and then a
             // request is served anyway — at once with a slot free and
             // nobody waiting, else from the queue in its turn — so that the
             // estimate follows the service and the class comes back when it
             // can be served.
-            state.classes[k].probe_at = Some(
-                now.checked_add(config.probe_interval)
-                    .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400)),
-            );
             probe = true;
-            if state.queued == 0
+            if fast.queued() == 0
                 && let Some(in_flight) = try_take(fast, k)
             {
                 taken = Some(in_flight);
                 decision = Decision::Admit;
             } else {
-                let cap = state.classes[k]
-                    .class
+                let cap = curves[k]
                     .deadline()
                     .map_or(config.max_queue_time, |d| d.min(config.max_queue_time));
                 decision = Decision::Queue {
@@ -587,54 +855,115 @@ impl Limiter {
                 Acquire::Admitted(permit)
             }
             Decision::Queue { max_wait, displace } => {
-                if let Some(j) = displace
-                    && let Some(w) = state.classes[j].queue.pop_back()
-                {
-                    set_queued(fast, &mut state, -1);
-                    state.classes[j].stats.shed[Reason::Displaced.index()] += 1;
-                    let _ = w.tx.send(Err(Reason::Displaced));
-                    self.on_shed(j, Reason::Displaced);
+                match self.enqueue(&view, k, now, displace, probe) {
+                    Ok((id, rx)) => Acquire::Queued(Ticket {
+                        limiter: self.clone(),
+                        class,
+                        id,
+                        rx,
+                        deadline: now + max_wait,
+                        done: false,
+                        probe,
+                    }),
+                    Err(reason) => Acquire::Refused(self.refuse(k, reason)),
                 }
-                let (tx, rx) = oneshot::channel();
-                let id = state.next_id;
-                state.next_id += 1;
-                state.classes[k].queue.push_back(Waiter {
-                    id,
-                    enqueued: now,
-                    tx,
-                });
-                set_queued(fast, &mut state, 1);
-                // A slot freed by a completion that saw no queue: take it now.
-                grant(&self.shared.config, fast, &mut state, now);
-                Acquire::Queued(Ticket {
-                    limiter: self.clone(),
-                    class,
-                    id,
-                    rx,
-                    deadline: now + max_wait,
-                    done: false,
-                    probe,
-                })
             }
-            Decision::Refuse(reason) => {
-                state.classes[k].stats.shed[reason.index()] += 1;
-                let refusal = self.refusal(&state, reason);
-                self.on_shed(k, reason);
-                Acquire::Refused(refusal)
-            }
+            Decision::Refuse(reason) => Acquire::Refused(self.refuse(k, reason)),
         };
-        // Queueing and refusals change what the signal says at once.
-        let urgent = !matches!(result, Acquire::Admitted(_));
-        self.publish(&mut state, now, urgent);
+        // Not held into `publish`, which reads the curves again (a second
+        // read of a lock a writer waits for would deadlock).
+        drop(curves);
+        self.publish(now);
         result
     }
 
-    fn refusal(&self, state: &State, reason: Reason) -> Refusal {
+    /// Lets one probe of a refused class pass per `probe_interval`.
+    fn claim_probe(&self, c: &ClassShared, now: Instant) -> bool {
+        let origin = self.shared.origin;
+        let now_n = nanos_since(origin, now);
+        let next = now
+            .checked_add(self.shared.config.probe_interval)
+            .map_or(NEVER - 1, |t| nanos_since(origin, t));
+        let at = c.probe_at.load(Ordering::Relaxed);
+        (at == NEVER || now_n >= at)
+            && c.probe_at
+                .compare_exchange(at, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Counts a refusal and says what the client should be told.
+    fn refuse(&self, k: usize, reason: Reason) -> Refusal {
+        self.shared.classes[k].shed[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.on_shed(k, reason);
+        self.refusal(reason)
+    }
+
+    /// Joins class `k`'s queue (displacing the last waiter of class
+    /// `displace` first, if given): the waiter's id and its receiver.
+    #[allow(clippy::type_complexity)]
+    fn enqueue(
+        &self,
+        view: &View<'_>,
+        k: usize,
+        now: Instant,
+        displace: Option<usize>,
+        probe: bool,
+    ) -> Result<(u64, oneshot::Receiver<Result<(), Reason>>), Reason> {
+        let fast = &self.shared.fast;
+        let max = self.shared.config.max_queue;
+        // A place in the queues: the displaced waiter's, or a new one within
+        // `max_queue` (a probe is let in past it: one per interval).
+        let displaced = displace.is_some_and(|j| self.displace_last(j));
+        let before = fast.queued.fetch_add(1, Ordering::SeqCst);
+        if !probe && !displaced && before >= max {
+            fast.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(Reason::QueueFull);
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let c = &self.shared.classes[k];
+            let mut queue = self.queue(k);
+            let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+            queue.push_back(Waiter {
+                id,
+                enqueued: now,
+                tx,
+            });
+            c.mirror(&queue, self.shared.origin);
+            id
+        };
+        // A slot freed by a completion that saw no waiter yet: take it now.
+        self.grant(view);
+        Ok((id, rx))
+    }
+
+    /// Refuses the last waiter of class `j` to make room for a more valuable
+    /// request; whether there was one.
+    fn displace_last(&self, j: usize) -> bool {
+        let c = &self.shared.classes[j];
+        {
+            let mut queue = self.queue(j);
+            let Some(waiter) = queue.pop_back() else {
+                return false;
+            };
+            c.mirror(&queue, self.shared.origin);
+            // Told under the lock, so that a waiter that leaves at the same
+            // moment either finds itself still queued or finds the answer.
+            let _ = waiter.tx.send(Err(Reason::Displaced));
+        }
+        self.shared.fast.queued.fetch_sub(1, Ordering::SeqCst);
+        c.shed[Reason::Displaced.index()].fetch_add(1, Ordering::Relaxed);
+        self.on_shed(j, Reason::Displaced);
+        true
+    }
+
+    fn refusal(&self, reason: Reason) -> Refusal {
         // The backlog's drain time, with up to 50% jitter so that refused
         // clients do not all return at once; at least a second, as
         // Retry-After counts whole seconds.
         let limit = self.shared.fast.limit() as f64;
-        let drain = (state.queued as f64 + 1.0) * state.service / limit + state.service;
+        let service = load_f64(&self.shared.service);
+        let drain = (self.shared.fast.queued() as f64 + 1.0) * service / limit + service;
         let x = self
             .shared
             .rng
@@ -663,151 +992,259 @@ impl Limiter {
         let k = class.index().min(fast.hopeless.len() - 1);
         fast.released[k].fetch_add(1, Ordering::Relaxed);
         fast.in_flight.fetch_sub(1, Ordering::SeqCst);
-        let Some(now) = now else {
-            // Untimed: the lock is needed only to hand the slot to a waiter.
-            if fast.queued.load(Ordering::SeqCst) > 0 {
-                let mut state = self.lock();
+        let (Some(sample), Some(now)) = (sample, now) else {
+            // Untimed: only a waiter may need the slot.
+            if fast.queued() > 0 {
                 let now = Instant::now();
-                grant(&self.shared.config, fast, &mut state, now);
-                self.publish(&mut state, now, true);
+                self.grant_now(now);
+                self.publish(now);
             }
             return;
         };
-        let mut state = self.lock();
-        if let Some(sample) = sample {
-            let median = state.classes[k].estimate.quantile(0.5);
+        {
+            let mut learn = self.learn();
+            let median = learn.estimates[k].quantile(0.5);
             if teaches_latency(sample.outcome, sample.latency, median) {
                 let secs = sample.latency.as_secs_f64();
-                let c = &mut state.classes[k];
+                let deadline = self.curves()[k].deadline();
+                let estimate = &mut learn.estimates[k];
                 // A probe of a class refused for its deadline that finishes
                 // in time: the old evidence is out of date.
-                if probe && c.class.deadline().is_some_and(|d| sample.latency <= d) {
-                    c.estimate.discount(0.25);
+                if probe && deadline.is_some_and(|d| sample.latency <= d) {
+                    estimate.discount(0.25);
                 }
-                c.estimate.record(now.into_std(), sample.latency);
-                c.latency = c.estimate.mean().map_or(0.0, |d| d.as_secs_f64());
-                state.latency = ewma(state.latency, secs, 0.02);
-                state.latency_sq = ewma(state.latency_sq, secs * secs, 0.02);
-                state.samples += 1;
+                estimate.record(now.into_std(), sample.latency);
+                self.mirror_estimate(k, estimate);
+                learn.latency = ewma(learn.latency, secs, 0.02);
+                learn.latency_sq = ewma(learn.latency_sq, secs * secs, 0.02);
+                learn.samples += 1;
+                if learn.samples >= self.shared.config.warmup_samples {
+                    self.shared.warm.store(true, Ordering::Relaxed);
+                }
             }
             // Cancellations, errors and answers the client caused say
             // nothing of the service's capacity (Netflix's `onIgnore`).
             if teaches_limit(sample.outcome) {
-                let limit = state.algorithm.update(&sample).max(1);
+                let limit = learn.algorithm.update(&sample).max(1);
                 fast.limit.store(limit, Ordering::Relaxed);
             }
-            self.tune(&mut state, now);
+            self.tune(&mut learn, now);
         }
-        let queued = state.queued;
-        grant(&self.shared.config, fast, &mut state, now);
-        let urgent = queued != state.queued;
-        self.publish(&mut state, now, urgent);
+        if fast.queued() > 0 {
+            self.grant_now(now);
+        }
+        self.publish(now);
     }
 
-    /// Updates what the fast path relies on: which classes are past hope,
-    /// and how many completions to time.
-    fn tune(&self, state: &mut State, now: Instant) {
+    /// Copies class `k`'s estimate into the atomics the request path reads.
+    fn mirror_estimate(&self, k: usize, estimate: &DecayedLatency) {
+        let c = &self.shared.classes[k];
+        store_f64(&c.latency, estimate.mean().map_or(0.0, |d| d.as_secs_f64()));
+        store_f64(
+            &c.quantile,
+            estimate
+                .quantile(self.shared.config.deadline_quantile)
+                .map_or(f64::NAN, |d| d.as_secs_f64()),
+        );
+        match estimate.evidence() {
+            Some(e) => {
+                store_f64(&c.evidence_total, e.total);
+                let landmark = Instant::from_std(e.landmark);
+                c.evidence_landmark
+                    .store(nanos_since(self.shared.origin, landmark), Ordering::Relaxed);
+            }
+            None => c.evidence_landmark.store(NEVER, Ordering::Relaxed),
+        }
+    }
+
+    /// Updates what the request path relies on: which classes are past
+    /// hope, the mix's service time, and how many completions to time.
+    fn tune(&self, learn: &mut Learn, now: Instant) {
         let fast = &self.shared.fast;
         let every = fast.sample_every.load(Ordering::Relaxed);
-        state.rate_count += every;
-        let since = *state.rate_since.get_or_insert(now);
+        learn.rate_count += every;
+        let since = *learn.rate_since.get_or_insert(now);
         let elapsed = now.saturating_duration_since(since);
         if elapsed >= Duration::from_millis(100) {
             // Aim at about 2,000 timed completions a second.
-            let rate = state.rate_count as f64 / elapsed.as_secs_f64();
+            let rate = learn.rate_count as f64 / elapsed.as_secs_f64();
             let every = (rate / 2000.0).clamp(1.0, 1024.0) as u64;
             fast.sample_every
                 .store(every.next_power_of_two().max(1), Ordering::Relaxed);
-            state.rate_count = 0;
-            state.rate_since = Some(now);
+            learn.rate_count = 0;
+            learn.rate_since = Some(now);
         }
         let config = &self.shared.config;
         let judge = matches!(config.admission, Admission::DelayCost)
-            && state.samples >= config.warmup_samples;
+            && learn.samples >= config.warmup_samples;
+        let curves = self.curves();
+        let view = self.view(&curves, now);
         let (mut weighted, mut weights) = (0.0, 0.0);
-        for (k, c) in state.classes.iter_mut().enumerate() {
-            let w = c.estimate.weight(now.into_std());
-            weighted += w * c.latency;
+        for k in 0..self.shared.classes.len() {
+            let w = view.weight(k);
+            weighted += w * view.latency(k);
             weights += w;
-            let late = own_latency_late(config, c, now);
+            let late = self.shared.classes[k].never_shed.is_none()
+                && curves[k]
+                    .deadline()
+                    .is_some_and(|d| view.judged_latency(k).is_some_and(|s| s > d.as_secs_f64()));
             fast.hopeless[k].store(judge && late, Ordering::Relaxed);
         }
         if weights > 0.0 {
-            state.service = weighted / weights;
+            store_f64(&self.shared.service, weighted / weights);
         }
     }
 
-    /// Takes a queued request out of the queue (it gave up or timed out).
+    /// Takes a queued request out of its queue (it gave up or timed out).
     /// Returns `false` if it had been granted or displaced meanwhile.
     fn withdraw(&self, class: ClassId, id: u64) -> bool {
-        let mut state = self.lock();
-        let k = class.index().min(state.classes.len() - 1);
-        let queue = &mut state.classes[k].queue;
-        match queue.iter().position(|w| w.id == id) {
-            Some(i) => {
-                queue.remove(i);
-                set_queued(&self.shared.fast, &mut state, -1);
-                // A waiter leaving can unblock a partition or a smaller queue.
-                let now = Instant::now();
-                grant(&self.shared.config, &self.shared.fast, &mut state, now);
-                self.publish(&mut state, now, true);
-                true
-            }
-            None => false,
+        let k = class.index().min(self.shared.classes.len() - 1);
+        {
+            let mut queue = self.queue(k);
+            // Each queue is in id order.
+            let Ok(i) = queue.binary_search_by_key(&id, |w| w.id) else {
+                return false;
+            };
+            queue.remove(i);
+            self.shared.classes[k].mirror(&queue, self.shared.origin);
         }
+        self.shared.fast.queued.fetch_sub(1, Ordering::SeqCst);
+        let now = Instant::now();
+        self.grant_now(now);
+        self.publish(now);
+        true
     }
 
     fn count_shed(&self, class: ClassId, reason: Reason) {
-        let mut state = self.lock();
-        let k = class.index().min(state.classes.len() - 1);
-        state.classes[k].stats.shed[reason.index()] += 1;
-        drop(state);
+        let k = class.index().min(self.shared.classes.len() - 1);
+        self.shared.classes[k].shed[reason.index()].fetch_add(1, Ordering::Relaxed);
         self.on_shed(k, reason);
     }
 
-    /// Publishes the load signal: at most every millisecond, or at once when
-    /// `urgent` (the queue changed) — readers do not need every request.
-    fn publish(&self, state: &mut State, now: Instant, urgent: bool) {
-        if !urgent
-            && state
-                .published
-                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(1))
+    /// [`grant`](Self::grant) with a view of its own.
+    fn grant_now(&self, now: Instant) {
+        let curves = self.curves();
+        self.grant(&self.view(&curves, now));
+    }
+
+    /// Grants slots to waiters while there is room, the most urgent first.
+    fn grant(&self, view: &View<'_>) {
+        let fast = &self.shared.fast;
+        let delay_cost = matches!(self.shared.config.admission, Admission::DelayCost);
+        // A queue found empty was emptied by another thread since its length
+        // was read; a few of those and this thread leaves the rest to it.
+        let mut misses = 0;
+        loop {
+            if fast.queued() == 0 || fast.in_flight() >= fast.limit() {
+                break;
+            }
+            let classes = self.shared.classes.iter().enumerate();
+            let best = if delay_cost {
+                classes
+                    .filter(|(_, c)| c.len() > 0)
+                    .map(|(j, c)| {
+                        let age = view.age(j, true);
+                        (j, view.index(j, age), c.head_at.load(Ordering::Relaxed))
+                    })
+                    // Highest index; the longest waiting on a tie.
+                    .max_by(|a, b| a.1.total_cmp(&b.1).then(b.2.cmp(&a.2)))
+                    .map(|(j, ..)| j)
+            } else {
+                classes
+                    .filter(|(_, c)| c.len() > 0)
+                    .min_by_key(|(_, c)| c.head_at.load(Ordering::Relaxed))
+                    .map(|(j, _)| j)
+            };
+            let Some(j) = best else {
+                break;
+            };
+            let c = &self.shared.classes[j];
+            let mut queue = self.queue(j);
+            let Some(waiter) = queue.pop_front() else {
+                misses += 1;
+                if misses > 8 {
+                    break;
+                }
+                continue;
+            };
+            // Take the slot before telling the waiter.
+            if try_take(fast, j).is_none() {
+                queue.push_front(waiter);
+                break;
+            }
+            c.mirror(&queue, self.shared.origin);
+            // Told under the queue's lock: a waiter leaving at the same
+            // moment either finds itself queued or finds the slot, which it
+            // then gives back.
+            let sent = waiter.tx.send(Ok(()));
+            drop(queue);
+            fast.queued.fetch_sub(1, Ordering::SeqCst);
+            if sent.is_err() {
+                // Its caller is gone: the slot goes to the next waiter.
+                fast.admitted[j].fetch_sub(1, Ordering::Relaxed);
+                fast.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Publishes the load signal: at once when the queues' length has
+    /// doubled or halved since the last figures (or become empty or not),
+    /// else at most every millisecond — readers do not need every request.
+    fn publish(&self, now: Instant) {
+        let shared = &self.shared;
+        let now_n = nanos_since(shared.origin, now);
+        let last = shared.published.load(Ordering::Relaxed);
+        let magnitude = |n: usize| usize::BITS - n.leading_zeros();
+        let urgent = magnitude(shared.fast.queued())
+            != magnitude(shared.published_queued.load(Ordering::Relaxed));
+        if !urgent && last != NEVER && now_n.saturating_sub(last) < 1_000_000 {
+            return;
+        }
+        // One publisher per moment; an urgent one publishes anyway.
+        if shared
+            .published
+            .compare_exchange(last, now_n, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+            && !urgent
         {
             return;
         }
-        state.published = Some(now);
-        let fast = &self.shared.fast;
+        let curves = self.curves();
+        let view = self.view(&curves, now);
+        let fast = &shared.fast;
         let in_flight = fast.in_flight();
+        let queued = fast.queued();
+        shared.published_queued.store(queued, Ordering::Relaxed);
         let limit = fast.limit() as f64;
-        let utilisation = (in_flight + state.queued) as f64 / limit;
-        let delay = state.queued as f64 * state.service / limit;
-        let price = shadow_price(fast, state);
-        self.shared.signal.publish(
+        let service = view.service();
+        let utilisation = (in_flight + queued) as f64 / limit;
+        let delay = queued as f64 * service / limit;
+        let price = shadow_price(&view);
+        shared.signal.publish(
             LoadSnapshot::new(
                 utilisation,
                 Duration::from_secs_f64(delay.clamp(0.0, 1e9)),
                 price,
             )
-            .with_latency(Duration::from_secs_f64(state.service.clamp(0.0, 1e9))),
+            .with_latency(Duration::from_secs_f64(service.clamp(0.0, 1e9))),
         );
         #[cfg(feature = "metrics")]
         {
             metrics::gauge!("gratify_limit").set(limit);
             metrics::gauge!("gratify_limit_in_flight").set(in_flight as f64);
-            metrics::gauge!("gratify_limit_queued").set(state.queued as f64);
+            metrics::gauge!("gratify_limit_queued").set(queued as f64);
             metrics::gauge!("gratify_limit_shadow_price").set(price);
             let model = self.model();
-            for (k, c) in state.classes.iter().enumerate() {
+            for (k, c) in shared.classes.iter().enumerate() {
                 let name = model.name(ClassId::from_index(k as u16)).to_owned();
                 metrics::gauge!("gratify_limit_queued_class", "class" => name.clone())
-                    .set(c.queue.len() as f64);
+                    .set(c.len() as f64);
                 // What delay costs per second right now: every request of the
                 // class in flight or waiting, at its cost rate.
-                let in_flight = fast.admitted[k]
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(fast.released[k].load(Ordering::Relaxed));
-                metrics::gauge!("gratify_cost_rate", "class" => name)
-                    .set((in_flight as f64 + c.queue.len() as f64) * urgency(&c.class, c.latency));
+                let in_flight = fast.class_in_flight(k);
+                metrics::gauge!("gratify_cost_rate", "class" => name).set(
+                    (in_flight as f64 + c.len() as f64) * urgency(&curves[k], view.latency(k)),
+                );
             }
         }
     }
@@ -816,15 +1253,14 @@ impl Limiter {
 /// The marginal delay cost one more admitted request imposes on the others:
 /// it holds a slot for about the mean latency, delaying every waiting request
 /// by `latency / limit`, each at its cost rate.
-fn shadow_price(fast: &Fast, state: &State) -> f64 {
-    if state.queued == 0 {
+fn shadow_price(view: &View<'_>) -> f64 {
+    let fast = &view.shared.fast;
+    if fast.queued() == 0 {
         return 0.0;
     }
-    let per_slot = state.service / fast.limit() as f64;
-    let rates: f64 = state
-        .classes
-        .iter()
-        .map(|c| c.queue.len() as f64 * urgency(&c.class, c.latency))
+    let per_slot = view.service() / fast.limit() as f64;
+    let rates: f64 = (0..view.shared.classes.len())
+        .map(|k| view.class(k).len() as f64 * urgency(&view.curves[k], view.latency(k)))
         .sum();
     per_slot * rates
 }
@@ -863,59 +1299,12 @@ fn teaches_limit(outcome: Outcome) -> bool {
     )
 }
 
-/// The class's own latency at the deadline quantile, while its estimate
-/// holds enough recent evidence to judge by (seconds).
-fn judged_latency(config: &LimiterConfig, c: &ClassState, now: Instant) -> Option<f64> {
-    if c.estimate.weight(now.into_std()) < MIN_EVIDENCE {
-        return None;
-    }
-    c.estimate
-        .quantile(config.deadline_quantile)
-        .map(|d| d.as_secs_f64())
-}
-
-/// Whether the class's own latency, as recently measured, misses its
-/// deadline (even with no wait for a slot).
-fn own_latency_late(config: &LimiterConfig, c: &ClassState, now: Instant) -> bool {
-    c.never_shed.is_none()
-        && c.class
-            .deadline()
-            .is_some_and(|d| judged_latency(config, c, now).is_some_and(|s| s > d.as_secs_f64()))
-}
-
-/// The class's expected service time: its own recent mean (outliers
-/// bounded), or the mix's before it has been seen.
-fn expected_latency(state: &State, k: usize, now: Instant) -> f64 {
-    let c = &state.classes[k];
-    // Its own figure while its evidence is recent: a class that has not
-    // been served for a while falls back to the mix (its old figure may
-    // describe a service that has since recovered).
-    match c.latency {
-        l if l > 0.0 && c.estimate.weight(now.into_std()) >= MIN_EVIDENCE => l,
-        l if state.service <= 0.0 && l > 0.0 => l,
-        _ => state.service,
-    }
-}
-
-/// The cμ index of class `k` for a request that has waited `age` seconds:
-/// its urgency when it would complete, per second of service.
-fn index(state: &State, k: usize, age: f64, now: Instant) -> f64 {
-    let s = expected_latency(state, k, now).max(1e-6);
-    urgency(&state.classes[k].class, age + s) / s
-}
-
 /// What to do with a request of class `k`; `room`: whether a slot is free
 /// under the limit.
-fn decide(
-    config: &LimiterConfig,
-    fast: &Fast,
-    state: &State,
-    k: usize,
-    now: Instant,
-    room: bool,
-) -> Decision {
-    let c = &state.classes[k];
+fn decide(config: &LimiterConfig, fast: &Fast, view: &View<'_>, k: usize, room: bool) -> Decision {
+    let c = view.class(k);
     let limit = fast.limit();
+    let queued = fast.queued();
     match &config.admission {
         Admission::RejectAtLimit => {
             return if room {
@@ -933,10 +1322,10 @@ fn decide(
             };
         }
         Admission::Fifo => {
-            if room && state.queued == 0 {
+            if room && queued == 0 {
                 return Decision::Admit;
             }
-            if state.queued >= config.max_queue {
+            if queued >= config.max_queue {
                 return Decision::Refuse(Reason::QueueFull);
             }
             return Decision::Queue {
@@ -947,17 +1336,17 @@ fn decide(
         Admission::DelayCost => {}
     }
 
-    let warm = state.samples >= config.warmup_samples;
+    let warm = view.shared.warm.load(Ordering::Relaxed);
     let protected = c.never_shed.is_some();
     let judge = warm && !protected;
     // Its mean service time, for costs; the quantile its deadline is judged
     // by (none without enough recent evidence: then only the wait counts).
-    let s_k = expected_latency(state, k, now);
-    let s_deadline = judged_latency(config, c, now).unwrap_or(0.0);
-    let class = &c.class;
+    let s_k = view.expected_latency(k);
+    let s_deadline = view.judged_latency(k).unwrap_or(0.0);
+    let class = &view.curves[k];
     let late_at = |t: f64| class.deadline().is_some_and(|d| t > d.as_secs_f64());
 
-    if room && state.queued == 0 {
+    if room && queued == 0 {
         if judge && late_at(s_deadline) {
             return Decision::Refuse(Reason::Deadline);
         }
@@ -965,40 +1354,32 @@ fn decide(
     }
 
     // At the limit: where would it stand in the queue?
-    let mine = index(state, k, 0.0, now);
-    let mut ahead = c.queue.len();
+    let mine = view.index(k, 0.0);
+    let own_len = c.len();
+    let mut ahead = own_len;
     let mut behind_rate = 0.0;
     let mut lowest: Option<(usize, f64)> = None;
-    for (j, other) in state.classes.iter().enumerate() {
-        let Some(tail) = other.queue.back() else {
+    for j in 0..view.shared.classes.len() {
+        let other = view.class(j);
+        let len = if j == k { own_len } else { other.len() };
+        if len == 0 {
             continue;
-        };
-        let tail_index = index(
-            state,
-            j,
-            now.saturating_duration_since(tail.enqueued).as_secs_f64(),
-            now,
-        );
+        }
+        let tail_index = view.index(j, view.age(j, false));
         if other.never_shed.is_none() && lowest.is_none_or(|(_, x)| tail_index < x) {
             lowest = Some((j, tail_index));
         }
         if j == k {
             continue;
         }
-        let head = other.queue.front().map_or(now, |w| w.enqueued);
-        let head_index = index(
-            state,
-            j,
-            now.saturating_duration_since(head).as_secs_f64(),
-            now,
-        );
+        let head_index = view.index(j, view.age(j, true));
         if head_index >= mine {
-            ahead += other.queue.len();
+            ahead += len;
         } else {
-            behind_rate += other.queue.len() as f64 * urgency(&other.class, other.latency);
+            behind_rate += len as f64 * urgency(&view.curves[j], view.latency(j));
         }
     }
-    let per_slot = state.service / limit as f64;
+    let per_slot = view.service() / limit as f64;
     let wait = (ahead as f64 + 1.0) * per_slot;
 
     if judge {
@@ -1014,12 +1395,12 @@ fn decide(
 
     // Room in the queue?
     if let Some(cap) = c.never_shed.or(config.max_queue_per_class)
-        && c.queue.len() >= cap
+        && own_len >= cap
     {
         return Decision::Refuse(Reason::QueueFull);
     }
     let mut displace = None;
-    if state.queued >= config.max_queue {
+    if queued >= config.max_queue {
         match lowest {
             Some((j, x)) if x < mine => displace = Some(j),
             _ => return Decision::Refuse(Reason::QueueFull),
@@ -1033,7 +1414,7 @@ fn decide(
         if let Some(d) = class.deadline() {
             max_wait = max_wait.min(d.as_secs_f64() - s_deadline);
         }
-        max_wait = max_wait.min(worth_waiting(class, s_k, max_wait));
+        max_wait = max_wait.min(class.worth_waiting(s_k, max_wait));
     }
     if max_wait <= 0.0 {
         return Decision::Refuse(Reason::Deadline);
@@ -1046,33 +1427,10 @@ fn decide(
 
 /// Whether class `k` holds its share of the limit or more (partitioned
 /// admission).
-fn over_share(fast: &Fast, c: &ClassState, k: usize, limit: usize) -> bool {
+fn over_share(fast: &Fast, c: &ClassShared, k: usize, limit: usize) -> bool {
     let share = c.share.unwrap_or(0.0);
     let held = fast.class_in_flight(k) as f64;
     held >= (share * limit as f64).floor().max(1.0)
-}
-
-/// The longest wait `w ≤ cap` with `response_cost(w + s) ≤ refusal_cost`
-/// (bisection; the cost is nondecreasing in `w`).
-fn worth_waiting(class: &Class, s: f64, cap: f64) -> f64 {
-    let cost = |w: f64| class.response_cost(Duration::from_secs_f64((w + s).clamp(0.0, 1e9)));
-    let r = class.refusal_cost();
-    if cap <= 0.0 || cost(cap) <= r {
-        return cap;
-    }
-    if cost(0.0) > r {
-        return 0.0;
-    }
-    let (mut lo, mut hi) = (0.0, cap);
-    for _ in 0..40 {
-        let mid = (lo + hi) / 2.0;
-        if cost(mid) <= r {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    lo
 }
 
 /// Takes a slot for class `k` if one is free under the limit; returns the
@@ -1104,12 +1462,6 @@ fn force_take(fast: &Fast, k: usize) -> usize {
     fast.in_flight.fetch_add(1, Ordering::SeqCst) + 1
 }
 
-/// Changes the queue length and its lock-free copy (under the lock).
-fn set_queued(fast: &Fast, state: &mut State, delta: isize) {
-    state.queued = state.queued.saturating_add_signed(delta);
-    fast.queued.store(state.queued, Ordering::SeqCst);
-}
-
 /// Whether to time this completion: one in `every`, drawn per thread.
 fn sampled(every: u64) -> bool {
     if every <= 1 {
@@ -1126,44 +1478,6 @@ fn sampled(every: u64) -> bool {
         s.set(x);
         x % every == 0
     })
-}
-
-/// Grants slots to waiters while there is room, the most urgent first.
-fn grant(config: &LimiterConfig, fast: &Fast, state: &mut State, now: Instant) {
-    while state.queued > 0 && fast.in_flight() < fast.limit() {
-        let best = match config.admission {
-            Admission::DelayCost => (0..state.classes.len())
-                .filter_map(|j| {
-                    let head = state.classes[j].queue.front()?;
-                    let age = now.saturating_duration_since(head.enqueued).as_secs_f64();
-                    Some((j, index(state, j, age, now), head.enqueued))
-                })
-                // Highest index; the longest waiting on a tie.
-                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.2.cmp(&a.2)))
-                .map(|(j, ..)| j),
-            _ => (0..state.classes.len())
-                .filter_map(|j| Some((j, state.classes[j].queue.front()?.enqueued)))
-                .min_by_key(|(_, t)| *t)
-                .map(|(j, _)| j),
-        };
-        let Some(j) = best else {
-            break;
-        };
-        let Some(waiter) = state.classes[j].queue.pop_front() else {
-            break;
-        };
-        // Take the slot before telling the waiter; a waiter whose caller is
-        // gone cannot use it, so it goes back and the next one is tried.
-        if try_take(fast, j).is_none() {
-            state.classes[j].queue.push_front(waiter);
-            break;
-        }
-        set_queued(fast, state, -1);
-        if waiter.tx.send(Ok(())).is_err() {
-            fast.admitted[j].fetch_sub(1, Ordering::Relaxed);
-            fast.in_flight.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
 }
 
 /// A slot held by a request; released exactly once, when completed or
@@ -1297,11 +1611,15 @@ impl Ticket {
 
     fn admitted(&mut self) -> TicketOutcome {
         self.done = true;
-        let in_flight = self.limiter.shared.fast.in_flight();
+        let fast = &self.limiter.shared.fast;
+        let in_flight = fast.in_flight();
+        // Timed as requests admitted at once are (a probe always: it is
+        // what the class's estimate waits for).
+        let timed = self.probe || sampled(fast.sample_every.load(Ordering::Relaxed));
         let mut permit = Permit::new(
             self.limiter.clone(),
             self.class,
-            Some(Instant::now()),
+            timed.then(Instant::now),
             in_flight,
         );
         permit.probe = self.probe;
@@ -1310,8 +1628,7 @@ impl Ticket {
 
     fn refused(&mut self, reason: Reason) -> TicketOutcome {
         self.done = true;
-        let state = self.limiter.lock();
-        TicketOutcome::Refused(self.limiter.refusal(&state, reason))
+        TicketOutcome::Refused(self.limiter.refusal(reason))
     }
 
     /// Polls for a grant.
