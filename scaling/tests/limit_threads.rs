@@ -62,9 +62,24 @@ async fn yields(n: u8) {
     }
 }
 
-/// Runs `calls` from `tasks` tasks at once through one limiter; returns it
-/// and the most requests that were ever inside the inner service together.
-fn run(limit: usize, admission: Admission, max_queue: usize, calls: Vec<Call>) -> (Limiter, usize) {
+/// What a run saw.
+struct Seen {
+    limiter: Limiter,
+    /// The most requests inside the inner service at once.
+    most_inside: usize,
+    /// The longest any class's queue was seen, by a task that read the
+    /// limiter's figures all along.
+    longest_class_queue: usize,
+}
+
+/// Runs `calls` on their own tasks at once through one limiter.
+fn run(
+    limit: usize,
+    admission: Admission,
+    max_queue: usize,
+    per_class: Option<usize>,
+    calls: Vec<Call>,
+) -> Seen {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -75,6 +90,7 @@ fn run(limit: usize, admission: Admission, max_queue: usize, calls: Vec<Call>) -
         let mut config = LimiterConfig::default();
         config.admission = admission;
         config.max_queue = max_queue;
+        config.max_queue_per_class = per_class;
         config.warmup_samples = 0;
         // Long enough that a waiter refused for its wait was never woken.
         config.max_queue_time = Duration::from_secs(30);
@@ -102,6 +118,19 @@ fn run(limit: usize, admission: Admission, max_queue: usize, calls: Vec<Call>) -
             })
         };
         let svc = AdaptiveLimitLayer::with_limiter(limiter.clone()).layer(inner);
+        let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let watcher = {
+            let (limiter, watching) = (limiter.clone(), watching.clone());
+            tokio::spawn(async move {
+                let mut longest = 0;
+                while watching.load(Ordering::SeqCst) {
+                    let s = limiter.stats();
+                    longest = s.classes.iter().map(|c| c.queued).fold(longest, usize::max);
+                    tokio::task::yield_now().await;
+                }
+                longest
+            })
+        };
         let mut tasks = Vec::new();
         for c in calls {
             let svc = svc.clone();
@@ -132,7 +161,12 @@ fn run(limit: usize, admission: Admission, max_queue: usize, calls: Vec<Call>) -
         tokio::time::timeout(Duration::from_secs(120), all)
             .await
             .expect("every caller got an answer or gave up");
-        (limiter, most.load(Ordering::SeqCst))
+        watching.store(false, Ordering::SeqCst);
+        Seen {
+            limiter,
+            most_inside: most.load(Ordering::SeqCst),
+            longest_class_queue: watcher.await.unwrap(),
+        }
     })
 }
 
@@ -142,15 +176,42 @@ proptest! {
     #[test]
     fn slots_and_queue_places_are_never_lost_or_overshot(
         limit in 1usize..6,
-        fifo in any::<bool>(),
+        policy in 0..3,
         max_queue in prop::sample::select(vec![2usize, 8, 1024]),
+        per_class in prop::option::of(1usize..4),
         calls in prop::collection::vec(call(), 50..300),
     ) {
-        let admission = if fifo { Admission::Fifo } else { Admission::DelayCost };
+        let shares = vec![0.5, 0.3, 0.2];
+        let admission = match policy {
+            0 => Admission::DelayCost,
+            1 => Admission::Fifo,
+            _ => Admission::Partitioned(shares.clone()),
+        };
+        // Partitioned admission lets a class within its share past the
+        // limit, never further.
+        let bound = match admission {
+            Admission::Partitioned(_) => {
+                limit
+                    + shares
+                        .iter()
+                        .map(|s| ((s * limit as f64).floor() as usize).max(1))
+                        .sum::<usize>()
+            }
+            _ => limit,
+        };
         let n = calls.len() as u64;
-        let (limiter, most) = run(limit, admission, max_queue, calls);
-        prop_assert!(most <= limit, "{most} inside at once against a limit of {limit}");
-        let s = limiter.stats();
+        let seen = run(limit, admission, max_queue, per_class, calls);
+        let most = seen.most_inside;
+        prop_assert!(most <= bound, "{most} inside at once against a bound of {bound}");
+        if let Some(cap) = per_class {
+            prop_assert!(
+                seen.longest_class_queue <= cap,
+                "a class queue of {} against a cap of {cap}",
+                seen.longest_class_queue
+            );
+        }
+        prop_assert!(seen.longest_class_queue <= max_queue);
+        let s = seen.limiter.stats();
         prop_assert_eq!(s.in_flight, 0, "{:?}", s);
         prop_assert_eq!(s.queued, 0, "{:?}", s);
         let mut answered = 0;

@@ -271,6 +271,9 @@ struct Fast {
     admitted: Box<[AtomicU64]>,
     /// Per class: slots released so far (completions, cancellations).
     released: Box<[AtomicU64]>,
+    /// Per class: slots held, kept only under partitioned admission (taken
+    /// with a compare-and-swap against the class's share).
+    held: Box<[AtomicUsize]>,
 }
 
 impl Fast {
@@ -617,6 +620,7 @@ impl Limiter {
                     hopeless: (0..n).map(|_| AtomicBool::new(false)).collect(),
                     admitted: (0..n).map(|_| AtomicU64::new(0)).collect(),
                     released: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                    held: (0..n).map(|_| AtomicUsize::new(0)).collect(),
                 },
                 learn: Mutex::new(Learn {
                     algorithm: Box::new(algorithm),
@@ -797,26 +801,29 @@ impl Limiter {
         }
 
         let now = Instant::now();
+        let config = &self.shared.config;
+        if let Admission::Partitioned(_) = config.admission {
+            let result = match take_partitioned(fast, &self.shared.classes[k], k) {
+                Some(in_flight) => {
+                    Acquire::Admitted(Permit::new(self.clone(), class, Some(now), in_flight))
+                }
+                None => Acquire::Refused(self.refuse(k, Reason::Partition)),
+            };
+            self.publish(now);
+            return result;
+        }
         let curves = self.curves();
         let view = self.view(&curves, now);
-        let config = &self.shared.config;
         let room = fast.in_flight() < fast.limit();
         let mut decision = decide(config, fast, &view, k, room);
         let mut taken = None;
-        let partitioned = matches!(config.admission, Admission::Partitioned(_));
         let c = &self.shared.classes[k];
-        if let Decision::Admit = decision
-            && (!partitioned || over_share(fast, c, k, fast.limit()))
-        {
+        if let Decision::Admit = decision {
             // Another request may have taken the last slot meanwhile: then
-            // there is no room, whatever `room` said (and a partition over
-            // its share has no claim past the limit).
+            // there is no room, whatever `room` said.
             taken = try_take(fast, k);
             if taken.is_none() {
                 decision = decide(config, fast, &view, k, false);
-                if partitioned && matches!(decision, Decision::Admit) {
-                    decision = Decision::Refuse(Reason::Partition);
-                }
             }
         }
         let mut probe = false;
@@ -848,8 +855,12 @@ impl Limiter {
         }
         let result = match decision {
             Decision::Admit => {
-                // Only a partition within its share admits past the limit.
-                let in_flight = taken.unwrap_or_else(|| force_take(fast, k));
+                let Some(in_flight) = taken else {
+                    // `decide(room: false)` never admits: unreachable, and
+                    // refused rather than admitted without a slot.
+                    drop(curves);
+                    return Acquire::Refused(self.refuse(k, Reason::AtLimit));
+                };
                 let mut permit = Permit::new(self.clone(), class, Some(now), in_flight);
                 permit.probe = probe;
                 Acquire::Admitted(permit)
@@ -910,19 +921,33 @@ impl Limiter {
         probe: bool,
     ) -> Result<(u64, oneshot::Receiver<Result<(), Reason>>), Reason> {
         let fast = &self.shared.fast;
-        let max = self.shared.config.max_queue;
-        // A place in the queues: the displaced waiter's, or a new one within
-        // `max_queue` (a probe is let in past it: one per interval).
-        let displaced = displace.is_some_and(|j| self.displace_last(j));
-        let before = fast.queued.fetch_add(1, Ordering::SeqCst);
-        if !probe && !displaced && before >= max {
-            fast.queued.fetch_sub(1, Ordering::SeqCst);
-            return Err(Reason::QueueFull);
+        let config = &self.shared.config;
+        let c = &self.shared.classes[k];
+        // A probe is let in past the caps: one per interval.
+        let cap = if probe {
+            None
+        } else {
+            c.never_shed.or(config.max_queue_per_class)
+        };
+        // A place in the queues: the displaced waiter's, handed over, or a
+        // new one within `max_queue`.
+        if !displace.is_some_and(|j| self.displace_last(j)) {
+            let before = fast.queued.fetch_add(1, Ordering::SeqCst);
+            if !probe && before >= config.max_queue {
+                fast.queued.fetch_sub(1, Ordering::SeqCst);
+                return Err(Reason::QueueFull);
+            }
         }
         let (tx, rx) = oneshot::channel();
         let id = {
-            let c = &self.shared.classes[k];
             let mut queue = self.queue(k);
+            // The class's own cap, judged again where no other request of
+            // the class can join meanwhile.
+            if cap.is_some_and(|cap| queue.len() >= cap) {
+                drop(queue);
+                fast.queued.fetch_sub(1, Ordering::SeqCst);
+                return Err(Reason::QueueFull);
+            }
             let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
             queue.push_back(Waiter {
                 id,
@@ -938,7 +963,8 @@ impl Limiter {
     }
 
     /// Refuses the last waiter of class `j` to make room for a more valuable
-    /// request; whether there was one.
+    /// request, which takes its place in the queues (the count of places is
+    /// left as it is); whether there was one.
     fn displace_last(&self, j: usize) -> bool {
         let c = &self.shared.classes[j];
         {
@@ -951,7 +977,6 @@ impl Limiter {
             // moment either finds itself still queued or finds the answer.
             let _ = waiter.tx.send(Err(Reason::Displaced));
         }
-        self.shared.fast.queued.fetch_sub(1, Ordering::SeqCst);
         c.shed[Reason::Displaced.index()].fetch_add(1, Ordering::Relaxed);
         self.on_shed(j, Reason::Displaced);
         true
@@ -991,6 +1016,9 @@ impl Limiter {
         let fast = &self.shared.fast;
         let k = class.index().min(fast.hopeless.len() - 1);
         fast.released[k].fetch_add(1, Ordering::Relaxed);
+        if let Admission::Partitioned(_) = self.shared.config.admission {
+            fast.held[k].fetch_sub(1, Ordering::SeqCst);
+        }
         fast.in_flight.fetch_sub(1, Ordering::SeqCst);
         let (Some(sample), Some(now)) = (sample, now) else {
             // Untimed: only a waiter may need the slot.
@@ -1194,7 +1222,6 @@ impl Limiter {
         let shared = &self.shared;
         let now_n = nanos_since(shared.origin, now);
         let last = shared.published.load(Ordering::Relaxed);
-        let magnitude = |n: usize| usize::BITS - n.leading_zeros();
         let urgent = magnitude(shared.fast.queued())
             != magnitude(shared.published_queued.load(Ordering::Relaxed));
         if !urgent && last != NEVER && now_n.saturating_sub(last) < 1_000_000 {
@@ -1209,6 +1236,20 @@ impl Limiter {
         {
             return;
         }
+        // Two threads may publish at once, the later with older figures:
+        // each looks again after writing and writes again if the queues'
+        // length moved meanwhile, so the last figures written are recent.
+        for _ in 0..4 {
+            let queued = self.publish_once(now);
+            if magnitude(shared.fast.queued()) == magnitude(queued) {
+                break;
+            }
+        }
+    }
+
+    /// Writes the load signal's figures; the queues' length it used.
+    fn publish_once(&self, now: Instant) -> usize {
+        let shared = &self.shared;
         let curves = self.curves();
         let view = self.view(&curves, now);
         let fast = &shared.fast;
@@ -1247,7 +1288,14 @@ impl Limiter {
                 );
             }
         }
+        queued
     }
+}
+
+/// The order of magnitude of a queue length (its bit length): the load
+/// signal is published at once when it changes.
+fn magnitude(n: usize) -> u32 {
+    usize::BITS - n.leading_zeros()
 }
 
 /// The marginal delay cost one more admitted request imposes on the others:
@@ -1428,9 +1476,32 @@ fn decide(config: &LimiterConfig, fast: &Fast, view: &View<'_>, k: usize, room: 
 /// Whether class `k` holds its share of the limit or more (partitioned
 /// admission).
 fn over_share(fast: &Fast, c: &ClassShared, k: usize, limit: usize) -> bool {
+    fast.held[k].load(Ordering::SeqCst) >= share_cap(c, limit)
+}
+
+/// The slots class `k` is guaranteed under partitioned admission.
+fn share_cap(c: &ClassShared, limit: usize) -> usize {
     let share = c.share.unwrap_or(0.0);
-    let held = fast.class_in_flight(k) as f64;
-    held >= (share * limit as f64).floor().max(1.0)
+    (share * limit as f64).floor().max(1.0) as usize
+}
+
+/// A slot under partitioned admission: within the class's share whatever
+/// the limit (the share is claimed with a compare-and-swap, so concurrent
+/// requests cannot all pass one check), else only under the limit. Returns
+/// the new in-flight count.
+fn take_partitioned(fast: &Fast, c: &ClassShared, k: usize) -> Option<usize> {
+    let cap = share_cap(c, fast.limit());
+    let mut held = fast.held[k].load(Ordering::SeqCst);
+    while held < cap {
+        match fast.held[k].compare_exchange_weak(held, held + 1, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => return Some(force_take(fast, k)),
+            Err(now) => held = now,
+        }
+    }
+    let in_flight = try_take(fast, k)?;
+    fast.held[k].fetch_add(1, Ordering::SeqCst);
+    Some(in_flight)
 }
 
 /// Takes a slot for class `k` if one is free under the limit; returns the
