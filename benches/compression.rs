@@ -18,12 +18,15 @@
 //!    100 KB JSON to open-loop Poisson arrivals stepped through 20% → 90% →
 //!    120% → 20% of the capacity of `tower-http-default` (measured first, in
 //!    the same run), for two clients: a browser (`gzip, deflate, br, zstd`)
-//!    and a gzip-only client. Subjects: `tower-http-default` (tower-http's
+//!    and a gzip-only client; then the same where requests wait for a pool
+//!    of 4 database connections held 4 ms each (1,000 requests a second),
+//!    not for the CPU. Subjects: `tower-http-default` (tower-http's
 //!    `CompressionLayer::new()`), `gratify-fixed-gzip-1`, and
 //!    `gratify-adaptive` (`CompressionLayer::adaptive` reading the load
 //!    signal of an `AdaptiveLimitLayer` in front, which holds slots to the
 //!    end of the body and never sheds the one class: its only job here is to
-//!    say what a slot costs). A latency runs from the *intended* send time to
+//!    say what a slot costs), and the same with `CpuScarcity::Always` (every
+//!    CPU-second priced at a slot-second whenever requests queue). A latency runs from the *intended* send time to
 //!    the last byte compressed; CPU is the time spent inside the subject's
 //!    polls. `total_cost` prices every response by the model below: delay
 //!    cost of latency plus transfer time at 5 MB/s, CPU seconds and bytes
@@ -45,7 +48,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gratify::CostModel;
-use gratify::compression::{Codec, CompressionConfig, CompressionLayer, Level, Levels};
+use gratify::compression::{
+    Codec, CompressionConfig, CompressionLayer, CpuScarcity, Level, Levels,
+};
 use gratify::scaling::limit::{AdaptiveLimitLayer, DelayCostLimit, Limiter, LimiterConfig};
 use http::{Request, Response};
 use http_body::Body;
@@ -134,16 +139,35 @@ fn handler(
     origin(body, Duration::ZERO, None)
 }
 
-/// The overload handler: 1 ms of I/O (a database read) before it answers,
-/// as any real handler of 100 KB JSON does.
-fn db_handler(
+/// The I/O-bound handler: each request holds one of `pool`'s database
+/// connections for `hold` before it answers; the database, not the CPU, is
+/// what requests wait for.
+fn db_pool_handler(
     body: Bytes,
+    pool: std::sync::Arc<tokio::sync::Semaphore>,
+    hold: Duration,
 ) -> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
 + Clone
 + Send
 + 'static {
-    origin(body, Duration::from_millis(1), None)
+    service_fn(move |_: Request<()>| {
+        let (body, pool) = (body.clone(), pool.clone());
+        async move {
+            let connection = pool.acquire_owned().await.unwrap();
+            tokio::time::sleep(hold).await;
+            drop(connection);
+            let mut r = Response::new(Full::new(body));
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            Ok::<_, Infallible>(r)
+        }
+    })
 }
+
+/// The database of the I/O-bound run: 4 connections, each request holding
+/// one for 4 ms (a capacity of 1,000 requests a second).
+const DB_CONNECTIONS: usize = 4;
+const DB_HOLD: Duration = Duration::from_millis(4);
 
 /// Requests per second through `svc` for a zstd-accepting client.
 async fn requests_per_second<S, B>(svc: S, n: usize) -> f64
@@ -455,50 +479,134 @@ fn overload_metrics(
             (count as f64 / sent.len() as f64).into(),
         );
     }
+    let at_120: Vec<&Sent> = sent.iter().filter(|s| s.phase == 2).collect();
+    let mut codings: Vec<(String, usize)> = Vec::new();
+    for s in &at_120 {
+        let name = s.encoding.clone().unwrap_or_else(|| "identity".into());
+        match codings.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, c)) => *c += 1,
+            None => codings.push((name, 1)),
+        }
+    }
+    for (name, count) in codings {
+        m.insert(
+            format!("share_120pct.{name}"),
+            (count as f64 / at_120.len().max(1) as f64).into(),
+        );
+    }
     m
 }
 
-/// The overload part: one table row per client and subject.
+/// What requests wait for in an overload run.
+#[derive(Clone, Copy, PartialEq)]
+enum Bottleneck {
+    /// The one core: the handler's 1 ms of I/O overlaps, compression does not.
+    Cpu,
+    /// A pool of `DB_CONNECTIONS` database connections.
+    Database,
+}
+
+/// The handler of a run: what it waits for, fresh for each subject.
+fn bottleneck_handler(
+    bottleneck: Bottleneck,
+    body: Bytes,
+) -> impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    let (pool, hold) = match bottleneck {
+        // The 1 ms database read of the CPU-bound run never waits for a
+        // connection.
+        Bottleneck::Cpu => (1 << 20, Duration::from_millis(1)),
+        Bottleneck::Database => (DB_CONNECTIONS, DB_HOLD),
+    };
+    db_pool_handler(
+        body,
+        std::sync::Arc::new(tokio::sync::Semaphore::new(pool)),
+        hold,
+    )
+}
+
+/// The overload part: one table row per scenario (client and bottleneck)
+/// and subject.
 fn overload(quick: bool, results: &mut Vec<serde_json::Value>) {
     let body = api_json(100 * 1024);
     let model = overload_model();
     let phase_secs = if quick { 1.25 } else { 8.0 };
     println!(
-        "\n| client | subject | p99 ms | p99 ms at 120% | bytes out | bytes / tower-http | p99 / tower-http | CPU s | total cost | refused | codings |"
+        "\n| scenario | subject | p99 ms | p99 ms at 120% | bytes out | bytes / tower-http | p99 / tower-http | CPU s | total cost | refused | codings | codings at 120% |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
-    for (client, accept) in [
-        ("browser", "gzip, deflate, br, zstd"),
-        ("gzip-only", "gzip"),
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
+    for bottleneck in [Bottleneck::Cpu, Bottleneck::Database] {
+        for (client, accept) in [
+            ("browser", "gzip, deflate, br, zstd"),
+            ("gzip-only", "gzip"),
+        ] {
+            overload_scenario(
+                bottleneck, client, accept, &body, &model, quick, phase_secs, results,
+            );
+        }
+    }
+}
+
+/// One scenario of the overload part.
+#[allow(clippy::too_many_arguments)]
+fn overload_scenario(
+    bottleneck: Bottleneck,
+    client: &str,
+    accept: &'static str,
+    body: &Bytes,
+    model: &CostModel,
+    quick: bool,
+    phase_secs: f64,
+    results: &mut Vec<serde_json::Value>,
+) {
+    let handler_of = || bottleneck_handler(bottleneck, body.clone());
+    let (scenario, rate) = match bottleneck {
+        Bottleneck::Cpu => {
+            // Capacity: the handler without its I/O wait, back to back.
+            let rate = capacity(
+                tower_http::compression::CompressionLayer::new().layer(handler(body.clone())),
+                accept,
+                if quick { 200 } else { 600 },
+            );
+            (format!("{client}, cpu-bound"), rate)
+        }
+        Bottleneck::Database => (
+            format!("{client}, database-bound"),
+            DB_CONNECTIONS as f64 / DB_HOLD.as_secs_f64(),
+        ),
+    };
+    eprintln!("{scenario}: capacity {rate:.0} requests/s");
+    let mut rows: Vec<(&str, serde_json::Map<String, serde_json::Value>)> = Vec::new();
+    let seed = 7;
+    let sent = stepped(
+        || tower_http::compression::CompressionLayer::new().layer(handler_of()),
+        accept,
+        rate,
+        phase_secs,
+        seed,
+    );
+    rows.push(("tower-http-default", overload_metrics(&sent, model)));
+    let sent = stepped(
+        || {
+            let mut levels = Levels::default();
+            levels.gzip = 1;
+            let mut config = CompressionConfig::default();
+            config.codecs = vec![Codec::Gzip];
+            config.level = Level::Fixed(levels);
+            CompressionLayer::with_config(config).layer(handler_of())
+        },
+        accept,
+        rate,
+        phase_secs,
+        seed,
+    );
+    rows.push(("gratify-fixed-gzip-1", overload_metrics(&sent, model)));
+    for (subject, scarcity) in [
+        ("gratify-adaptive", CpuScarcity::Runtime),
+        ("gratify-adaptive-cpu-always-scarce", CpuScarcity::Always),
     ] {
-        let tower_default =
-            || tower_http::compression::CompressionLayer::new().layer(db_handler(body.clone()));
-        // Capacity: the handler without its I/O wait, back to back.
-        let rate = capacity(
-            tower_http::compression::CompressionLayer::new().layer(handler(body.clone())),
-            accept,
-            if quick { 200 } else { 600 },
-        );
-        eprintln!("{client}: capacity {rate:.0} requests/s");
-        let mut rows: Vec<(&str, serde_json::Map<String, serde_json::Value>)> = Vec::new();
-        let seed = 7;
-        let sent = stepped(tower_default, accept, rate, phase_secs, seed);
-        rows.push(("tower-http-default", overload_metrics(&sent, &model)));
-        let sent = stepped(
-            || {
-                let mut levels = Levels::default();
-                levels.gzip = 1;
-                let mut config = CompressionConfig::default();
-                config.codecs = vec![Codec::Gzip];
-                config.level = Level::Fixed(levels);
-                CompressionLayer::with_config(config).layer(db_handler(body.clone()))
-            },
-            accept,
-            rate,
-            phase_secs,
-            seed,
-        );
-        rows.push(("gratify-fixed-gzip-1", overload_metrics(&sent, &model)));
         let sent = stepped(
             || {
                 let class = model.default_class();
@@ -506,53 +614,64 @@ fn overload(quick: bool, results: &mut Vec<serde_json::Value>) {
                 config.never_shed = vec![(class, 4096)];
                 config.max_queue = 4096;
                 config.max_queue_time = Duration::from_secs(60);
-                let limiter = Limiter::with_algorithm(&model, DelayCostLimit::new(&model), config);
+                let limiter = Limiter::with_algorithm(model, DelayCostLimit::new(model), config);
                 let signal = limiter.load_signal().clone();
+                let mut compression = CompressionConfig::default();
+                compression.level = Level::Adaptive;
+                compression.cpu_scarcity = scarcity;
                 tower::ServiceBuilder::new()
                     .layer(AdaptiveLimitLayer::with_limiter(limiter).hold_until_body_end(true))
-                    .layer(CompressionLayer::adaptive(&model, signal))
-                    .service(db_handler(body.clone()))
+                    .layer(CompressionLayer::adaptive_with_config(
+                        compression,
+                        model,
+                        signal,
+                    ))
+                    .service(handler_of())
             },
             accept,
             rate,
             phase_secs,
             seed,
         );
-        rows.push(("gratify-adaptive", overload_metrics(&sent, &model)));
-        let base_p99 = rows[0].1["p99_ms"].as_f64().unwrap();
-        let base_bytes = rows[0].1["bytes_out"].as_f64().unwrap();
-        for (subject, mut metrics) in rows {
-            let p99 = metrics["p99_ms"].as_f64().unwrap();
-            let bytes = metrics["bytes_out"].as_f64().unwrap();
-            metrics.insert("p99_vs_tower_http_default".into(), (p99 / base_p99).into());
-            metrics.insert(
-                "bytes_vs_tower_http_default".into(),
-                (bytes / base_bytes).into(),
-            );
-            metrics.insert("capacity_rps".into(), rate.into());
-            let codings: Vec<String> = metrics
+        rows.push((subject, overload_metrics(&sent, model)));
+    }
+    let base_p99 = rows[0].1["p99_ms"].as_f64().unwrap();
+    let base_bytes = rows[0].1["bytes_out"].as_f64().unwrap();
+    for (subject, mut metrics) in rows {
+        let p99 = metrics["p99_ms"].as_f64().unwrap();
+        let bytes = metrics["bytes_out"].as_f64().unwrap();
+        metrics.insert("p99_vs_tower_http_default".into(), (p99 / base_p99).into());
+        metrics.insert(
+            "bytes_vs_tower_http_default".into(),
+            (bytes / base_bytes).into(),
+        );
+        metrics.insert("capacity_rps".into(), rate.into());
+        let codings = |prefix: &str| {
+            metrics
                 .iter()
                 .filter_map(|(k, v)| {
-                    k.strip_prefix("share.")
+                    k.strip_prefix(prefix)
                         .map(|c| format!("{c} {:.0}%", v.as_f64().unwrap_or(0.0) * 100.0))
                 })
-                .collect();
-            println!(
-                "| {client} | {subject} | {p99:.1} | {:.1} | {bytes:.0} | {:.2} | {:.2} | {:.2} | {:.4} | {} | {} |",
-                metrics["p99_ms.120pct"].as_f64().unwrap(),
-                bytes / base_bytes,
-                p99 / base_p99,
-                metrics["cpu_s"].as_f64().unwrap(),
-                metrics["total_cost"].as_f64().unwrap(),
-                metrics["refused"],
-                codings.join(", "),
-            );
-            results.push(serde_json::json!({
-                "scenario": format!("overload-{client}"),
-                "subject": subject,
-                "metrics": metrics,
-            }));
-        }
+                .collect::<Vec<String>>()
+                .join(", ")
+        };
+        println!(
+            "| {scenario} | {subject} | {p99:.1} | {:.1} | {bytes:.0} | {:.2} | {:.2} | {:.2} | {:.4} | {} | {} | {} |",
+            metrics["p99_ms.120pct"].as_f64().unwrap(),
+            bytes / base_bytes,
+            p99 / base_p99,
+            metrics["cpu_s"].as_f64().unwrap(),
+            metrics["total_cost"].as_f64().unwrap(),
+            metrics["refused"],
+            codings("share."),
+            codings("share_120pct."),
+        );
+        results.push(serde_json::json!({
+            "scenario": format!("overload-{}", scenario.replace(", ", "-")),
+            "subject": subject,
+            "metrics": metrics,
+        }));
     }
 }
 

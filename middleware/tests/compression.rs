@@ -15,7 +15,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gratify::compression::{Codec, CompressionConfig, CompressionLayer, Level, Levels};
+use gratify::compression::{
+    Codec, CompressionConfig, CompressionLayer, CpuScarcity, Level, Levels,
+};
 use gratify::{CostModel, LoadSignal, LoadSnapshot};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::{Body, Frame};
@@ -310,9 +312,8 @@ async fn server_sent_events_are_flushed_per_event() {
     );
 }
 
-#[tokio::test]
-async fn adaptive_compresses_harder_when_idle_and_lighter_under_load() {
-    let model = CostModel::from_toml(
+fn adaptive_model() -> CostModel {
+    CostModel::from_toml(
         r#"
         default_class = "browse"
         [prices]
@@ -323,20 +324,34 @@ async fn adaptive_compresses_harder_when_idle_and_lighter_under_load() {
         refusal_cost = 1.0
         "#,
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Requests queueing at the limiter: a slot-second costs 100 (shadow price
+/// 1 per 10 ms).
+fn saturated() -> LoadSnapshot {
+    LoadSnapshot::new(1.5, Duration::from_millis(200), 1.0).with_latency(Duration::from_millis(10))
+}
+
+fn adaptive_layer(signal: &LoadSignal, scarcity: CpuScarcity) -> CompressionLayer {
+    let mut config = CompressionConfig::default();
+    config.level = Level::Adaptive;
+    config.cpu_scarcity = scarcity;
+    CompressionLayer::adaptive_with_config(config, &adaptive_model(), signal.clone())
+}
+
+#[tokio::test]
+async fn adaptive_compresses_harder_when_idle_and_lighter_under_load() {
     let signal = LoadSignal::new();
-    let layer = CompressionLayer::adaptive(&model, signal.clone());
+    // Requests wait for the CPU.
+    let layer = adaptive_layer(&signal, CpuScarcity::Always);
     let data = json(3000);
     let d = data.clone();
     let (_, idle, idle_body, _) = fetch(layer.clone(), "gzip, br, zstd", move || {
         Response::new(Full::new(d.clone()))
     })
     .await;
-    // Saturated: a slot-second costs 100 (shadow price 1 per 10 ms).
-    signal.publish(
-        LoadSnapshot::new(1.5, Duration::from_millis(200), 1.0)
-            .with_latency(Duration::from_millis(10)),
-    );
+    signal.publish(saturated());
     let d = data.clone();
     let (_, busy, busy_body, _) = fetch(layer, "gzip, br, zstd", move || {
         Response::new(Full::new(d.clone()))
@@ -355,6 +370,91 @@ async fn adaptive_compresses_harder_when_idle_and_lighter_under_load() {
         Level::Adaptive,
         Levels::default(),
         CompressionConfig::default(),
+    );
+}
+
+#[tokio::test]
+async fn a_queue_for_something_other_than_the_cpu_does_not_lighten_the_level() {
+    // The runtime's workers are idle (this test's own thread does nothing
+    // else): requests queue at the limiter for something other than the
+    // CPU, so saving CPU would only send more bytes.
+    let signal = LoadSignal::new();
+    let layer = adaptive_layer(&signal, CpuScarcity::Runtime);
+    let data = json(3000);
+    let d = data.clone();
+    let (_, idle, idle_body, _) = fetch(layer.clone(), "gzip, br, zstd", move || {
+        Response::new(Full::new(d.clone()))
+    })
+    .await;
+    signal.publish(saturated());
+    for _ in 0..3 {
+        let d = data.clone();
+        let (_, queued, queued_body, _) = fetch(layer.clone(), "gzip, br, zstd", move || {
+            Response::new(Full::new(d.clone()))
+        })
+        .await;
+        assert_eq!(queued["content-encoding"], idle["content-encoding"]);
+        assert_eq!(
+            queued_body.len(),
+            idle_body.len(),
+            "the same level as when idle"
+        );
+    }
+}
+
+#[test]
+fn a_queue_for_the_cpu_lightens_the_level() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    // One worker thread kept busy by a task that never sleeps in the
+    // runtime: the requests below wait for the CPU.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let hog = {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(2));
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let signal = LoadSignal::new();
+    let layer = adaptive_layer(&signal, CpuScarcity::Runtime);
+    let data = json(3000);
+    let (idle_body, busy_body) = rt.block_on(async {
+        let d = data.clone();
+        let (_, _, idle_body, _) = fetch(layer.clone(), "gzip, br, zstd", move || {
+            Response::new(Full::new(d.clone()))
+        })
+        .await;
+        signal.publish(saturated());
+        // The first look at the runtime starts the gauge; the next, at
+        // least 100 ms later, measures the worker busy all along.
+        let mut busy_body = Bytes::new();
+        for _ in 0..3 {
+            let d = data.clone();
+            busy_body = fetch(layer.clone(), "gzip, br, zstd", move || {
+                Response::new(Full::new(d.clone()))
+            })
+            .await
+            .2;
+            tokio::time::sleep(Duration::from_millis(120)).await;
+        }
+        (idle_body, busy_body)
+    });
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(hog).unwrap();
+    assert!(
+        busy_body.len() > idle_body.len(),
+        "busy {} vs idle {}",
+        busy_body.len(),
+        idle_body.len()
     );
 }
 

@@ -31,9 +31,13 @@
 //! the configured client bandwidth, and the CPU price is the model's
 //! `cpu_second` plus what a second of a slot costs now on the
 //! [`LoadSignal`](gratify_core::LoadSignal) (its shadow price over the mean
-//! latency): idle, it compresses harder; under load it steps down (zstd
+//! latency), as far as the CPU is what requests wait for
+//! ([`CpuScarcity`]: by default, how busy the runtime's workers are): idle,
+//! it compresses harder; when requests queue for the CPU it steps down (zstd
 //! 3 → 1 → −1, br 5 → 4 → 1, gzip 6 → 1) and, for cheap classes at
-//! saturation, sends identity. Speed and ratio per codec and level are
+//! saturation, sends identity; when they queue for something else (a
+//! database, another service), it keeps compressing — the bytes would grow
+//! and no wait would shorten. Speed and ratio per codec and level are
 //! learned from what it compresses, seeded with measured defaults. Brotli
 //! above 9 is never used on the request path.
 //!
@@ -332,6 +336,75 @@ pub struct CompressionConfig {
     /// The predicted compression time of a chunk from which it goes to
     /// [`offload`](Self::offload); default 2 ms.
     pub offload_above: Duration,
+    /// How adaptive levels learn whether CPU is what requests wait for
+    /// (default [`CpuScarcity::Runtime`]).
+    pub cpu_scarcity: CpuScarcity,
+}
+
+/// How adaptive compression learns whether CPU is what requests wait for.
+///
+/// A slot's price on the [`LoadSignal`](gratify_core::LoadSignal) says that
+/// requests are waiting, not why. When they wait for a database or another
+/// service, CPU saved by a lighter level shortens nothing: only the bytes
+/// grow. So the slot's price reaches the CPU only as far as the CPU is busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CpuScarcity {
+    /// From the tokio runtime that compresses (the default): the share of
+    /// its worker threads' time spent running tasks, over about the last
+    /// 100 ms. At or below 50% busy a CPU-second costs its `cpu_second`
+    /// price alone; from 80% (a saturated runtime also spends time in its
+    /// drivers, which is not counted as busy) it also costs a slot-second;
+    /// linearly between.
+    #[default]
+    Runtime,
+    /// Always scarce: every CPU-second saved is worth a slot-second (for a
+    /// service whose cores are shared with work its runtime does not see).
+    Always,
+}
+
+/// The busy share of the current tokio runtime's workers, sampled at most
+/// every 100 ms by whichever response asks (never waiting for another).
+#[derive(Debug, Default)]
+pub(crate) struct CpuGauge {
+    /// When, the workers' summed busy time, and how many workers, at the
+    /// last sample.
+    last: Mutex<Option<(std::time::Instant, Duration, usize)>>,
+    /// The latest busy share (f64 bits; 0 until two samples).
+    busy: std::sync::atomic::AtomicU64,
+}
+
+impl CpuGauge {
+    /// How scarce CPU is now, 0 (idle enough that saving it gains nothing)
+    /// to 1 (requests wait for it).
+    pub(crate) fn scarcity(&self) -> f64 {
+        ((self.busy_share() - 0.5) / 0.3).clamp(0.0, 1.0)
+    }
+
+    /// The workers' busy share over the last sampling interval.
+    pub(crate) fn busy_share(&self) -> f64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = std::time::Instant::now();
+        if let Ok(mut last) = self.last.try_lock()
+            && last.is_none_or(|(t, ..)| now.duration_since(t) >= Duration::from_millis(100))
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let metrics = handle.metrics();
+            let workers = metrics.num_workers();
+            let busy: Duration = (0..workers)
+                .map(|i| metrics.worker_total_busy_duration(i))
+                .sum();
+            if let Some((t, before, n)) = *last
+                && n == workers
+            {
+                let wall = now.duration_since(t).as_secs_f64() * workers.max(1) as f64;
+                let share = busy.saturating_sub(before).as_secs_f64() / wall.max(1e-9);
+                self.busy.store(share.clamp(0.0, 1.0).to_bits(), Relaxed);
+            }
+            *last = Some((now, busy, workers));
+        }
+        f64::from_bits(self.busy.load(Relaxed))
+    }
 }
 
 impl Default for CompressionConfig {
@@ -348,6 +421,7 @@ impl Default for CompressionConfig {
             assumed_size: 16 * 1024,
             offload: None,
             offload_above: Duration::from_millis(2),
+            cpu_scarcity: CpuScarcity::Runtime,
         }
     }
 }

@@ -26,6 +26,7 @@ struct Shared {
     model: Option<gratify_core::SharedModel>,
     signal: Option<LoadSignal>,
     calibration: Arc<Calibration>,
+    cpu: super::CpuGauge,
 }
 
 /// Compresses responses; see the [module docs](super). Cloning shares the
@@ -91,6 +92,7 @@ impl CompressionLayer {
                 model: model.map(gratify_core::SharedModel::new),
                 signal,
                 calibration: Arc::new(Calibration::new()),
+                cpu: super::CpuGauge::default(),
             }),
         }
     }
@@ -323,8 +325,15 @@ fn compress<RB: Body>(
         Level::Adaptive => {
             let snapshot = shared.signal.as_ref().map(LoadSignal::snapshot);
             let prices = shared.model().map(|m| *m.prices());
-            let cpu_price = prices.map_or(0.0, |p| p.cpu_second)
-                + snapshot.map_or(0.0, |s| s.slot_second_price());
+            // A slot-second's price reaches the CPU as far as the CPU is
+            // what requests wait for.
+            let slot = snapshot.map_or(0.0, |s| s.slot_second_price());
+            let scarcity = match shared.config.cpu_scarcity {
+                _ if slot <= 0.0 => 0.0,
+                super::CpuScarcity::Always => 1.0,
+                super::CpuScarcity::Runtime => shared.cpu.scarcity(),
+            };
+            let cpu_price = prices.map_or(0.0, |p| p.cpu_second) + slot * scarcity;
             let byte_price = prices.map_or(0.0, |p| p.byte_sent);
             adaptive(
                 &plan.ranked,

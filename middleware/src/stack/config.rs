@@ -38,6 +38,7 @@
 //! codecs = ["zstd", "br", "gzip", "deflate"]   # offered, in preference
 //! min_size = 1024                   # smaller known sizes go as they are
 //! client_bandwidth = 5e6            # bytes/s, for the transfer time
+//! cpu_scarcity = "runtime"          # or "always": does CPU saved shorten the queue?
 //!
 //! [cache]                           # present: cache; keys as gratify_cache::config
 //! max_bytes = 67108864
@@ -90,7 +91,7 @@ use gratify_scaling::limit::{
 use serde::Deserialize;
 
 use super::Stack;
-use crate::compression::{Codec, CompressionConfig, Level, Levels};
+use crate::compression::{Codec, CompressionConfig, CpuScarcity, Level, Levels};
 
 /// A stack configuration that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +181,7 @@ struct CompressionSection {
     codecs: Option<Vec<String>>,
     min_size: Option<u64>,
     client_bandwidth: Option<f64>,
+    cpu_scarcity: Option<String>,
 }
 
 impl Stack {
@@ -309,6 +311,18 @@ fn compression_config(s: CompressionSection) -> Result<CompressionConfig, StackC
         }
         config.client_bandwidth = v;
     }
+    if let Some(v) = &s.cpu_scarcity {
+        config.cpu_scarcity = match v.as_str() {
+            "runtime" => CpuScarcity::Runtime,
+            "always" => CpuScarcity::Always,
+            other => {
+                return Err(invalid(
+                    "compression.cpu_scarcity",
+                    format!("unknown value {other:?}: expected \"runtime\" or \"always\""),
+                ));
+            }
+        };
+    }
     let mut levels = Levels::default();
     if let Some(l) = &s.levels {
         let set = |key: &str,
@@ -387,6 +401,7 @@ mod tests {
             level = "fixed"
             levels = {{ gzip = 1 }}
             codecs = ["gzip"]
+            cpu_scarcity = "always"
             [cache]
             max_bytes = 1048576
             "#
@@ -398,6 +413,7 @@ mod tests {
         let c = stack.compression.as_ref().unwrap();
         assert_eq!(c.codecs, vec![Codec::Gzip]);
         assert!(matches!(c.level, Level::Fixed(l) if l.gzip == 1 && l.zstd == 3));
+        assert_eq!(c.cpu_scarcity, CpuScarcity::Always);
     }
 
     #[test]
@@ -437,6 +453,11 @@ mod tests {
         assert!(e.contains("compression.levels"), "{e}");
         let e = err("[compression]\nclient_bandwidth = -1.0");
         assert!(e.contains("compression.client_bandwidth"), "{e}");
+        let e = err("[compression]\ncpu_scarcity = \"sometimes\"");
+        assert!(
+            e.contains("compression.cpu_scarcity") && e.contains("sometimes"),
+            "{e}"
+        );
     }
 
     #[test]
