@@ -492,3 +492,80 @@ fn the_guides_config_block_is_accepted_as_it_is() {
         panic!("the guide's block is refused: {e}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn exempt_paths_are_answered_at_once_however_full_the_limit_and_never_cached_or_compressed() {
+    use gratify::scaling::limit::{Fixed, Limiter, LimiterConfig};
+    use std::time::Duration;
+
+    let model = CostModel::from_toml(MODEL).unwrap();
+    let mut config = LimiterConfig::default();
+    config.max_queue_time = Duration::from_millis(50);
+    let limiter = Limiter::with_algorithm(&model, Fixed::new(1), config);
+    let stack = Stack::new(&model)
+        .limit_with(limiter.clone())
+        .compression()
+        .cache(HttpCacheConfig::default())
+        .exempt(["/healthz", "/readyz"]);
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&calls);
+    // Everything is cacheable and compressible; "/slow" holds the one slot.
+    let svc = stack.layer(service_fn(move |r: Request<()>| {
+        let n = counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if r.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let body = format!("{}:{n}:", r.uri().path()).repeat(200);
+            let mut res = Response::new(Full::new(Bytes::from(body)));
+            res.headers_mut()
+                .insert("cache-control", "public, max-age=60".parse().unwrap());
+            res.headers_mut()
+                .insert("content-type", "text/plain".parse().unwrap());
+            Ok::<_, Infallible>(res)
+        }
+    }));
+    let fetch = |path: &'static str| {
+        let svc = svc.clone();
+        async move {
+            let r = svc.oneshot(get(path)).await.unwrap();
+            let status = r.status().as_u16();
+            let headers = r.headers().clone();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (status, headers, body)
+        }
+    };
+    let slow = tokio::spawn(fetch("/slow"));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(limiter.stats().in_flight, 1);
+    // Anything else waits for the slot and is refused…
+    assert_eq!(fetch("/other").await.0, 503);
+    // …but the health checks are answered now, by the service itself, each
+    // time afresh: no slot, no cache entry, no compression.
+    for (i, path) in ["/healthz", "/readyz", "/healthz"].into_iter().enumerate() {
+        let (status, headers, body) = fetch(path).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(headers.get("content-encoding").is_none(), "{headers:?}");
+        assert!(headers.get("cache-status").is_none(), "{headers:?}");
+        assert!(body.starts_with(format!("{path}:{}:", i + 1).as_bytes()));
+    }
+    // The query is not part of the path; a path that only starts like an
+    // exempt one is not exempt.
+    assert_eq!(fetch("/healthz?verbose=1").await.0, 200);
+    assert_eq!(fetch("/healthz/deep").await.0, 503);
+    let browse = limiter.stats().classes[model.default_class().index()].clone();
+    assert_eq!(browse.admitted, 1, "only /slow took a slot");
+    assert_eq!(browse.shed_total(), 2, "/other and /healthz/deep");
+    slow.await.unwrap();
+    assert_eq!(limiter.stats().in_flight, 0);
+}
+
+#[test]
+fn a_file_lists_exempt_paths_and_refuses_what_is_not_a_path() {
+    let model = "default_class = \"browse\"\n[classes.browse]\ndelay_cost = { shape = \"linear\", per_second = 1.0 }\nrefusal_cost = 1.0\n";
+    assert!(Stack::from_config(&format!("exempt = [\"/healthz\"]\n{model}")).is_ok());
+    let e = Stack::from_config(&format!("exempt = [\"/ok\", \"healthz\"]\n{model}"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("exempt[1]") && e.contains("healthz"), "{e}");
+}

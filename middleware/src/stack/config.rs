@@ -7,6 +7,8 @@
 //!
 //! ```toml
 //! default_class = "browse"          # requests no route matches
+//! exempt = ["/healthz", "/readyz"]  # none by default: straight to the service, never limited
+//!                                   # cached or compressed (health checks)
 //!
 //! [prices]                          # all 0 by default
 //! cpu_second = 1.1e-5
@@ -146,6 +148,8 @@ struct StackFile {
     classes: BTreeMap<String, Class>,
     #[serde(default)]
     routes: Vec<RouteRule>,
+    #[serde(default)]
+    exempt: Vec<String>,
     limit: Option<LimitSection>,
     compression: Option<CompressionSection>,
     cache: Option<CacheSection>,
@@ -201,6 +205,17 @@ impl Stack {
         let mut stack = Self::new(&model);
         if !file.routes.is_empty() {
             stack = stack.routes(RouteClassifier::from_rules(&model, &file.routes)?);
+        }
+        for (i, path) in file.exempt.iter().enumerate() {
+            if !path.starts_with('/') || path.contains('?') {
+                return Err(invalid(
+                    format!("exempt[{i}]"),
+                    format!("{path:?} is not a path (it starts with / and has no query)"),
+                ));
+            }
+        }
+        if !file.exempt.is_empty() {
+            stack = stack.exempt(file.exempt);
         }
         if let Some(limit) = file.limit {
             stack = stack.limit_with(limiter(&model, limit)?);

@@ -143,6 +143,8 @@ pub struct Stack {
     limiter: Option<Limiter>,
     compression: Option<CompressionConfig>,
     cache: Option<CacheChoice>,
+    /// Paths passed straight to the service.
+    exempt: Arc<[String]>,
     built: Arc<OnceLock<Built>>,
 }
 
@@ -165,8 +167,30 @@ impl Stack {
             limiter: None,
             compression: None,
             cache: None,
+            exempt: Arc::new([]),
             built: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Passes requests for these paths (exactly, without the query) straight
+    /// to the service: no class, no limit, no cache, no compression, no
+    /// span. For health and readiness checks, which must be answered at
+    /// once however loaded the service is — a probe that waits behind the
+    /// load or is shed as part of it gets a healthy replica restarted or
+    /// taken out of rotation. Keep what these routes do cheap: nothing
+    /// counts or bounds it.
+    #[must_use]
+    pub fn exempt<I, P>(mut self, paths: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        let mut all: Vec<String> = self.exempt.to_vec();
+        all.extend(paths.into_iter().map(Into::into));
+        all.sort();
+        all.dedup();
+        self.exempt = all.into();
+        self.unbuilt()
     }
 
     /// Classifies requests by `routes` (else: all in the default class).
@@ -351,11 +375,15 @@ pub type LimitStage<S> = Optional<AdaptiveLimit<CompressionStage<S>>, Compressio
 /// off.
 pub type LookupStage<S> = Optional<CacheLookup<LimitStage<S>>, LimitStage<S>>;
 
-impl<S> Layer<S> for Stack {
+impl<S: Clone> Layer<S> for Stack {
     type Service = StackService<S>;
 
     fn layer(&self, inner: S) -> StackService<S> {
         let built = self.built();
+        // A second handle on the service, only when some paths bypass the
+        // stack (polling it for readiness would otherwise reserve capacity
+        // nothing uses).
+        let direct = (!self.exempt.is_empty()).then(|| inner.clone());
         let fill = match &built.cache {
             Some(l) => Optional::On(l.fill().layer(inner)),
             None => Optional::Off(inner),
@@ -374,6 +402,8 @@ impl<S> Layer<S> for Stack {
         };
         StackService {
             inner: lookup,
+            direct,
+            exempt: Arc::clone(&self.exempt),
             classifier: built.classifier.clone(),
             names: Arc::clone(&built.names),
         }
@@ -387,26 +417,50 @@ impl<S> Layer<S> for Stack {
 /// queueing`, `shed`) and `shed_reason`; `cache` (the `Cache-Status` detail:
 /// `hit`, `fwd=uri-miss; stored`, …); `codec` and `level` when the response
 /// is compressed.
+///
+/// Requests for the [exempt](Stack::exempt) paths go straight to the
+/// service: its response is the `Right` arm of the body.
 #[derive(Clone, Debug)]
 pub struct StackService<S> {
     inner: LookupStage<S>,
+    /// The service itself, for the exempt paths (only when there are some).
+    direct: Option<S>,
+    exempt: Arc<[String]>,
     classifier: StackClassifier,
     names: Arc<[String]>,
 }
 
-impl<S, B> Service<Request<B>> for StackService<S>
+impl<S, B, StackBody, ServiceBody> Service<Request<B>> for StackService<S>
 where
-    LookupStage<S>: Service<Request<B>>,
+    LookupStage<S>: Service<Request<B>, Response = http::Response<StackBody>>,
+    S: Service<
+            Request<B>,
+            Response = http::Response<ServiceBody>,
+            Error = <LookupStage<S> as Service<Request<B>>>::Error,
+        >,
 {
-    type Response = <LookupStage<S> as Service<Request<B>>>::Response;
+    type Response = http::Response<http_body_util::Either<StackBody, ServiceBody>>;
     type Error = <LookupStage<S> as Service<Request<B>>>::Error;
-    type Future = Instrumented<<LookupStage<S> as Service<Request<B>>>::Future>;
+    type Future =
+        Instrumented<OptionalFuture<<LookupStage<S> as Service<Request<B>>>::Future, S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        std::task::ready!(self.inner.poll_ready(cx))?;
+        match &mut self.direct {
+            Some(direct) => direct.poll_ready(cx),
+            None => Poll::Ready(Ok(())),
+        }
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if let Some(direct) = &mut self.direct
+            && self
+                .exempt
+                .binary_search_by(|p| p.as_str().cmp(request.uri().path()))
+                .is_ok()
+        {
+            return OptionalFuture::off(direct.call(request)).instrument(tracing::Span::none());
+        }
         let class = self.classifier.classify(&request);
         request.extensions_mut().insert(class);
         let name = self.names.get(class.index()).map_or("", String::as_str);
@@ -420,6 +474,7 @@ where
             level = tracing::field::Empty,
         );
         // The layers decide inside `call`: enter the span for it.
-        span.in_scope(|| self.inner.call(request)).instrument(span)
+        span.in_scope(|| OptionalFuture::on(self.inner.call(request)))
+            .instrument(span)
     }
 }

@@ -60,13 +60,13 @@ pin_project! {
 }
 
 impl<FA, FB> OptionalFuture<FA, FB> {
-    fn on(future: FA) -> Self {
+    pub(crate) fn on(future: FA) -> Self {
         Self {
             kind: Kind::On { future },
         }
     }
 
-    fn off(future: FB) -> Self {
+    pub(crate) fn off(future: FB) -> Self {
         Self {
             kind: Kind::Off { future },
         }
