@@ -1,5 +1,6 @@
-//! `shop` stops cleanly on SIGTERM, as a container orchestrator asks: it
-//! stops accepting, finishes what is in flight, sends (or reports) every
+//! `shop` stops cleanly on SIGTERM, as a container orchestrator asks: its
+//! readiness check fails first (for `--readiness-grace`, or until a second
+//! signal), then it stops accepting, finishes what is in flight, sends (or reports) every
 //! queued confirmation e-mail, and exits 0. Runs the real binary as a child
 //! process.
 #![cfg(unix)]
@@ -40,6 +41,7 @@ fn sigterm_drains_the_queued_emails_and_exits_zero() {
     let db = dir.join("shop.db");
     let mut child = Command::new(env!("CARGO_BIN_EXE_shop"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--readiness-grace", "120"])
         .arg("--db")
         .arg(&db)
         .stdout(Stdio::null())
@@ -57,6 +59,8 @@ fn sigterm_drains_the_queued_emails_and_exits_zero() {
         assert_eq!(request(port, "POST", &format!("/cart/u{user}/1")), 200);
         assert_eq!(request(port, "POST", &format!("/checkout/u{user}")), 201);
     }
+    assert_eq!(request(port, "GET", "/healthz"), 200);
+    assert_eq!(request(port, "GET", "/readyz"), 200);
     let pid = child.id().to_string();
     assert!(
         Command::new("kill")
@@ -65,13 +69,30 @@ fn sigterm_drains_the_queued_emails_and_exits_zero() {
             .unwrap()
             .success()
     );
+    // Readiness fails first, while the store still answers (for as long as
+    // the grace lasts, far longer than this takes).
+    let until = Instant::now() + Duration::from_secs(60);
+    while request(port, "GET", "/readyz") != 503 {
+        assert!(Instant::now() < until, "readiness never failed");
+        assert!(child.try_wait().unwrap().is_none(), "the shop exited first");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(request(port, "GET", "/healthz"), 200, "still alive");
+    // A second signal ends the grace: the shop stops accepting and drains.
+    // (Sent until it exits: a signal that arrives before the shop listens
+    // for the second one is not seen.)
+    let term = || {
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    };
+    term();
     let until = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         assert!(Instant::now() < until, "the shop did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(200));
+        term();
     };
     let mut stderr = String::new();
     child

@@ -387,6 +387,7 @@ async fn a_queue_for_something_other_than_the_cpu_does_not_lighten_the_level() {
     })
     .await;
     signal.publish(saturated());
+    // Three looks at the runtime, each after a full window of it idle.
     for _ in 0..3 {
         let d = data.clone();
         let (_, queued, queued_body, _) = fetch(layer.clone(), "gzip, br, zstd", move || {
@@ -399,6 +400,7 @@ async fn a_queue_for_something_other_than_the_cpu_does_not_lighten_the_level() {
             idle_body.len(),
             "the same level as when idle"
         );
+        tokio::time::sleep(Duration::from_millis(600)).await;
     }
 }
 
@@ -418,8 +420,10 @@ fn a_queue_for_the_cpu_lightens_the_level() {
     let hog = {
         let stop = stop.clone();
         rt.spawn(async move {
+            // Short polls: tokio publishes a worker's busy time every 61
+            // of them, many times in each window.
             while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_micros(200));
                 tokio::task::yield_now().await;
             }
         })
@@ -434,8 +438,8 @@ fn a_queue_for_the_cpu_lightens_the_level() {
         })
         .await;
         signal.publish(saturated());
-        // The first look at the runtime starts the gauge; the next, at
-        // least 100 ms later, measures the worker busy all along.
+        // The first look at the runtime starts the gauge; the next, a
+        // window later, measures the worker busy all along.
         let mut busy_body = Bytes::new();
         for _ in 0..3 {
             let d = data.clone();
@@ -444,7 +448,7 @@ fn a_queue_for_the_cpu_lightens_the_level() {
             })
             .await
             .2;
-            tokio::time::sleep(Duration::from_millis(120)).await;
+            tokio::time::sleep(Duration::from_millis(600)).await;
         }
         (idle_body, busy_body)
     });

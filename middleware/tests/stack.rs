@@ -553,9 +553,15 @@ async fn exempt_paths_are_answered_at_once_however_full_the_limit_and_never_cach
     // exempt one is not exempt.
     assert_eq!(fetch("/healthz?verbose=1").await.0, 200);
     assert_eq!(fetch("/healthz/deep").await.0, 503);
+    // Only reads are exempt: a POST to the same path goes through the stack.
+    let post = Request::post("/healthz")
+        .header("host", "shop.example")
+        .body(())
+        .unwrap();
+    assert_eq!(svc.clone().oneshot(post).await.unwrap().status(), 503);
     let browse = limiter.stats().classes[model.default_class().index()].clone();
     assert_eq!(browse.admitted, 1, "only /slow took a slot");
-    assert_eq!(browse.shed_total(), 2, "/other and /healthz/deep");
+    assert_eq!(browse.shed_total(), 3, "/other, /healthz/deep and the POST");
     slow.await.unwrap();
     assert_eq!(limiter.stats().in_flight, 0);
 }
@@ -568,4 +574,25 @@ fn a_file_lists_exempt_paths_and_refuses_what_is_not_a_path() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("exempt[1]") && e.contains("healthz"), "{e}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn exempt_paths_never_reserve_a_service_twice() {
+    use std::time::Duration;
+    use tower::limit::ConcurrencyLimit;
+
+    // A service whose readiness reserves its one permit: readying it twice
+    // for one request would wait forever.
+    let model = CostModel::from_toml(MODEL).unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let svc = Stack::new(&model)
+        .exempt(["/healthz"])
+        .layer(ConcurrencyLimit::new(origin(&calls), 1));
+    for path in ["/products", "/healthz", "/products", "/healthz"] {
+        let answer = tokio::time::timeout(Duration::from_secs(60), svc.clone().oneshot(get(path)))
+            .await
+            .expect("answered, not stuck on readiness");
+        assert_eq!(answer.unwrap().status(), 200, "{path}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
 }

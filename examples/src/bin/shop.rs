@@ -39,6 +39,11 @@ struct Args {
     #[cfg(feature = "postgres")]
     #[arg(long)]
     postgres: Option<String>,
+    /// On SIGTERM or Ctrl-C, answer `/readyz` with 503 for this long (in
+    /// seconds) before no longer accepting connections, so that load
+    /// balancers stop sending traffic first; a second signal ends it.
+    #[arg(long, default_value_t = 0.0)]
+    readiness_grace: f64,
 }
 
 async fn open(args: &Args) -> Result<Shop, Box<dyn std::error::Error + Send + Sync>> {
@@ -93,8 +98,22 @@ async fn main() -> ExitCode {
         let stopping = stopping.clone();
         tokio::spawn(async move { shop.run_mailer(stopping.wait()).await })
     };
+    // Readiness fails first; the server stops accepting after the grace.
+    let grace = std::time::Duration::try_from_secs_f64(args.readiness_grace).unwrap_or_default();
+    let accepting = {
+        let (shop, stopping) = (shop.clone(), stopping.clone());
+        async move {
+            stopping.wait().await;
+            shop.stop_taking_traffic();
+            // A second signal ends the grace at once.
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {}
+                () = gratify_examples::shutdown_signal() => {}
+            }
+        }
+    };
     let served = axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(stopping.wait())
+        .with_graceful_shutdown(accepting)
         .await;
     #[cfg(any(feature = "redis", feature = "postgres"))]
     let _ = mailer.await;

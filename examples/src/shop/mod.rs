@@ -126,6 +126,8 @@ pub struct Shop {
     defer: Defer,
     #[cfg(any(feature = "redis", feature = "postgres"))]
     durable: Option<gratify::offload::durable::DurableQueue>,
+    /// Whether `/readyz` says to send traffic here.
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The durable job of a confirmation e-mail.
@@ -226,6 +228,7 @@ impl Shop {
             defer,
             #[cfg(any(feature = "redis", feature = "postgres"))]
             durable: None,
+            ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
     }
 
@@ -438,7 +441,16 @@ impl Shop {
             .route("/cart/{user}/{product}", post(add_to_cart))
             .route("/checkout/{user}", post(checkout))
             .route("/orders/{id}", get(order))
+            // Exempt from the stack in shop.toml: answered however loaded.
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
             .with_state(self.clone())
+    }
+
+    /// Makes `/readyz` answer 503 from now on, so that load balancers stop
+    /// sending requests before the server stops accepting them.
+    pub fn stop_taking_traffic(&self) {
+        self.ready.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Sends what is deferred and stops: every e-mail of a placed order is in
@@ -459,6 +471,27 @@ impl Shop {
     pub fn model(&self) -> CostModel {
         self.stack.model()
     }
+}
+
+/// Liveness: the process answers.
+async fn healthz() -> Response {
+    let mut r = "ok\n".into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Readiness: 200 while the store takes traffic, 503 once it is stopping.
+async fn readyz(State(shop): State<Shop>) -> Response {
+    let ready = shop.ready.load(std::sync::atomic::Ordering::SeqCst);
+    let mut r = if ready {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
+    };
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
 async fn catalogue(State(shop): State<Shop>, Query(q): Query<PageQuery>) -> Response {

@@ -351,11 +351,17 @@ pub struct CompressionConfig {
 #[non_exhaustive]
 pub enum CpuScarcity {
     /// From the tokio runtime that compresses (the default): the share of
-    /// its worker threads' time spent running tasks, over about the last
-    /// 100 ms. At or below 50% busy a CPU-second costs its `cpu_second`
-    /// price alone; from 80% (a saturated runtime also spends time in its
-    /// drivers, which is not counted as busy) it also costs a slot-second;
-    /// linearly between.
+    /// its worker threads' time spent inside task polls, over the last half
+    /// second or more. At or below 50% busy a CPU-second costs its
+    /// `cpu_second` price alone; from 80% (a saturated runtime also spends
+    /// time in its drivers, which is not counted as busy) it also costs a
+    /// slot-second; linearly between. Outside a tokio runtime, as
+    /// [`Always`](Self::Always).
+    ///
+    /// Time a task spends blocking its worker (a synchronous database
+    /// driver, `std::thread::sleep`) counts as busy; work on other threads
+    /// (a [`CpuPool`](crate::offload::CpuPool), `spawn_blocking`) does not —
+    /// with compression offloaded to a pool, choose `Always`.
     #[default]
     Runtime,
     /// Always scarce: every CPU-second saved is worth a slot-second (for a
@@ -363,47 +369,65 @@ pub enum CpuScarcity {
     Always,
 }
 
-/// The busy share of the current tokio runtime's workers, sampled at most
-/// every 100 ms by whichever response asks (never waiting for another).
+/// The busy share of the current tokio runtime's workers, measured over
+/// windows of at least half a second by whichever response asks (never
+/// waiting for another).
+///
+/// tokio publishes a worker's busy time when it parks and every 61 task
+/// polls, so a shorter window could see no update from a saturated worker;
+/// a window in which no worker's busy time moved at all is therefore no
+/// news, not idleness. A window longer than five seconds describes a past
+/// that no longer matters, and is only a new start.
 #[derive(Debug, Default)]
 pub(crate) struct CpuGauge {
-    /// When, the workers' summed busy time, and how many workers, at the
-    /// last sample.
-    last: Mutex<Option<(std::time::Instant, Duration, usize)>>,
-    /// The latest busy share (f64 bits; 0 until two samples).
+    /// At the start of the window: when, the runtime, and its workers'
+    /// summed busy time.
+    last: Mutex<Option<(std::time::Instant, tokio::runtime::Id, Duration)>>,
+    /// The latest busy share (f64 bits; 0 until the first window ends).
     busy: std::sync::atomic::AtomicU64,
 }
 
+/// The shortest window a busy share is measured over.
+const CPU_WINDOW: Duration = Duration::from_millis(500);
+
 impl CpuGauge {
     /// How scarce CPU is now, 0 (idle enough that saving it gains nothing)
-    /// to 1 (requests wait for it).
+    /// to 1 (requests wait for it). Outside a tokio runtime there is no
+    /// telling: 1, as if it were always scarce.
     pub(crate) fn scarcity(&self) -> f64 {
-        ((self.busy_share() - 0.5) / 0.3).clamp(0.0, 1.0)
+        match self.busy_share() {
+            Some(busy) => ((busy - 0.5) / 0.3).clamp(0.0, 1.0),
+            None => 1.0,
+        }
     }
 
-    /// The workers' busy share over the last sampling interval.
-    pub(crate) fn busy_share(&self) -> f64 {
+    /// The workers' busy share over the last window; `None` outside a
+    /// tokio runtime.
+    pub(crate) fn busy_share(&self) -> Option<f64> {
         use std::sync::atomic::Ordering::Relaxed;
+        let handle = tokio::runtime::Handle::try_current().ok()?;
         let now = std::time::Instant::now();
         if let Ok(mut last) = self.last.try_lock()
-            && last.is_none_or(|(t, ..)| now.duration_since(t) >= Duration::from_millis(100))
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
+            && last.is_none_or(|(t, ..)| now.duration_since(t) >= CPU_WINDOW)
         {
             let metrics = handle.metrics();
-            let workers = metrics.num_workers();
-            let busy: Duration = (0..workers)
+            let workers = metrics.num_workers().max(1);
+            let busy: Duration = (0..metrics.num_workers())
                 .map(|i| metrics.worker_total_busy_duration(i))
                 .sum();
-            if let Some((t, before, n)) = *last
-                && n == workers
+            let id = handle.id();
+            if let Some((t, runtime, before)) = *last
+                && runtime == id
+                && busy > before
+                && now.duration_since(t) <= Duration::from_secs(5)
             {
-                let wall = now.duration_since(t).as_secs_f64() * workers.max(1) as f64;
-                let share = busy.saturating_sub(before).as_secs_f64() / wall.max(1e-9);
+                let wall = now.duration_since(t).as_secs_f64() * workers as f64;
+                let share = (busy - before).as_secs_f64() / wall.max(1e-9);
                 self.busy.store(share.clamp(0.0, 1.0).to_bits(), Relaxed);
             }
-            *last = Some((now, busy, workers));
+            *last = Some((now, id, busy));
         }
-        f64::from_bits(self.busy.load(Relaxed))
+        Some(f64::from_bits(self.busy.load(Relaxed)))
     }
 }
 

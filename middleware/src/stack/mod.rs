@@ -172,13 +172,17 @@ impl Stack {
         }
     }
 
-    /// Passes requests for these paths (exactly, without the query) straight
-    /// to the service: no class, no limit, no cache, no compression, no
-    /// span. For health and readiness checks, which must be answered at
-    /// once however loaded the service is — a probe that waits behind the
-    /// load or is shed as part of it gets a healthy replica restarted or
-    /// taken out of rotation. Keep what these routes do cheap: nothing
-    /// counts or bounds it.
+    /// Passes `GET` and `HEAD` requests for these paths (exactly, without
+    /// the query) straight to the service: no limit, no cache, no
+    /// compression, no span (the request still gets its class). For health
+    /// and readiness checks, which must be answered at once however loaded
+    /// the service is — a probe that waits behind the load or is shed as
+    /// part of it gets a healthy replica restarted or taken out of
+    /// rotation. Keep what these routes do cheap: nothing counts or bounds
+    /// it, and a path the router does not know reaches its fallback the
+    /// same way. A path that does not start with `/` never matches and is
+    /// left out (with a warning). Under axum's `nest`, the stack sees the
+    /// nested router's own paths.
     #[must_use]
     pub fn exempt<I, P>(mut self, paths: I) -> Self
     where
@@ -186,7 +190,16 @@ impl Stack {
         P: Into<String>,
     {
         let mut all: Vec<String> = self.exempt.to_vec();
-        all.extend(paths.into_iter().map(Into::into));
+        for path in paths.into_iter().map(Into::into) {
+            if path.starts_with('/') && !path.contains(['?', '#']) {
+                all.push(path);
+            } else {
+                tracing::warn!(
+                    path,
+                    "an exempt path must start with / and have no query; left out"
+                );
+            }
+        }
         all.sort();
         all.dedup();
         self.exempt = all.into();
@@ -381,8 +394,7 @@ impl<S: Clone> Layer<S> for Stack {
     fn layer(&self, inner: S) -> StackService<S> {
         let built = self.built();
         // A second handle on the service, only when some paths bypass the
-        // stack (polling it for readiness would otherwise reserve capacity
-        // nothing uses).
+        // stack; it is made ready only for the requests it takes.
         let direct = (!self.exempt.is_empty()).then(|| inner.clone());
         let fill = match &built.cache {
             Some(l) => Optional::On(l.fill().layer(inner)),
@@ -433,7 +445,8 @@ pub struct StackService<S> {
 impl<S, B, StackBody, ServiceBody> Service<Request<B>> for StackService<S>
 where
     LookupStage<S>: Service<Request<B>, Response = http::Response<StackBody>>,
-    S: Service<
+    S: Clone
+        + Service<
             Request<B>,
             Response = http::Response<ServiceBody>,
             Error = <LookupStage<S> as Service<Request<B>>>::Error,
@@ -441,28 +454,33 @@ where
 {
     type Response = http::Response<http_body_util::Either<StackBody, ServiceBody>>;
     type Error = <LookupStage<S> as Service<Request<B>>>::Error;
-    type Future =
-        Instrumented<OptionalFuture<<LookupStage<S> as Service<Request<B>>>::Future, S::Future>>;
+    type Future = Instrumented<
+        OptionalFuture<
+            <LookupStage<S> as Service<Request<B>>>::Future,
+            DirectFuture<S, Request<B>>,
+        >,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        std::task::ready!(self.inner.poll_ready(cx))?;
-        match &mut self.direct {
-            Some(direct) => direct.poll_ready(cx),
-            None => Poll::Ready(Ok(())),
-        }
+        // Only the stack's own way is made ready here: an exempt request
+        // readies a clone of its own, so that a service whose readiness
+        // reserves capacity is never reserved twice for one request.
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        if let Some(direct) = &mut self.direct
+        let class = self.classifier.classify(&request);
+        request.extensions_mut().insert(class);
+        if let Some(direct) = &self.direct
+            && matches!(*request.method(), http::Method::GET | http::Method::HEAD)
             && self
                 .exempt
                 .binary_search_by(|p| p.as_str().cmp(request.uri().path()))
                 .is_ok()
         {
-            return OptionalFuture::off(direct.call(request)).instrument(tracing::Span::none());
+            let future = DirectFuture::new(direct.clone(), request);
+            return OptionalFuture::off(future).instrument(tracing::Span::none());
         }
-        let class = self.classifier.classify(&request);
-        request.extensions_mut().insert(class);
         let name = self.names.get(class.index()).map_or("", String::as_str);
         let span = tracing::info_span!(
             "gratify",
@@ -476,5 +494,63 @@ where
         // The layers decide inside `call`: enter the span for it.
         span.in_scope(|| OptionalFuture::on(self.inner.call(request)))
             .instrument(span)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a request on an [exempt](Stack::exempt) path: a clone
+    /// of the service, made ready, then called.
+    pub struct DirectFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: DirectState<S, Req, S::Future>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = DirectProj]
+    enum DirectState<S, Req, F> {
+        Readying { service: S, request: Option<Req> },
+        Called { #[pin] future: F },
+    }
+}
+
+impl<S: Service<Req>, Req> DirectFuture<S, Req> {
+    fn new(service: S, request: Req) -> Self {
+        Self {
+            state: DirectState::Readying {
+                service,
+                request: Some(request),
+            },
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> Future for DirectFuture<S, Req> {
+    type Output = Result<S::Response, S::Error>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                DirectProj::Readying { service, request } => {
+                    std::task::ready!(service.poll_ready(cx))?;
+                    let Some(request) = request.take() else {
+                        panic!("DirectFuture polled after completion");
+                    };
+                    let future = service.call(request);
+                    this.state.set(DirectState::Called { future });
+                }
+                DirectProj::Called { future } => return future.poll(cx),
+            }
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> std::fmt::Debug for DirectFuture<S, Req> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DirectFuture")
     }
 }
