@@ -108,7 +108,7 @@ async fn no_job_is_lost_when_workers_are_killed_mid_job_100_times() {
     let seen = Seen::default();
     let started = Arc::new(AtomicU32::new(0));
     // Kill a worker 100 times, each a few milliseconds into its work (a
-    // job takes 5 ms). Half come back under the same name (a restarted
+    // job takes 20 ms). Half come back under the same name (a restarted
     // pod), half under a fresh one (a replaced pod).
     for kill in 0..100u64 {
         let name = if kill % 2 == 0 {
@@ -119,9 +119,17 @@ async fn no_job_is_lost_when_workers_are_killed_mid_job_100_times() {
         let q = DurableQueue::connect(server.client(), config.clone().consumer(name))
             .await
             .unwrap();
-        let worker = worker_recording(&q, &seen, &started, Duration::from_millis(5));
+        let worker = worker_recording(&q, &seen, &started, Duration::from_millis(20));
+        let before = started.load(Ordering::SeqCst);
         let task = tokio::spawn(async move { worker.run(std::future::pending()).await });
-        tokio::time::sleep(Duration::from_millis(1 + kill % 9)).await;
+        // Killed a few milliseconds into a job (a job takes 20 ms), however
+        // slowly this machine starts a worker: wait until it has started
+        // one (or a while, when none is left to start yet).
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        while started.load(Ordering::SeqCst) == before && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(kill % 10)).await;
         task.abort();
         let _ = task.await;
     }
