@@ -684,3 +684,79 @@ async fn a_slot_hold_keeps_the_slot_until_the_detached_work_ends() {
     let _ = response.into_body().collect().await.unwrap();
     assert_eq!(l.stats().in_flight, 0);
 }
+
+/// Work that is not a request: a WebSocket message, a queue consumer's job.
+mod direct {
+    use super::*;
+    use gratify_scaling::limit::Outcome;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn admit_holds_a_slot_until_completed_or_dropped() {
+        let m = model();
+        let l = limiter(&m, 2, LimiterConfig::default());
+        let browse = class(&m, "browse");
+        let a = l.admit(browse).await.unwrap();
+        let b = l.admit(browse).await.unwrap();
+        assert_eq!(l.stats().in_flight, 2);
+        a.complete(Outcome::Success);
+        drop(b);
+        let s = l.stats();
+        assert_eq!(s.in_flight, 0);
+        assert_eq!(s.classes[browse.index()].admitted, 2);
+        assert_eq!(s.classes[browse.index()].completed, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_admission_is_granted_when_a_slot_frees_and_leaves_the_queue_when_dropped() {
+        let m = model();
+        let l = limiter(&m, 1, LimiterConfig::default());
+        let batch = class(&m, "batch");
+        let held = l.admit(batch).await.unwrap();
+        // Two wait; the first gives up (its future is dropped).
+        let gives_up = tokio::spawn({
+            let l = l.clone();
+            async move { l.admit(batch).await.map(drop) }
+        });
+        let waits = tokio::spawn({
+            let l = l.clone();
+            async move { l.admit(batch).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(l.stats().queued, 2);
+        gives_up.abort();
+        let _ = gives_up.await;
+        assert_eq!(l.stats().queued, 1, "the one that gave up left the queue");
+        held.complete(Outcome::Success);
+        let permit = waits.await.unwrap().unwrap();
+        let s = l.stats();
+        assert_eq!((s.in_flight, s.queued), (1, 0));
+        drop(permit);
+        assert_eq!(l.stats().in_flight, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admit_by_refuses_at_its_own_deadline_and_at_once_when_it_has_passed() {
+        let m = model();
+        let l = limiter(&m, 1, LimiterConfig::default());
+        let batch = class(&m, "batch");
+        let held = l.admit(batch).await.unwrap();
+        // The class would wait up to 5 s; this message is worth 20 ms.
+        let start = Instant::now();
+        let late = l
+            .admit_by(batch, start + Duration::from_millis(20))
+            .await
+            .unwrap_err();
+        assert_eq!(late.reason(), Reason::QueueTimeout);
+        assert_eq!(start.elapsed(), Duration::from_millis(20));
+        assert_eq!(l.stats().queued, 0);
+        // Already too late: refused without asking for a slot.
+        let past = l.admit_by(batch, Instant::now()).await.unwrap_err();
+        assert_eq!(past.reason(), Reason::Deadline);
+        let s = l.stats();
+        assert_eq!(s.classes[batch.index()].shed_for(Reason::QueueTimeout), 1);
+        assert_eq!(s.classes[batch.index()].shed_for(Reason::Deadline), 1);
+        held.complete(Outcome::Success);
+        assert_eq!(l.stats().in_flight, 0);
+    }
+}

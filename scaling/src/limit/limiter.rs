@@ -888,6 +888,100 @@ impl Limiter {
         result
     }
 
+    /// Asks for a slot for work of `class` that is not a tower request — a
+    /// WebSocket message, a queue consumer's job, a step of a game loop —
+    /// with the same admission, accounting, metrics and load signal as the
+    /// [`AdaptiveLimit`](super::AdaptiveLimit) layer: admitted at once,
+    /// refused at once, or queued in its class's turn for as long as
+    /// waiting is worth it.
+    ///
+    /// The [`Permit`] holds the slot: [`complete`](Permit::complete) it with
+    /// the work's outcome (its latency then teaches the limiter), or drop it
+    /// (a cancellation, which teaches nothing). Dropping this future while
+    /// it waits leaves the queue.
+    ///
+    /// # Errors
+    ///
+    /// The [`Refusal`] when the work is refused, at once or after waiting.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use gratify_core::CostModel;
+    /// use gratify_scaling::limit::{Fixed, Limiter, LimiterConfig, Outcome, Reason};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let model = CostModel::from_toml(r#"
+    ///     default_class = "move"
+    ///     [classes.move]
+    ///     delay_cost = { shape = "linear", per_second = 10.0, deadline = "50ms" }
+    ///     refusal_cost = 0.5
+    /// "#).unwrap();
+    /// let moves = model.default_class();
+    /// let limiter = Limiter::with_algorithm(&model, Fixed::new(1), LimiterConfig::default());
+    ///
+    /// let permit = limiter.admit(moves).await.unwrap();
+    /// assert_eq!(limiter.stats().in_flight, 1);
+    /// // The one slot is held: the next message waits in its turn, and is
+    /// // refused once it could no longer make its deadline.
+    /// let late = limiter.admit(moves).await.unwrap_err();
+    /// assert_eq!(late.reason(), Reason::QueueTimeout);
+    /// permit.complete(Outcome::Success);
+    /// assert_eq!(limiter.stats().in_flight, 0);
+    /// # }
+    /// ```
+    pub async fn admit(&self, class: ClassId) -> Result<Permit, Refusal> {
+        self.admit_until(class, None).await
+    }
+
+    /// [`admit`](Self::admit), waiting no later than `deadline` (a tick's
+    /// end, a message's expiry) whatever the class's own rules allow: a
+    /// request still queued then is refused (`queue-timeout`), and one whose
+    /// deadline has already passed is refused at once (`deadline`) without
+    /// asking for a slot.
+    ///
+    /// # Errors
+    ///
+    /// The [`Refusal`] when the work is refused.
+    pub async fn admit_by(&self, class: ClassId, deadline: Instant) -> Result<Permit, Refusal> {
+        self.admit_until(class, Some(deadline)).await
+    }
+
+    async fn admit_until(
+        &self,
+        class: ClassId,
+        deadline: Option<Instant>,
+    ) -> Result<Permit, Refusal> {
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            self.count_shed(class, Reason::Deadline);
+            return Err(self.refusal(Reason::Deadline));
+        }
+        let mut ticket = match self.acquire(class) {
+            Acquire::Admitted(permit) => return Ok(permit),
+            Acquire::Refused(refusal) => return Err(refusal),
+            Acquire::Queued(ticket) => ticket,
+        };
+        let until = deadline.map_or(ticket.deadline(), |d| d.min(ticket.deadline()));
+        let mut sleep = std::pin::pin!(tokio::time::sleep_until(until));
+        // A dropped wait drops the ticket, which leaves the queue (or gives
+        // back a slot granted meanwhile).
+        let outcome = std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(outcome) = ticket.poll(cx) {
+                return std::task::Poll::Ready(outcome);
+            }
+            match sleep.as_mut().poll(cx) {
+                std::task::Poll::Ready(()) => std::task::Poll::Ready(ticket.time_out()),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            }
+        })
+        .await;
+        match outcome {
+            TicketOutcome::Admitted(permit) => Ok(permit),
+            TicketOutcome::Refused(refusal) => Err(refusal),
+        }
+    }
+
     /// Lets one probe of a refused class pass per `probe_interval`.
     fn claim_probe(&self, c: &ClassShared, now: Instant) -> bool {
         let origin = self.shared.origin;
