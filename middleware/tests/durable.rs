@@ -125,8 +125,8 @@ async fn no_job_is_lost_when_workers_are_killed_mid_job_100_times() {
         // Killed a few milliseconds into a job (a job takes 20 ms), however
         // slowly this machine starts a worker: wait until it has started
         // one (or a while, when none is left to start yet).
-        let until = std::time::Instant::now() + Duration::from_secs(5);
-        while started.load(Ordering::SeqCst) == before && std::time::Instant::now() < until {
+        let until = Instant::now() + Duration::from_secs(5);
+        while started.load(Ordering::SeqCst) == before && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         tokio::time::sleep(Duration::from_millis(kill % 10)).await;
