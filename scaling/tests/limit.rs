@@ -698,6 +698,7 @@ mod direct {
         let browse = class(&m, "browse");
         let a = l.admit(browse).await.unwrap();
         let b = l.admit(browse).await.unwrap();
+        assert_eq!(a.class(), browse);
         assert_eq!(l.stats().in_flight, 2);
         a.complete(Outcome::Success);
         drop(b);
@@ -753,10 +754,33 @@ mod direct {
         // Already too late: refused without asking for a slot.
         let past = l.admit_by(batch, Instant::now()).await.unwrap_err();
         assert_eq!(past.reason(), Reason::Deadline);
+        // The limiter decided the first, not the second.
         let s = l.stats();
         assert_eq!(s.classes[batch.index()].shed_for(Reason::QueueTimeout), 1);
-        assert_eq!(s.classes[batch.index()].shed_for(Reason::Deadline), 1);
+        assert_eq!(s.classes[batch.index()].shed_for(Reason::Deadline), 0);
         held.complete(Outcome::Success);
         assert_eq!(l.stats().in_flight, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_still_queued_when_its_deadline_and_a_free_slot_come_together_is_refused() {
+        let m = model();
+        let l = limiter(&m, 1, LimiterConfig::default());
+        let batch = class(&m, "batch");
+        let held = l.admit(batch).await.unwrap();
+        let deadline = Instant::now() + Duration::from_millis(20);
+        // The slot frees at the very moment the waiter's deadline passes
+        // (here the waiter's timer runs first; a grant that wins the race
+        // on a busy runtime is given back the same way): the work is
+        // refused and the slot is free.
+        let freed = tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            held.complete(Outcome::Success);
+        });
+        let late = l.admit_by(batch, deadline).await.unwrap_err();
+        freed.await.unwrap();
+        assert_eq!(late.reason(), Reason::QueueTimeout);
+        let s = l.stats();
+        assert_eq!((s.in_flight, s.queued), (0, 0));
     }
 }

@@ -936,10 +936,13 @@ impl Limiter {
     }
 
     /// [`admit`](Self::admit), waiting no later than `deadline` (a tick's
-    /// end, a message's expiry) whatever the class's own rules allow: a
-    /// request still queued then is refused (`queue-timeout`), and one whose
-    /// deadline has already passed is refused at once (`deadline`) without
-    /// asking for a slot.
+    /// end, a message's expiry), or the class's own longest wait if that is
+    /// sooner: work still queued then is refused (`queue-timeout`), and so
+    /// is work granted a slot only after it (the slot goes straight back).
+    /// Work whose deadline has already passed is refused at once
+    /// (`deadline`) without asking the limiter — not counted as shed, as
+    /// the limiter did not decide it. The limiter does not know the
+    /// deadline while the work waits: it queues it as any of its class.
     ///
     /// # Errors
     ///
@@ -954,7 +957,6 @@ impl Limiter {
         deadline: Option<Instant>,
     ) -> Result<Permit, Refusal> {
         if deadline.is_some_and(|d| d <= Instant::now()) {
-            self.count_shed(class, Reason::Deadline);
             return Err(self.refusal(Reason::Deadline));
         }
         let mut ticket = match self.acquire(class) {
@@ -977,6 +979,13 @@ impl Limiter {
         })
         .await;
         match outcome {
+            // Granted, but only once the caller's deadline had passed (the
+            // grant raced the timer): the slot goes back at once.
+            TicketOutcome::Admitted(permit) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                drop(permit);
+                self.count_shed(class, Reason::QueueTimeout);
+                Err(self.refusal(Reason::QueueTimeout))
+            }
             TicketOutcome::Admitted(permit) => Ok(permit),
             TicketOutcome::Refused(refusal) => Err(refusal),
         }
@@ -1691,7 +1700,13 @@ impl Permit {
         self
     }
 
-    /// Releases the slot with the request's outcome.
+    /// The class the slot was admitted for.
+    pub fn class(&self) -> ClassId {
+        self.class
+    }
+
+    /// Releases the slot with the request's outcome (its latency then
+    /// teaches the limiter; a permit only dropped teaches it nothing).
     pub fn complete(mut self, outcome: Outcome) {
         self.finish(outcome);
     }
