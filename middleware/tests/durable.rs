@@ -17,7 +17,7 @@ use gratify::offload::durable::{DurableConfig, DurableJob, DurableQueue};
 use serde::{Deserialize, Serialize};
 
 mod durable_common;
-use durable_common::{Email, Seen, wait_for, worker_recording};
+use durable_common::{Email, Seen, kill_mid_job, wait_for, worker_recording};
 
 /// A `redis-server` of our own, with an append-only file so that a restart
 /// keeps the data.
@@ -120,18 +120,8 @@ async fn no_job_is_lost_when_workers_are_killed_mid_job_100_times() {
             .await
             .unwrap();
         let worker = worker_recording(&q, &seen, &started, Duration::from_millis(20));
-        let before = started.load(Ordering::SeqCst);
-        let task = tokio::spawn(async move { worker.run(std::future::pending()).await });
-        // Killed a few milliseconds into a job (a job takes 20 ms), however
-        // slowly this machine starts a worker: wait until it has started
-        // one (or a while, when none is left to start yet).
-        let until = Instant::now() + Duration::from_secs(5);
-        while started.load(Ordering::SeqCst) == before && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(kill % 10)).await;
-        task.abort();
-        let _ = task.await;
+        // A few milliseconds into a job (a job takes 20 ms).
+        kill_mid_job(worker, &started, Duration::from_millis(kill % 10)).await;
     }
     // Then a worker that is left alone finishes what is left, reclaiming
     // the entries of the dead consumers after the visibility timeout.

@@ -14,7 +14,7 @@ use gratify::BoxError;
 use gratify::offload::durable::{DurableConfig, DurableQueue, Effect};
 
 mod durable_common;
-use durable_common::{Email, Seen, wait_for, worker_recording};
+use durable_common::{Email, Seen, kill_mid_job, wait_for, worker_recording};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
@@ -249,18 +249,8 @@ async fn no_job_is_lost_when_workers_are_killed_mid_job_60_times() {
         };
         let q = db.queue(config.clone().consumer(name)).await;
         let worker = worker_recording(&q, &seen, &started, Duration::from_millis(20));
-        let before = started.load(Ordering::SeqCst);
-        let task = tokio::spawn(async move { worker.run(std::future::pending()).await });
-        // Killed a few milliseconds into a job (a job takes 20 ms), however
-        // slowly this machine starts a worker: wait until it has started
-        // one (or a while, when none is left to start yet).
-        let until = std::time::Instant::now() + Duration::from_secs(5);
-        while started.load(Ordering::SeqCst) == before && std::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(kill % 10)).await;
-        task.abort();
-        let _ = task.await;
+        // A few milliseconds into a job (a job takes 20 ms).
+        kill_mid_job(worker, &started, Duration::from_millis(kill % 10)).await;
     }
     let q = db.queue(config.clone().consumer("survivor")).await;
     let worker = worker_recording(&q, &seen, &started, Duration::from_millis(5));

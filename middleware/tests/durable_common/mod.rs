@@ -47,6 +47,22 @@ pub(crate) fn worker_recording(
     worker
 }
 
+/// Runs `worker` on a task and kills it `into_job` after it has started a
+/// job (a job of `worker_recording` bumps `started`), however slowly this
+/// machine starts a worker; after 5 s with no job left to start, kills it
+/// then.
+pub(crate) async fn kill_mid_job(worker: Worker, started: &AtomicU32, into_job: Duration) {
+    let before = started.load(Ordering::SeqCst);
+    let task = tokio::spawn(async move { worker.run(std::future::pending()).await });
+    let until = Instant::now() + Duration::from_secs(5);
+    while started.load(Ordering::SeqCst) == before && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(into_job).await;
+    task.abort();
+    let _ = task.await;
+}
+
 pub(crate) async fn wait_for(mut done: impl FnMut() -> bool, limit: Duration) -> bool {
     let until = Instant::now() + limit;
     while Instant::now() < until {

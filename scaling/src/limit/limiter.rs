@@ -301,6 +301,8 @@ impl Fast {
 /// of it (the queue's length and the ages of its ends, the class's learned
 /// latency) in atomics.
 struct ClassShared {
+    /// Its name (a reload never changes the classes).
+    name: Box<str>,
     queue: Mutex<VecDeque<Waiter>>,
     /// The queue's length (written under its lock).
     len: AtomicUsize,
@@ -581,7 +583,8 @@ impl Limiter {
         let n = model.len();
         let classes = model
             .iter()
-            .map(|(id, _, _)| ClassShared {
+            .map(|(id, name, _)| ClassShared {
+                name: name.into(),
                 queue: Mutex::new(VecDeque::new()),
                 len: AtomicUsize::new(0),
                 head_at: AtomicU64::new(0),
@@ -1105,8 +1108,7 @@ impl Limiter {
     }
 
     fn on_shed(&self, k: usize, reason: Reason) {
-        let model = self.model();
-        let name = model.name(ClassId::from_index(k as u16));
+        let name = &*self.shared.classes[k].name;
         tracing::debug!(class = name, reason = reason.as_str(), "request shed");
         #[cfg(feature = "metrics")]
         metrics::counter!("gratify_limit_shed_total", "class" => name.to_owned(), "reason" => reason.as_str())
@@ -1378,9 +1380,8 @@ impl Limiter {
             metrics::gauge!("gratify_limit_in_flight").set(in_flight as f64);
             metrics::gauge!("gratify_limit_queued").set(queued as f64);
             metrics::gauge!("gratify_limit_shadow_price").set(price);
-            let model = self.model();
             for (k, c) in shared.classes.iter().enumerate() {
-                let name = model.name(ClassId::from_index(k as u16)).to_owned();
+                let name = c.name.to_string();
                 metrics::gauge!("gratify_limit_queued_class", "class" => name.clone())
                     .set(c.len() as f64);
                 // What delay costs per second right now: every request of the
