@@ -783,4 +783,79 @@ mod direct {
         let s = l.stats();
         assert_eq!((s.in_flight, s.queued), (0, 0));
     }
+
+    /// Trunk reservation: a cheap class whose requests hold a slot for
+    /// seconds must not take every slot, or a valuable class with short
+    /// requests arrives to find none and waits out its deadline behind work
+    /// worth a tenth of it. The valuable class's expected demand stays free;
+    /// the cheap class keeps the rest.
+    #[tokio::test(start_paused = true)]
+    async fn long_cheap_work_leaves_the_slots_a_valuable_class_needs() {
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        let m = model();
+        let l = limiter(&m, 4, LimiterConfig::default());
+        let (checkout, batch) = (class(&m, "checkout"), class(&m, "batch"));
+        let late_or_refused = Arc::new(AtomicU64::new(0));
+        let checkouts = Arc::new(AtomicU64::new(0));
+        let batch_done = Arc::new(AtomicU64::new(0));
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let start = Instant::now();
+        let judged_from = start + Duration::from_secs(10);
+        let mut tasks = Vec::new();
+        for i in 0..2_000u32 {
+            tick.tick().await;
+            // A checkout every 20 ms, 15 ms of work, 300 ms deadline.
+            if i % 2 == 0 {
+                let (l, bad, n) = (l.clone(), late_or_refused.clone(), checkouts.clone());
+                tasks.push(tokio::spawn(async move {
+                    let arrived = Instant::now();
+                    let result = l.admit(checkout).await;
+                    let judged = arrived >= judged_from;
+                    if judged {
+                        n.fetch_add(1, Relaxed);
+                    }
+                    match result {
+                        Ok(permit) => {
+                            if judged && arrived.elapsed() > Duration::from_millis(100) {
+                                bad.fetch_add(1, Relaxed);
+                            }
+                            tokio::time::sleep(Duration::from_millis(15)).await;
+                            permit.complete(Outcome::Success);
+                        }
+                        Err(_) if judged => {
+                            bad.fetch_add(1, Relaxed);
+                        }
+                        Err(_) => {}
+                    }
+                }));
+            }
+            // Batch every 10 ms, 3 s of work each: alone it would fill
+            // every slot for good.
+            let (l, done) = (l.clone(), batch_done.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Ok(permit) = l.admit(batch).await {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    permit.complete(Outcome::Success);
+                    if Instant::now() >= judged_from {
+                        done.fetch_add(1, Relaxed);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (bad, n) = (late_or_refused.load(Relaxed), checkouts.load(Relaxed));
+        assert!(n >= 400, "{n} checkouts judged");
+        assert!(
+            bad * 100 <= n,
+            "{bad} of {n} checkouts refused or kept waiting over 100 ms"
+        );
+        // The cheap class still runs on the slots not kept: three slots,
+        // 3 s each, over the last 10 s or more.
+        let done = batch_done.load(Relaxed);
+        assert!(done >= 8, "only {done} batch jobs finished");
+        let s = l.stats();
+        assert_eq!((s.in_flight, s.queued), (0, 0));
+    }
 }

@@ -124,3 +124,22 @@ fn no_phase_locks_the_most_valuable_class_out() {
         assert!(checkout > 0.8, "{phase}: checkout success {checkout}");
     }
 }
+
+/// A cheap class whose requests have a heavy tail (sigma 2.5) beside a
+/// valuable class with a 50 ms deadline: in the overload, the cheap class's
+/// long requests once took every slot and the valuable class was refused
+/// hundreds of times while cheap work was admitted around it (inversions).
+/// Every phase must serve the valuable class, and refusing it while cheap
+/// work is admitted must stay rare.
+#[test]
+fn long_cheap_requests_do_not_crowd_out_the_valuable_class() {
+    let scenario = Scenario::from_toml(include_str!("../scenarios/cheap-heavy-tail.toml")).unwrap();
+    let result = delay_cost_run(&scenario, 1);
+    let e = sim::evaluate(&scenario, &result, None, 10);
+    for (phase, f) in &e.phases {
+        let checkout = f["success.checkout"];
+        assert!(checkout >= 0.95, "{phase}: checkout success {checkout}");
+    }
+    let inversions = e.overall["inversions"];
+    assert!(inversions <= 20.0, "{inversions} inversions");
+}

@@ -274,6 +274,12 @@ struct Fast {
     /// Per class: slots held, kept only under partitioned admission (taken
     /// with a compare-and-swap against the class's share).
     held: Box<[AtomicUsize]>,
+    /// Per class: the slots kept free for the classes denser in value than
+    /// it (their expected demand and its spread), less what they hold; 0
+    /// when none is denser or the model is not judging yet.
+    reserve: Box<[AtomicUsize]>,
+    /// Per class: the classes (by bit, the first 64) `reserve` is kept for.
+    denser: Box<[AtomicU64]>,
 }
 
 impl Fast {
@@ -294,6 +300,25 @@ impl Fast {
         let admitted = self.admitted[k].load(Ordering::Relaxed);
         let released = self.released[k].load(Ordering::Relaxed);
         admitted.saturating_sub(released) as usize
+    }
+
+    /// The limit as class `k` sees it: the limit less the slots still kept
+    /// for denser classes (never below one).
+    fn limit_for(&self, k: usize) -> usize {
+        let limit = self.limit();
+        let reserve = self.reserve[k].load(Ordering::Relaxed);
+        if reserve == 0 {
+            return limit;
+        }
+        let mut mask = self.denser[k].load(Ordering::Relaxed);
+        let mut held = 0;
+        while mask != 0 {
+            let j = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            held += self.class_in_flight(j);
+        }
+        let unmet = reserve.saturating_sub(held).min(limit - 1);
+        limit - unmet
     }
 }
 
@@ -375,6 +400,16 @@ struct Learn {
     /// Completions (estimated) since `rate_since`, to size `sample_every`.
     rate_count: u64,
     rate_since: Option<Instant>,
+    /// Per class: arrivals (admitted or refused) counted at `demand_since`,
+    /// and the arrival rate (per second, time-decayed).
+    arrivals: Vec<u64>,
+    arrival_rate: Vec<f64>,
+    demand_since: Option<Instant>,
+    /// Per class: its queue timeouts counted at `demand_since`, and the
+    /// slots kept for it beyond its mean demand (grown while it times out
+    /// in the queue, fading while it does not).
+    timeouts: Vec<u64>,
+    cushion: Vec<f64>,
 }
 
 struct Waiter {
@@ -624,6 +659,8 @@ impl Limiter {
                     admitted: (0..n).map(|_| AtomicU64::new(0)).collect(),
                     released: (0..n).map(|_| AtomicU64::new(0)).collect(),
                     held: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+                    reserve: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+                    denser: (0..n).map(|_| AtomicU64::new(0)).collect(),
                 },
                 learn: Mutex::new(Learn {
                     algorithm: Box::new(algorithm),
@@ -633,6 +670,11 @@ impl Limiter {
                     samples: 0,
                     rate_count: 0,
                     rate_since: None,
+                    arrivals: vec![0; n],
+                    arrival_rate: vec![0.0; n],
+                    demand_since: None,
+                    timeouts: vec![0; n],
+                    cushion: vec![0.0; n],
                 }),
                 classes,
                 curves: RwLock::new(curves),
@@ -817,7 +859,7 @@ impl Limiter {
         }
         let curves = self.curves();
         let view = self.view(&curves, now);
-        let room = fast.in_flight() < fast.limit();
+        let room = fast.in_flight() < fast.limit_for(k);
         let mut decision = decide(config, fast, &view, k, room);
         let mut taken = None;
         let c = &self.shared.classes[k];
@@ -1226,6 +1268,75 @@ impl Limiter {
         if weights > 0.0 {
             store_f64(&self.shared.service, weighted / weights);
         }
+        self.reserve_for_denser(learn, &view, judge, now);
+    }
+
+    /// Keeps slots free for the classes denser in value (the cμ index: cost
+    /// rate per second of service) than each class, so that a cheap class
+    /// with long requests cannot take the slots that a valuable class with
+    /// short ones arrives to find (trunk reservation): their expected demand
+    /// in slots (arrival rate × latency, rounded up), and a cushion that
+    /// grows by a slot for each of their requests that waits out its time
+    /// in the queue and fades while none does — so the reserve costs the
+    /// cheap classes nothing where the valuable ones were never kept
+    /// waiting. A class that is past hope for its deadline is not reserved
+    /// for, and no class is ever left with less than one slot.
+    fn reserve_for_denser(&self, learn: &mut Learn, view: &View<'_>, judge: bool, now: Instant) {
+        let fast = &self.shared.fast;
+        let n = self.shared.classes.len();
+        let since = *learn.demand_since.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(since).as_secs_f64();
+        if elapsed < 0.1 {
+            return;
+        }
+        learn.demand_since = Some(now);
+        let keep = (-elapsed / DEMAND_WINDOW_SECS).exp();
+        for k in 0..n {
+            let c = &self.shared.classes[k];
+            let arrived = fast.admitted[k].load(Ordering::Relaxed)
+                + c.shed
+                    .iter()
+                    .map(|s| s.load(Ordering::Relaxed))
+                    .sum::<u64>();
+            let delta = arrived.saturating_sub(learn.arrivals[k]);
+            learn.arrivals[k] = arrived;
+            learn.arrival_rate[k] =
+                learn.arrival_rate[k] * keep + delta as f64 / elapsed * (1.0 - keep);
+            let timeouts = c.shed[Reason::QueueTimeout.index()].load(Ordering::Relaxed);
+            // A slot more for each request that waited out its time in the
+            // queue; the cushion fades over `CUSHION_FADE_SECS` without one.
+            learn.cushion[k] = if timeouts > learn.timeouts[k] {
+                let step = (timeouts - learn.timeouts[k]) as f64;
+                (learn.cushion[k] + step).min(fast.limit() as f64 / 2.0)
+            } else {
+                learn.cushion[k] * (-elapsed / CUSHION_FADE_SECS).exp()
+            };
+            learn.timeouts[k] = timeouts;
+        }
+        let density: Vec<f64> = (0..n).map(|k| view.index(k, 0.0)).collect();
+        for k in 0..n {
+            let mut mask = 0u64;
+            let mut demand = 0.0;
+            if judge {
+                for j in 0..n.min(64) {
+                    if j == k
+                        || density[j] <= density[k]
+                        || fast.hopeless[j].load(Ordering::Relaxed)
+                    {
+                        continue;
+                    }
+                    mask |= 1 << j;
+                    demand += learn.arrival_rate[j] * view.expected_latency(j) + learn.cushion[j];
+                }
+            }
+            let reserve = if demand > 0.0 {
+                demand.ceil().min(1e6) as usize
+            } else {
+                0
+            };
+            fast.denser[k].store(mask, Ordering::Relaxed);
+            fast.reserve[k].store(reserve, Ordering::Relaxed);
+        }
     }
 
     /// Takes a queued request out of its queue (it gave up or timed out).
@@ -1426,6 +1537,13 @@ enum Decision {
     Refuse(Reason),
 }
 
+/// The time constant of the arrival rates that size the reserves, seconds.
+const DEMAND_WINDOW_SECS: f64 = 1.0;
+
+/// The time constant over which a class's reserve cushion fades while none
+/// of its requests times out in the queue, seconds.
+const CUSHION_FADE_SECS: f64 = 10.0;
+
 /// Evidence (in recent samples) a class's estimate needs before its
 /// deadline is judged by it.
 const MIN_EVIDENCE: f64 = 3.0;
@@ -1611,7 +1729,7 @@ fn take_partitioned(fast: &Fast, c: &ClassShared, k: usize) -> Option<usize> {
 /// Takes a slot for class `k` if one is free under the limit; returns the
 /// new in-flight count.
 fn try_take(fast: &Fast, k: usize) -> Option<usize> {
-    let limit = fast.limit();
+    let limit = fast.limit_for(k);
     let mut current = fast.in_flight.load(Ordering::Relaxed);
     while current < limit {
         match fast.in_flight.compare_exchange_weak(
