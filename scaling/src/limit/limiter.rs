@@ -274,11 +274,12 @@ struct Fast {
     /// Per class: slots held, kept only under partitioned admission (taken
     /// with a compare-and-swap against the class's share).
     held: Box<[AtomicUsize]>,
-    /// Per class: the slots kept free for the classes denser in value than
-    /// it (their expected demand and its spread), less what they hold; 0
-    /// when none is denser or the model is not judging yet.
+    /// Per class: the slots it is expected to need (its demand, rounded up,
+    /// and its cushion) — kept free of the classes less dense in value than
+    /// it, less what it holds; 0 while the model is not judging yet.
     reserve: Box<[AtomicUsize]>,
-    /// Per class: the classes (by bit, the first 64) `reserve` is kept for.
+    /// Per class: the classes (by bit, the first 64) denser than it, whose
+    /// `reserve` it must leave free.
     denser: Box<[AtomicU64]>,
 }
 
@@ -302,23 +303,22 @@ impl Fast {
         admitted.saturating_sub(released) as usize
     }
 
-    /// The limit as class `k` sees it: the limit less the slots still kept
-    /// for denser classes (never below one).
+    /// The limit as class `k` sees it: the limit less what each denser
+    /// class is still expected to need beyond what it holds (a class holding
+    /// more than its need frees nothing for another), never below one.
     fn limit_for(&self, k: usize) -> usize {
         let limit = self.limit();
-        let reserve = self.reserve[k].load(Ordering::Relaxed);
-        if reserve == 0 {
-            return limit;
-        }
         let mut mask = self.denser[k].load(Ordering::Relaxed);
-        let mut held = 0;
+        let mut unmet = 0usize;
         while mask != 0 {
             let j = mask.trailing_zeros() as usize;
             mask &= mask - 1;
-            held += self.class_in_flight(j);
+            let need = self.reserve[j].load(Ordering::Relaxed);
+            if need > 0 {
+                unmet = unmet.saturating_add(need.saturating_sub(self.class_in_flight(j)));
+            }
         }
-        let unmet = reserve.saturating_sub(held).min(limit - 1);
-        limit - unmet
+        limit - unmet.min(limit - 1)
     }
 }
 
@@ -410,6 +410,8 @@ struct Learn {
     /// in the queue, fading while it does not).
     timeouts: Vec<u64>,
     cushion: Vec<f64>,
+    /// The classes' order by density must be recomputed now (a reload).
+    reorder: bool,
 }
 
 struct Waiter {
@@ -675,6 +677,7 @@ impl Limiter {
                     demand_since: None,
                     timeouts: vec![0; n],
                     cushion: vec![0.0; n],
+                    reorder: false,
                 }),
                 classes,
                 curves: RwLock::new(curves),
@@ -740,8 +743,15 @@ impl Limiter {
             c.probe_at.store(NEVER, Ordering::Relaxed);
         }
         learn.algorithm.reload(model);
-        self.tune(&mut learn, Instant::now());
-        self.shared.model.reload(model)
+        // The classes' order by density follows the new costs at once, and
+        // waiters the new order lets in are granted.
+        learn.reorder = true;
+        let now = Instant::now();
+        self.tune(&mut learn, now);
+        drop(learn);
+        let result = self.shared.model.reload(model);
+        self.grant_now(now);
+        result
     }
 
     /// The name of the algorithm.
@@ -1286,13 +1296,52 @@ impl Limiter {
         let n = self.shared.classes.len();
         let since = *learn.demand_since.get_or_insert(now);
         let elapsed = now.saturating_duration_since(since).as_secs_f64();
-        if elapsed < 0.1 {
+        if elapsed >= 0.1 {
+            learn.demand_since = Some(now);
+            self.update_demand(learn, elapsed);
+        } else if !std::mem::take(&mut learn.reorder) {
             return;
         }
-        learn.demand_since = Some(now);
-        let keep = (-elapsed / DEMAND_WINDOW_SECS).exp();
+        let density: Vec<f64> = (0..n).map(|k| view.index(k, 0.0)).collect();
+        let counted = |j: usize| judge && !fast.hopeless[j].load(Ordering::Relaxed);
+        // Slots: arrival rate × latency (its own while it has any, so a
+        // rare class is not sized by the mix), and the cushion.
+        let need: Vec<f64> = (0..n)
+            .map(|j| {
+                if !counted(j) {
+                    return 0.0;
+                }
+                let latency = match view.latency(j) {
+                    l if l > 0.0 => l,
+                    _ => view.service(),
+                };
+                learn.arrival_rate[j] * latency + learn.cushion[j]
+            })
+            .collect();
         for k in 0..n {
-            let c = &self.shared.classes[k];
+            // Below a twentieth of a slot a class keeps none.
+            let reserve = if need[k] >= MIN_RESERVE {
+                need[k].ceil().min(1e6) as usize
+            } else {
+                0
+            };
+            fast.reserve[k].store(reserve, Ordering::Relaxed);
+            let mut mask = 0u64;
+            for j in 0..n.min(64) {
+                if j != k && density[j] > density[k] {
+                    mask |= 1 << j;
+                }
+            }
+            fast.denser[k].store(mask, Ordering::Relaxed);
+        }
+    }
+
+    /// Each class's arrival rate (admitted or refused, per second,
+    /// time-decayed) and cushion, over the last `elapsed` seconds.
+    fn update_demand(&self, learn: &mut Learn, elapsed: f64) {
+        let fast = &self.shared.fast;
+        let keep = (-elapsed / DEMAND_WINDOW_SECS).exp();
+        for (k, c) in self.shared.classes.iter().enumerate() {
             let arrived = fast.admitted[k].load(Ordering::Relaxed)
                 + c.shed
                     .iter()
@@ -1304,38 +1353,16 @@ impl Limiter {
                 learn.arrival_rate[k] * keep + delta as f64 / elapsed * (1.0 - keep);
             let timeouts = c.shed[Reason::QueueTimeout.index()].load(Ordering::Relaxed);
             // A slot more for each request that waited out its time in the
-            // queue; the cushion fades over `CUSHION_FADE_SECS` without one.
+            // queue; the cushion fades over `CUSHION_FADE_SECS` without one,
+            // and is gone below half a slot.
             learn.cushion[k] = if timeouts > learn.timeouts[k] {
                 let step = (timeouts - learn.timeouts[k]) as f64;
                 (learn.cushion[k] + step).min(fast.limit() as f64 / 2.0)
             } else {
-                learn.cushion[k] * (-elapsed / CUSHION_FADE_SECS).exp()
+                let faded = learn.cushion[k] * (-elapsed / CUSHION_FADE_SECS).exp();
+                if faded < 0.5 { 0.0 } else { faded }
             };
             learn.timeouts[k] = timeouts;
-        }
-        let density: Vec<f64> = (0..n).map(|k| view.index(k, 0.0)).collect();
-        for k in 0..n {
-            let mut mask = 0u64;
-            let mut demand = 0.0;
-            if judge {
-                for j in 0..n.min(64) {
-                    if j == k
-                        || density[j] <= density[k]
-                        || fast.hopeless[j].load(Ordering::Relaxed)
-                    {
-                        continue;
-                    }
-                    mask |= 1 << j;
-                    demand += learn.arrival_rate[j] * view.expected_latency(j) + learn.cushion[j];
-                }
-            }
-            let reserve = if demand > 0.0 {
-                demand.ceil().min(1e6) as usize
-            } else {
-                0
-            };
-            fast.denser[k].store(mask, Ordering::Relaxed);
-            fast.reserve[k].store(reserve, Ordering::Relaxed);
         }
     }
 
@@ -1378,11 +1405,19 @@ impl Limiter {
         // A queue found empty was emptied by another thread since its length
         // was read; a few of those and this thread leaves the rest to it.
         let mut misses = 0;
+        // Classes whose head could not take a free slot (it is kept for a
+        // denser class): the next most urgent may.
+        let mut held_back = 0u64;
         loop {
             if fast.queued() == 0 || fast.in_flight() >= fast.limit() {
                 break;
             }
-            let classes = self.shared.classes.iter().enumerate();
+            let classes = self
+                .shared
+                .classes
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j >= 64 || held_back & (1 << j) == 0);
             let best = if delay_cost {
                 classes
                     .filter(|(_, c)| c.len() > 0)
@@ -1414,7 +1449,11 @@ impl Limiter {
             // Take the slot before telling the waiter.
             if try_take(fast, j).is_none() {
                 queue.push_front(waiter);
-                break;
+                if j >= 64 || fast.in_flight() >= fast.limit() {
+                    break;
+                }
+                held_back |= 1 << j;
+                continue;
             }
             c.mirror(&queue, self.shared.origin);
             // Told under the queue's lock: a waiter leaving at the same
@@ -1544,6 +1583,9 @@ const DEMAND_WINDOW_SECS: f64 = 1.0;
 /// of its requests times out in the queue, seconds.
 const CUSHION_FADE_SECS: f64 = 10.0;
 
+/// The least expected need, in slots, for which a class keeps a slot.
+const MIN_RESERVE: f64 = 0.05;
+
 /// Evidence (in recent samples) a class's estimate needs before its
 /// deadline is judged by it.
 const MIN_EVIDENCE: f64 = 3.0;
@@ -1616,14 +1658,7 @@ fn decide(config: &LimiterConfig, fast: &Fast, view: &View<'_>, k: usize, room: 
     let class = &view.curves[k];
     let late_at = |t: f64| class.deadline().is_some_and(|d| t > d.as_secs_f64());
 
-    if room && queued == 0 {
-        if judge && late_at(s_deadline) {
-            return Decision::Refuse(Reason::Deadline);
-        }
-        return Decision::Admit;
-    }
-
-    // At the limit: where would it stand in the queue?
+    // Where would it stand in the queue?
     let mine = view.index(k, 0.0);
     let own_len = c.len();
     let mut ahead = own_len;
@@ -1649,6 +1684,15 @@ fn decide(config: &LimiterConfig, fast: &Fast, view: &View<'_>, k: usize, room: 
             behind_rate += len as f64 * urgency(&view.curves[j], view.latency(j));
         }
     }
+    // Room for it, and nobody waiting who would go first (waiters of
+    // cheaper classes may be held back by the slots kept for it).
+    if room && ahead == 0 {
+        if judge && late_at(s_deadline) {
+            return Decision::Refuse(Reason::Deadline);
+        }
+        return Decision::Admit;
+    }
+
     let per_slot = view.service() / limit as f64;
     let wait = (ahead as f64 + 1.0) * per_slot;
 
@@ -1984,5 +2028,158 @@ impl fmt::Debug for Ticket {
             .field("class", &self.class)
             .field("id", &self.id)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::limit::Fixed;
+
+    const MODEL: &str = r#"
+default_class = "browse"
+[classes.checkout]
+delay_cost = { shape = "linear", per_second = 20.0, deadline = "300ms" }
+refusal_cost = 10.0
+[classes.browse]
+delay_cost = { shape = "linear", per_second = 2.0, deadline = "1s" }
+refusal_cost = 2.0
+[classes.batch]
+delay_cost = { shape = "linear", per_second = 0.1, deadline = "30s" }
+refusal_cost = 1.0
+"#;
+
+    fn setup(limit: usize) -> (Limiter, [ClassId; 3]) {
+        let m = CostModel::from_toml(MODEL).unwrap();
+        let ids = ["checkout", "browse", "batch"].map(|n| m.id(n).unwrap());
+        let l = Limiter::with_algorithm(&m, Fixed::new(limit), LimiterConfig::default());
+        (l, ids)
+    }
+
+    fn keep(l: &Limiter, class: ClassId, need: usize, denser: &[ClassId]) {
+        let fast = &l.shared.fast;
+        fast.reserve[class.index()].store(need, Ordering::Relaxed);
+        let mask = denser.iter().fold(0u64, |m, c| m | 1 << c.index());
+        fast.denser[class.index()].store(mask, Ordering::Relaxed);
+    }
+
+    /// Slots a denser class holds beyond its own need are not counted
+    /// against another denser class's: browse holding five slots (needing
+    /// one) leaves checkout's three kept from batch.
+    #[test]
+    fn a_denser_class_holding_more_than_its_need_frees_nothing_for_another() {
+        let (l, [checkout, browse, batch]) = setup(10);
+        keep(&l, checkout, 3, &[]);
+        keep(&l, browse, 1, &[checkout]);
+        keep(&l, batch, 0, &[checkout, browse]);
+        let fast = &l.shared.fast;
+        for _ in 0..5 {
+            try_take(fast, browse.index()).unwrap();
+        }
+        for _ in 0..2 {
+            try_take(fast, batch.index()).unwrap();
+        }
+        assert_eq!(fast.limit_for(browse.index()), 7);
+        assert_eq!(fast.limit_for(batch.index()), 7);
+        assert!(
+            try_take(fast, batch.index()).is_none(),
+            "batch took a slot kept for checkout"
+        );
+        assert_eq!(fast.in_flight(), 7);
+        // Checkout itself sees the whole limit.
+        assert_eq!(fast.limit_for(checkout.index()), 10);
+    }
+
+    /// A waiter whose slot is kept for another class does not stop the
+    /// grant: the next waiter that may take the free slot gets it.
+    #[tokio::test(start_paused = true)]
+    async fn a_held_back_head_does_not_block_the_next_waiter() {
+        let (l, [checkout, _, batch]) = setup(2);
+        let a = l.admit(checkout).await.unwrap();
+        let b = l.admit(checkout).await.unwrap();
+        // Checkout must leave two slots for batch (a reversed order, as a
+        // stale one after a reload or an aged cheap waiter can make it).
+        keep(&l, batch, 2, &[]);
+        keep(&l, checkout, 0, &[batch]);
+        let waiting_checkout = tokio::spawn({
+            let l = l.clone();
+            async move { l.admit(checkout).await.map(drop) }
+        });
+        let waiting_batch = tokio::spawn({
+            let l = l.clone();
+            async move { l.admit(batch).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(l.stats().queued, 2);
+        drop(a);
+        let granted = waiting_batch.await.unwrap().unwrap();
+        assert_eq!(granted.class(), batch);
+        let s = l.stats();
+        assert_eq!((s.in_flight, s.queued), (2, 1));
+        drop((b, granted));
+        waiting_checkout.await.unwrap().unwrap();
+        let s = l.stats();
+        assert_eq!((s.in_flight, s.queued), (0, 0));
+    }
+
+    /// Cheap waiters held back by the slots kept for checkout do not put a
+    /// checkout that finds its slot free through the queue's judgement.
+    #[tokio::test(start_paused = true)]
+    async fn a_free_kept_slot_admits_at_once_past_cheaper_waiters() {
+        let (l, [checkout, _, batch]) = setup(3);
+        keep(&l, checkout, 2, &[]);
+        keep(&l, batch, 0, &[checkout]);
+        let running = l.admit(batch).await.unwrap();
+        let waiting = tokio::spawn({
+            let l = l.clone();
+            async move { l.admit(batch).await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(l.stats().queued, 1, "batch waits: the other slots are kept");
+        let c = l.shared.fast.admitted[checkout.index()].load(Ordering::Relaxed);
+        match l.acquire(checkout) {
+            Acquire::Admitted(p) => drop(p),
+            Acquire::Queued(_) => panic!("queued behind cheaper work"),
+            Acquire::Refused(r) => panic!("refused: {r:?}"),
+        }
+        assert_eq!(
+            l.shared.fast.admitted[checkout.index()].load(Ordering::Relaxed),
+            c + 1
+        );
+        drop(running);
+        waiting.await.unwrap().unwrap();
+        let s = l.stats();
+        assert_eq!((s.in_flight, s.queued), (0, 0));
+    }
+
+    /// A reload that makes a cheap class the valuable one reorders the
+    /// classes at once, not at the next timed completion.
+    #[test]
+    fn a_reload_reorders_the_classes_at_once() {
+        let (l, [checkout, _, batch]) = setup(4);
+        let bit = |c: ClassId| 1u64 << c.index();
+        l.reload(&l.model()).unwrap();
+        let fast = &l.shared.fast;
+        assert_ne!(
+            fast.denser[batch.index()].load(Ordering::Relaxed) & bit(checkout),
+            0
+        );
+        let swapped = MODEL
+            .replace(
+                "per_second = 20.0, deadline = \"300ms\"",
+                "per_second = 0.01, deadline = \"60s\"",
+            )
+            .replace(
+                "per_second = 0.1, deadline = \"30s\"",
+                "per_second = 50.0, deadline = \"100ms\"",
+            );
+        l.reload(&CostModel::from_toml(&swapped).unwrap()).unwrap();
+        assert_ne!(
+            fast.denser[checkout.index()].load(Ordering::Relaxed) & bit(batch),
+            0
+        );
+        assert_eq!(fast.denser[batch.index()].load(Ordering::Relaxed), 0);
     }
 }
