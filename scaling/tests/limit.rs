@@ -858,4 +858,54 @@ mod direct {
         let s = l.stats();
         assert_eq!((s.in_flight, s.queued), (0, 0));
     }
+
+    /// Under a sustained overload that lands on the cheapest class, its
+    /// queue stays short: what waits beyond a few would be refused in the
+    /// end anyway, after adding its wait to everything served of it. The
+    /// excess is refused at once as `queue-full`; a denser class is not
+    /// held to that.
+    #[tokio::test(start_paused = true)]
+    async fn sustained_overload_keeps_the_cheapest_class_queue_short() {
+        let m = model();
+        let l = limiter(&m, 2, config(|c| c.warmup_samples = 0));
+        let (checkout, batch) = (class(&m, "checkout"), class(&m, "batch"));
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let mut tasks = Vec::new();
+        let mut longest = 0;
+        for i in 0..3_000u32 {
+            tick.tick().await;
+            // Batch at 1,000 a second, 10 ms each: five times what two
+            // slots serve.
+            let l2 = l.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Ok(p) = l2.admit(batch).await {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    p.complete(Outcome::Success);
+                }
+            }));
+            if i % 50 == 0 {
+                let l2 = l.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Ok(p) = l2.admit(checkout).await {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        p.complete(Outcome::Success);
+                    }
+                }));
+            }
+            // Judged over the last half second: the demand is learned
+            // over the first (a second's time constant), and what queued
+            // before that drains at the rate the slots serve it.
+            if i >= 2_500 {
+                longest = longest.max(l.stats().queued);
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let s = l.stats();
+        assert!(longest <= 20, "the queue reached {longest}");
+        assert!(s.classes[batch.index()].shed_for(Reason::QueueFull) > 1_000);
+        assert_eq!(s.classes[checkout.index()].shed_for(Reason::QueueFull), 0);
+        assert_eq!((s.in_flight, s.queued), (0, 0));
+    }
 }

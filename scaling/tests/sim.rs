@@ -143,3 +143,17 @@ fn long_cheap_requests_do_not_crowd_out_the_valuable_class() {
     let inversions = e.overall["inversions"];
     assert!(inversions <= 20.0, "{inversions} inversions");
 }
+
+/// One class at twice the capacity: queueing it to the limit of its
+/// patience serves no more of it, later. The overload's goodput (answers in
+/// time, as a share of capacity) was 0.78 when every request queued for as
+/// long as it was worth to itself.
+#[test]
+fn a_sustained_overload_does_not_queue_what_will_be_late() {
+    let scenario = Scenario::from_toml(include_str!("../scenarios/single-class.toml")).unwrap();
+    let result = delay_cost_run(&scenario, 1);
+    let e = sim::evaluate(&scenario, &result, None, 10);
+    let (_, overload) = e.phases.iter().find(|(p, _)| p == "overload").unwrap();
+    let goodput = overload["goodput_frac"];
+    assert!(goodput >= 0.85, "goodput {goodput}");
+}

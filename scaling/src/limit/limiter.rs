@@ -281,6 +281,11 @@ struct Fast {
     /// Per class: the classes (by bit, the first 64) denser than it, whose
     /// `reserve` it must leave free.
     denser: Box<[AtomicU64]>,
+    /// Per class: the overload lands on it — it is the least dense class
+    /// that has arrivals, and the needs of all of them exceed the limit.
+    /// What it queues beyond a few is refused in the end whatever the
+    /// order, so its queue is kept short.
+    marginal: Box<[AtomicBool]>,
 }
 
 impl Fast {
@@ -400,7 +405,7 @@ struct Learn {
     /// Completions (estimated) since `rate_since`, to size `sample_every`.
     rate_count: u64,
     rate_since: Option<Instant>,
-    /// Per class: arrivals (admitted or refused) counted at `demand_since`,
+    /// Per class: arrivals (waiting, admitted or refused) counted at `demand_since`,
     /// and the arrival rate (per second, time-decayed).
     arrivals: Vec<u64>,
     arrival_rate: Vec<f64>,
@@ -663,6 +668,7 @@ impl Limiter {
                     held: (0..n).map(|_| AtomicUsize::new(0)).collect(),
                     reserve: (0..n).map(|_| AtomicUsize::new(0)).collect(),
                     denser: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                    marginal: (0..n).map(|_| AtomicBool::new(false)).collect(),
                 },
                 learn: Mutex::new(Learn {
                     algorithm: Box::new(algorithm),
@@ -1318,7 +1324,15 @@ impl Limiter {
                 learn.arrival_rate[j] * latency + learn.cushion[j]
             })
             .collect();
+        let limit = fast.limit() as f64;
+        let total: f64 = need.iter().sum();
+        // Classes still arriving (one request in ten seconds or more) that
+        // are not past hope.
+        let active =
+            |j: usize| learn.arrival_rate[j] >= 0.1 && !fast.hopeless[j].load(Ordering::Relaxed);
         for k in 0..n {
+            let least = active(k) && (0..n).all(|j| density[j] >= density[k] || !active(j));
+            fast.marginal[k].store(judge && least && total > limit, Ordering::Relaxed);
             // Below a twentieth of a slot a class keeps none.
             let reserve = if need[k] >= MIN_RESERVE {
                 need[k].ceil().min(1e6) as usize
@@ -1342,11 +1356,14 @@ impl Limiter {
         let fast = &self.shared.fast;
         let keep = (-elapsed / DEMAND_WINDOW_SECS).exp();
         for (k, c) in self.shared.classes.iter().enumerate() {
+            // Each request counts once: while it waits, then as admitted or
+            // refused (a queue hides no demand).
             let arrived = fast.admitted[k].load(Ordering::Relaxed)
                 + c.shed
                     .iter()
                     .map(|s| s.load(Ordering::Relaxed))
-                    .sum::<u64>();
+                    .sum::<u64>()
+                + c.len() as u64;
             let delta = arrived.saturating_sub(learn.arrivals[k]);
             learn.arrivals[k] = arrived;
             learn.arrival_rate[k] =
@@ -1586,6 +1603,12 @@ const CUSHION_FADE_SECS: f64 = 10.0;
 /// The least expected need, in slots, for which a class keeps a slot.
 const MIN_RESERVE: f64 = 0.05;
 
+/// How many requests may be queued ahead of one of the class that a
+/// sustained overload lands on (the least dense class with arrivals, when
+/// all of their needs exceed the limit): enough to hand every freed slot
+/// over at once.
+const MARGINAL_QUEUE: usize = 16;
+
 /// Evidence (in recent samples) a class's estimate needs before its
 /// deadline is judged by it.
 const MIN_EVIDENCE: f64 = 3.0;
@@ -1729,6 +1752,15 @@ fn decide(config: &LimiterConfig, fast: &Fast, view: &View<'_>, k: usize, room: 
             max_wait = max_wait.min(d.as_secs_f64() - s_deadline);
         }
         max_wait = max_wait.min(class.worth_waiting(s_k, max_wait));
+    }
+    // Sustained overload lands on this class: a queue longer than a few
+    // requests only adds delay to what is served of it (the rest is refused
+    // in the end, whatever the order).
+    if judge && fast.marginal[k].load(Ordering::Relaxed) {
+        if ahead >= MARGINAL_QUEUE {
+            return Decision::Refuse(Reason::QueueFull);
+        }
+        max_wait = max_wait.min(MARGINAL_QUEUE as f64 * per_slot);
     }
     if max_wait <= 0.0 {
         return Decision::Refuse(Reason::Deadline);
