@@ -25,7 +25,10 @@ pub enum Reason {
     Cost,
     /// It could not finish before its class's deadline.
     Deadline,
-    /// The waiting queue (or the class's share of it) was full.
+    /// The waiting queue (or the class's share of it) was full — or, under
+    /// a sustained overload that lands on this class, as long as is worth
+    /// keeping (16 waiting ahead of it): raising `max_queue` changes
+    /// nothing then.
     QueueFull,
     /// It waited as long as it was worth waiting and was not admitted.
     QueueTimeout,
@@ -234,6 +237,9 @@ struct Shared {
     warm: AtomicBool,
     /// When the load signal was last published (`NEVER`: not yet).
     published: AtomicU64,
+    /// When the classes' needs (and `Fast::marginal`) were last estimated
+    /// (nanoseconds from `origin`; `NEVER`: not yet).
+    demand_at: AtomicU64,
     /// The queues' length it published then.
     published_queued: AtomicUsize,
     /// The instant the atomics' times count from.
@@ -690,6 +696,7 @@ impl Limiter {
                 service: AtomicU64::new(0f64.to_bits()),
                 warm: AtomicBool::new(config.warmup_samples == 0),
                 published: AtomicU64::new(NEVER),
+                demand_at: AtomicU64::new(NEVER),
                 published_queued: AtomicUsize::new(0),
                 origin: Instant::now(),
                 next_id: AtomicU64::new(0),
@@ -1330,9 +1337,16 @@ impl Limiter {
         // are not past hope.
         let active =
             |j: usize| learn.arrival_rate[j] >= 0.1 && !fast.hopeless[j].load(Ordering::Relaxed);
+        // The one class the overload lands on: the least dense of those
+        // still arriving (the first of a tie). Waiting for its own queue to
+        // time out first (to tell a passing overload from a lasting one)
+        // cost more than it saved in the simulator's scenarios.
+        let least = (0..n)
+            .filter(|&j| active(j))
+            .min_by(|&a, &b| density[a].total_cmp(&density[b]).then(a.cmp(&b)));
         for k in 0..n {
-            let least = active(k) && (0..n).all(|j| density[j] >= density[k] || !active(j));
-            fast.marginal[k].store(judge && least && total > limit, Ordering::Relaxed);
+            let marginal = judge && least == Some(k) && total > limit;
+            fast.marginal[k].store(marginal, Ordering::Relaxed);
             // Below a twentieth of a slot a class keeps none.
             let reserve = if need[k] >= MIN_RESERVE {
                 need[k].ceil().min(1e6) as usize
@@ -1348,6 +1362,9 @@ impl Limiter {
             }
             fast.denser[k].store(mask, Ordering::Relaxed);
         }
+        self.shared
+            .demand_at
+            .store(nanos_since(self.shared.origin, now), Ordering::Relaxed);
     }
 
     /// Each class's arrival rate (admitted or refused, per second,
@@ -1686,6 +1703,7 @@ fn decide(config: &LimiterConfig, fast: &Fast, view: &View<'_>, k: usize, room: 
     let own_len = c.len();
     let mut ahead = own_len;
     let mut behind_rate = 0.0;
+    let mut cheaper_waiting = false;
     let mut lowest: Option<(usize, f64)> = None;
     for j in 0..view.shared.classes.len() {
         let other = view.class(j);
@@ -1704,6 +1722,7 @@ fn decide(config: &LimiterConfig, fast: &Fast, view: &View<'_>, k: usize, room: 
         if head_index >= mine {
             ahead += len;
         } else {
+            cheaper_waiting = true;
             behind_rate += len as f64 * urgency(&view.curves[j], view.latency(j));
         }
     }
@@ -1756,7 +1775,22 @@ fn decide(config: &LimiterConfig, fast: &Fast, view: &View<'_>, k: usize, room: 
     // Sustained overload lands on this class: a queue longer than a few
     // requests only adds delay to what is served of it (the rest is refused
     // in the end, whatever the order).
-    if judge && fast.marginal[k].load(Ordering::Relaxed) {
+    // Only on fresh evidence (the flag is set from timed completions, which
+    // stop when the service does), and never while a cheaper class waits.
+    let fresh = {
+        let at = view.shared.demand_at.load(Ordering::Relaxed);
+        at != NEVER
+            && view
+                .now
+                .saturating_duration_since(at_nanos(view.shared.origin, at))
+                <= Duration::from_secs(1)
+    };
+    if judge
+        && fresh
+        && !cheaper_waiting
+        && per_slot > 0.0
+        && fast.marginal[k].load(Ordering::Relaxed)
+    {
         if ahead >= MARGINAL_QUEUE {
             return Decision::Refuse(Reason::QueueFull);
         }
@@ -2182,6 +2216,53 @@ refusal_cost = 1.0
         );
         drop(running);
         waiting.await.unwrap().unwrap();
+        let s = l.stats();
+        assert_eq!((s.in_flight, s.queued), (0, 0));
+    }
+
+    /// The short queue of a sustained overload holds only while the flag
+    /// is fresh: it is set from timed completions, which stop when the
+    /// service does, and a burst after a quiet spell must queue as usual.
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_overload_flag_keeps_no_queue_short() {
+        let m = CostModel::from_toml(MODEL).unwrap();
+        let batch = m.id("batch").unwrap();
+        let config = LimiterConfig {
+            warmup_samples: 0,
+            ..LimiterConfig::default()
+        };
+        let l = Limiter::with_algorithm(&m, Fixed::new(1), config);
+        for _ in 0..3 {
+            let p = l.admit(batch).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            p.complete(Outcome::Success);
+        }
+        let held = l.admit(batch).await.unwrap();
+        let shared = &l.shared;
+        shared.fast.marginal[batch.index()].store(true, Ordering::Relaxed);
+        let now = Instant::now();
+        shared
+            .demand_at
+            .store(nanos_since(shared.origin, now), Ordering::Relaxed);
+        let mut tickets = Vec::new();
+        for _ in 0..MARGINAL_QUEUE {
+            match l.acquire(batch) {
+                Acquire::Queued(t) => tickets.push(t),
+                _ => panic!("the first {MARGINAL_QUEUE} wait"),
+            }
+        }
+        match l.acquire(batch) {
+            Acquire::Refused(r) => assert_eq!(r.reason(), Reason::QueueFull),
+            _ => panic!("the queue of a sustained overload is kept short"),
+        }
+        // Two quiet seconds later, nothing has refreshed the flag.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        match l.acquire(batch) {
+            Acquire::Queued(t) => tickets.push(t),
+            _ => panic!("a stale flag refused a request that can wait"),
+        }
+        drop(tickets);
+        drop(held);
         let s = l.stats();
         assert_eq!((s.in_flight, s.queued), (0, 0));
     }
