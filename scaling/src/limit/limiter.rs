@@ -1332,7 +1332,13 @@ impl Limiter {
             })
             .collect();
         let limit = fast.limit() as f64;
-        let total: f64 = need.iter().sum();
+        // Whether the overload is sustained is a matter of demand alone:
+        // cushions (grown by queue timeouts, which the short queue itself
+        // causes) would keep the flag up after the demand has gone.
+        let total: f64 = (0..n)
+            .filter(|&j| counted(j))
+            .map(|j| need[j] - learn.cushion[j])
+            .sum();
         // Classes still arriving (one request in ten seconds or more) that
         // are not past hope.
         let active =
