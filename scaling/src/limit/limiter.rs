@@ -288,7 +288,7 @@ struct Fast {
     /// `reserve` it must leave free.
     denser: Box<[AtomicU64]>,
     /// Per class: the overload lands on it — it is the least dense class
-    /// that has arrivals, and the needs of all of them exceed the limit.
+    /// still arriving, and the demand of all of them exceeds the limit.
     /// What it queues beyond a few is refused in the end whatever the
     /// order, so its queue is kept short.
     marginal: Box<[AtomicBool]>,
@@ -1303,7 +1303,8 @@ impl Limiter {
     /// in the queue and fades while none does — so the reserve costs the
     /// cheap classes nothing where the valuable ones were never kept
     /// waiting. A class that is past hope for its deadline is not reserved
-    /// for, and no class is ever left with less than one slot.
+    /// for, and no class is ever left with less than one slot. Also marks
+    /// the class a sustained overload lands on (`Fast::marginal`).
     fn reserve_for_denser(&self, learn: &mut Learn, view: &View<'_>, judge: bool, now: Instant) {
         let fast = &self.shared.fast;
         let n = self.shared.classes.len();
@@ -1317,9 +1318,9 @@ impl Limiter {
         }
         let density: Vec<f64> = (0..n).map(|k| view.index(k, 0.0)).collect();
         let counted = |j: usize| judge && !fast.hopeless[j].load(Ordering::Relaxed);
-        // Slots: arrival rate × latency (its own while it has any, so a
-        // rare class is not sized by the mix), and the cushion.
-        let need: Vec<f64> = (0..n)
+        // Demand in slots: arrival rate × latency (its own while it has
+        // any, so a rare class is not sized by the mix).
+        let demand: Vec<f64> = (0..n)
             .map(|j| {
                 if !counted(j) {
                     return 0.0;
@@ -1328,17 +1329,13 @@ impl Limiter {
                     l if l > 0.0 => l,
                     _ => view.service(),
                 };
-                learn.arrival_rate[j] * latency + learn.cushion[j]
+                learn.arrival_rate[j] * latency
             })
             .collect();
-        let limit = fast.limit() as f64;
         // Whether the overload is sustained is a matter of demand alone:
         // cushions (grown by queue timeouts, which the short queue itself
         // causes) would keep the flag up after the demand has gone.
-        let total: f64 = (0..n)
-            .filter(|&j| counted(j))
-            .map(|j| need[j] - learn.cushion[j])
-            .sum();
+        let swamped = demand.iter().sum::<f64>() > fast.limit() as f64;
         // Classes still arriving (one request in ten seconds or more) that
         // are not past hope.
         let active =
@@ -1351,11 +1348,16 @@ impl Limiter {
             .filter(|&j| active(j))
             .min_by(|&a, &b| density[a].total_cmp(&density[b]).then(a.cmp(&b)));
         for k in 0..n {
-            let marginal = judge && least == Some(k) && total > limit;
-            fast.marginal[k].store(marginal, Ordering::Relaxed);
-            // Below a twentieth of a slot a class keeps none.
-            let reserve = if need[k] >= MIN_RESERVE {
-                need[k].ceil().min(1e6) as usize
+            fast.marginal[k].store(judge && swamped && least == Some(k), Ordering::Relaxed);
+            // What is kept for it: its demand and its cushion; below a
+            // twentieth of a slot, none.
+            let need = if counted(k) {
+                demand[k] + learn.cushion[k]
+            } else {
+                0.0
+            };
+            let reserve = if need >= MIN_RESERVE {
+                need.ceil().min(1e6) as usize
             } else {
                 0
             };
@@ -1373,7 +1375,7 @@ impl Limiter {
             .store(nanos_since(self.shared.origin, now), Ordering::Relaxed);
     }
 
-    /// Each class's arrival rate (admitted or refused, per second,
+    /// Each class's arrival rate (waiting, admitted or refused, per second,
     /// time-decayed) and cushion, over the last `elapsed` seconds.
     fn update_demand(&self, learn: &mut Learn, elapsed: f64) {
         let fast = &self.shared.fast;
@@ -1783,7 +1785,7 @@ fn decide(config: &LimiterConfig, fast: &Fast, view: &View<'_>, k: usize, room: 
     // in the end, whatever the order).
     // Only on fresh evidence (the flag is set from timed completions, which
     // stop when the service does), and never while a cheaper class waits.
-    let fresh = {
+    let fresh = || {
         let at = view.shared.demand_at.load(Ordering::Relaxed);
         at != NEVER
             && view
@@ -1792,10 +1794,10 @@ fn decide(config: &LimiterConfig, fast: &Fast, view: &View<'_>, k: usize, room: 
                 <= Duration::from_secs(1)
     };
     if judge
-        && fresh
+        && fast.marginal[k].load(Ordering::Relaxed)
         && !cheaper_waiting
         && per_slot > 0.0
-        && fast.marginal[k].load(Ordering::Relaxed)
+        && fresh()
     {
         if ahead >= MARGINAL_QUEUE {
             return Decision::Refuse(Reason::QueueFull);
