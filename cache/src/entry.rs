@@ -55,18 +55,32 @@ pub(crate) struct Prepared {
 
 impl Entry {
     /// Its headers as a hit sends them, with `Age` and `Cache-Status` in
-    /// place (values the hit replaces): a hit clones one prepared map
-    /// instead of building one header by header.
-    pub(crate) fn served_headers(&self) -> HeaderMap {
+    /// place (values the hit replaces) and without `hidden` (the tag header
+    /// clients are not sent): a hit clones one prepared map instead of
+    /// building one header by header. An entry belongs to one cache, so
+    /// `hidden` is the same on every call.
+    pub(crate) fn served_headers(&self, hidden: Option<&HeaderName>) -> HeaderMap {
         self.prepared
             .headers
             .get_or_init(|| {
                 if self.headers.len() > 1024 {
                     // Far beyond any real response; kept as it is.
-                    return self.headers.clone();
+                    let mut headers = self.headers.clone();
+                    if let Some(hidden) = hidden {
+                        headers.remove(hidden);
+                    }
+                    return headers;
                 }
-                let mut headers = HeaderMap::with_capacity(self.headers.len() + 2);
-                headers.extend(self.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+                // Room to spare: a map filled to its capacity grows (a
+                // reallocation and a rehash) on every insert, even one that
+                // replaces a value.
+                let mut headers = HeaderMap::with_capacity(self.headers.len() + 4);
+                headers.extend(
+                    self.headers
+                        .iter()
+                        .filter(|(k, _)| Some(*k) != hidden)
+                        .map(|(k, v)| (k.clone(), v.clone())),
+                );
                 headers.insert(http::header::AGE, HeaderValue::from_static("0"));
                 headers.insert(
                     crate::http_cache::CACHE_STATUS,

@@ -34,15 +34,24 @@ impl Sketch {
     }
 
     fn slots(&self, key: &str) -> [usize; 4] {
-        // FNV-1a, then a multiply to spread it: a sketch needs speed, not
-        // resistance to chosen keys (a collision only overestimates one
-        // key's popularity).
-        let mut x: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in key.bytes() {
-            x ^= u64::from(b);
-            x = x.wrapping_mul(0x0100_0000_01b3);
+        // Eight bytes at a time, each word folded in with a multiply and a
+        // rotate, then mixed: a sketch needs speed, not resistance to chosen
+        // keys (a collision only overestimates one key's popularity).
+        let bytes = key.as_bytes();
+        let mut x: u64 = 0xcbf2_9ce4_8422_2325 ^ bytes.len() as u64;
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            x = (x ^ u64::from_le_bytes(w))
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .rotate_left(31);
         }
+        let mut tail = [0u8; 8];
+        tail[..words.remainder().len()].copy_from_slice(words.remainder());
+        x = (x ^ u64::from_le_bytes(tail)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         x = (x ^ (x >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x ^= x >> 32;
         let (a, b) = (x as u32 as usize, (x >> 32) as usize);
         std::array::from_fn(|i| a.wrapping_add(i.wrapping_mul(b)) & self.mask)
     }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{
-    AGE, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, DATE, ETAG, HeaderMap, HeaderValue,
-    IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, RANGE, VARY,
+    AGE, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, DATE, ETAG, HeaderMap, HeaderName,
+    HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, LAST_MODIFIED, RANGE, VARY,
 };
 use http::{Method, Response, StatusCode};
 use tokio::time::Instant;
@@ -63,15 +63,14 @@ pub(crate) fn represent_now(
     *response.status_mut() = entry.status;
     *response.version_mut() = entry.version;
     *response.headers_mut() = if hit {
-        entry.served_headers()
+        entry.served_headers(hidden_tag(shared))
     } else {
-        entry.headers.clone()
+        let mut headers = entry.headers.clone();
+        if let Some(tag) = hidden_tag(shared) {
+            headers.remove(tag);
+        }
+        headers
     };
-    if !shared.config.expose_tags
-        && let Some(tag) = &shared.config.tag_header
-    {
-        response.headers_mut().remove(tag);
-    }
     if entry.encodings.is_empty() {
         *response.body_mut() = entry.body.clone();
         return Ok(response);
@@ -226,6 +225,15 @@ fn finish<RB>(
     Response::from_parts(parts, body)
 }
 
+/// The tag header clients are not sent, if any.
+fn hidden_tag(shared: &Shared) -> Option<&HeaderName> {
+    if shared.config.expose_tags {
+        None
+    } else {
+        shared.config.tag_header.as_ref()
+    }
+}
+
 /// One range of bytes a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ByteRange {
@@ -291,12 +299,7 @@ async fn partial(shared: &Shared, entry: &Entry, range: ByteRange) -> Response<B
     };
     let mut response = Response::new(Bytes::new());
     *response.version_mut() = entry.version;
-    *response.headers_mut() = entry.served_headers();
-    if !shared.config.expose_tags
-        && let Some(tag) = &shared.config.tag_header
-    {
-        response.headers_mut().remove(tag);
-    }
+    *response.headers_mut() = entry.served_headers(hidden_tag(shared));
     let Some(body) = body else {
         *response.status_mut() = StatusCode::BAD_GATEWAY;
         response.headers_mut().remove(CONTENT_LENGTH);
@@ -358,7 +361,7 @@ pub(crate) fn conditional_matches(request: &HeaderMap, stored: &HeaderMap) -> bo
 
 /// A request's preconditions and range: what a request the cache sends for
 /// everyone (a revalidation, a refresh) never carries of a client's.
-pub(crate) const PRECONDITIONS: [http::HeaderName; 6] = [
+pub(crate) const PRECONDITIONS: [HeaderName; 6] = [
     IF_NONE_MATCH,
     IF_MODIFIED_SINCE,
     http::header::IF_MATCH,
