@@ -596,3 +596,181 @@ async fn exempt_paths_never_reserve_a_service_twice() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 4);
 }
+
+/// Requests admitted in (checkout, browse), from the limiter's stats.
+fn admitted_by_class(stack: &Stack) -> (u64, u64) {
+    let model = stack.model();
+    let stats = stack.limiter().unwrap().stats();
+    let of = |name: &str| stats.classes[model.id(name).unwrap().index()].admitted;
+    (of("checkout"), of("browse"))
+}
+
+// Classifying by the matched template needs the `axum` feature.
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn routes_declared_next_to_axum_routes_classify_by_the_template_axum_matched() {
+    use axum::Router;
+    use axum::routing::{get as route_get, post as route_post};
+
+    let stack = Stack::from_config(&format!(
+        r#"{MODEL}
+        [[routes]]
+        path = "/media/{{*rest}}"
+        class = "checkout"
+        [[routes]]
+        path = "/admin/*"
+        class = "checkout"
+        [limit]
+        "#
+    ))
+    .unwrap();
+    let app: Router = Router::new()
+        .route(
+            stack.route("/orders/{id}", "checkout").unwrap(),
+            route_post(|| async { "ordered" }),
+        )
+        .route(
+            stack.route("/files/{name}", "browse").unwrap(),
+            route_get(|| async { "a file" }),
+        )
+        .route("/products/{id}", route_get(|| async { "a product" }))
+        // Not declared: its requests are not orders, though the declared
+        // `/orders/{id}` would match the path. The class follows the route
+        // axum chose.
+        .route("/orders/export", route_get(|| async { "a report" }))
+        .route("/media/{*path}", route_get(|| async { "a deep file" }))
+        .route("/admin/users", route_get(|| async { "the users" }))
+        .layer(stack.clone());
+    let send = |method: &str, path: &str| {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let app = app.clone();
+        async move {
+            let r = app.oneshot(request).await.unwrap();
+            assert_eq!(r.status(), 200);
+            let _ = r.into_body().collect().await.unwrap();
+        }
+    };
+    send("POST", "/orders/42").await;
+    assert_eq!(admitted_by_class(&stack), (1, 0));
+    send("GET", "/files/readme").await;
+    send("GET", "/products/7").await;
+    send("GET", "/orders/export").await;
+    assert_eq!(admitted_by_class(&stack), (1, 3));
+    // The file's route with the template's shape (its parameter named
+    // differently); a template no route has: the file's routes match the
+    // path.
+    send("GET", "/media/a/b").await;
+    send("GET", "/admin/users").await;
+    assert_eq!(admitted_by_class(&stack), (3, 3));
+}
+
+#[test]
+fn a_route_declared_in_code_is_checked_like_one_in_the_file() {
+    let stack = Stack::from_config(&format!(
+        r#"{MODEL}
+        [[routes]]
+        path = "/checkout"
+        class = "checkout"
+        "#
+    ))
+    .unwrap();
+    // A misspelt class lists the known ones.
+    let err = stack.route("/cart", "chekout").unwrap_err().to_string();
+    assert!(
+        err.contains("chekout") && err.contains("browse, checkout"),
+        "{err}"
+    );
+    // A malformed template.
+    let err = stack
+        .route("/cart/{id", "checkout")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/cart/{id"), "{err}");
+    // Declared in the file for another class, or twice in code.
+    let err = stack.route("/checkout", "browse").unwrap_err().to_string();
+    assert!(err.contains("already declared"), "{err}");
+    assert_eq!(stack.route("/checkout", "checkout").unwrap(), "/checkout");
+    stack.route("/cart/{id}", "checkout").unwrap();
+    let err = stack
+        .route("/cart/{item}", "browse")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already declared"), "{err}");
+    // Once the stack wraps a service, a declaration could not take effect.
+    let _svc = stack.layer(service_fn(|_: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    let err = stack.route("/late", "checkout").unwrap_err().to_string();
+    assert!(err.contains("before `layer`"), "{err}");
+}
+
+#[tokio::test]
+async fn routes_declared_in_code_classify_plain_tower_services_by_path() {
+    let stack = Stack::from_config(&format!("{MODEL}\n[limit]\n")).unwrap();
+    stack.route("/orders/{id}", "checkout").unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let svc = stack.layer(origin(&calls));
+    for path in ["/orders/1", "/orders/1/items", "/"] {
+        let r = svc.clone().oneshot(get(path)).await.unwrap();
+        let _ = r.into_body().collect().await.unwrap();
+    }
+    assert_eq!(admitted_by_class(&stack), (1, 2));
+}
+
+#[tokio::test]
+async fn a_class_set_by_an_earlier_layer_wins_only_when_asked() {
+    use gratify::core::ClassId;
+    use gratify::core::classify::{ClassifyLayer, classify_fn};
+
+    for keep in [false, true] {
+        let mut stack = Stack::from_config(&format!(
+            "{MODEL}\n[[routes]]\npath = \"/checkout\"\nclass = \"checkout\"\n[limit]\n"
+        ))
+        .unwrap();
+        if keep {
+            stack = stack.keep_earlier_class();
+        }
+        let model = stack.model();
+        let checkout = model.id("checkout").unwrap();
+        let browse = model.id("browse").unwrap();
+        // The application's own classifier: a header marks paying users;
+        // another marks a class this model does not have.
+        let own = classify_fn(move |r: &Request<()>| {
+            if r.headers().contains_key("x-paying") {
+                checkout
+            } else if r.headers().contains_key("x-bogus") {
+                ClassId::from_index(9)
+            } else {
+                browse
+            }
+        });
+        let calls = Arc::new(AtomicU64::new(0));
+        let svc = ClassifyLayer::new(own).layer(stack.layer(origin(&calls)));
+        let with = |name: &str, path: &str| {
+            let mut r = get(path);
+            r.headers_mut().insert(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                "1".parse().unwrap(),
+            );
+            r
+        };
+        for request in [
+            with("x-paying", "/products"),
+            with("x-paying", "/products"),
+            with("x-bogus", "/checkout"),
+            with("x-other", "/checkout"),
+        ] {
+            let r = svc.clone().oneshot(request).await.unwrap();
+            let _ = r.into_body().collect().await.unwrap();
+        }
+        // Kept: the paying users are checkout, the bogus class is
+        // classified by route (checkout), the last keeps its earlier
+        // browse. Not kept: the routes decide all four.
+        let expected = if keep { (3, 1) } else { (2, 2) };
+        assert_eq!(admitted_by_class(&stack), expected, "keep {keep}");
+    }
+}

@@ -211,6 +211,107 @@ impl RouteClassifier {
         best.map_or(self.default_class, |r| r.class)
     }
 
+    /// The class of the route whose pattern is `template`: a route template
+    /// as the router matched it (axum's `MatchedPath`, `/users/{id}`),
+    /// compared by shape — literal segments exactly, parameters whatever
+    /// they are named. A route for this method wins over one for any
+    /// method. `None` when no route has that pattern, or `template` is not
+    /// one: then classify by the path.
+    ///
+    /// ```
+    /// use gratify_core::classify::RouteClassifier;
+    /// use gratify_core::{Class, CostModel, DelayCost};
+    /// use http::Method;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let model = CostModel::builder()
+    ///     .class("browse", Class::new(DelayCost::linear(1.0)?, 1.0)?)
+    ///     .class("product", Class::new(DelayCost::linear(5.0)?, 5.0)?)
+    ///     .default_class("browse")
+    ///     .build()?;
+    /// let routes = RouteClassifier::builder(&model)
+    ///     .route(None, "/products/{id}", "product")
+    ///     .build()?;
+    /// let product = model.id("product");
+    /// assert_eq!(routes.classify_template(&Method::GET, "/products/{product_id}"), product);
+    /// assert_eq!(routes.classify_template(&Method::GET, "/products/{id}/reviews"), None);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn classify_template(&self, method: &Method, template: &str) -> Option<ClassId> {
+        let (segments, tail) = parse_pattern(template).ok()?;
+        let mut best: Option<&Route> = None;
+        for route in self.routes.iter() {
+            if !route.method_matches(method) || route.segments != segments || route.tail != tail {
+                continue;
+            }
+            // The first of equals, as by path; a method-specific route wins.
+            if best.is_none_or(|b| b.method.is_none() && route.method.is_some()) {
+                best = Some(route);
+            }
+        }
+        best.map(|r| r.class)
+    }
+
+    /// This classifier with one more route (after its own: among equally
+    /// specific routes the first wins), resolving `class` against `model`
+    /// — the model this classifier was built with.
+    ///
+    /// # Errors
+    ///
+    /// An unknown class (the error lists the known ones) or a malformed
+    /// pattern; `key` names the route in the error.
+    pub fn with_route(
+        &self,
+        model: &CostModel,
+        key: &str,
+        method: Option<Method>,
+        pattern: &str,
+        class: &str,
+    ) -> Result<Self, RouteError> {
+        let builder = RouteClassifierBuilder {
+            model: model.clone(),
+            routes: self.routes.to_vec(),
+            error: None,
+        };
+        let built = builder.add(key, method, pattern, class).build()?;
+        Ok(Self {
+            default_class: self.default_class,
+            ..built
+        })
+    }
+
+    /// The class of the route declared for exactly `method` (any method
+    /// when `None`) with this pattern (by shape, as
+    /// [`classify_template`](Self::classify_template) compares), if one is.
+    pub fn declared_class(&self, method: Option<&Method>, pattern: &str) -> Option<ClassId> {
+        let (segments, tail) = parse_pattern(pattern).ok()?;
+        self.routes
+            .iter()
+            .find(|r| r.method.as_ref() == method && r.segments == segments && r.tail == tail)
+            .map(|r| r.class)
+    }
+
+    /// This classifier's routes, then `other`'s (for classifiers built on
+    /// the same model); its default class.
+    #[must_use]
+    pub fn followed_by(&self, other: &Self) -> Self {
+        Self {
+            routes: self
+                .routes
+                .iter()
+                .chain(other.routes.iter())
+                .cloned()
+                .collect(),
+            default_class: self.default_class,
+        }
+    }
+
+    /// Whether it has no routes (everything is in the default class).
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
     /// The class of requests no route matches.
     pub fn default_class(&self) -> ClassId {
         self.default_class
@@ -483,6 +584,78 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest::proptest! {
+        /// A template finds the route declared with it, whatever its
+        /// parameters are named, and nothing else: a template with a
+        /// segment more or less, or a literal where the route has a
+        /// parameter, is another route.
+        #[test]
+        fn a_template_finds_exactly_the_route_of_its_shape(
+            parts in proptest::collection::vec(0u8..4, 1..5),
+            rename in 0u8..3,
+        ) {
+            let m = model(&["default", "x"]);
+            let spell = |suffix: &str| -> String {
+                parts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| match p {
+                        0 => "/a".to_owned(),
+                        1 => "/b".to_owned(),
+                        2 => format!("/{{id{i}{suffix}}}"),
+                        _ if i + 1 == parts.len() => format!("/{{*rest{suffix}}}"),
+                        _ => format!("/{{n{i}{suffix}}}"),
+                    })
+                    .collect()
+            };
+            let pattern = spell("");
+            let r = RouteClassifier::builder(&m).route(None, &pattern, "x").build().unwrap();
+            let x = m.id("x");
+            let renamed = spell(&"z".repeat(usize::from(rename)));
+            proptest::prop_assert_eq!(r.classify_template(&Method::GET, &renamed), x);
+            proptest::prop_assert_eq!(r.declared_class(None, &renamed), x);
+            proptest::prop_assert_eq!(r.declared_class(Some(&Method::GET), &renamed), None);
+            let longer = format!("{pattern}/more");
+            if !pattern.contains('*') {
+                proptest::prop_assert_eq!(r.classify_template(&Method::GET, &longer), None);
+            }
+            if let Some(i) = parts.iter().position(|p| *p == 2) {
+                // The parameter as a literal: the same paths would match,
+                // but it is not this route's template.
+                let literal = pattern.replacen(&format!("{{id{i}}}"), "lit", 1);
+                proptest::prop_assert_eq!(r.classify_template(&Method::GET, &literal), None);
+            }
+        }
+    }
+
+    #[test]
+    fn a_route_for_the_method_wins_over_one_for_any_in_a_template() {
+        let m = model(&["default", "any", "post"]);
+        let r = RouteClassifier::builder(&m)
+            .route(None, "/orders/{id}", "any")
+            .route(Some(Method::POST), "/orders/{order}", "post")
+            .build()
+            .unwrap();
+        let of = |method: Method| {
+            r.classify_template(&method, "/orders/{x}")
+                .map(|c| m.name(c).to_owned())
+        };
+        assert_eq!(of(Method::POST).as_deref(), Some("post"));
+        assert_eq!(of(Method::GET).as_deref(), Some("any"));
+        assert_eq!(r.classify_template(&Method::GET, "not a template"), None);
+        let more = r.with_route(&m, "route", None, "/cart", "post").unwrap();
+        assert_eq!(
+            more.classify_path(&Method::GET, "/cart"),
+            m.id("post").unwrap()
+        );
+        assert!(r.with_route(&m, "route", None, "/cart", "nope").is_err());
+        assert_eq!(
+            r.followed_by(&more).classify_path(&Method::GET, "/cart"),
+            m.id("post").unwrap()
+        );
+        assert!(!r.is_empty());
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub enum StackConfigError {
     },
 }
 
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> StackConfigError {
+pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> StackConfigError {
     StackConfigError::Invalid {
         key: key.into(),
         message: message.into(),

@@ -84,7 +84,7 @@
 pub mod config;
 mod optional;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use gratify_cache::{CacheFill, CacheLookup, CachePurge, HttpCacheConfig, HttpCacheLayer};
@@ -102,21 +102,33 @@ use crate::compression::{Compression, CompressionConfig, CompressionLayer};
 pub use self::config::StackConfigError;
 pub use self::optional::{Optional, OptionalFuture};
 
-/// How the stack classifies: by routes, or everything in one class.
+/// How the stack classifies: by the routes of its file and those declared
+/// with [`Stack::route`]; a request no route takes is in the default class.
 #[derive(Clone, Debug)]
-pub enum StackClassifier {
-    /// By method and path.
-    Routes(RouteClassifier),
-    /// Every request in this class.
-    One(ClassId),
+pub struct StackClassifier {
+    /// Every route: the file's, then those declared in code.
+    all: RouteClassifier,
+    /// The file's routes alone, which match paths by pattern.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
+    file: RouteClassifier,
 }
 
 impl<B> Classify<Request<B>> for StackClassifier {
+    /// Installed with axum's `Router::layer` (the `axum` feature), by the
+    /// route template the router matched (its `MatchedPath`): the route
+    /// declared with that template, else the file's routes matched against
+    /// the path — so a route declared in code takes exactly the requests
+    /// axum sends to it. Elsewhere every route is matched against the
+    /// path.
     fn classify(&self, request: &Request<B>) -> ClassId {
-        match self {
-            Self::Routes(r) => r.classify(request),
-            Self::One(c) => *c,
+        #[cfg(feature = "axum")]
+        if let Some(template) = request.extensions().get::<axum::extract::MatchedPath>() {
+            return self
+                .all
+                .classify_template(request.method(), template.as_str())
+                .unwrap_or_else(|| self.file.classify(request));
         }
+        self.all.classify(request)
     }
 }
 
@@ -145,6 +157,11 @@ pub struct Stack {
     cache: Option<CacheChoice>,
     /// Paths passed straight to the service.
     exempt: Arc<[String]>,
+    /// Routes declared in code with [`route`](Self::route), after the
+    /// file's: shared by clones until the stack is built.
+    declared: Arc<Mutex<RouteClassifier>>,
+    /// Keep a class an earlier layer set.
+    keep_earlier_class: bool,
     built: Arc<OnceLock<Built>>,
 }
 
@@ -168,8 +185,96 @@ impl Stack {
             compression: None,
             cache: None,
             exempt: Arc::new([]),
+            declared: Arc::new(Mutex::new(
+                RouteClassifier::builder(model)
+                    .build()
+                    .expect("a classifier without routes is valid"),
+            )),
+            keep_earlier_class: false,
             built: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Puts requests for the route `template` in `class`, next to where
+    /// the route is declared; returns `template`, so that the route is
+    /// written once:
+    ///
+    /// ```
+    /// # use gratify::Stack;
+    /// # use axum::{Router, routing::{get, post}};
+    /// # fn main() -> Result<(), gratify::stack::StackConfigError> {
+    /// # let stack = Stack::from_config(r#"
+    /// #     default_class = "browse"
+    /// #     [classes.checkout]
+    /// #     delay_cost = { shape = "linear", per_second = 20.0 }
+    /// #     refusal_cost = 10.0
+    /// #     [classes.browse]
+    /// #     delay_cost = { shape = "linear", per_second = 1.0 }
+    /// #     refusal_cost = 1.0
+    /// # "#)?;
+    /// let app: Router = Router::new()
+    ///     .route(stack.route("/checkout", "checkout")?, post(|| async { "ordered" }))
+    ///     .route("/products/{id}", get(|| async { "a product" })) // the default class
+    ///     .layer(stack);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// `template` is a route as the router writes it: literal segments,
+    /// `{name}` for one segment, `{*name}` last for the rest of the path.
+    /// Installed with axum's `Router::layer` (the `axum` feature), the stack
+    /// classifies by the template the router matched (its `MatchedPath`),
+    /// so the class follows the route axum chose; elsewhere, by matching the
+    /// path against the template. Routes from the file come first among
+    /// equally specific ones. Declare every route before the stack wraps a
+    /// service (`layer`); clones of this stack share the declarations.
+    ///
+    /// # Errors
+    ///
+    /// An unknown class (the error lists the known ones), a malformed
+    /// template, a template already declared in code or in the file for
+    /// another class, or a stack already wrapping a service.
+    pub fn route<'t>(&self, template: &'t str, class: &str) -> Result<&'t str, StackConfigError> {
+        let key = format!("route {template:?}");
+        if self.built.get().is_some() {
+            return Err(config::invalid(
+                key,
+                "the stack already wraps a service: declare routes before `layer`",
+            ));
+        }
+        let model = self.model();
+        let class_id = model.resolve(&format!("{key}.class"), class)?;
+        let mut declared = self
+            .declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let with = declared.with_route(&model, &key, None, template, class)?;
+        let earlier = [self.routes.as_ref(), Some(&*declared)]
+            .into_iter()
+            .flatten()
+            .find_map(|r| r.declared_class(None, template));
+        if let Some(earlier) = earlier
+            && earlier != class_id
+        {
+            return Err(config::invalid(
+                key,
+                format!("already declared for class {:?}", model.name(earlier)),
+            ));
+        }
+        *declared = with;
+        Ok(template)
+    }
+
+    /// Keeps the class a request already carries (a [`ClassId`] in its
+    /// extensions, set by a layer of yours outside the stack — a
+    /// [`ClassifyLayer`](gratify_core::classify::ClassifyLayer) with your
+    /// own classifier) instead of classifying it again. A class outside
+    /// this stack's model is ignored and the request classified as usual.
+    /// Off by default: the stack's routes decide.
+    #[must_use]
+    pub fn keep_earlier_class(mut self) -> Self {
+        self.keep_earlier_class = true;
+        self.unbuilt()
     }
 
     /// Passes `GET` and `HEAD` requests for these paths (exactly, without
@@ -270,6 +375,12 @@ impl Stack {
     fn unbuilt(mut self) -> Self {
         self.built = Arc::new(OnceLock::new());
         self.model = Arc::new(gratify_core::SharedModel::new(self.model()));
+        let declared = self
+            .declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        self.declared = Arc::new(Mutex::new(declared));
         self
     }
 
@@ -352,9 +463,20 @@ impl Stack {
                 .iter()
                 .map(|(_, name, _)| name.to_owned())
                 .collect(),
-            classifier: match &self.routes {
-                Some(r) => StackClassifier::Routes(r.clone()),
-                None => StackClassifier::One(self.model().default_class()),
+            classifier: {
+                let declared = self
+                    .declared
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let file = self.routes.clone().unwrap_or_else(|| {
+                    RouteClassifier::builder(&self.model())
+                        .build()
+                        .expect("a classifier without routes is valid")
+                });
+                StackClassifier {
+                    all: file.followed_by(&declared),
+                    file,
+                }
             },
             limit: self
                 .limiter
@@ -417,6 +539,7 @@ impl<S: Clone> Layer<S> for Stack {
             direct,
             exempt: Arc::clone(&self.exempt),
             classifier: built.classifier.clone(),
+            keep_earlier_class: self.keep_earlier_class,
             names: Arc::clone(&built.names),
         }
     }
@@ -439,6 +562,7 @@ pub struct StackService<S> {
     direct: Option<S>,
     exempt: Arc<[String]>,
     classifier: StackClassifier,
+    keep_earlier_class: bool,
     names: Arc<[String]>,
 }
 
@@ -469,7 +593,12 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let class = self.classifier.classify(&request);
+        let earlier = request
+            .extensions()
+            .get::<ClassId>()
+            .filter(|c| self.keep_earlier_class && c.index() < self.names.len())
+            .copied();
+        let class = earlier.unwrap_or_else(|| self.classifier.classify(&request));
         request.extensions_mut().insert(class);
         if let Some(direct) = &self.direct
             && matches!(*request.method(), http::Method::GET | http::Method::HEAD)
