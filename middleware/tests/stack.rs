@@ -705,7 +705,7 @@ fn a_route_declared_in_code_is_checked_like_one_in_the_file() {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     }));
     let err = stack.route("/late", "checkout").unwrap_err().to_string();
-    assert!(err.contains("before `layer`"), "{err}");
+    assert!(err.contains("already built"), "{err}");
 }
 
 #[tokio::test]
@@ -724,7 +724,6 @@ async fn routes_declared_in_code_classify_plain_tower_services_by_path() {
 #[tokio::test]
 async fn a_class_set_by_an_earlier_layer_wins_only_when_asked() {
     use gratify::core::ClassId;
-    use gratify::core::classify::{ClassifyLayer, classify_fn};
 
     for keep in [false, true] {
         let mut stack = Stack::from_config(&format!(
@@ -737,19 +736,26 @@ async fn a_class_set_by_an_earlier_layer_wins_only_when_asked() {
         let model = stack.model();
         let checkout = model.id("checkout").unwrap();
         let browse = model.id("browse").unwrap();
-        // The application's own classifier: a header marks paying users;
-        // another marks a class this model does not have.
-        let own = classify_fn(move |r: &Request<()>| {
-            if r.headers().contains_key("x-paying") {
-                checkout
+        // The application's own layer classifies the requests it can tell
+        // apart — paying users, one browsing user — and leaves the rest; a
+        // bug of its marks a class this model does not have.
+        let own = tower::util::MapRequestLayer::new(move |mut r: Request<()>| {
+            let class = if r.headers().contains_key("x-paying") {
+                Some(checkout)
+            } else if r.headers().contains_key("x-browsing") {
+                Some(browse)
             } else if r.headers().contains_key("x-bogus") {
-                ClassId::from_index(9)
+                Some(ClassId::from_index(9))
             } else {
-                browse
+                None
+            };
+            if let Some(class) = class {
+                r.extensions_mut().insert(class);
             }
+            r
         });
         let calls = Arc::new(AtomicU64::new(0));
-        let svc = ClassifyLayer::new(own).layer(stack.layer(origin(&calls)));
+        let svc = own.layer(stack.layer(origin(&calls)));
         let with = |name: &str, path: &str| {
             let mut r = get(path);
             r.headers_mut().insert(
@@ -762,15 +768,110 @@ async fn a_class_set_by_an_earlier_layer_wins_only_when_asked() {
             with("x-paying", "/products"),
             with("x-paying", "/products"),
             with("x-bogus", "/checkout"),
-            with("x-other", "/checkout"),
+            with("x-browsing", "/checkout"),
+            with("x-none", "/checkout"),
+            with("x-none", "/products"),
         ] {
             let r = svc.clone().oneshot(request).await.unwrap();
             let _ = r.into_body().collect().await.unwrap();
         }
-        // Kept: the paying users are checkout, the bogus class is
-        // classified by route (checkout), the last keeps its earlier
-        // browse. Not kept: the routes decide all four.
-        let expected = if keep { (3, 1) } else { (2, 2) };
+        // Kept: both paying users are checkout, the bogus class and the
+        // unmarked `/checkout` are classified by route (checkout), the
+        // browsing user keeps browse. Not kept: the routes decide all six.
+        let expected = if keep { (4, 2) } else { (3, 3) };
         assert_eq!(admitted_by_class(&stack), expected, "keep {keep}");
     }
+}
+
+// Classifying by the matched template needs the `axum` feature.
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn nested_routers_trailing_slashes_and_methods_classify_as_axum_routes_them() {
+    use axum::Router;
+    use axum::routing::{get as route_get, post as route_post};
+
+    let stack = Stack::from_config(&format!("{MODEL}\n[limit]\n")).unwrap();
+    let api = stack.nest("/api").unwrap();
+    let v1 = api.nest("/v1").unwrap();
+    let orders: Router = Router::new()
+        .route(
+            v1.route("/orders/{id}", "checkout").unwrap(),
+            route_post(|| async { "ordered" }),
+        )
+        .route(
+            v1.route("/", "checkout").unwrap(),
+            route_get(|| async { "v1" }),
+        );
+    let app: Router = Router::new()
+        .nest("/api/v1", orders)
+        .route(
+            stack.route("/cart", "checkout").unwrap(),
+            route_get(|| async { "cart" }),
+        )
+        // Another route to axum: the stack must not take it for `/cart`.
+        .route(
+            stack.route("/cart/", "browse").unwrap(),
+            route_get(|| async { "a page" }),
+        )
+        .layer(stack.clone());
+    let send = |method: &str, path: &str| {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let app = app.clone();
+        async move {
+            let r = app.oneshot(request).await.unwrap();
+            let _ = r.into_body().collect().await.unwrap();
+        }
+    };
+    send("POST", "/api/v1/orders/9").await;
+    send("GET", "/api/v1").await;
+    assert_eq!(admitted_by_class(&stack), (2, 0));
+    send("GET", "/cart/").await;
+    assert_eq!(admitted_by_class(&stack), (2, 1));
+    send("GET", "/cart").await;
+    assert_eq!(admitted_by_class(&stack), (3, 1));
+}
+
+#[test]
+fn declarations_are_shared_by_every_stack_made_from_one_and_sealed_when_one_is_built() {
+    let stack = Stack::from_config(&format!(
+        "{MODEL}\n[[routes]]\nmethod = \"POST\"\npath = \"/pay\"\nclass = \"checkout\"\n"
+    ))
+    .unwrap();
+    // A route of the file for one method: the same template for another
+    // class, for any method, is a conflict.
+    let err = stack.route("/pay", "browse").unwrap_err().to_string();
+    assert!(
+        err.contains("already declared") && err.contains("POST"),
+        "{err}"
+    );
+    // Not an axum template.
+    let err = stack.route("/static/*", "browse").unwrap_err().to_string();
+    assert!(err.contains("bare `*`"), "{err}");
+    assert!(stack.nest("api").is_err() && stack.nest("/api/").is_err());
+    // A stack forked by a builder call sees what is declared on the
+    // original afterwards.
+    let fork = stack.clone().limit();
+    stack.route("/orders/{id}", "checkout").unwrap();
+    // Building any of them (here by asking for the admin service) seals
+    // the declarations for all.
+    let _admin = fork.admin();
+    let err = stack.route("/late", "checkout").unwrap_err().to_string();
+    assert!(err.contains("already built"), "{err}");
+    assert!(fork.route("/late", "checkout").is_err());
+}
+
+#[tokio::test]
+async fn a_route_declared_on_the_original_classifies_in_a_fork() {
+    let stack = Stack::from_config(MODEL).unwrap();
+    let fork = stack.clone().limit();
+    stack.route("/orders/{id}", "checkout").unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let svc = fork.layer(origin(&calls));
+    let r = svc.oneshot(get("/orders/3")).await.unwrap();
+    let _ = r.into_body().collect().await.unwrap();
+    assert_eq!(admitted_by_class(&fork), (1, 0));
 }

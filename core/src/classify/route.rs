@@ -80,7 +80,34 @@ struct Route {
     method: Option<Method>,
     segments: Box<[Segment]>,
     tail: Tail,
+    /// Whether the pattern ends in `/` (a router tells `/a/` from `/a`;
+    /// path matching does not).
+    slash: bool,
     class: ClassId,
+}
+
+/// A pattern's shape, as a router's template compares: its segments, its
+/// tail, whether it ends in `/`.
+#[derive(Debug, PartialEq, Eq)]
+struct Shape {
+    segments: Box<[Segment]>,
+    tail: Tail,
+    slash: bool,
+}
+
+impl Shape {
+    fn of(pattern: &str) -> Option<Self> {
+        let (segments, tail) = parse_pattern(pattern).ok()?;
+        Some(Self {
+            segments,
+            tail,
+            slash: pattern.len() > 1 && pattern.ends_with('/'),
+        })
+    }
+
+    fn is(&self, route: &Route) -> bool {
+        self.segments == route.segments && self.tail == route.tail && self.slash == route.slash
+    }
 }
 
 /// What a pattern allows after its fixed segments.
@@ -239,10 +266,10 @@ impl RouteClassifier {
     /// # }
     /// ```
     pub fn classify_template(&self, method: &Method, template: &str) -> Option<ClassId> {
-        let (segments, tail) = parse_pattern(template).ok()?;
+        let shape = Shape::of(template)?;
         let mut best: Option<&Route> = None;
         for route in self.routes.iter() {
-            if !route.method_matches(method) || route.segments != segments || route.tail != tail {
+            if !route.method_matches(method) || !shape.is(route) {
                 continue;
             }
             // The first of equals, as by path; a method-specific route wins.
@@ -281,15 +308,19 @@ impl RouteClassifier {
         })
     }
 
-    /// The class of the route declared for exactly `method` (any method
-    /// when `None`) with this pattern (by shape, as
-    /// [`classify_template`](Self::classify_template) compares), if one is.
-    pub fn declared_class(&self, method: Option<&Method>, pattern: &str) -> Option<ClassId> {
-        let (segments, tail) = parse_pattern(pattern).ok()?;
+    /// The routes declared with this pattern (by shape, as
+    /// [`classify_template`](Self::classify_template) compares: parameters
+    /// whatever they are named, a final `/` counts): each one's method
+    /// (`None`: any) and class, in order.
+    pub fn declared(&self, pattern: &str) -> Vec<(Option<Method>, ClassId)> {
+        let Some(shape) = Shape::of(pattern) else {
+            return Vec::new();
+        };
         self.routes
             .iter()
-            .find(|r| r.method.as_ref() == method && r.segments == segments && r.tail == tail)
-            .map(|r| r.class)
+            .filter(|r| shape.is(r))
+            .map(|r| (r.method.clone(), r.class))
+            .collect()
     }
 
     /// This classifier's routes, then `other`'s (for classifiers built on
@@ -360,6 +391,7 @@ impl RouteClassifierBuilder {
                 method,
                 segments,
                 tail,
+                slash: pattern.len() > 1 && pattern.ends_with('/'),
                 class,
             }),
             (Err(e), _) | (_, Err(e)) => self.error = Some(e),
@@ -615,8 +647,8 @@ mod tests {
             let x = m.id("x");
             let renamed = spell(&"z".repeat(usize::from(rename)));
             proptest::prop_assert_eq!(r.classify_template(&Method::GET, &renamed), x);
-            proptest::prop_assert_eq!(r.declared_class(None, &renamed), x);
-            proptest::prop_assert_eq!(r.declared_class(Some(&Method::GET), &renamed), None);
+            proptest::prop_assert_eq!(r.declared(&renamed), vec![(None, x.unwrap())]);
+            proptest::prop_assert_eq!(r.classify_template(&Method::GET, &format!("{renamed}/")), None);
             let longer = format!("{pattern}/more");
             if !pattern.contains('*') {
                 proptest::prop_assert_eq!(r.classify_template(&Method::GET, &longer), None);

@@ -105,7 +105,7 @@ pub use self::optional::{Optional, OptionalFuture};
 /// How the stack classifies: by the routes of its file and those declared
 /// with [`Stack::route`]; a request no route takes is in the default class.
 #[derive(Clone, Debug)]
-pub struct StackClassifier {
+pub(crate) struct StackClassifier {
     /// Every route: the file's, then those declared in code.
     all: RouteClassifier,
     /// The file's routes alone, which match paths by pattern.
@@ -129,6 +129,68 @@ impl<B> Classify<Request<B>> for StackClassifier {
                 .unwrap_or_else(|| self.file.classify(request));
         }
         self.all.classify(request)
+    }
+}
+
+/// Routes declared in code, and whether a stack sharing them has been
+/// built (then no more may be declared: they could not take effect).
+#[derive(Debug)]
+struct Declared {
+    routes: RouteClassifier,
+    sealed: bool,
+}
+
+/// Declares the routes of a router nested under a prefix; from
+/// [`Stack::nest`].
+#[derive(Debug)]
+pub struct NestedRoutes<'s> {
+    stack: &'s Stack,
+    prefix: String,
+}
+
+impl<'s> NestedRoutes<'s> {
+    fn new(stack: &'s Stack, outer: String, prefix: &str) -> Result<Self, StackConfigError> {
+        let full = format!("{outer}{prefix}");
+        let model = stack.model();
+        let template = RouteClassifier::builder(&model)
+            .route(None, &full, model.name(model.default_class()))
+            .build()
+            .is_ok();
+        if !template || !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') {
+            return Err(config::invalid(
+                format!("nest {full:?}"),
+                "a prefix starts with `/`, does not end with one, and is a template",
+            ));
+        }
+        Ok(Self {
+            stack,
+            prefix: full,
+        })
+    }
+
+    /// As [`Stack::route`], for a route of the nested router: declares the
+    /// prefix and `template` together, returns `template`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Stack::route`].
+    pub fn route<'t>(&self, template: &'t str, class: &str) -> Result<&'t str, StackConfigError> {
+        // axum nests a router's `/` at the prefix itself.
+        let full = if template == "/" {
+            self.prefix.clone()
+        } else {
+            format!("{}{template}", self.prefix)
+        };
+        self.stack.declare(&full, template, class)
+    }
+
+    /// The routes of a router nested in this one under `prefix`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Stack::nest`].
+    pub fn nest(&self, prefix: &str) -> Result<Self, StackConfigError> {
+        Self::new(self.stack, self.prefix.clone(), prefix)
     }
 }
 
@@ -158,8 +220,8 @@ pub struct Stack {
     /// Paths passed straight to the service.
     exempt: Arc<[String]>,
     /// Routes declared in code with [`route`](Self::route), after the
-    /// file's: shared by clones until the stack is built.
-    declared: Arc<Mutex<RouteClassifier>>,
+    /// file's: shared by every stack made from this one.
+    declared: Arc<Mutex<Declared>>,
     /// Keep a class an earlier layer set.
     keep_earlier_class: bool,
     built: Arc<OnceLock<Built>>,
@@ -185,11 +247,12 @@ impl Stack {
             compression: None,
             cache: None,
             exempt: Arc::new([]),
-            declared: Arc::new(Mutex::new(
-                RouteClassifier::builder(model)
+            declared: Arc::new(Mutex::new(Declared {
+                routes: RouteClassifier::builder(model)
                     .build()
                     .expect("a classifier without routes is valid"),
-            )),
+                sealed: false,
+            })),
             keep_earlier_class: false,
             built: Arc::new(OnceLock::new()),
         }
@@ -201,7 +264,65 @@ impl Stack {
     ///
     /// ```
     /// # use gratify::Stack;
-    /// # use axum::{Router, routing::{get, post}};
+    /// # use axum::{Router, body::Body, routing::{get, post}};
+    /// # use tower::ServiceExt;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// # let stack = Stack::from_config(r#"
+    /// #     default_class = "browse"
+    /// #     [classes.checkout]
+    /// #     delay_cost = { shape = "linear", per_second = 20.0 }
+    /// #     refusal_cost = 10.0
+    /// #     [classes.browse]
+    /// #     delay_cost = { shape = "linear", per_second = 1.0 }
+    /// #     refusal_cost = 1.0
+    /// #     [limit]
+    /// # "#)?;
+    /// let app: Router = Router::new()
+    ///     .route(stack.route("/checkout", "checkout")?, post(|| async { "ordered" }))
+    ///     .route("/products/{id}", get(|| async { "a product" })) // the default class
+    ///     .layer(stack.clone());
+    /// # let post = http::Request::post("/checkout").body(Body::empty())?;
+    /// # app.oneshot(post).await?;
+    /// # let checkout = stack.model().id("checkout").unwrap().index();
+    /// # assert_eq!(stack.limiter().unwrap().stats().classes[checkout].admitted, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// `template` is a route as axum writes it: literal segments, `{name}`
+    /// for one segment, `{*name}` last for the rest of the path. Installed
+    /// with axum's `Router::layer` (the `axum` feature), the stack
+    /// classifies a routed request by the template axum matched (its
+    /// `MatchedPath`), so the class follows the route axum chose, for every
+    /// method the route has; elsewhere — and for requests axum routes to
+    /// no route (its fallback) — by matching the path against the template.
+    /// For a router nested under a prefix, declare with
+    /// [`nest`](Self::nest). Routes from the file come first among equally
+    /// specific ones.
+    ///
+    /// Declarations are shared by this stack, its clones and every stack a
+    /// builder call makes from it, and must all be made before any of them
+    /// is built — by `layer`, or by `admin`, `cache_purge` or `reload`.
+    ///
+    /// # Errors
+    ///
+    /// An unknown class (the error lists the known ones), a malformed
+    /// template or one with a bare `*` segment (not an axum template), a
+    /// template already declared for another class (in code or in the file,
+    /// for any method), or a stack already built.
+    pub fn route<'t>(&self, template: &'t str, class: &str) -> Result<&'t str, StackConfigError> {
+        self.declare(template, template, class)
+    }
+
+    /// Declares the routes of a router nested under `prefix` (axum's
+    /// `Router::nest`): axum matches them by their full template
+    /// (`/api/orders/{id}`), which the returned handle declares while
+    /// giving back the template the nested router is written with.
+    ///
+    /// ```
+    /// # use gratify::Stack;
+    /// # use axum::{Router, routing::post};
     /// # fn main() -> Result<(), gratify::stack::StackConfigError> {
     /// # let stack = Stack::from_config(r#"
     /// #     default_class = "browse"
@@ -212,65 +333,78 @@ impl Stack {
     /// #     delay_cost = { shape = "linear", per_second = 1.0 }
     /// #     refusal_cost = 1.0
     /// # "#)?;
-    /// let app: Router = Router::new()
-    ///     .route(stack.route("/checkout", "checkout")?, post(|| async { "ordered" }))
-    ///     .route("/products/{id}", get(|| async { "a product" })) // the default class
-    ///     .layer(stack);
+    /// let api = stack.nest("/api")?;
+    /// let orders: Router = Router::new().route(api.route("/orders", "checkout")?, post(|| async { "ordered" }));
+    /// let app: Router = Router::new().nest("/api", orders).layer(stack);
     /// # Ok(())
     /// # }
     /// ```
     ///
-    /// `template` is a route as the router writes it: literal segments,
-    /// `{name}` for one segment, `{*name}` last for the rest of the path.
-    /// Installed with axum's `Router::layer` (the `axum` feature), the stack
-    /// classifies by the template the router matched (its `MatchedPath`),
-    /// so the class follows the route axum chose; elsewhere, by matching the
-    /// path against the template. Routes from the file come first among
-    /// equally specific ones. Declare every route before the stack wraps a
-    /// service (`layer`); clones of this stack share the declarations.
-    ///
     /// # Errors
     ///
-    /// An unknown class (the error lists the known ones), a malformed
-    /// template, a template already declared in code or in the file for
-    /// another class, or a stack already wrapping a service.
-    pub fn route<'t>(&self, template: &'t str, class: &str) -> Result<&'t str, StackConfigError> {
-        let key = format!("route {template:?}");
-        if self.built.get().is_some() {
-            return Err(config::invalid(
-                key,
-                "the stack already wraps a service: declare routes before `layer`",
-            ));
-        }
+    /// `prefix` does not start with `/`, ends with `/`, or is not a
+    /// template.
+    pub fn nest(&self, prefix: &str) -> Result<NestedRoutes<'_>, StackConfigError> {
+        NestedRoutes::new(self, String::new(), prefix)
+    }
+
+    fn declare<'t>(
+        &self,
+        full: &str,
+        template: &'t str,
+        class: &str,
+    ) -> Result<&'t str, StackConfigError> {
+        let key = format!("route {full:?}");
         let model = self.model();
         let class_id = model.resolve(&format!("{key}.class"), class)?;
+        if full.split('/').any(|segment| segment == "*") {
+            return Err(config::invalid(
+                key,
+                "a bare `*` segment is a file pattern, not an axum template (use {*name})",
+            ));
+        }
         let mut declared = self
             .declared
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let with = declared.with_route(&model, &key, None, template, class)?;
-        let earlier = [self.routes.as_ref(), Some(&*declared)]
-            .into_iter()
-            .flatten()
-            .find_map(|r| r.declared_class(None, template));
-        if let Some(earlier) = earlier
-            && earlier != class_id
-        {
+        if declared.sealed {
             return Err(config::invalid(
                 key,
-                format!("already declared for class {:?}", model.name(earlier)),
+                "the stack is already built (by `layer`, `admin`, `cache_purge` or `reload`): declare routes before",
             ));
         }
-        *declared = with;
+        let with = declared
+            .routes
+            .with_route(&model, &key, None, full, class)?;
+        let earlier = [self.routes.as_ref(), Some(&declared.routes)]
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r.declared(full))
+            .find(|(_, c)| *c != class_id);
+        if let Some((method, earlier)) = earlier {
+            let method = method.map_or_else(|| "any method".to_owned(), |m| m.to_string());
+            return Err(config::invalid(
+                key,
+                format!(
+                    "already declared for class {:?} ({method})",
+                    model.name(earlier)
+                ),
+            ));
+        }
+        declared.routes = with;
         Ok(template)
     }
 
-    /// Keeps the class a request already carries (a [`ClassId`] in its
-    /// extensions, set by a layer of yours outside the stack — a
-    /// [`ClassifyLayer`](gratify_core::classify::ClassifyLayer) with your
-    /// own classifier) instead of classifying it again. A class outside
-    /// this stack's model is ignored and the request classified as usual.
-    /// Off by default: the stack's routes decide.
+    /// Keeps the class a request already carries instead of classifying
+    /// it again: a [`ClassId`] of this stack's model
+    /// (`stack.model().id("checkout")`) that a layer of yours outside the
+    /// stack put in the request's extensions — for the requests it can
+    /// tell apart (a tenant's plan, a trusted upstream's header); requests
+    /// without one are classified by the routes. A layer that classifies
+    /// every request (a [`ClassifyLayer`](gratify_core::classify::ClassifyLayer))
+    /// takes over from the routes entirely. A class index beyond this
+    /// model's classes is ignored. Off by default: the routes decide, and a
+    /// class a client could have caused to be set is never trusted.
     #[must_use]
     pub fn keep_earlier_class(mut self) -> Self {
         self.keep_earlier_class = true;
@@ -375,12 +509,6 @@ impl Stack {
     fn unbuilt(mut self) -> Self {
         self.built = Arc::new(OnceLock::new());
         self.model = Arc::new(gratify_core::SharedModel::new(self.model()));
-        let declared = self
-            .declared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        self.declared = Arc::new(Mutex::new(declared));
         self
     }
 
@@ -464,17 +592,20 @@ impl Stack {
                 .map(|(_, name, _)| name.to_owned())
                 .collect(),
             classifier: {
-                let declared = self
+                let mut declared = self
                     .declared
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Sealed under the lock that declarations take: none can
+                // slip in after this copy and be lost.
+                declared.sealed = true;
                 let file = self.routes.clone().unwrap_or_else(|| {
                     RouteClassifier::builder(&self.model())
                         .build()
                         .expect("a classifier without routes is valid")
                 });
                 StackClassifier {
-                    all: file.followed_by(&declared),
+                    all: file.followed_by(&declared.routes),
                     file,
                 }
             },
