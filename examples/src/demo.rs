@@ -170,7 +170,8 @@ pub async fn capacity(addr: SocketAddr, mix: &Mix, seconds: f64, concurrency: u6
 }
 
 /// A progress bar on standard error, redrawn as it grows.
-pub fn progress_bar(label: &'static str) -> impl Fn(f64) + Sync {
+pub fn progress_bar(label: impl Into<String>) -> impl Fn(f64) + Sync {
+    let label = label.into();
     let shown = AtomicUsize::new(usize::MAX);
     move |f: f64| {
         let filled = (f.clamp(0.0, 1.0) * 30.0) as usize;
@@ -224,19 +225,86 @@ impl Default for Options {
     }
 }
 
+/// What the capacity probe measured of the plain app, for sizing a
+/// contender (a concurrency limit, say).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Probe {
+    /// Arrivals per second it completes with 32 clients.
+    pub capacity_per_s: f64,
+    /// Seconds an arrival takes with one client (no queueing).
+    pub service_s: f64,
+}
+
+impl Probe {
+    /// The concurrency at the knee of the throughput curve (Little's law:
+    /// capacity × service time, rounded up, at least 1) — what a concurrency
+    /// limit sized from this probe admits.
+    pub fn knee(&self) -> usize {
+        let n = (self.capacity_per_s * self.service_s).ceil();
+        if n.is_finite() && n >= 1.0 {
+            n as usize
+        } else {
+            1
+        }
+    }
+}
+
+/// A contender besides the plain app and gratify: its name, what it is,
+/// and how it is built around the plain app from the probe.
+pub struct Contender {
+    /// Its name in the report (`tower`).
+    pub name: String,
+    /// Builds it from the probe: the router and a description of its set-up.
+    pub build: Box<dyn FnOnce(&Probe) -> (Router, serde_json::Value) + Send>,
+}
+
+impl std::fmt::Debug for Contender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Contender")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What a comparison measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
     /// Arrivals per second the plain app completed in the probe.
     pub capacity_per_s: f64,
+    /// The probe.
+    pub probe: Probe,
     /// The multiple of it sent.
     pub multiple: f64,
     /// Arrivals per second sent to each app.
     pub rate: f64,
     /// The plain app's report.
     pub plain: Report,
+    /// The other contenders' reports, with their set-up, in the order run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<Other>,
     /// The wrapped app's report.
     pub gratify: Report,
+}
+
+/// A contender's report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Other {
+    /// Its name.
+    pub name: String,
+    /// How it was set up.
+    pub setup: serde_json::Value,
+    /// What it did.
+    pub report: Report,
+}
+
+impl Outcome {
+    /// Every app's report in the order run: plain, the others, gratify.
+    pub fn all(&self) -> Vec<(&str, &Report)> {
+        std::iter::once(("plain", &self.plain))
+            .chain(self.others.iter().map(|o| (o.name.as_str(), &o.report)))
+            .chain(std::iter::once(("gratify", &self.gratify)))
+            .collect()
+    }
 }
 
 /// Probes the plain app's capacity, then sends the same open-loop traffic
@@ -254,6 +322,24 @@ pub async fn compare(
     options: Options,
     progress: bool,
 ) -> std::io::Result<Outcome> {
+    compare_with(plain, Vec::new(), wrapped, mix, model, options, progress).await
+}
+
+/// [`compare`] with other contenders, each built from the probe and run
+/// between the plain app and the wrapped one.
+///
+/// # Errors
+///
+/// A server cannot start, or the plain app completes nothing in the probe.
+pub async fn compare_with(
+    plain: Router,
+    others: Vec<Contender>,
+    wrapped: Router,
+    mix: &Mix,
+    model: &CostModel,
+    options: Options,
+    progress: bool,
+) -> std::io::Result<Outcome> {
     let server = Server::start(plain, options.server_threads)?;
     let capacity_per_s = capacity(server.addr(), mix, options.probe_seconds, 32).await;
     if capacity_per_s <= 0.0 {
@@ -261,6 +347,19 @@ pub async fn compare(
             "the plain app completed nothing in the capacity probe",
         ));
     }
+    // One client, no queueing: the time an arrival takes on its own (only
+    // when someone sizes a contender from it).
+    let service_s = if others.is_empty() {
+        f64::NAN
+    } else {
+        1.0 / capacity(server.addr(), mix, options.probe_seconds.min(2.0), 1)
+            .await
+            .max(1e-9)
+    };
+    let probe = Probe {
+        capacity_per_s,
+        service_s,
+    };
     let rate = capacity_per_s * options.multiple;
     if progress {
         eprintln!(
@@ -284,13 +383,36 @@ pub async fn compare(
         (&quiet, &quiet)
     };
     // Drives the app on `server`, then stops it with everything in flight.
-    let run = |server: Server, bar| async move {
-        let svc = client(server.addr(), options.connections);
+    async fn drive_on(
+        server: Server,
+        mix: &Mix,
+        model: &CostModel,
+        load: Load,
+        connections: usize,
+        bar: &(dyn Fn(f64) + Sync),
+    ) -> Report {
+        let svc = client(server.addr(), connections);
         let report = drive(svc, mix, model, load, bar).await;
         server.stop(Duration::from_secs(10)).await;
         report
-    };
-    let plain_report = run(server, p).await;
+    }
+    let plain_report = drive_on(server, mix, model, load, options.connections, p).await;
+    let mut reports = Vec::new();
+    for other in others {
+        let (router, setup) = (other.build)(&probe);
+        if progress {
+            eprintln!("demo: {}: {setup}", other.name);
+        }
+        let server = Server::start(router, options.server_threads)?;
+        let bar = progress_bar(format!("{:<7}", other.name));
+        let bar: &(dyn Fn(f64) + Sync) = if progress { &bar } else { &quiet };
+        let report = drive_on(server, mix, model, load, options.connections, bar).await;
+        reports.push(Other {
+            name: other.name,
+            setup,
+            report,
+        });
+    }
     let server = Server::start(wrapped, options.server_threads)?;
     if progress {
         eprintln!(
@@ -298,12 +420,14 @@ pub async fn compare(
             server.addr()
         );
     }
-    let gratify_report = run(server, g).await;
+    let gratify_report = drive_on(server, mix, model, load, options.connections, g).await;
     Ok(Outcome {
         capacity_per_s,
+        probe,
         multiple: options.multiple,
         rate,
         plain: plain_report,
+        others: reports,
         gratify: gratify_report,
     })
 }
@@ -311,38 +435,64 @@ pub async fn compare(
 /// The report as an SVG picture: per class, the share answered in time and
 /// the p99 latency of the plain app beside the wrapped one's.
 pub fn plot(title: &str, plain: &Report, gratify: &Report) -> String {
+    plot_all(title, &[("plain", plain), ("gratify", gratify)])
+}
+
+/// Colours of the apps in a plot: the plain app grey, gratify blue, others
+/// in turn.
+fn colour(name: &str, i: usize) -> &'static str {
+    match name {
+        "plain" => "#b0b0b0",
+        "gratify" => "#2a7de1",
+        _ => ["#e1942a", "#3aa655", "#a03ad0"][i % 3],
+    }
+}
+
+/// [`plot`] for any number of apps, in the order given.
+pub fn plot_all(title: &str, apps: &[(&str, &Report)]) -> String {
     use std::fmt::Write as _;
     let classes: Vec<&String> = {
-        let mut c: Vec<&String> = plain.classes.keys().chain(gratify.classes.keys()).collect();
+        let mut c: Vec<&String> = apps.iter().flat_map(|(_, r)| r.classes.keys()).collect();
         c.sort();
         c.dedup();
         c
     };
+    let n = apps.len().max(1) as f64;
     let (width, panel_h, top, left) = (760.0_f64, 220.0_f64, 70.0_f64, 70.0_f64);
     let height = top + 2.0 * (panel_h + 60.0) + 30.0;
     let plot_w = width - left - 30.0;
     let group = plot_w / classes.len().max(1) as f64;
-    let bar = (group * 0.32).min(60.0);
+    let bar = (group * 0.64 / n).min(60.0);
     let mut svg = String::new();
     let _ = write!(
         svg,
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">
 <rect width="100%" height="100%" fill="white"/>
 <text x="{}" y="24" text-anchor="middle" font-size="15" font-weight="bold">{}</text>
-<rect x="{}" y="34" width="12" height="12" fill="#b0b0b0"/><text x="{}" y="45">plain app</text>
-<rect x="{}" y="34" width="12" height="12" fill="#2a7de1"/><text x="{}" y="45">behind gratify</text>
 "##,
         width / 2.0,
         escape(title),
-        width / 2.0 - 110.0,
-        width / 2.0 - 94.0,
-        width / 2.0 + 10.0,
-        width / 2.0 + 26.0,
     );
-    let max_p99 = plain
-        .classes
-        .values()
-        .chain(gratify.classes.values())
+    let legend_w = 120.0;
+    let legend_x = width / 2.0 - legend_w * n / 2.0;
+    for (i, (name, _)) in apps.iter().enumerate() {
+        let x = legend_x + i as f64 * legend_w;
+        let label = match *name {
+            "plain" => "plain app".to_owned(),
+            "gratify" => "behind gratify".to_owned(),
+            other => format!("behind {other}"),
+        };
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{x:.1}" y="34" width="12" height="12" fill="{}"/><text x="{:.1}" y="45">{}</text>"##,
+            colour(name, i),
+            x + 16.0,
+            escape(&label)
+        );
+    }
+    let max_p99 = apps
+        .iter()
+        .flat_map(|(_, r)| r.classes.values())
         .map(|c| c.p99_ms)
         .fold(1.0_f64, f64::max);
     let panels: [(
@@ -385,10 +535,8 @@ pub fn plot(title: &str, plain: &Report, gratify: &Report) -> String {
         );
         for (k, class) in classes.iter().enumerate() {
             let gx = left + k as f64 * group + group / 2.0;
-            for (j, (report, colour)) in [(plain, "#b0b0b0"), (gratify, "#2a7de1")]
-                .into_iter()
-                .enumerate()
-            {
+            let first = gx - (bar + 4.0) * n / 2.0 + 2.0;
+            for (j, (app, report)) in apps.iter().enumerate() {
                 let Some(c) = report.classes.get(*class) else {
                     continue;
                 };
@@ -398,7 +546,7 @@ pub fn plot(title: &str, plain: &Report, gratify: &Report) -> String {
                 } else {
                     0.0
                 };
-                let x = gx - bar - 2.0 + j as f64 * (bar + 4.0);
+                let x = first + j as f64 * (bar + 4.0);
                 let label = if i == 0 {
                     format!("{:.1}%", v * 100.0)
                 } else {
@@ -406,8 +554,9 @@ pub fn plot(title: &str, plain: &Report, gratify: &Report) -> String {
                 };
                 let _ = writeln!(
                     svg,
-                    r##"<rect x="{x:.1}" y="{:.1}" width="{bar:.1}" height="{h:.1}" fill="{colour}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{label}</text>"##,
+                    r##"<rect x="{x:.1}" y="{:.1}" width="{bar:.1}" height="{h:.1}" fill="{}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{label}</text>"##,
                     base - h,
+                    colour(app, j),
                     x + bar / 2.0,
                     base - h - 3.0,
                 );
@@ -420,15 +569,18 @@ pub fn plot(title: &str, plain: &Report, gratify: &Report) -> String {
             );
         }
     }
+    let costs: Vec<String> = apps
+        .iter()
+        .map(|(name, r)| format!("{} {:.0}", escape(name), r.total_cost))
+        .collect();
     let _ = write!(
         svg,
-        r##"<text x="{}" y="{}" text-anchor="middle" font-size="11">total cost by the model: plain {:.0}, gratify {:.0}</text>
+        r##"<text x="{}" y="{}" text-anchor="middle" font-size="11">total cost by the model: {}</text>
 </svg>
 "##,
         width / 2.0,
         height - 10.0,
-        plain.total_cost,
-        gratify.total_cost
+        costs.join(", ")
     );
     svg
 }
@@ -437,4 +589,26 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Probe;
+
+    #[test]
+    fn the_knee_is_capacity_times_service_time_rounded_up_and_never_zero() {
+        let knee = |capacity_per_s, service_s| {
+            Probe {
+                capacity_per_s,
+                service_s,
+            }
+            .knee()
+        };
+        assert_eq!(knee(900.0, 0.0023), 3);
+        assert_eq!(knee(1000.0, 0.002), 2);
+        assert_eq!(knee(10.0, 0.001), 1);
+        assert_eq!(knee(0.0, 1.0), 1);
+        assert_eq!(knee(f64::NAN, 1.0), 1);
+        assert_eq!(knee(f64::INFINITY, 1.0), 1);
+    }
 }

@@ -314,11 +314,7 @@ where
                         .await
                         .map_err(|e| Failure::Error(describe(&e)))?;
                     let status = response.status();
-                    hit = response
-                        .headers()
-                        .get("cache-status")
-                        .and_then(|v| v.to_str().ok())
-                        .is_some_and(|v| v.contains("; hit"));
+                    hit = served_from_cache(response.headers());
                     let _ = response
                         .into_body()
                         .collect()
@@ -460,4 +456,44 @@ pub fn table_of(apps: &[(&str, &Report)]) -> String {
         ));
     }
     out
+}
+
+/// Whether a response says a cache answered it: `Cache-Status` (RFC 9211)
+/// with `hit`, or the `X-Cache: HIT` other caches send.
+pub fn served_from_cache(headers: &http::HeaderMap) -> bool {
+    let says = |name: &str, hit: fn(&str) -> bool| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(hit)
+    };
+    says("cache-status", |v| {
+        v.split(';')
+            .skip(1)
+            .any(|p| p.trim().eq_ignore_ascii_case("hit"))
+    }) || says("x-cache", |v| v.trim().eq_ignore_ascii_case("hit"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::served_from_cache;
+
+    #[test]
+    fn a_hit_is_read_from_cache_status_or_x_cache_and_nothing_else() {
+        let of = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, http::HeaderValue::from_static(v));
+            }
+            served_from_cache(&h)
+        };
+        assert!(of(&[("cache-status", "gratify; hit; ttl=30")]));
+        assert!(!of(&[("cache-status", "gratify; fwd=uri-miss; stored")]));
+        // A cache named "hit" is not a hit.
+        assert!(!of(&[("cache-status", "hit; fwd=miss")]));
+        assert!(of(&[("x-cache", "HIT")]));
+        assert!(!of(&[("x-cache", "MISS")]));
+        assert!(!of(&[]));
+    }
 }
