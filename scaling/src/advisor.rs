@@ -24,6 +24,17 @@
 //! Borst–Mandelbaum–Reiman square-root rule is computed beside it as a
 //! cross-check.
 //!
+//! A replica asked for now serves only after its **lead time** (scheduling,
+//! start-up, readiness; 60 s by default), and traffic can grow meanwhile. So
+//! the cost above is an expectation over the growth the traffic has shown
+//! over such spans: the advisor keeps decayed weights of the growth ratios
+//! it saw a lead time apart (measured against the larger of the rate then
+//! and its usual level, so that a quiet hour's jumps do not read as surges
+//! at the peak), and sizes for each with its weight — a surge that would
+//! refuse far more than a replica-hour costs keeps its capacity even when it
+//! is rare. What overflows a scenario's capacity is priced at the dearest
+//! refusal. With a lead time of zero it sizes for the traffic as it is.
+//!
 //! Recommendations are stabilised as Kubernetes does it: up at once, down
 //! only to the highest raw recommendation of the last `scale_down_window`.
 //! With too little data the advisor says so instead of guessing; when
@@ -89,11 +100,21 @@ pub struct AdvisorConfig {
     /// A measurement older than this is stale: the last good recommendation
     /// stands, marked stale.
     pub stale_after: Duration,
+    /// How long a replica asked for now takes to serve (scheduling, image
+    /// pull, start-up, readiness): the traffic can grow for this long before
+    /// more capacity arrives, so replicas are sized for the growth the
+    /// traffic has shown over such spans (zero: for the current traffic
+    /// alone).
+    pub lead_time: Duration,
+    /// How long a growth the traffic showed is remembered: its weight
+    /// halves every `growth_half_life`.
+    pub growth_half_life: Duration,
 }
 
 impl AdvisorConfig {
     /// Defaults for replicas of `slots_per_replica` slots: 1 to 100
-    /// replicas, a 300 s scale-down window, 100 samples, stale after 120 s.
+    /// replicas, a 300 s scale-down window, 100 samples, stale after 120 s,
+    /// a lead time of 60 s, growth remembered with a half-life of a day.
     pub fn new(slots_per_replica: u32) -> Self {
         Self {
             slots_per_replica: slots_per_replica.max(1),
@@ -102,7 +123,24 @@ impl AdvisorConfig {
             scale_down_window: Duration::from_secs(300),
             min_samples: 100,
             stale_after: Duration::from_secs(120),
+            lead_time: Duration::from_secs(60),
+            growth_half_life: Duration::from_secs(24 * 3600),
         }
+    }
+
+    /// Sets the lead time of a new replica (and with zero, sizes for the
+    /// current traffic alone).
+    #[must_use]
+    pub fn lead_time(mut self, lead_time: Duration) -> Self {
+        self.lead_time = lead_time;
+        self
+    }
+
+    /// Sets how long a growth of the traffic is remembered (its half-life).
+    #[must_use]
+    pub fn growth_half_life(mut self, half_life: Duration) -> Self {
+        self.growth_half_life = half_life;
+        self
     }
 
     /// Sets the bounds (the smaller is taken as the minimum).
@@ -199,6 +237,127 @@ impl Measurements {
     }
 }
 
+impl Measurements {
+    /// The same traffic `factor` times as fast.
+    fn scaled(&self, factor: f64) -> Self {
+        let mut m = self.clone();
+        for r in &mut m.rates {
+            *r *= factor;
+        }
+        m
+    }
+}
+
+/// The growth of the traffic over a lead time, as the advisor has seen it:
+/// decayed weights of growth ratios in bins, each bin standing for its upper
+/// edge (a decline or no growth stands for 1). A growth is measured against
+/// the larger of the rate then and the usual level (the rate's mean,
+/// weighted as the growth is), so that a quiet hour's relative jumps —
+/// ten requests a second to fifty — do not read as surges at the peak.
+#[derive(Debug, Default)]
+struct Growth {
+    /// Weight per bin of [`GROWTH_EDGES`], plus one for beyond the last.
+    weights: [f64; GROWTH_EDGES.len() + 1],
+    /// When the weights were last decayed.
+    at: Option<Instant>,
+    /// The usual level of the total arrival rate, and when it was updated.
+    level: Option<(Instant, f64)>,
+    /// Observations a lead time apart: when, and the reference a growth
+    /// from then is measured against.
+    rates: VecDeque<(Instant, f64)>,
+}
+
+/// Upper edges of the growth bins (ratios of the arrival rate a lead time
+/// apart); a ratio beyond the last counts as [`GROWTH_BEYOND`].
+const GROWTH_EDGES: [f64; 13] = [
+    1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5, 8.0,
+];
+const GROWTH_BEYOND: f64 = 10.0;
+
+impl Growth {
+    /// Records the total arrival rate at `now`; with one observed a lead
+    /// time earlier (the latest at or before), the ratio joins the bins.
+    fn observe(&mut self, now: Instant, rate: f64, config: &AdvisorConfig) {
+        let lead = config.lead_time;
+        if lead.is_zero() || !rate.is_finite() || rate < 0.0 {
+            return;
+        }
+        let half_life = config.growth_half_life.as_secs_f64().max(1.0);
+        let level = match self.level {
+            None => rate,
+            Some((at, level)) => {
+                let keep =
+                    0.5_f64.powf(now.saturating_duration_since(at).as_secs_f64() / half_life);
+                level * keep + rate * (1.0 - keep)
+            }
+        };
+        self.level = Some((now, level));
+        // Judged before this observation joins: the growth from a lead
+        // time ago to now.
+        self.record(now, rate, lead, half_life);
+        self.rates.push_back((now, rate.max(level)));
+    }
+
+    /// The usual level of the rate (zero before any observation).
+    fn level(&self) -> f64 {
+        self.level.map_or(0.0, |(_, l)| l)
+    }
+
+    fn record(&mut self, now: Instant, rate: f64, lead: Duration, half_life: f64) {
+        // Keep one observation at or before a lead time ago.
+        while self.rates.len() > 2
+            && self
+                .rates
+                .get(1)
+                .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= lead)
+        {
+            self.rates.pop_front();
+        }
+        let Some(&(then, before)) = self.rates.front() else {
+            return;
+        };
+        let span = now.saturating_duration_since(then);
+        // Too old a baseline (measurements stopped) says nothing about a
+        // lead time's growth.
+        if span < lead || span > lead * 2 || before <= 0.0 {
+            return;
+        }
+        if let Some(at) = self.at {
+            let decay = 0.5_f64.powf(now.saturating_duration_since(at).as_secs_f64() / half_life);
+            for w in &mut self.weights {
+                *w *= decay;
+            }
+        }
+        self.at = Some(now);
+        let ratio = rate / before;
+        let bin = GROWTH_EDGES
+            .iter()
+            .position(|edge| ratio <= *edge)
+            .unwrap_or(GROWTH_EDGES.len());
+        self.weights[bin] += 1.0;
+    }
+
+    /// (growth factor, probability) of the bins that have weight; no
+    /// growth alone when nothing was seen.
+    fn scenarios(&self) -> Vec<(f64, f64)> {
+        let total: f64 = self.weights.iter().sum();
+        if total <= 0.0 {
+            return vec![(1.0, 1.0)];
+        }
+        self.weights
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w > 0.0)
+            .map(|(i, w)| {
+                (
+                    GROWTH_EDGES.get(i).copied().unwrap_or(GROWTH_BEYOND),
+                    w / total,
+                )
+            })
+            .collect()
+    }
+}
+
 fn clean(x: f64) -> f64 {
     if x.is_finite() && x > 0.0 { x } else { 0.0 }
 }
@@ -273,6 +432,7 @@ impl Recommendation {
 #[derive(Debug, Default)]
 struct State {
     latest: Option<(Instant, Measurements)>,
+    growth: Growth,
     /// Raw recommendations over the scale-down window.
     history: VecDeque<(Instant, u32)>,
     last_good: Option<Advice>,
@@ -305,6 +465,10 @@ impl ScalingAdvisor {
     /// Takes measurements made at `now`.
     pub fn observe(&self, now: Instant, measurements: Measurements) {
         let mut s = self.lock();
+        if measurements.samples >= self.config.min_samples {
+            let rate = measurements.arrival_rate();
+            s.growth.observe(now, rate, &self.config);
+        }
         s.latest = Some((now, measurements));
     }
 
@@ -366,25 +530,87 @@ impl ScalingAdvisor {
         let slots = f64::from(self.config.slots_per_replica);
         // The fewest replicas whose pooled queue is stable.
         let stable = ((a / slots).floor() as u32 + 1).clamp(min, max);
-        let argmin = |f: &dyn Fn(&CostRow) -> f64| -> u32 {
-            let mut best = (f64::INFINITY, max);
-            for n in stable..=max {
-                let c = f(&self.cost(&m, n));
-                if c < best.0 {
-                    best = (c, n);
-                }
-                // Delay cost falls and flattens as replicas are added while
-                // their cost grows linearly: a few counts past the best
-                // without a new best, the optimum is found.
-                if n >= best.1.saturating_add(4) && c > best.0 {
-                    break;
+        // The traffic a lead time from now, by the growth seen before: the
+        // replicas asked for now are what serves it. A scenario whose queue
+        // would be unstable costs what it would refuse (at the dearest
+        // class's refusal cost) rather than infinity, so that a rare surge
+        // weighs by its probability.
+        let now_rate = m.arrival_rate();
+        let reference = now_rate.max(s.growth.level());
+        let scenarios: Vec<(f64, Measurements)> = s
+            .growth
+            .scenarios()
+            .into_iter()
+            .map(|(g, p)| {
+                // No growth: the traffic as it is (not the usual level).
+                let future = if g > 1.0 {
+                    now_rate.max(g * reference)
+                } else {
+                    now_rate
+                };
+                let factor = if now_rate > 0.0 {
+                    future / now_rate
+                } else {
+                    1.0
+                };
+                (p, m.scaled(factor))
+            })
+            .collect();
+        let refusal = self
+            .model
+            .iter()
+            .map(|(_, _, c)| c.refusal_cost())
+            .fold(0.0_f64, f64::max);
+        // The expected cost per second of `n` replicas over the scenarios,
+        // in the three views: both queues' pessimist, pooled, per replica.
+        let expected = |n: u32| -> [f64; 3] {
+            let mut sum = [0.0; 3];
+            for (p, m) in &scenarios {
+                let row = self.cost(m, n);
+                let capacity = f64::from(n) * slots / m.mean_service.max(1e-9);
+                // Unstable: what exceeds the capacity is refused.
+                let unstable = row.replica_cost + (m.arrival_rate() - capacity).max(0.0) * refusal;
+                let views = [
+                    row.total(),
+                    row.replica_cost + row.pooled_delay_cost,
+                    row.replica_cost + row.per_replica_delay_cost,
+                ];
+                for (total, c) in sum.iter_mut().zip(views) {
+                    *total += p * if c.is_finite() { c } else { unstable };
                 }
             }
-            best.1
+            sum
         };
-        let raw = argmin(&CostRow::total);
-        let pooled_replicas = argmin(&|r: &CostRow| r.replica_cost + r.pooled_delay_cost);
-        let per_replica_replicas = argmin(&|r: &CostRow| r.replica_cost + r.per_replica_delay_cost);
+        // Past the count that keeps the largest scenario's queue stable,
+        // every scenario's cost only falls and flattens.
+        let surge_stable = scenarios
+            .iter()
+            .map(|(_, m)| (m.offered_load() / slots).floor() as u32 + 1)
+            .max()
+            .unwrap_or(stable)
+            .clamp(stable, max);
+        let mut best = [(f64::INFINITY, max); 3];
+        for n in stable..=max {
+            let costs = expected(n);
+            for (b, c) in best.iter_mut().zip(costs) {
+                if c < b.0 {
+                    *b = (c, n);
+                }
+            }
+            // Delay cost falls and flattens as replicas are added while
+            // their cost grows linearly: a few counts past every view's best
+            // without a new best (and past every scenario's unstable range),
+            // the optimum is found.
+            if n > surge_stable
+                && best
+                    .iter()
+                    .zip(costs)
+                    .all(|(b, c)| n >= b.1.saturating_add(4) && c > b.0)
+            {
+                break;
+            }
+        }
+        let [raw, pooled_replicas, per_replica_replicas] = best.map(|(_, n)| n);
         // Square-root staffing with the cost-optimal β of BMR, from the
         // traffic-weighted linear delay rate.
         let lambda = m.arrival_rate();
@@ -618,6 +844,108 @@ mod tests {
         tokio::time::advance(Duration::from_secs(300)).await;
         adv.observe(Instant::now(), at(100.0));
         assert_eq!(advice(adv.recommend(Instant::now())).replicas, low);
+    }
+
+    /// A model where a refused request costs far more than a replica-hour.
+    fn surge_model() -> CostModel {
+        CostModel::from_toml(
+            r#"
+            [prices]
+            replica_hour = 0.2
+            [classes.api]
+            delay_cost = { shape = "linear", per_second = 0.01, deadline = "2s" }
+            refusal_cost = 0.1
+            "#,
+        )
+        .unwrap()
+    }
+
+    fn traffic(m: &CostModel, rate: f64) -> Measurements {
+        Measurements::new(m)
+            .rate("api", rate)
+            .service(0.05, 1.0)
+            .samples(10_000)
+    }
+
+    /// Observes `rate` every 15 s for `seconds`, then recommends.
+    async fn hold(adv: &ScalingAdvisor, m: &CostModel, rate: f64, seconds: u64) -> Advice {
+        for _ in 0..seconds / 15 {
+            adv.observe(Instant::now(), traffic(m, rate));
+            tokio::time::advance(Duration::from_secs(15)).await;
+        }
+        adv.observe(Instant::now(), traffic(m, rate));
+        advice(adv.recommend(Instant::now()))
+    }
+
+    /// Replicas of 8 slots at 50 ms serve 160 requests a second each.
+    fn serves(replicas: u32, rate: f64) -> bool {
+        f64::from(replicas) * 160.0 >= rate
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_surge_seen_once_is_provisioned_for_within_a_lead_time_next_time() {
+        let m = surge_model();
+        for lead in [Duration::ZERO, Duration::from_secs(60)] {
+            let adv =
+                ScalingAdvisor::new(&m, AdvisorConfig::new(8).replicas(1, 100).lead_time(lead));
+            let before = hold(&adv, &m, 400.0, 1800).await.raw;
+            // A flash crowd: ×4 within a minute, for ten, then gone.
+            hold(&adv, &m, 1600.0, 600).await;
+            let after = hold(&adv, &m, 400.0, 1800).await;
+            if lead.is_zero() {
+                // Sized for the traffic as it is: the surge is forgotten.
+                assert_eq!(after.raw, before, "no lead time");
+            } else {
+                // The next one would come faster than a replica: the
+                // capacity for it is kept.
+                assert!(!serves(before, 1600.0), "{before}");
+                assert!(serves(after.raw, 1600.0), "{before} then {}", after.raw);
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_hours_jumps_do_not_read_as_surges_at_the_peak() {
+        let m = surge_model();
+        let adv = ScalingAdvisor::new(&m, AdvisorConfig::new(8).replicas(1, 100));
+        let fresh = ScalingAdvisor::new(&m, AdvisorConfig::new(8).replicas(1, 100));
+        let plain = hold(&fresh, &m, 1000.0, 60).await.raw;
+        // A day's usual level, then a night of jumps ten times over (10 to
+        // 100 requests a second): small against the usual level.
+        hold(&adv, &m, 1000.0, 4 * 3600).await;
+        for _ in 0..20 {
+            hold(&adv, &m, 10.0, 60).await;
+            hold(&adv, &m, 100.0, 60).await;
+        }
+        let peak = hold(&adv, &m, 1000.0, 60).await;
+        assert_eq!(
+            peak.raw, plain,
+            "the night's jumps made the peak {} (not {plain})",
+            peak.raw
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_surge_is_forgotten_over_its_half_life_and_a_gap_is_no_surge() {
+        let m = surge_model();
+        let config = AdvisorConfig::new(8)
+            .replicas(1, 100)
+            .growth_half_life(Duration::from_secs(600));
+        let adv = ScalingAdvisor::new(&m, config.clone());
+        let before = hold(&adv, &m, 400.0, 1800).await.raw;
+        hold(&adv, &m, 1600.0, 120).await;
+        // Ten hours of steady traffic: sixty half-lives.
+        let later = hold(&adv, &m, 400.0, 10 * 3600).await;
+        assert_eq!(later.raw, before);
+        // Measurements stop for ten minutes and resume four times higher:
+        // nothing says how fast it grew.
+        let gap = ScalingAdvisor::new(&m, config);
+        let before = hold(&gap, &m, 400.0, 600).await.raw;
+        tokio::time::advance(Duration::from_secs(600)).await;
+        hold(&gap, &m, 1600.0, 0).await;
+        tokio::time::advance(Duration::from_secs(15)).await;
+        let after = hold(&gap, &m, 400.0, 1800).await;
+        assert_eq!(after.raw, before);
     }
 
     #[tokio::test(start_paused = true)]
