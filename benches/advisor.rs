@@ -385,7 +385,7 @@ fn simulate(policy: Policy, trace: &Trace, model: &CostModel, dt: f64) -> Outcom
                         (target - current) as usize,
                     ));
                 } else if target < current {
-                    pods.sort_by(|a, b| b.total_cmp(a));
+                    pods.sort_by(|a, b| a.total_cmp(b));
                     pods.truncate(target as usize);
                 }
             }
@@ -479,7 +479,7 @@ fn simulate(policy: Policy, trace: &Trace, model: &CostModel, dt: f64) -> Outcom
             ));
         } else if target < current {
             // Remove the pods not yet ready first, then the others.
-            pods.sort_by(|a, b| b.total_cmp(a));
+            pods.sort_by(|a, b| a.total_cmp(b));
             pods.truncate(target as usize);
         }
     }

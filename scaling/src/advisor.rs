@@ -26,14 +26,17 @@
 //!
 //! A replica asked for now serves only after its **lead time** (scheduling,
 //! start-up, readiness; 60 s by default), and traffic can grow meanwhile. So
-//! the cost above is an expectation over the growth the traffic has shown
-//! over such spans: the advisor keeps decayed weights of the growth ratios
-//! it saw a lead time apart (measured against the larger of the rate then
-//! and its usual level, so that a quiet hour's jumps do not read as surges
-//! at the peak), and sizes for each with its weight — a surge that would
-//! refuse far more than a replica-hour costs keeps its capacity even when it
-//! is rare. What overflows a scenario's capacity is priced at the dearest
-//! refusal. With a lead time of zero it sizes for the traffic as it is.
+//! the cost above is an expectation over the rises the traffic has shown
+//! over such spans: the advisor keeps decayed weights of the rises it saw a
+//! lead time apart, each in units of the larger of the rate then and its
+//! usual level (so that a quiet hour's jump from 10 to 50 a second is small
+//! against a usual 1,000, and a crowd from 600 to 2,400 is three times it),
+//! and sizes for each added to the traffic as it is, with its weight — a
+//! surge that would refuse far more than a replica-hour costs keeps its
+//! capacity even when it is rare. What overflows a scenario's capacity is
+//! refused cheapest class first, and never costs less than the scenario's
+//! queue at the edge of stability. With a lead time of zero it sizes for
+//! the traffic as it is.
 //!
 //! Recommendations are stabilised as Kubernetes does it: up at once, down
 //! only to the highest raw recommendation of the last `scale_down_window`.
@@ -260,17 +263,18 @@ struct Growth {
     weights: [f64; GROWTH_EDGES.len() + 1],
     /// When the weights were last decayed.
     at: Option<Instant>,
-    /// The usual level of the total arrival rate, and when it was updated.
-    level: Option<(Instant, f64)>,
+    /// The usual level of the total arrival rate, when it was updated, and
+    /// how many observations it rests on.
+    level: Option<(Instant, f64, u32)>,
     /// Observations a lead time apart: when, and the reference a growth
     /// from then is measured against.
-    rates: VecDeque<(Instant, f64)>,
+    rates: VecDeque<(Instant, f64, f64)>,
 }
 
 /// Upper edges of the growth bins (ratios of the arrival rate a lead time
 /// apart); a ratio beyond the last counts as [`GROWTH_BEYOND`].
-const GROWTH_EDGES: [f64; 13] = [
-    1.0, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5, 8.0,
+const GROWTH_EDGES: [f64; 15] = [
+    1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.5, 8.0,
 ];
 const GROWTH_BEYOND: f64 = 10.0;
 
@@ -282,44 +286,52 @@ impl Growth {
         if lead.is_zero() || !rate.is_finite() || rate < 0.0 {
             return;
         }
+        if self.level.is_some_and(|(at, _, _)| now < at) {
+            // Out of order: nothing to learn from it.
+            return;
+        }
         let half_life = config.growth_half_life.as_secs_f64().max(1.0);
-        let level = match self.level {
-            None => rate,
-            Some((at, level)) => {
-                let keep =
+        let (level, n) = match self.level {
+            None => (rate, 1),
+            Some((at, level, n)) => {
+                // A running mean at first (so that the first observation —
+                // a burst, say — is not the level for a day), then weighted
+                // by age.
+                let decay =
                     0.5_f64.powf(now.saturating_duration_since(at).as_secs_f64() / half_life);
-                level * keep + rate * (1.0 - keep)
+                let keep = decay.min(f64::from(n) / f64::from(n + 1));
+                (level * keep + rate * (1.0 - keep), n.saturating_add(1))
             }
         };
-        self.level = Some((now, level));
+        self.level = Some((now, level, n));
         // Judged before this observation joins: the growth from a lead
         // time ago to now.
         self.record(now, rate, lead, half_life);
-        self.rates.push_back((now, rate.max(level)));
+        self.rates.push_back((now, rate, rate.max(level)));
     }
 
     /// The usual level of the rate (zero before any observation).
     fn level(&self) -> f64 {
-        self.level.map_or(0.0, |(_, l)| l)
+        self.level.map_or(0.0, |(_, l, _)| l)
     }
 
     fn record(&mut self, now: Instant, rate: f64, lead: Duration, half_life: f64) {
         // Keep one observation at or before a lead time ago.
-        while self.rates.len() > 2
+        while self.rates.len() > 1
             && self
                 .rates
                 .get(1)
-                .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= lead)
+                .is_some_and(|(t, _, _)| now.saturating_duration_since(*t) >= lead)
         {
             self.rates.pop_front();
         }
-        let Some(&(then, before)) = self.rates.front() else {
+        let Some(&(then, before, reference)) = self.rates.front() else {
             return;
         };
         let span = now.saturating_duration_since(then);
         // Too old a baseline (measurements stopped) says nothing about a
         // lead time's growth.
-        if span < lead || span > lead * 2 || before <= 0.0 {
+        if span < lead || span > lead.saturating_mul(2) || reference <= 0.0 {
             return;
         }
         if let Some(at) = self.at {
@@ -329,7 +341,18 @@ impl Growth {
             }
         }
         self.at = Some(now);
-        let ratio = rate / before;
+        // A weight that has faded to nothing is dropped (it would keep its
+        // surge's range of replicas in every scan).
+        let total: f64 = self.weights.iter().sum();
+        for w in &mut self.weights {
+            if *w < total * 1e-9 {
+                *w = 0.0;
+            }
+        }
+        // The rise, in units of the larger of the rate then and the usual
+        // level: a quiet hour's jump from 10 to 50 a second is small against
+        // a usual 1,000; a crowd from 600 to 2,400 is three times it.
+        let ratio = 1.0 + (rate - before) / reference;
         let bin = GROWTH_EDGES
             .iter()
             .position(|edge| ratio <= *edge)
@@ -514,7 +537,7 @@ impl ScalingAdvisor {
 
     /// The recommendation at `now`.
     pub fn recommend(&self, now: Instant) -> Recommendation {
-        let mut s = self.lock();
+        let s = self.lock();
         let fresh = s.latest.as_ref().filter(|(at, m)| {
             now.saturating_duration_since(*at) <= self.config.stale_after
                 && m.samples >= self.config.min_samples
@@ -525,58 +548,86 @@ impl ScalingAdvisor {
                 None => Recommendation::InsufficientData,
             };
         };
+        let growth = s.growth.scenarios();
+        let level = s.growth.level();
+        // The scan below runs without the lock: observations go on.
+        drop(s);
         let (min, max) = (self.config.min_replicas, self.config.max_replicas);
         let a = m.offered_load();
         let slots = f64::from(self.config.slots_per_replica);
         // The fewest replicas whose pooled queue is stable.
         let stable = ((a / slots).floor() as u32 + 1).clamp(min, max);
-        // The traffic a lead time from now, by the growth seen before: the
-        // replicas asked for now are what serves it. A scenario whose queue
-        // would be unstable costs what it would refuse (at the dearest
-        // class's refusal cost) rather than infinity, so that a rare surge
-        // weighs by its probability.
+        // The traffic a lead time from now, by the rises seen before (each
+        // in units of the larger of the rate and the usual level, so added
+        // to the traffic as it is in the same units): the replicas asked
+        // for now are what serves it.
         let now_rate = m.arrival_rate();
-        let reference = now_rate.max(s.growth.level());
-        let scenarios: Vec<(f64, Measurements)> = s
-            .growth
-            .scenarios()
+        let unit = now_rate.max(level);
+        let scenarios: Vec<(f64, Measurements)> = growth
             .into_iter()
             .map(|(g, p)| {
-                // No growth: the traffic as it is (not the usual level).
-                let future = if g > 1.0 {
-                    now_rate.max(g * reference)
-                } else {
-                    now_rate
-                };
                 let factor = if now_rate > 0.0 {
-                    future / now_rate
+                    1.0 + (g - 1.0).max(0.0) * unit / now_rate
                 } else {
                     1.0
                 };
                 (p, m.scaled(factor))
             })
             .collect();
-        let refusal = self
+        // Classes by refusal cost, cheapest first: an overflow refuses the
+        // cheapest first, as the limiter does.
+        let mut by_refusal: Vec<(usize, f64)> = self
             .model
             .iter()
-            .map(|(_, _, c)| c.refusal_cost())
-            .fold(0.0_f64, f64::max);
+            .enumerate()
+            .map(|(i, (_, _, c))| (i, c.refusal_cost()))
+            .collect();
+        by_refusal.sort_by(|x, y| x.1.total_cmp(&y.1));
+        let overflow = |m: &Measurements, n: u32| -> f64 {
+            let capacity = f64::from(n) * slots / m.mean_service.max(1e-9);
+            let mut excess = (m.arrival_rate() - capacity).max(0.0);
+            let mut cost = 0.0;
+            for (i, refusal) in &by_refusal {
+                let refused = excess.min(m.rates.get(*i).copied().unwrap_or(0.0));
+                cost += refused * refusal;
+                excess -= refused;
+            }
+            cost
+        };
+        // Each scenario's delay cost where its queue first turns stable: an
+        // unstable count never costs less than that (what it would refuse
+        // is priced, and so is a queue at the edge of stability), so no
+        // scenario looks cheaper with fewer replicas.
+        let edge: Vec<[f64; 3]> = scenarios
+            .iter()
+            .map(|(_, m)| {
+                let n = ((m.offered_load() / slots).floor() as u32 + 1).max(1);
+                let row = self.cost(m, n);
+                [
+                    row.pooled_delay_cost.max(row.per_replica_delay_cost),
+                    row.pooled_delay_cost,
+                    row.per_replica_delay_cost,
+                ]
+            })
+            .collect();
         // The expected cost per second of `n` replicas over the scenarios,
         // in the three views: both queues' pessimist, pooled, per replica.
         let expected = |n: u32| -> [f64; 3] {
             let mut sum = [0.0; 3];
-            for (p, m) in &scenarios {
+            for ((p, m), edge) in scenarios.iter().zip(&edge) {
                 let row = self.cost(m, n);
-                let capacity = f64::from(n) * slots / m.mean_service.max(1e-9);
-                // Unstable: what exceeds the capacity is refused.
-                let unstable = row.replica_cost + (m.arrival_rate() - capacity).max(0.0) * refusal;
-                let views = [
-                    row.total(),
-                    row.replica_cost + row.pooled_delay_cost,
-                    row.replica_cost + row.per_replica_delay_cost,
+                let delay = [
+                    row.pooled_delay_cost.max(row.per_replica_delay_cost),
+                    row.pooled_delay_cost,
+                    row.per_replica_delay_cost,
                 ];
-                for (total, c) in sum.iter_mut().zip(views) {
-                    *total += p * if c.is_finite() { c } else { unstable };
+                for ((total, d), e) in sum.iter_mut().zip(delay).zip(edge) {
+                    let d = if d.is_finite() {
+                        d
+                    } else {
+                        overflow(m, n).max(if e.is_finite() { *e } else { 0.0 })
+                    };
+                    *total += p * (row.replica_cost + d);
                 }
             }
             sum
@@ -629,6 +680,7 @@ impl ScalingAdvisor {
         let bmr_slots = gratify_core::queueing::sqrt_staffing(a, beta);
         let bmr_replicas = (f64::from(bmr_slots) / slots).ceil().max(1.0) as u32;
         // Stabilise: up at once; down to the highest raw count in the window.
+        let mut s = self.lock();
         s.history.push_back((now, raw));
         let window = self.config.scale_down_window;
         while s
@@ -917,9 +969,15 @@ mod tests {
             hold(&adv, &m, 10.0, 60).await;
             hold(&adv, &m, 100.0, 60).await;
         }
+        // The morning comes as mornings do, over two hours.
+        for step in 0..=120 {
+            hold(&adv, &m, 100.0 + 900.0 * f64::from(step) / 120.0, 60).await;
+        }
         let peak = hold(&adv, &m, 1000.0, 60).await;
-        assert_eq!(
-            peak.raw, plain,
+        // Ten times over at night would be ten times the fleet at the peak
+        // if jumps were taken as ratios; a replica of headroom at most.
+        assert!(
+            peak.raw <= plain + 1,
             "the night's jumps made the peak {} (not {plain})",
             peak.raw
         );
@@ -946,6 +1004,69 @@ mod tests {
         tokio::time::advance(Duration::from_secs(15)).await;
         let after = hold(&gap, &m, 400.0, 1800).await;
         assert_eq!(after.raw, before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_noisy_day_keeps_no_day_sized_fleet_at_night() {
+        let m = surge_model();
+        let adv = ScalingAdvisor::new(&m, AdvisorConfig::new(8).replicas(1, 100));
+        let fresh = |rate: f64| {
+            let m = &m;
+            async move {
+                let fresh = ScalingAdvisor::new(m, AdvisorConfig::new(8).replicas(1, 100));
+                hold(&fresh, m, rate, 60).await.raw
+            }
+        };
+        // The day's fleet, and what the day's minute-to-minute noise — a
+        // rise of a tenth of its level, counted at its bin's top (a fifth) —
+        // needs at night.
+        let (day, noise) = (fresh(1000.0).await, fresh(10.0 + 200.0).await);
+        // A day around 1,000 a second, ±5% from one minute to the next: half
+        // its growths are a rise of a tenth of the usual level.
+        for i in 0..240 {
+            let rate = if i % 2 == 0 { 950.0 } else { 1050.0 };
+            hold(&adv, &m, rate, 60).await;
+        }
+        let at_night = hold(&adv, &m, 10.0, 600).await;
+        // Headroom for such a rise at most, never the day's fleet.
+        assert!(
+            at_night.raw <= noise && at_night.raw * 2 < day,
+            "night {} against {noise} for the day's noise and {day} for the day",
+            at_night.raw
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn growth_is_learned_whatever_the_feed_interval_and_from_a_bursty_start() {
+        let m = surge_model();
+        // Fed every 90 s, with a lead time of 60 s.
+        let adv = ScalingAdvisor::new(&m, AdvisorConfig::new(8).replicas(1, 100));
+        let observe_for = |rate: f64, times: usize| {
+            let adv = &adv;
+            let m = &m;
+            async move {
+                for _ in 0..times {
+                    adv.observe(Instant::now(), traffic(m, rate));
+                    tokio::time::advance(Duration::from_secs(90)).await;
+                }
+                adv.observe(Instant::now(), traffic(m, rate));
+                advice(adv.recommend(Instant::now()))
+            }
+        };
+        // Starting in a burst: the usual level is not that burst.
+        observe_for(5000.0, 0).await;
+        let before = observe_for(400.0, 40).await.raw;
+        assert!(
+            adv.lock().growth.level() < 600.0,
+            "{}",
+            adv.lock().growth.level()
+        );
+        observe_for(1600.0, 2).await;
+        let after = observe_for(400.0, 20).await.raw;
+        assert!(
+            !serves(before, 1600.0) && serves(after, 1600.0),
+            "{before} then {after}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
