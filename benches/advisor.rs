@@ -1,5 +1,6 @@
-//! The replica advisor against the Kubernetes HPA, over a day (and over two
-//! months of real traffic) in virtual time.
+//! The replica advisor against the Kubernetes HPA on CPU, KEDA's request-rate
+//! scaling and Knative's KPA, over a day, a flash crowd and two months of
+//! real traffic, in virtual time.
 //!
 //! ```text
 //! cargo bench -p gratify-benches --bench advisor
@@ -20,27 +21,41 @@
 //! (95%, 0.002 per second); a replica costs 0.20 an hour.
 //!
 //! Policies, every 15 s, within 2 to 100 replicas, with Kubernetes' default
-//! scale-up limit (the larger of +100% and +4 pods per period):
+//! scale-up limit (the larger of +100% and +4 pods per period) where the HPA
+//! decides:
 //!
-//! - `fixed-peak`: a fleet sized for the day's peak at 70% utilisation;
+//! - `fixed-peak`: a fleet sized for the scenario's peak at 70% utilisation;
 //! - `hpa-cpu70`: the HPA algorithm on CPU utilisation (busy slots over the
 //!   requested replicas, a replica not yet ready counted at 0% as the HPA
 //!   assumes on scale-up), target 70%, tolerance 0.1, 300 s scale-down
 //!   stabilisation;
-//! - `advisor`: `ScalingAdvisor` fed the last 15 s of measured rates,
-//!   exported as an external metric with an AverageValue target of 1 through
-//!   the same HPA mechanics (tolerance 0.1, the same scale-up limit); its
-//!   own 300 s scale-down window replaces the HPA's (0 s), as
+//! - `keda-rpsN`: the HPA on requests per second per replica, as KEDA's
+//!   Prometheus scaler gives it (the mean rate of the last minute, an
+//!   AverageValue target of N, tolerance 0.1, 300 s scale-down
+//!   stabilisation), tried at every N of 20 to 150 and reported at the best
+//!   for the scenario — tuned in hindsight, which no real deployment can be;
+//! - `knative-kpa`: Knative's KPA with its defaults — the mean concurrency of
+//!   a 60 s stable and a 6 s panic window against 70% of the container
+//!   concurrency (8), panic when the panic window wants twice the ready
+//!   pods (then only up, until 60 s without), at most ×1000 up and ÷2 down a
+//!   tick, a tick every 2 s (or every step when steps are longer);
+//! - `advisor`: `ScalingAdvisor` (its defaults: a 60 s lead time, rises
+//!   remembered with a half-life of a day) fed the last 15 s of measured
+//!   rates, exported as an external metric with an AverageValue target of 1
+//!   through the same HPA mechanics (tolerance 0.1, the same scale-up limit);
+//!   its own 300 s scale-down window replaces the HPA's (0 s), as
 //!   docs/deployment.md advises.
 //!
 //! Scenarios: `synthetic-day` (a diurnal sine between 500 and 1,500 requests
 //! a second, flash crowds of ×2.5 at 10:00 for 20 min and ×3 at 18:30 for
-//! 10 min, a slow ramp of +40% from 20:00 to midnight), and `nasa-1995` (the
-//! NASA-HTTP per-minute trace of July–August 1995 from `../shared/traces`,
-//! scaled to a mean of 1,000 requests a second; skipped if absent; the first
-//! week in quick mode). `--trace FILE` replays counts per interval instead
-//! (one integer per line or separated by spaces; `--trace-step` seconds per
-//! count, default 60; `--trace-scale` multiplies the rate, default 1).
+//! 10 min, a slow ramp of +40% from 20:00 to midnight), `flash-crowd` (three
+//! hours at 600 a second with crowds to ×4 at 1:00 for 20 min and ×3 at 2:00
+//! for 10), and `nasa-1995` (the NASA-HTTP per-minute trace of July–August
+//! 1995 from `../shared/traces`, scaled to a mean of 1,000 requests a second;
+//! skipped if absent; the first week in quick mode). `--trace FILE` replays
+//! counts per interval instead (one integer per line or separated by spaces;
+//! `--trace-step` seconds per count, default 60; `--trace-scale` multiplies
+//! the rate, default 1).
 //!
 //! Metrics: `replica_hours`, `deadline_misses` (checkout requests served
 //! past 2 s), `delay_cost`, `replica_cost`, `total_cost`. Writes
