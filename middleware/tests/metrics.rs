@@ -47,20 +47,34 @@ impl metrics::HistogramFn for Cell {
 }
 
 impl Counts {
+    /// A cell per name and labels (`name{a=1,b=2}`, labels sorted).
     fn cell(&self, key: &Key) -> Arc<AtomicU64> {
-        Arc::clone(
-            self.0
-                .lock()
-                .unwrap()
-                .entry(key.name().to_owned())
-                .or_default(),
-        )
+        let mut labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        labels.sort();
+        let name = format!("{}{{{}}}", key.name(), labels.join(","));
+        Arc::clone(self.0.lock().unwrap().entry(name).or_default())
     }
+    /// The sum over every label set of `name`.
     fn get(&self, name: &str) -> u64 {
+        let prefix = format!("{name}{{");
         self.0
             .lock()
             .unwrap()
-            .get(name)
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, c)| c.load(Ordering::Relaxed))
+            .sum()
+    }
+    /// The count of `name` with exactly these labels (sorted `k=v`, comma
+    /// separated).
+    fn get_with(&self, name: &str, labels: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .get(&format!("{name}{{{labels}}}"))
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 }
@@ -217,4 +231,58 @@ async fn the_stack_reports_through_the_metrics_facade() {
         counts.get("gratify_compression_bytes_out_total")
             < counts.get("gratify_compression_bytes_in_total")
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_refusal_is_counted_once_with_who_refused() {
+    use gratify::offload::OffloadLayer;
+    use gratify::scaling::limit::{Fixed, Limiter, LimiterConfig};
+    use tower::{Layer, ServiceExt};
+
+    let counts = counts();
+    let model = CostModel::from_toml(
+        r#"
+        default_class = "browse"
+        [classes.browse]
+        delay_cost = { shape = "linear", per_second = 0.01 }
+        refusal_cost = 1.0
+        "#,
+    )
+    .unwrap();
+    let browse = model.default_class();
+    // The limiter: one slot, no queue — the second request is refused.
+    let mut config = LimiterConfig::default();
+    config.max_queue = 0;
+    let limiter = Limiter::with_algorithm(&model, Fixed::new(1), config);
+    let held = limiter.admit(browse).await.unwrap();
+    assert!(limiter.admit(browse).await.is_err());
+    drop(held);
+    assert_eq!(
+        counts.get_with(
+            "gratify_refused_total",
+            "by=limit,class=browse,reason=queue-full"
+        ),
+        1
+    );
+    // The CPU pool behind an offloaded handler, shut down: it refuses.
+    let pool = CpuPool::new(Some(1), 1);
+    pool.shutdown_async(Duration::from_secs(1)).await;
+    let svc = OffloadLayer::new(pool.clone(), &model).layer(tower::service_fn(
+        |_: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                bytes::Bytes,
+            >::new()))
+        },
+    ));
+    let response = svc.oneshot(http::Request::new(())).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["x-gratify-shed"], "shutting-down");
+    assert_eq!(
+        counts.get_with(
+            "gratify_refused_total",
+            "by=offload,class=browse,reason=shutting-down"
+        ),
+        1
+    );
+    assert_eq!(counts.get("gratify_refused_total"), 2);
 }

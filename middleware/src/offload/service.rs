@@ -333,28 +333,34 @@ impl<B> fmt::Debug for OffloadBody<B> {
     }
 }
 
+/// The reason an answer names when the pool refused the job (`None`: it
+/// failed, it was not refused).
+fn refusal_reason(error: &OffloadError) -> Option<&'static str> {
+    match error {
+        OffloadError::Panicked => None,
+        OffloadError::QueueFull => Some("offload-queue-full"),
+        OffloadError::Deadline => Some("offload-deadline"),
+        OffloadError::Shutdown => Some("shutting-down"),
+    }
+}
+
 /// The answer for a job the pool refused or lost: the same shape as the
 /// limiter's refusals (503, `Retry-After`, `Cache-Control: no-store`,
 /// `x-gratify-shed` naming the reason, a one-line text body), so a client
 /// or a dashboard cannot tell who refused by the form of the answer.
 fn failure<B>(error: OffloadError, retry: Duration) -> Response<OffloadBody<B>> {
-    let (status, reason, text) = match error {
-        OffloadError::Panicked => (StatusCode::INTERNAL_SERVER_ERROR, None, "internal error\n"),
+    let reason = refusal_reason(&error);
+    let (status, text) = match error {
+        OffloadError::Panicked => (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"),
         OffloadError::QueueFull => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Some("offload-queue-full"),
             "overloaded: request shed (offload-queue-full)\n",
         ),
         OffloadError::Deadline => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Some("offload-deadline"),
             "overloaded: request shed (offload-deadline)\n",
         ),
-        OffloadError::Shutdown => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Some("shutting-down"),
-            "shutting down\n",
-        ),
+        OffloadError::Shutdown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
     };
     let mut r = Response::new(OffloadBody::text(text));
     *r.status_mut() = status;
@@ -422,6 +428,17 @@ where
                 Ok(Err(e)) => Err(e),
                 Err(e) => {
                     tracing::debug!(error = %e, "offload refused or failed");
+                    #[cfg(feature = "metrics")]
+                    if let Some(reason) = refusal_reason(&e) {
+                        // Every refusal, whoever refused, in one counter.
+                        metrics::counter!(
+                            "gratify_refused_total",
+                            "by" => "offload",
+                            "class" => offloader.model.name(class).to_owned(),
+                            "reason" => reason
+                        )
+                        .increment(1);
+                    }
                     let retry = offloader.pool.predicted_wait(priority);
                     Ok(failure(e, retry))
                 }

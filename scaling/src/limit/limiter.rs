@@ -1176,8 +1176,18 @@ impl Limiter {
         let name = &*self.shared.classes[k].name;
         tracing::debug!(class = name, reason = reason.as_str(), "request shed");
         #[cfg(feature = "metrics")]
-        metrics::counter!("gratify_limit_shed_total", "class" => name.to_owned(), "reason" => reason.as_str())
+        {
+            metrics::counter!("gratify_limit_shed_total", "class" => name.to_owned(), "reason" => reason.as_str())
+                .increment(1);
+            // Every refusal, whoever refused, in one counter.
+            metrics::counter!(
+                "gratify_refused_total",
+                "by" => "limit",
+                "class" => name.to_owned(),
+                "reason" => reason.as_str()
+            )
             .increment(1);
+        }
     }
 
     /// Releases a slot; a timed completion (`sample`) also teaches the
