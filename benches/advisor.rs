@@ -559,24 +559,36 @@ fn plot(
     Ok(())
 }
 
+/// The replica advisor against the HPA, KEDA and Knative.
+#[derive(Debug, clap::Parser)]
+#[command(name = "advisor")]
+struct Args {
+    /// 5 s steps and the first week of NASA-1995.
+    #[arg(long)]
+    quick: bool,
+    /// Replay counts per interval from this file instead of the scenarios.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Seconds per count of `--trace`.
+    #[arg(long, default_value_t = 60.0)]
+    trace_step: f64,
+    /// Multiplies the rate of `--trace`.
+    #[arg(long, default_value_t = 1.0)]
+    trace_scale: f64,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let value = |flag: &str| -> Option<String> {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
+    let args = <Args as clap::Parser>::parse();
+    let quick = args.quick;
     let dt: f64 = if quick { 5.0 } else { 1.0 };
     let model = CostModel::from_toml(MODEL).unwrap();
     let mut scenarios: Vec<(String, Option<Trace>, f64)> = Vec::new();
-    if let Some(file) = value("--trace") {
-        let step: f64 = value("--trace-step")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(60.0);
-        let scale: f64 = value("--trace-scale")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1.0);
+    if let Some(file) = &args.trace {
+        let (step, scale) = (args.trace_step, args.trace_scale);
+        let file = file.display().to_string();
         let text = std::fs::read_to_string(&file).unwrap_or_else(|e| {
             eprintln!("advisor: cannot read {file}: {e}");
             std::process::exit(2)

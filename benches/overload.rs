@@ -38,35 +38,32 @@ use http::{Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
+/// The overload benchmark: every contender on the scenario library.
+#[derive(Debug, clap::Parser)]
+#[command(name = "overload")]
 struct Args {
+    /// Phases ×0.1: a smoke run.
+    #[arg(long)]
     quick: bool,
+    /// Also write each run's time series.
+    #[arg(long)]
     series: bool,
+    /// The seed of the arrivals and service times.
+    #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// A scenario file of your own, instead of the library (repeatable).
+    #[arg(long = "scenario")]
     scenarios: Vec<PathBuf>,
-    /// Library scenarios to run (all when empty).
+    /// Library scenarios to run (repeatable; all when none).
+    #[arg(long)]
     only: Vec<String>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        quick: false,
-        series: false,
-        seed: 1,
-        scenarios: Vec::new(),
-        only: Vec::new(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--quick" => a.quick = true,
-            "--series" => a.series = true,
-            "--seed" => a.seed = it.next().and_then(|s| s.parse().ok()).unwrap_or(1),
-            "--scenario" => a.scenarios.extend(it.next().map(PathBuf::from)),
-            "--only" => a.only.extend(it.next()),
-            _ => {} // cargo passes --bench
-        }
-    }
-    a
+    <Args as clap::Parser>::parse()
 }
 
 /// The classifier every gratify contender uses: the class is on the job.
