@@ -96,6 +96,17 @@ pub enum Codec {
     Deflate = 3,
 }
 
+impl<'de> serde::Deserialize<'de> for Codec {
+    /// From its `Content-Encoding` token (`"zstd"`, `"br"`, `"gzip"`,
+    /// `"deflate"`).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Self::from_name(&name).ok_or_else(|| {
+            serde::de::Error::unknown_variant(&name, &["zstd", "br", "gzip", "deflate"])
+        })
+    }
+}
+
 impl Codec {
     /// Every codec, in the default server preference.
     pub const ALL: [Self; 4] = [Self::Zstd, Self::Brotli, Self::Gzip, Self::Deflate];
@@ -347,7 +358,8 @@ pub struct CompressionConfig {
 /// requests are waiting, not why. When they wait for a database or another
 /// service, CPU saved by a lighter level shortens nothing: only the bytes
 /// grow. So the slot's price reaches the CPU only as far as the CPU is busy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum CpuScarcity {
     /// From the tokio runtime that compresses (the default): the share of

@@ -138,54 +138,162 @@ pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Sta
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StackFile {
-    default_class: Option<String>,
-    #[serde(default)]
-    prices: Prices,
-    #[serde(default)]
-    classes: BTreeMap<String, Class>,
-    #[serde(default)]
-    routes: Vec<RouteRule>,
-    #[serde(default)]
-    exempt: Vec<String>,
-    limit: Option<LimitSection>,
-    compression: Option<CompressionSection>,
-    cache: Option<CacheSection>,
-}
-
+/// The stack's settings: the shape of its TOML file (see the [module
+/// docs](self)), as serde types. Deserialise it from a file of its own with
+/// [`Stack::from_config`], or as a table of your application's own
+/// configuration (any serde format: figment, config-rs, TOML, YAML) and
+/// build the stack with [`Stack::from_settings`]; the parser's errors then
+/// point into your file. Fields can be set in code after parsing (from the
+/// environment, say).
+///
+/// ```
+/// use gratify::stack::{LimitAlgorithm, StackSettings};
+/// use gratify::Stack;
+///
+/// #[derive(serde::Deserialize)]
+/// struct AppConfig {
+///     port: u16,
+///     gratify: StackSettings,
+/// }
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut config: AppConfig = toml::from_str(r#"
+///     port = 8080
+///     [gratify]
+///     default_class = "browse"
+///     [gratify.classes.browse]
+///     delay_cost = { shape = "linear", per_second = 2.0 }
+///     refusal_cost = 1.0
+///     [gratify.limit]
+///     algorithm = "gradient2"
+/// "#)?;
+/// assert_eq!(config.gratify.limit.as_ref().unwrap().algorithm, Some(LimitAlgorithm::Gradient2));
+/// // An override from the environment (GRATIFY_MAX_QUEUE=64, say).
+/// let max_queue: Option<usize> = std::env::var("GRATIFY_MAX_QUEUE").ok().and_then(|v| v.parse().ok());
+/// config.gratify.limit.get_or_insert_with(Default::default).max_queue = max_queue.or(Some(512));
+/// let stack = Stack::from_settings(config.gratify)?;
+/// assert!(stack.limiter().is_some());
+///
+/// // A misspelt value is refused by the parser, with the line in your file.
+/// let err = toml::from_str::<AppConfig>("port = 1\n[gratify.limit]\nalgorithm = \"gradiant2\"\n")
+///     .err()
+///     .unwrap()
+///     .to_string();
+/// assert!(err.contains("line 3") && err.contains("gradient2"), "{err}");
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LimitSection {
-    algorithm: Option<String>,
-    fixed_limit: Option<usize>,
-    max_queue: Option<usize>,
+#[non_exhaustive]
+pub struct StackSettings {
+    /// The class of requests no route matches (needed with more than one
+    /// class).
+    pub default_class: Option<String>,
+    /// What CPU, bytes, memory and replicas cost.
+    #[serde(default)]
+    pub prices: Prices,
+    /// The request classes, by name.
+    #[serde(default)]
+    pub classes: BTreeMap<String, Class>,
+    /// Routes to classes (the most specific match wins; method optional).
+    #[serde(default)]
+    pub routes: Vec<RouteRule>,
+    /// Paths passed straight to the service (health checks).
+    #[serde(default)]
+    pub exempt: Vec<String>,
+    /// Present: limit and admit by cost.
+    pub limit: Option<LimitSettings>,
+    /// Present: compress.
+    pub compression: Option<CompressionSettings>,
+    /// Present: cache (keys as `gratify_cache::config`).
+    pub cache: Option<CacheSection>,
+}
+
+/// The limiter's algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum LimitAlgorithm {
+    /// The delay-cost limit (the default).
+    #[default]
+    DelayCost,
+    /// Additive increase, multiplicative decrease.
+    Aimd,
+    /// TCP Vegas, as Netflix's concurrency-limits has it.
+    Vegas,
+    /// Netflix's Gradient2.
+    Gradient2,
+    /// A fixed limit (`fixed_limit`).
+    Fixed,
+}
+
+/// The `[limit]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LimitSettings {
+    /// How the limit moves (default: the delay-cost limit).
+    pub algorithm: Option<LimitAlgorithm>,
+    /// The limit of [`LimitAlgorithm::Fixed`] (required then, only then).
+    pub fixed_limit: Option<usize>,
+    /// Requests waiting, all classes.
+    pub max_queue: Option<usize>,
+    /// The longest anyone waits (`"5s"`).
     #[serde(default, with = "serde_util::opt_duration")]
-    max_queue_time: Option<Duration>,
-    warmup_samples: Option<u64>,
+    pub max_queue_time: Option<Duration>,
+    /// Completions before shedding by cost.
+    pub warmup_samples: Option<u64>,
+    /// Classes never shed by cost, each with how many of it may wait.
     #[serde(default)]
-    never_shed: BTreeMap<String, usize>,
+    pub never_shed: BTreeMap<String, usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Fixed compression levels, by codec (`[compression.levels]`).
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LevelsSection {
-    zstd: Option<i32>,
-    br: Option<i32>,
-    gzip: Option<i32>,
-    deflate: Option<i32>,
+#[non_exhaustive]
+pub struct LevelSettings {
+    /// zstd, -7 to 19.
+    pub zstd: Option<i32>,
+    /// brotli, 0 to 9.
+    pub br: Option<i32>,
+    /// gzip, 1 to 9.
+    pub gzip: Option<i32>,
+    /// deflate, 1 to 9.
+    pub deflate: Option<i32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// How compression chooses its level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum LevelChoice {
+    /// By cost and load (the default).
+    #[default]
+    Adaptive,
+    /// The levels of `[compression.levels]`.
+    Fixed,
+}
+
+/// The `[compression]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CompressionSection {
-    level: Option<String>,
-    levels: Option<LevelsSection>,
-    codecs: Option<Vec<String>>,
-    min_size: Option<u64>,
-    client_bandwidth: Option<f64>,
-    cpu_scarcity: Option<String>,
+#[non_exhaustive]
+pub struct CompressionSettings {
+    /// Adaptive (the default) or fixed.
+    pub level: Option<LevelChoice>,
+    /// The fixed levels (only with `level = "fixed"`).
+    pub levels: Option<LevelSettings>,
+    /// Codecs offered, in preference (`"zstd"`, `"br"`, `"gzip"`,
+    /// `"deflate"`).
+    pub codecs: Option<Vec<Codec>>,
+    /// Smaller known sizes go as they are (bytes).
+    pub min_size: Option<u64>,
+    /// Bytes per second a client receives, for the transfer time.
+    pub client_bandwidth: Option<f64>,
+    /// Whether CPU saved shortens the queue: `"runtime"` or `"always"`.
+    pub cpu_scarcity: Option<CpuScarcity>,
 }
 
 impl Stack {
@@ -196,7 +304,17 @@ impl Stack {
     ///
     /// A [`StackConfigError`] naming the key at fault.
     pub fn from_config(text: &str) -> Result<Self, StackConfigError> {
-        let file: StackFile = toml::from_str(text)?;
+        Self::from_settings(toml::from_str(text)?)
+    }
+
+    /// A stack from settings parsed elsewhere (a table of your own
+    /// configuration; see [`StackSettings`]).
+    ///
+    /// # Errors
+    ///
+    /// A [`StackConfigError`] naming the key at fault (without a line: the
+    /// parser has checked the shape; this checks the values).
+    pub fn from_settings(file: StackSettings) -> Result<Self, StackConfigError> {
         let mut model_config = CostModelConfig::default();
         model_config.default_class = file.default_class;
         model_config.prices = file.prices;
@@ -245,7 +363,7 @@ impl Stack {
     }
 }
 
-fn limiter(model: &CostModel, s: LimitSection) -> Result<Limiter, StackConfigError> {
+fn limiter(model: &CostModel, s: LimitSettings) -> Result<Limiter, StackConfigError> {
     let mut config = LimiterConfig::default();
     if let Some(v) = s.max_queue {
         config.max_queue = v;
@@ -262,19 +380,21 @@ fn limiter(model: &CostModel, s: LimitSection) -> Result<Limiter, StackConfigErr
             .ok_or_else(|| invalid(format!("limit.never_shed.{name}"), "no such class"))?;
         config.never_shed.push((id, *cap));
     }
-    let algorithm = s.algorithm.as_deref().unwrap_or("delay-cost");
-    if s.fixed_limit.is_some() && algorithm != "fixed" {
+    let algorithm = s.algorithm.unwrap_or_default();
+    if s.fixed_limit.is_some() && algorithm != LimitAlgorithm::Fixed {
         return Err(invalid(
             "limit.fixed_limit",
             "only for algorithm = \"fixed\"",
         ));
     }
     Ok(match algorithm {
-        "delay-cost" => Limiter::with_algorithm(model, DelayCostLimit::new(model), config),
-        "aimd" => Limiter::with_algorithm(model, Aimd::new(), config),
-        "vegas" => Limiter::with_algorithm(model, Vegas::new(), config),
-        "gradient2" => Limiter::with_algorithm(model, Gradient2::new(), config),
-        "fixed" => {
+        LimitAlgorithm::DelayCost => {
+            Limiter::with_algorithm(model, DelayCostLimit::new(model), config)
+        }
+        LimitAlgorithm::Aimd => Limiter::with_algorithm(model, Aimd::new(), config),
+        LimitAlgorithm::Vegas => Limiter::with_algorithm(model, Vegas::new(), config),
+        LimitAlgorithm::Gradient2 => Limiter::with_algorithm(model, Gradient2::new(), config),
+        LimitAlgorithm::Fixed => {
             let n = s.fixed_limit.ok_or_else(|| {
                 invalid("limit.fixed_limit", "required with algorithm = \"fixed\"")
             })?;
@@ -283,25 +403,16 @@ fn limiter(model: &CostModel, s: LimitSection) -> Result<Limiter, StackConfigErr
             }
             Limiter::with_algorithm(model, Fixed::new(n), config)
         }
-        other => {
-            return Err(invalid(
-                "limit.algorithm",
-                format!(
-                    "unknown algorithm {other:?}: expected \"delay-cost\", \"aimd\", \"vegas\", \"gradient2\" or \"fixed\""
-                ),
-            ));
-        }
     })
 }
 
-fn compression_config(s: CompressionSection) -> Result<CompressionConfig, StackConfigError> {
+fn compression_config(s: CompressionSettings) -> Result<CompressionConfig, StackConfigError> {
     let mut config = CompressionConfig::default();
-    if let Some(names) = s.codecs {
+    if let Some(chosen) = s.codecs {
         let mut codecs = Vec::new();
-        for (i, name) in names.iter().enumerate() {
+        for (i, codec) in chosen.into_iter().enumerate() {
             let key = format!("compression.codecs[{i}]");
-            let codec = Codec::from_name(name)
-                .ok_or_else(|| invalid(&key, format!("unknown codec {name:?}")))?;
+            let name = codec.name();
             if !codec.available() {
                 return Err(invalid(
                     key,
@@ -326,17 +437,8 @@ fn compression_config(s: CompressionSection) -> Result<CompressionConfig, StackC
         }
         config.client_bandwidth = v;
     }
-    if let Some(v) = &s.cpu_scarcity {
-        config.cpu_scarcity = match v.as_str() {
-            "runtime" => CpuScarcity::Runtime,
-            "always" => CpuScarcity::Always,
-            other => {
-                return Err(invalid(
-                    "compression.cpu_scarcity",
-                    format!("unknown value {other:?}: expected \"runtime\" or \"always\""),
-                ));
-            }
-        };
+    if let Some(v) = s.cpu_scarcity {
+        config.cpu_scarcity = v;
     }
     let mut levels = Levels::default();
     if let Some(l) = &s.levels {
@@ -361,20 +463,14 @@ fn compression_config(s: CompressionSection) -> Result<CompressionConfig, StackC
         set("gzip", l.gzip, 1..=9, &mut levels.gzip)?;
         set("deflate", l.deflate, 1..=9, &mut levels.deflate)?;
     }
-    config.level = match s.level.as_deref().unwrap_or("adaptive") {
-        "adaptive" => {
+    config.level = match s.level.unwrap_or_default() {
+        LevelChoice::Adaptive => {
             if s.levels.is_some() {
                 return Err(invalid("compression.levels", "only with level = \"fixed\""));
             }
             Level::Adaptive
         }
-        "fixed" => Level::Fixed(levels),
-        other => {
-            return Err(invalid(
-                "compression.level",
-                format!("unknown level {other:?}: expected \"adaptive\" or \"fixed\""),
-            ));
-        }
+        LevelChoice::Fixed => Level::Fixed(levels),
     };
     Ok(config)
 }
@@ -455,11 +551,16 @@ mod tests {
         assert!(e.contains("limit.never_shed.refunds"), "{e}");
         let e = err("[limit]\nalgorithm = \"fixed\"");
         assert!(e.contains("limit.fixed_limit"), "{e}");
+        // A value outside the choices: the parser says where, and what the
+        // choices are.
         let e = err("[limit]\nalgorithm = \"magic\"");
-        assert!(e.contains("limit.algorithm") && e.contains("magic"), "{e}");
+        assert!(
+            e.contains("line") && e.contains("magic") && e.contains("gradient2"),
+            "{e}"
+        );
         let e = err("[compression]\ncodecs = [\"gzip\", \"lzma\"]");
         assert!(
-            e.contains("compression.codecs[1]") && e.contains("lzma"),
+            e.contains("line") && e.contains("lzma") && e.contains("zstd"),
             "{e}"
         );
         let e = err("[compression]\nlevel = \"fixed\"\nlevels = { br = 11 }");
@@ -470,7 +571,12 @@ mod tests {
         assert!(e.contains("compression.client_bandwidth"), "{e}");
         let e = err("[compression]\ncpu_scarcity = \"sometimes\"");
         assert!(
-            e.contains("compression.cpu_scarcity") && e.contains("sometimes"),
+            e.contains("line") && e.contains("sometimes") && e.contains("always"),
+            "{e}"
+        );
+        let e = err("[compression]\nlevel = \"turbo\"");
+        assert!(
+            e.contains("line") && e.contains("turbo") && e.contains("adaptive"),
             "{e}"
         );
     }

@@ -99,7 +99,10 @@ use tracing::instrument::Instrumented;
 
 use crate::compression::{Compression, CompressionConfig, CompressionLayer};
 
-pub use self::config::StackConfigError;
+pub use self::config::{
+    CompressionSettings, LevelChoice, LevelSettings, LimitAlgorithm, LimitSettings,
+    StackConfigError, StackSettings,
+};
 pub use self::optional::{Optional, OptionalFuture};
 
 /// How the stack classifies: by the routes of its file and those declared
