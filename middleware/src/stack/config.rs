@@ -96,7 +96,11 @@ use super::Stack;
 use crate::compression::{Codec, CompressionConfig, CpuScarcity, Level, Levels};
 
 /// A stack configuration that could not be used.
-#[derive(Debug, thiserror::Error)]
+///
+/// Its `Debug` prints what `Display` does (the key, the line, what is
+/// wrong), so that a `main` returning it with `?` prints a message, not a
+/// structure.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum StackConfigError {
     /// Malformed TOML, an unknown key or a value of the wrong type; the
@@ -129,6 +133,12 @@ pub enum StackConfigError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl std::fmt::Debug for StackConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> StackConfigError {
@@ -579,6 +589,13 @@ mod tests {
             e.contains("line") && e.contains("turbo") && e.contains("adaptive"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn debug_prints_the_message_for_main() {
+        let e = Stack::from_config("[limt]").unwrap_err();
+        assert_eq!(format!("{e:?}"), e.to_string());
+        assert!(!format!("{e:?}").contains("Toml("), "{e:?}");
     }
 
     #[test]
