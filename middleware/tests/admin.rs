@@ -139,6 +139,16 @@ async fn a_live_stack_shows_in_the_snapshot_and_in_prometheus_text() {
     );
     assert!(text.contains("gratify_limit_shed_total{class=\"browse\",reason=\"cost\"} 0"));
     assert!(text.contains("gratify_offload_queued{name=\"cpu\"} 0"));
+    // The cache's requests, by result, as in the snapshot (and with the
+    // metrics facade's name).
+    let hits = snap["cache"]["requests"]["hit"].as_u64().unwrap();
+    assert!(hits >= 1);
+    assert!(
+        text.contains(&format!(
+            "gratify_cache_requests_total{{result=\"hit\"}} {hits}"
+        )),
+        "{text}"
+    );
 
     assert_eq!(
         get(&app, "/ops/admin/nothing").await.0,

@@ -386,6 +386,16 @@ impl Admin {
                 "Bytes held.",
                 &[(String::new(), f(&c["bytes"]))],
             );
+            let requests: Vec<(String, f64)> = ["hit", "stale", "miss", "bypass"]
+                .iter()
+                .map(|r| (format!("{{result=\"{r}\"}}"), f(&c["requests"][*r])))
+                .collect();
+            metric(
+                "gratify_cache_requests_total",
+                "counter",
+                "Requests through the cache, by result.",
+                &requests,
+            );
             if let Some(t) = c["tier"].as_object() {
                 for key in [
                     "hits",
