@@ -72,7 +72,7 @@ pub enum CacheConfigError {
     },
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RulesSpec {
     #[serde(default, with = "serde_util::opt_duration")]
@@ -96,7 +96,7 @@ impl RulesSpec {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RouteSpec {
     prefix: String,
@@ -104,7 +104,7 @@ struct RouteSpec {
     rules: RulesSpec,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Spec {
     max_bytes: Option<u64>,
@@ -133,7 +133,7 @@ struct Spec {
 /// The cache's settings as written in a larger TOML file (the `[cache]`
 /// table of a `gratify::Stack` file): deserialise it in place, so that the
 /// parser's errors keep their lines, then [`into_config`](Self::into_config).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(transparent)]
 pub struct CacheSection(Spec);
 

@@ -138,6 +138,9 @@ async fn a_live_stack_shows_in_the_snapshot_and_in_prometheus_text() {
         "{text}"
     );
     assert!(text.contains("gratify_limit_shed_total{class=\"browse\",reason=\"cost\"} 0"));
+    assert!(
+        text.contains("gratify_refused_total{by=\"limit\",class=\"browse\",reason=\"cost\"} 0")
+    );
     assert!(text.contains("gratify_offload_queued{name=\"cpu\"} 0"));
     // The cache's requests, by result, as in the snapshot (and with the
     // metrics facade's name).

@@ -372,6 +372,16 @@ impl Admin {
                 "Requests refused, by class and reason.",
                 &shed,
             );
+            let refused: Vec<(String, f64)> = shed
+                .iter()
+                .map(|(labels, v)| (format!("{{by=\"limit\",{}", &labels[1..]), *v))
+                .collect();
+            metric(
+                "gratify_refused_total",
+                "counter",
+                "Requests refused by the limit (by=limit, by class and reason); the CPU pools' refusals are in gratify_offload_refused_total.",
+                &refused,
+            );
         }
         if let Some(c) = snap["cache"].as_object() {
             metric(

@@ -178,11 +178,16 @@ pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Sta
 ///     algorithm = "gradient2"
 /// "#)?;
 /// assert_eq!(config.gratify.limit.as_ref().unwrap().algorithm, Some(LimitAlgorithm::Gradient2));
-/// // An override from the environment (GRATIFY_MAX_QUEUE=64, say).
-/// let max_queue: Option<usize> = std::env::var("GRATIFY_MAX_QUEUE").ok().and_then(|v| v.parse().ok());
-/// config.gratify.limit.get_or_insert_with(Default::default).max_queue = max_queue.or(Some(512));
-/// let stack = Stack::from_settings(config.gratify)?;
+/// // An override from the environment (GRATIFY_MAX_QUEUE=64, say), where
+/// // the file has a [limit] table (adding one would switch limiting on).
+/// if let (Ok(v), Some(limit)) = (std::env::var("GRATIFY_MAX_QUEUE"), config.gratify.limit.as_mut()) {
+///     limit.max_queue = Some(v.parse()?);
+/// }
+/// let stack = Stack::from_settings(config.gratify.clone())?;
 /// assert!(stack.limiter().is_some());
+/// // Without the [limit] table, no limiter.
+/// config.gratify.limit = None;
+/// assert!(Stack::from_settings(config.gratify)?.limiter().is_none());
 ///
 /// // A misspelt value is refused by the parser, with the line in your file.
 /// let err = toml::from_str::<AppConfig>("port = 1\n[gratify.limit]\nalgorithm = \"gradiant2\"\n")
@@ -193,7 +198,7 @@ pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Sta
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct StackSettings {
