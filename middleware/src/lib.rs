@@ -63,6 +63,8 @@
 
 pub mod admin;
 pub mod compression;
+#[cfg(feature = "redis")]
+pub mod fleet;
 pub mod offload;
 pub mod stack;
 

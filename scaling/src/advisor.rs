@@ -234,6 +234,77 @@ impl Measurements {
         self.rates.iter().sum()
     }
 
+    /// Arrivals per second, by class name.
+    pub fn rates(&self) -> impl Iterator<Item = (&str, f64)> {
+        self.names
+            .iter()
+            .map(String::as_str)
+            .zip(self.rates.iter().copied())
+    }
+
+    /// The mean service time (seconds).
+    pub fn mean_service(&self) -> f64 {
+        self.mean_service
+    }
+
+    /// The service time's squared coefficient of variation.
+    pub fn service_scv(&self) -> f64 {
+        self.scv
+    }
+
+    /// Completed requests the figures rest on.
+    pub fn sample_count(&self) -> u64 {
+        self.samples
+    }
+
+    /// The traffic of a fleet from what each of its replicas measured:
+    /// rates summed class by class (by name; a class `model` does not have
+    /// is left out), the service time's mean and squared coefficient of
+    /// variation combined from each replica's first two moments, weighted
+    /// by its samples; the samples summed.
+    ///
+    /// ```
+    /// use gratify_core::CostModel;
+    /// use gratify_scaling::advisor::Measurements;
+    ///
+    /// let model = CostModel::from_toml(r#"
+    ///     [classes.api]
+    ///     delay_cost = { shape = "linear", per_second = 0.01 }
+    ///     refusal_cost = 0.05
+    /// "#).unwrap();
+    /// let a = Measurements::new(&model).rate("api", 100.0).service(0.05, 1.0).samples(1000);
+    /// let b = Measurements::new(&model).rate("api", 300.0).service(0.05, 1.0).samples(3000);
+    /// let fleet = Measurements::combine(&model, [&a, &b]);
+    /// assert_eq!(fleet.arrival_rate(), 400.0);
+    /// assert_eq!(fleet.sample_count(), 4000);
+    /// assert!((fleet.mean_service() - 0.05).abs() < 1e-12);
+    /// ```
+    pub fn combine<'a>(model: &CostModel, parts: impl IntoIterator<Item = &'a Self>) -> Self {
+        let mut fleet = Self::new(model);
+        let (mut weight, mut first, mut second) = (0.0, 0.0, 0.0);
+        for part in parts {
+            for (name, rate) in part.rates() {
+                if let Some(k) = fleet.names.iter().position(|n| n == name) {
+                    fleet.rates[k] = clean(fleet.rates[k] + rate);
+                }
+            }
+            fleet.samples = fleet.samples.saturating_add(part.samples);
+            if part.samples > 0 && part.mean_service > 0.0 {
+                let w = part.samples as f64;
+                let m = part.mean_service;
+                weight += w;
+                first += w * m;
+                second += w * (part.scv + 1.0) * m * m;
+            }
+        }
+        if weight > 0.0 {
+            let mean = first / weight;
+            let scv = (second / weight) / (mean * mean) - 1.0;
+            fleet = fleet.service(mean, scv.max(0.0));
+        }
+        fleet
+    }
+
     /// Busy slots the traffic needs on average (erlangs).
     pub fn offered_load(&self) -> f64 {
         self.arrival_rate() * self.mean_service
@@ -765,6 +836,20 @@ impl LimiterFeed {
         limiter: &crate::limit::Limiter,
         now: Instant,
     ) {
+        if let Some(m) = self.measure(limiter, now) {
+            advisor.observe(now, m);
+        }
+    }
+
+    /// Reads `limiter` at `now` and, from the second call on, returns what
+    /// happened since the previous one (to combine with other replicas'
+    /// before an advisor sees it).
+    pub fn measure(
+        &mut self,
+        limiter: &crate::limit::Limiter,
+        now: Instant,
+    ) -> Option<Measurements> {
+        let mut out = None;
         let stats = limiter.stats();
         let arrived: Vec<u64> = stats
             .classes
@@ -784,10 +869,11 @@ impl LimiterFeed {
                         a.saturating_sub(*b) as f64 / secs,
                     );
                 }
-                advisor.observe(now, m);
+                out = Some(m);
             }
         }
         self.last = Some((now, arrived, completed));
+        out
     }
 }
 
@@ -1067,6 +1153,32 @@ mod tests {
             !serves(before, 1600.0) && serves(after, 1600.0),
             "{before} then {after}"
         );
+    }
+
+    #[test]
+    fn a_fleet_combines_rates_and_service_moments() {
+        let m = model(1.0, 0.01);
+        let a = Measurements::new(&m)
+            .rate("api", 10.0)
+            .service(0.1, 0.0)
+            .samples(100);
+        let b = Measurements::new(&m)
+            .rate("api", 30.0)
+            .service(0.3, 0.0)
+            .samples(100);
+        // A replica with no completions says nothing of the service time.
+        let c = Measurements::new(&m)
+            .rate("api", 5.0)
+            .service(9.0, 9.0)
+            .samples(0);
+        let fleet = Measurements::combine(&m, [&a, &b, &c]);
+        assert!((fleet.arrival_rate() - 45.0).abs() < 1e-12);
+        assert_eq!(fleet.sample_count(), 200);
+        // Two deterministic service times, 0.1 and 0.3: mean 0.2, second
+        // moment 0.05, squared CV 0.05 / 0.04 - 1.
+        assert!((fleet.mean_service() - 0.2).abs() < 1e-12);
+        assert!((fleet.service_scv() - 0.25).abs() < 1e-9);
+        assert_eq!(Measurements::combine(&m, []), Measurements::new(&m));
     }
 
     #[tokio::test(start_paused = true)]
