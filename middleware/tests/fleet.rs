@@ -132,7 +132,7 @@ async fn a_replica_that_stops_publishing_leaves_the_fleet() {
             .service(0.05, 1.0)
             .samples(100)
     };
-    let stale = Duration::from_millis(300);
+    let stale = Duration::from_secs(1);
     let a = FleetExchange::connect(server.client(), "game", "a", &model)
         .await
         .unwrap()
@@ -167,7 +167,8 @@ async fn a_replica_that_stops_publishing_leaves_the_fleet() {
         .await
         .unwrap();
     assert_eq!(fields, ["a"]);
-    // A field no replica of this version wrote is left out, not an error.
+    // A field no replica of this version wrote is left out (and removed),
+    // not an error.
     let _: () = redis::cmd("HSET")
         .arg("gratify:fleet:game")
         .arg("z")
@@ -175,6 +176,60 @@ async fn a_replica_that_stops_publishing_leaves_the_fleet() {
         .query_async(&mut c)
         .await
         .unwrap();
+    // Nor one stamped in the future (not by Redis's clock).
+    let _: () = redis::cmd("HSET")
+        .arg("gratify:fleet:game")
+        .arg("y")
+        .arg(format!(
+            "{}|{{\"rates\":{{\"browse\":999.0}},\"mean_service\":0.05,\"scv\":1.0,\"samples\":100}}",
+            u64::MAX / 2
+        ))
+        .query_async(&mut c)
+        .await
+        .unwrap();
     let read = a.exchange(&mine(100.0)).await.unwrap();
     assert!((read.arrival_rate() - 100.0).abs() < 1e-9);
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg("gratify:fleet:game")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(fields, ["a"], "unreadable and future fields are removed");
+    // A replica that leaves cleanly stops counting at once.
+    b.exchange(&mine(200.0)).await.unwrap();
+    b.leave().await.unwrap();
+    let left = a.exchange(&mine(100.0)).await.unwrap();
+    assert!((left.arrival_rate() - 100.0).abs() < 1e-9);
+    // A replica on a model with another class: its rate counts in the
+    // default class, not nowhere.
+    let newer = CostModel::from_toml(
+        r#"
+        default_class = "browse"
+        [classes.browse]
+        delay_cost = { shape = "linear", per_second = 0.002 }
+        refusal_cost = 0.01
+        [classes.search]
+        delay_cost = { shape = "linear", per_second = 0.002 }
+        refusal_cost = 0.01
+        "#,
+    )
+    .unwrap();
+    let d = FleetExchange::connect(server.client(), "game", "d", &newer)
+        .await
+        .unwrap()
+        .stale_after(stale);
+    d.exchange(
+        &Measurements::new(&newer)
+            .rate("search", 50.0)
+            .service(0.05, 1.0)
+            .samples(100),
+    )
+    .await
+    .unwrap();
+    let mixed = a.exchange(&mine(100.0)).await.unwrap();
+    assert!((mixed.arrival_rate() - 150.0).abs() < 1e-9);
+    assert_eq!(
+        mixed.rates().find(|(n, _)| *n == "browse").unwrap().1,
+        150.0
+    );
 }
