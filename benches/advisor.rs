@@ -307,6 +307,21 @@ fn serve(
     (cost, misses)
 }
 
+/// Asks for `target` pods at `t`: new ones are ready `READY_AFTER` later;
+/// on scale-down the pods not yet ready go first, then the others.
+fn resize(pods: &mut Vec<f64>, target: u32, t: f64) {
+    let current = pods.len() as u32;
+    if target > current {
+        pods.extend(std::iter::repeat_n(
+            t + READY_AFTER,
+            (target - current) as usize,
+        ));
+    } else if target < current {
+        pods.sort_by(f64::total_cmp);
+        pods.truncate(target as usize);
+    }
+}
+
 fn simulate(policy: Policy, trace: &Trace, model: &CostModel, dt: f64) -> Outcome {
     let checkout = model.class(model.id("checkout").unwrap()).clone();
     let browse = model.class(model.id("browse").unwrap()).clone();
@@ -392,17 +407,7 @@ fn simulate(policy: Policy, trace: &Trace, model: &CostModel, dt: f64) -> Outcom
                     desired = desired.max(panic).max(panic_pods);
                     panic_pods = desired;
                 }
-                let target = desired.clamp(MIN, MAX);
-                let current = pods.len() as u32;
-                if target > current {
-                    pods.extend(std::iter::repeat_n(
-                        t + READY_AFTER,
-                        (target - current) as usize,
-                    ));
-                } else if target < current {
-                    pods.sort_by(|a, b| a.total_cmp(b));
-                    pods.truncate(target as usize);
-                }
+                resize(&mut pods, desired.clamp(MIN, MAX), t);
             }
             continue;
         }
@@ -487,16 +492,7 @@ fn simulate(policy: Policy, trace: &Trace, model: &CostModel, dt: f64) -> Outcom
             stabilised
         }
         .clamp(MIN, MAX);
-        if target > current {
-            pods.extend(std::iter::repeat_n(
-                t + READY_AFTER,
-                (target - current) as usize,
-            ));
-        } else if target < current {
-            // Remove the pods not yet ready first, then the others.
-            pods.sort_by(|a, b| a.total_cmp(b));
-            pods.truncate(target as usize);
-        }
+        resize(&mut pods, target, t);
     }
     out
 }

@@ -180,59 +180,44 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // Three instances of the app (plain, behind tower, behind gratify),
+        // the same traffic to each, then each stopped.
+        macro_rules! three {
+            ($new:expr, $mix:expr, $cannot:literal) => {{
+                let (Ok(plain), Ok(towered), Ok(wrapped)) = ($new, $new, $new) else {
+                    eprintln!($cannot);
+                    return ExitCode::FAILURE;
+                };
+                let model = wrapped.model();
+                let others = vec![tower(towered.plain_router(), &model, args.tower_limit)];
+                let outcome = compare_with(
+                    plain.plain_router(),
+                    others,
+                    wrapped.router(),
+                    &$mix,
+                    &model,
+                    options,
+                    true,
+                )
+                .await;
+                let _ = wrapped.drain(Duration::from_secs(60)).await;
+                for app in [&plain, &towered, &wrapped] {
+                    app.shutdown().await;
+                }
+                outcome
+            }};
+        }
         let (name, title, outcome) = match args.app {
-            App::Shop => {
-                let (Ok(plain), Ok(towered), Ok(wrapped)) = (
-                    shop::Shop::in_memory(),
-                    shop::Shop::in_memory(),
-                    shop::Shop::in_memory(),
-                ) else {
-                    eprintln!("demo: cannot open the store");
-                    return ExitCode::FAILURE;
-                };
-                let model = wrapped.model();
-                let others = vec![tower(towered.plain_router(), &model, args.tower_limit)];
-                let outcome = compare_with(
-                    plain.plain_router(),
-                    others,
-                    wrapped.router(),
-                    &shop::mix(),
-                    &model,
-                    options,
-                    true,
-                )
-                .await;
-                let _ = wrapped.drain(Duration::from_secs(60)).await;
-                for s in [&plain, &towered, &wrapped] {
-                    s.shutdown().await;
-                }
-                ("shop", "store", outcome)
-            }
-            App::Game => {
-                let (Ok(plain), Ok(towered), Ok(wrapped)) =
-                    (game::Game::new(), game::Game::new(), game::Game::new())
-                else {
-                    eprintln!("demo: cannot start the game backend");
-                    return ExitCode::FAILURE;
-                };
-                let model = wrapped.model();
-                let others = vec![tower(towered.plain_router(), &model, args.tower_limit)];
-                let outcome = compare_with(
-                    plain.plain_router(),
-                    others,
-                    wrapped.router(),
-                    &game::mix(),
-                    &model,
-                    options,
-                    true,
-                )
-                .await;
-                let _ = wrapped.drain(Duration::from_secs(60)).await;
-                for g in [&plain, &towered, &wrapped] {
-                    g.shutdown().await;
-                }
-                ("game", "game backend", outcome)
-            }
+            App::Shop => (
+                "shop",
+                "store",
+                three!(shop::Shop::in_memory(), shop::mix(), "demo: cannot open the store"),
+            ),
+            App::Game => (
+                "game",
+                "game backend",
+                three!(game::Game::new(), game::mix(), "demo: cannot start the game backend"),
+            ),
         };
         let outcome = match outcome {
             Ok(o) => o,

@@ -750,53 +750,42 @@ async fn set_cookie_is_never_stored_even_where_cookies_are_allowed() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn surrogate_keys_stay_in_the_cache() {
-    let h = harness(cache(), Duration::ZERO, |_, n| {
-        respond(
-            200,
-            &format!("v{n}"),
-            &[
-                ("cache-control", "max-age=60"),
-                ("surrogate-key", "product-7 catalogue"),
-            ],
-        )
-    });
-    let miss = send(&h.svc, get("/p", &[])).await;
-    let hit = send(&h.svc, get("/p", &[])).await;
-    assert!(hit.hit());
-    for got in [&miss, &hit] {
-        assert!(got.headers.get("surrogate-key").is_none());
+async fn surrogate_keys_stay_in_the_cache_unless_asked_on_misses_and_hits_alike() {
+    for expose in [false, true] {
+        let mut config = HttpCacheConfig::default();
+        config.expose_tags = expose;
+        let h = harness(HttpCacheLayer::new(config), Duration::ZERO, |_, n| {
+            respond(
+                200,
+                &format!("v{n}"),
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("surrogate-key", "product-7 catalogue"),
+                ],
+            )
+        });
+        let miss = send(&h.svc, get("/p", &[])).await;
+        let hit = send(&h.svc, get("/p", &[])).await;
+        // The same headers on every hit: a hit's prepared headers are reused.
+        let again = send(&h.svc, get("/p", &[])).await;
+        assert!(hit.hit() && again.hit());
+        for got in [&miss, &hit, &again] {
+            let sent = got.headers.get("surrogate-key");
+            if expose {
+                assert_eq!(sent.unwrap(), "product-7 catalogue");
+            } else {
+                assert!(sent.is_none(), "{sent:?}");
+            }
+        }
+        assert_eq!(again.headers.get_all("age").iter().count(), 1);
+        assert_eq!(again.headers.get_all("cache-status").iter().count(), 1);
+        h.purge.purge_tag("product-7");
+        assert_eq!(
+            send(&h.svc, get("/p", &[])).await.body,
+            "v1",
+            "expose {expose}"
+        );
     }
-    h.purge.purge_tag("product-7");
-    assert_eq!(send(&h.svc, get("/p", &[])).await.body, "v1");
-}
-
-#[tokio::test(start_paused = true)]
-async fn surrogate_keys_are_sent_on_when_asked_on_misses_and_hits_alike() {
-    let mut config = HttpCacheConfig::default();
-    config.expose_tags = true;
-    let h = harness(HttpCacheLayer::new(config), Duration::ZERO, |_, n| {
-        respond(
-            200,
-            &format!("v{n}"),
-            &[
-                ("cache-control", "max-age=60"),
-                ("surrogate-key", "product-7 catalogue"),
-            ],
-        )
-    });
-    let miss = send(&h.svc, get("/p", &[])).await;
-    let hit = send(&h.svc, get("/p", &[])).await;
-    assert!(hit.hit());
-    for got in [&miss, &hit] {
-        assert_eq!(got.headers["surrogate-key"], "product-7 catalogue");
-    }
-    // The same headers on every hit: a hit's prepared headers are reused.
-    let again = send(&h.svc, get("/p", &[])).await;
-    assert!(again.hit());
-    assert_eq!(again.headers["surrogate-key"], "product-7 catalogue");
-    assert_eq!(again.headers.get_all("age").iter().count(), 1);
-    assert_eq!(again.headers.get_all("cache-status").iter().count(), 1);
 }
 
 // ---------------------------------------------------------------------------

@@ -86,30 +86,6 @@ struct Route {
     class: ClassId,
 }
 
-/// A pattern's shape, as a router's template compares: its segments, its
-/// tail, whether it ends in `/`.
-#[derive(Debug, PartialEq, Eq)]
-struct Shape {
-    segments: Box<[Segment]>,
-    tail: Tail,
-    slash: bool,
-}
-
-impl Shape {
-    fn of(pattern: &str) -> Option<Self> {
-        let (segments, tail) = parse_pattern(pattern).ok()?;
-        Some(Self {
-            segments,
-            tail,
-            slash: pattern.len() > 1 && pattern.ends_with('/'),
-        })
-    }
-
-    fn is(&self, route: &Route) -> bool {
-        self.segments == route.segments && self.tail == route.tail && self.slash == route.slash
-    }
-}
-
 /// What a pattern allows after its fixed segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tail {
@@ -266,10 +242,9 @@ impl RouteClassifier {
     /// # }
     /// ```
     pub fn classify_template(&self, method: &Method, template: &str) -> Option<ClassId> {
-        let shape = Shape::of(template)?;
         let mut best: Option<&Route> = None;
         for route in self.routes.iter() {
-            if !route.method_matches(method) || !shape.is(route) {
+            if !route.method_matches(method) || !route.has_shape(template) {
                 continue;
             }
             // The first of equals, as by path; a method-specific route wins.
@@ -313,12 +288,9 @@ impl RouteClassifier {
     /// whatever they are named, a final `/` counts): each one's method
     /// (`None`: any) and class, in order.
     pub fn declared(&self, pattern: &str) -> Vec<(Option<Method>, ClassId)> {
-        let Some(shape) = Shape::of(pattern) else {
-            return Vec::new();
-        };
         self.routes
             .iter()
-            .filter(|r| shape.is(r))
+            .filter(|r| r.has_shape(pattern))
             .map(|r| (r.method.clone(), r.class))
             .collect()
     }
@@ -419,6 +391,37 @@ fn segments(path: &str) -> impl Iterator<Item = &str> {
     path.split('/').filter(|s| !s.is_empty())
 }
 
+/// One segment of a pattern, as written.
+enum Part<'a> {
+    Literal(&'a str),
+    Param,
+    /// `{*name}`: the rest of the path (last only).
+    CatchAll,
+    /// `*`: any number of segments (last only).
+    Star,
+}
+
+fn part(segment: &str) -> Result<Part<'_>, &'static str> {
+    let whole = |name: &str| !name.is_empty() && !name.contains(['{', '}', '*']);
+    if segment == "*" {
+        Ok(Part::Star)
+    } else if let Some(name) = segment.strip_prefix("{*") {
+        match name.strip_suffix('}') {
+            Some(name) if whole(name) => Ok(Part::CatchAll),
+            _ => Err("a catch-all must be a whole segment such as {*path}"),
+        }
+    } else if let Some(name) = segment.strip_prefix('{') {
+        match name.strip_suffix('}') {
+            Some(name) if whole(name) => Ok(Part::Param),
+            _ => Err("a parameter must be a whole segment such as {id}"),
+        }
+    } else if segment.contains(['{', '}', '*']) {
+        Err("'{', '}' and '*' may only form whole segments")
+    } else {
+        Ok(Part::Literal(segment))
+    }
+}
+
 fn parse_pattern(pattern: &str) -> Result<(Box<[Segment]>, Tail), &'static str> {
     if !pattern.starts_with('/') {
         return Err("must start with '/'");
@@ -429,39 +432,55 @@ fn parse_pattern(pattern: &str) -> Result<(Box<[Segment]>, Tail), &'static str> 
     let parts: Vec<&str> = segments(pattern).collect();
     let mut out = Vec::with_capacity(parts.len());
     let mut tail = Tail::End;
-    for (i, part) in parts.iter().enumerate() {
-        if *part == "*" {
-            if i + 1 != parts.len() {
-                return Err("'*' may only be the last segment");
+    for (i, segment) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        match part(segment)? {
+            Part::Star if !last => return Err("'*' may only be the last segment"),
+            Part::Star => tail = Tail::Star,
+            Part::CatchAll if !last => {
+                return Err("a catch-all {*name} may only be the last segment");
             }
-            tail = Tail::Star;
-        } else if let Some(name) = part.strip_prefix("{*") {
-            match name.strip_suffix('}') {
-                Some(name) if !name.is_empty() && !name.contains(['{', '}', '*']) => {
-                    if i + 1 != parts.len() {
-                        return Err("a catch-all {*name} may only be the last segment");
-                    }
-                    tail = Tail::CatchAll;
-                }
-                _ => return Err("a catch-all must be a whole segment such as {*path}"),
-            }
-        } else if let Some(name) = part.strip_prefix('{') {
-            match name.strip_suffix('}') {
-                Some(name) if !name.is_empty() && !name.contains(['{', '}', '*']) => {
-                    out.push(Segment::Param);
-                }
-                _ => return Err("a parameter must be a whole segment such as {id}"),
-            }
-        } else if part.contains(['{', '}', '*']) {
-            return Err("'{', '}' and '*' may only form whole segments");
-        } else {
-            out.push(Segment::Literal((*part).into()));
+            Part::CatchAll => tail = Tail::CatchAll,
+            Part::Param => out.push(Segment::Param),
+            Part::Literal(l) => out.push(Segment::Literal(l.into())),
         }
     }
     Ok((out.into(), tail))
 }
 
 impl Route {
+    /// Whether `template` is this route's pattern by shape: the same
+    /// literal segments, parameters where it has parameters (whatever they
+    /// are named), the same tail and final `/`. Walks the template without
+    /// building anything (it runs per request).
+    fn has_shape(&self, template: &str) -> bool {
+        if !template.starts_with('/')
+            || template.len() > 2048
+            || (template.len() > 1 && template.ends_with('/')) != self.slash
+        {
+            return false;
+        }
+        let mut parts = segments(template);
+        for expected in self.segments.iter() {
+            let matches = match (expected, parts.next().map(part)) {
+                (Segment::Literal(l), Some(Ok(Part::Literal(p)))) => **l == *p,
+                (Segment::Param, Some(Ok(Part::Param))) => true,
+                _ => false,
+            };
+            if !matches {
+                return false;
+            }
+        }
+        let rest = parts.next().map(part);
+        let tail = match rest {
+            None => Tail::End,
+            Some(Ok(Part::CatchAll)) => Tail::CatchAll,
+            Some(Ok(Part::Star)) => Tail::Star,
+            Some(_) => return false,
+        };
+        tail == self.tail && parts.next().is_none()
+    }
+
     fn method_matches(&self, method: &Method) -> bool {
         match &self.method {
             None => true,
