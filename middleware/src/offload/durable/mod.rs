@@ -545,6 +545,39 @@ impl EffectClaim {
 }
 
 /// A uniform draw in `[0, 1)` for backoff jitter (not for secrets).
+/// When a worker next looks for work other than new jobs — due retries,
+/// leases that expired. A look costs a round trip, so not before every job:
+/// at most `every` after a look that found nothing, at once after one that
+/// found some (there may be more).
+#[derive(Debug)]
+struct Lookout {
+    every: Duration,
+    next: Option<tokio::time::Instant>,
+}
+
+impl Lookout {
+    fn new(every: Duration) -> Self {
+        Self { every, next: None }
+    }
+
+    /// Whether to look now.
+    fn due(&self) -> bool {
+        self.next.is_none_or(|n| tokio::time::Instant::now() >= n)
+    }
+
+    /// Records a look and whether it found (or may have left) some.
+    fn looked(&mut self, found: bool) {
+        self.next = (!found).then(|| tokio::time::Instant::now() + self.every);
+    }
+
+    /// How often to look for leases that expired: a tenth of the
+    /// visibility timeout, at most a second — a dead worker's job waits at
+    /// most that beyond its lease.
+    fn for_leases(config: &DurableConfig) -> Self {
+        Self::new((config.visibility / 10).min(Duration::from_secs(1)))
+    }
+}
+
 fn jitter() -> f64 {
     (random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
@@ -1346,7 +1379,9 @@ impl WorkerConn {
                 Self::Redis(on_redis::RedisWorker::connect(q, &queue.config).await?)
             }
             #[cfg(feature = "postgres")]
-            Backend::Postgres(q) => Self::Postgres(on_postgres::PgWorker::connect(q).await?),
+            Backend::Postgres(q) => {
+                Self::Postgres(on_postgres::PgWorker::connect(q, &queue.config).await?)
+            }
         })
     }
 

@@ -420,6 +420,8 @@ pub(super) struct PgWorker {
     own_pending: bool,
     /// When it last swept expired effect records.
     swept: tokio::time::Instant,
+    /// When to look for jobs whose lease expired next.
+    reclaim: super::Lookout,
 }
 
 impl Drop for PgWorker {
@@ -429,7 +431,10 @@ impl Drop for PgWorker {
 }
 
 impl PgWorker {
-    pub(super) async fn connect(queue: &PgQueue) -> Result<Self, DurableError> {
+    pub(super) async fn connect(
+        queue: &PgQueue,
+        config: &DurableConfig,
+    ) -> Result<Self, DurableError> {
         // One connection, outside every pool the application uses.
         let own = PgPoolOptions::new()
             .max_connections(1)
@@ -457,6 +462,7 @@ impl PgWorker {
             listening,
             own_pending: true,
             swept: tokio::time::Instant::now(),
+            reclaim: super::Lookout::for_leases(config),
         })
     }
 
@@ -488,14 +494,20 @@ impl PgWorker {
         }
         // A dead worker's job is picked up whatever the load (it was taken
         // on already).
-        if let Some(reclaimed) = self
-            .claim(
-                config,
-                consumer,
-                "lease_owner IS NOT NULL AND lease_until < now()",
-            )
-            .await?
-        {
+        let reclaimed = if self.reclaim.due() {
+            let reclaimed = self
+                .claim(
+                    config,
+                    consumer,
+                    "lease_owner IS NOT NULL AND lease_until < now()",
+                )
+                .await?;
+            self.reclaim.looked(reclaimed.is_some());
+            reclaimed
+        } else {
+            None
+        };
+        if let Some(reclaimed) = reclaimed {
             stats
                 .reclaimed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -7,7 +7,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, RedisError, Value};
 
-use super::{Claimed, Counters, Delivery, DurableConfig, DurableError, Finish, Lease};
+use super::{Claimed, Counters, Delivery, DurableConfig, DurableError, Finish, Lease, Lookout};
 
 /// Renews this consumer's claim on an entry if it still holds this
 /// delivery of it (the owner and the delivery count it claimed it with —
@@ -292,7 +292,15 @@ pub(super) struct RedisWorker {
     own_pending: bool,
     /// Where the scan for entries of silent consumers goes on.
     cursor: String,
+    /// When to move due retries back onto the stream next.
+    promote: Lookout,
+    /// When to look for entries of silent consumers next.
+    reclaim: Lookout,
 }
+
+/// How often a busy worker moves due retries back onto the stream (an idle
+/// one does before each blocking read).
+const PROMOTE_EVERY: Duration = Duration::from_millis(50);
 
 impl RedisWorker {
     pub(super) async fn connect(
@@ -308,6 +316,8 @@ impl RedisWorker {
             conn,
             own_pending: true,
             cursor: String::from("0-0"),
+            promote: Lookout::new(PROMOTE_EVERY),
+            reclaim: Lookout::for_leases(config),
         })
     }
 
@@ -333,13 +343,18 @@ impl RedisWorker {
         stats: &Counters,
         held_back: impl Fn() -> bool,
     ) -> Result<Option<Delivery>, DurableError> {
-        let _: u64 = redis::Script::new(PROMOTE)
-            .key(config.delayed_key())
-            .key(&config.stream)
-            .arg(0)
-            .arg(config.batch)
-            .invoke_async(&mut self.conn)
-            .await?;
+        if self.promote.due() {
+            let moved: u64 = redis::Script::new(PROMOTE)
+                .key(config.delayed_key())
+                .key(&config.stream)
+                .arg(0)
+                .arg(config.batch)
+                .invoke_async(&mut self.conn)
+                .await?;
+            // A full batch: more may be due.
+            self.promote
+                .looked(usize::try_from(moved).unwrap_or(usize::MAX) >= config.batch);
+        }
         if self.own_pending {
             let Some(entry) = self.read(config, consumer, "0", None).await? else {
                 self.own_pending = false;
@@ -352,7 +367,9 @@ impl RedisWorker {
         }
         // A dead worker's job is picked up whatever the load (it was taken
         // on already).
-        if let Some((entry, delivered)) = self.reclaim(config, consumer).await? {
+        if self.reclaim.due()
+            && let Some((entry, delivered)) = self.reclaim(config, consumer).await?
+        {
             stats
                 .reclaimed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -416,6 +433,10 @@ impl RedisWorker {
             )
             .await?;
         self.cursor = reply.next_stream_id;
+        // Found one, or the scan of the pending entries is not over: look
+        // again at once.
+        self.reclaim
+            .looked(!reply.claimed.is_empty() || self.cursor != "0-0");
         if !reply.deleted_ids.is_empty() {
             tracing::warn!(
                 entries = reply.deleted_ids.len(),
