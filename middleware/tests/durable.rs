@@ -393,6 +393,96 @@ async fn a_job_longer_than_the_visibility_timeout_runs_once() {
     assert_eq!(queue.pending().await.unwrap(), 0);
 }
 
+/// A dead worker's job is reclaimed while many more jobs are in flight than
+/// one scan of the pending entries covers (`XAUTOCLAIM` looks at ten a
+/// call): a scan that only ever went on from where it stopped would chase
+/// the newer entries past the dead one for as long as they keep coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_job_is_reclaimed_while_many_others_are_in_flight() {
+    let server = Server::start();
+    // Long enough for the crowd below to be in full flow before the dead
+    // worker's lease expires.
+    let config = DurableConfig::new("crowded")
+        .visibility(Duration::from_millis(1500))
+        .block(Duration::from_millis(20));
+    let queue = DurableQueue::connect(server.client(), config.clone())
+        .await
+        .unwrap();
+    let seen = Seen::default();
+    let started = Arc::new(AtomicU32::new(0));
+    // Order 0 is taken by a worker that dies holding it (under a name of
+    // its own: no worker below reads it as its own pending entry).
+    queue.enqueue(&Email { order: 0 }).await.unwrap();
+    let doomed_queue = DurableQueue::connect(server.client(), config.clone().consumer("doomed"))
+        .await
+        .unwrap();
+    let doomed = worker_recording(&doomed_queue, &seen, &started, Duration::from_secs(60));
+    kill_mid_job(doomed, &started, Duration::from_millis(10)).await;
+    // Forty workers busy with 100 ms jobs, kept fed for 4 s.
+    let feeding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let producer = {
+        let queue = queue.clone();
+        let feeding = Arc::clone(&feeding);
+        tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_secs(4);
+            let mut order = 1;
+            while Instant::now() < until {
+                for _ in 0..5 {
+                    queue.enqueue(&Email { order }).await.unwrap();
+                    order += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            feeding.store(false, Ordering::SeqCst);
+        })
+    };
+    let reclaimed_while_fed = Arc::new(Mutex::new(None));
+    let mut workers = Vec::new();
+    for _ in 0..40 {
+        let worker = worker_recording(&queue, &seen, &started, Duration::from_millis(100));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        workers.push((
+            stop_tx,
+            tokio::spawn(async move {
+                worker
+                    .run(async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+            }),
+        ));
+    }
+    let watcher = {
+        let seen = Arc::clone(&seen);
+        let feeding = Arc::clone(&feeding);
+        let at = Arc::clone(&reclaimed_while_fed);
+        tokio::spawn(async move {
+            loop {
+                if seen.lock().unwrap().contains_key(&0) {
+                    *at.lock().unwrap() = Some(feeding.load(Ordering::SeqCst));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    producer.await.unwrap();
+    assert!(
+        wait_for(|| watcher.is_finished(), Duration::from_secs(10)).await,
+        "order 0 never ran again"
+    );
+    for (stop, task) in workers {
+        let _ = stop.send(());
+        task.await.unwrap();
+    }
+    assert_eq!(
+        *reclaimed_while_fed.lock().unwrap(),
+        Some(true),
+        "the dead worker's job waited until new jobs stopped coming"
+    );
+    assert_eq!(seen.lock().unwrap().get(&0), Some(&1));
+}
+
 /// A worker whose entry was taken by another (its lease lost while it
 /// stalled) cannot acknowledge it: the entry stays with its new holder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,8 @@
 //!   of the visibility timeout it renews the lease, so a job longer than
 //!   the visibility timeout is not taken by another worker while it runs. A
 //!   worker that dies stops renewing; after the visibility timeout any
-//!   worker reclaims the job.
+//!   worker reclaims the job (workers look for such jobs every tenth of
+//!   it, at most a second apart).
 //! - **Finishing needs the lease.** Acknowledging, scheduling a retry or
 //!   dead-lettering happen in one atomic step that first checks that this
 //!   worker still holds this delivery of the job: a worker that lost its
@@ -544,7 +545,6 @@ impl EffectClaim {
     }
 }
 
-/// A uniform draw in `[0, 1)` for backoff jitter (not for secrets).
 /// When a worker next looks for work other than new jobs — due retries,
 /// leases that expired. A look costs a round trip, so not before every job:
 /// at most `every` after a look that found nothing, at once after one that
@@ -571,13 +571,14 @@ impl Lookout {
     }
 
     /// How often to look for leases that expired: a tenth of the
-    /// visibility timeout, at most a second — a dead worker's job waits at
-    /// most that beyond its lease.
+    /// visibility timeout, at most a second — about as long as a dead
+    /// worker's job waits beyond its lease.
     fn for_leases(config: &DurableConfig) -> Self {
         Self::new((config.visibility / 10).min(Duration::from_secs(1)))
     }
 }
 
+/// A uniform draw in `[0, 1)` for backoff jitter (not for secrets).
 fn jitter() -> f64 {
     (random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -296,10 +296,12 @@ pub(super) struct RedisWorker {
     promote: Lookout,
     /// When to look for entries of silent consumers next.
     reclaim: Lookout,
+    /// When that scan next starts again from the oldest entry.
+    rescan: Lookout,
 }
 
-/// How often a busy worker moves due retries back onto the stream (an idle
-/// one does before each blocking read).
+/// How often a busy worker moves due retries back onto the stream (one
+/// about to wait for new entries does so first).
 const PROMOTE_EVERY: Duration = Duration::from_millis(50);
 
 impl RedisWorker {
@@ -318,6 +320,7 @@ impl RedisWorker {
             cursor: String::from("0-0"),
             promote: Lookout::new(PROMOTE_EVERY),
             reclaim: Lookout::for_leases(config),
+            rescan: Lookout::for_leases(config),
         })
     }
 
@@ -343,17 +346,10 @@ impl RedisWorker {
         stats: &Counters,
         held_back: impl Fn() -> bool,
     ) -> Result<Option<Delivery>, DurableError> {
+        let mut promoted = false;
         if self.promote.due() {
-            let moved: u64 = redis::Script::new(PROMOTE)
-                .key(config.delayed_key())
-                .key(&config.stream)
-                .arg(0)
-                .arg(config.batch)
-                .invoke_async(&mut self.conn)
-                .await?;
-            // A full batch: more may be due.
-            self.promote
-                .looked(usize::try_from(moved).unwrap_or(usize::MAX) >= config.batch);
+            self.promote_due_retries(config).await?;
+            promoted = true;
         }
         if self.own_pending {
             let Some(entry) = self.read(config, consumer, "0", None).await? else {
@@ -368,7 +364,17 @@ impl RedisWorker {
         // A dead worker's job is picked up whatever the load (it was taken
         // on already).
         if self.reclaim.due()
-            && let Some((entry, delivered)) = self.reclaim(config, consumer).await?
+            && let Some((entry, delivered)) = {
+                if self.rescan.due() {
+                    // Now and then the scan starts again from the oldest
+                    // pending entry: one that only ever went on could chase
+                    // newer entries past a dead one for as long as more
+                    // arrive.
+                    self.cursor = String::from("0-0");
+                    self.rescan.looked(false);
+                }
+                self.reclaim(config, consumer).await?
+            }
         {
             stats
                 .reclaimed
@@ -381,10 +387,34 @@ impl RedisWorker {
             tokio::time::sleep(config.block.min(Duration::from_millis(200))).await;
             return Ok(None);
         }
+        if !promoted {
+            // Before waiting for new entries, retries that fell due since
+            // the last promotion go back onto the stream: `block` bounds
+            // how late a due retry is noticed.
+            if let Some(entry) = self.read(config, consumer, ">", None).await? {
+                return Ok(Some(delivery(entry, 1)));
+            }
+            self.promote_due_retries(config).await?;
+        }
         Ok(self
             .read(config, consumer, ">", Some(config.block))
             .await?
             .map(|entry| delivery(entry, 1)))
+    }
+
+    /// Moves retries that fell due back onto the stream.
+    async fn promote_due_retries(&mut self, config: &DurableConfig) -> Result<(), DurableError> {
+        let moved: u64 = redis::Script::new(PROMOTE)
+            .key(config.delayed_key())
+            .key(&config.stream)
+            .arg(0)
+            .arg(config.batch)
+            .invoke_async(&mut self.conn)
+            .await?;
+        // A full batch: more may be due.
+        self.promote
+            .looked(usize::try_from(moved).unwrap_or(usize::MAX) >= config.batch);
+        Ok(())
     }
 
     async fn read(
