@@ -295,7 +295,7 @@ impl Store {
                         RemovalCause::Explicit => "explicit",
                         RemovalCause::Replaced => "replaced",
                     };
-                    metrics::counter!("gratify_cache_evictions_total", "cause" => cause_name)
+                    metrics::counter!(gratify_core::telemetry::CACHE_EVICTIONS_TOTAL.name, "cause" => cause_name)
                         .increment(1);
                 }
                 if cause == moka::notification::RemovalCause::Size {
@@ -399,8 +399,10 @@ impl Store {
             .insert(key, Arc::new(Variants::new(entries, now)));
         #[cfg(feature = "metrics")]
         {
-            metrics::gauge!("gratify_cache_bytes").set(self.cache.weighted_size() as f64);
-            metrics::gauge!("gratify_cache_entries").set(self.cache.entry_count() as f64);
+            metrics::gauge!(gratify_core::telemetry::CACHE_BYTES.name)
+                .set(self.cache.weighted_size() as f64);
+            metrics::gauge!(gratify_core::telemetry::CACHE_ENTRIES.name)
+                .set(self.cache.entry_count() as f64);
         }
         true
     }

@@ -69,6 +69,7 @@ pub mod queueing;
 pub mod serde_util;
 pub mod signal;
 pub mod slot;
+pub mod telemetry;
 
 pub use self::cost::{Class, DelayCost};
 pub use self::error::{BoxError, ConfigError, CostError, ModelError};

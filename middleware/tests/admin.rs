@@ -46,6 +46,52 @@ where
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Every sample line of `text` is `name{labels} value` after its `TYPE`
+/// line, and every metric is one of the vocabulary's, with its kind and
+/// only labels it defines.
+fn in_the_vocabulary(text: &str) {
+    use gratify::telemetry::{self, MetricKind};
+    let mut typed = std::collections::HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            let metric = telemetry::find(name).unwrap_or_else(|| panic!("{name} is not defined"));
+            assert_eq!(metric.kind.as_str(), kind, "{name}");
+            typed.insert(name.to_owned(), metric);
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+        let (metric, extra) = match typed.get(name) {
+            Some(m) => (*m, None),
+            None => {
+                // A histogram's series.
+                let (base, suffix) = name.rsplit_once('_').unwrap();
+                let m = typed.get(base).unwrap_or_else(|| panic!("{line}: no TYPE"));
+                assert_eq!(m.kind, MetricKind::Histogram, "{line}");
+                assert!(["bucket", "sum", "count"].contains(&suffix), "{line}");
+                (*m, (suffix == "bucket").then_some("le"))
+            }
+        };
+        for pair in labels
+            .trim_end_matches('}')
+            .split(',')
+            .filter(|p| !p.is_empty())
+        {
+            let key = pair.split('=').next().unwrap();
+            assert!(
+                metric.labels.contains(&key) || extra == Some(key),
+                "{line}: label {key} is not one of {:?}",
+                metric.labels
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_live_stack_shows_in_the_snapshot_and_in_prometheus_text() {
     use axum::Router;
@@ -118,21 +164,24 @@ async fn a_live_stack_shows_in_the_snapshot_and_in_prometheus_text() {
 
     let (status, text) = get(&app, "/ops/admin/metrics").await;
     assert_eq!(status, StatusCode::OK);
-    // Every sample line is `name{labels} value`, after its TYPE line.
-    let mut typed = std::collections::HashSet::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            typed.insert(rest.split(' ').next().unwrap().to_owned());
-            continue;
-        }
-        if line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').unwrap();
-        let name = series.split('{').next().unwrap();
-        assert!(typed.contains(name), "{line}");
-        assert!(value.parse::<f64>().is_ok(), "{line}");
-    }
+    in_the_vocabulary(&text);
+    assert!(
+        text.contains("gratify_offload_done_total{name=\"cpu\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("gratify_defer_done_total{name=\"mail\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("gratify_defer_pending{name=\"mail\"} 0"),
+        "{text}"
+    );
+    // The CPU compression took, as a histogram's sum and count.
+    assert!(
+        text.contains("gratify_compression_cpu_seconds_count "),
+        "{text}"
+    );
     assert!(
         text.contains("gratify_limit_admitted_total{class=\"checkout\"} 2"),
         "{text}"
@@ -193,6 +242,7 @@ async fn the_advisor_is_exported_for_keda_and_the_hpa() {
     let replicas = snap["advisor"]["replicas"].as_u64().unwrap();
     assert!((4..=40).contains(&replicas), "{snap}");
     let text = admin.prometheus();
+    in_the_vocabulary(&text);
     assert!(
         text.contains(&format!("gratify_recommended_replicas {replicas}")),
         "{text}"

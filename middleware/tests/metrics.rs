@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gratify::offload::{CpuPool, Defer, DeferConfig, OffloadError};
+use gratify::telemetry::{self, MetricKind};
 use gratify::{BoxError, CostModel};
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 
 #[derive(Default)]
-struct Counts(Mutex<HashMap<String, Arc<AtomicU64>>>);
+struct Counts(Mutex<HashMap<String, Arc<AtomicU64>>>, Mutex<Vec<String>>);
 
 struct Cell(Arc<AtomicU64>);
 
@@ -47,6 +48,27 @@ impl metrics::HistogramFn for Cell {
 }
 
 impl Counts {
+    /// Notes `key` registered as `kind` if it is not in the vocabulary:
+    /// an unknown name, another kind, a label its definition lacks.
+    fn check(&self, key: &Key, kind: MetricKind) {
+        let complaint = match telemetry::find(key.name()) {
+            None => Some(format!("{} is not defined", key.name())),
+            Some(m) if m.kind != kind => Some(format!("{} reported as a {kind:?}", key.name())),
+            Some(m) => key
+                .labels()
+                .find(|l| !m.labels.contains(&l.key()))
+                .map(|l| format!("{} carries label {}", key.name(), l.key())),
+        };
+        if let Some(c) = complaint {
+            self.1.lock().unwrap().push(c);
+        }
+    }
+
+    /// Every metric reported so far is in the vocabulary.
+    fn assert_in_the_vocabulary(&self) {
+        assert_eq!(*self.1.lock().unwrap(), Vec::<String>::new());
+    }
+
     /// A cell per name and labels (`name{a=1,b=2}`, labels sorted).
     fn cell(&self, key: &Key) -> Arc<AtomicU64> {
         let mut labels: Vec<String> = key
@@ -86,12 +108,15 @@ impl Recorder for Shared {
     fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
     fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        self.0.check(key, MetricKind::Counter);
         Counter::from_arc(Arc::new(Cell(self.0.cell(key))))
     }
     fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        self.0.check(key, MetricKind::Gauge);
         Gauge::from_arc(Arc::new(Cell(self.0.cell(key))))
     }
     fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        self.0.check(key, MetricKind::Histogram);
         Histogram::from_arc(Arc::new(Cell(self.0.cell(key))))
     }
 }
@@ -167,6 +192,7 @@ async fn pool_and_defer_report_through_the_metrics_facade() {
     assert!(counts.get("gratify_offload_queued") > 0);
     assert!(counts.get("gratify_defer_pending") > 0);
     every_refusal_is_counted_once_with_who_refused(&counts).await;
+    counts.assert_in_the_vocabulary();
 }
 
 #[tokio::test]
@@ -232,6 +258,8 @@ async fn the_stack_reports_through_the_metrics_facade() {
         counts.get("gratify_compression_bytes_out_total")
             < counts.get("gratify_compression_bytes_in_total")
     );
+    assert!(counts.get("gratify_compression_responses_total") > 0);
+    counts.assert_in_the_vocabulary();
 }
 
 /// Every refusal is counted once, with who refused. Called from the one

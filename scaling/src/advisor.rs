@@ -783,9 +783,11 @@ impl ScalingAdvisor {
         };
         #[cfg(feature = "metrics")]
         {
-            metrics::gauge!("gratify_recommended_replicas").set(f64::from(replicas));
-            metrics::gauge!("gratify_advisor_replica_cost").set(advice.cost.replica_cost);
-            metrics::gauge!("gratify_advisor_delay_cost").set(
+            metrics::gauge!(gratify_core::telemetry::RECOMMENDED_REPLICAS.name)
+                .set(f64::from(replicas));
+            metrics::gauge!(gratify_core::telemetry::ADVISOR_REPLICA_COST.name)
+                .set(advice.cost.replica_cost);
+            metrics::gauge!(gratify_core::telemetry::ADVISOR_DELAY_COST.name).set(
                 advice
                     .cost
                     .pooled_delay_cost

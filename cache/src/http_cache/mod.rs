@@ -271,7 +271,8 @@ impl Shared {
         };
         self.requests[slot].fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
-        metrics::counter!("gratify_cache_requests_total", "result" => result).increment(1);
+        metrics::counter!(gratify_core::telemetry::CACHE_REQUESTS_TOTAL.name, "result" => result)
+            .increment(1);
         #[cfg(not(feature = "metrics"))]
         let _ = result;
     }

@@ -525,7 +525,10 @@ impl Tier {
                 match tokio::time::timeout(bound, call).await {
                     Ok(Ok(())) => tier.succeeded(),
                     _ => {
-                        count(&tier.errors, "gratify_cache_tier_errors_total");
+                        count(
+                            &tier.errors,
+                            gratify_core::telemetry::CACHE_TIER_ERRORS_TOTAL.name,
+                        );
                         tier.failed();
                     }
                 }
@@ -538,7 +541,10 @@ impl Tier {
                 let Some(tier) = weak.upgrade() else { break };
                 match event {
                     TierEvent::Resubscribed => {
-                        count(&tier.resubscribed, "gratify_cache_tier_resubscribed_total");
+                        count(
+                            &tier.resubscribed,
+                            gratify_core::telemetry::CACHE_TIER_RESUBSCRIBED_TOTAL.name,
+                        );
                         // Invalidations may have been missed: drop L1, and
                         // do not trust the tier until the barriers are in.
                         tier.loaded.store(false, Ordering::Release);
@@ -556,7 +562,7 @@ impl Tier {
                             evict.evict(&scope).await;
                             count(
                                 &tier.invalidations,
-                                "gratify_cache_tier_invalidations_total",
+                                gratify_core::telemetry::CACHE_TIER_INVALIDATIONS_TOTAL.name,
                             );
                         }
                     }
@@ -587,7 +593,7 @@ impl Tier {
         if self.breaker.open_until.swap(0, Ordering::AcqRel) > 0 {
             tracing::info!("the shared cache tier answers again");
             #[cfg(feature = "metrics")]
-            metrics::gauge!("gratify_cache_tier_breaker_open").set(0.0);
+            metrics::gauge!(gratify_core::telemetry::CACHE_TIER_BREAKER_OPEN.name).set(0.0);
         }
         self.breaker.backoff.store(0, Ordering::Relaxed);
         self.breaker.trial.store(false, Ordering::Release);
@@ -607,7 +613,7 @@ impl Tier {
                 .store(self.now_ms() + backoff, Ordering::Release);
             self.breaker.trial.store(false, Ordering::Release);
             #[cfg(feature = "metrics")]
-            metrics::gauge!("gratify_cache_tier_breaker_open").set(1.0);
+            metrics::gauge!(gratify_core::telemetry::CACHE_TIER_BREAKER_OPEN.name).set(1.0);
             if !open {
                 tracing::warn!(
                     backoff_ms = backoff,
@@ -621,7 +627,10 @@ impl Tier {
     /// open breaker, an undecodable value, or a barrier covering it.
     pub(crate) async fn get(&self, key: &str) -> Option<Decoded> {
         if !self.loaded.load(Ordering::Acquire) || !self.allowed() {
-            count(&self.skipped, "gratify_cache_tier_skipped_total");
+            count(
+                &self.skipped,
+                gratify_core::telemetry::CACHE_TIER_SKIPPED_TOTAL.name,
+            );
             return None;
         }
         let call = self.backend.get(self.key(key));
@@ -632,12 +641,18 @@ impl Tier {
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "shared cache tier read failed");
-                count(&self.errors, "gratify_cache_tier_errors_total");
+                count(
+                    &self.errors,
+                    gratify_core::telemetry::CACHE_TIER_ERRORS_TOTAL.name,
+                );
                 self.failed();
                 return None;
             }
             Err(_) => {
-                count(&self.errors, "gratify_cache_tier_errors_total");
+                count(
+                    &self.errors,
+                    gratify_core::telemetry::CACHE_TIER_ERRORS_TOTAL.name,
+                );
                 self.failed();
                 return None;
             }
@@ -653,11 +668,17 @@ impl Tier {
             });
         match decoded {
             Some(d) => {
-                count(&self.hits, "gratify_cache_tier_hits_total");
+                count(
+                    &self.hits,
+                    gratify_core::telemetry::CACHE_TIER_HITS_TOTAL.name,
+                );
                 Some(d)
             }
             None => {
-                count(&self.misses, "gratify_cache_tier_misses_total");
+                count(
+                    &self.misses,
+                    gratify_core::telemetry::CACHE_TIER_MISSES_TOTAL.name,
+                );
                 None
             }
         }
@@ -672,7 +693,7 @@ impl Tier {
         if sent != Some(true) {
             count(
                 &self.dropped_writes,
-                "gratify_cache_tier_dropped_writes_total",
+                gratify_core::telemetry::CACHE_TIER_DROPPED_WRITES_TOTAL.name,
             );
         }
     }

@@ -44,6 +44,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use gratify_cache::CachePurge;
+use gratify_core::telemetry::{self as T, Metric, MetricKind};
 use gratify_core::{ClassId, CostModel};
 use gratify_scaling::advisor::{Recommendation, ScalingAdvisor};
 use gratify_scaling::limit::{Limiter, Reason};
@@ -281,228 +282,201 @@ impl Admin {
         })
     }
 
-    /// The snapshot in the Prometheus text exposition format.
+    /// The snapshot in the Prometheus text exposition format, in the
+    /// names, kinds and labels of [`gratify_core::telemetry`] — the ones
+    /// the `metrics` facade reports too. CPU pools and deferred queues are
+    /// labelled by the `name` they were added under.
     pub fn prometheus(&self) -> String {
         let snap = self.snapshot();
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {}", fmt_value(*value));
-            }
-        };
+        let mut out = Exposition::default();
         let f = |v: &Value| v.as_f64().unwrap_or(0.0);
         if let Some(l) = snap["limit"].as_object() {
-            metric(
-                "gratify_limit",
-                "gauge",
-                "The concurrency limit.",
-                &[(String::new(), f(&l["limit"]))],
-            );
-            metric(
-                "gratify_limit_in_flight",
-                "gauge",
-                "Requests holding a slot.",
-                &[(String::new(), f(&l["in_flight"]))],
-            );
-            metric(
-                "gratify_limit_queued",
-                "gauge",
-                "Requests waiting.",
-                &[(String::new(), f(&l["queued"]))],
-            );
-            metric(
-                "gratify_limit_shadow_price",
-                "gauge",
-                "What one more admitted request costs the waiting ones.",
-                &[(String::new(), f(&l["shadow_price"]))],
-            );
+            out.one(&T::LIMIT, f(&l["limit"]));
+            out.one(&T::LIMIT_IN_FLIGHT, f(&l["in_flight"]));
+            out.one(&T::LIMIT_QUEUED, f(&l["queued"]));
+            out.one(&T::LIMIT_SHADOW_PRICE, f(&l["shadow_price"]));
             let classes = l["classes"].as_array().cloned().unwrap_or_default();
-            let per = |key: &str| -> Vec<(String, f64)> {
+            let class = |c: &Value| c["name"].as_str().unwrap_or("").to_owned();
+            let per = |key: &str| -> Vec<(Labels, f64)> {
                 classes
                     .iter()
-                    .map(|c| {
-                        (
-                            format!("{{class=\"{}\"}}", escape(c["name"].as_str().unwrap_or(""))),
-                            f(&c[key]),
-                        )
-                    })
+                    .map(|c| (vec![("class", class(c))], f(&c[key])))
                     .collect()
             };
-            metric(
-                "gratify_limit_queued_class",
-                "gauge",
-                "Requests waiting, by class.",
-                &per("queued"),
-            );
-            metric(
-                "gratify_limit_in_flight_class",
-                "gauge",
-                "Requests holding a slot, by class.",
-                &per("in_flight"),
-            );
-            metric(
-                "gratify_limit_admitted_total",
-                "counter",
-                "Requests admitted, by class.",
-                &per("admitted"),
-            );
-            metric(
-                "gratify_cost_rate",
-                "gauge",
-                "Delay cost accruing now, by class (per second).",
-                &per("cost_rate"),
-            );
-            let shed: Vec<(String, f64)> = classes
+            out.metric(&T::LIMIT_QUEUED_CLASS, &per("queued"));
+            out.metric(&T::LIMIT_IN_FLIGHT_CLASS, &per("in_flight"));
+            out.metric(&T::LIMIT_ADMITTED_TOTAL, &per("admitted"));
+            out.metric(&T::COST_RATE, &per("cost_rate"));
+            let shed: Vec<(Labels, f64)> = classes
                 .iter()
                 .flat_map(|c| {
-                    let class = escape(c["name"].as_str().unwrap_or(""));
                     REASONS.iter().map(move |r| {
                         (
-                            format!("{{class=\"{class}\",reason=\"{}\"}}", r.as_str()),
+                            vec![("class", class(c)), ("reason", r.as_str().to_owned())],
                             f(&c["shed"][r.as_str()]),
                         )
                     })
                 })
                 .collect();
-            metric(
-                "gratify_limit_shed_total",
-                "counter",
-                "Requests refused, by class and reason.",
-                &shed,
-            );
-            let refused: Vec<(String, f64)> = shed
+            out.metric(&T::LIMIT_SHED_TOTAL, &shed);
+            let refused: Vec<(Labels, f64)> = shed
                 .iter()
-                .map(|(labels, v)| (format!("{{by=\"limit\",{}", &labels[1..]), *v))
+                .map(|(labels, v)| {
+                    let mut with_by = vec![("by", "limit".to_owned())];
+                    with_by.extend(labels.iter().cloned());
+                    (with_by, *v)
+                })
                 .collect();
-            metric(
-                "gratify_refused_total",
-                "counter",
-                "Requests refused by the limit (by=limit, by class and reason); the CPU pools' refusals are in gratify_offload_refused_total.",
-                &refused,
-            );
+            out.metric(&T::REFUSED_TOTAL, &refused);
         }
         if let Some(c) = snap["cache"].as_object() {
-            metric(
-                "gratify_cache_entries",
-                "gauge",
-                "Keys held.",
-                &[(String::new(), f(&c["entries"]))],
-            );
-            metric(
-                "gratify_cache_bytes",
-                "gauge",
-                "Bytes held.",
-                &[(String::new(), f(&c["bytes"]))],
-            );
-            let requests: Vec<(String, f64)> = ["hit", "stale", "miss", "bypass"]
+            out.one(&T::CACHE_ENTRIES, f(&c["entries"]));
+            out.one(&T::CACHE_BYTES, f(&c["bytes"]));
+            let requests: Vec<(Labels, f64)> = ["hit", "stale", "miss", "bypass"]
                 .iter()
-                .map(|r| (format!("{{result=\"{r}\"}}"), f(&c["requests"][*r])))
+                .map(|r| (vec![("result", (*r).to_owned())], f(&c["requests"][*r])))
                 .collect();
-            metric(
-                "gratify_cache_requests_total",
-                "counter",
-                "Requests through the cache, by result.",
-                &requests,
-            );
+            out.metric(&T::CACHE_REQUESTS_TOTAL, &requests);
             if let Some(t) = c["tier"].as_object() {
-                for key in [
-                    "hits",
-                    "misses",
-                    "errors",
-                    "skipped",
-                    "dropped_writes",
-                    "invalidations",
+                for (metric, key) in [
+                    (&T::CACHE_TIER_HITS_TOTAL, "hits"),
+                    (&T::CACHE_TIER_MISSES_TOTAL, "misses"),
+                    (&T::CACHE_TIER_ERRORS_TOTAL, "errors"),
+                    (&T::CACHE_TIER_SKIPPED_TOTAL, "skipped"),
+                    (&T::CACHE_TIER_DROPPED_WRITES_TOTAL, "dropped_writes"),
+                    (&T::CACHE_TIER_INVALIDATIONS_TOTAL, "invalidations"),
+                    (&T::CACHE_TIER_RESUBSCRIBED_TOTAL, "resubscribed"),
                 ] {
-                    metric(
-                        &format!("gratify_cache_tier_{key}_total"),
-                        "counter",
-                        "The shared tier's counter.",
-                        &[(String::new(), f(&t[key]))],
-                    );
+                    out.one(metric, f(&t[key]));
                 }
+                let open = t["breaker_open"].as_bool().unwrap_or(false);
+                out.one(&T::CACHE_TIER_BREAKER_OPEN, if open { 1.0 } else { 0.0 });
             }
         }
         if let Some(c) = snap["compression"].as_object() {
-            metric(
-                "gratify_compression_responses_total",
-                "counter",
-                "Bodies compressed.",
-                &[(String::new(), f(&c["responses"]))],
-            );
-            metric(
-                "gratify_compression_bytes_in_total",
-                "counter",
-                "Bytes compressed.",
-                &[(String::new(), f(&c["bytes_in"]))],
-            );
-            metric(
-                "gratify_compression_bytes_out_total",
-                "counter",
-                "Bytes they became.",
-                &[(String::new(), f(&c["bytes_out"]))],
-            );
-            metric(
-                "gratify_compression_cpu_seconds_total",
-                "counter",
-                "CPU spent compressing.",
-                &[(String::new(), f(&c["cpu_ms"]) / 1e3)],
+            // Summed over codecs and levels.
+            out.one(&T::COMPRESSION_RESPONSES_TOTAL, f(&c["responses"]));
+            out.one(&T::COMPRESSION_BYTES_IN_TOTAL, f(&c["bytes_in"]));
+            out.one(&T::COMPRESSION_BYTES_OUT_TOTAL, f(&c["bytes_out"]));
+            // A histogram of one bucket: its sum and count.
+            out.histogram(
+                &T::COMPRESSION_CPU_SECONDS,
+                f(&c["cpu_ms"]) / 1e3,
+                f(&c["responses"]),
             );
         }
         if let Some(a) = snap["advisor"].as_object()
             && let Some(n) = a.get("replicas")
         {
-            metric(
-                "gratify_recommended_replicas",
-                "gauge",
-                "Replicas the delay-cost model recommends.",
-                &[(String::new(), f(n))],
-            );
-            metric(
-                "gratify_advisor_replica_cost",
-                "gauge",
-                "Replica cost per second at the optimum.",
-                &[(String::new(), f(&a["replica_cost_per_s"]))],
-            );
-            metric(
-                "gratify_advisor_delay_cost",
-                "gauge",
-                "Expected delay cost per second at the optimum.",
-                &[(String::new(), f(&a["delay_cost_per_s"]))],
-            );
-            metric(
-                "gratify_advisor_stale",
-                "gauge",
-                "1 when the recommendation is the last good one.",
-                &[(String::new(), if a["state"] == "stale" { 1.0 } else { 0.0 })],
+            out.one(&T::RECOMMENDED_REPLICAS, f(n));
+            out.one(&T::ADVISOR_REPLICA_COST, f(&a["replica_cost_per_s"]));
+            out.one(&T::ADVISOR_DELAY_COST, f(&a["delay_cost_per_s"]));
+            out.one(
+                &T::ADVISOR_STALE,
+                if a["state"] == "stale" { 1.0 } else { 0.0 },
             );
         }
-        for (key, list, help) in [
-            ("offload", "queued", "Jobs waiting for the pool."),
-            ("defer", "queued", "Deferred jobs waiting."),
-        ] {
-            let samples: Vec<(String, f64)> = snap[key]
+        let named = |key: &str, value: &dyn Fn(&Value) -> f64| -> Vec<(Labels, f64)> {
+            snap[key]
                 .as_array()
                 .map(|a| {
                     a.iter()
                         .map(|p| {
-                            (
-                                format!(
-                                    "{{name=\"{}\"}}",
-                                    escape(p["name"].as_str().unwrap_or(""))
-                                ),
-                                f(&p[list]),
-                            )
+                            let name = p["name"].as_str().unwrap_or("").to_owned();
+                            (vec![("name", name)], value(p))
                         })
                         .collect()
                 })
-                .unwrap_or_default();
-            if !samples.is_empty() {
-                metric(&format!("gratify_{key}_queued"), "gauge", help, &samples);
-            }
+                .unwrap_or_default()
+        };
+        for (metric, key) in [
+            (&T::OFFLOAD_QUEUED, "queued"),
+            (&T::OFFLOAD_DONE_TOTAL, "done"),
+            (&T::OFFLOAD_REFUSED_TOTAL, "refused"),
+            (&T::OFFLOAD_DROPPED_TOTAL, "dropped"),
+            (&T::OFFLOAD_PANICKED_TOTAL, "panicked"),
+        ] {
+            out.metric(metric, &named("offload", &|p| f(&p[key])));
         }
-        out
+        out.metric(
+            &T::DEFER_PENDING,
+            &named("defer", &|p| f(&p["queued"]) + f(&p["running"])),
+        );
+        for (metric, key) in [
+            (&T::DEFER_DONE_TOTAL, "done"),
+            (&T::DEFER_RETRIES_TOTAL, "retries"),
+            (&T::DEFER_DEAD_TOTAL, "dead"),
+        ] {
+            out.metric(metric, &named("defer", &|p| f(&p[key])));
+        }
+        out.text
+    }
+}
+
+/// A sample's labels, in the order written.
+type Labels = Vec<(&'static str, String)>;
+
+/// The Prometheus text of the metrics written so far.
+#[derive(Default)]
+struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    /// `metric`'s `HELP` and `TYPE` lines, then each sample (nothing for a
+    /// metric without samples).
+    fn metric(&mut self, metric: &Metric, samples: &[(Labels, f64)]) {
+        if samples.is_empty() {
+            return;
+        }
+        self.head(metric);
+        for (labels, value) in samples {
+            debug_assert!(
+                labels.iter().all(|(k, _)| metric.labels.contains(k)),
+                "{} carries a label its definition does not have",
+                metric.name
+            );
+            self.sample(metric.name, labels, *value);
+        }
+    }
+
+    /// A metric of one sample without labels.
+    fn one(&mut self, metric: &Metric, value: f64) {
+        self.metric(metric, &[(Vec::new(), value)]);
+    }
+
+    /// A histogram known only by its sum and count: one `+Inf` bucket.
+    fn histogram(&mut self, metric: &Metric, sum: f64, count: f64) {
+        debug_assert_eq!(metric.kind, MetricKind::Histogram);
+        self.head(metric);
+        let name = metric.name;
+        self.sample(
+            &format!("{name}_bucket"),
+            &vec![("le", "+Inf".to_owned())],
+            count,
+        );
+        self.sample(&format!("{name}_sum"), &Vec::new(), sum);
+        self.sample(&format!("{name}_count"), &Vec::new(), count);
+    }
+
+    fn head(&mut self, metric: &Metric) {
+        let _ = writeln!(self.text, "# HELP {} {}", metric.name, metric.help);
+        let _ = writeln!(self.text, "# TYPE {} {}", metric.name, metric.kind.as_str());
+    }
+
+    fn sample(&mut self, name: &str, labels: &Labels, value: f64) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{k}=\"{}\"", escape(v));
+            }
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {}", fmt_value(value));
     }
 }
 

@@ -97,19 +97,22 @@ impl<B> CompressionBody<B> {
 }
 
 impl State {
-    /// Bytes in and out, CPU and ratio by codec and level, once per body.
+    /// Responses, bytes in and out, CPU and ratio by codec and level, once per
+    /// body.
     #[cfg(feature = "metrics")]
     fn record_metrics(&self) {
         let codec = self.choice.codec.name();
         let level = self.choice.level.to_string();
-        metrics::counter!("gratify_compression_bytes_in_total", "codec" => codec, "level" => level.clone())
+        metrics::counter!(gratify_core::telemetry::COMPRESSION_RESPONSES_TOTAL.name, "codec" => codec, "level" => level.clone())
+            .increment(1);
+        metrics::counter!(gratify_core::telemetry::COMPRESSION_BYTES_IN_TOTAL.name, "codec" => codec, "level" => level.clone())
             .increment(self.bytes_in);
-        metrics::counter!("gratify_compression_bytes_out_total", "codec" => codec, "level" => level.clone())
+        metrics::counter!(gratify_core::telemetry::COMPRESSION_BYTES_OUT_TOTAL.name, "codec" => codec, "level" => level.clone())
             .increment(self.bytes_out);
-        metrics::histogram!("gratify_compression_cpu_seconds", "codec" => codec, "level" => level.clone())
+        metrics::histogram!(gratify_core::telemetry::COMPRESSION_CPU_SECONDS.name, "codec" => codec, "level" => level.clone())
             .record(self.cpu.as_secs_f64());
         if self.bytes_in > 0 {
-            metrics::histogram!("gratify_compression_ratio", "codec" => codec, "level" => level)
+            metrics::histogram!(gratify_core::telemetry::COMPRESSION_RATIO.name, "codec" => codec, "level" => level)
                 .record(self.bytes_out as f64 / self.bytes_in as f64);
         }
     }

@@ -508,7 +508,8 @@ async fn runner(shared: Arc<Shared>) {
                 s.running.insert(job.seq, job.name.clone());
             }
             #[cfg(feature = "metrics")]
-            metrics::gauge!("gratify_defer_pending").set((s.queued() + s.running.len()) as f64);
+            metrics::gauge!(gratify_core::telemetry::DEFER_PENDING.name)
+                .set((s.queued() + s.running.len()) as f64);
             job
         };
         let Some(mut job) = next else {
@@ -534,11 +535,11 @@ async fn runner(shared: Arc<Shared>) {
             match outcome {
                 Ok(()) => {
                     shared2.done.fetch_add(1, Ordering::Relaxed);
-                    super::count("gratify_defer_done_total");
+                    super::count(gratify_core::telemetry::DEFER_DONE_TOTAL.name);
                 }
                 Err(e) if job.attempts < shared2.config.max_attempts => {
                     shared2.retries.fetch_add(1, Ordering::Relaxed);
-                    super::count("gratify_defer_retries_total");
+                    super::count(gratify_core::telemetry::DEFER_RETRIES_TOTAL.name);
                     tracing::debug!(job = %job.name, attempt = job.attempts, error = %e, "deferred job failed; will retry");
                     job.not_before =
                         Instant::now() + super::retry_delay(shared2.config.backoff, job.attempts);
@@ -551,7 +552,7 @@ async fn runner(shared: Arc<Shared>) {
                     while s.dead.len() > shared2.config.dead_letters_kept {
                         s.dead.pop_front();
                     }
-                    super::count("gratify_defer_dead_total");
+                    super::count(gratify_core::telemetry::DEFER_DEAD_TOTAL.name);
                 }
             }
             drop(s);

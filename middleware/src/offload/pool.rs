@@ -252,14 +252,15 @@ impl Drop for Place {
     fn drop(&mut self) {
         if self.withdraw() {
             self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            super::count("gratify_offload_dropped_total");
+            super::count(gratify_core::telemetry::OFFLOAD_DROPPED_TOTAL.name);
         }
     }
 }
 
 fn gauge_queued(shared: &Shared) {
     #[cfg(feature = "metrics")]
-    metrics::gauge!("gratify_offload_queued").set(lock(&shared.queue).jobs.len() as f64);
+    metrics::gauge!(gratify_core::telemetry::OFFLOAD_QUEUED.name)
+        .set(lock(&shared.queue).jobs.len() as f64);
     #[cfg(not(feature = "metrics"))]
     let _ = shared;
 }
@@ -401,7 +402,7 @@ impl CpuPool {
                         Err(_) if place.withdraw() => {
                             place.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
                             place.shared.stats.expired.fetch_add(1, Ordering::Relaxed);
-                            super::count("gratify_offload_refused_total");
+                            super::count(gratify_core::telemetry::OFFLOAD_REFUSED_TOTAL.name);
                             return Err(OffloadError::Deadline);
                         }
                         // Running already: it finishes.
@@ -453,7 +454,7 @@ impl CpuPool {
         let shared = &self.shared;
         let refuse = |e, work| {
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-            super::count("gratify_offload_refused_total");
+            super::count(gratify_core::telemetry::OFFLOAD_REFUSED_TOTAL.name);
             Err((e, work))
         };
         let now = Instant::now();
@@ -523,7 +524,7 @@ impl CpuPool {
         if let Some((_, job)) = displaced {
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);
             shared.stats.displaced.fetch_add(1, Ordering::Relaxed);
-            super::count("gratify_offload_refused_total");
+            super::count(gratify_core::telemetry::OFFLOAD_REFUSED_TOTAL.name);
             (job.refuse)(OffloadError::QueueFull);
         }
         gauge_queued(shared);
@@ -610,7 +611,7 @@ fn worker(shared: &Shared) {
         gauge_queued(shared);
         if (job.cancelled)() {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            super::count("gratify_offload_dropped_total");
+            super::count(gratify_core::telemetry::OFFLOAD_DROPPED_TOTAL.name);
             shared.running.fetch_sub(1, Ordering::Relaxed);
             continue;
         }
@@ -619,13 +620,13 @@ fn worker(shared: &Shared) {
             // late.
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);
             shared.stats.expired.fetch_add(1, Ordering::Relaxed);
-            super::count("gratify_offload_refused_total");
+            super::count(gratify_core::telemetry::OFFLOAD_REFUSED_TOTAL.name);
             shared.running.fetch_sub(1, Ordering::Relaxed);
             (job.refuse)(OffloadError::Deadline);
             continue;
         }
         #[cfg(feature = "metrics")]
-        metrics::histogram!("gratify_offload_wait_seconds")
+        metrics::histogram!(gratify_core::telemetry::OFFLOAD_WAIT_SECONDS.name)
             .record(job.enqueued.elapsed().as_secs_f64());
         #[cfg(not(feature = "metrics"))]
         let _ = job.enqueued;
@@ -642,10 +643,10 @@ fn worker(shared: &Shared) {
         };
         shared.mean_run.store(new, Ordering::Relaxed);
         shared.stats.done.fetch_add(1, Ordering::Relaxed);
-        super::count("gratify_offload_done_total");
+        super::count(gratify_core::telemetry::OFFLOAD_DONE_TOTAL.name);
         if panicked {
             shared.stats.panicked.fetch_add(1, Ordering::Relaxed);
-            super::count("gratify_offload_panicked_total");
+            super::count(gratify_core::telemetry::OFFLOAD_PANICKED_TOTAL.name);
         }
         shared.running.fetch_sub(1, Ordering::Relaxed);
         // The caller sees the result only once the books show the job.

@@ -432,7 +432,7 @@ where
                     if let Some(reason) = refusal_reason(&e) {
                         // Every refusal, whoever refused, in one counter.
                         metrics::counter!(
-                            "gratify_refused_total",
+                            gratify_core::telemetry::REFUSED_TOTAL.name,
                             "by" => "offload",
                             "class" => offloader.model.name(class).to_owned(),
                             "reason" => reason

@@ -1177,11 +1177,11 @@ impl Limiter {
         tracing::debug!(class = name, reason = reason.as_str(), "request shed");
         #[cfg(feature = "metrics")]
         {
-            metrics::counter!("gratify_limit_shed_total", "class" => name.to_owned(), "reason" => reason.as_str())
+            metrics::counter!(gratify_core::telemetry::LIMIT_SHED_TOTAL.name, "class" => name.to_owned(), "reason" => reason.as_str())
                 .increment(1);
             // Every refusal, whoever refused, in one counter.
             metrics::counter!(
-                "gratify_refused_total",
+                gratify_core::telemetry::REFUSED_TOTAL.name,
                 "by" => "limit",
                 "class" => name.to_owned(),
                 "reason" => reason.as_str()
@@ -1578,18 +1578,18 @@ impl Limiter {
         );
         #[cfg(feature = "metrics")]
         {
-            metrics::gauge!("gratify_limit").set(limit);
-            metrics::gauge!("gratify_limit_in_flight").set(in_flight as f64);
-            metrics::gauge!("gratify_limit_queued").set(queued as f64);
-            metrics::gauge!("gratify_limit_shadow_price").set(price);
+            metrics::gauge!(gratify_core::telemetry::LIMIT.name).set(limit);
+            metrics::gauge!(gratify_core::telemetry::LIMIT_IN_FLIGHT.name).set(in_flight as f64);
+            metrics::gauge!(gratify_core::telemetry::LIMIT_QUEUED.name).set(queued as f64);
+            metrics::gauge!(gratify_core::telemetry::LIMIT_SHADOW_PRICE.name).set(price);
             for (k, c) in shared.classes.iter().enumerate() {
                 let name = c.name.to_string();
-                metrics::gauge!("gratify_limit_queued_class", "class" => name.clone())
+                metrics::gauge!(gratify_core::telemetry::LIMIT_QUEUED_CLASS.name, "class" => name.clone())
                     .set(c.len() as f64);
                 // What delay costs per second right now: every request of the
                 // class in flight or waiting, at its cost rate.
                 let in_flight = fast.class_in_flight(k);
-                metrics::gauge!("gratify_cost_rate", "class" => name).set(
+                metrics::gauge!(gratify_core::telemetry::COST_RATE.name, "class" => name).set(
                     (in_flight as f64 + c.len() as f64) * urgency(&curves[k], view.latency(k)),
                 );
             }

@@ -1128,7 +1128,7 @@ impl Worker {
                 Ok(()) => pause = Duration::from_millis(50),
                 Err(e) => {
                     self.stats.backend_errors.fetch_add(1, Ordering::Relaxed);
-                    super::count("gratify_durable_backend_errors_total");
+                    super::count(gratify_core::telemetry::DURABLE_BACKEND_ERRORS_TOTAL.name);
                     tracing::warn!(error = %e, "durable worker: backend error; retrying");
                     conn.recover(&self.queue.config, &e).await;
                     tokio::select! {
@@ -1256,15 +1256,17 @@ impl Worker {
         };
         if let Outcome::Lost = outcome {
             self.stats.lost_leases.fetch_add(1, Ordering::Relaxed);
-            super::count("gratify_durable_lost_leases_total");
+            super::count(gratify_core::telemetry::DURABLE_LOST_LEASES_TOTAL.name);
             tracing::warn!(job = %kind, key = %key, entry = %delivery.id, "durable job's lease was lost while it ran; its new holder runs it");
             return Ok(());
         }
         let (finish, counter) = match &outcome {
             Outcome::Done | Outcome::Gone | Outcome::Lost => (
                 Finish::Ack,
-                matches!(outcome, Outcome::Done)
-                    .then_some(("gratify_durable_done_total", &self.stats.done)),
+                matches!(outcome, Outcome::Done).then_some((
+                    gratify_core::telemetry::DURABLE_DONE_TOTAL.name,
+                    &self.stats.done,
+                )),
             ),
             Outcome::Failed(error) => {
                 tracing::debug!(job = %kind, key = %key, attempt, error = %error, "durable job failed; will retry");
@@ -1276,7 +1278,10 @@ impl Worker {
                         error,
                         delay: ceiling.mul_f64(jitter()),
                     },
-                    Some(("gratify_durable_retried_total", &self.stats.retried)),
+                    Some((
+                        gratify_core::telemetry::DURABLE_RETRIED_TOTAL.name,
+                        &self.stats.retried,
+                    )),
                 )
             }
             Outcome::Later(delay, why) => {
@@ -1294,7 +1299,10 @@ impl Worker {
                 tracing::warn!(job = %kind, key = %key, attempt, error = %error, "durable job is a dead letter");
                 (
                     Finish::Dead { attempt, error },
-                    Some(("gratify_durable_dead_total", &self.stats.dead)),
+                    Some((
+                        gratify_core::telemetry::DURABLE_DEAD_TOTAL.name,
+                        &self.stats.dead,
+                    )),
                 )
             }
         };
@@ -1333,7 +1341,7 @@ impl Worker {
         } else {
             // Another worker holds the job now and runs it again.
             self.stats.lost_leases.fetch_add(1, Ordering::Relaxed);
-            super::count("gratify_durable_lost_leases_total");
+            super::count(gratify_core::telemetry::DURABLE_LOST_LEASES_TOTAL.name);
             tracing::warn!(job = %kind, key = %key, entry = %delivery.id, "durable job's lease was lost before it finished; its new holder runs it again");
         }
         Ok(())

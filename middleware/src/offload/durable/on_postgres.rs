@@ -511,7 +511,7 @@ impl PgWorker {
             stats
                 .reclaimed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            super::super::count("gratify_durable_reclaimed_total");
+            super::super::count(gratify_core::telemetry::DURABLE_RECLAIMED_TOTAL.name);
             return Ok(Some(reclaimed));
         }
         if held_back() {

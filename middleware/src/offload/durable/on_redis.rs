@@ -379,7 +379,7 @@ impl RedisWorker {
             stats
                 .reclaimed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            super::super::count("gratify_durable_reclaimed_total");
+            super::super::count(gratify_core::telemetry::DURABLE_RECLAIMED_TOTAL.name);
             return Ok(Some(delivery(entry, delivered)));
         }
         if held_back() {
