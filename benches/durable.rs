@@ -14,13 +14,14 @@
 //!
 //! Each contender runs `--workers` jobs at a time with a no-op handler:
 //! gratify as that many `Worker`s; apalis as one worker with
-//! `.concurrency(workers)`, twice — `apalis`, woken by its backend's
+//! `.concurrency(workers).parallelize(tokio::spawn)` (as apalis's README
+//! sets one up), twice — `apalis`, woken by its backend's
 //! pub/sub when a job is pushed (Redis: `RedisStorageFactory`, RESP3;
 //! PostgreSQL: `with_pubsub`, `LISTEN/NOTIFY`), and `apalis-polling`,
 //! looking every 100 ms (`poll_with_interval`). Each is measured twice:
 //!
-//! 1. **drain**: `--jobs` jobs enqueued by 8 concurrent producers while
-//!    the workers run; jobs per second from the first enqueue to the last
+//! 1. **drain**: `--jobs` jobs enqueued by 8 concurrent producers, then
+//!    the workers start: jobs per second from their start to the last
 //!    handler's end, and enqueues per second.
 //! 2. **steady**: jobs enqueued at `--rate` a second (evenly spaced) for
 //!    `--seconds`, so the workers wait idle between them: the enqueue
@@ -172,11 +173,17 @@ type Push = Arc<dyn Fn(BenchJob) -> PushFuture + Send + Sync>;
 /// A contender's queue, running: how to enqueue, and how to stop it.
 struct Running {
     push: Push,
+    /// Lets the workers begin (they wait for it).
+    go: watch::Sender<bool>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
+    fn go(&self) {
+        let _ = self.go.send(true);
+    }
+
     async fn stop(self) {
         let _ = self.stop.send(true);
         for t in self.tasks {
@@ -185,6 +192,7 @@ impl Running {
     }
 }
 
+/// Completes once `rx` is true (the signal to stop, or to go).
 fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
     let mut rx = rx.clone();
     async move {
@@ -293,6 +301,7 @@ async fn start(
     rec: Arc<Recorder>,
 ) -> Running {
     let (stop, rx) = watch::channel(false);
+    let (go, go_rx) = watch::channel(false);
     match contender {
         Contender::Gratify => {
             let config = DurableConfig::new("bench");
@@ -324,7 +333,9 @@ async fn start(
                     }
                 });
                 let until = stopped(&rx);
+                let begin = stopped(&go_rx);
                 tasks.push(tokio::spawn(async move {
+                    begin.await;
                     worker.run(until).await;
                 }));
             }
@@ -338,14 +349,21 @@ async fn start(
                         .map_err(|e| e.to_string())
                 })
             });
-            Running { push, stop, tasks }
+            Running {
+                push,
+                go,
+                stop,
+                tasks,
+            }
         }
         Contender::Apalis | Contender::ApalisPolling => {
             let wake = contender == Contender::Apalis;
             match backend {
-                BackendKind::Redis => apalis_redis_start(url, wake, workers, rec, stop, &rx).await,
+                BackendKind::Redis => {
+                    apalis_redis_start(url, wake, workers, rec, (go, stop), (&go_rx, &rx)).await
+                }
                 BackendKind::Postgres => {
-                    apalis_postgres_start(url, wake, workers, rec, stop, &rx).await
+                    apalis_postgres_start(url, wake, workers, rec, (go, stop), (&go_rx, &rx)).await
                 }
             }
         }
@@ -365,14 +383,22 @@ async fn apalis_handler(
 macro_rules! spawn_apalis {
     ($worker:expr, $rx:expr) => {{
         let worker = $worker;
-        let until = stopped($rx);
-        tokio::spawn(async move {
-            let _ = worker
-                .run_until(async move {
-                    until.await;
-                    Ok::<(), std::io::Error>(())
-                })
-                .await;
+        let begin = stopped($rx.0);
+        let until = stopped($rx.1);
+        // Driven from a blocking thread of the runtime: the compiler cannot
+        // prove the parallelised worker's future `Send` for `tokio::spawn`;
+        // its jobs are spawned onto the runtime's workers all the same.
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            handle.block_on(async move {
+                begin.await;
+                let _ = worker
+                    .run_until(async move {
+                        until.await;
+                        Ok::<(), std::io::Error>(())
+                    })
+                    .await;
+            });
         })
     }};
 }
@@ -382,8 +408,8 @@ async fn apalis_redis_start(
     wake: bool,
     workers: usize,
     rec: Arc<Recorder>,
-    stop: watch::Sender<bool>,
-    rx: &watch::Receiver<bool>,
+    (go, stop): (watch::Sender<bool>, watch::Sender<bool>),
+    rx: (&watch::Receiver<bool>, &watch::Receiver<bool>),
 ) -> Running {
     use apalis::prelude::*;
     // A queue name without `:` (the default, the type's path, has `::`,
@@ -403,6 +429,7 @@ async fn apalis_redis_start(
                 .backend(backend)
                 .data(rec)
                 .concurrency(workers)
+                .parallelize(tokio::spawn)
                 .build(apalis_handler),
             rx
         )
@@ -412,6 +439,7 @@ async fn apalis_redis_start(
                 .backend(storage.clone().poll_with_interval(POLL))
                 .data(rec)
                 .concurrency(workers)
+                .parallelize(tokio::spawn)
                 .build(apalis_handler),
             rx
         )
@@ -422,6 +450,7 @@ async fn apalis_redis_start(
     });
     Running {
         push,
+        go,
         stop,
         tasks: vec![task],
     }
@@ -432,8 +461,8 @@ async fn apalis_postgres_start(
     wake: bool,
     workers: usize,
     rec: Arc<Recorder>,
-    stop: watch::Sender<bool>,
-    rx: &watch::Receiver<bool>,
+    (go, stop): (watch::Sender<bool>, watch::Sender<bool>),
+    rx: (&watch::Receiver<bool>, &watch::Receiver<bool>),
 ) -> Running {
     use apalis::prelude::*;
     use apalis_postgres::{PgPool, PostgresStorage};
@@ -446,6 +475,7 @@ async fn apalis_postgres_start(
                 .backend(storage.clone().with_pubsub())
                 .data(rec)
                 .concurrency(workers)
+                .parallelize(tokio::spawn)
                 .build(apalis_handler),
             rx
         )
@@ -455,6 +485,7 @@ async fn apalis_postgres_start(
                 .backend(storage.clone().poll_with_interval(POLL))
                 .data(rec)
                 .concurrency(workers)
+                .parallelize(tokio::spawn)
                 .build(apalis_handler),
             rx
         )
@@ -465,6 +496,7 @@ async fn apalis_postgres_start(
     });
     Running {
         push,
+        go,
         stop,
         tasks: vec![task],
     }
@@ -500,7 +532,8 @@ async fn measure(
     let mut f = Figures::default();
     let epoch = Instant::now();
 
-    // Drain: 8 producers, as fast as they can.
+    // Drain: 8 producers fill the queue as fast as they can, then the
+    // workers start.
     {
         let url = server.fresh(contender).await;
         let rec = Recorder::new(epoch, jobs);
@@ -538,6 +571,8 @@ async fn measure(
         }
         let enqueued = began.elapsed();
         let expected = jobs - errors.load(Ordering::Relaxed);
+        let began = Instant::now();
+        running.go();
         let _ = tokio::time::timeout(Duration::from_secs(120), async {
             while rec.done.load(Ordering::SeqCst) < expected {
                 tokio::select! {
@@ -565,6 +600,7 @@ async fn measure(
         let n = (args.rate * seconds).round() as usize;
         let rec = Recorder::new(epoch, n);
         let running = start(contender, backend, &url, args.workers, rec.clone()).await;
+        running.go();
         // Let the workers reach their idle wait.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let mut enqueue_ms = Vec::with_capacity(n);
