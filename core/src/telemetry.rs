@@ -92,7 +92,7 @@ vocabulary! {
     COST_RATE = "gratify_cost_rate", Gauge, ["class"], "Delay cost accruing now: requests of the class in flight or waiting times its cost rate (money per second).";
     LIMIT_ADMITTED_TOTAL = "gratify_limit_admitted_total", Counter, ["class"], "Requests the limit admitted.";
     LIMIT_SHED_TOTAL = "gratify_limit_shed_total", Counter, ["class", "reason"], "Requests the limit refused.";
-    REFUSED_TOTAL = "gratify_refused_total", Counter, ["by", "class", "reason"], "Requests refused, by the limit (by=limit) or by the CPU pool behind an offloaded handler (by=offload).";
+    REFUSED_TOTAL = "gratify_refused_total", Counter, ["by", "class", "reason"], "Requests refused, by the limit (by=limit) or by the CPU pool behind an offloaded handler (by=offload; reported through the facade only).";
     CACHE_REQUESTS_TOTAL = "gratify_cache_requests_total", Counter, ["result"], "Requests through the cache, by result (hit, stale, miss, bypass).";
     CACHE_EVICTIONS_TOTAL = "gratify_cache_evictions_total", Counter, ["cause"], "Entries removed from the cache, by cause (size, expired, explicit, replaced).";
     CACHE_BYTES = "gratify_cache_bytes", Gauge, [], "Bytes the cache holds.";
@@ -127,9 +127,9 @@ vocabulary! {
     DURABLE_BACKEND_ERRORS_TOTAL = "gratify_durable_backend_errors_total", Counter, [], "Errors of the durable queue's backend (Redis, PostgreSQL) a worker survived.";
     DURABLE_LOST_LEASES_TOTAL = "gratify_durable_lost_leases_total", Counter, [], "Durable jobs whose lease another worker took before they finished.";
     RECOMMENDED_REPLICAS = "gratify_recommended_replicas", Gauge, [], "Replicas the delay-cost model recommends.";
-    ADVISOR_REPLICA_COST = "gratify_advisor_replica_cost", Gauge, [], "Replica cost per second at the recommended count (money per second).";
-    ADVISOR_DELAY_COST = "gratify_advisor_delay_cost", Gauge, [], "Expected delay cost per second at the recommended count (money per second).";
-    ADVISOR_STALE = "gratify_advisor_stale", Gauge, [], "1 while the recommendation is the last good one (no fresh measurements).";
+    ADVISOR_REPLICA_COST = "gratify_advisor_replica_cost", Gauge, [], "Replica cost per second at the advisor's raw optimum, before smoothing and bounds (money per second).";
+    ADVISOR_DELAY_COST = "gratify_advisor_delay_cost", Gauge, [], "Expected delay cost per second at the advisor's raw optimum, before smoothing and bounds (money per second).";
+    ADVISOR_STALE = "gratify_advisor_stale", Gauge, [], "1 while the recommendation is the last good one (no fresh measurements; admin service only).";
 }
 
 /// The metric named `name`, if it is one of the vocabulary.

@@ -52,22 +52,31 @@ where
 fn in_the_vocabulary(text: &str) {
     use gratify::telemetry::{self, MetricKind};
     let mut typed = std::collections::HashMap::new();
+    let mut series_seen = std::collections::HashSet::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').unwrap();
             let metric = telemetry::find(name).unwrap_or_else(|| panic!("{name} is not defined"));
             assert_eq!(metric.kind.as_str(), kind, "{name}");
-            typed.insert(name.to_owned(), metric);
+            assert!(
+                typed.insert(name.to_owned(), metric).is_none(),
+                "{name} typed twice"
+            );
             continue;
         }
         if line.starts_with('#') {
             continue;
         }
         let (series, value) = line.rsplit_once(' ').unwrap();
+        assert!(series_seen.insert(series.to_owned()), "{series} twice");
         assert!(value.parse::<f64>().is_ok(), "{line}");
         let (name, labels) = series.split_once('{').unwrap_or((series, ""));
         let (metric, extra) = match typed.get(name) {
-            Some(m) => (*m, None),
+            Some(m) => {
+                // A histogram is only its _bucket, _sum and _count series.
+                assert_ne!(m.kind, MetricKind::Histogram, "{line}");
+                (*m, None)
+            }
             None => {
                 // A histogram's series.
                 let (base, suffix) = name.rsplit_once('_').unwrap();
@@ -103,6 +112,8 @@ async fn a_live_stack_shows_in_the_snapshot_and_in_prometheus_text() {
     let defer = Defer::start(&model, None, DeferConfig::default());
     let admin = stack
         .admin()
+        .with_pool("cpu", CpuPool::new(Some(1), 8))
+        // The same name again replaces the first: one series per name.
         .with_pool("cpu", pool.clone())
         .with_defer("mail", defer.clone());
     let app: Router = Router::new()

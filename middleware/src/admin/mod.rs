@@ -121,17 +121,23 @@ impl Admin {
         self
     }
 
-    /// Also reports the CPU pool `pool` under `name`.
+    /// Also reports the CPU pool `pool` under `name` (in place of one
+    /// added before under the same name).
     #[must_use]
     pub fn with_pool(mut self, name: impl Into<String>, pool: CpuPool) -> Self {
-        self.pools.push((name.into(), pool));
+        let name = name.into();
+        self.pools.retain(|(n, _)| *n != name);
+        self.pools.push((name, pool));
         self
     }
 
-    /// Also reports the deferred-work queue `defer` under `name`.
+    /// Also reports the deferred-work queue `defer` under `name` (in place
+    /// of one added before under the same name).
     #[must_use]
     pub fn with_defer(mut self, name: impl Into<String>, defer: Defer) -> Self {
-        self.defers.push((name.into(), defer));
+        let name = name.into();
+        self.defers.retain(|(n, _)| *n != name);
+        self.defers.push((name, defer));
         self
     }
 
@@ -460,7 +466,9 @@ impl Exposition {
     }
 
     fn head(&mut self, metric: &Metric) {
-        let _ = writeln!(self.text, "# HELP {} {}", metric.name, metric.help);
+        // HELP escapes only backslashes and line feeds.
+        let help = metric.help.replace('\\', "\\\\").replace('\n', "\\n");
+        let _ = writeln!(self.text, "# HELP {} {help}", metric.name);
         let _ = writeln!(self.text, "# TYPE {} {}", metric.name, metric.kind.as_str());
     }
 

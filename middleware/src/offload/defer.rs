@@ -182,11 +182,27 @@ struct State {
     dead: VecDeque<String>,
     dead_total: u64,
     next_seq: u64,
+    /// What this queue last added to the facade's pending gauge.
+    #[cfg(feature = "metrics")]
+    published: f64,
 }
 
 impl State {
     fn queued(&self) -> usize {
         self.ready.iter().map(BTreeMap::len).sum::<usize>() + self.backoff.len()
+    }
+
+    /// Brings the facade's `gratify_defer_pending` up to date with this
+    /// queue's jobs waiting or running: by the change since its last
+    /// report, so the gauge is the sum over every queue of the process.
+    fn publish_pending(&mut self) {
+        #[cfg(feature = "metrics")]
+        {
+            let now = (self.queued() + self.running.len()) as f64;
+            metrics::gauge!(gratify_core::telemetry::DEFER_PENDING.name)
+                .increment(now - self.published);
+            self.published = now;
+        }
     }
 
     fn push_ready(&mut self, job: Job) {
@@ -282,6 +298,8 @@ impl Defer {
                 dead: VecDeque::new(),
                 dead_total: 0,
                 next_seq: 0,
+                #[cfg(feature = "metrics")]
+                published: 0.0,
             }),
             wake: Notify::new(),
             model: model.clone(),
@@ -345,6 +363,7 @@ impl Defer {
                 not_before: now,
                 run,
             });
+            s.publish_pending();
         }
         self.shared.wake.notify_one();
         Ok(())
@@ -507,9 +526,7 @@ async fn runner(shared: Arc<Shared>) {
             if let Some(job) = &job {
                 s.running.insert(job.seq, job.name.clone());
             }
-            #[cfg(feature = "metrics")]
-            metrics::gauge!(gratify_core::telemetry::DEFER_PENDING.name)
-                .set((s.queued() + s.running.len()) as f64);
+            s.publish_pending();
             job
         };
         let Some(mut job) = next else {
@@ -555,6 +572,7 @@ async fn runner(shared: Arc<Shared>) {
                     super::count(gratify_core::telemetry::DEFER_DEAD_TOTAL.name);
                 }
             }
+            s.publish_pending();
             drop(s);
             shared2.wake.notify_one();
         });

@@ -81,6 +81,9 @@ struct Job {
 struct Queue {
     jobs: BTreeMap<Key, Job>,
     open: bool,
+    /// What this pool last added to the facade's queued gauge.
+    #[cfg(feature = "metrics")]
+    published: f64,
 }
 
 struct Shared {
@@ -257,10 +260,17 @@ impl Drop for Place {
     }
 }
 
+/// Brings the facade's `gratify_offload_queued` up to date with this
+/// pool's queue: by the change since its last report, under the queue's
+/// lock, so the gauge is the sum over every pool of the process.
 fn gauge_queued(shared: &Shared) {
     #[cfg(feature = "metrics")]
-    metrics::gauge!(gratify_core::telemetry::OFFLOAD_QUEUED.name)
-        .set(lock(&shared.queue).jobs.len() as f64);
+    {
+        let mut q = lock(&shared.queue);
+        let now = q.jobs.len() as f64;
+        metrics::gauge!(gratify_core::telemetry::OFFLOAD_QUEUED.name).increment(now - q.published);
+        q.published = now;
+    }
     #[cfg(not(feature = "metrics"))]
     let _ = shared;
 }
@@ -275,6 +285,8 @@ impl CpuPool {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 jobs: BTreeMap::new(),
+                #[cfg(feature = "metrics")]
+                published: 0.0,
                 open: true,
             }),
             ready: Condvar::new(),

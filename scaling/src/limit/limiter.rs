@@ -1589,6 +1589,10 @@ impl Limiter {
                 // What delay costs per second right now: every request of the
                 // class in flight or waiting, at its cost rate.
                 let in_flight = fast.class_in_flight(k);
+                metrics::gauge!(gratify_core::telemetry::LIMIT_IN_FLIGHT_CLASS.name, "class" => name.clone())
+                    .set(in_flight as f64);
+                metrics::counter!(gratify_core::telemetry::LIMIT_ADMITTED_TOTAL.name, "class" => name.clone())
+                    .absolute(fast.admitted[k].load(Ordering::Relaxed));
                 metrics::gauge!(gratify_core::telemetry::COST_RATE.name, "class" => name).set(
                     (in_flight as f64 + c.len() as f64) * urgency(&curves[k], view.latency(k)),
                 );
