@@ -288,13 +288,49 @@ impl Admin {
         })
     }
 
-    /// The snapshot in the Prometheus text exposition format, in the
-    /// names, kinds and labels of [`gratify_core::telemetry`] — the ones
-    /// the `metrics` facade reports too. CPU pools and deferred queues are
-    /// labelled by the `name` they were added under.
+    /// The snapshot in the Prometheus text exposition format: the
+    /// [`samples`](Self::samples), each metric with its `HELP` and `TYPE`.
     pub fn prometheus(&self) -> String {
+        let mut text = String::new();
+        let mut last: Option<&str> = None;
+        for sample in self.samples() {
+            let metric = sample.metric;
+            if last != Some(metric.name) {
+                // HELP escapes only backslashes and line feeds.
+                let help = metric.help.replace('\\', "\\\\").replace('\n', "\\n");
+                let _ = writeln!(text, "# HELP {} {help}", metric.name);
+                let _ = writeln!(text, "# TYPE {} {}", metric.name, metric.kind.as_str());
+                last = Some(metric.name);
+            }
+            match sample.value {
+                SampleValue::Number(v) => write_sample(&mut text, metric.name, &sample.labels, v),
+                SampleValue::Histogram { sum, count } => {
+                    let name = metric.name;
+                    let mut le = sample.labels.clone();
+                    le.push(("le", "+Inf".to_owned()));
+                    write_sample(&mut text, &format!("{name}_bucket"), &le, count as f64);
+                    write_sample(&mut text, &format!("{name}_sum"), &sample.labels, sum);
+                    write_sample(
+                        &mut text,
+                        &format!("{name}_count"),
+                        &sample.labels,
+                        count as f64,
+                    );
+                }
+            }
+        }
+        text
+    }
+
+    /// Every figure now, in the names, kinds and labels of
+    /// [`gratify_core::telemetry`] — the ones the `metrics` facade reports
+    /// too — metric by metric. CPU pools and deferred queues are labelled by
+    /// the `name` they were added under; compression is summed over codecs
+    /// and levels. What the Prometheus text shows, for an exporter of your
+    /// own (an OpenTelemetry meter's observable instruments, say).
+    pub fn samples(&self) -> Vec<Sample> {
         let snap = self.snapshot();
-        let mut out = Exposition::default();
+        let mut out = Samples::default();
         let f = |v: &Value| v.as_f64().unwrap_or(0.0);
         if let Some(l) = snap["limit"].as_object() {
             out.one(&T::LIMIT, f(&l["limit"]));
@@ -415,77 +451,95 @@ impl Admin {
         ] {
             out.metric(metric, &named("defer", &|p| f(&p[key])));
         }
-        out.text
+        out.0
     }
 }
 
-/// A sample's labels, in the order written.
+/// A sample's labels, in order: each one of its metric's.
 type Labels = Vec<(&'static str, String)>;
 
-/// The Prometheus text of the metrics written so far.
-#[derive(Default)]
-struct Exposition {
-    text: String,
+/// One value of one metric, as [`Admin::samples`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Sample {
+    /// The metric, from the vocabulary.
+    pub metric: &'static Metric,
+    /// Its labels (name, value), each one of the metric's.
+    pub labels: Vec<(&'static str, String)>,
+    /// Its value.
+    pub value: SampleValue,
 }
 
-impl Exposition {
-    /// `metric`'s `HELP` and `TYPE` lines, then each sample (nothing for a
-    /// metric without samples).
-    fn metric(&mut self, metric: &Metric, samples: &[(Labels, f64)]) {
-        if samples.is_empty() {
-            return;
-        }
-        self.head(metric);
+/// The value of a [`Sample`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum SampleValue {
+    /// A counter's or a gauge's value.
+    Number(f64),
+    /// A histogram known by the sum and the count of what it observed.
+    Histogram {
+        /// The sum of the values observed.
+        sum: f64,
+        /// How many values were observed.
+        count: u64,
+    },
+}
+
+/// The samples gathered so far, metric by metric.
+#[derive(Default)]
+struct Samples(Vec<Sample>);
+
+impl Samples {
+    /// Each sample of `metric`.
+    fn metric(&mut self, metric: &'static Metric, samples: &[(Labels, f64)]) {
         for (labels, value) in samples {
             debug_assert!(
                 labels.iter().all(|(k, _)| metric.labels.contains(k)),
                 "{} carries a label its definition does not have",
                 metric.name
             );
-            self.sample(metric.name, labels, *value);
+            debug_assert_ne!(metric.kind, MetricKind::Histogram);
+            self.0.push(Sample {
+                metric,
+                labels: labels.clone(),
+                value: SampleValue::Number(*value),
+            });
         }
     }
 
     /// A metric of one sample without labels.
-    fn one(&mut self, metric: &Metric, value: f64) {
+    fn one(&mut self, metric: &'static Metric, value: f64) {
         self.metric(metric, &[(Vec::new(), value)]);
     }
 
-    /// A histogram known only by its sum and count: one `+Inf` bucket.
-    fn histogram(&mut self, metric: &Metric, sum: f64, count: f64) {
+    /// A histogram known only by its sum and count.
+    fn histogram(&mut self, metric: &'static Metric, sum: f64, count: f64) {
         debug_assert_eq!(metric.kind, MetricKind::Histogram);
-        self.head(metric);
-        let name = metric.name;
-        self.sample(
-            &format!("{name}_bucket"),
-            &vec![("le", "+Inf".to_owned())],
-            count,
-        );
-        self.sample(&format!("{name}_sum"), &Vec::new(), sum);
-        self.sample(&format!("{name}_count"), &Vec::new(), count);
+        self.0.push(Sample {
+            metric,
+            labels: Vec::new(),
+            value: SampleValue::Histogram {
+                sum,
+                count: count as u64,
+            },
+        });
     }
+}
 
-    fn head(&mut self, metric: &Metric) {
-        // HELP escapes only backslashes and line feeds.
-        let help = metric.help.replace('\\', "\\\\").replace('\n', "\\n");
-        let _ = writeln!(self.text, "# HELP {} {help}", metric.name);
-        let _ = writeln!(self.text, "# TYPE {} {}", metric.name, metric.kind.as_str());
-    }
-
-    fn sample(&mut self, name: &str, labels: &Labels, value: f64) {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            self.text.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.text.push(',');
-                }
-                let _ = write!(self.text, "{k}=\"{}\"", escape(v));
+/// One sample line of the Prometheus text.
+fn write_sample(text: &mut String, name: &str, labels: &Labels, value: f64) {
+    text.push_str(name);
+    if !labels.is_empty() {
+        text.push('{');
+        for (i, (k, v)) in labels.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
             }
-            self.text.push('}');
+            let _ = write!(text, "{k}=\"{}\"", escape(v));
         }
-        let _ = writeln!(self.text, " {}", fmt_value(value));
+        text.push('}');
     }
+    let _ = writeln!(text, " {}", fmt_value(value));
 }
 
 fn fmt_value(v: f64) -> String {
