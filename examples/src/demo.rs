@@ -450,6 +450,10 @@ fn colour(name: &str, i: usize) -> &'static str {
 
 /// [`plot`] for any number of apps, in the order given.
 pub fn plot_all(title: &str, apps: &[(&str, &Report)]) -> String {
+    // Written by hand rather than with plotters (which the benchmarks
+    // use): two panels of labelled bars are a few dozen lines of SVG, and
+    // the examples — what a reader builds first — stay without a plotting
+    // stack and its dependencies.
     use std::fmt::Write as _;
     let classes: Vec<&String> = {
         let mut c: Vec<&String> = apps.iter().flat_map(|(_, r)| r.classes.keys()).collect();

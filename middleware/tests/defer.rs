@@ -87,15 +87,54 @@ async fn failures_are_retried_with_backoff_then_dead_lettered() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let times = attempts.lock().unwrap().clone();
     assert_eq!(times.len(), 3);
-    assert!(times[1] - times[0] >= Duration::from_secs(1));
-    assert!(
-        times[2] - times[1] >= Duration::from_secs(2),
-        "backoff doubles"
-    );
+    // Each wait is drawn below its doubling ceiling (1 s, then 2 s), and
+    // noticed within a poll (50 ms).
+    let poll = Duration::from_millis(50);
+    assert!(times[1] - times[0] <= Duration::from_secs(1) + poll);
+    assert!(times[2] - times[1] <= Duration::from_secs(2) + poll);
     let stats = defer.stats();
     assert_eq!((stats.retries, stats.dead), (2, 1));
     let report = defer.drain(Duration::from_secs(1)).await;
     assert_eq!(report.dead, ["flaky"]);
+}
+
+/// Jobs that fail together come back spread over their backoff, not
+/// together (a downstream that just failed them all is not hit again by
+/// all of them at once).
+#[tokio::test(start_paused = true)]
+async fn retries_that_fail_together_come_back_spread_out() {
+    let m = model();
+    let config = DeferConfig::default()
+        .max_attempts(2)
+        .concurrency(32)
+        .backoff(Duration::from_secs(10));
+    let defer = Defer::start(&m, None, config);
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let start = tokio::time::Instant::now();
+    for i in 0..20 {
+        let a = Arc::clone(&attempts);
+        defer
+            .spawn(format!("job-{i}"), m.default_class(), move || {
+                a.lock().unwrap().push(tokio::time::Instant::now());
+                std::future::ready(Err::<(), BoxError>("downstream down".into()))
+            })
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let times = attempts.lock().unwrap().clone();
+    assert_eq!(times.len(), 40, "every job ran twice");
+    let mut retries: Vec<Duration> = times
+        .iter()
+        .map(|t| *t - start)
+        .filter(|d| *d > Duration::from_millis(1))
+        .collect();
+    retries.sort();
+    retries.dedup();
+    // Twenty draws over 10 s, noticed at 50 ms polls: all alike only if
+    // the waits were not drawn (without jitter they were one instant).
+    assert!(retries.len() >= 10, "{retries:?}");
+    assert!(retries.iter().all(|d| *d <= Duration::from_millis(10_050)));
+    let _ = defer.drain(Duration::from_secs(1)).await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -69,6 +69,13 @@ use crate::{ClassId, CostModel, ModelError};
 /// # Ok(())
 /// # }
 /// ```
+// Not `matchit` (axum's router): a class file has what a router refuses or
+// means otherwise — one pattern with and without a method, overlapping
+// patterns decided by specificity (`/orders/*` beside `/orders/{id}`), a
+// `*` tail that matches its prefix itself, empty segments ignored — and
+// requests that match nothing fall to a default rather than a 404. With
+// axum the declared routes follow `MatchedPath` instead, so both agree on
+// what axum routed.
 #[derive(Debug, Clone)]
 pub struct RouteClassifier {
     routes: Arc<[Route]>,

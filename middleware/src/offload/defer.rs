@@ -41,7 +41,8 @@ pub struct DeferConfig {
     pub concurrency: usize,
     /// Attempts before a job is a dead letter.
     pub max_attempts: u32,
-    /// The first retry's delay; it doubles with each attempt.
+    /// The ceiling of the first retry's delay; it doubles with each
+    /// attempt, and each retry waits a uniform draw below it (full jitter).
     pub backoff: Duration,
     /// How often the runner looks again while jobs wait for cheaper CPU.
     pub poll: Duration,
@@ -558,8 +559,9 @@ async fn runner(shared: Arc<Shared>) {
                     shared2.retries.fetch_add(1, Ordering::Relaxed);
                     super::count(gratify_core::telemetry::DEFER_RETRIES_TOTAL.name);
                     tracing::debug!(job = %job.name, attempt = job.attempts, error = %e, "deferred job failed; will retry");
-                    job.not_before =
-                        Instant::now() + super::retry_delay(shared2.config.backoff, job.attempts);
+                    job.not_before = Instant::now()
+                        + super::retry_delay(shared2.config.backoff, job.attempts)
+                            .mul_f64(super::jitter());
                     s.backoff.insert((job.not_before, job.seq), job);
                 }
                 Err(e) => {

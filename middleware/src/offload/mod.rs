@@ -60,12 +60,34 @@ pub use self::defer::{
 };
 pub use self::pool::{CpuPool, OffloadError, PoolStats};
 
-/// The wait before retrying a job whose attempt number `attempt` (from 1)
-/// failed: `first`, doubling with each attempt, at most an hour.
+/// The ceiling of the wait before retrying a job whose attempt number
+/// `attempt` (from 1) failed: `first`, doubling with each attempt, at most
+/// an hour. The wait itself is drawn uniformly below it ([`jitter`]: "full
+/// jitter"), so jobs that failed together do not come back together. (A
+/// crate like `backon` retries a future in a loop; these retries are
+/// entries scheduled in a queue, and the schedule is this one line.)
 fn retry_delay(first: std::time::Duration, attempt: u32) -> std::time::Duration {
     first
         .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
         .min(std::time::Duration::from_secs(3600))
+}
+
+/// Random bits, differently seeded per call (std's hasher keys and the
+/// time): for names and jitter, not for secrets.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// A uniform draw in `[0, 1)` for backoff jitter (not for secrets).
+fn jitter() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Counts one event through the `metrics` facade (feature `metrics`).

@@ -1,5 +1,11 @@
 //! A small seeded generator whose draws are the same on every machine
 //! (xorshift64* and Box–Muller with `libm`'s portable maths).
+//!
+//! Not `rand`/`rand_distr`: the figures in the documentation name a seed
+//! and must come out the same from any later build. `rand`'s `StdRng` is
+//! documented as not reproducible across its versions, `rand_distr` has
+//! changed its algorithms between versions, and platform `ln`/`cos` may
+//! differ in the last bit; this stream depends on none of them.
 
 /// A deterministic random stream.
 #[derive(Debug, Clone)]

@@ -153,7 +153,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use gratify_core::BoxError;
 use serde::Serialize;
@@ -326,20 +326,11 @@ impl DurableConfig {
 
 /// A name unlikely to be repeated: a prefix, the process id and random bits.
 fn fresh_name(prefix: &str) -> String {
-    format!("{prefix}-{}-{:016x}", std::process::id(), random_u64())
-}
-
-/// Random bits, differently seeded per call (std's hasher keys and the
-/// time): for names and jitter, not for secrets.
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
+    format!(
+        "{prefix}-{}-{:016x}",
+        std::process::id(),
+        super::random_u64()
+    )
 }
 
 /// What went wrong talking to the backend or encoding a job.
@@ -576,11 +567,6 @@ impl Lookout {
     fn for_leases(config: &DurableConfig) -> Self {
         Self::new((config.visibility / 10).min(Duration::from_secs(1)))
     }
-}
-
-/// A uniform draw in `[0, 1)` for backoff jitter (not for secrets).
-fn jitter() -> f64 {
-    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// What a backend found claiming an effect.
@@ -1276,7 +1262,7 @@ impl Worker {
                     Finish::Retry {
                         attempt: attempt + 1,
                         error,
-                        delay: ceiling.mul_f64(jitter()),
+                        delay: ceiling.mul_f64(super::jitter()),
                     },
                     Some((
                         gratify_core::telemetry::DURABLE_RETRIED_TOTAL.name,
