@@ -164,6 +164,23 @@ pub struct CacheService<S, K, V, F> {
     key: Arc<F>,
 }
 
+impl<S, K, V, F> CacheService<S, K, V, F> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
 impl<S: Clone, K, V, F> Clone for CacheService<S, K, V, F> {
     fn clone(&self) -> Self {
         Self {

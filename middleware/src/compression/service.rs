@@ -162,6 +162,11 @@ impl<S> Compression<S> {
         &self.inner
     }
 
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// Consumes `self`, returning the inner service.
     pub fn into_inner(self) -> S {
         self.inner

@@ -612,6 +612,23 @@ pub struct DeferService<S> {
     defer: Defer,
 }
 
+impl<S> DeferService<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
 impl<S, B> Service<Request<B>> for DeferService<S>
 where
     S: Service<Request<B>>,

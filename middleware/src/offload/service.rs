@@ -265,6 +265,23 @@ pub struct OffloadService<S> {
     offloader: Offloader,
 }
 
+impl<S> OffloadService<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
 pin_project! {
     /// The inner body, or the short text of a refusal or failure.
     pub struct OffloadBody<B> {
