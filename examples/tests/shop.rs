@@ -143,3 +143,47 @@ async fn a_client_that_gives_up_leaves_no_order_without_its_email() {
     let (orders, mails) = shop.db().counts().unwrap();
     assert_eq!(orders, mails, "{orders} orders, {mails} e-mails");
 }
+
+/// The store exports the replica advisor's recommendation, fed from its own
+/// traffic, where an HPA or KEDA reads it (`deploy/kubernetes`).
+#[tokio::test(start_paused = true)]
+async fn the_store_exports_a_replica_recommendation() {
+    let shop = Shop::in_memory().unwrap();
+    let app = shop.router();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let advising = tokio::spawn({
+        let shop = shop.clone();
+        async move {
+            shop.run_advisor(Duration::from_secs(15), async {
+                let _ = stopped.await;
+            })
+            .await;
+        }
+    });
+    let metrics =
+        |app: axum::Router| async move { call(&app, Method::GET, "/ops/admin/metrics").await.2 };
+    assert!(
+        !metrics(app.clone())
+            .await
+            .contains("gratify_recommended_replicas ")
+    );
+    // Rounds of 15 s with 120 searches each (each a miss, so each asks the
+    // limit; the advisor wants 100 a round).
+    for round in 0..4 {
+        for i in 0..120 {
+            let (status, _, _) = call(&app, Method::GET, &format!("/search?q=r{round}x{i}")).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        tokio::time::sleep(Duration::from_secs(15)).await;
+    }
+    let text = metrics(app.clone()).await;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("gratify_recommended_replicas "))
+        .unwrap_or_else(|| panic!("no recommendation in\n{text}"));
+    let replicas: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(replicas >= 1.0, "{line}");
+    let _ = stop.send(());
+    advising.await.unwrap();
+    shop.shutdown().await;
+}

@@ -44,6 +44,12 @@ struct Args {
     /// balancers stop sending traffic first; a second signal ends it.
     #[arg(long, default_value_t = 0.0)]
     readiness_grace: f64,
+    /// This replica's name in the fleet (with `--redis`: replicas share
+    /// their measurements, so that each recommends the fleet's count);
+    /// defaults to `$POD_NAME`, then `$HOSTNAME`.
+    #[cfg(feature = "redis")]
+    #[arg(long)]
+    replica_name: Option<String>,
 }
 
 async fn open(args: &Args) -> Result<Shop, Box<dyn std::error::Error + Send + Sync>> {
@@ -92,6 +98,23 @@ async fn main() -> ExitCode {
     // Ctrl-C or SIGTERM: stop accepting, finish the requests in flight,
     // then send or report every queued e-mail.
     let stopping = gratify_examples::Stopping::listen();
+    // The replica advisor, fed every 15 s (gratify_recommended_replicas).
+    #[cfg(feature = "redis")]
+    let fleet = match &args.redis {
+        Some(url) => fleet(url, args.replica_name.clone(), &shop).await,
+        None => None,
+    };
+    let advising = {
+        let (shop, stopping) = (shop.clone(), stopping.clone().wait());
+        tokio::spawn(async move {
+            let every = std::time::Duration::from_secs(15);
+            #[cfg(feature = "redis")]
+            if let Some(fleet) = fleet {
+                return shop.run_fleet_advisor(fleet, every, stopping).await;
+            }
+            shop.run_advisor(every, stopping).await;
+        })
+    };
     #[cfg(any(feature = "redis", feature = "postgres"))]
     let mailer = {
         let shop = shop.clone();
@@ -117,6 +140,7 @@ async fn main() -> ExitCode {
         .await;
     #[cfg(any(feature = "redis", feature = "postgres"))]
     let _ = mailer.await;
+    let _ = advising.await;
     let report = shop.shutdown().await;
     eprintln!(
         "shop: stopped; {} deferred job(s) run while draining, {} not run, {} still running, {} dead letter(s)",
@@ -130,6 +154,28 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("shop: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// This replica in the fleet of shops on `url`, or `None` (logged) when
+/// Redis cannot be reached: the advisor then sees this replica alone.
+#[cfg(feature = "redis")]
+async fn fleet(
+    url: &str,
+    name: Option<String>,
+    shop: &Shop,
+) -> Option<gratify::fleet::FleetExchange> {
+    let name = name
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("shop-{}", std::process::id()));
+    let client = redis::Client::open(url).ok()?;
+    match gratify::fleet::FleetExchange::connect(client, "shop", &name, &shop.model()).await {
+        Ok(fleet) => Some(fleet),
+        Err(e) => {
+            tracing::warn!(error = %e, "no fleet exchange; the advisor sees this replica alone");
+            None
         }
     }
 }

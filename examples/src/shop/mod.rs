@@ -35,6 +35,7 @@ pub mod db;
 #[cfg(feature = "postgres")]
 mod pg;
 
+use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
@@ -44,6 +45,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use gratify::offload::{CpuPool, Defer, DeferConfig, DrainReport, OffloadLayer};
+use gratify::scaling::advisor::{AdvisorConfig, LimiterFeed, ScalingAdvisor};
 use gratify::{CostModel, Stack};
 use serde::Deserialize;
 
@@ -128,7 +130,14 @@ pub struct Shop {
     durable: Option<gratify::offload::durable::DurableQueue>,
     /// Whether `/readyz` says to send traffic here.
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Replicas the delay-cost model recommends, exported by the admin
+    /// service as `gratify_recommended_replicas`.
+    advisor: std::sync::Arc<ScalingAdvisor>,
 }
+
+/// Concurrent requests one replica of the store serves at its knee: what
+/// the advisor sizes replicas in. Measure yours (docs/deployment.md).
+pub const SLOTS_PER_REPLICA: u32 = 32;
 
 /// The durable job of a confirmation e-mail.
 #[cfg(any(feature = "redis", feature = "postgres"))]
@@ -229,6 +238,10 @@ impl Shop {
             #[cfg(any(feature = "redis", feature = "postgres"))]
             durable: None,
             ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            advisor: std::sync::Arc::new(ScalingAdvisor::new(
+                &model,
+                AdvisorConfig::new(SLOTS_PER_REPLICA),
+            )),
         })
     }
 
@@ -413,13 +426,73 @@ impl Shop {
         self.routes(false)
     }
 
+    /// The replica advisor (fed by [`run_advisor`](Self::run_advisor)).
+    pub fn advisor(&self) -> &ScalingAdvisor {
+        &self.advisor
+    }
+
+    /// Feeds the advisor this replica's traffic every `every` until `stop`
+    /// completes: what `gratify_recommended_replicas` on the admin service
+    /// rests on. For one replica; a fleet shares its measurements with
+    /// [`run_fleet_advisor`](Self::run_fleet_advisor).
+    pub async fn run_advisor(&self, every: Duration, stop: impl Future<Output = ()>) {
+        let Some(limiter) = self.stack.limiter().cloned() else {
+            return;
+        };
+        let mut feed = LimiterFeed::new(&self.model());
+        let mut tick = tokio::time::interval(every);
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = tick.tick() => feed.feed(&self.advisor, &limiter, tokio::time::Instant::now()),
+            }
+        }
+    }
+
+    /// As [`run_advisor`](Self::run_advisor), for a replica of a fleet: its
+    /// measurements go to `fleet`, and the advisor is fed everyone's, so
+    /// that every replica recommends the fleet's count. Leaves the fleet
+    /// when `stop` completes.
+    #[cfg(feature = "redis")]
+    pub async fn run_fleet_advisor(
+        &self,
+        fleet: gratify::fleet::FleetExchange,
+        every: Duration,
+        stop: impl Future<Output = ()>,
+    ) {
+        let Some(limiter) = self.stack.limiter().cloned() else {
+            return;
+        };
+        let mut feed = LimiterFeed::new(&self.model());
+        let mut tick = tokio::time::interval(every);
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                _ = tick.tick() => {
+                    let now = tokio::time::Instant::now();
+                    if let Some(mine) = feed.measure(&limiter, now) {
+                        // On a Redis error, this round is skipped.
+                        match fleet.exchange(&mine).await {
+                            Ok(all) => self.advisor.observe(now, all),
+                            Err(e) => tracing::warn!(error = %e, "fleet exchange failed"),
+                        }
+                    }
+                }
+            }
+        }
+        let _ = fleet.leave().await;
+    }
+
     /// The app wrapped in the stack, with the admin service at `/ops/admin`.
     pub fn router(&self) -> Router {
         let admin = self
             .stack
             .admin()
             .with_pool("cpu", self.pool.clone())
-            .with_defer("mail", self.defer.clone());
+            .with_defer("mail", self.defer.clone())
+            .with_advisor(std::sync::Arc::clone(&self.advisor));
         self.routes(true)
             .layer(self.stack.clone())
             .nest_service("/ops/admin", admin)
