@@ -86,15 +86,16 @@ async fn the_deployment_probes_the_stores_health_and_fits_its_shutdown() {
     );
 
     // Shutdown: preStop, then the readiness grace, requests in flight (at
-    // most the longest class deadline, 5 s), the deferred work's drain
-    // (10 s) and the CPU pool's (2 s) all fit the grace period.
+    // most the longest class deadline, 5 s), the mailer (10 s) and the
+    // fleet (2 s) the binary waits for, the deferred work's drain (10 s)
+    // and the CPU pool's (2 s) all fit the grace period.
     let pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
         .as_array()
         .unwrap();
     assert_eq!(pre_stop[0], "/bin/sleep");
     let pre_stop: i64 = pre_stop[1].as_str().unwrap().parse().unwrap();
     let grace: i64 = flag(args, "--readiness-grace").parse().unwrap();
-    let needed = pre_stop + grace + 5 + 10 + 2;
+    let needed = pre_stop + grace + 5 + 10 + 2 + 10 + 2;
     assert!(
         int(&pod["terminationGracePeriodSeconds"]) >= needed,
         "needs {needed} s"
@@ -135,9 +136,23 @@ async fn the_deployment_probes_the_stores_health_and_fits_its_shutdown() {
             .output()
             .unwrap();
         let help = String::from_utf8_lossy(&help.stdout);
+        let words: Vec<&str> = help
+            .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']')
+            .collect();
         for arg in args.iter().filter_map(Value::as_str) {
             if arg.starts_with("--") {
-                assert!(help.contains(arg), "{arg} is not a flag of shop");
+                assert!(words.contains(&arg), "{arg} is not a flag of shop");
+            }
+        }
+        // The environment the pod sets is what the binary reads.
+        for var in c["env"].as_array().unwrap() {
+            let name = var["name"].as_str().unwrap();
+            if name.starts_with("SHOP_") {
+                assert!(
+                    words.contains(&format!("env:{name}").as_str())
+                        || help.contains(&format!("[env: {name}")),
+                    "{name} is not read by shop"
+                );
             }
         }
         assert!(

@@ -183,6 +183,11 @@ async fn the_store_exports_a_replica_recommendation() {
         .unwrap_or_else(|| panic!("no recommendation in\n{text}"));
     let replicas: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(replicas >= 1.0, "{line}");
+    // Fed by this round's traffic, not the last good one kept.
+    assert!(text.contains("gratify_advisor_stale 0"), "{text}");
+    let snapshot: serde_json::Value =
+        serde_json::from_str(&call(&app, Method::GET, "/ops/admin/snapshot.json").await.2).unwrap();
+    assert_eq!(snapshot["advisor"]["state"], "fresh");
     let _ = stop.send(());
     advising.await.unwrap();
     shop.shutdown().await;

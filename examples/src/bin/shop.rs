@@ -30,14 +30,15 @@ struct Args {
     /// The SQLite file (created and seeded on first start).
     #[arg(long, default_value = "target/shop.db")]
     db: PathBuf,
-    /// Queue confirmation e-mails on this Redis (durable across restarts).
+    /// Queue confirmation e-mails on this Redis (durable across restarts),
+    /// and share the replica advisor's measurements with the fleet there.
     #[cfg(feature = "redis")]
-    #[arg(long)]
+    #[arg(long, env = "SHOP_REDIS_URL", hide_env_values = true)]
     redis: Option<String>,
     /// Keep the store, and its confirmation e-mails' jobs, in this
     /// PostgreSQL database instead of SQLite.
     #[cfg(feature = "postgres")]
-    #[arg(long)]
+    #[arg(long, env = "SHOP_POSTGRES_URL", hide_env_values = true)]
     postgres: Option<String>,
     /// On SIGTERM or Ctrl-C, answer `/readyz` with 503 for this long (in
     /// seconds) before no longer accepting connections, so that load
@@ -50,6 +51,11 @@ struct Args {
     #[cfg(feature = "redis")]
     #[arg(long)]
     replica_name: Option<String>,
+    /// The fleet's name: replicas of one fleet share their measurements
+    /// (give staging and production different names on one Redis).
+    #[cfg(feature = "redis")]
+    #[arg(long, env = "SHOP_FLEET", default_value = "shop")]
+    fleet: String,
 }
 
 async fn open(args: &Args) -> Result<Shop, Box<dyn std::error::Error + Send + Sync>> {
@@ -73,6 +79,10 @@ async fn open(args: &Args) -> Result<Shop, Box<dyn std::error::Error + Send + Sy
 async fn main() -> ExitCode {
     gratify_examples::init_logs("info");
     let args = Args::parse();
+    // Ctrl-C or SIGTERM from the start (as PID 1 in a container, a signal
+    // nobody listens for is ignored): stop accepting, finish the requests
+    // in flight, then send or report every queued e-mail.
+    let stopping = gratify_examples::Stopping::listen();
     if let Some(dir) = args.db.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -95,22 +105,23 @@ async fn main() -> ExitCode {
         args.listen, args.listen
     );
     let app = shop.router();
-    // Ctrl-C or SIGTERM: stop accepting, finish the requests in flight,
-    // then send or report every queued e-mail.
-    let stopping = gratify_examples::Stopping::listen();
     // The replica advisor, fed every 15 s (gratify_recommended_replicas).
     #[cfg(feature = "redis")]
     let fleet = match &args.redis {
-        Some(url) => fleet(url, args.replica_name.clone(), &shop).await,
+        Some(url) => redis::Client::open(url.as_str()).ok(),
         None => None,
     };
+    #[cfg(feature = "redis")]
+    let (fleet_name, replica) = (args.fleet.clone(), replica_name(args.replica_name.clone()));
     let advising = {
         let (shop, stopping) = (shop.clone(), stopping.clone().wait());
         tokio::spawn(async move {
             let every = std::time::Duration::from_secs(15);
             #[cfg(feature = "redis")]
-            if let Some(fleet) = fleet {
-                return shop.run_fleet_advisor(fleet, every, stopping).await;
+            if let Some(client) = fleet {
+                return shop
+                    .run_fleet_advisor(client, &fleet_name, &replica, every, stopping)
+                    .await;
             }
             shop.run_advisor(every, stopping).await;
         })
@@ -138,9 +149,11 @@ async fn main() -> ExitCode {
     let served = axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(accepting)
         .await;
+    // The mailer finishes the e-mail it is sending; past 10 s it is left
+    // (its job stays leased and is sent again by another replica).
     #[cfg(any(feature = "redis", feature = "postgres"))]
-    let _ = mailer.await;
-    let _ = advising.await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), mailer).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), advising).await;
     let report = shop.shutdown().await;
     eprintln!(
         "shop: stopped; {} deferred job(s) run while draining, {} not run, {} still running, {} dead letter(s)",
@@ -158,24 +171,11 @@ async fn main() -> ExitCode {
     }
 }
 
-/// This replica in the fleet of shops on `url`, or `None` (logged) when
-/// Redis cannot be reached: the advisor then sees this replica alone.
+/// This replica's name in the fleet: `name`, else `$POD_NAME`, else
+/// `$HOSTNAME`, else one made of the process id.
 #[cfg(feature = "redis")]
-async fn fleet(
-    url: &str,
-    name: Option<String>,
-    shop: &Shop,
-) -> Option<gratify::fleet::FleetExchange> {
-    let name = name
-        .or_else(|| std::env::var("POD_NAME").ok())
+fn replica_name(name: Option<String>) -> String {
+    name.or_else(|| std::env::var("POD_NAME").ok())
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| format!("shop-{}", std::process::id()));
-    let client = redis::Client::open(url).ok()?;
-    match gratify::fleet::FleetExchange::connect(client, "shop", &name, &shop.model()).await {
-        Ok(fleet) => Some(fleet),
-        Err(e) => {
-            tracing::warn!(error = %e, "no fleet exchange; the advisor sees this replica alone");
-            None
-        }
-    }
+        .unwrap_or_else(|| format!("shop-{}", std::process::id()))
 }

@@ -450,39 +450,62 @@ impl Shop {
         }
     }
 
-    /// As [`run_advisor`](Self::run_advisor), for a replica of a fleet: its
-    /// measurements go to `fleet`, and the advisor is fed everyone's, so
-    /// that every replica recommends the fleet's count. Leaves the fleet
-    /// when `stop` completes.
+    /// As [`run_advisor`](Self::run_advisor), for the replica `replica` of
+    /// the fleet `fleet` sharing the Redis of `client`: its measurements
+    /// are published there and the advisor is fed everyone's, so that every
+    /// replica recommends the fleet's count. While Redis cannot be reached
+    /// (at start, or later) rounds are skipped — a replica alone would
+    /// recommend for its share — and the advisor's last recommendation is
+    /// exported as stale. Leaves the fleet when `stop` completes (waiting
+    /// at most a second for Redis).
     #[cfg(feature = "redis")]
     pub async fn run_fleet_advisor(
         &self,
-        fleet: gratify::fleet::FleetExchange,
+        client: redis::Client,
+        fleet: &str,
+        replica: &str,
         every: Duration,
         stop: impl Future<Output = ()>,
     ) {
+        use gratify::fleet::FleetExchange;
         let Some(limiter) = self.stack.limiter().cloned() else {
             return;
         };
-        let mut feed = LimiterFeed::new(&self.model());
+        let model = self.model();
+        let mut exchange: Option<FleetExchange> = None;
+        let mut feed = LimiterFeed::new(&model);
         let mut tick = tokio::time::interval(every);
         let mut stop = std::pin::pin!(stop);
         loop {
             tokio::select! {
                 () = &mut stop => break,
-                _ = tick.tick() => {
-                    let now = tokio::time::Instant::now();
-                    if let Some(mine) = feed.measure(&limiter, now) {
-                        // On a Redis error, this round is skipped.
-                        match fleet.exchange(&mine).await {
-                            Ok(all) => self.advisor.observe(now, all),
-                            Err(e) => tracing::warn!(error = %e, "fleet exchange failed"),
-                        }
+                _ = tick.tick() => {}
+            }
+            let now = tokio::time::Instant::now();
+            let mine = feed.measure(&limiter, now);
+            if exchange.is_none() {
+                let connect = FleetExchange::connect(client.clone(), fleet, replica, &model);
+                match tokio::time::timeout(every / 2, connect).await {
+                    Ok(Ok(joined)) => exchange = Some(joined),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "fleet exchange unreachable; round skipped");
                     }
+                    Err(_) => tracing::warn!("fleet exchange timed out; round skipped"),
+                }
+            }
+            if let (Some(exchange), Some(mine)) = (&exchange, mine) {
+                match tokio::time::timeout(every / 2, exchange.exchange(&mine)).await {
+                    Ok(Ok(all)) => self.advisor.observe(now, all),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "fleet exchange failed; round skipped");
+                    }
+                    Err(_) => tracing::warn!("fleet exchange timed out; round skipped"),
                 }
             }
         }
-        let _ = fleet.leave().await;
+        if let Some(exchange) = exchange {
+            let _ = tokio::time::timeout(Duration::from_secs(1), exchange.leave()).await;
+        }
     }
 
     /// The app wrapped in the stack, with the admin service at `/ops/admin`.

@@ -42,7 +42,8 @@ pub struct DeferConfig {
     /// Attempts before a job is a dead letter.
     pub max_attempts: u32,
     /// The ceiling of the first retry's delay; it doubles with each
-    /// attempt, and each retry waits a uniform draw below it (full jitter).
+    /// attempt, and each retry waits between half of it and all of it,
+    /// uniformly ("equal jitter": spread out, with a floor).
     pub backoff: Duration,
     /// How often the runner looks again while jobs wait for cheaper CPU.
     pub poll: Duration,
@@ -561,7 +562,7 @@ async fn runner(shared: Arc<Shared>) {
                     tracing::debug!(job = %job.name, attempt = job.attempts, error = %e, "deferred job failed; will retry");
                     job.not_before = Instant::now()
                         + super::retry_delay(shared2.config.backoff, job.attempts)
-                            .mul_f64(super::jitter());
+                            .mul_f64(0.5 + 0.5 * super::jitter());
                     s.backoff.insert((job.not_before, job.seq), job);
                 }
                 Err(e) => {

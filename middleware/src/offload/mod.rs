@@ -62,8 +62,9 @@ pub use self::pool::{CpuPool, OffloadError, PoolStats};
 
 /// The ceiling of the wait before retrying a job whose attempt number
 /// `attempt` (from 1) failed: `first`, doubling with each attempt, at most
-/// an hour. The wait itself is drawn uniformly below it ([`jitter`]: "full
-/// jitter"), so jobs that failed together do not come back together. (A
+/// an hour. The wait itself is drawn below it with [`jitter`] (durable
+/// jobs: anywhere below, "full jitter"; deferred jobs: between half and
+/// all of it), so jobs that failed together do not come back together. (A
 /// crate like `backon` retries a future in a loop; these retries are
 /// entries scheduled in a queue, and the schedule is this one line.)
 fn retry_delay(first: std::time::Duration, attempt: u32) -> std::time::Duration {

@@ -197,7 +197,8 @@ pub struct DurableConfig {
     /// Deliveries without an acknowledgement before an entry is a dead
     /// letter.
     pub max_deliveries: u32,
-    /// The first retry's delay; it doubles with each attempt.
+    /// The ceiling of the first retry's delay; it doubles with each
+    /// attempt, and each retry waits a uniform draw below it (full jitter).
     pub backoff: Duration,
     /// How long a worker waits for new jobs before it looks again (retries
     /// falling due on PostgreSQL are found within it).
