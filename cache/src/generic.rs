@@ -40,9 +40,8 @@
 //! ```
 
 use std::fmt;
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::hash::Hash;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -225,7 +224,7 @@ where
 {
     type Response = V;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<V, BoxError>> + Send>>;
+    type Future = gratify_core::BoxFuture<Result<V, BoxError>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)

@@ -8,6 +8,11 @@ use std::time::Duration;
 /// Alias for a type-erased error type, as in tower and tower-http.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A boxed, sendable future: what every gratify service or trait that
+/// cannot name its future returns (as `futures`' `BoxFuture`, without the
+/// dependency).
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
 /// An invalid parameter of a delay-cost curve or of a class.
 ///
 /// Returned by the constructors of [`DelayCost`](crate::DelayCost) and

@@ -72,7 +72,7 @@ pub mod slot;
 pub mod telemetry;
 
 pub use self::cost::{Class, DelayCost};
-pub use self::error::{BoxError, ConfigError, CostError, ModelError};
+pub use self::error::{BoxError, BoxFuture, ConfigError, CostError, ModelError};
 pub use self::model::{ClassId, CostModel, CostModelBuilder, CostModelConfig, Prices, SharedModel};
 pub use self::serde_util::parse_duration;
 pub use self::signal::{LoadSignal, LoadSnapshot};

@@ -76,7 +76,7 @@ pub use self::admin::Admin;
 pub use self::stack::{Stack, StackService};
 pub use gratify_core::telemetry;
 pub use gratify_core::{
-    BoxError, Class, ClassId, CostModel, DelayCost, LoadSignal, LoadSnapshot, Prices,
+    BoxError, BoxFuture, Class, ClassId, CostModel, DelayCost, LoadSignal, LoadSnapshot, Prices,
 };
 
 #[cfg(doctest)]

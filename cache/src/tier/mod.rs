@@ -42,8 +42,6 @@ mod envelope;
 pub mod redis;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -57,8 +55,9 @@ use crate::entry::Entry;
 
 pub(crate) use self::envelope::Decoded;
 
-/// A boxed, sendable future, as the methods of [`SharedTier`] return.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+/// A boxed, sendable future, as the methods of [`SharedTier`] return (the
+/// one of `gratify-core`).
+pub use gratify_core::BoxFuture;
 
 /// What a replica hears on the tier's channel.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -150,7 +150,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -869,7 +868,7 @@ impl DurableQueue {
     }
 }
 
-type HandlerFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+type HandlerFuture = gratify_core::BoxFuture<Result<(), BoxError>>;
 type Handler = Arc<dyn Fn(&str, JobContext) -> Result<HandlerFuture, BoxError> + Send + Sync>;
 
 #[derive(Debug, Default)]
