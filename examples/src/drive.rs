@@ -458,21 +458,17 @@ pub fn table_of(apps: &[(&str, &Report)]) -> String {
     out
 }
 
-/// Whether a response says a cache answered it: `Cache-Status` (RFC 9211)
-/// with `hit`, or the `X-Cache: HIT` other caches send.
+/// Whether a response says a cache answered it: a member of its
+/// `Cache-Status` (RFC 9211) with `hit`, or the `X-Cache: HIT` other caches
+/// send.
 pub fn served_from_cache(headers: &http::HeaderMap) -> bool {
-    let says = |name: &str, hit: fn(&str) -> bool| {
-        headers
-            .get_all(name)
+    use gratify::cache::cache_status::CacheStatus;
+    CacheStatus::from_headers(headers).is_ok_and(|s| s.entries().iter().any(|e| e.hit()))
+        || headers
+            .get_all("x-cache")
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(hit)
-    };
-    says("cache-status", |v| {
-        v.split(';')
-            .skip(1)
-            .any(|p| p.trim().eq_ignore_ascii_case("hit"))
-    }) || says("x-cache", |v| v.trim().eq_ignore_ascii_case("hit"))
+            .any(|v| v.trim().eq_ignore_ascii_case("hit"))
 }
 
 #[cfg(test)]
@@ -492,6 +488,10 @@ mod tests {
         assert!(!of(&[("cache-status", "gratify; fwd=uri-miss; stored")]));
         // A cache named "hit" is not a hit.
         assert!(!of(&[("cache-status", "hit; fwd=miss")]));
+        // The nearer cache's hit counts, whichever member it is.
+        assert!(of(&[("cache-status", "origin; fwd=miss, edge; hit")]));
+        // Not a structured list: not read as a hit.
+        assert!(!of(&[("cache-status", "gratify; hit; ttl=3 0")]));
         assert!(of(&[("x-cache", "HIT")]));
         assert!(!of(&[("x-cache", "MISS")]));
         assert!(!of(&[]));
