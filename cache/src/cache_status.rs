@@ -156,14 +156,18 @@ impl CacheStatus {
     ///
     /// A field is not text or not a Structured Field list.
     pub fn from_headers(headers: &http::HeaderMap) -> Result<Self, CacheStatusError> {
-        let mut all = Self::default();
-        for value in headers.get_all("cache-status") {
+        // The field's lines are one list, joined by commas, then parsed.
+        let mut joined = String::new();
+        for (i, value) in headers.get_all("cache-status").iter().enumerate() {
             let text = value
                 .to_str()
                 .map_err(|_| CacheStatusError("a field is not text"))?;
-            all.entries.extend(Self::parse(text)?.entries);
+            if i > 0 {
+                joined.push_str(", ");
+            }
+            joined.push_str(text);
         }
-        Ok(all)
+        Self::parse(&joined)
     }
 
     /// The members, the cache nearest the origin first.
@@ -288,7 +292,10 @@ impl CacheStatusEntry {
 }
 
 /// The member as field text: the name as a token where it can be one,
-/// else as a string; then its parameters.
+/// else as a string; then its parameters. What a field cannot hold is
+/// changed: characters outside printable ASCII in strings become `?`, a
+/// `ttl` beyond 15 digits is clamped, a `fwd` that is not a token is left
+/// out.
 impl fmt::Display for CacheStatusEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write_token_or_string(f, &self.cache)?;
@@ -304,7 +311,8 @@ impl fmt::Display for CacheStatusEntry {
             write!(f, "; fwd-status={n}")?;
         }
         if let Some(n) = self.ttl {
-            write!(f, "; ttl={n}")?;
+            // An integer has at most 15 digits.
+            write!(f, "; ttl={}", n.clamp(-MAX_INTEGER, MAX_INTEGER))?;
         }
         if self.stored {
             f.write_str("; stored")?;
@@ -334,6 +342,19 @@ impl fmt::Display for CacheStatus {
         }
         Ok(())
     }
+}
+
+/// Appends `name` as a member's first item: as a token where it can be
+/// one, else as a string (for the cache's own `Cache-Status`).
+pub(crate) fn push_name(out: &mut String, name: &str) {
+    use std::fmt::Write as _;
+    struct Name<'a>(&'a str);
+    impl fmt::Display for Name<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write_token_or_string(f, self.0)
+        }
+    }
+    let _ = write!(out, "{}", Name(name));
 }
 
 fn is_token(s: &str) -> bool {
@@ -369,6 +390,9 @@ fn write_string(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
 fn is_tchar_or_colon_slash(c: u8) -> bool {
     c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&c)
 }
+
+/// The largest integer a Structured Field holds (15 digits).
+const MAX_INTEGER: i64 = 999_999_999_999_999;
 
 /// A bare item (RFC 8941 §3.3).
 enum Bare {
@@ -487,14 +511,27 @@ impl Parser<'_> {
         String::from_utf8_lossy(&self.s[start..self.i]).into_owned()
     }
 
+    /// A byte sequence: base64 between colons, `=` only as the padding of
+    /// a whole number of quads.
     fn bytes(&mut self) -> Result<Bare, CacheStatusError> {
         self.i += 1;
+        let start = self.i;
         loop {
             match self.next() {
-                Some(b':') => return Ok(Bare::Bytes),
+                Some(b':') => break,
                 Some(c) if c.is_ascii_alphanumeric() || b"+/=".contains(&c) => {}
                 _ => return Err(CacheStatusError("a byte sequence")),
             }
+        }
+        let body = &self.s[start..self.i - 1];
+        let padding = body.iter().rev().take_while(|&&c| c == b'=').count();
+        let well_formed = body.len().is_multiple_of(4)
+            && padding <= 2
+            && !body[..body.len() - padding].contains(&b'=');
+        if well_formed {
+            Ok(Bare::Bytes)
+        } else {
+            Err(CacheStatusError("a byte sequence is not base64"))
         }
     }
 
@@ -534,9 +571,11 @@ impl Parser<'_> {
             } else {
                 Bare::Boolean(true)
             };
-            // A key given twice: the last value counts.
-            out.retain(|(k, _)| *k != key);
-            out.push((key, value));
+            // A key given twice: the last value counts, in the first's place.
+            match out.iter_mut().find(|(k, _)| *k == key) {
+                Some(slot) => slot.1 = value,
+                None => out.push((key, value)),
+            }
         }
         Ok(out)
     }
@@ -567,6 +606,34 @@ mod tests {
             let e = s.cache("gratify").unwrap();
             assert_eq!((e.hit(), e.forward().cloned()), (hit, fwd), "{text}");
         }
+    }
+
+    #[test]
+    fn lines_are_one_list_and_byte_sequences_are_base64() {
+        let mut h = http::HeaderMap::new();
+        h.append("cache-status", http::HeaderValue::from_static("a"));
+        h.append("cache-status", http::HeaderValue::from_static(""));
+        assert!(
+            CacheStatus::from_headers(&h).is_err(),
+            "a, is a trailing comma"
+        );
+        let mut h = http::HeaderMap::new();
+        h.append("cache-status", http::HeaderValue::from_static("a; hit"));
+        h.append(
+            "cache-status",
+            http::HeaderValue::from_static("b; fwd=miss"),
+        );
+        let s = CacheStatus::from_headers(&h).unwrap();
+        assert_eq!(s.entries().len(), 2);
+        assert!(CacheStatus::parse("a; x=:aGk=:").is_ok());
+        for bad in ["a; x=:a:", "a; x=:=a==:", "a; x=:a=b=:"] {
+            assert!(CacheStatus::parse(bad).is_err(), "{bad}");
+        }
+        // A key given twice: the last value.
+        assert_eq!(
+            CacheStatus::parse("a; ttl=1; ttl=2").unwrap().entries()[0].ttl(),
+            Some(2)
+        );
     }
 
     #[test]
@@ -627,6 +694,29 @@ mod tests {
         #[test]
         fn any_text_parses_or_is_refused(text in "\\PC{0,60}") {
             let _ = CacheStatus::parse(&text);
+        }
+
+        /// Text made of the field's own characters reaches every path of
+        /// the parser: an answer or an error, never a panic.
+        #[test]
+        fn field_like_text_parses_or_is_refused(text in "[a-z0-9;=:?\"*,. \t\\()/+-]{0,40}") {
+            let _ = CacheStatus::parse(&text);
+        }
+
+        /// Whatever a member holds, what the writer writes parses.
+        #[test]
+        fn anything_written_parses(
+            name in "\\PC{0,12}",
+            detail in "\\PC{0,12}",
+            ttl in any::<i64>(),
+            fwd in "\\PC{0,8}",
+        ) {
+            let entry = CacheStatusEntry::new(name)
+                .with_detail(detail)
+                .with_ttl(ttl)
+                .with_forward(Forward::Other(fwd));
+            let text = entry.to_string();
+            prop_assert!(CacheStatus::parse(&text).is_ok(), "{}", text);
         }
 
         /// What the writer writes, the parser reads back as it was.

@@ -138,6 +138,22 @@ fn status(h: &HeaderMap) -> &str {
 
 const FRESH_60: (&str, &str) = ("cache-control", "public, max-age=60");
 
+/// A cache name that cannot be a token is written as a string: the field
+/// stays a list its readers can parse.
+#[tokio::test(start_paused = true)]
+async fn a_cache_name_with_a_space_is_written_as_a_string() {
+    let mut config = HttpCacheConfig::default();
+    config.name = "edge cache".into();
+    let h = harness(config, Duration::ZERO, |_, n| {
+        respond(200, &format!("v{n}"), &[FRESH_60])
+    });
+    let _ = send(&h.svc, get("/p")).await;
+    let (_, hd, _) = send(&h.svc, get("/p")).await;
+    assert_eq!(status(&hd), "\"edge cache\"; hit; ttl=60");
+    let parsed = gratify_cache::cache_status::CacheStatus::from_headers(&hd).unwrap();
+    assert!(parsed.cache("edge cache").unwrap().hit());
+}
+
 #[tokio::test(start_paused = true)]
 async fn hits_carry_age_and_expire() {
     let h = harness(HttpCacheConfig::default(), Duration::ZERO, |_, n| {

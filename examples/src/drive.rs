@@ -463,7 +463,13 @@ pub fn table_of(apps: &[(&str, &Report)]) -> String {
 /// send.
 pub fn served_from_cache(headers: &http::HeaderMap) -> bool {
     use gratify::cache::cache_status::CacheStatus;
-    CacheStatus::from_headers(headers).is_ok_and(|s| s.entries().iter().any(|e| e.hit()))
+    // Line by line: one peer's malformed line does not hide another's hit.
+    headers
+        .get_all("cache-status")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| CacheStatus::parse(v).ok())
+        .any(|s| s.entries().iter().any(|e| e.hit()))
         || headers
             .get_all("x-cache")
             .iter()
@@ -492,6 +498,11 @@ mod tests {
         assert!(of(&[("cache-status", "origin; fwd=miss, edge; hit")]));
         // Not a structured list: not read as a hit.
         assert!(!of(&[("cache-status", "gratify; hit; ttl=3 0")]));
+        // But another line's malformed member does not hide this one's hit.
+        assert!(of(&[
+            ("cache-status", "gratify; hit"),
+            ("cache-status", "Some CDN; fwd=miss")
+        ]));
         assert!(of(&[("x-cache", "HIT")]));
         assert!(!of(&[("x-cache", "MISS")]));
         assert!(!of(&[]));

@@ -13,7 +13,6 @@
 //! just as the request goes out — is sent once more on a new connection.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -165,7 +164,7 @@ struct Upstream {
 impl tower::Service<Request<ReqBody>> for Upstream {
     type Response = Response<BoxBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+    type Future = gratify::BoxFuture<Result<Response<BoxBody>, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))

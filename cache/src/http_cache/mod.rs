@@ -281,7 +281,8 @@ impl Shared {
     fn status_text(&self, detail: &str, ttl: Option<i64>) -> HeaderValue {
         use std::fmt::Write as _;
         let mut text = String::with_capacity(self.config.name.len() + detail.len() + 16);
-        text.push_str(&self.config.name);
+        // A name that cannot be a token is written as a string.
+        crate::cache_status::push_name(&mut text, &self.config.name);
         text.push_str("; ");
         text.push_str(detail);
         if let Some(ttl) = ttl {
