@@ -99,4 +99,11 @@ fn count(name: &'static str) {
     #[cfg(not(feature = "metrics"))]
     let _ = name;
 }
-pub use self::service::{OffloadBody, OffloadLayer, OffloadService, Offloader};
+pub use self::service::{Offload, OffloadBody, OffloadLayer, Offloader};
+
+/// The service of [`OffloadLayer`], by its former name.
+#[deprecated(
+    since = "0.1.0",
+    note = "renamed `Offload`, as tower names its services"
+)]
+pub type OffloadService<S> = Offload<S>;

@@ -247,10 +247,10 @@ impl OffloadLayer {
 }
 
 impl<S> Layer<S> for OffloadLayer {
-    type Service = OffloadService<S>;
+    type Service = Offload<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        OffloadService {
+        Offload {
             inner,
             offloader: self.offloader.clone(),
         }
@@ -259,12 +259,12 @@ impl<S> Layer<S> for OffloadLayer {
 
 /// The service of [`OffloadLayer`].
 #[derive(Clone, Debug)]
-pub struct OffloadService<S> {
+pub struct Offload<S> {
     inner: S,
     offloader: Offloader,
 }
 
-impl<S> OffloadService<S> {
+impl<S> Offload<S> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -402,7 +402,7 @@ fn failure<B>(error: OffloadError, retry: Duration) -> Response<OffloadBody<B>> 
     r
 }
 
-impl<S, B, RB> Service<Request<B>> for OffloadService<S>
+impl<S, B, RB> Service<Request<B>> for Offload<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Future: Send + 'static,
