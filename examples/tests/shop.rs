@@ -192,3 +192,74 @@ async fn the_store_exports_a_replica_recommendation() {
     advising.await.unwrap();
     shop.shutdown().await;
 }
+
+/// Every error the store answers has one JSON shape, with a stable code,
+/// and is never cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_one_json_shape() {
+    let shop = Shop::in_memory().unwrap();
+    let app = shop.router();
+    for (method, path, status, code) in [
+        (
+            Method::GET,
+            "/products/999999",
+            StatusCode::NOT_FOUND,
+            "no-such-product",
+        ),
+        (
+            Method::GET,
+            "/products/abc",
+            StatusCode::BAD_REQUEST,
+            "bad-path",
+        ),
+        (
+            Method::GET,
+            "/orders/424242",
+            StatusCode::NOT_FOUND,
+            "no-such-order",
+        ),
+        (
+            Method::POST,
+            "/checkout/nobody",
+            StatusCode::CONFLICT,
+            "empty-cart",
+        ),
+        (
+            Method::POST,
+            "/cart/ann/999999",
+            StatusCode::NOT_FOUND,
+            "no-such-product",
+        ),
+        (
+            Method::GET,
+            "/no/such/page",
+            StatusCode::NOT_FOUND,
+            "not-found",
+        ),
+    ] {
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "shop.example")
+            .body(Body::empty())
+            .unwrap();
+        let r = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(r.status(), status, "{path}");
+        assert_eq!(r.headers()["content-type"], "application/json", "{path}");
+        assert_eq!(r.headers()["cache-control"], "no-store", "{path}");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], code, "{path}");
+        assert!(
+            json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    // The admin service is still where it was.
+    assert_eq!(
+        call(&app, Method::GET, "/ops/admin/snapshot.json").await.0,
+        StatusCode::OK
+    );
+    shop.shutdown().await;
+}

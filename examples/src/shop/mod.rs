@@ -171,9 +171,52 @@ fn json(status: StatusCode, cache: &'static str, body: &impl serde::Serialize) -
     r
 }
 
+/// An error in the one shape every endpoint of the store answers with:
+/// `{"error": {"code": "<stable, for programs>", "message": "<for people>"}}`,
+/// never cached.
+fn error(status: StatusCode, code: &'static str, message: &str) -> Response {
+    json(
+        status,
+        "no-store",
+        &serde_json::json!({ "error": { "code": code, "message": message } }),
+    )
+}
+
+/// A path parameter, or — when the path does not hold one of its type —
+/// the store's error shape (400 `bad-path`) instead of axum's plain text.
+struct Param<T>(T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for Param<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + Send,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        match UrlPath::<T>::from_request_parts(parts, state).await {
+            Ok(UrlPath(value)) => Ok(Self(value)),
+            Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad-path", &e.body_text())),
+        }
+    }
+}
+
+/// Any path the store does not serve.
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not-found", "no such page")
+}
+
 fn internal(e: impl std::fmt::Display) -> Response {
     tracing::warn!(error = %e, "store error");
-    (StatusCode::INTERNAL_SERVER_ERROR, "store error\n").into_response()
+    // What went wrong stays in the log: the client learns only that it did.
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the store could not answer",
+    )
 }
 
 /// Sends the confirmation of `order` (records it in the outbox, once) on
@@ -540,6 +583,7 @@ impl Shop {
             // Exempt from the stack in shop.toml: answered however loaded.
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
+            .fallback(not_found)
             .with_state(self.clone())
     }
 
@@ -598,10 +642,10 @@ async fn catalogue(State(shop): State<Shop>, Query(q): Query<PageQuery>) -> Resp
     }
 }
 
-async fn product(State(shop): State<Shop>, UrlPath(id): UrlPath<u32>) -> Response {
+async fn product(State(shop): State<Shop>, Param(id): Param<u32>) -> Response {
     match query(&shop.db, move |db| db.product(id)).await {
         Ok(Some(p)) => json(StatusCode::OK, "public, max-age=60", &p),
-        Ok(None) => (StatusCode::NOT_FOUND, "no such product\n").into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no-such-product", "no such product"),
         Err(r) => r,
     }
 }
@@ -651,7 +695,7 @@ async fn recommend(State(shop): State<Shop>, UrlPath(user): UrlPath<String>) -> 
 
 async fn add_to_cart(
     State(shop): State<Shop>,
-    UrlPath((user, product)): UrlPath<(String, u32)>,
+    Param((user, product)): Param<(String, u32)>,
 ) -> Response {
     match query(&shop.db, move |db| db.add_to_cart(&user, product, 1)).await {
         Ok(true) => json(
@@ -659,7 +703,7 @@ async fn add_to_cart(
             "no-store",
             &serde_json::json!({ "added": product }),
         ),
-        Ok(false) => (StatusCode::NOT_FOUND, "no such product\n").into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, "no-such-product", "no such product"),
         Err(r) => r,
     }
 }
@@ -679,15 +723,15 @@ async fn checkout(State(shop): State<Shop>, UrlPath(user): UrlPath<String>) -> R
     .await;
     match placed {
         Ok(Some(order)) => json(StatusCode::CREATED, "no-store", &order),
-        Ok(None) => (StatusCode::CONFLICT, "the cart is empty\n").into_response(),
+        Ok(None) => error(StatusCode::CONFLICT, "empty-cart", "the cart is empty"),
         Err(r) => r,
     }
 }
 
-async fn order(State(shop): State<Shop>, UrlPath(id): UrlPath<i64>) -> Response {
+async fn order(State(shop): State<Shop>, Param(id): Param<i64>) -> Response {
     match query(&shop.db, move |db| db.order(id)).await {
         Ok(Some(o)) => json(StatusCode::OK, "no-store", &o),
-        Ok(None) => (StatusCode::NOT_FOUND, "no such order\n").into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no-such-order", "no such order"),
         Err(r) => r,
     }
 }
