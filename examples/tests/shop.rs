@@ -193,8 +193,8 @@ async fn the_store_exports_a_replica_recommendation() {
     shop.shutdown().await;
 }
 
-/// Every error the store answers has one JSON shape, with a stable code,
-/// and is never cached.
+/// Every error the store's routes and handlers answer has one JSON shape,
+/// with a stable code, and is never cached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_have_one_json_shape() {
     let shop = Shop::in_memory().unwrap();
@@ -235,6 +235,30 @@ async fn errors_have_one_json_shape() {
             "/no/such/page",
             StatusCode::NOT_FOUND,
             "not-found",
+        ),
+        (
+            Method::GET,
+            "/checkout/ann",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+        ),
+        (
+            Method::GET,
+            "/products?page=abc",
+            StatusCode::BAD_REQUEST,
+            "bad-query",
+        ),
+        (
+            Method::POST,
+            "/cart/ann/x",
+            StatusCode::BAD_REQUEST,
+            "bad-path",
+        ),
+        (
+            Method::POST,
+            "/checkout/%FF",
+            StatusCode::BAD_REQUEST,
+            "bad-path",
         ),
     ] {
         let request = Request::builder()

@@ -171,9 +171,10 @@ fn json(status: StatusCode, cache: &'static str, body: &impl serde::Serialize) -
     r
 }
 
-/// An error in the one shape every endpoint of the store answers with:
+/// An error in the one shape the store's handlers and routes answer with:
 /// `{"error": {"code": "<stable, for programs>", "message": "<for people>"}}`,
-/// never cached.
+/// never cached. (A request the Stack refuses under load gets gratify's
+/// 503 with `x-gratify-shed`, before any handler.)
 fn error(status: StatusCode, code: &'static str, message: &str) -> Response {
     json(
         status,
@@ -199,9 +200,42 @@ where
     ) -> Result<Self, Response> {
         match UrlPath::<T>::from_request_parts(parts, state).await {
             Ok(UrlPath(value)) => Ok(Self(value)),
+            // A route that does not fit its handler is the store's fault.
+            Err(e) if e.status().is_server_error() => Err(internal(e.body_text())),
             Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad-path", &e.body_text())),
         }
     }
+}
+
+/// A query string, or — when it does not hold the handler's parameters —
+/// the store's error shape (400 `bad-query`).
+struct QueryParam<T>(T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for QueryParam<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + Send,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad-query", &e.body_text())),
+        }
+    }
+}
+
+/// A method a route does not serve.
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this page does not take that method",
+    )
 }
 
 /// Any path the store does not serve.
@@ -584,6 +618,7 @@ impl Shop {
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
             .with_state(self.clone())
     }
 
@@ -634,7 +669,7 @@ async fn readyz(State(shop): State<Shop>) -> Response {
     r
 }
 
-async fn catalogue(State(shop): State<Shop>, Query(q): Query<PageQuery>) -> Response {
+async fn catalogue(State(shop): State<Shop>, QueryParam(q): QueryParam<PageQuery>) -> Response {
     let page = q.page.unwrap_or(1).clamp(1, 1000);
     match query(&shop.db, move |db| db.catalogue(page)).await {
         Ok(products) => json(StatusCode::OK, "public, max-age=30", &products),
@@ -650,7 +685,7 @@ async fn product(State(shop): State<Shop>, Param(id): Param<u32>) -> Response {
     }
 }
 
-async fn search(State(shop): State<Shop>, Query(q): Query<SearchQuery>) -> Response {
+async fn search(State(shop): State<Shop>, QueryParam(q): QueryParam<SearchQuery>) -> Response {
     let text: String = q.q.unwrap_or_default().chars().take(64).collect();
     match query(&shop.db, move |db| db.search(&text)).await {
         Ok(products) => json(StatusCode::OK, "public, max-age=10", &products),
@@ -660,7 +695,7 @@ async fn search(State(shop): State<Shop>, Query(q): Query<SearchQuery>) -> Respo
 
 /// Scores every product for `user`: a deliberately CPU-heavy loop (a few
 /// milliseconds), as a real recommender's model would be.
-async fn recommend(State(shop): State<Shop>, UrlPath(user): UrlPath<String>) -> Response {
+async fn recommend(State(shop): State<Shop>, Param(user): Param<String>) -> Response {
     let features = match shop.db.features() {
         Ok(f) => f,
         Err(e) => return internal(e),
@@ -708,7 +743,7 @@ async fn add_to_cart(
     }
 }
 
-async fn checkout(State(shop): State<Shop>, UrlPath(user): UrlPath<String>) -> Response {
+async fn checkout(State(shop): State<Shop>, Param(user): Param<String>) -> Response {
     let mailer = shop.clone();
     // The order and the hand-off of its confirmation e-mail happen together
     // on the blocking pool: a client that gives up (and drops this handler)
