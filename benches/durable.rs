@@ -379,10 +379,16 @@ async fn apalis_handler(
     Ok(())
 }
 
-/// Runs an apalis worker until `rx` says stop.
+/// Runs an apalis worker on `backend` with `workers` jobs at a time (as
+/// its README sets one up) from when `rx.0` says go until `rx.1` says stop.
 macro_rules! spawn_apalis {
-    ($worker:expr, $rx:expr) => {{
-        let worker = $worker;
+    ($backend:expr, $rec:expr, $workers:expr, $rx:expr) => {{
+        let worker = WorkerBuilder::new("apalis-bench")
+            .backend($backend)
+            .data($rec)
+            .concurrency($workers)
+            .parallelize(tokio::spawn)
+            .build(apalis_handler);
         let begin = stopped($rx.0);
         let until = stopped($rx.1);
         // Driven from a blocking thread of the runtime: the compiler cannot
@@ -400,6 +406,23 @@ macro_rules! spawn_apalis {
                     .await;
             });
         })
+    }};
+}
+
+/// What an apalis contender runs: pushes through `storage`, one worker task.
+macro_rules! apalis_running {
+    ($storage:expr, $go:expr, $stop:expr, $task:expr) => {{
+        let storage = $storage;
+        let push: Push = Arc::new(move |job| {
+            let mut storage = storage.clone();
+            Box::pin(async move { storage.push(job).await.map_err(|e| e.to_string()) })
+        });
+        Running {
+            push,
+            go: $go,
+            stop: $stop,
+            tasks: vec![$task],
+        }
     }};
 }
 
@@ -424,36 +447,11 @@ async fn apalis_redis_start(
             .await
             .unwrap();
         let backend = BackendFactory::<BenchJob>::create_with_config(&mut factory, config).unwrap();
-        spawn_apalis!(
-            WorkerBuilder::new("apalis-bench")
-                .backend(backend)
-                .data(rec)
-                .concurrency(workers)
-                .parallelize(tokio::spawn)
-                .build(apalis_handler),
-            rx
-        )
+        spawn_apalis!(backend, rec, workers, rx)
     } else {
-        spawn_apalis!(
-            WorkerBuilder::new("apalis-bench")
-                .backend(storage.clone().poll_with_interval(POLL))
-                .data(rec)
-                .concurrency(workers)
-                .parallelize(tokio::spawn)
-                .build(apalis_handler),
-            rx
-        )
+        spawn_apalis!(storage.clone().poll_with_interval(POLL), rec, workers, rx)
     };
-    let push: Push = Arc::new(move |job| {
-        let mut storage = storage.clone();
-        Box::pin(async move { storage.push(job).await.map_err(|e| e.to_string()) })
-    });
-    Running {
-        push,
-        go,
-        stop,
-        tasks: vec![task],
-    }
+    apalis_running!(storage, go, stop, task)
 }
 
 async fn apalis_postgres_start(
@@ -470,36 +468,11 @@ async fn apalis_postgres_start(
     PostgresStorage::<()>::setup(&pool).await.unwrap();
     let storage = PostgresStorage::<BenchJob>::new(&pool);
     let task = if wake {
-        spawn_apalis!(
-            WorkerBuilder::new("apalis-bench")
-                .backend(storage.clone().with_pubsub())
-                .data(rec)
-                .concurrency(workers)
-                .parallelize(tokio::spawn)
-                .build(apalis_handler),
-            rx
-        )
+        spawn_apalis!(storage.clone().with_pubsub(), rec, workers, rx)
     } else {
-        spawn_apalis!(
-            WorkerBuilder::new("apalis-bench")
-                .backend(storage.clone().poll_with_interval(POLL))
-                .data(rec)
-                .concurrency(workers)
-                .parallelize(tokio::spawn)
-                .build(apalis_handler),
-            rx
-        )
+        spawn_apalis!(storage.clone().poll_with_interval(POLL), rec, workers, rx)
     };
-    let push: Push = Arc::new(move |job| {
-        let mut storage = storage.clone();
-        Box::pin(async move { storage.push(job).await.map_err(|e| e.to_string()) })
-    });
-    Running {
-        push,
-        go,
-        stop,
-        tasks: vec![task],
-    }
+    apalis_running!(storage, go, stop, task)
 }
 
 /// One contender's figures on one backend.
