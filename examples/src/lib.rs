@@ -21,16 +21,40 @@
 pub mod demo;
 pub mod drive;
 
-/// Sends the process's logs to stderr, at the level `RUST_LOG` asks
-/// (`default` when unset, `info` or `warn`, say): what the binaries call
-/// first.
+/// Sends the process's logs to stderr, at the levels `RUST_LOG` asks
+/// (`default` when unset or not understood — `info` or `warn`, say): what
+/// the binaries call first. `RUST_LOG` is a level, or a comma-separated list
+/// of `target=level` and a level for the rest (`gratify=debug,warn`).
 pub fn init_logs(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let asked = std::env::var("RUST_LOG").ok();
+    let filter = log_filter(asked.as_deref(), default);
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .try_init();
+}
+
+/// The levels of [`init_logs`]: `asked` (`RUST_LOG`) if it parses, else
+/// `default`, else `info`. `Targets`, not `EnvFilter`: the same
+/// `target=level` lists without the span-field matching that needs a regex
+/// engine in every build.
+fn log_filter(asked: Option<&str>, default: &str) -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    let fallback = || {
+        default
+            .parse::<Targets>()
+            .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO))
+    };
+    match asked.map(str::parse::<Targets>) {
+        Some(Ok(targets)) => targets,
+        Some(Err(error)) => {
+            eprintln!("RUST_LOG not understood ({error}); logging at {default}");
+            fallback()
+        }
+        None => fallback(),
+    }
 }
 
 /// Resolves when the process is asked to stop: Ctrl-C, or (on Unix) the
@@ -87,3 +111,26 @@ pub mod shop;
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/getting-started.md")]
 struct GettingStartedDoctests;
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+
+    use super::log_filter;
+
+    #[test]
+    fn rust_log_lists_levels_by_target_and_a_bad_one_falls_back() {
+        let f = log_filter(Some("gratify=debug,warn"), "info");
+        assert!(f.would_enable("gratify::cache", &Level::DEBUG));
+        assert!(!f.would_enable("hyper", &Level::INFO));
+        assert!(f.would_enable("hyper", &Level::WARN));
+        // Unset: the binary's default.
+        let f = log_filter(None, "warn");
+        assert!(!f.would_enable("shop", &Level::INFO));
+        assert!(f.would_enable("shop", &Level::WARN));
+        // Not understood: the default, not silence and not everything.
+        let f = log_filter(Some("gratify=loud"), "info");
+        assert!(f.would_enable("shop", &Level::INFO));
+        assert!(!f.would_enable("shop", &Level::DEBUG));
+    }
+}
