@@ -84,6 +84,16 @@ impl ClassId {
     }
 }
 
+/// A class id reads as its index in the model (`0`, `1`, …), for settings
+/// that name classes by position, such as a limiter's `never_shed`. A class
+/// file names classes instead; [`CostModel::id`] turns a name into an
+/// id.
+impl<'de> Deserialize<'de> for ClassId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        u16::deserialize(deserializer).map(Self)
+    }
+}
+
 impl fmt::Display for ClassId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "class#{}", self.0)

@@ -909,3 +909,45 @@ mod direct {
         assert_eq!((s.in_flight, s.queued), (0, 0));
     }
 }
+
+/// `LimiterConfig` from a configuration file: every key optional, durations
+/// as text, classes by index, bad values refused with the key's reason.
+#[test]
+fn a_limiter_config_reads_from_a_file_and_refuses_nonsense() {
+    use gratify_scaling::limit::{Admission, LimiterConfig};
+    let config: LimiterConfig = serde_json::from_str(
+        r#"{
+            "admission": { "partitioned": [0.7, 0.3] },
+            "max_queue_per_class": 16,
+            "estimate_half_life": "1.5s",
+            "probe_interval": 0.25,
+            "never_shed": [[1, 8]],
+            "deadline_quantile": 0.9
+        }"#,
+    )
+    .unwrap();
+    assert_eq!(config.admission, Admission::Partitioned(vec![0.7, 0.3]));
+    assert_eq!(config.max_queue_per_class, Some(16));
+    assert_eq!(config.estimate_half_life, Duration::from_millis(1500));
+    assert_eq!(config.probe_interval, Duration::from_millis(250));
+    assert_eq!(config.never_shed, vec![(ClassId::from_index(1), 8)]);
+    assert_eq!(config.deadline_quantile, 0.9);
+    // What was not given is the default.
+    let defaults = LimiterConfig::default();
+    assert_eq!(config.max_queue, defaults.max_queue);
+    assert_eq!(config.max_queue_time, defaults.max_queue_time);
+
+    for (text, says) in [
+        (r#"{ "deadline_quantile": 1.0 }"#, "between 0 and 1"),
+        (
+            r#"{ "admission": { "partitioned": [0.5, -0.1] } }"#,
+            "non-negative",
+        ),
+        (r#"{ "admission": "lifo" }"#, "unknown variant"),
+        (r#"{ "max_queue_time": "soon" }"#, "invalid duration"),
+        (r#"{ "max_queue_lenght": 3 }"#, "unknown field"),
+    ] {
+        let error = serde_json::from_str::<LimiterConfig>(text).unwrap_err();
+        assert!(error.to_string().contains(says), "{text}: {error}");
+    }
+}

@@ -323,7 +323,34 @@ impl Calibration {
 }
 
 /// The settings of a [`CompressionLayer`].
-#[derive(Debug, Clone)]
+///
+/// They read from a configuration file as a [`Stack`](crate::Stack)'s
+/// `[compression]` table does ([`CompressionSettings`]), with the same
+/// checks and the same defaults — adaptive levels unless `level = "fixed"`.
+/// The CPU pool is code, not configuration: set [`offload`](Self::offload)
+/// after reading.
+///
+/// [`CompressionSettings`]: crate::stack::config::CompressionSettings
+///
+/// ```
+/// use gratify::compression::{Codec, CompressionConfig, Level};
+///
+/// let config: CompressionConfig = toml::from_str(
+///     r#"
+///     codecs = ["gzip"]
+///     min_size = 2048
+///     "#,
+/// ).unwrap();
+/// assert_eq!(config.codecs, [Codec::Gzip]);
+/// assert_eq!(config.min_size, 2048);
+/// assert_eq!(config.level, Level::Adaptive);
+///
+/// // Values are checked as the Stack checks them.
+/// let bad = toml::from_str::<CompressionConfig>("level = \"fixed\"\nlevels = { gzip = 12 }");
+/// assert!(bad.unwrap_err().to_string().contains("must be within 1..=9"));
+/// ```
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(try_from = "crate::stack::config::CompressionSettings")]
 #[non_exhaustive]
 pub struct CompressionConfig {
     /// Codecs to offer, in server preference (the first of equal q-values wins).

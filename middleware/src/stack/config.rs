@@ -421,6 +421,15 @@ fn limiter(model: &CostModel, s: LimitSettings) -> Result<Limiter, StackConfigEr
     })
 }
 
+impl TryFrom<CompressionSettings> for CompressionConfig {
+    type Error = StackConfigError;
+
+    /// The layer's settings from the table, checked.
+    fn try_from(settings: CompressionSettings) -> Result<Self, StackConfigError> {
+        compression_config(settings)
+    }
+}
+
 fn compression_config(s: CompressionSettings) -> Result<CompressionConfig, StackConfigError> {
     let mut config = CompressionConfig::default();
     if let Some(chosen) = s.codecs {

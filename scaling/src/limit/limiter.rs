@@ -78,7 +78,11 @@ impl fmt::Display for Reason {
 }
 
 /// How requests are admitted once the limit is reached.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// In a configuration file: `"delay-cost"`, `"fifo"`, `"reject-at-limit"`,
+/// or `{ partitioned = [0.7, 0.3] }` (finite, non-negative shares).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum Admission {
     /// gratify's value-based admission (the default): per-class queues
@@ -95,11 +99,54 @@ pub enum Admission {
     /// Netflix's partitioned limiter: each class, by [`ClassId`] index, is
     /// guaranteed its share of the limit; at the limit, a class over its
     /// share is refused at once.
-    Partitioned(Vec<f64>),
+    Partitioned(#[serde(deserialize_with = "shares")] Vec<f64>),
+}
+
+/// Partition shares: finite and non-negative.
+fn shares<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+    let shares = <Vec<f64> as serde::Deserialize>::deserialize(d)?;
+    match shares.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
+        Some(bad) => Err(serde::de::Error::custom(format!(
+            "partitioned: share {bad} must be a finite, non-negative number"
+        ))),
+        None => Ok(shares),
+    }
+}
+
+/// A quantile strictly between 0 and 1.
+fn quantile<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let q = <f64 as serde::Deserialize>::deserialize(d)?;
+    if q > 0.0 && q < 1.0 {
+        Ok(q)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "deadline_quantile {q} must be between 0 and 1"
+        )))
+    }
 }
 
 /// The limiter's settings.
-#[derive(Debug, Clone)]
+///
+/// They read from a configuration file too: every key is optional (the
+/// [`Default`] fills the rest), durations are text such as `"300ms"` or a
+/// number of seconds, an unknown key is an error. Classes are named by their
+/// index in the model. (A [`Stack`]'s `[limit]` table names them instead.)
+///
+/// [`Stack`]: https://docs.rs/gratify/latest/gratify/stack/struct.Stack.html
+///
+/// ```
+/// use std::time::Duration;
+/// use gratify_scaling::limit::{Admission, LimiterConfig};
+///
+/// let config: LimiterConfig = serde_json::from_str(
+///     r#"{ "admission": "fifo", "max_queue": 64, "max_queue_time": "250ms" }"#,
+/// ).unwrap();
+/// assert_eq!(config.admission, Admission::Fifo);
+/// assert_eq!(config.max_queue_time, Duration::from_millis(250));
+/// assert_eq!(config.warmup_samples, LimiterConfig::default().warmup_samples);
+/// ```
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct LimiterConfig {
     /// How requests are admitted at the limit.
@@ -109,6 +156,7 @@ pub struct LimiterConfig {
     /// The most waiting per class (`None`: only `max_queue`).
     pub max_queue_per_class: Option<usize>,
     /// The longest any request waits (a class with a deadline waits less).
+    #[serde(with = "gratify_core::serde_util::duration")]
     pub max_queue_time: Duration,
     /// Samples before the cost rules may shed (cold start).
     pub warmup_samples: u64,
@@ -117,10 +165,12 @@ pub struct LimiterConfig {
     pub never_shed: Vec<(ClassId, usize)>,
     /// How fast each class's latency estimate forgets: the weight of a
     /// sample halves every `estimate_half_life` (default 2 s).
+    #[serde(with = "gratify_core::serde_util::duration")]
     pub estimate_half_life: Duration,
     /// The quantile of a class's own latency that the deadline rule compares
     /// with its deadline (default 0.5: a request is refused for its deadline
     /// only when it would more likely than not be late).
+    #[serde(deserialize_with = "quantile")]
     pub deadline_quantile: f64,
     /// While a class is refused on its own latency estimate (for its
     /// deadline or for cost), one of its requests is still served this
@@ -128,6 +178,7 @@ pub struct LimiterConfig {
     /// else queued in its turn — so that its estimate follows the service
     /// and the class returns as soon as it can be served; a probe that
     /// finishes in time outweighs the old evidence.
+    #[serde(with = "gratify_core::serde_util::duration")]
     pub probe_interval: Duration,
 }
 
