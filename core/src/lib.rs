@@ -66,6 +66,7 @@ pub mod error;
 pub mod estimate;
 pub mod model;
 pub mod queueing;
+pub mod refusal;
 pub mod serde_util;
 pub mod signal;
 pub mod slot;

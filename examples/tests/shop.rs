@@ -287,3 +287,57 @@ async fn errors_have_one_json_shape() {
     );
     shop.shutdown().await;
 }
+
+/// The store's refusals under load are in its error shape too: the limit
+/// table of shop.toml, made to refuse at once (a limit of one, no queue),
+/// answers a second request with the store's JSON error.
+#[tokio::test]
+async fn refusals_under_load_have_the_stores_error_shape() {
+    use gratify::stack::config::{LimitAlgorithm, StackSettings};
+    let mut settings: StackSettings = toml::from_str(gratify_examples::shop::CONFIG).unwrap();
+    let limit = settings.limit.as_mut().unwrap();
+    limit.algorithm = Some(LimitAlgorithm::Fixed);
+    limit.fixed_limit = Some(1);
+    limit.max_queue = Some(0);
+    limit.never_shed.clear();
+    let stack = gratify::Stack::from_settings(settings).unwrap();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let app = tower::Layer::layer(
+        &stack,
+        tower::service_fn({
+            let release = std::sync::Arc::clone(&release);
+            move |_req: Request<Body>| {
+                let release = std::sync::Arc::clone(&release);
+                async move {
+                    release.notified().await;
+                    Ok::<_, std::convert::Infallible>(axum::response::Response::new(Body::empty()))
+                }
+            }
+        }),
+    );
+    let request = || {
+        Request::post("/checkout/ann")
+            .header("host", "shop.example")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let holder = tokio::spawn(app.clone().oneshot(request()));
+    while stack.limiter().unwrap().stats().in_flight < 1 {
+        tokio::task::yield_now().await;
+    }
+    let r = app.clone().oneshot(request()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert!(r.headers().contains_key("retry-after"));
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["error"]["code"], "overloaded");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
+    release.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap().status(), StatusCode::OK);
+}

@@ -74,6 +74,7 @@ pub use gratify_scaling as scaling;
 
 pub use self::admin::Admin;
 pub use self::stack::{Stack, StackService};
+pub use gratify_core::refusal;
 pub use gratify_core::telemetry;
 pub use gratify_core::{
     BoxError, BoxFuture, Class, ClassId, CostModel, DelayCost, LoadSignal, LoadSnapshot, Prices,

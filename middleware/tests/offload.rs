@@ -407,3 +407,102 @@ async fn shutdown_async_waits_off_the_runtime() {
     assert_eq!(job.await.unwrap(), Ok(7));
     assert_eq!(pool.run(1.0, None, || 8).await, Err(OffloadError::Shutdown));
 }
+
+/// Every refusal in one shape: the limit's and the CPU pool's, both with a
+/// JSON body, carry the same headers and the same fields, differing only in
+/// who refused and why.
+#[tokio::test]
+async fn refusals_of_the_limit_and_the_pool_have_one_shape_with_a_json_body() {
+    use gratify::refusal::RefusalBody;
+    let stack = gratify::Stack::from_config(
+        r#"
+        default_class = "batch"
+        [classes.batch]
+        delay_cost = { shape = "linear", per_second = 0.1 }
+        refusal_cost = 1.0
+        [limit]
+        algorithm = "fixed"
+        fixed_limit = 1
+        max_queue = 0
+        refusal_body = "json"
+        "#,
+    )
+    .unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let app = stack.layer(service_fn({
+        let release = Arc::clone(&release);
+        move |_req: Request<Full<Bytes>>| {
+            let release = Arc::clone(&release);
+            async move {
+                release.notified().await;
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
+            }
+        }
+    }));
+    let holder = tokio::spawn(
+        app.clone()
+            .oneshot(Request::get("/").body(Full::default()).unwrap()),
+    );
+    while stack.limiter().unwrap().stats().in_flight < 1 {
+        tokio::task::yield_now().await;
+    }
+    let by_limit = app
+        .clone()
+        .oneshot(Request::get("/").body(Full::default()).unwrap())
+        .await
+        .unwrap();
+
+    let pool = CpuPool::new(Some(1), 1);
+    let offload = OffloadLayer::new(pool.clone(), &model())
+        .refusal_body(RefusalBody::json())
+        .layer(service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }));
+    let (gate, blocker) = block(&pool).await;
+    let waiting = tokio::spawn(offload.clone().oneshot(Request::get("/").body(()).unwrap()));
+    wait_queued(&pool, 1).await;
+    let by_pool = offload
+        .clone()
+        .oneshot(Request::get("/").body(()).unwrap())
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    for (response, by) in [
+        (by_limit.map(|b| b.boxed_unsync()), "limit"),
+        (by_pool.map(|b| b.boxed_unsync()), "offload"),
+    ] {
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{by}");
+        let headers = response.headers().clone();
+        assert_eq!(headers["content-type"], "application/json", "{by}");
+        assert_eq!(headers["cache-control"], "no-store", "{by}");
+        let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(retry >= 1, "{by}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let e = &v["error"];
+        assert_eq!(e["code"], "overloaded", "{by}: {v}");
+        assert_eq!(e["by"], by);
+        assert_eq!(
+            e["reason"],
+            headers["x-gratify-shed"].to_str().unwrap(),
+            "{by}"
+        );
+        assert_eq!(e["retry_after"].as_u64(), Some(retry), "{by}");
+        let mut names: Vec<String> = headers.keys().map(|k| k.to_string()).collect();
+        names.sort();
+        let mut fields: Vec<String> = e.as_object().unwrap().keys().cloned().collect();
+        fields.sort();
+        seen.push((names, fields));
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "the same headers and fields, whoever refused"
+    );
+
+    release.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap().status(), StatusCode::OK);
+    drop(gate);
+    blocker.await.unwrap();
+    assert_eq!(waiting.await.unwrap().unwrap().status(), StatusCode::OK);
+}

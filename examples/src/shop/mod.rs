@@ -173,8 +173,9 @@ fn json(status: StatusCode, cache: &'static str, body: &impl serde::Serialize) -
 
 /// An error in the one shape the store's handlers and routes answer with:
 /// `{"error": {"code": "<stable, for programs>", "message": "<for people>"}}`,
-/// never cached. (A request the Stack refuses under load gets gratify's
-/// 503 with `x-gratify-shed`, before any handler.)
+/// never cached. A request the Stack refuses under load, before any
+/// handler, gets the same shape (`refusal_body = "json"` in shop.toml: code
+/// `overloaded`, with `x-gratify-shed` and `Retry-After`).
 fn error(status: StatusCode, code: &'static str, message: &str) -> Response {
     json(
         status,

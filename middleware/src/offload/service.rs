@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gratify_core::classify::{arrived_of, class_of};
+use gratify_core::refusal::{RefusalBody, Refused};
 use gratify_core::{BoxError, ClassId, CostModel};
-use http::header::{HeaderValue, RETRY_AFTER};
-use http::{Request, Response, StatusCode};
+
+use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -96,6 +97,8 @@ pub struct Offloader {
     model: CostModel,
     /// Expected run time per route template or class.
     expected: Arc<Mutex<RunTimes>>,
+    /// How [`Offload`]'s refusals are written.
+    refusal_body: RefusalBody,
 }
 
 impl fmt::Debug for Offloader {
@@ -113,7 +116,17 @@ impl Offloader {
             pool,
             model: model.clone(),
             expected: Arc::new(Mutex::new(RunTimes::default())),
+            refusal_body: RefusalBody::text(),
         }
+    }
+
+    /// Writes the bodies of [`Offload`]'s refusals with `body` (plain text
+    /// by default; use the same as the limit's, so that every refusal looks
+    /// alike).
+    #[must_use]
+    pub fn refusal_body(mut self, body: RefusalBody) -> Self {
+        self.refusal_body = body;
+        self
     }
 
     /// The pool.
@@ -240,6 +253,14 @@ impl OffloadLayer {
         }
     }
 
+    /// Writes the bodies of refusals with `body`; see
+    /// [`Offloader::refusal_body`].
+    #[must_use]
+    pub fn refusal_body(mut self, body: RefusalBody) -> Self {
+        self.offloader = self.offloader.refusal_body(body);
+        self
+    }
+
     /// The offloader (the same pool), for handlers.
     pub fn offloader(&self) -> &Offloader {
         &self.offloader
@@ -298,10 +319,10 @@ impl<B> OffloadBody<B> {
         }
     }
 
-    fn text(text: &'static str) -> Self {
+    fn text(text: Bytes) -> Self {
         Self {
             inner: None,
-            text: Some(Bytes::from_static(text.as_bytes())),
+            text: Some(text),
         }
     }
 }
@@ -360,46 +381,22 @@ fn refusal_reason(error: &OffloadError) -> Option<&'static str> {
     }
 }
 
-/// The answer for a job the pool refused or lost: the same shape as the
-/// limiter's refusals (503, `Retry-After`, `Cache-Control: no-store`,
-/// `x-gratify-shed` naming the reason, a one-line text body), so a client
-/// or a dashboard cannot tell who refused by the form of the answer.
-fn failure<B>(error: OffloadError, retry: Duration) -> Response<OffloadBody<B>> {
-    let reason = refusal_reason(&error);
-    let (status, text) = match error {
-        OffloadError::Panicked => (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"),
-        OffloadError::QueueFull => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded: request shed (offload-queue-full)\n",
-        ),
-        OffloadError::Deadline => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded: request shed (offload-deadline)\n",
-        ),
-        OffloadError::Shutdown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+/// The answer for a job the pool refused or lost, in the one shape of every
+/// refusal (see [`gratify_core::refusal`]): 503, `Retry-After`,
+/// `Cache-Control: no-store`, `x-gratify-shed` naming the reason, and the
+/// body the offloader's [`RefusalBody`] writes — so a client or a dashboard
+/// cannot tell who refused by the form of the answer. A job lost to a panic
+/// is a 500 with neither `Retry-After` nor a reason.
+fn failure<B>(
+    body: &RefusalBody,
+    error: &OffloadError,
+    retry: Duration,
+) -> Response<OffloadBody<B>> {
+    let refused = match refusal_reason(error) {
+        Some(reason) => Refused::shed("offload", reason, retry),
+        None => Refused::internal("offload"),
     };
-    let mut r = Response::new(OffloadBody::text(text));
-    *r.status_mut() = status;
-    let headers = r.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-store"),
-    );
-    if let Some(reason) = reason {
-        headers.insert(
-            gratify_scaling::limit::SHED_REASON_HEADER,
-            HeaderValue::from_static(reason),
-        );
-        headers.insert(
-            RETRY_AFTER,
-            HeaderValue::from(retry.as_secs().clamp(1, 3600)),
-        );
-    }
-    r
+    body.response(&refused, OffloadBody::text)
 }
 
 impl<S, B, RB> Service<Request<B>> for Offload<S>
@@ -456,7 +453,7 @@ where
                         .increment(1);
                     }
                     let retry = offloader.pool.predicted_wait(priority);
-                    Ok(failure(e, retry))
+                    Ok(failure(&offloader.refusal_body, &e, retry))
                 }
             }
         })

@@ -262,6 +262,9 @@ pub struct LimitSettings {
     /// Classes never shed by cost, each with how many of it may wait.
     #[serde(default)]
     pub never_shed: BTreeMap<String, usize>,
+    /// How refusals' bodies are written: `"text"` (the default) or
+    /// `"json"`; in code, any [`RefusalBody`](crate::refusal::RefusalBody).
+    pub refusal_body: Option<crate::refusal::RefusalBody>,
 }
 
 /// Fixed compression levels, by codec (`[compression.levels]`).
@@ -388,6 +391,9 @@ fn limiter(model: &CostModel, s: LimitSettings) -> Result<Limiter, StackConfigEr
     }
     if let Some(v) = s.warmup_samples {
         config.warmup_samples = v;
+    }
+    if let Some(body) = s.refusal_body {
+        config.refusal_body = body;
     }
     for (name, cap) in &s.never_shed {
         let id = model

@@ -180,6 +180,10 @@ pub struct LimiterConfig {
     /// finishes in time outweighs the old evidence.
     #[serde(with = "gratify_core::serde_util::duration")]
     pub probe_interval: Duration,
+    /// How refusals' bodies are written: plain text (the default), JSON, or
+    /// a function of yours (`"text"` or `"json"` in a file). The status and
+    /// headers are the same whichever; see [`gratify_core::refusal`].
+    pub refusal_body: gratify_core::refusal::RefusalBody,
 }
 
 impl Default for LimiterConfig {
@@ -194,6 +198,7 @@ impl Default for LimiterConfig {
             estimate_half_life: Duration::from_secs(2),
             deadline_quantile: 0.5,
             probe_interval: Duration::from_millis(100),
+            refusal_body: gratify_core::refusal::RefusalBody::text(),
         }
     }
 }
@@ -490,11 +495,22 @@ pub(crate) enum Acquire {
 }
 
 /// A refusal, with what a client should be told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Refusal {
     pub(crate) reason: Reason,
     pub(crate) retry_after: Duration,
+    /// How the limiter's refusals are written.
+    pub(crate) body: gratify_core::refusal::RefusalBody,
 }
+
+/// Two refusals are equal when they say the same (reason and retry time).
+impl PartialEq for Refusal {
+    fn eq(&self, other: &Self) -> bool {
+        self.reason == other.reason && self.retry_after == other.retry_after
+    }
+}
+
+impl Eq for Refusal {}
 
 impl Refusal {
     /// Why the request was refused.
@@ -1220,6 +1236,7 @@ impl Limiter {
         Refusal {
             reason,
             retry_after: Duration::from_secs(secs as u64),
+            body: self.shared.config.refusal_body.clone(),
         }
     }
 

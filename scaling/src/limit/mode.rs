@@ -1,9 +1,8 @@
 //! How refusals and completions reach the caller: as HTTP responses
 //! ([`Http`]) or as errors ([`ErrorOnRefusal`]).
 
-use bytes::Bytes;
 use gratify_core::BoxError;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+
 use http::{Response, StatusCode};
 
 use super::algorithm::Outcome;
@@ -11,8 +10,7 @@ use super::body::LimitBody;
 use super::error::Overloaded;
 use super::limiter::{Permit, Refusal};
 
-/// The header naming why a request was shed (`cost`, `deadline`, ...).
-pub const SHED_REASON_HEADER: &str = "x-gratify-shed";
+pub use gratify_core::refusal::SHED_REASON_HEADER;
 
 /// Refusals become HTTP 503 responses with `Retry-After`, so an `Infallible`
 /// service stays `Infallible` (the default, for axum and hyper).
@@ -70,23 +68,12 @@ impl<RB, E> Mode<Response<RB>, E> for Http {
     type Error = E;
 
     fn refused(refusal: Refusal) -> Result<Self::Response, E> {
-        let reason = refusal.reason.as_str();
-        let mut response = Response::new(LimitBody::refusal(Bytes::from(format!(
-            "overloaded: request shed ({reason})\n"
-        ))));
-        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        let headers = response.headers_mut();
-        headers.insert(
-            RETRY_AFTER,
-            HeaderValue::from(refusal.retry_after.as_secs()),
+        let refused = gratify_core::refusal::Refused::shed(
+            "limit",
+            refusal.reason.as_str(),
+            refusal.retry_after,
         );
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        headers.insert(SHED_REASON_HEADER, HeaderValue::from_static(reason));
-        Ok(response)
+        Ok(refusal.body.response(&refused, LimitBody::refusal))
     }
 
     fn error(error: E) -> E {

@@ -1,0 +1,297 @@
+//! The one shape of a refusal, whoever refuses.
+//!
+//! The limit and the CPU pool refuse in the same form, so that a client, a
+//! load balancer or a dashboard cannot tell who refused by the answer: a
+//! `503 Service Unavailable` with `Retry-After`, `Cache-Control: no-store`
+//! and [`SHED_REASON_HEADER`] naming a machine-readable reason, and a body a
+//! [`RefusalBody`] writes — plain text by default, JSON, or your own
+//! function, so refusals look like the rest of your API's errors.
+//!
+//! ```
+//! use std::time::Duration;
+//! use gratify_core::refusal::{Refused, RefusalBody, SHED_REASON_HEADER};
+//!
+//! let refused = Refused::shed("limit", "cost", Duration::from_secs(2));
+//! let response = RefusalBody::json().response(&refused, |bytes| bytes);
+//! assert_eq!(response.status(), 503);
+//! assert_eq!(response.headers()["retry-after"], "2");
+//! assert_eq!(response.headers()["cache-control"], "no-store");
+//! assert_eq!(response.headers()[SHED_REASON_HEADER], "cost");
+//! assert_eq!(response.headers()["content-type"], "application/json");
+//! assert_eq!(
+//!     response.body().as_ref(),
+//!     br#"{"error":{"code":"overloaded","message":"overloaded: request shed (cost)","reason":"cost","by":"limit","retry_after":2}}"#
+//! );
+//!
+//! // Your API's own error shape.
+//! let mine = RefusalBody::custom(|r| {
+//!     let body = format!("<error reason='{}'/>", r.reason);
+//!     (http::HeaderValue::from_static("application/xml"), body.into())
+//! });
+//! let response = mine.response(&refused, |bytes| bytes);
+//! assert_eq!(response.body().as_ref(), b"<error reason='cost'/>");
+//! assert_eq!(response.headers()[SHED_REASON_HEADER], "cost", "the headers stay");
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+/// The header naming why a request was shed (`cost`, `deadline`,
+/// `offload-queue-full`, ...).
+pub const SHED_REASON_HEADER: &str = "x-gratify-shed";
+
+/// What a refusal says, for the body it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Refused<'a> {
+    /// The status: 503 for a request shed, 500 for work lost to a panic.
+    pub status: StatusCode,
+    /// Who refused: `limit` or `offload`, as the `by` label of the refusal
+    /// counter says it.
+    pub by: &'a str,
+    /// Why, as [`SHED_REASON_HEADER`] says it (`cost`, `deadline`,
+    /// `queue-full`, `offload-queue-full`, `shutting-down`, ...); `internal`
+    /// for a 500.
+    pub reason: &'a str,
+    /// When the client may try again (whole seconds, at least one); `None`
+    /// for a 500.
+    pub retry_after: Option<Duration>,
+}
+
+impl<'a> Refused<'a> {
+    /// A request shed (503) by `by` for `reason`, to retry after
+    /// `retry_after`.
+    pub fn shed(by: &'a str, reason: &'a str, retry_after: Duration) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            by,
+            reason,
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// Work `by` lost to a failure of its own (500, reason `internal`).
+    pub fn internal(by: &'a str) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            by,
+            reason: "internal",
+            retry_after: None,
+        }
+    }
+
+    /// A stable, machine-readable code: `overloaded`, `shutting-down` or
+    /// `internal`.
+    pub fn code(&self) -> &'static str {
+        if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
+            "internal"
+        } else if self.reason == "shutting-down" {
+            "shutting-down"
+        } else {
+            "overloaded"
+        }
+    }
+
+    /// One line for a person: `overloaded: request shed (cost)`.
+    pub fn message(&self) -> String {
+        match self.code() {
+            "internal" => "internal error".to_owned(),
+            "shutting-down" => "shutting down".to_owned(),
+            _ => format!("overloaded: request shed ({})", self.reason),
+        }
+    }
+}
+
+type Render = dyn Fn(&Refused<'_>) -> (HeaderValue, Bytes) + Send + Sync;
+
+/// How refusal bodies are written: plain text (the default), JSON, or a
+/// function of yours. The status and headers are the same whichever.
+///
+/// From a configuration file: `"text"` or `"json"`.
+#[derive(Clone, Default)]
+pub struct RefusalBody(Kind);
+
+#[derive(Clone, Default)]
+enum Kind {
+    #[default]
+    Text,
+    Json,
+    Custom(Arc<Render>),
+}
+
+impl RefusalBody {
+    /// `overloaded: request shed (cost)` and a newline, as `text/plain`.
+    pub fn text() -> Self {
+        Self(Kind::Text)
+    }
+
+    /// `{"error":{"code":"overloaded","message":"...","reason":"cost",
+    /// "by":"limit","retry_after":2}}` as `application/json` (no
+    /// `retry_after` for a 500).
+    pub fn json() -> Self {
+        Self(Kind::Json)
+    }
+
+    /// Your own: the function gets what the refusal says and returns the
+    /// `Content-Type` and the body.
+    pub fn custom<F>(render: F) -> Self
+    where
+        F: Fn(&Refused<'_>) -> (HeaderValue, Bytes) + Send + Sync + 'static,
+    {
+        Self(Kind::Custom(Arc::new(render)))
+    }
+
+    /// The `Content-Type` and body for `refused`.
+    pub fn render(&self, refused: &Refused<'_>) -> (HeaderValue, Bytes) {
+        match &self.0 {
+            Kind::Text => (
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+                Bytes::from(format!("{}\n", refused.message())),
+            ),
+            Kind::Json => (
+                HeaderValue::from_static("application/json"),
+                Bytes::from(json(refused)),
+            ),
+            Kind::Custom(render) => render(refused),
+        }
+    }
+
+    /// The whole refusal: status, `Retry-After` (for a 503),
+    /// `Cache-Control: no-store`, [`SHED_REASON_HEADER`] (for a 503),
+    /// `Content-Type` and the body, made into the service's body type by
+    /// `body`.
+    pub fn response<B>(&self, refused: &Refused<'_>, body: impl FnOnce(Bytes) -> B) -> Response<B> {
+        let (content_type, bytes) = self.render(refused);
+        let mut response = Response::new(body(bytes));
+        *response.status_mut() = refused.status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, content_type);
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if refused.status == StatusCode::SERVICE_UNAVAILABLE {
+            if let Ok(reason) = HeaderValue::from_str(refused.reason) {
+                headers.insert(SHED_REASON_HEADER, reason);
+            }
+            if let Some(after) = refused.retry_after {
+                headers.insert(
+                    RETRY_AFTER,
+                    HeaderValue::from(after.as_secs().clamp(1, 3600)),
+                );
+            }
+        }
+        response
+    }
+}
+
+impl fmt::Debug for RefusalBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.0 {
+            Kind::Text => "text",
+            Kind::Json => "json",
+            Kind::Custom(_) => "custom",
+        };
+        f.debug_tuple("RefusalBody").field(&kind).finish()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RefusalBody {
+    /// `"text"` or `"json"`.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        match name.as_ref() {
+            "text" => Ok(Self::text()),
+            "json" => Ok(Self::json()),
+            other => Err(serde::de::Error::unknown_variant(other, &["text", "json"])),
+        }
+    }
+}
+
+fn json(r: &Refused<'_>) -> String {
+    let mut out = String::from("{\"error\":{\"code\":");
+    push_string(&mut out, r.code());
+    out.push_str(",\"message\":");
+    push_string(&mut out, &r.message());
+    out.push_str(",\"reason\":");
+    push_string(&mut out, r.reason);
+    out.push_str(",\"by\":");
+    push_string(&mut out, r.by);
+    if let Some(after) = r.retry_after {
+        out.push_str(&format!(
+            ",\"retry_after\":{}",
+            after.as_secs().clamp(1, 3600)
+        ));
+    }
+    out.push_str("}}");
+    out
+}
+
+/// `text` as a JSON string (quotes, backslashes and control characters
+/// escaped).
+fn push_string(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever a reason says, the JSON body parses and says it back.
+        #[test]
+        fn json_bodies_parse_whatever_the_reason(reason in ".{0,40}", by in "[a-z]{1,10}", secs in 0u64..10_000) {
+            let refused = Refused::shed(&by, &reason, Duration::from_secs(secs));
+            let (_, body) = RefusalBody::json().render(&refused);
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            prop_assert_eq!(v["error"]["reason"].as_str(), Some(reason.as_str()));
+            prop_assert_eq!(v["error"]["by"].as_str(), Some(by.as_str()));
+            prop_assert_eq!(v["error"]["retry_after"].as_u64(), Some(secs.clamp(1, 3600)));
+        }
+    }
+
+    #[test]
+    fn a_500_has_no_retry_after_and_no_shed_header() {
+        let refused = Refused::internal("offload");
+        let response = RefusalBody::json().response(&refused, |b| b);
+        assert_eq!(response.status(), 500);
+        assert!(response.headers().get(RETRY_AFTER).is_none());
+        assert!(response.headers().get(SHED_REASON_HEADER).is_none());
+        assert_eq!(response.headers()[CACHE_CONTROL], "no-store");
+        let v: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(v["error"]["code"], "internal");
+        assert!(v["error"].get("retry_after").is_none());
+        let text = RefusalBody::text().response(&refused, |b| b);
+        assert_eq!(text.body().as_ref(), b"internal error\n");
+    }
+
+    #[test]
+    fn shutting_down_has_its_own_code() {
+        let refused = Refused::shed("offload", "shutting-down", Duration::from_secs(1));
+        assert_eq!(refused.code(), "shutting-down");
+        let text = RefusalBody::text().response(&refused, |b| b);
+        assert_eq!(text.body().as_ref(), b"shutting down\n");
+        assert_eq!(text.headers()[SHED_REASON_HEADER], "shutting-down");
+    }
+
+    #[test]
+    fn reads_text_or_json_from_a_file() {
+        let body: RefusalBody = serde_json::from_str("\"json\"").unwrap();
+        assert_eq!(format!("{body:?}"), "RefusalBody(\"json\")");
+        let error = serde_json::from_str::<RefusalBody>("\"xml\"").unwrap_err();
+        assert!(error.to_string().contains("unknown variant"), "{error}");
+    }
+}
