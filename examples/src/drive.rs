@@ -137,6 +137,9 @@ pub struct ClassReport {
     pub late: u64,
     /// Refused by the server (503 or 429).
     pub shed: u64,
+    /// Of those, refusals without gratify's `x-gratify-shed` header: from a
+    /// load balancer with no server to send to, or another layer.
+    pub shed_unmarked: u64,
     /// Other failures: timeouts and errors (`failed = timed_out + errors`).
     pub failed: u64,
     /// Unanswered within the driver's timeout.
@@ -171,6 +174,29 @@ pub struct Report {
     /// What the failures other than timeouts were, with how many of each
     /// (the error's text, or `status N`).
     pub errors: BTreeMap<String, u64>,
+    /// All classes together, window by window of [`WINDOW`] seconds of
+    /// intended send time.
+    pub timeline: Vec<Window>,
+}
+
+/// The length of a [`Report::timeline`] window, seconds.
+pub const WINDOW: f64 = 5.0;
+
+/// What arrivals intended in one window of time got (all classes).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Window {
+    /// The window's start, seconds from the first arrival.
+    pub start_s: f64,
+    /// Arrivals sent.
+    pub sent: u64,
+    /// Successes.
+    pub ok: u64,
+    /// Refusals (503 or 429).
+    pub shed: u64,
+    /// Timeouts and errors.
+    pub failed: u64,
+    /// 99th-percentile latency of the successes, ms.
+    pub p99_ms: f64,
 }
 
 #[derive(Default)]
@@ -184,6 +210,16 @@ struct Tally {
     hits: u64,
     sent: u64,
     cost: f64,
+    unmarked: u64,
+}
+
+#[derive(Default)]
+struct WindowTally {
+    latencies: Vec<f64>,
+    sent: u64,
+    ok: u64,
+    shed: u64,
+    failed: u64,
 }
 
 /// A small deterministic generator (SplitMix64).
@@ -204,7 +240,8 @@ impl Rng {
 }
 
 enum Failure {
-    Shed,
+    /// Refused; `true` if gratify said so (`x-gratify-shed`).
+    Shed(bool),
     TimedOut,
     Error(String),
 }
@@ -255,6 +292,28 @@ where
     B: axum::body::HttpBody + Send + 'static,
     B::Data: Send,
 {
+    drive_varying(svc, mix, model, load, &|_| 1.0, progress).await
+}
+
+/// As [`drive`], with the rate varying in time: at `t` seconds arrivals
+/// come at `load.rate × shape(t)` per second (`shape` clamped to 0..=1;
+/// Poisson thinned from `load.rate`, so the same seed gives the same
+/// arrivals).
+pub async fn drive_varying<S, B>(
+    svc: S,
+    mix: &Mix,
+    model: &CostModel,
+    load: Load,
+    shape: &(dyn Fn(f64) -> f64 + Sync),
+    progress: &(dyn Fn(f64) + Sync),
+) -> Report
+where
+    S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::error::Error + Send,
+    B: axum::body::HttpBody + Send + 'static,
+    B::Data: Send,
+{
     let Load {
         rate,
         seconds,
@@ -264,6 +323,7 @@ where
     } = load;
     let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
     let tallies: Arc<Mutex<BTreeMap<String, Tally>>> = Arc::default();
+    let windows: Arc<Mutex<BTreeMap<u64, WindowTally>>> = Arc::default();
     let errors: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let mut rng = Rng(seed);
     let start = Instant::now() + Duration::from_millis(20);
@@ -283,6 +343,12 @@ where
             progress(t / seconds);
             last_progress = t;
         }
+        // Thinning: a candidate arrival is kept with the shape's share (no
+        // draw at full rate, so a constant rate sends what it always did).
+        let keep = shape(t).clamp(0.0, 1.0);
+        if keep < 1.0 && rng.unit() >= keep {
+            continue;
+        }
         let Some(kind) = mix.pick(rng.unit()) else {
             break;
         };
@@ -293,6 +359,8 @@ where
         tokio::time::sleep_until(intended).await;
         let svc = svc.clone();
         let tallies = Arc::clone(&tallies);
+        let windows = Arc::clone(&windows);
+        let window = (t / WINDOW) as u64;
         let errors = Arc::clone(&errors);
         let model = model.clone();
         let slots = Arc::clone(&slots);
@@ -315,13 +383,16 @@ where
                         .map_err(|e| Failure::Error(describe(&e)))?;
                     let status = response.status();
                     hit = served_from_cache(response.headers());
+                    let marked = response
+                        .headers()
+                        .contains_key(gratify::refusal::SHED_REASON_HEADER);
                     let _ = response
                         .into_body()
                         .collect()
                         .await
                         .map_err(|_| Failure::Error("the body failed".into()))?;
                     if matches!(status.as_u16(), 503 | 429) {
-                        return Err(Failure::Shed);
+                        return Err(Failure::Shed(marked));
                     }
                     if !status.is_success() {
                         return Err(Failure::Error(format!("status {}", status.as_u16())));
@@ -332,6 +403,21 @@ where
             .await
             .unwrap_or(Err(Failure::TimedOut));
             let latency = intended.elapsed().as_secs_f64();
+            {
+                let mut all = windows
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let w = all.entry(window).or_default();
+                w.sent += 1;
+                match &outcome {
+                    Ok(_) => {
+                        w.ok += 1;
+                        w.latencies.push(latency);
+                    }
+                    Err(Failure::Shed(_)) => w.shed += 1,
+                    Err(_) => w.failed += 1,
+                }
+            }
             let class_def = model.id(&class).map(|id| model.class(id).clone());
             let mut all = tallies
                 .lock()
@@ -354,7 +440,10 @@ where
                 }
                 Err(failure) => {
                     match failure {
-                        Failure::Shed => tally.shed += 1,
+                        Failure::Shed(marked) => {
+                            tally.shed += 1;
+                            tally.unmarked += u64::from(!marked);
+                        }
                         Failure::TimedOut => tally.timed_out += 1,
                         Failure::Error(e) => {
                             tally.errors += 1;
@@ -388,15 +477,25 @@ where
         ),
         ..Report::default()
     };
+    let all_windows = std::mem::take(
+        &mut *windows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for (index, mut w) in all_windows {
+        w.latencies.sort_by(f64::total_cmp);
+        report.timeline.push(Window {
+            start_s: index as f64 * WINDOW,
+            sent: w.sent,
+            ok: w.ok,
+            shed: w.shed,
+            failed: w.failed,
+            p99_ms: percentile_ms(&w.latencies, 0.99),
+        });
+    }
     for (class, mut t) in all {
         t.latencies.sort_by(f64::total_cmp);
-        let q = |p: f64| {
-            if t.latencies.is_empty() {
-                0.0
-            } else {
-                t.latencies[((t.latencies.len() - 1) as f64 * p).round() as usize] * 1e3
-            }
-        };
+        let q = |p: f64| percentile_ms(&t.latencies, p);
         report.total_cost += t.cost;
         report.classes.insert(
             class,
@@ -404,6 +503,7 @@ where
                 sent: t.sent,
                 ok: t.ok,
                 shed: t.shed,
+                shed_unmarked: t.unmarked,
                 failed: t.timed_out + t.errors,
                 timed_out: t.timed_out,
                 late: t.late,
@@ -417,6 +517,15 @@ where
         );
     }
     report
+}
+
+/// The `p` quantile of sorted `seconds`, in ms (0 for none).
+fn percentile_ms(seconds: &[f64], p: f64) -> f64 {
+    if seconds.is_empty() {
+        0.0
+    } else {
+        seconds[((seconds.len() - 1) as f64 * p).round() as usize] * 1e3
+    }
 }
 
 /// The report as a markdown table, `plain` and `gratify` side by side.
@@ -479,7 +588,116 @@ pub fn served_from_cache(headers: &http::HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::served_from_cache;
+    use super::*;
+
+    fn mix() -> Mix {
+        fn one(n: u64, _: u64) -> Vec<Call> {
+            vec![Call::get(format!("/{n}"))]
+        }
+        Mix {
+            kinds: vec![Kind {
+                class: "page".into(),
+                weight: 1.0,
+                build: one,
+            }],
+            host: "test.example".into(),
+        }
+    }
+
+    fn model() -> CostModel {
+        CostModel::from_toml(
+            r#"
+            [classes.page]
+            delay_cost = { shape = "linear", per_second = 1.0 }
+            refusal_cost = 1.0
+            "#,
+        )
+        .unwrap()
+    }
+
+    /// Every third request is refused: by gratify (with its header) when its
+    /// number is odd, by something else (a bare 503) when even.
+    fn server() -> impl Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(|request: Request<Body>| async move {
+            let n: u64 = request.uri().path()[1..].parse().unwrap();
+            let mut response = Response::new(Body::empty());
+            if n.is_multiple_of(3) {
+                *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                if n % 2 == 1 {
+                    response.headers_mut().insert(
+                        gratify::refusal::SHED_REASON_HEADER,
+                        http::HeaderValue::from_static("cost"),
+                    );
+                }
+            }
+            Ok(response)
+        })
+    }
+
+    const LOAD: Load = Load {
+        rate: 200.0,
+        seconds: 20.0,
+        timeout: Duration::from_secs(1),
+        seed: 7,
+        max_in_flight: 64,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_varying_rate_follows_its_shape_window_by_window() {
+        let (mix, model) = (mix(), model());
+        // Full rate for 10 s, a quarter for 5 s, nothing after.
+        let shape = |t: f64| {
+            if t < 10.0 {
+                1.0
+            } else if t < 15.0 {
+                0.25
+            } else {
+                0.0
+            }
+        };
+        let report = drive_varying(server(), &mix, &model, LOAD, &shape, &|_| {}).await;
+        let sent: Vec<u64> = report.timeline.iter().map(|w| w.sent).collect();
+        assert_eq!(report.timeline[0].start_s, 0.0);
+        // Poisson counts: 1,000 expected in each full window, 250 in the
+        // quarter one, none after (no window is reported empty).
+        assert_eq!(sent.len(), 3, "{sent:?}");
+        assert!(
+            sent[0].abs_diff(1000) < 150 && sent[1].abs_diff(1000) < 150,
+            "{sent:?}"
+        );
+        assert!(sent[2].abs_diff(250) < 75, "{sent:?}");
+        let total: u64 = sent.iter().sum();
+        assert_eq!(total, report.classes["page"].sent);
+        // At full rate all the time, `drive` sends what it always sent.
+        let flat = drive(server(), &mix, &model, LOAD, &|_| {}).await;
+        let same = drive_varying(server(), &mix, &model, LOAD, &|_| 1.0, &|_| {}).await;
+        assert_eq!(flat.classes["page"].sent, same.classes["page"].sent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_without_gratifys_header_are_told_apart() {
+        let report = drive(server(), &mix(), &model(), LOAD, &|_| {}).await;
+        let page = &report.classes["page"];
+        // Arrival numbers n ≡ 0 (mod 3) are refused; half of those are
+        // even, without the header.
+        assert!(page.shed > 0 && page.shed_unmarked > 0);
+        assert!(page.shed_unmarked < page.shed, "{page:?}");
+        let expected_unmarked = page.sent.div_ceil(6);
+        assert!(
+            page.shed_unmarked.abs_diff(expected_unmarked) <= 1,
+            "{page:?}"
+        );
+        assert_eq!(page.failed, 0);
+        let windows_shed: u64 = report.timeline.iter().map(|w| w.shed).sum();
+        assert_eq!(windows_shed, page.shed);
+    }
 
     #[test]
     fn a_hit_is_read_from_cache_status_or_x_cache_and_nothing_else() {

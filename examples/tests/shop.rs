@@ -341,3 +341,80 @@ async fn refusals_under_load_have_the_stores_error_shape() {
     release.notify_one();
     assert_eq!(holder.await.unwrap().unwrap().status(), StatusCode::OK);
 }
+
+/// `/ops/purge` removes a cached page: the next request for it is a miss,
+/// and a request that does not say what to purge is refused in the store's
+/// error shape.
+#[tokio::test]
+async fn a_purge_removes_a_cached_page() {
+    let shop = Shop::in_memory().unwrap();
+    let app = shop.router();
+    let get = || {
+        Request::get("/products/7")
+            .header("host", "shop.example")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let hit =
+        |r: &axum::response::Response| gratify_examples::drive::served_from_cache(r.headers());
+    let _ = app.clone().oneshot(get()).await.unwrap();
+    let second = app.clone().oneshot(get()).await.unwrap();
+    assert!(hit(&second), "the page is cached");
+
+    let purge = |query: &str| {
+        Request::post(format!("/ops/purge{query}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    let r = app
+        .clone()
+        .oneshot(purge("?key=http://shop.example/products/7"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let after = app.clone().oneshot(get()).await.unwrap();
+    assert!(!hit(&after), "purged: the next request goes to the store");
+    assert_eq!(after.status(), StatusCode::OK);
+
+    for query in ["", "?key=", "?key=a&prefix=b", "?colour=red"] {
+        let r = app.clone().oneshot(purge(query)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{query:?}");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], "bad-query", "{query:?}");
+    }
+    shop.shutdown().await;
+}
+
+/// A replica emulating a pod of one slot serves one request at a time, for
+/// at least its emulated work each (paused clock: the work is waited, not
+/// computed); its probes are answered however busy.
+#[tokio::test(start_paused = true)]
+async fn an_emulated_pod_serves_as_many_at_once_as_it_has_slots() {
+    let shop = Shop::in_memory()
+        .unwrap()
+        .emulate_pod(1, Duration::from_secs(10));
+    let app = shop.router();
+    let get = |path: &str| {
+        Request::get(path)
+            .header("host", "shop.example")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let started = tokio::time::Instant::now();
+    let a = tokio::spawn(app.clone().oneshot(get("/products/1")));
+    let b = tokio::spawn(app.clone().oneshot(get("/products/2")));
+    tokio::task::yield_now().await;
+    // The probe does not wait for the slot.
+    let ready = app.clone().oneshot(get("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+    assert_eq!((a.status(), b.status()), (StatusCode::OK, StatusCode::OK));
+    assert!(
+        started.elapsed() >= Duration::from_secs(20),
+        "one slot: the two ran one after the other ({:?})",
+        started.elapsed()
+    );
+    shop.shutdown().await;
+}

@@ -56,6 +56,17 @@ struct Args {
     #[cfg(feature = "redis")]
     #[arg(long, env = "SHOP_FLEET", default_value = "shop")]
     fleet: String,
+    /// Emulate a pod of this many concurrent requests (with `--pod-work-ms`),
+    /// so that replicas on one machine add capacity as pods do; the advisor
+    /// then sizes replicas in these slots.
+    #[arg(long)]
+    pod_slots: Option<u32>,
+    /// The emulated work each request holds its pod slot for, ms.
+    #[arg(long, default_value_t = 20.0)]
+    pod_work_ms: f64,
+    /// How often the replica advisor measures and recommends, seconds.
+    #[arg(long, default_value_t = 15.0)]
+    advise_every: f64,
 }
 
 async fn open(args: &Args) -> Result<Shop, Box<dyn std::error::Error + Send + Sync>> {
@@ -93,6 +104,25 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // With Redis, the cache is shared by the fleet: entries and purges.
+    #[cfg(feature = "redis")]
+    let shop = match &args.redis {
+        Some(url) => match gratify::cache::tier::redis::RedisTier::open(url) {
+            Ok(tier) => shop.cache_tier(tier, &format!("{}:cache", args.fleet)),
+            Err(e) => {
+                eprintln!("shop: redis {url}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => shop,
+    };
+    let shop = match args.pod_slots {
+        Some(slots) => shop.emulate_pod(
+            slots,
+            std::time::Duration::try_from_secs_f64(args.pod_work_ms / 1e3).unwrap_or_default(),
+        ),
+        None => shop,
+    };
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -113,10 +143,13 @@ async fn main() -> ExitCode {
     };
     #[cfg(feature = "redis")]
     let (fleet_name, replica) = (args.fleet.clone(), replica_name(args.replica_name.clone()));
+    let args_every = args.advise_every;
     let advising = {
         let (shop, stopping) = (shop.clone(), stopping.clone().wait());
         tokio::spawn(async move {
-            let every = std::time::Duration::from_secs(15);
+            let every = std::time::Duration::try_from_secs_f64(args_every)
+                .unwrap_or(std::time::Duration::from_secs(15))
+                .max(std::time::Duration::from_millis(100));
             #[cfg(feature = "redis")]
             if let Some(client) = fleet {
                 return shop

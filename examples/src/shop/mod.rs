@@ -133,6 +133,35 @@ pub struct Shop {
     /// Replicas the delay-cost model recommends, exported by the admin
     /// service as `gratify_recommended_replicas`.
     advisor: std::sync::Arc<ScalingAdvisor>,
+    /// The capacity of a pod this replica emulates, if any.
+    pod: Option<Pod>,
+}
+
+/// A pod's capacity, emulated: `slots` requests at a time, each holding its
+/// slot for `work` (waited, not computed) on top of the real work. On one
+/// machine, replicas of an emulated pod add capacity as replicas on their
+/// own machines do, so that scaling decisions show (the fleet example).
+#[derive(Debug, Clone)]
+struct Pod {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    work: Duration,
+}
+
+/// Holds a pod slot for the request's emulated and real work (not for the
+/// probes, which a pod answers however busy).
+async fn in_pod(
+    State(pod): State<Pod>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if matches!(request.uri().path(), "/healthz" | "/readyz") {
+        return next.run(request).await;
+    }
+    let Ok(_slot) = pod.slots.acquire().await else {
+        return next.run(request).await;
+    };
+    tokio::time::sleep(pod.work).await;
+    next.run(request).await
 }
 
 /// Concurrent requests one replica of the store serves at its knee: what
@@ -320,7 +349,26 @@ impl Shop {
                 &model,
                 AdvisorConfig::new(SLOTS_PER_REPLICA),
             )),
+            pod: None,
         })
+    }
+
+    /// Emulates a pod of `slots` concurrent requests, each holding its slot
+    /// for `work` more than its real work, and sizes replicas in `slots`
+    /// (the advisor's slots per replica). For running a fleet on one
+    /// machine; call it before [`router`](Self::router).
+    #[must_use]
+    pub fn emulate_pod(mut self, slots: u32, work: Duration) -> Self {
+        let slots = slots.max(1);
+        self.pod = Some(Pod {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(slots as usize)),
+            work,
+        });
+        self.advisor = std::sync::Arc::new(ScalingAdvisor::new(
+            &self.model(),
+            AdvisorConfig::new(slots),
+        ));
+        self
     }
 
     /// The store at `path` whose confirmation e-mails are jobs on `queue`
@@ -586,7 +634,25 @@ impl Shop {
         }
     }
 
-    /// The app wrapped in the stack, with the admin service at `/ops/admin`.
+    /// Shares the cache with every replica given the same Redis tier and
+    /// namespace: entries one replica stored are hits on the others, and a
+    /// purge on one reaches all. Call it before [`router`](Self::router).
+    #[cfg(feature = "redis")]
+    #[must_use]
+    pub fn cache_tier(
+        mut self,
+        tier: gratify::cache::tier::redis::RedisTier,
+        namespace: &str,
+    ) -> Self {
+        self.stack = self
+            .stack
+            .cache_tier(tier, gratify::cache::tier::TierConfig::new(namespace));
+        self
+    }
+
+    /// The app wrapped in the stack, with the admin service at `/ops/admin`
+    /// and cache purges at `/ops/purge` (both outside the stack; operations
+    /// endpoints for the fleet's own network, not the public).
     pub fn router(&self) -> Router {
         let admin = self
             .stack
@@ -594,9 +660,20 @@ impl Shop {
             .with_pool("cpu", self.pool.clone())
             .with_defer("mail", self.defer.clone())
             .with_advisor(std::sync::Arc::clone(&self.advisor));
-        self.routes(true)
+        let purge = self.stack.cache_purge();
+        let routes = match &self.pod {
+            Some(pod) => self
+                .routes(true)
+                .layer(axum::middleware::from_fn_with_state(pod.clone(), in_pod)),
+            None => self.routes(true),
+        };
+        routes
             .layer(self.stack.clone())
             .nest_service("/ops/admin", admin)
+            .route(
+                "/ops/purge",
+                post(move |scope: QueryParam<PurgeScope>| purge_cache(purge.clone(), scope)),
+            )
     }
 
     fn routes(&self, offload: bool) -> Router {
@@ -647,6 +724,46 @@ impl Shop {
     pub fn model(&self) -> CostModel {
         self.stack.model()
     }
+}
+
+/// What `POST /ops/purge` removes: one `key`
+/// (`http://shop.example/products/7`), every key under a `prefix`, or `all`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeScope {
+    key: Option<String>,
+    prefix: Option<String>,
+    all: Option<String>,
+}
+
+/// `POST /ops/purge?prefix=http://shop.example/products` (or `key=`, or
+/// `all`): removes cached entries on this replica and, with a shared tier,
+/// on every replica. 204; 400 without exactly one scope; 404 without a
+/// cache.
+async fn purge_cache(
+    purge: Option<gratify::cache::CachePurge>,
+    QueryParam(scope): QueryParam<PurgeScope>,
+) -> Response {
+    let Some(purge) = purge else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no-cache",
+            "this store caches nothing",
+        );
+    };
+    match (scope.key, scope.prefix, scope.all) {
+        (Some(key), None, None) if !key.is_empty() => purge.purge_key(&key).await,
+        (None, Some(prefix), None) if !prefix.is_empty() => purge.purge_prefix(&prefix),
+        (None, None, Some(_)) => purge.purge_all(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad-query",
+                "say what to purge: one of key=, prefix= or all",
+            );
+        }
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// Liveness: the process answers.

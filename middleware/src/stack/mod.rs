@@ -228,7 +228,20 @@ pub struct Stack {
     declared: Arc<Mutex<Declared>>,
     /// Keep a class an earlier layer set.
     keep_earlier_class: bool,
+    /// A shared tier to put under the cache when it is built.
+    cache_tier: Option<AttachTier>,
     built: Arc<OnceLock<Built>>,
+}
+
+/// Puts a shared tier under a cache layer (the tier and its settings,
+/// captured).
+#[derive(Clone)]
+struct AttachTier(Arc<dyn Fn(HttpCacheLayer) -> HttpCacheLayer + Send + Sync>);
+
+impl std::fmt::Debug for AttachTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AttachTier")
+    }
 }
 
 /// The cache as configured: from settings (the stack builds it, with the
@@ -258,6 +271,7 @@ impl Stack {
                 sealed: false,
             })),
             keep_earlier_class: false,
+            cache_tier: None,
             built: Arc::new(OnceLock::new()),
         }
     }
@@ -508,6 +522,41 @@ impl Stack {
         self.unbuilt()
     }
 
+    /// Puts a shared second tier (Redis) under the stack's cache, however the
+    /// cache was configured (from a file's `[cache]` table too): every
+    /// replica given the same tier and namespace shares entries, and a purge
+    /// on one reaches all (see [`gratify_cache::tier`]). Without a cache it
+    /// does nothing.
+    ///
+    /// ```
+    /// # #[cfg(feature = "redis")] {
+    /// use gratify::cache::tier::TierConfig;
+    /// use gratify::cache::tier::redis::RedisTier;
+    ///
+    /// let stack = gratify::Stack::from_config(r#"
+    ///     default_class = "page"
+    ///     [classes.page]
+    ///     delay_cost = { shape = "linear", per_second = 1.0 }
+    ///     refusal_cost = 1.0
+    ///     [cache]
+    /// "#).unwrap();
+    /// // Connects lazily: no Redis is needed until the first request.
+    /// let tier = RedisTier::open("redis://127.0.0.1:6379").unwrap();
+    /// let stack = stack.cache_tier(tier, TierConfig::new("shop:cache"));
+    /// assert!(stack.cache_purge().is_some());
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn cache_tier<T>(mut self, tier: T, config: gratify_cache::tier::TierConfig) -> Self
+    where
+        T: gratify_cache::tier::SharedTier + Clone,
+    {
+        self.cache_tier = Some(AttachTier(Arc::new(move |layer: HttpCacheLayer| {
+            layer.with_tier(tier.clone(), config.clone())
+        })));
+        self.unbuilt()
+    }
+
     /// A builder call makes a new stack: it shares nothing with the one it
     /// was called on (or that one's clones), used or not.
     fn unbuilt(mut self) -> Self {
@@ -620,14 +669,20 @@ impl Stack {
             compression: self.compression.clone().map(|config| {
                 CompressionLayer::adaptive_with_config(config, &self.model(), self.signal.clone())
             }),
-            cache: self.cache.clone().map(|choice| match choice {
-                CacheChoice::Layer(layer) => layer,
-                CacheChoice::Config(config) => {
-                    let mut config = *config;
-                    if self.compression.is_some() && config.recoder.is_none() {
-                        config.recoder = Some(Arc::new(crate::compression::Recompress::new()));
+            cache: self.cache.clone().map(|choice| {
+                let layer = match choice {
+                    CacheChoice::Layer(layer) => layer,
+                    CacheChoice::Config(config) => {
+                        let mut config = *config;
+                        if self.compression.is_some() && config.recoder.is_none() {
+                            config.recoder = Some(Arc::new(crate::compression::Recompress::new()));
+                        }
+                        HttpCacheLayer::with_model(config, &self.model())
                     }
-                    HttpCacheLayer::with_model(config, &self.model())
+                };
+                match &self.cache_tier {
+                    Some(attach) => (attach.0)(layer),
+                    None => layer,
                 }
             }),
         })
