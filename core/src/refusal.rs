@@ -1,11 +1,13 @@
 //! The one shape of a refusal, whoever refuses.
 //!
 //! The limit and the CPU pool refuse in the same form, so that a client, a
-//! load balancer or a dashboard cannot tell who refused by the answer: a
+//! load balancer or a dashboard handles every refusal alike: a
 //! `503 Service Unavailable` with `Retry-After`, `Cache-Control: no-store`
 //! and [`SHED_REASON_HEADER`] naming a machine-readable reason, and a body a
 //! [`RefusalBody`] writes — plain text by default, JSON, or your own
-//! function, so refusals look like the rest of your API's errors.
+//! function, so refusals look like the rest of your API's errors. (The
+//! reason, and the JSON body's `by`, say who refused, for whoever wants to
+//! know.)
 //!
 //! ```
 //! use std::time::Duration;
@@ -58,21 +60,31 @@ pub struct Refused<'a> {
     /// `queue-full`, `offload-queue-full`, `shutting-down`, ...); `internal`
     /// for a 500.
     pub reason: &'a str,
-    /// When the client may try again (whole seconds, at least one); `None`
-    /// for a 500.
+    /// When the client may try again: whole seconds, 1 to 3,600, as
+    /// `Retry-After` says it ([`shed`](Self::shed) rounds up and bounds
+    /// it); `None` for a 500.
     pub retry_after: Option<Duration>,
 }
 
 impl<'a> Refused<'a> {
     /// A request shed (503) by `by` for `reason`, to retry after
-    /// `retry_after`.
+    /// `retry_after` (rounded up to whole seconds, 1 to 3,600).
     pub fn shed(by: &'a str, reason: &'a str, retry_after: Duration) -> Self {
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,
             by,
             reason,
-            retry_after: Some(retry_after),
+            retry_after: Some(Duration::from_secs(secs.clamp(1, 3600))),
         }
+    }
+
+    /// `Retry-After` in seconds, for a 503 that has one.
+    fn retry_secs(&self) -> Option<u64> {
+        (self.status == StatusCode::SERVICE_UNAVAILABLE)
+            .then_some(self.retry_after)
+            .flatten()
+            .map(|d| d.as_secs().clamp(1, 3600))
     }
 
     /// Work `by` lost to a failure of its own (500, reason `internal`).
@@ -131,8 +143,8 @@ impl RefusalBody {
     }
 
     /// `{"error":{"code":"overloaded","message":"...","reason":"cost",
-    /// "by":"limit","retry_after":2}}` as `application/json` (no
-    /// `retry_after` for a 500).
+    /// "by":"limit","retry_after":2}}` as `application/json`
+    /// (`retry_after` only for a 503, as the header).
     pub fn json() -> Self {
         Self(Kind::Json)
     }
@@ -162,7 +174,8 @@ impl RefusalBody {
     }
 
     /// The whole refusal: status, `Retry-After` (for a 503),
-    /// `Cache-Control: no-store`, [`SHED_REASON_HEADER`] (for a 503),
+    /// `Cache-Control: no-store`, [`SHED_REASON_HEADER`] (for a 503 whose
+    /// reason is a valid header value — gratify's always are),
     /// `Content-Type` and the body, made into the service's body type by
     /// `body`.
     pub fn response<B>(&self, refused: &Refused<'_>, body: impl FnOnce(Bytes) -> B) -> Response<B> {
@@ -176,11 +189,8 @@ impl RefusalBody {
             if let Ok(reason) = HeaderValue::from_str(refused.reason) {
                 headers.insert(SHED_REASON_HEADER, reason);
             }
-            if let Some(after) = refused.retry_after {
-                headers.insert(
-                    RETRY_AFTER,
-                    HeaderValue::from(after.as_secs().clamp(1, 3600)),
-                );
+            if let Some(secs) = refused.retry_secs() {
+                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
             }
         }
         response
@@ -219,11 +229,8 @@ fn json(r: &Refused<'_>) -> String {
     push_string(&mut out, r.reason);
     out.push_str(",\"by\":");
     push_string(&mut out, r.by);
-    if let Some(after) = r.retry_after {
-        out.push_str(&format!(
-            ",\"retry_after\":{}",
-            after.as_secs().clamp(1, 3600)
-        ));
+    if let Some(secs) = r.retry_secs() {
+        out.push_str(&format!(",\"retry_after\":{secs}"));
     }
     out.push_str("}}");
     out
@@ -253,7 +260,7 @@ mod tests {
     proptest! {
         /// Whatever a reason says, the JSON body parses and says it back.
         #[test]
-        fn json_bodies_parse_whatever_the_reason(reason in ".{0,40}", by in "[a-z]{1,10}", secs in 0u64..10_000) {
+        fn json_bodies_parse_whatever_the_reason(reason in any::<String>(), by in "[a-z]{1,10}", secs in 0u64..10_000) {
             let refused = Refused::shed(&by, &reason, Duration::from_secs(secs));
             let (_, body) = RefusalBody::json().render(&refused);
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -264,7 +271,28 @@ mod tests {
     }
 
     #[test]
+    fn the_retry_time_is_whole_seconds_in_the_body_as_in_the_header() {
+        let refused = Refused::shed("offload", "offload-deadline", Duration::from_millis(3));
+        assert_eq!(refused.retry_after, Some(Duration::from_secs(1)));
+        let refused = Refused::shed("limit", "cost", Duration::from_millis(2_100));
+        assert_eq!(refused.retry_after, Some(Duration::from_secs(3)));
+        let response = RefusalBody::json().response(&refused, |b| b);
+        assert_eq!(response.headers()[RETRY_AFTER], "3");
+        let v: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(v["error"]["retry_after"], 3);
+        let long = Refused::shed("limit", "cost", Duration::from_secs(1 << 40));
+        assert_eq!(long.retry_after, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
     fn a_500_has_no_retry_after_and_no_shed_header() {
+        // Even one made with a retry time: a 500 is not a refusal to retry.
+        let mut refused = Refused::shed("offload", "internal", Duration::from_secs(5));
+        refused.status = StatusCode::INTERNAL_SERVER_ERROR;
+        let response = RefusalBody::json().response(&refused, |b| b);
+        assert!(response.headers().get(RETRY_AFTER).is_none());
+        let v: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert!(v["error"].get("retry_after").is_none());
         let refused = Refused::internal("offload");
         let response = RefusalBody::json().response(&refused, |b| b);
         assert_eq!(response.status(), 500);

@@ -20,11 +20,14 @@
 
 pub mod demo;
 pub mod drive;
+pub mod fleet;
 
 /// Sends the process's logs to stderr, at the levels `RUST_LOG` asks
-/// (`default` when unset or not understood — `info` or `warn`, say): what
-/// the binaries call first. `RUST_LOG` is a level, or a comma-separated list
-/// of `target=level` and a level for the rest (`gratify=debug,warn`).
+/// (`default` — `info` or `warn`, say — when it is unset or a level in it
+/// does not parse): what the binaries call first. `RUST_LOG` is a level, or
+/// a comma-separated list of `target=level` and a level for the rest
+/// (`gratify=debug,warn`); a word alone that is no level is a target (at
+/// every level), as it always was.
 pub fn init_logs(default: &str) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -47,7 +50,16 @@ fn log_filter(asked: Option<&str>, default: &str) -> tracing_subscriber::filter:
             .parse::<Targets>()
             .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO))
     };
-    match asked.map(str::parse::<Targets>) {
+    // Empty directives (a trailing or doubled comma) say nothing; parsed,
+    // they would set the rest to errors only.
+    let asked = asked.map(|a| {
+        a.split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    match asked.as_deref().map(str::parse::<Targets>) {
         Some(Ok(targets)) => targets,
         Some(Err(error)) => {
             eprintln!("RUST_LOG not understood ({error}); logging at {default}");
@@ -128,6 +140,9 @@ mod tests {
         let f = log_filter(None, "warn");
         assert!(!f.would_enable("shop", &Level::INFO));
         assert!(f.would_enable("shop", &Level::WARN));
+        // A trailing comma changes nothing.
+        let f = log_filter(Some("gratify=debug,warn,"), "info");
+        assert!(f.would_enable("hyper", &Level::WARN));
         // Not understood: the default, not silence and not everything.
         let f = log_filter(Some("gratify=loud"), "info");
         assert!(f.would_enable("shop", &Level::INFO));

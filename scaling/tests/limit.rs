@@ -941,7 +941,15 @@ fn a_limiter_config_reads_from_a_file_and_refuses_nonsense() {
         (r#"{ "deadline_quantile": 1.0 }"#, "between 0 and 1"),
         (
             r#"{ "admission": { "partitioned": [0.5, -0.1] } }"#,
-            "non-negative",
+            "between 0 and 1",
+        ),
+        (
+            r#"{ "admission": { "partitioned": [1e300] } }"#,
+            "between 0 and 1",
+        ),
+        (
+            r#"{ "admission": { "partitioned": [0.7, 0.7] } }"#,
+            "more than the whole",
         ),
         (r#"{ "admission": "lifo" }"#, "unknown variant"),
         (r#"{ "max_queue_time": "soon" }"#, "invalid duration"),
@@ -949,5 +957,41 @@ fn a_limiter_config_reads_from_a_file_and_refuses_nonsense() {
     ] {
         let error = serde_json::from_str::<LimiterConfig>(text).unwrap_err();
         assert!(error.to_string().contains(says), "{text}: {error}");
+    }
+}
+
+/// A wait with no practical bound (any duration a file can spell) is a day:
+/// a request that queues under it is admitted when a slot frees, on either
+/// admission, and nothing overflows.
+#[tokio::test(start_paused = true)]
+async fn a_wait_too_long_to_represent_queues_without_overflow() {
+    use gratify_scaling::limit::{Admission, LimiterConfig};
+    let model = CostModel::from_toml(
+        r#"
+        [classes.page]
+        delay_cost = { shape = "linear", per_second = 1.0 }
+        refusal_cost = 1000.0
+        "#,
+    )
+    .unwrap();
+    for admission in [Admission::Fifo, Admission::DelayCost] {
+        let mut config: LimiterConfig = serde_json::from_str(&format!(
+            r#"{{ "max_queue_time": {}, "probe_interval": {} }}"#,
+            u64::MAX,
+            u64::MAX
+        ))
+        .unwrap();
+        config.admission = admission.clone();
+        let limiter = Limiter::with_algorithm(&model, Fixed::new(1), config);
+        let page = model.id("page").unwrap();
+        let first = limiter.admit(page).await.unwrap();
+        let waiter = tokio::spawn({
+            let limiter = limiter.clone();
+            async move { limiter.admit(page).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(limiter.stats().queued, 1, "{admission:?}: still waiting");
+        drop(first);
+        assert_eq!(waiter.await.unwrap(), Ok(()), "{admission:?}");
     }
 }

@@ -680,7 +680,11 @@ impl Shop {
         let model = self.stack.model();
         let recommendations = get(recommend);
         let recommendations = if offload {
-            recommendations.layer(OffloadLayer::new(self.pool.clone(), &model))
+            // Its refusals in the store's error shape, as the limit's.
+            recommendations.layer(
+                OffloadLayer::new(self.pool.clone(), &model)
+                    .refusal_body(gratify::refusal::RefusalBody::json()),
+            )
         } else {
             recommendations
         };

@@ -28,11 +28,12 @@
 //!
 //! [limit]                           # present: limit and admit by cost
 //! algorithm = "delay-cost"          # "aimd", "vegas", "gradient2", "fixed"
-//! fixed_limit = 64                  # the limit of "fixed" (required then)
+//! # fixed_limit = 64                # the limit of "fixed": required with it, refused otherwise
 //! max_queue = 1024                  # requests waiting, all classes
 //! max_queue_time = "5s"             # the longest anyone waits
 //! warmup_samples = 50               # completions before shedding by cost
 //! never_shed = { checkout = 256 }   # class = most of it that may wait
+//! refusal_body = "text"             # or "json": the body of the limit's refusals
 //!
 //! [compression]                     # present: compress
 //! level = "adaptive"                # or "fixed", with [compression.levels]

@@ -80,7 +80,8 @@ impl fmt::Display for Reason {
 /// How requests are admitted once the limit is reached.
 ///
 /// In a configuration file: `"delay-cost"`, `"fifo"`, `"reject-at-limit"`,
-/// or `{ partitioned = [0.7, 0.3] }` (finite, non-negative shares).
+/// or `{ partitioned = [0.7, 0.3] }` (shares between 0 and 1 that add up to
+/// at most 1, by class index).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
@@ -102,15 +103,21 @@ pub enum Admission {
     Partitioned(#[serde(deserialize_with = "shares")] Vec<f64>),
 }
 
-/// Partition shares: finite and non-negative.
+/// Partition shares: each between 0 and 1, together at most 1.
 fn shares<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
     let shares = <Vec<f64> as serde::Deserialize>::deserialize(d)?;
-    match shares.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
-        Some(bad) => Err(serde::de::Error::custom(format!(
-            "partitioned: share {bad} must be a finite, non-negative number"
-        ))),
-        None => Ok(shares),
+    if let Some(bad) = shares.iter().find(|s| !(0.0..=1.0).contains(*s)) {
+        return Err(serde::de::Error::custom(format!(
+            "partitioned: share {bad} must be between 0 and 1"
+        )));
     }
+    let total: f64 = shares.iter().sum();
+    if total > 1.0 + 1e-9 {
+        return Err(serde::de::Error::custom(format!(
+            "partitioned: the shares add up to {total}, more than the whole limit (1)"
+        )));
+    }
+    Ok(shares)
 }
 
 /// A quantile strictly between 0 and 1.
@@ -130,7 +137,10 @@ fn quantile<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
 /// They read from a configuration file too: every key is optional (the
 /// [`Default`] fills the rest), durations are text such as `"300ms"` or a
 /// number of seconds, an unknown key is an error. Classes are named by their
-/// index in the model. (A [`Stack`]'s `[limit]` table names them instead.)
+/// index in the model — the order of [`CostModel::iter`], alphabetical by
+/// name, so adding a class can move the others: a [`Stack`]'s `[limit]`
+/// table names them instead. An index the model does not have is ignored
+/// with a warning; waits and probe intervals beyond a day count as a day.
 ///
 /// [`Stack`]: https://docs.rs/gratify/latest/gratify/stack/struct.Stack.html
 ///
@@ -692,8 +702,27 @@ impl Limiter {
     pub fn with_algorithm(
         model: &CostModel,
         algorithm: impl Algorithm,
-        config: LimiterConfig,
+        mut config: LimiterConfig,
     ) -> Self {
+        // A wait or probe interval beyond a day is no limit at all; capping
+        // it keeps every deadline computed from it representable.
+        const DAY: Duration = Duration::from_secs(86_400);
+        config.max_queue_time = config.max_queue_time.min(DAY);
+        config.probe_interval = config.probe_interval.min(DAY);
+        for (id, _) in &config.never_shed {
+            if id.index() >= model.len() {
+                tracing::warn!(class = %id, classes = model.len(), "never_shed names no class of the model; ignored");
+            }
+        }
+        if let Admission::Partitioned(shares) = &config.admission
+            && shares.len() != model.len()
+        {
+            tracing::warn!(
+                shares = shares.len(),
+                classes = model.len(),
+                "partitioned admission has a share per class by index; missing shares are 0, extra ones ignored"
+            );
+        }
         let limit = algorithm.initial_limit().max(1);
         let n = model.len();
         let classes = model

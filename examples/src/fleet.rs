@@ -1,0 +1,334 @@
+//! The store as a fleet on one machine: the decisions of the `fleet`
+//! binary, apart from the processes it runs.
+//!
+//! `fleet` starts `shop` replicas that share PostgreSQL (the store and its
+//! e-mails' outbox), Redis (the cache's second tier, its purges, and the
+//! replicas' measurements for the fleet-wide recommendation) behind
+//! HAProxy, and an autoscaler that does what KEDA would: every interval it
+//! reads a metric, decides a replica count, starts replicas (traffic only
+//! once `/readyz` answers) or drains and stops them. It drives a compressed
+//! day through HAProxy once per [`Policy`] and reports each.
+//!
+//! ```
+//! use gratify_examples::fleet::{Policy, Scaler};
+//!
+//! // Requests per second per replica, as KEDA's Prometheus scaler targets.
+//! let mut scaler = Scaler::new(Policy::RpsTarget(100.0), 1, 4, 2);
+//! assert_eq!(scaler.decide(1, 250.0, None), 3, "up at once");
+//! assert_eq!(scaler.decide(3, 50.0, None), 3, "down only after two lower readings");
+//! assert_eq!(scaler.decide(3, 50.0, None), 1);
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// How the autoscaler chooses the replica count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Policy {
+    /// Always this many (sized for the peak).
+    Fixed(usize),
+    /// Enough replicas for each to see this many requests per second
+    /// (KEDA's Prometheus scaler on a request rate, an HPA on the same).
+    RpsTarget(f64),
+    /// gratify's replica advisor: the fleet-wide recommendation every
+    /// replica exports (`gratify_recommended_replicas`).
+    Advisor,
+}
+
+impl Policy {
+    /// A short name for reports.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Fixed(n) => format!("fixed-{n}"),
+            Self::RpsTarget(rps) => format!("rps-{rps:.0}"),
+            Self::Advisor => "advisor".to_owned(),
+        }
+    }
+}
+
+/// The autoscaler's decisions: up at once to what the policy wants; down
+/// only after it has wanted fewer for `down_after` readings in a row (the
+/// scale-down stabilisation window of KEDA and the HPA), never below `min`
+/// or above `max`.
+#[derive(Debug, Clone)]
+pub struct Scaler {
+    policy: Policy,
+    min: usize,
+    max: usize,
+    down_after: u32,
+    lower_for: u32,
+}
+
+impl Scaler {
+    /// A scaler for `policy` within `min..=max` replicas.
+    pub fn new(policy: Policy, min: usize, max: usize, down_after: u32) -> Self {
+        let min = min.max(1);
+        Self {
+            policy,
+            min,
+            max: max.max(min),
+            down_after: down_after.max(1),
+            lower_for: 0,
+        }
+    }
+
+    /// The replica count to run, given the `current` count, the request
+    /// rate the load balancer saw over the last interval (all replicas) and
+    /// the advisor's fleet-wide recommendation (`None`: not read).
+    pub fn decide(&mut self, current: usize, rps: f64, advised: Option<f64>) -> usize {
+        let wanted = match self.policy {
+            Policy::Fixed(n) => n,
+            Policy::RpsTarget(target) if target > 0.0 && rps.is_finite() => {
+                (rps.max(0.0) / target).ceil() as usize
+            }
+            Policy::RpsTarget(_) => current,
+            Policy::Advisor => match advised {
+                Some(n) if n.is_finite() && n >= 0.0 => n.ceil() as usize,
+                _ => current,
+            },
+        }
+        .clamp(self.min, self.max);
+        if wanted >= current {
+            self.lower_for = 0;
+            return wanted.max(current.min(self.max));
+        }
+        self.lower_for += 1;
+        if self.lower_for >= self.down_after {
+            self.lower_for = 0;
+            wanted
+        } else {
+            current
+        }
+    }
+}
+
+/// The shape of the compressed day at fraction `x` of the run, 0..=1 of
+/// the peak rate: a diurnal curve (`night` at the ends, highest mid-run) at
+/// `1 / crowd.multiple` of the peak, and a flash crowd that multiplies it.
+pub fn day_shape(x: f64, night: f64, crowd: Crowd) -> f64 {
+    let x = x.clamp(0.0, 1.0);
+    let diurnal = night + (1.0 - night) * (std::f64::consts::PI * x).sin().powi(2);
+    let base = diurnal / crowd.multiple.max(1.0);
+    if x >= crowd.start && x < crowd.start + crowd.length {
+        (base * crowd.multiple).min(1.0)
+    } else {
+        base
+    }
+}
+
+/// A flash crowd in the compressed day.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Crowd {
+    /// When it starts, as a fraction of the run.
+    pub start: f64,
+    /// How long it lasts, as a fraction of the run.
+    pub length: f64,
+    /// How many times the usual traffic it brings.
+    pub multiple: f64,
+}
+
+/// HAProxy's configuration for the fleet: a frontend on `bind`, a backend
+/// of `servers` slots (`s1`, `s2`, …) that start in maintenance and are
+/// pointed at replicas through the runtime API on `socket`; health checks
+/// on `/readyz`, so a replica that is stopping leaves before it stops.
+/// Requests go to the replica with the fewest in flight; a failed
+/// connection (never a request that reached a replica) is tried once on
+/// another.
+pub fn haproxy_config(bind: SocketAddr, socket: &Path, servers: usize) -> String {
+    format!(
+        "global
+    stats socket {socket} mode 600 level admin
+    maxconn 8192
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout queue 10s
+    option http-server-close
+    retries 1
+    option redispatch
+    retry-on conn-failure
+
+frontend web
+    bind {bind}
+    default_backend shop
+
+backend shop
+    balance leastconn
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server inter 250ms fall 1 rise 1 check
+    server-template s 1-{servers} 127.0.0.1:9 disabled
+",
+        socket = socket.display(),
+    )
+}
+
+/// The runtime API commands that point slot `slot` (1-based) at a replica
+/// on `port` and let traffic in.
+pub fn enable_commands(slot: usize, port: u16) -> [String; 2] {
+    [
+        format!("set server shop/s{slot} addr 127.0.0.1 port {port}"),
+        format!("set server shop/s{slot} state ready"),
+    ]
+}
+
+/// Current sessions per server of `backend` (HAProxy's `show stat` CSV:
+/// `scur`), and the frontend's requests so far (`req_tot`) under the name
+/// `FRONTEND`. Lines that do not parse are skipped.
+pub fn parse_stat(csv: &str, backend: &str) -> BTreeMap<String, u64> {
+    let mut header: Vec<&str> = Vec::new();
+    let mut out = BTreeMap::new();
+    for line in csv.lines() {
+        if let Some(names) = line.strip_prefix("# ") {
+            header = names.split(',').collect();
+            continue;
+        }
+        let fields: Vec<&str> = line.split(',').collect();
+        let column = |name: &str| {
+            header
+                .iter()
+                .position(|h| *h == name)
+                .and_then(|i| fields.get(i))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        match (fields.first(), fields.get(1)) {
+            (Some(px), Some(&"FRONTEND")) if *px == "web" => {
+                if let Some(n) = column("req_tot") {
+                    out.insert("FRONTEND".to_owned(), n);
+                }
+            }
+            (Some(px), Some(sv)) if *px == backend && *sv != "BACKEND" => {
+                if let Some(n) = column("scur") {
+                    out.insert((*sv).to_owned(), n);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The value of the first sample of gauge `name` in Prometheus text
+/// (`name value` or `name{labels} value`).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let rest = match rest.strip_prefix('{') {
+                Some(labelled) => &labelled[labelled.find('}')? + 1..],
+                None => rest,
+            };
+            if !rest.starts_with(' ') {
+                return None;
+            }
+            rest.split_whitespace().next()?.parse().ok()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_and_advisor_policies_and_the_bounds() {
+        let mut fixed = Scaler::new(Policy::Fixed(4), 1, 4, 3);
+        assert_eq!(fixed.decide(1, 0.0, None), 4);
+        assert_eq!(fixed.decide(4, 0.0, Some(1.0)), 4);
+        let mut advisor = Scaler::new(Policy::Advisor, 1, 6, 2);
+        assert_eq!(advisor.decide(2, 0.0, Some(4.2)), 5);
+        assert_eq!(advisor.decide(5, 0.0, None), 5, "no reading: no change");
+        assert_eq!(advisor.decide(5, 0.0, Some(f64::NAN)), 5);
+        assert_eq!(advisor.decide(5, 0.0, Some(100.0)), 6, "never above max");
+        assert_eq!(advisor.decide(6, 0.0, Some(0.0)), 6);
+        assert_eq!(advisor.decide(6, 0.0, Some(0.0)), 1, "never below min");
+        // A higher reading in between restarts the window.
+        assert_eq!(advisor.decide(1, 0.0, Some(3.0)), 3);
+        assert_eq!(advisor.decide(3, 0.0, Some(2.0)), 3);
+        assert_eq!(advisor.decide(3, 0.0, Some(3.0)), 3);
+        assert_eq!(advisor.decide(3, 0.0, Some(2.0)), 3);
+        assert_eq!(advisor.decide(3, 0.0, Some(2.0)), 2);
+    }
+
+    #[test]
+    fn the_day_peaks_in_its_crowd() {
+        let crowd = Crowd {
+            start: 0.6,
+            length: 0.1,
+            multiple: 2.0,
+        };
+        let at = |x| day_shape(x, 0.2, crowd);
+        assert!(
+            (at(0.0) - 0.1).abs() < 1e-9,
+            "night, at half the peak's base"
+        );
+        assert!((at(0.5) - 0.5).abs() < 1e-9, "midday: the base's top");
+        let calm = |x| {
+            day_shape(
+                x,
+                0.2,
+                Crowd {
+                    length: 0.0,
+                    ..crowd
+                },
+            )
+        };
+        assert!(
+            (at(0.65) - 2.0 * calm(0.65)).abs() < 1e-9,
+            "the crowd doubles it"
+        );
+        assert_eq!(at(0.55), calm(0.55));
+        assert!((0.0..=1.0).contains(&at(0.65)));
+        assert!(at(0.75) < at(0.65));
+    }
+
+    #[test]
+    fn stats_and_metrics_are_read_from_haproxy_and_prometheus_text() {
+        let csv = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,wretr,wredis,status,weight,act,bck,chkfail,chkdown,lastchg,downtime,qlimit,pid,iid,sid,throttle,lbtot,tracked,type,rate,rate_lim,rate_max,check_status,check_code,check_duration,hrsp_1xx,hrsp_2xx,hrsp_3xx,hrsp_4xx,hrsp_5xx,hrsp_other,hanafail,req_rate,req_rate_max,req_tot\n\
+web,FRONTEND,,,3,10,8192,120,0,0,0,0,0,,,,,OPEN,,,,,,,,,1,2,0,,,,0,5,0,9,,,,0,100,0,0,2,0,,5,9,1234\n\
+shop,s1,0,0,2,4,,50,0,0,,0,,0,0,0,0,UP,1,1,0,0,0,10,0,,1,3,1,,50,,2,0,,4,L7OK,200,1,0,50,0,0,0,0,,,,\n\
+shop,s2,0,0,0,0,,0,0,0,,0,,0,0,0,0,MAINT,1,1,0,0,0,10,0,,1,3,2,,0,,2,0,,0,,,,0,0,0,0,0,0,,,,\n\
+shop,BACKEND,0,0,2,4,,50,0,0,0,0,,0,0,0,0,UP,1,1,0,,0,10,0,,1,3,0,,50,,1,0,,4,,,,0,50,0,0,0,0,,,,\n";
+        let stat = parse_stat(csv, "shop");
+        assert_eq!(stat.get("FRONTEND"), Some(&1234));
+        assert_eq!(stat.get("s1"), Some(&2));
+        assert_eq!(stat.get("s2"), Some(&0));
+        assert!(!stat.contains_key("BACKEND"));
+        assert!(parse_stat("garbage\n,,,", "shop").is_empty());
+
+        let text = "# TYPE gratify_recommended_replicas gauge\n\
+gratify_recommended_replicas_total 9\n\
+gratify_recommended_replicas{fleet=\"shop\"} 3\n";
+        assert_eq!(
+            metric_value(text, "gratify_recommended_replicas"),
+            Some(3.0)
+        );
+        assert_eq!(metric_value("x 1\n", "gratify_recommended_replicas"), None);
+    }
+
+    #[test]
+    fn haproxy_is_told_where_each_replica_listens() {
+        let config = haproxy_config(
+            "127.0.0.1:8000".parse().unwrap(),
+            Path::new("/tmp/s.sock"),
+            6,
+        );
+        assert!(config.contains("server-template s 1-6 127.0.0.1:9 disabled"));
+        assert!(config.contains("option httpchk GET /readyz"));
+        assert!(config.contains("bind 127.0.0.1:8000"));
+        // Only a failed connection is retried: never a request that may
+        // have reached a replica (a checkout must not run twice).
+        assert!(config.contains("retry-on conn-failure\n"));
+        assert_eq!(
+            enable_commands(2, 9001),
+            [
+                "set server shop/s2 addr 127.0.0.1 port 9001".to_owned(),
+                "set server shop/s2 state ready".to_owned()
+            ]
+        );
+    }
+}
