@@ -230,6 +230,113 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
         })
 }
 
+/// One policy's lines in [`plot`]: replicas taking traffic at each change,
+/// and p99 latency by window (seconds, value).
+#[derive(Debug, Clone)]
+pub struct PlotLine {
+    /// The policy.
+    pub name: String,
+    /// (seconds, replicas) at each change.
+    pub replicas: Vec<(f64, usize)>,
+    /// (seconds, p99 ms).
+    pub p99: Vec<(f64, f64)>,
+}
+
+/// Replicas (a step line) and p99 over `end` seconds, a panel each and a
+/// colour per policy, as SVG. (Hand-written, as the demo's plot: two
+/// panels of polylines are a few dozen lines, and the examples do not
+/// build a plotting crate.)
+pub fn plot(lines: &[PlotLine], end: f64) -> String {
+    use std::fmt::Write as _;
+    const COLOURS: [&str; 4] = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"];
+    let (width, panel, left, top) = (900.0, 260.0, 60.0, 30.0);
+    let end = end.max(1.0);
+    let max_replicas = lines
+        .iter()
+        .flat_map(|l| l.replicas.iter().map(|(_, n)| *n))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        + 1.0;
+    let max_p99 = lines
+        .iter()
+        .flat_map(|l| l.p99.iter().map(|(_, v)| *v))
+        .filter(|v| v.is_finite())
+        .fold(10.0, f64::max)
+        * 1.1;
+    let x = |t: f64| left + (t / end).clamp(0.0, 1.0) * (width - left - 20.0);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"##,
+        h = 2.0 * (panel + top) + 30.0
+    );
+    for (k, (title, max)) in [
+        ("replicas taking traffic", max_replicas),
+        ("p99 latency, ms (5 s windows)", max_p99),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let y0 = top + k as f64 * (panel + top);
+        let y = |v: f64| y0 + panel - (v / max).clamp(0.0, 1.0) * panel;
+        let _ = write!(
+            svg,
+            r##"<text x="{left}" y="{t}" font-size="14">{title}</text><line x1="{left}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/><line x1="{left}" y1="{y0}" x2="{left}" y2="{b}" stroke="black"/><text x="{lx}" y="{ty}" text-anchor="end">{max:.0}</text><text x="{lx}" y="{b}" text-anchor="end">0</text><text x="{r}" y="{bl}" text-anchor="end">{end:.0} s</text>"##,
+            t = y0 - 8.0,
+            b = y0 + panel,
+            r = width - 20.0,
+            lx = left - 6.0,
+            ty = y0 + 10.0,
+            bl = y0 + panel + 14.0,
+        );
+        for (i, line) in lines.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            let points: Vec<(f64, f64)> = if k == 0 {
+                let mut steps = Vec::new();
+                let mut last = None;
+                for (t, n) in &line.replicas {
+                    if let Some(previous) = last {
+                        steps.push((*t, previous));
+                    }
+                    steps.push((*t, *n as f64));
+                    last = Some(*n as f64);
+                }
+                if let Some(previous) = last {
+                    steps.push((end, previous));
+                }
+                steps
+            } else {
+                line.p99
+                    .iter()
+                    .copied()
+                    .filter(|(_, v)| v.is_finite())
+                    .collect()
+            };
+            let path: Vec<String> = points
+                .iter()
+                .map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v)))
+                .collect();
+            let _ = write!(
+                svg,
+                r##"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"##,
+                path.join(" ")
+            );
+            if k == 0 {
+                let _ = write!(
+                    svg,
+                    r##"<text x="{lx}" y="{ly}" fill="{colour}">{name}</text>"##,
+                    lx = width - 160.0,
+                    ly = y0 + 14.0 + 14.0 * i as f64,
+                    name = line.name,
+                );
+            }
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,5 +437,30 @@ gratify_recommended_replicas{fleet=\"shop\"} 3\n";
                 "set server shop/s2 state ready".to_owned()
             ]
         );
+    }
+
+    #[test]
+    fn the_plot_names_each_policy_and_draws_its_lines() {
+        let lines = [
+            PlotLine {
+                name: "fixed-4".into(),
+                replicas: vec![(0.0, 4), (300.0, 4)],
+                p99: vec![(2.5, 40.0), (7.5, 45.0)],
+            },
+            PlotLine {
+                name: "advisor".into(),
+                replicas: vec![(0.0, 1), (120.0, 3), (300.0, 3)],
+                p99: vec![(2.5, 50.0), (7.5, f64::NAN)],
+            },
+        ];
+        let svg = plot(&lines, 300.0);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"));
+        assert!(svg.contains(">fixed-4<") && svg.contains(">advisor<"));
+        assert_eq!(
+            svg.matches("<polyline").count(),
+            4,
+            "two panels, two policies"
+        );
+        assert!(!svg.contains("NaN"));
     }
 }
