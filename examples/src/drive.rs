@@ -163,7 +163,8 @@ pub struct ClassReport {
 /// The driver's report: per class, and in all.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Report {
-    /// The rate offered, arrivals per second.
+    /// The rate offered, arrivals per second (with a rate that varies,
+    /// [`drive_varying`], its highest).
     pub rate: f64,
     /// Seconds of traffic.
     pub seconds: f64,
@@ -195,7 +196,8 @@ pub struct Window {
     pub shed: u64,
     /// Timeouts and errors.
     pub failed: u64,
-    /// 99th-percentile latency of the successes, ms.
+    /// 99th-percentile latency of the successes, ms (not a number, `null`
+    /// in JSON, for a window without one).
     pub p99_ms: f64,
 }
 
@@ -490,7 +492,11 @@ where
             ok: w.ok,
             shed: w.shed,
             failed: w.failed,
-            p99_ms: percentile_ms(&w.latencies, 0.99),
+            p99_ms: if w.latencies.is_empty() {
+                f64::NAN
+            } else {
+                percentile_ms(&w.latencies, 0.99)
+            },
         });
     }
     for (class, mut t) in all {

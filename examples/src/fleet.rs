@@ -14,9 +14,10 @@
 //!
 //! // Requests per second per replica, as KEDA's Prometheus scaler targets.
 //! let mut scaler = Scaler::new(Policy::RpsTarget(100.0), 1, 4, 2);
-//! assert_eq!(scaler.decide(1, 250.0, None), 3, "up at once");
-//! assert_eq!(scaler.decide(3, 50.0, None), 3, "down only after two lower readings");
-//! assert_eq!(scaler.decide(3, 50.0, None), 1);
+//! assert_eq!(scaler.decide(1, Some(250.0), None), 3, "up at once");
+//! assert_eq!(scaler.decide(3, Some(50.0), None), 3, "down only to the window's highest");
+//! assert_eq!(scaler.decide(3, None, None), 3, "no reading, no decision");
+//! assert_eq!(scaler.decide(3, Some(50.0), None), 1);
 //! ```
 
 use std::collections::BTreeMap;
@@ -47,59 +48,62 @@ impl Policy {
     }
 }
 
-/// The autoscaler's decisions: up at once to what the policy wants; down
-/// only after it has wanted fewer for `down_after` readings in a row (the
-/// scale-down stabilisation window of KEDA and the HPA), never below `min`
-/// or above `max`.
+/// The autoscaler's decisions, as the HPA under KEDA makes them: up at
+/// once to what the policy wants; down only to the highest it wanted over
+/// the last `window` readings (the scale-down stabilisation window), never
+/// below `min` or above `max`. A missing reading decides nothing.
 #[derive(Debug, Clone)]
 pub struct Scaler {
     policy: Policy,
     min: usize,
     max: usize,
-    down_after: u32,
-    lower_for: u32,
+    window: usize,
+    recent: std::collections::VecDeque<usize>,
 }
 
 impl Scaler {
-    /// A scaler for `policy` within `min..=max` replicas.
-    pub fn new(policy: Policy, min: usize, max: usize, down_after: u32) -> Self {
+    /// A scaler for `policy` within `min..=max` replicas, with a
+    /// scale-down window of `window` readings.
+    pub fn new(policy: Policy, min: usize, max: usize, window: usize) -> Self {
         let min = min.max(1);
         Self {
             policy,
             min,
             max: max.max(min),
-            down_after: down_after.max(1),
-            lower_for: 0,
+            window: window.max(1),
+            recent: std::collections::VecDeque::new(),
         }
     }
 
     /// The replica count to run, given the `current` count, the request
-    /// rate the load balancer saw over the last interval (all replicas) and
-    /// the advisor's fleet-wide recommendation (`None`: not read).
-    pub fn decide(&mut self, current: usize, rps: f64, advised: Option<f64>) -> usize {
+    /// rate the load balancer saw over the last interval (all replicas;
+    /// `None`: not read) and the advisor's fleet-wide recommendation
+    /// (`None`: not read, or stale).
+    pub fn decide(&mut self, current: usize, rps: Option<f64>, advised: Option<f64>) -> usize {
         let wanted = match self.policy {
-            Policy::Fixed(n) => n,
-            Policy::RpsTarget(target) if target > 0.0 && rps.is_finite() => {
-                (rps.max(0.0) / target).ceil() as usize
-            }
-            Policy::RpsTarget(_) => current,
-            Policy::Advisor => match advised {
-                Some(n) if n.is_finite() && n >= 0.0 => n.ceil() as usize,
-                _ => current,
-            },
+            Policy::Fixed(n) => Some(n),
+            Policy::RpsTarget(target) => rps
+                .filter(|r| r.is_finite() && target > 0.0 && target.is_finite())
+                .map(|r| (r.max(0.0) / target).ceil() as usize),
+            Policy::Advisor => advised
+                .filter(|n| n.is_finite() && *n >= 0.0)
+                .map(|n| n.ceil() as usize),
+        };
+        let Some(wanted) = wanted.map(|w| w.clamp(self.min, self.max)) else {
+            return current.clamp(self.min, self.max);
+        };
+        self.recent.push_back(wanted);
+        while self.recent.len() > self.window {
+            self.recent.pop_front();
         }
-        .clamp(self.min, self.max);
         if wanted >= current {
-            self.lower_for = 0;
-            return wanted.max(current.min(self.max));
+            return wanted;
         }
-        self.lower_for += 1;
-        if self.lower_for >= self.down_after {
-            self.lower_for = 0;
-            wanted
-        } else {
-            current
+        if self.recent.len() < self.window {
+            return current.min(self.max);
         }
+        let highest = self.recent.iter().copied().max().unwrap_or(wanted);
+        highest.min(current)
     }
 }
 
@@ -128,13 +132,15 @@ pub struct Crowd {
     pub multiple: f64,
 }
 
-/// HAProxy's configuration for the fleet: a frontend on `bind`, a backend
-/// of `servers` slots (`s1`, `s2`, …) that start in maintenance and are
-/// pointed at replicas through the runtime API on `socket`; health checks
-/// on `/readyz`, so a replica that is stopping leaves before it stops.
-/// Requests go to the replica with the fewest in flight; a failed
-/// connection (never a request that reached a replica) is tried once on
-/// another.
+/// HAProxy's configuration for the fleet: a frontend on `bind` that keeps
+/// the replicas' `/ops/` endpoints (purges, the admin service) to itself, a
+/// backend of `servers` slots (`s1`, `s2`, …) that start in maintenance and
+/// are pointed at replicas through the runtime API on `socket`; health
+/// checks on `/readyz` (three failed in a row, each given 2 s, take a
+/// replica out). Requests go to the replica with the fewest in flight; a
+/// failed connection (never a request that reached a replica) is tried once
+/// on another; a request whose client left while it was queued here is not
+/// sent.
 pub fn haproxy_config(bind: SocketAddr, socket: &Path, servers: usize) -> String {
     format!(
         "global
@@ -147,20 +153,24 @@ defaults
     timeout client 30s
     timeout server 30s
     timeout queue 10s
+    timeout check 2s
     option http-server-close
+    option abortonclose
     retries 1
     option redispatch
     retry-on conn-failure
 
 frontend web
     bind {bind}
+    # The replicas' operations endpoints are for the fleet's own network.
+    http-request deny deny_status 404 if {{ path_beg /ops/ }}
     default_backend shop
 
 backend shop
     balance leastconn
     option httpchk GET /readyz
     http-check expect status 200
-    default-server inter 250ms fall 1 rise 1 check
+    default-server inter 250ms fall 3 rise 1 check
     server-template s 1-{servers} 127.0.0.1:9 disabled
 ",
         socket = socket.display(),
@@ -344,21 +354,31 @@ mod tests {
     #[test]
     fn fixed_and_advisor_policies_and_the_bounds() {
         let mut fixed = Scaler::new(Policy::Fixed(4), 1, 4, 3);
-        assert_eq!(fixed.decide(1, 0.0, None), 4);
-        assert_eq!(fixed.decide(4, 0.0, Some(1.0)), 4);
+        assert_eq!(fixed.decide(1, None, None), 4);
+        assert_eq!(fixed.decide(4, None, Some(1.0)), 4);
         let mut advisor = Scaler::new(Policy::Advisor, 1, 6, 2);
-        assert_eq!(advisor.decide(2, 0.0, Some(4.2)), 5);
-        assert_eq!(advisor.decide(5, 0.0, None), 5, "no reading: no change");
-        assert_eq!(advisor.decide(5, 0.0, Some(f64::NAN)), 5);
-        assert_eq!(advisor.decide(5, 0.0, Some(100.0)), 6, "never above max");
-        assert_eq!(advisor.decide(6, 0.0, Some(0.0)), 6);
-        assert_eq!(advisor.decide(6, 0.0, Some(0.0)), 1, "never below min");
-        // A higher reading in between restarts the window.
-        assert_eq!(advisor.decide(1, 0.0, Some(3.0)), 3);
-        assert_eq!(advisor.decide(3, 0.0, Some(2.0)), 3);
-        assert_eq!(advisor.decide(3, 0.0, Some(3.0)), 3);
-        assert_eq!(advisor.decide(3, 0.0, Some(2.0)), 3);
-        assert_eq!(advisor.decide(3, 0.0, Some(2.0)), 2);
+        assert_eq!(advisor.decide(2, None, Some(4.2)), 5);
+        assert_eq!(advisor.decide(5, None, None), 5, "no reading: no change");
+        assert_eq!(advisor.decide(5, None, Some(f64::NAN)), 5);
+        assert_eq!(advisor.decide(5, None, Some(100.0)), 6, "never above max");
+        assert_eq!(advisor.decide(6, None, Some(0.0)), 6);
+        assert_eq!(advisor.decide(6, None, Some(0.0)), 1, "never below min");
+        // A higher reading in the window holds the count.
+        assert_eq!(advisor.decide(1, None, Some(3.0)), 3);
+        assert_eq!(advisor.decide(3, None, Some(2.0)), 3);
+        assert_eq!(advisor.decide(3, None, Some(3.0)), 3);
+        assert_eq!(advisor.decide(3, None, Some(2.0)), 3);
+        assert_eq!(advisor.decide(3, None, Some(2.0)), 2);
+        // Down to the highest of the window, as the HPA: 3 then 1 is 3.
+        let mut hpa = Scaler::new(Policy::Advisor, 1, 6, 2);
+        assert_eq!(hpa.decide(4, None, Some(3.0)), 4);
+        assert_eq!(hpa.decide(4, None, Some(1.0)), 3);
+        // A rate target that cannot be met decides nothing.
+        let mut rps = Scaler::new(Policy::RpsTarget(0.0), 1, 6, 2);
+        assert_eq!(rps.decide(2, Some(1e9), None), 2);
+        let mut rps = Scaler::new(Policy::RpsTarget(100.0), 1, 6, 2);
+        assert_eq!(rps.decide(2, Some(f64::INFINITY), None), 2);
+        assert_eq!(rps.decide(2, Some(450.0), None), 5);
     }
 
     #[test]
@@ -430,6 +450,8 @@ gratify_recommended_replicas{fleet=\"shop\"} 3\n";
         // Only a failed connection is retried: never a request that may
         // have reached a replica (a checkout must not run twice).
         assert!(config.contains("retry-on conn-failure\n"));
+        // The operations endpoints are not the public's.
+        assert!(config.contains("deny deny_status 404 if { path_beg /ops/ }"));
         assert_eq!(
             enable_commands(2, 9001),
             [

@@ -17,7 +17,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -90,6 +90,9 @@ struct Run {
     /// errors, timeouts and refusals without gratify's header.
     failed_unexplained: u64,
     orders: i64,
+    /// Orders without their e-mail when the last replica stopped.
+    orders_without_email_at_stop: i64,
+    /// ... and after a mailer was given a minute for them.
     orders_without_email: i64,
     scale_ups: u32,
     scale_downs: u32,
@@ -101,7 +104,9 @@ struct Output {
     minutes: f64,
     peak_rate: f64,
     pod: (u32, f64),
-    purge_propagation_ms: Vec<f64>,
+    /// Per other replica: by when a purge on the first had reached it (the
+    /// send time of the first request that missed), ms; `None` if not in 5 s.
+    purge_propagation_ms: Vec<Option<f64>>,
     runs: Vec<Run>,
 }
 
@@ -111,35 +116,57 @@ fn free_port() -> Result<u16, Error> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Runs a command on HAProxy's runtime API; its answer.
+/// Runs a command on HAProxy's runtime API (within 5 s); its answer.
 async fn haproxy(socket: &Path, command: &str) -> Result<String, Error> {
-    let mut stream = tokio::net::UnixStream::connect(socket).await?;
-    stream.write_all(format!("{command}\n").as_bytes()).await?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await?;
-    Ok(answer)
+    let ask = async {
+        let mut stream = tokio::net::UnixStream::connect(socket).await?;
+        stream.write_all(format!("{command}\n").as_bytes()).await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        Ok::<_, Error>(answer)
+    };
+    tokio::time::timeout(Duration::from_secs(5), ask)
+        .await
+        .map_err(|_| format!("haproxy did not answer {command:?} in 5 s"))?
 }
 
-/// A plain GET or POST on a replica or HAProxy; the status and body.
+/// A `set` command on HAProxy's runtime API, which answers nothing when it
+/// did what it was told (or, for an address, says what changed).
+async fn haproxy_set(socket: &Path, command: &str) -> Result<(), Error> {
+    let answer = haproxy(socket, command).await?;
+    if answer.trim().is_empty() || answer.contains("changed from") {
+        Ok(())
+    } else {
+        Err(format!("haproxy refused {command:?}: {}", answer.trim()).into())
+    }
+}
+
+/// A plain GET or POST on a replica (within 5 s): the status, the body and
+/// whether a cache answered.
 async fn request(method: &str, url: &str, host: &str) -> Result<(u16, String, bool), Error> {
-    let uri: http::Uri = url.parse()?;
-    let authority = uri.authority().ok_or("no authority")?.clone();
-    let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = http::Request::builder()
-        .method(method)
-        .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header("host", host)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let response = sender.send_request(req).await?;
-    let status = response.status().as_u16();
-    let hit = gratify_examples::drive::served_from_cache(response.headers());
-    let body = http_body_util::BodyExt::collect(response.into_body())
-        .await?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned(), hit))
+    let ask = async {
+        let uri: http::Uri = url.parse()?;
+        let authority = uri.authority().ok_or("no authority")?.clone();
+        let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(method)
+            .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
+            .header("host", host)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let response = sender.send_request(req).await?;
+        let status = response.status().as_u16();
+        let hit = gratify_examples::drive::served_from_cache(response.headers());
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await?
+            .to_bytes();
+        Ok::<_, Error>((status, String::from_utf8_lossy(&body).into_owned(), hit))
+    };
+    tokio::time::timeout(Duration::from_secs(5), ask)
+        .await
+        .map_err(|_| format!("{method} {url}: no answer in 5 s"))?
 }
 
 /// A running replica.
@@ -147,6 +174,7 @@ struct Replica {
     slot: usize,
     port: u16,
     child: Child,
+    started: Instant,
 }
 
 /// The fleet: replicas in HAProxy's slots.
@@ -157,35 +185,65 @@ struct Fleet {
     redis: String,
     name: String,
     logs: PathBuf,
-    args: (u32, f64),
+    /// Pod slots, pod work (ms), the advisor's interval (s).
+    args: (u32, f64, f64),
     running: Vec<Replica>,
     max: usize,
+    /// Replicas started so far (numbers the logs).
+    launched: usize,
+    /// When the day started and ended: replica-seconds are counted between.
+    day: (Option<Instant>, Option<Instant>),
+    replica_seconds: f64,
+    /// (seconds into the day, replicas taking traffic) at each change.
+    timeline: Vec<(f64, usize)>,
 }
 
 impl Fleet {
+    fn since_start(&self) -> f64 {
+        self.day.0.map_or(0.0, |t0| t0.elapsed().as_secs_f64())
+    }
+
+    /// Counts a replica's seconds within the day.
+    fn charge(&mut self, started: Instant, stopped: Instant) {
+        let (Some(t0), end) = self.day else {
+            return;
+        };
+        let from = started.max(t0);
+        let to = end.map_or(stopped, |e| stopped.min(e));
+        self.replica_seconds += to.saturating_duration_since(from).as_secs_f64();
+    }
+
     /// Starts a replica in a free slot and lets traffic in once it is ready.
     async fn start_one(&mut self) -> Result<(), Error> {
         let slot = (1..=self.max)
             .find(|s| self.running.iter().all(|r| r.slot != *s))
             .ok_or("no free slot")?;
         let port = free_port()?;
-        let log = std::fs::File::create(self.logs.join(format!("{}-s{slot}.log", self.name)))?;
-        let child = Command::new(&self.shop)
+        self.launched += 1;
+        let log = std::fs::File::create(
+            self.logs
+                .join(format!("{}-s{slot}-{}.log", self.name, self.launched)),
+        )?;
+        let started = Instant::now();
+        let mut child = Command::new(&self.shop)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--postgres", &self.postgres, "--redis", &self.redis])
             .args(["--fleet", &self.name, "--replica-name", &format!("s{slot}")])
             .args(["--pod-slots", &self.args.0.to_string()])
             .args(["--pod-work-ms", &self.args.1.to_string()])
+            .args(["--advise-every", &self.args.2.to_string()])
             .args(["--readiness-grace", "1"])
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()?;
         let url = format!("http://127.0.0.1:{port}/readyz");
-        let started = Instant::now();
         loop {
             if let Ok((200, _, _)) = request("GET", &url, "shop.example").await {
                 break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("replica s{slot} exited at start ({status})").into());
             }
             if started.elapsed() > Duration::from_secs(30) {
                 return Err(format!("replica s{slot} not ready in 30 s").into());
@@ -193,25 +251,45 @@ impl Fleet {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         for command in enable_commands(slot, port) {
-            haproxy(&self.socket, &command).await?;
+            haproxy_set(&self.socket, &command).await?;
         }
-        self.running.push(Replica { slot, port, child });
+        self.running.push(Replica {
+            slot,
+            port,
+            child,
+            started,
+        });
+        let at = self.since_start();
+        self.timeline.push((at, self.running.len()));
         Ok(())
     }
 
     /// Drains the newest replica: no new requests from HAProxy, its own
     /// finish, then SIGTERM (it fails readiness, stops accepting, finishes
     /// what it holds and its e-mails), and its slot back to maintenance.
+    /// Whatever the runtime API says, the replica is stopped gracefully.
     async fn stop_one(&mut self) -> Result<(), Error> {
         let Some(mut replica) = self.running.pop() else {
             return Ok(());
         };
         let name = format!("s{}", replica.slot);
-        haproxy(&self.socket, &format!("set server shop/{name} state drain")).await?;
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(10) {
-            let stat = haproxy(&self.socket, "show stat").await?;
-            if parse_stat(&stat, "shop").get(&name).copied().unwrap_or(0) == 0 {
+        let mut trouble = Vec::new();
+        if let Err(e) =
+            haproxy_set(&self.socket, &format!("set server shop/{name} state drain")).await
+        {
+            trouble.push(e.to_string());
+        }
+        let at = self.since_start();
+        self.timeline.push((at, self.running.len()));
+        // Until HAProxy holds no session on it (an unknown count is not
+        // zero), at most 10 s.
+        let waited = Instant::now();
+        while waited.elapsed() < Duration::from_secs(10) {
+            let sessions = haproxy(&self.socket, "show stat")
+                .await
+                .ok()
+                .and_then(|stat| parse_stat(&stat, "shop").get(&name).copied());
+            if sessions == Some(0) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -222,16 +300,30 @@ impl Fleet {
                 .status()
                 .await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(20), replica.child.wait()).await;
-        haproxy(&self.socket, &format!("set server shop/{name} state maint")).await?;
-        Ok(())
+        // Its own shutdown takes up to about 25 s (requests in flight, the
+        // mailer's 10 s, the deferred work's 10 s); past 40 s it is killed.
+        let _ = tokio::time::timeout(Duration::from_secs(40), replica.child.wait()).await;
+        let _ = replica.child.start_kill();
+        self.charge(replica.started, Instant::now());
+        if let Err(e) =
+            haproxy_set(&self.socket, &format!("set server shop/{name} state maint")).await
+        {
+            trouble.push(e.to_string());
+        }
+        if trouble.is_empty() {
+            Ok(())
+        } else {
+            Err(trouble.join("; ").into())
+        }
     }
 
-    /// The fleet-wide recommendation, from the first replica that answers.
+    /// The fleet-wide recommendation, from the first replica that answers
+    /// with one that is not stale.
     async fn advised(&self) -> Option<f64> {
         for r in &self.running {
             let url = format!("http://127.0.0.1:{}/ops/admin/metrics", r.port);
             if let Ok((200, text, _)) = request("GET", &url, "shop.example").await
+                && metric_value(&text, "gratify_advisor_stale") != Some(1.0)
                 && let Some(n) = metric_value(&text, "gratify_recommended_replicas")
             {
                 return Some(n);
@@ -243,10 +335,11 @@ impl Fleet {
 
 /// Checks that a purge on one replica reaches the others through Redis:
 /// for each other replica, a page cached on both is purged on the first and
-/// asked of the other until it misses; the time that took, ms. (A page per
-/// replica: a miss refills the shared tier, which a third replica would then
-/// hit.)
-async fn purge_propagation(fleet: &Fleet) -> Result<Vec<f64>, Error> {
+/// asked of the other until it misses. By when the purge had arrived: the
+/// send time of the first request that missed, ms (`None`: not in 5 s). (A
+/// page per replica: a miss refills the shared tier, which a third replica
+/// would then hit.)
+async fn purge_propagation(fleet: &Fleet) -> Result<Vec<Option<f64>>, Error> {
     let (first, others) = fleet.running.split_first().ok_or("no replica")?;
     let mut took = Vec::new();
     for (i, r) in others.iter().enumerate() {
@@ -270,13 +363,14 @@ async fn purge_propagation(fleet: &Fleet) -> Result<Vec<f64>, Error> {
         }
         let url = format!("http://127.0.0.1:{}{page}", r.port);
         loop {
+            let sent = started.elapsed();
             let (_, _, hit) = request("GET", &url, "shop.example").await?;
             if !hit {
-                took.push(started.elapsed().as_secs_f64() * 1e3);
+                took.push(Some(sent.as_secs_f64() * 1e3));
                 break;
             }
             if started.elapsed() > Duration::from_secs(5) {
-                took.push(f64::INFINITY);
+                took.push(None);
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -306,13 +400,16 @@ async fn orders_and_unsent(url: &str) -> Result<(i64, i64), Error> {
     Ok((orders, unsent))
 }
 
-/// The URL of database `name` on the server of `admin`.
+/// The URL of database `name` on the server `admin` names (its scheme,
+/// user, host and query kept; its database replaced).
 fn database_url(admin: &str, name: &str) -> String {
     let start = admin.find("://").map_or(0, |i| i + 3);
-    match admin[start..].find('/') {
-        Some(i) => format!("{}/{name}", &admin[..start + i]),
-        None => format!("{admin}/{name}"),
-    }
+    let (head, query) = match admin[start..].find('?') {
+        Some(q) => admin.split_at(start + q),
+        None => (admin, ""),
+    };
+    let authority_end = head[start..].find('/').map_or(head.len(), |i| start + i);
+    format!("{}/{name}{query}", &head[..authority_end])
 }
 
 fn policy_of(name: &str, args: &Args) -> Result<Policy, Error> {
@@ -351,24 +448,49 @@ fn start_haproxy(config: &Path, log: &Path) -> Result<Child, Error> {
         .spawn()?)
 }
 
+/// One policy's run; its database and working directory are removed
+/// whatever happens.
 async fn run_policy(
     args: &Args,
     name: &str,
     policy: Policy,
     redis: &str,
     model: &CostModel,
-    purge: &mut Vec<f64>,
+    purge: &mut Vec<Option<f64>>,
 ) -> Result<Run, Error> {
     let db = format!("gratify_fleet_{name}");
+    let work = std::env::temp_dir().join(format!("gratify-fleet-{}-{name}", std::process::id()));
+    let result = run_policy_in(args, name, &db, &work, policy, redis, model, purge).await;
+    let _ = std::fs::remove_dir_all(&work);
+    let dropped = pg_exec(
+        &args.postgres,
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    )
+    .await;
+    let run = result?;
+    dropped?;
+    Ok(run)
+}
+
+#[allow(clippy::too_many_arguments)] // one call site, each argument named there
+async fn run_policy_in(
+    args: &Args,
+    name: &str,
+    db: &str,
+    work: &Path,
+    policy: Policy,
+    redis: &str,
+    model: &CostModel,
+    purge: &mut Vec<Option<f64>>,
+) -> Result<Run, Error> {
     pg_exec(
         &args.postgres,
         &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
     )
     .await?;
     pg_exec(&args.postgres, &format!("CREATE DATABASE {db}")).await?;
-    let db_url = database_url(&args.postgres, &db);
-    let work = std::env::temp_dir().join(format!("gratify-fleet-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
+    let db_url = database_url(&args.postgres, db);
+    std::fs::create_dir_all(work)?;
     let socket = work.join("haproxy.sock");
     let front: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let config = work.join("haproxy.cfg");
@@ -392,64 +514,75 @@ async fn run_policy(
         redis: redis.to_owned(),
         name: format!("fleet-{name}"),
         logs: args.out.clone(),
-        args: (args.pod_slots, args.pod_work_ms),
+        args: (args.pod_slots, args.pod_work_ms, args.interval),
         running: Vec::new(),
         max: args.max_replicas,
+        launched: 0,
+        day: (None, None),
+        replica_seconds: 0.0,
+        timeline: Vec::new(),
     };
     let mut scaler = Scaler::new(policy, 1, args.max_replicas, 2);
-    let initial = scaler.decide(1, 0.0, None);
-    for _ in 0..initial
-        .max(if purge.is_empty() { 3 } else { 1 })
-        .min(args.max_replicas)
-    {
+    let initial = scaler.decide(1, None, None);
+    let for_purge = if purge.is_empty() { 3 } else { 1 };
+    for _ in 0..initial.max(for_purge).min(args.max_replicas) {
         fleet.start_one().await?;
     }
     if purge.is_empty() && fleet.running.len() > 1 {
         *purge = purge_propagation(&fleet).await?;
-        eprintln!("fleet: a purge reached the other replicas in {purge:?} ms");
+        eprintln!("fleet: a purge had reached the other replicas by {purge:?} ms");
     }
     while fleet.running.len() > initial {
         fleet.stop_one().await?;
     }
 
-    // The autoscaler: every interval, a reading and a decision.
+    // The day starts: replica-seconds count from here.
     let t0 = Instant::now();
-    let replicas = Arc::new(Mutex::new(vec![(0.0, fleet.running.len())]));
+    fleet.day.0 = Some(t0);
+    fleet.timeline = vec![(0.0, fleet.running.len())];
     let stop = Arc::new(tokio::sync::Notify::new());
-    let interval = Duration::from_secs_f64(args.interval.max(1.0));
+    let interval = Duration::from_secs_f64(args.interval);
+    // The autoscaler: every interval, a reading and a decision. It owns the
+    // fleet while the day runs and hands it back.
     let scaling = {
-        let (replicas, stop) = (Arc::clone(&replicas), Arc::clone(&stop));
+        let stop = Arc::clone(&stop);
         let socket = socket.clone();
         tokio::spawn(async move {
             let (mut ups, mut downs) = (0u32, 0u32);
-            let mut last_req = None;
-            let mut last_at = Instant::now();
-            let mut seconds = 0.0;
-            let mut since = Instant::now();
+            let requests_so_far = |stat: &str| parse_stat(stat, "shop").get("FRONTEND").copied();
+            let mut last = haproxy(&socket, "show stat")
+                .await
+                .ok()
+                .and_then(|stat| requests_so_far(&stat))
+                .map(|n| (n, Instant::now()));
             loop {
                 tokio::select! {
                     () = stop.notified() => break,
                     () = tokio::time::sleep(interval) => {}
                 }
-                let stat = haproxy(&socket, "show stat").await.unwrap_or_default();
-                let req = parse_stat(&stat, "shop").get("FRONTEND").copied();
-                let rps = match (req, last_req) {
-                    (Some(now), Some(before)) => {
-                        now.saturating_sub(before) as f64 / last_at.elapsed().as_secs_f64()
+                let now = haproxy(&socket, "show stat")
+                    .await
+                    .ok()
+                    .and_then(|stat| requests_so_far(&stat))
+                    .map(|n| (n, Instant::now()));
+                // No reading (or none to compare with) decides nothing.
+                let rps = match (now, last) {
+                    (Some((n, at)), Some((before, then))) if at > then => {
+                        Some(n.saturating_sub(before) as f64 / (at - then).as_secs_f64())
                     }
-                    _ => 0.0,
+                    _ => None,
                 };
-                last_req = req;
-                last_at = Instant::now();
+                if now.is_some() {
+                    last = now;
+                }
                 let advised = fleet.advised().await;
                 let current = fleet.running.len();
                 let wanted = scaler.decide(current, rps, advised);
                 eprintln!(
-                    "fleet: {:>5.0} s  {rps:>6.1} req/s  advised {advised:?}  {current} → {wanted}",
-                    t0.elapsed().as_secs_f64()
+                    "fleet: {:>5.0} s  {:>6.1} req/s  advised {advised:?}  {current} → {wanted}",
+                    t0.elapsed().as_secs_f64(),
+                    rps.unwrap_or(f64::NAN),
                 );
-                seconds += current as f64 * since.elapsed().as_secs_f64();
-                since = Instant::now();
                 while fleet.running.len() < wanted {
                     if let Err(e) = fleet.start_one().await {
                         eprintln!("fleet: a replica did not start: {e}");
@@ -459,29 +592,21 @@ async fn run_policy(
                 }
                 while fleet.running.len() > wanted {
                     if let Err(e) = fleet.stop_one().await {
-                        eprintln!("fleet: a replica did not stop cleanly: {e}");
+                        eprintln!("fleet: a replica's stop was not clean: {e}");
                     }
                     downs += 1;
                 }
-                if fleet.running.len() != current {
-                    replicas
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push((t0.elapsed().as_secs_f64(), fleet.running.len()));
-                }
             }
-            seconds += fleet.running.len() as f64 * since.elapsed().as_secs_f64();
-            (fleet, ups, downs, seconds)
+            (fleet, ups, downs)
         })
     };
 
-    let minutes = args.minutes;
+    let total = args.minutes * 60.0;
     let crowd = Crowd {
         start: 0.6,
         length: 0.08,
         multiple: 2.5,
     };
-    let total = minutes * 60.0;
     let load = Load {
         rate: args.peak_rate,
         seconds: total,
@@ -500,43 +625,40 @@ async fn run_policy(
     )
     .await;
     stop.notify_one();
-    let (mut fleet, scale_ups, scale_downs, replica_seconds) = scaling.await?;
-    replicas
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push((t0.elapsed().as_secs_f64(), fleet.running.len()));
+    let (mut fleet, scale_ups, scale_downs) = scaling.await?;
+    // The day ends: replicas still running are charged up to here.
+    let end = Instant::now();
+    fleet.day.1 = Some(end);
+    let at = fleet.since_start();
+    let taking = fleet.running.len();
     while !fleet.running.is_empty() {
-        fleet.stop_one().await?;
+        if let Err(e) = fleet.stop_one().await {
+            eprintln!("fleet: a replica's stop was not clean: {e}");
+        }
     }
-    // Every order's e-mail: sent by a replica before it stopped, or by a
-    // mailer started now for what is left.
-    let (mut orders, mut unsent) = orders_and_unsent(&db_url).await?;
+    let mut replicas = std::mem::take(&mut fleet.timeline);
+    replicas.retain(|(t, _)| *t <= at);
+    replicas.push((at, taking));
+    // Every order's e-mail: sent by a replica before it stopped — or, for
+    // the record of what a stop left, by a mailer started now.
+    let (mut orders, unsent_at_stop) = orders_and_unsent(&db_url).await?;
+    let mut unsent = unsent_at_stop;
     if unsent > 0 {
         fleet.start_one().await?;
         let waited = Instant::now();
-        while unsent > 0 && waited.elapsed() < Duration::from_secs(60) {
+        while unsent > 0 && waited.elapsed() < Duration::from_secs(90) {
             tokio::time::sleep(Duration::from_millis(500)).await;
             (orders, unsent) = orders_and_unsent(&db_url).await?;
         }
         fleet.stop_one().await?;
     }
+    let replica_seconds = fleet.replica_seconds;
     let replica_cost = replica_seconds * model.prices().replica_hour / 3600.0;
     let failed_unexplained = report
         .classes
         .values()
         .map(|c| c.failed + c.shed_unmarked)
         .sum();
-    let replicas = std::mem::take(
-        &mut *replicas
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
-    let _ = std::fs::remove_dir_all(&work);
-    pg_exec(
-        &args.postgres,
-        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
-    )
-    .await?;
     Ok(Run {
         policy: policy.name(),
         total_cost: report.total_cost + replica_cost,
@@ -546,6 +668,7 @@ async fn run_policy(
         replica_cost,
         failed_unexplained,
         orders,
+        orders_without_email_at_stop: unsent_at_stop,
         orders_without_email: unsent,
         scale_ups,
         scale_downs,
@@ -584,7 +707,23 @@ async fn start_redis(dir: &Path) -> Result<(Child, String), Error> {
 async fn main() -> ExitCode {
     gratify_examples::init_logs("warn");
     let args = Args::parse();
-    match run(&args).await {
+    // Ctrl-C or SIGTERM: everything started is killed as its handle drops,
+    // then the run's databases are removed.
+    let outcome = tokio::select! {
+        result = run(&args) => result,
+        () = gratify_examples::shutdown_signal() => Err("interrupted".into()),
+    };
+    if outcome.is_err() {
+        for policy in &args.policies {
+            let db = format!("gratify_fleet_{policy}");
+            let _ = pg_exec(
+                &args.postgres,
+                &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+            )
+            .await;
+        }
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleet: {e}");
@@ -594,8 +733,16 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: &Args) -> Result<(), Error> {
-    if !(args.minutes > 0.0 && args.peak_rate > 0.0 && args.pod_work_ms > 0.0) {
-        return Err("--minutes, --peak-rate and --pod-work-ms must be above zero".into());
+    let finite_positive = |v: f64| v.is_finite() && v > 0.0;
+    if !(finite_positive(args.minutes)
+        && finite_positive(args.peak_rate)
+        && finite_positive(args.pod_work_ms)
+        && args.pod_slots > 0
+        && args.max_replicas > 0
+        && (1.0..=3600.0).contains(&args.interval)
+        && args.rps_target.is_none_or(finite_positive))
+    {
+        return Err("--minutes, --peak-rate, --pod-work-ms, --pod-slots, --max-replicas and --rps-target must be finite and above zero; --interval between 1 and 3600 s".into());
     }
     let policies: Vec<(String, Policy)> = args
         .policies
@@ -631,12 +778,12 @@ async fn run(args: &Args) -> Result<(), Error> {
         .collect();
     println!("{}", table_of(&reports));
     println!(
-        "| policy | replica-seconds | replica cost | total cost | scale-ups | scale-downs | unexplained failures | orders | without e-mail |"
+        "| policy | replica-seconds | replica cost | total cost | scale-ups | scale-downs | unexplained failures | orders | without e-mail at stop | after |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &runs {
         println!(
-            "| {} | {:.0} | {:.3} | {:.2} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {:.3} | {:.2} | {} | {} | {} | {} | {} | {} |",
             r.policy,
             r.replica_seconds,
             r.replica_cost,
@@ -645,10 +792,19 @@ async fn run(args: &Args) -> Result<(), Error> {
             r.scale_downs,
             r.failed_unexplained,
             r.orders,
+            r.orders_without_email_at_stop,
             r.orders_without_email
         );
     }
-    println!("purge seen on the other replicas after {purge:.1?} ms");
+    let within = purge.iter().all(|ms| ms.is_some_and(|ms| ms <= 100.0));
+    println!(
+        "purge on one replica had reached the others by {purge:.1?} ms ({})",
+        if within {
+            "within 100 ms"
+        } else {
+            "NOT within 100 ms"
+        }
+    );
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .output()
@@ -689,4 +845,31 @@ async fn run(args: &Args) -> Result<(), Error> {
     std::fs::write(args.out.join("fleet.svg"), plot(&lines, end))?;
     eprintln!("fleet: wrote {}", args.out.join("fleet.json").display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::database_url;
+
+    #[test]
+    fn a_database_url_keeps_the_server_and_its_options() {
+        let cases = [
+            (
+                "postgres://127.0.0.1:5432/postgres",
+                "postgres://127.0.0.1:5432/x",
+            ),
+            (
+                "postgres://u:p@h/db?sslmode=disable",
+                "postgres://u:p@h/x?sslmode=disable",
+            ),
+            (
+                "postgres://h?sslmode=require",
+                "postgres://h/x?sslmode=require",
+            ),
+            ("postgres://h", "postgres://h/x"),
+        ];
+        for (admin, expected) in cases {
+            assert_eq!(database_url(admin, "x"), expected, "{admin}");
+        }
+    }
 }

@@ -116,6 +116,10 @@ async fn main() -> ExitCode {
         },
         None => shop,
     };
+    if !(args.pod_work_ms.is_finite() && args.pod_work_ms >= 0.0) {
+        eprintln!("shop: --pod-work-ms must be a number of milliseconds, 0 or more");
+        return ExitCode::FAILURE;
+    }
     let shop = match args.pod_slots {
         Some(slots) => shop.emulate_pod(
             slots,
@@ -147,9 +151,14 @@ async fn main() -> ExitCode {
     let advising = {
         let (shop, stopping) = (shop.clone(), stopping.clone().wait());
         tokio::spawn(async move {
+            // Between 0.1 s and a day (beyond, the interval's arithmetic
+            // would overflow; not a number: the default).
             let every = std::time::Duration::try_from_secs_f64(args_every)
                 .unwrap_or(std::time::Duration::from_secs(15))
-                .max(std::time::Duration::from_millis(100));
+                .clamp(
+                    std::time::Duration::from_millis(100),
+                    std::time::Duration::from_secs(86_400),
+                );
             #[cfg(feature = "redis")]
             if let Some(client) = fleet {
                 return shop

@@ -674,6 +674,7 @@ impl Shop {
                 "/ops/purge",
                 post(move |scope: QueryParam<PurgeScope>| purge_cache(purge.clone(), scope)),
             )
+            .method_not_allowed_fallback(method_not_allowed)
     }
 
     fn routes(&self, offload: bool) -> Router {
@@ -758,7 +759,7 @@ async fn purge_cache(
     match (scope.key, scope.prefix, scope.all) {
         (Some(key), None, None) if !key.is_empty() => purge.purge_key(&key).await,
         (None, Some(prefix), None) if !prefix.is_empty() => purge.purge_prefix(&prefix),
-        (None, None, Some(_)) => purge.purge_all(),
+        (None, None, Some(all)) if matches!(all.as_str(), "" | "true" | "1") => purge.purge_all(),
         _ => {
             return error(
                 StatusCode::BAD_REQUEST,
