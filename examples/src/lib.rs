@@ -17,6 +17,10 @@
 //! - `demo`: either backend under overload, plain and wrapped, driven by
 //!   [`drive`] and reported by [`demo`]; `drive`: the same driver against a
 //!   server already running.
+//!
+//! - `fleet` (features `redis`, `postgres`): the store as an autoscaled
+//!   fleet behind HAProxy on PostgreSQL and Redis, under a compressed day,
+//!   once per scaling policy (see [`fleet`]).
 
 pub mod demo;
 pub mod drive;

@@ -293,15 +293,34 @@ impl Scope {
 
 /// Prefix, tag and purge-all barriers (wall ms): a tier entry stored at or
 /// before a barrier that covers it is stale.
+///
+/// Bounded: a barrier older than the tier's longest entry life (`keep_ms`,
+/// [`TierConfig::max_ttl`]) covers no entry that can still exist and is
+/// forgotten; past [`MAX_BARRIERS`] prefixes and tags (a purge loop over
+/// made-up prefixes), they fold into one purge-all barrier at the newest of
+/// them — more misses, never a stale entry.
 #[derive(Debug, Default)]
 struct Barriers {
     all: u64,
     prefixes: Vec<(String, u64)>,
     tags: HashMap<String, u64>,
+    /// How long a barrier matters (ms); 0: for ever.
+    keep_ms: u64,
 }
 
+/// The most prefix and tag barriers kept apart.
+const MAX_BARRIERS: usize = 4096;
+
 impl Barriers {
-    fn raise(&mut self, scope: &Scope, at_ms: u64) {
+    fn new(keep: Duration) -> Self {
+        Self {
+            keep_ms: u64::try_from(keep.as_millis()).unwrap_or(u64::MAX),
+            ..Self::default()
+        }
+    }
+
+    /// Raises the barrier of `scope` to `at_ms`, at wall time `now_ms`.
+    fn raise(&mut self, scope: &Scope, at_ms: u64, now_ms: u64) {
         match scope {
             Scope::Key(_) => {}
             Scope::All => self.all = self.all.max(at_ms),
@@ -314,16 +333,32 @@ impl Barriers {
                 None => self.prefixes.push((p.clone(), at_ms)),
             },
         }
+        if self.keep_ms > 0 {
+            let cutoff = now_ms.saturating_sub(self.keep_ms);
+            self.prefixes.retain(|(_, b)| *b >= cutoff);
+            self.tags.retain(|_, b| *b >= cutoff);
+        }
+        if self.prefixes.len() + self.tags.len() > MAX_BARRIERS {
+            let newest = self
+                .prefixes
+                .iter()
+                .map(|(_, b)| *b)
+                .chain(self.tags.values().copied())
+                .max()
+                .unwrap_or(0);
+            self.all = self.all.max(newest);
+            self.prefixes.clear();
+            self.tags.clear();
+        }
     }
 
-    fn covers(&self, key: &str, entry: &Entry, stored_ms: u64) -> bool {
+    fn covers(&self, key: &str, tags: &[String], stored_ms: u64) -> bool {
         stored_ms <= self.all
             || self
                 .prefixes
                 .iter()
                 .any(|(p, b)| stored_ms <= *b && key.starts_with(p.as_str()))
-            || entry
-                .tags
+            || tags
                 .iter()
                 .any(|t| self.tags.get(t).is_some_and(|b| stored_ms <= *b))
     }
@@ -418,13 +453,14 @@ impl Tier {
             h.write_u32(std::process::id());
             h.finish()
         };
+        let barriers = Mutex::new(Barriers::new(config.max_ttl));
         Self {
             backend,
             config,
             id,
             epoch: Instant::now(),
             breaker: Breaker::default(),
-            barriers: Mutex::new(Barriers::default()),
+            barriers,
             writes: Mutex::new(None),
             started: AtomicBool::new(false),
             loaded: AtomicBool::new(false),
@@ -474,7 +510,7 @@ impl Tier {
                 if let Ok(mut b) = self.barriers.lock() {
                     for (member, at_ms) in members {
                         if let Some(scope) = Scope::of_member(&member) {
-                            b.raise(&scope, at_ms);
+                            b.raise(&scope, at_ms, wall_ms());
                         }
                     }
                 }
@@ -555,7 +591,7 @@ impl Tier {
                             continue;
                         };
                         if let Ok(mut b) = tier.barriers.lock() {
-                            b.raise(&scope, at_ms);
+                            b.raise(&scope, at_ms, wall_ms());
                         }
                         if sender != tier.id {
                             evict.evict(&scope).await;
@@ -662,7 +698,7 @@ impl Tier {
             .filter(|d| {
                 self.barriers
                     .lock()
-                    .map(|b| !b.covers(key, &d.entry, d.stored_ms))
+                    .map(|b| !b.covers(key, &d.entry.tags, d.stored_ms))
                     .unwrap_or(false)
             });
         match decoded {
@@ -721,7 +757,7 @@ impl Tier {
     pub(crate) fn invalidate(&self, scope: Scope) {
         let at = wall_ms();
         if let Ok(mut b) = self.barriers.lock() {
-            b.raise(&scope, at);
+            b.raise(&scope, at, at);
         }
         match scope.member() {
             Some(member) => self.enqueue(Write::Barrier(member, at)),
@@ -739,6 +775,78 @@ impl Tier {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever purges arrive, an entry a barrier covered is covered
+        /// still — by its own barrier or a purge-all one — as long as the
+        /// tier can hold it (stored within `max_ttl`); and the barriers
+        /// kept apart stay bounded.
+        #[test]
+        fn bounded_barriers_never_let_a_purged_entry_back(
+            purges in proptest::collection::vec((0u8..3, 0u32..6000, 0u64..1_000), 1..300),
+            probes in proptest::collection::vec((0u32..6000, 0u64..1_000), 1..50),
+        ) {
+            let keep = Duration::from_millis(10_000);
+            let mut bounded = Barriers::new(keep);
+            let mut exact: Vec<(Scope, u64)> = Vec::new();
+            let mut now = 1_000_000u64;
+            for (kind, n, step) in purges {
+                now += step;
+                let scope = match kind {
+                    0 => Scope::Prefix(format!("http://a/{n}/")),
+                    1 => Scope::Tag(format!("t{n}")),
+                    _ => Scope::Key(format!("http://a/{n}/x")),
+                };
+                bounded.raise(&scope, now, now);
+                exact.push((scope, now));
+            }
+            prop_assert!(bounded.prefixes.len() + bounded.tags.len() <= MAX_BARRIERS);
+            for (n, back) in probes {
+                let key = format!("http://a/{n}/x");
+                let tags = vec![format!("t{n}")];
+                // Stored at a time the tier can still hold it.
+                let stored = now.saturating_sub(back);
+                let covered = exact.iter().any(|(scope, at)| {
+                    stored <= *at
+                        && match scope {
+                            Scope::Prefix(p) => key.starts_with(p.as_str()),
+                            Scope::Tag(t) => tags.contains(t),
+                            _ => false,
+                        }
+                });
+                if covered {
+                    prop_assert!(bounded.covers(&key, &tags, stored), "{key} stored at {stored}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn old_barriers_are_forgotten_and_a_flood_folds_into_one() {
+        let mut b = Barriers::new(Duration::from_secs(10));
+        b.raise(&Scope::Prefix("http://a/old/".into()), 1_000, 1_000);
+        b.raise(&Scope::Prefix("http://a/new/".into()), 20_000, 20_000);
+        assert_eq!(
+            b.prefixes.len(),
+            1,
+            "the barrier older than the longest entry life is gone"
+        );
+        assert!(b.covers("http://a/new/x", &[], 19_000));
+        for i in 0..=MAX_BARRIERS {
+            let at = 20_000 + i as u64;
+            b.raise(&Scope::Prefix(format!("http://a/{i}/")), at, at);
+        }
+        // The raise that made MAX_BARRIERS + 1 folded them all into one
+        // purge-all barrier; the last one came after, on its own.
+        let folded_at = 20_000 + MAX_BARRIERS as u64 - 1;
+        assert_eq!(b.all, folded_at);
+        assert_eq!(b.prefixes.len(), 1);
+        assert!(b.covers(&format!("http://a/{MAX_BARRIERS}/x"), &[], folded_at + 1));
+        assert!(
+            b.covers("http://a/7/x", &[], 20_007),
+            "more misses, never a stale entry"
+        );
+    }
 
     #[test]
     fn messages_round_trip() {
