@@ -78,10 +78,11 @@ pub enum DbError {
 /// The store's results.
 pub type DbResult<T> = Result<T, DbError>;
 
-/// The store: SQLite (one connection behind a mutex: queries are short; the
-/// handlers run them on the blocking pool), or PostgreSQL with the feature
-/// `postgres` (what replicas share, and where an order and its e-mail's job
-/// commit together).
+/// The store: SQLite (a pool of connections to one file in WAL mode:
+/// readers in parallel, writers one at a time under SQLite's own lock, each
+/// waiting up to 5 s for it; the handlers run queries on the blocking
+/// pool), or PostgreSQL with the feature `postgres` (what replicas share,
+/// and where an order and its e-mail's job commit together).
 #[derive(Clone)]
 pub struct Db {
     inner: Inner,
@@ -89,7 +90,7 @@ pub struct Db {
 
 #[derive(Clone)]
 enum Inner {
-    Lite(Arc<Mutex<Connection>>),
+    Lite(Arc<LitePool>),
     #[cfg(feature = "postgres")]
     Pg(Arc<super::pg::PgStore>),
 }
@@ -99,6 +100,38 @@ impl std::fmt::Debug for Db {
         f.debug_struct("Db").finish_non_exhaustive()
     }
 }
+
+/// SQLite connections to one database, handed out one per query or
+/// transaction.
+struct LitePool {
+    conns: Vec<Mutex<Connection>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl LitePool {
+    /// A free connection if there is one (starting from a different one
+    /// each time), else the next in turn when it frees.
+    fn get(&self) -> std::sync::MutexGuard<'_, Connection> {
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for i in 0..n {
+            match self.conns[(start + i) % n].try_lock() {
+                Ok(conn) => return conn,
+                Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+        }
+        self.conns[start % n]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Connections a file-backed store opens.
+pub const SQLITE_CONNECTIONS: usize = 4;
+
+/// How long a connection waits for another's write to finish.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn lcg(x: u64) -> u64 {
     x.wrapping_mul(6_364_136_223_846_793_005)
@@ -161,10 +194,25 @@ impl Db {
     ///
     /// SQLite's.
     pub fn open(path: &Path) -> DbResult<Self> {
-        Self::with(Connection::open(path)?)
+        let first = Connection::open(path)?;
+        first.busy_timeout(BUSY_TIMEOUT)?;
+        let mut db = Self::with(first)?;
+        // The file exists and is in WAL mode now: the rest of the pool.
+        if let Inner::Lite(pool) = &mut db.inner
+            && let Some(pool) = Arc::get_mut(pool)
+        {
+            for _ in 1..SQLITE_CONNECTIONS {
+                let conn = Connection::open(path)?;
+                conn.busy_timeout(BUSY_TIMEOUT)?;
+                conn.execute_batch("PRAGMA synchronous = NORMAL;")?;
+                pool.conns.push(Mutex::new(conn));
+            }
+        }
+        Ok(db)
     }
 
-    /// An in-memory store, seeded.
+    /// An in-memory store, seeded (one connection: an in-memory database is
+    /// private to its connection).
     ///
     /// # Errors
     ///
@@ -243,17 +291,18 @@ impl Db {
             tx.commit()?;
         }
         Ok(Self {
-            inner: Inner::Lite(Arc::new(Mutex::new(conn))),
+            inner: Inner::Lite(Arc::new(LitePool {
+                conns: vec![Mutex::new(conn)],
+                next: std::sync::atomic::AtomicUsize::new(0),
+            })),
         })
     }
 
-    /// The SQLite connection (PostgreSQL stores have answered before any
-    /// caller gets here).
+    /// A SQLite connection of the pool (PostgreSQL stores have answered
+    /// before any caller gets here).
     fn lite(&self) -> DbResult<std::sync::MutexGuard<'_, Connection>> {
         match &self.inner {
-            Inner::Lite(conn) => Ok(conn
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)),
+            Inner::Lite(pool) => Ok(pool.get()),
             #[cfg(feature = "postgres")]
             Inner::Pg(_) => Err(DbError::Sqlite(rusqlite::Error::InvalidQuery)),
         }
@@ -365,7 +414,9 @@ impl Db {
     pub fn checkout(&self, user: &str) -> DbResult<Option<Order>> {
         on_postgres!(self, pg => pg.checkout(user));
         let mut conn = self.lite()?;
-        let tx = conn.transaction()?;
+        // The write lock from the start: a read that later wants to write
+        // could otherwise find another writer's commit in between and fail.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let items: Vec<(u32, u32, i64)> = {
             let mut q = tx.prepare(
                 "SELECT c.product_id, c.qty, p.price_cents FROM carts c JOIN products p ON p.id = c.product_id
@@ -512,6 +563,53 @@ mod tests {
         assert_eq!(Db::open(&path).unwrap().store_id().unwrap(), first);
         let other = Db::open(&dir.join("b.db")).unwrap().store_id().unwrap();
         assert_ne!(other, first);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Many threads adding to carts and checking out at once on one file:
+    /// every checkout is placed with its own cart's total, none fails for a
+    /// busy database, and readers go on meanwhile.
+    #[test]
+    fn concurrent_checkouts_on_the_pool_all_land() {
+        let dir = std::env::temp_dir().join(format!("gratify-pool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shop.db");
+        let _ = std::fs::remove_file(&path);
+        let db = Db::open(&path).unwrap();
+        match &db.inner {
+            Inner::Lite(pool) => assert_eq!(pool.conns.len(), SQLITE_CONNECTIONS),
+            #[cfg(feature = "postgres")]
+            Inner::Pg(_) => unreachable!(),
+        }
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let db = db.clone();
+                std::thread::spawn(move || {
+                    let mut placed = Vec::new();
+                    for i in 0..25u32 {
+                        let user = format!("user-{t}-{i}");
+                        assert!(db.add_to_cart(&user, 1 + (t * 25 + i) % 100, 2).unwrap());
+                        assert!(!db.catalogue(1).unwrap().is_empty());
+                        let order = db.checkout(&user).unwrap().unwrap();
+                        placed.push((user, order));
+                    }
+                    placed
+                })
+            })
+            .collect();
+        let mut ids = std::collections::BTreeSet::new();
+        for thread in threads {
+            for (user, order) in thread.join().unwrap() {
+                let price = db.product(order.items[0].0).unwrap().unwrap().price_cents;
+                assert_eq!(order.total_cents, 2 * price, "{user}");
+                assert!(ids.insert(order.id), "one order id each");
+                assert!(
+                    db.checkout(&user).unwrap().is_none(),
+                    "the cart is empty after"
+                );
+            }
+        }
+        assert_eq!(ids.len(), 200);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
