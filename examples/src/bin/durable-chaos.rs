@@ -817,6 +817,8 @@ async fn run(args: &Args, dir: &Path) -> Result<serde_json::Value, BoxError> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // The workers' warnings (a lost lease, a failed renewal) to stderr.
+    gratify_examples::init_logs("warn");
     let args = Args::parse();
     if let Some(url) = args.worker_of.clone() {
         return match work(&args, &url).await {

@@ -397,9 +397,13 @@ fn limiter(model: &CostModel, s: LimitSettings) -> Result<Limiter, StackConfigEr
         config.refusal_body = body;
     }
     for (name, cap) in &s.never_shed {
-        let id = model
-            .id(name)
-            .ok_or_else(|| invalid(format!("limit.never_shed.{name}"), "no such class"))?;
+        let id = model.id(name).ok_or_else(|| {
+            let known: Vec<&str> = model.iter().map(|(_, n, _)| n).collect();
+            invalid(
+                format!("limit.never_shed.{name}"),
+                format!("unknown class {name:?} (known: {})", known.join(", ")),
+            )
+        })?;
         config.never_shed.push((id, *cap));
     }
     let algorithm = s.algorithm.unwrap_or_default();
