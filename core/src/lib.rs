@@ -18,6 +18,9 @@
 //!   other layers read;
 //! - [`encoding`]: `Accept-Encoding` negotiation and the [`Recoder`](encoding::Recoder)
 //!   interface between the cache and compression;
+//! - [`slot`]: holding a concurrency slot until a response's body ends;
+//! - [`telemetry`]: the one vocabulary of metric names, kinds and labels;
+//! - [`refusal`]: the one shape of a refusal, and how its body is written;
 //! - [`body`]: body helpers; [`error`]: the error types;
 //!   [`serde_util`]: serde helpers for configuration.
 //!

@@ -97,6 +97,34 @@ pub async fn serve_with(
     config: HttpCacheConfig,
     options: ProxyOptions,
 ) -> Result<(), BoxError> {
+    serve_until(listener, upstream, config, options, std::future::pending())
+        .await
+        .map(|_| ())
+}
+
+/// What a graceful stop of [`serve_until`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Connections open when the stop began.
+    pub open: usize,
+    /// Of those, the ones still open at the deadline, closed then.
+    pub cut: usize,
+}
+
+/// As [`serve_with`], until `stop` completes: then no new connection is
+/// accepted, every open one finishes the request it is serving and closes
+/// (keep-alive ends), and those still open after 10 s are closed.
+///
+/// # Errors
+///
+/// The listener fails.
+pub async fn serve_until(
+    listener: TcpListener,
+    upstream: Uri,
+    config: HttpCacheConfig,
+    options: ProxyOptions,
+    stop: impl Future<Output = ()>,
+) -> Result<Stopped, BoxError> {
     let client: Client<HttpConnector, ReqBody> = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(options.upstream_idle)
         .build_http();
@@ -108,19 +136,34 @@ pub async fn serve_with(
     let service = ServiceBuilder::new()
         .map_request(box_request as fn(Request<Incoming>) -> Request<ReqBody>)
         .service(cache);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
     loop {
-        let (stream, _) = listener.accept().await?;
+        // The stop first: once asked to stop, nothing more is accepted.
+        let stream = tokio::select! {
+            biased;
+            () = &mut stop => break,
+            accepted = listener.accept() => accepted?.0,
+        };
         let service = TowerToHyperService::new(service.clone());
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let io = TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
+            if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended");
             }
         });
     }
+    drop(listener);
+    let open = graceful.count();
+    let cut = match tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await {
+        Ok(()) => 0,
+        // The watched connections are closed as their tasks end with the
+        // runtime; how many were left is all that can be said.
+        Err(_) => open,
+    };
+    Ok(Stopped { open, cut })
 }
 
 /// A request body as the proxy holds it: a newtype over the boxed body, so

@@ -151,3 +151,81 @@ fn upstreams_must_be_absolute_http() {
     assert!(proxy::parse_upstream("https://example.com").is_err());
     assert!(proxy::parse_upstream("/relative").is_err());
 }
+
+/// On a stop, the proxy takes no new connection and lets the request it is
+/// serving finish: the client gets its whole answer, and the stop reports
+/// one connection open and none cut.
+#[tokio::test]
+async fn a_stop_lets_the_request_in_flight_finish_and_takes_no_new_one() {
+    // An origin that answers only when told to.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin_addr = listener.local_addr().unwrap();
+    let entered = Arc::new(tokio::sync::Notify::new());
+    {
+        let (release, entered) = (Arc::clone(&release), Arc::clone(&entered));
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (release, entered) = (Arc::clone(&release), Arc::clone(&entered));
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: Request<Incoming>| {
+                        let (release, entered) = (Arc::clone(&release), Arc::clone(&entered));
+                        async move {
+                            entered.notify_one();
+                            release.notified().await;
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("slow"))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    }
+    let listener = proxy::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = proxy::parse_upstream(&format!("http://{origin_addr}")).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(proxy::serve_until(
+        listener,
+        upstream,
+        HttpCacheConfig::default(),
+        proxy::ProxyOptions::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let r = client
+                .get(format!("http://{addr}/slow").parse().unwrap())
+                .await
+                .unwrap();
+            let status = r.status();
+            (status, r.into_body().collect().await.unwrap().to_bytes())
+        }
+    });
+    entered.notified().await;
+    stop_tx.send(()).unwrap();
+    // The stop has begun: a new connection is refused.
+    let mut refused = false;
+    for _ in 0..2000 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(refused, "the listener is closed once the stop begins");
+    release.notify_one();
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body.as_ref(), b"slow");
+    let stopped = serving.await.unwrap().unwrap();
+    assert_eq!(stopped, proxy::Stopped { open: 1, cut: 0 });
+}

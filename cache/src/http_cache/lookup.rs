@@ -413,7 +413,9 @@ where
         {
             invalidation.run(&shared, response.headers()).await;
         }
-        return Ok(bypass(&shared, response));
+        // No `Cache-Status`: a cache never looks at such a request for an
+        // answer, so there is nothing to say about one.
+        return Ok(response.map(CacheBody::inner));
     }
     // A protocol switch (WebSocket) is a connection, not a response.
     if request.headers().contains_key(UPGRADE) {

@@ -59,14 +59,27 @@ async fn main() -> ExitCode {
     let mut options = proxy::ProxyOptions::default();
     options.upstream_idle = std::time::Duration::from_millis(args.upstream_idle_ms);
     eprintln!("caching-proxy: {} -> {upstream}", args.listen);
-    tokio::select! {
-        r = proxy::serve_with(listener, upstream, config, options) => {
-            if let Err(e) = r {
-                eprintln!("caching-proxy: {e}");
-                return ExitCode::FAILURE;
-            }
+    // On Ctrl-C or SIGTERM: stop accepting, let each connection finish
+    // the request it holds (at most 10 s), say what was left.
+    match proxy::serve_until(
+        listener,
+        upstream,
+        config,
+        options,
+        gratify_examples::shutdown_signal(),
+    )
+    .await
+    {
+        Ok(stopped) => {
+            eprintln!(
+                "caching-proxy: stopped; {} connection(s) open at the signal, {} cut at the 10 s deadline",
+                stopped.open, stopped.cut
+            );
             ExitCode::SUCCESS
         }
-        () = gratify_examples::shutdown_signal() => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("caching-proxy: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -21,7 +21,7 @@
 //! delay_cost = { shape = "linear", per_second = 2.0 }
 //! refusal_cost = 1.0
 //!
-//! [[routes]]                        # first match wins; method optional
+//! [[routes]]                        # the most specific match wins; method optional
 //! method = "POST"
 //! path = "/checkout"
 //! class = "checkout"
