@@ -169,3 +169,30 @@ async fn position_updates_are_checked() {
     assert!(!json["opponents"].as_array().unwrap().contains(&5.into()));
     game.shutdown().await;
 }
+
+/// The probes: `/healthz` always answers, `/readyz` answers 200 until the
+/// game stops taking traffic and 503 after; neither is cached.
+#[tokio::test]
+async fn readiness_fails_first_when_the_game_stops_taking_traffic() {
+    let game = Game::new().unwrap();
+    let app = game.router();
+    let probe = |path: &'static str| {
+        let app = app.clone();
+        async move {
+            let r = app
+                .oneshot(Request::get(path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(r.headers()["cache-control"], "no-store", "{path}");
+            assert!(r.headers().get("cache-status").is_none(), "{path}: exempt");
+            r.status()
+        }
+    };
+    assert_eq!(probe("/readyz").await, 200);
+    assert_eq!(probe("/healthz").await, 200);
+    game.stop_taking_traffic();
+    assert_eq!(probe("/readyz").await, 503);
+    assert_eq!(probe("/healthz").await, 200);
+    let report = game.shutdown().await;
+    assert!(report.not_run.is_empty(), "{report:?}");
+}

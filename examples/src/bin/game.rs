@@ -24,6 +24,11 @@ struct Args {
     /// Print the bearer token of this seeded player and exit.
     #[arg(long)]
     token: Option<u32>,
+    /// On SIGTERM or Ctrl-C, answer `/readyz` with 503 for this long (in
+    /// seconds) before no longer accepting connections, so that load
+    /// balancers stop sending traffic first; a second signal ends it.
+    #[arg(long, default_value_t = 0.0)]
+    readiness_grace: f64,
 }
 
 #[tokio::main]
@@ -56,11 +61,33 @@ async fn main() -> ExitCode {
         "game: http://{}/leaderboard — dashboard http://{}/ops/admin/",
         args.listen, args.listen
     );
+    // Readiness fails first; the server stops accepting after the grace.
+    let grace = std::time::Duration::try_from_secs_f64(args.readiness_grace)
+        .unwrap_or_default()
+        .min(std::time::Duration::from_secs(3600));
+    let accepting = {
+        let game = game.clone();
+        async move {
+            gratify_examples::shutdown_signal().await;
+            game.stop_taking_traffic();
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {}
+                () = gratify_examples::shutdown_signal() => {}
+            }
+        }
+    };
     let served = axum::serve(listener, game.router().into_make_service())
-        .with_graceful_shutdown(gratify_examples::shutdown_signal())
+        .with_graceful_shutdown(accepting)
         .await;
-    // Every accepted replay is processed before exit.
-    game.shutdown().await;
+    // Every accepted replay is processed before exit, or reported.
+    let report = game.shutdown().await;
+    eprintln!(
+        "game: stopped; {} replay(s) processed while draining, {} not run, {} still running, {} dead letter(s)",
+        report.ran,
+        report.not_run.len(),
+        report.still_running.len(),
+        report.dead_total
+    );
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -139,6 +139,8 @@ pub struct Game {
     stack: Stack,
     pool: CpuPool,
     defer: Defer,
+    /// Whether `/readyz` says to send traffic here.
+    ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The authenticated player, from `Authorization: Bearer <token>`.
@@ -226,6 +228,7 @@ impl Game {
             stack,
             pool,
             defer,
+            ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
     }
 
@@ -277,7 +280,16 @@ impl Game {
             .route("/players/{id}/profile", get(profile))
             .route("/replays", upload)
             .route("/replays/{id}", get(replay_status))
+            // Exempt from the stack in game.toml: answered however loaded.
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
             .with_state(self.clone())
+    }
+
+    /// Makes `/readyz` answer 503 from now on, so that load balancers stop
+    /// sending requests before the server stops accepting them.
+    pub fn stop_taking_traffic(&self) {
+        self.ready.store(false, Ordering::SeqCst);
     }
 
     /// Processes what is deferred and stops taking more (within `deadline`).
@@ -285,10 +297,11 @@ impl Game {
         self.defer.drain(deadline).await
     }
 
-    /// Drains and stops the pool.
-    pub async fn shutdown(&self) {
-        let _ = self.drain(Duration::from_secs(10)).await;
+    /// Drains (within 10 s) and stops the pool; returns what the drain did.
+    pub async fn shutdown(&self) -> DrainReport {
+        let report = self.drain(Duration::from_secs(10)).await;
         self.pool.shutdown_async(Duration::from_secs(2)).await;
+        report
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Player>> {
@@ -634,4 +647,24 @@ pub fn mix() -> crate::drive::Mix {
         ],
         host: "game.example".into(),
     }
+}
+
+/// Liveness: the process answers.
+async fn healthz() -> Response {
+    let mut r = "ok\n".into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Readiness: 200 while the game takes traffic, 503 once it is stopping.
+async fn readyz(State(game): State<Game>) -> Response {
+    let mut r = if game.ready.load(Ordering::SeqCst) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
+    };
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }

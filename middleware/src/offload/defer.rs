@@ -604,7 +604,8 @@ impl<S> Layer<S> for DeferLayer {
     }
 }
 
-/// The service of [`DeferLayer`].
+/// The service of [`DeferLayer`]. (Named for its layer, as `Offload` is:
+/// the name `Defer` is the queue's, the handle handlers defer work with.)
 #[derive(Debug, Clone)]
 pub struct DeferService<S> {
     inner: S,
