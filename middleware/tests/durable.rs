@@ -244,7 +244,19 @@ async fn failures_retry_with_backoff_then_go_to_the_dead_letter_stream() {
             Err::<(), BoxError>("smtp down".into())
         }
     });
-    let stop = tokio::time::sleep(Duration::from_secs(2));
+    // Until the third attempt has failed and had time to be filed (a
+    // bound that only ends a test that would hang: no pace asserted).
+    let stop = {
+        let attempts = Arc::clone(&attempts);
+        async move {
+            wait_for(
+                || attempts.lock().unwrap().len() >= 3,
+                Duration::from_secs(30),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
     let report = worker.run(stop).await;
     let attempts = attempts.lock().unwrap().clone();
     assert_eq!(attempts.iter().map(|a| a.0).collect::<Vec<_>>(), [1, 2, 3]);
@@ -936,8 +948,15 @@ async fn a_worker_that_yields_to_the_load_waits_for_it_to_fall() {
     let started = Arc::new(AtomicU32::new(0));
     let worker = worker_recording(&queue, &seen, &started, Duration::ZERO)
         .yield_to_load(&model, signal.clone());
-    let task =
-        tokio::spawn(async move { worker.run(tokio::time::sleep(Duration::from_secs(3))).await });
+    // The worker runs until the job has run (at most 30 s: a bound that
+    // only ends a test that would hang).
+    let stop = {
+        let seen = seen.clone();
+        async move {
+            wait_for(|| seen.lock().unwrap().len() == 1, Duration::from_secs(30)).await;
+        }
+    };
+    let task = tokio::spawn(async move { worker.run(stop).await });
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(started.load(Ordering::Relaxed), 0, "held back under load");
     assert_eq!(queue.pending().await.unwrap(), 0, "not even claimed");
@@ -945,7 +964,7 @@ async fn a_worker_that_yields_to_the_load_waits_for_it_to_fall() {
     signal.publish(
         LoadSnapshot::new(0.2, Duration::ZERO, 0.0).with_latency(Duration::from_millis(10)),
     );
-    assert!(wait_for(|| seen.lock().unwrap().len() == 1, Duration::from_secs(2)).await);
+    assert!(wait_for(|| seen.lock().unwrap().len() == 1, Duration::from_secs(30)).await);
     let report = task.await.unwrap();
     assert_eq!(report.done, 1);
 }
