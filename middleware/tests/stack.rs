@@ -875,3 +875,40 @@ async fn a_route_declared_on_the_original_classifies_in_a_fork() {
     let _ = r.into_body().collect().await.unwrap();
     assert_eq!(admitted_by_class(&fork), (1, 0));
 }
+
+/// The service under the stack is reachable as under any tower layer —
+/// with every layer on, and with every layer off.
+#[test]
+fn the_service_under_the_stack_is_reachable() {
+    #[derive(Clone, Debug, PartialEq)]
+    struct Named(u32);
+    let all_on = Stack::from_config(
+        r#"
+        default_class = "page"
+        exempt = ["/healthz"]
+        [classes.page]
+        delay_cost = { shape = "linear", per_second = 1.0 }
+        refusal_cost = 1.0
+        [limit]
+        [compression]
+        [cache]
+        "#,
+    )
+    .unwrap();
+    let all_off = Stack::from_config(
+        r#"
+        default_class = "page"
+        [classes.page]
+        delay_cost = { shape = "linear", per_second = 1.0 }
+        refusal_cost = 1.0
+        "#,
+    )
+    .unwrap();
+    for stack in [all_on, all_off] {
+        let mut service = stack.layer(Named(7));
+        assert_eq!(service.get_ref(), &Named(7));
+        service.get_mut().0 = 8;
+        assert_eq!(service.get_ref(), &Named(8));
+        assert_eq!(service.into_inner(), Named(8));
+    }
+}

@@ -756,6 +756,29 @@ pub struct StackService<S> {
     names: Arc<[String]>,
 }
 
+impl<S> StackService<S> {
+    /// The service under the stack's layers.
+    pub fn get_ref(&self) -> &S {
+        self.inner.inner_ref().inner_ref().inner_ref().inner_ref()
+    }
+
+    /// The service under the stack's layers, mutably. (With exempt paths the
+    /// stack keeps a clone of the service for them, which this does not
+    /// reach.)
+    pub fn get_mut(&mut self) -> &mut S {
+        self.inner.inner_mut().inner_mut().inner_mut().inner_mut()
+    }
+
+    /// The service under the stack's layers, the layers dropped.
+    pub fn into_inner(self) -> S {
+        self.inner
+            .into_inner_service()
+            .into_inner_service()
+            .into_inner_service()
+            .into_inner_service()
+    }
+}
+
 impl<S, B, StackBody, ServiceBody> Service<Request<B>> for StackService<S>
 where
     LookupStage<S>: Service<Request<B>, Response = http::Response<StackBody>>,

@@ -19,6 +19,65 @@ pub enum Optional<A, B> {
     Off(B),
 }
 
+/// A layer's service that wraps an inner service `B`: how [`Optional`]
+/// reaches the service under the layer, on or off.
+pub(crate) trait Wraps<B> {
+    fn wrapped(&self) -> &B;
+    fn wrapped_mut(&mut self) -> &mut B;
+    fn into_wrapped(self) -> B;
+}
+
+macro_rules! wraps {
+    ($($ty:ident),*) => {$(
+        impl<S> Wraps<S> for $ty<S> {
+            fn wrapped(&self) -> &S {
+                self.get_ref()
+            }
+            fn wrapped_mut(&mut self) -> &mut S {
+                self.get_mut()
+            }
+            fn into_wrapped(self) -> S {
+                self.into_inner()
+            }
+        }
+    )*};
+}
+
+use gratify_cache::{CacheFill, CacheLookup};
+use gratify_scaling::limit::AdaptiveLimit;
+
+use crate::compression::Compression;
+
+wraps!(CacheLookup, CacheFill, Compression, AdaptiveLimit);
+
+// Its methods are the crate's own: the bound is never seen outside.
+#[allow(private_bounds)]
+impl<A: Wraps<B>, B> Optional<A, B> {
+    /// The service under the layer.
+    pub(crate) fn inner_ref(&self) -> &B {
+        match self {
+            Self::On(a) => a.wrapped(),
+            Self::Off(b) => b,
+        }
+    }
+
+    /// The service under the layer, mutably.
+    pub(crate) fn inner_mut(&mut self) -> &mut B {
+        match self {
+            Self::On(a) => a.wrapped_mut(),
+            Self::Off(b) => b,
+        }
+    }
+
+    /// The service under the layer, the layer dropped.
+    pub(crate) fn into_inner_service(self) -> B {
+        match self {
+            Self::On(a) => a.into_wrapped(),
+            Self::Off(b) => b,
+        }
+    }
+}
+
 impl<A, B, ReqB, BA, BB, E> Service<Request<ReqB>> for Optional<A, B>
 where
     A: Service<Request<ReqB>, Response = Response<BA>, Error = E>,
