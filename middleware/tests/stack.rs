@@ -912,3 +912,54 @@ fn the_service_under_the_stack_is_reachable() {
         assert_eq!(service.into_inner(), Named(8));
     }
 }
+
+/// A body the cache stores compressed once is compression: the stack's
+/// figures (what the dashboard shows) count it, though every later answer
+/// comes from the cache encoded and never passes the compression layer.
+#[tokio::test]
+async fn bodies_compressed_once_for_the_cache_are_counted_as_compression() {
+    let stack = Stack::from_config(
+        r#"
+        default_class = "page"
+        [classes.page]
+        delay_cost = { shape = "linear", per_second = 1.0 }
+        refusal_cost = 1.0
+        [compression]
+        [cache]
+        "#,
+    )
+    .unwrap();
+    let page: String = (0..400)
+        .map(|i| format!("{{\"item\":{i},\"name\":\"thing\"}},"))
+        .collect();
+    let app = stack.layer(service_fn(move |_req: Request<String>| {
+        let page = page.clone();
+        async move {
+            let mut r = Response::new(page);
+            r.headers_mut()
+                .insert("cache-control", "public, max-age=60".parse().unwrap());
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            Ok::<_, Infallible>(r)
+        }
+    }));
+    for _ in 0..3 {
+        let request = Request::get("/catalogue")
+            .header("host", "shop.example")
+            .header("accept-encoding", "gzip")
+            .body(String::new())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.headers()["content-encoding"], "gzip");
+        let _ = response.into_body().collect().await.unwrap();
+    }
+    let snapshot = stack.admin().snapshot();
+    let compression = &snapshot["compression"];
+    let (responses, bytes_in, bytes_out) = (
+        compression["responses"].as_u64().unwrap(),
+        compression["bytes_in"].as_u64().unwrap(),
+        compression["bytes_out"].as_u64().unwrap(),
+    );
+    assert!(responses >= 1, "{compression}");
+    assert!(bytes_out < bytes_in, "{compression}");
+}

@@ -32,6 +32,10 @@ use super::Codec;
 #[derive(Debug, Clone)]
 pub struct Recompress {
     codings: Vec<&'static str>,
+    /// A compression layer's figures, which this encoding counts in (the
+    /// stack connects them: a body compressed once for the cache is
+    /// compression, as the dashboard and the metrics say it).
+    counted: Option<std::sync::Arc<super::Calibration>>,
 }
 
 impl Default for Recompress {
@@ -49,7 +53,17 @@ impl Recompress {
                 .filter(|c| c.available())
                 .map(|c| c.name())
                 .collect(),
+            counted: None,
         }
+    }
+
+    /// Counts what it encodes in `layer`'s figures
+    /// ([`CompressionLayer::stats`](super::CompressionLayer::stats), and the
+    /// compression metrics with the `metrics` feature, at level `cache`).
+    #[must_use]
+    pub fn counted_in(mut self, layer: &super::CompressionLayer) -> Self {
+        self.counted = Some(layer.calibration());
+        self
     }
 
     /// Only these codecs (those this build has), in this preference.
@@ -60,6 +74,43 @@ impl Recompress {
                 .filter(|c| c.available())
                 .map(|c| c.name())
                 .collect(),
+            counted: None,
+        }
+    }
+}
+
+impl Recompress {
+    /// Encodes `data` in `coding`, uncounted.
+    #[allow(unused_variables)]
+    fn encode_uncounted(&self, coding: &str, data: &[u8]) -> Result<Bytes, BoxError> {
+        #[allow(unused_imports)]
+        use async_compression_alias::*;
+        match coding {
+            #[cfg(feature = "compression-zstd")]
+            "zstd" => {
+                let mut w = ZstdEncoder::with_quality(Vec::new(), Level::Precise(12));
+                run(&mut w, data)?;
+                Ok(Bytes::from(w.into_inner()))
+            }
+            #[cfg(feature = "compression-br")]
+            "br" => {
+                let mut w = BrotliEncoder::with_quality(Vec::new(), Level::Precise(9));
+                run(&mut w, data)?;
+                Ok(Bytes::from(w.into_inner()))
+            }
+            #[cfg(feature = "compression-gzip")]
+            "gzip" => {
+                let mut w = GzipEncoder::with_quality(Vec::new(), Level::Precise(9));
+                run(&mut w, data)?;
+                Ok(Bytes::from(w.into_inner()))
+            }
+            #[cfg(feature = "compression-deflate")]
+            "deflate" => {
+                let mut w = ZlibEncoder::with_quality(Vec::new(), Level::Precise(9));
+                run(&mut w, data)?;
+                Ok(Bytes::from(w.into_inner()))
+            }
+            other => Err(unknown(other)),
         }
     }
 }
@@ -92,37 +143,27 @@ impl Recoder for Recompress {
         &self.codings
     }
 
-    #[allow(unused_variables)]
     fn encode(&self, coding: &str, data: &[u8]) -> Result<Bytes, BoxError> {
-        #[allow(unused_imports)]
-        use async_compression_alias::*;
-        match coding {
-            #[cfg(feature = "compression-zstd")]
-            "zstd" => {
-                let mut w = ZstdEncoder::with_quality(Vec::new(), Level::Precise(12));
-                run(&mut w, data)?;
-                Ok(Bytes::from(w.into_inner()))
-            }
-            #[cfg(feature = "compression-br")]
-            "br" => {
-                let mut w = BrotliEncoder::with_quality(Vec::new(), Level::Precise(9));
-                run(&mut w, data)?;
-                Ok(Bytes::from(w.into_inner()))
-            }
-            #[cfg(feature = "compression-gzip")]
-            "gzip" => {
-                let mut w = GzipEncoder::with_quality(Vec::new(), Level::Precise(9));
-                run(&mut w, data)?;
-                Ok(Bytes::from(w.into_inner()))
-            }
-            #[cfg(feature = "compression-deflate")]
-            "deflate" => {
-                let mut w = ZlibEncoder::with_quality(Vec::new(), Level::Precise(9));
-                run(&mut w, data)?;
-                Ok(Bytes::from(w.into_inner()))
-            }
-            other => Err(unknown(other)),
+        let started = std::time::Instant::now();
+        let encoded = self.encode_uncounted(coding, data)?;
+        let cpu = started.elapsed();
+        if let Some(calibration) = &self.counted {
+            calibration.record(data.len() as u64, encoded.len() as u64, cpu);
         }
+        #[cfg(feature = "metrics")]
+        {
+            use gratify_core::telemetry as t;
+            let (codec, level) = (coding.to_owned(), "cache");
+            metrics::counter!(t::COMPRESSION_RESPONSES_TOTAL.name, "codec" => codec.clone(), "level" => level)
+                .increment(1);
+            metrics::counter!(t::COMPRESSION_BYTES_IN_TOTAL.name, "codec" => codec.clone(), "level" => level)
+                .increment(data.len() as u64);
+            metrics::counter!(t::COMPRESSION_BYTES_OUT_TOTAL.name, "codec" => codec.clone(), "level" => level)
+                .increment(encoded.len() as u64);
+            metrics::histogram!(t::COMPRESSION_CPU_SECONDS.name, "codec" => codec, "level" => level)
+                .record(cpu.as_secs_f64());
+        }
+        Ok(encoded)
     }
 
     #[allow(unused_variables)]

@@ -105,6 +105,11 @@ impl CompressionLayer {
         Self::build(config, self.shared.model(), self.shared.signal.clone())
     }
 
+    /// The learned figures, shared (for a recoder that counts in them).
+    pub(crate) fn calibration(&self) -> Arc<Calibration> {
+        Arc::clone(&self.shared.calibration)
+    }
+
     /// What this layer (and every clone and service it made) has compressed,
     /// and what it has learned of each codec and level.
     pub fn stats(&self) -> super::CompressionStats {

@@ -638,7 +638,15 @@ impl Stack {
     }
 
     fn built(&self) -> &Built {
-        self.built.get_or_init(|| Built {
+        self.built.get_or_init(|| self.build())
+    }
+
+    /// The layers, built once (by [`built`](Self::built)).
+    fn build(&self) -> Built {
+        let compression = self.compression.clone().map(|config| {
+            CompressionLayer::adaptive_with_config(config, &self.model(), self.signal.clone())
+        });
+        Built {
             names: self
                 .model()
                 .iter()
@@ -666,16 +674,19 @@ impl Stack {
                 .limiter
                 .clone()
                 .map(|l| AdaptiveLimitLayer::with_limiter(l).hold_until_body_end(true)),
-            compression: self.compression.clone().map(|config| {
-                CompressionLayer::adaptive_with_config(config, &self.model(), self.signal.clone())
-            }),
             cache: self.cache.clone().map(|choice| {
                 let layer = match choice {
                     CacheChoice::Layer(layer) => layer,
                     CacheChoice::Config(config) => {
                         let mut config = *config;
-                        if self.compression.is_some() && config.recoder.is_none() {
-                            config.recoder = Some(Arc::new(crate::compression::Recompress::new()));
+                        if let Some(compression) = &compression
+                            && config.recoder.is_none()
+                        {
+                            // Compressed once for the cache, and counted as
+                            // the compression it is.
+                            config.recoder = Some(Arc::new(
+                                crate::compression::Recompress::new().counted_in(compression),
+                            ));
                         }
                         HttpCacheLayer::with_model(config, &self.model())
                     }
@@ -685,7 +696,8 @@ impl Stack {
                     None => layer,
                 }
             }),
-        })
+            compression,
+        }
     }
 }
 
