@@ -130,6 +130,7 @@ vocabulary! {
     ADVISOR_REPLICA_COST = "gratify_advisor_replica_cost", Gauge, [], "Replica cost per second at the advisor's raw optimum, before smoothing and bounds (money per second).";
     ADVISOR_DELAY_COST = "gratify_advisor_delay_cost", Gauge, [], "Expected delay cost per second at the advisor's raw optimum, before smoothing and bounds (money per second).";
     ADVISOR_STALE = "gratify_advisor_stale", Gauge, [], "1 while the recommendation is the last good one (no fresh measurements; admin service only).";
+    HTTP_SERVER_REQUEST_DURATION = "http.server.request.duration", Histogram, ["http.request.method", "http.route", "http.response.status_code", "error.type", "gratify.class"], "OpenTelemetry's HTTP server request duration, in seconds: from the request entering the stack to its response head (facade only).";
 }
 
 /// The metric named `name`, if it is one of the vocabulary.

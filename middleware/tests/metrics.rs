@@ -316,3 +316,42 @@ async fn every_refusal_is_counted_once_with_who_refused(counts: &Counts) {
     );
     assert_eq!(counts.get("gratify_refused_total") - total_before, 2);
 }
+
+/// The stack measures each request as OpenTelemetry's
+/// `http.server.request.duration`, with the method, the route template
+/// (never the raw path) and the status.
+#[tokio::test]
+async fn the_stack_records_the_http_server_request_duration() {
+    use axum::routing::get;
+    use tower::ServiceExt;
+    let counts = counts();
+    let stack = gratify::Stack::from_config(
+        r#"
+        default_class = "browse"
+        [classes.browse]
+        delay_cost = { shape = "linear", per_second = 1.0 }
+        refusal_cost = 1.0
+        [limit]
+        "#,
+    )
+    .unwrap();
+    let app: axum::Router = axum::Router::new()
+        .route("/duration-test/{id}", get(|| async { "item" }))
+        .layer(stack);
+    for id in [1, 2, 3] {
+        let request = http::Request::get(format!("/duration-test/{id}"))
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(
+        counts.get_with(
+            telemetry::HTTP_SERVER_REQUEST_DURATION.name,
+            "gratify.class=browse,http.request.method=GET,http.response.status_code=200,http.route=/duration-test/{id}"
+        ),
+        3,
+        "one sample per request, under the route's template"
+    );
+    counts.assert_in_the_vocabulary();
+}

@@ -10,7 +10,7 @@ fn the_documented_table_is_the_vocabulary() {
     let doc = std::fs::read_to_string(path).unwrap();
     let rows: Vec<(String, String, Vec<String>, String)> = doc
         .lines()
-        .filter(|l| l.starts_with("| `gratify_"))
+        .filter(|l| l.starts_with("| `gratify_") || l.starts_with("| `http."))
         .map(|l| {
             let cells: Vec<&str> = l.split('|').map(str::trim).collect();
             let labels = cells[3]

@@ -803,7 +803,7 @@ where
 {
     type Response = http::Response<http_body_util::Either<StackBody, ServiceBody>>;
     type Error = <LookupStage<S> as Service<Request<B>>>::Error;
-    type Future = Instrumented<
+    type Future = StackFuture<
         OptionalFuture<
             <LookupStage<S> as Service<Request<B>>>::Future,
             DirectFuture<S, Request<B>>,
@@ -833,8 +833,12 @@ where
                 .is_ok()
         {
             let future = DirectFuture::new(direct.clone(), request);
-            return OptionalFuture::off(future).instrument(tracing::Span::none());
+            return StackFuture {
+                inner: OptionalFuture::off(future).instrument(tracing::Span::none()),
+                measure: None,
+            };
         }
+        let measure = Measure::start(&request, &self.names, class);
         let name = self.names.get(class.index()).map_or("", String::as_str);
         let span = tracing::info_span!(
             "gratify",
@@ -846,8 +850,101 @@ where
             level = tracing::field::Empty,
         );
         // The layers decide inside `call`: enter the span for it.
-        span.in_scope(|| OptionalFuture::on(self.inner.call(request)))
-            .instrument(span)
+        let inner = span
+            .in_scope(|| OptionalFuture::on(self.inner.call(request)))
+            .instrument(span);
+        StackFuture { inner, measure }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`StackService`]: the stack's answer in the request's
+    /// span, its duration recorded (with the `metrics` feature) as
+    /// OpenTelemetry's `http.server.request.duration`.
+    pub struct StackFuture<F> {
+        #[pin]
+        inner: Instrumented<F>,
+        measure: Option<Measure>,
+    }
+}
+
+impl<F> std::fmt::Debug for StackFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StackFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, RB, E> Future for StackFuture<F>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        if let Some(measure) = this.measure.take() {
+            measure.record(out.as_ref().ok().map(http::Response::status));
+        }
+        Poll::Ready(out)
+    }
+}
+
+/// A request's duration in the making, with OpenTelemetry's attributes:
+/// its method, its route template (axum's `MatchedPath`, never the raw
+/// path), and its class.
+#[derive(Debug)]
+struct Measure {
+    #[cfg(feature = "metrics")]
+    started: std::time::Instant,
+    #[cfg(feature = "metrics")]
+    labels: Vec<metrics::Label>,
+}
+
+impl Measure {
+    #[cfg(feature = "metrics")]
+    fn start<B>(request: &Request<B>, names: &[String], class: ClassId) -> Option<Self> {
+        #[cfg_attr(not(feature = "axum"), allow(unused_mut))]
+        let mut labels = vec![
+            metrics::Label::new("http.request.method", request.method().as_str().to_owned()),
+            metrics::Label::new(
+                "gratify.class",
+                names.get(class.index()).cloned().unwrap_or_default(),
+            ),
+        ];
+        #[cfg(feature = "axum")]
+        if let Some(route) = request.extensions().get::<axum::extract::MatchedPath>() {
+            labels.push(metrics::Label::new("http.route", route.as_str().to_owned()));
+        }
+        Some(Self {
+            started: std::time::Instant::now(),
+            labels,
+        })
+    }
+
+    #[cfg(not(feature = "metrics"))]
+    fn start<B>(_: &Request<B>, _: &[String], _: ClassId) -> Option<Self> {
+        None
+    }
+
+    /// Records the duration, with the response's status (`None`: the
+    /// service failed, `error.type` then).
+    fn record(self, status: Option<http::StatusCode>) {
+        #[cfg(feature = "metrics")]
+        {
+            let mut labels = self.labels;
+            labels.push(match status {
+                Some(s) => metrics::Label::new("http.response.status_code", s.as_u16().to_string()),
+                None => metrics::Label::new("error.type", "_OTHER"),
+            });
+            metrics::histogram!(
+                gratify_core::telemetry::HTTP_SERVER_REQUEST_DURATION.name,
+                labels
+            )
+            .record(self.started.elapsed().as_secs_f64());
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = status;
     }
 }
 
