@@ -30,8 +30,9 @@
 //!   stored unless a route allows it (with the user in the key); `private`
 //!   is never stored;
 //! - a [`CachePurge`] handle: by key, prefix, tag (`Surrogate-Key`), or all;
-//! - `Cache-Status` (RFC 9211) on every response to a GET or HEAD (a
-//!   request with an unsafe method, never answered from a cache, gets none).
+//! - `Cache-Status` (RFC 9211) on every response to a plain GET or HEAD (a
+//!   request with another method, or a method override, is never answered
+//!   from a cache and gets none).
 //!
 //! [`generic::CacheLayer`] caches any tower service by a key function, with
 //! a TTL, coalescing and purge.

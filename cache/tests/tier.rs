@@ -357,6 +357,8 @@ async fn a_redis_that_is_down_at_start_up_delays_nothing() {
     assert_eq!(calls.load(Ordering::SeqCst), 5);
     let stats = purge.tier_stats().unwrap();
     assert!(!stats.ready && stats.skipped > 0, "{stats:?}");
+    // No read reached the tier: none waited on it.
+    assert_eq!((stats.hits, stats.misses), (0, 0), "{stats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -137,6 +137,7 @@ pub async fn serve_until(
         .map_request(box_request as fn(Request<Incoming>) -> Request<ReqBody>)
         .service(cache);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let mut stop = std::pin::pin!(stop);
     loop {
         // The stop first: once asked to stop, nothing more is accepted.
@@ -145,24 +146,32 @@ pub async fn serve_until(
             () = &mut stop => break,
             accepted = listener.accept() => accepted?.0,
         };
+        // Forget the connections that have ended.
+        while connections.try_join_next().is_some() {}
         let service = TowerToHyperService::new(service.clone());
         let connection = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended");
             }
         });
     }
     drop(listener);
-    let open = graceful.count();
-    let cut = match tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await {
-        Ok(()) => 0,
-        // The watched connections are closed as their tasks end with the
-        // runtime; how many were left is all that can be said.
-        Err(_) => open,
+    while connections.try_join_next().is_some() {}
+    let open = connections.len();
+    let finished = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    while connections.try_join_next().is_some() {}
+    let cut = if finished.is_ok() {
+        0
+    } else {
+        connections.len()
     };
+    // Those still open at the deadline are closed now, not when the
+    // runtime ends.
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
     Ok(Stopped { open, cut })
 }
 

@@ -302,7 +302,8 @@ pub struct CacheRequests {
     pub stale: u64,
     /// Forwarded to the origin (a miss, a revalidation).
     pub miss: u64,
-    /// Not eligible: passed through (unsafe method, `no-store`, …).
+    /// A GET or HEAD passed through without the cache (`no-store`, an
+    /// upgrade, no host, …). Other methods are not counted.
     pub bypass: u64,
 }
 

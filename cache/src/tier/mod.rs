@@ -295,10 +295,10 @@ impl Scope {
 /// before a barrier that covers it is stale.
 ///
 /// Bounded: a barrier older than the tier's longest entry life (`keep_ms`,
-/// [`TierConfig::max_ttl`]) covers no entry that can still exist and is
-/// forgotten; past [`MAX_BARRIERS`] prefixes and tags (a purge loop over
-/// made-up prefixes), they fold into one purge-all barrier at the newest of
-/// them — more misses, never a stale entry.
+/// [`TierConfig::max_ttl`]) and [`LINGER_MS`] covers no entry that can still
+/// exist and is forgotten; past [`MAX_BARRIERS`] prefixes and tags (a purge
+/// loop over made-up prefixes), the older half fold into the purge-all
+/// barrier at the newest of them — more misses, never a stale entry.
 #[derive(Debug, Default)]
 struct Barriers {
     all: u64,
@@ -311,6 +311,14 @@ struct Barriers {
 /// The most prefix and tag barriers kept apart.
 const MAX_BARRIERS: usize = 4096;
 
+/// The clock skew between replicas the tier tolerates (ms).
+const SKEW_MS: u64 = 60_000;
+
+/// How much longer than the longest entry life a barrier is kept (ms): the
+/// skew, and the time a queued write may take to reach the tier, whose
+/// entry then lives its full life from there.
+const LINGER_MS: u64 = SKEW_MS + 10 * 60_000;
+
 impl Barriers {
     fn new(keep: Duration) -> Self {
         Self {
@@ -321,9 +329,17 @@ impl Barriers {
 
     /// Raises the barrier of `scope` to `at_ms`, at wall time `now_ms`.
     fn raise(&mut self, scope: &Scope, at_ms: u64, now_ms: u64) {
+        // A barrier from a clock ahead of ours counts from our now plus the
+        // skew the tier tolerates (entries dated later are refused anyway),
+        // so that one fast clock cannot make every new entry stale.
+        let at_ms = at_ms.min(now_ms.saturating_add(SKEW_MS));
         match scope {
-            Scope::Key(_) => {}
-            Scope::All => self.all = self.all.max(at_ms),
+            // A key's purge deletes its entry; it leaves no barrier.
+            Scope::Key(_) => return,
+            Scope::All => {
+                self.all = self.all.max(at_ms);
+                return;
+            }
             Scope::Tag(t) => {
                 let b = self.tags.entry(t.clone()).or_default();
                 *b = (*b).max(at_ms);
@@ -334,21 +350,28 @@ impl Barriers {
             },
         }
         if self.keep_ms > 0 {
-            let cutoff = now_ms.saturating_sub(self.keep_ms);
+            let cutoff = now_ms.saturating_sub(self.keep_ms.saturating_add(LINGER_MS));
             self.prefixes.retain(|(_, b)| *b >= cutoff);
             self.tags.retain(|_, b| *b >= cutoff);
         }
         if self.prefixes.len() + self.tags.len() > MAX_BARRIERS {
-            let newest = self
+            // The older half folds into the purge-all barrier at the newest
+            // of them: everything they covered stays covered.
+            let mut times: Vec<u64> = self
                 .prefixes
                 .iter()
                 .map(|(_, b)| *b)
                 .chain(self.tags.values().copied())
-                .max()
-                .unwrap_or(0);
-            self.all = self.all.max(newest);
-            self.prefixes.clear();
-            self.tags.clear();
+                .collect();
+            times.sort_unstable();
+            let fold_to = times[times.len() / 2];
+            self.all = self.all.max(fold_to);
+            self.prefixes.retain(|(_, b)| *b > fold_to);
+            self.tags.retain(|_, b| *b > fold_to);
+            tracing::warn!(
+                kept = self.prefixes.len() + self.tags.len(),
+                "more than {MAX_BARRIERS} prefix and tag purges within the tier's entry life: the older half now purge everything stored before them"
+            );
         }
     }
 
@@ -822,30 +845,47 @@ mod tests {
     }
 
     #[test]
-    fn old_barriers_are_forgotten_and_a_flood_folds_into_one() {
-        let mut b = Barriers::new(Duration::from_secs(10));
-        b.raise(&Scope::Prefix("http://a/old/".into()), 1_000, 1_000);
-        b.raise(&Scope::Prefix("http://a/new/".into()), 20_000, 20_000);
+    fn old_barriers_are_forgotten_and_a_flood_folds_its_older_half() {
+        let keep = 10_000;
+        let mut b = Barriers::new(Duration::from_millis(keep));
+        let t0 = 1_000_000;
+        b.raise(&Scope::Prefix("http://a/old/".into()), t0, t0);
+        let later = t0 + keep + LINGER_MS + 1;
+        b.raise(&Scope::Prefix("http://a/new/".into()), later, later);
         assert_eq!(
             b.prefixes.len(),
             1,
-            "the barrier older than the longest entry life is gone"
+            "gone once no entry it covered can exist"
         );
-        assert!(b.covers("http://a/new/x", &[], 19_000));
+        assert!(b.covers("http://a/new/x", &[], later - 1));
+        // Kept while an entry it covers may still live (a late write).
+        b.raise(&Scope::Tag("t".into()), later + 1, later + keep + LINGER_MS);
+        assert_eq!(b.prefixes.len(), 1);
         for i in 0..=MAX_BARRIERS {
-            let at = 20_000 + i as u64;
+            let at = later + 10 + i as u64;
             b.raise(&Scope::Prefix(format!("http://a/{i}/")), at, at);
         }
-        // The raise that made MAX_BARRIERS + 1 folded them all into one
-        // purge-all barrier; the last one came after, on its own.
-        let folded_at = 20_000 + MAX_BARRIERS as u64 - 1;
-        assert_eq!(b.all, folded_at);
-        assert_eq!(b.prefixes.len(), 1);
-        assert!(b.covers(&format!("http://a/{MAX_BARRIERS}/x"), &[], folded_at + 1));
+        // Past the bound the older half folded into purge-all: what they
+        // covered stays covered; the newer half stays apart.
+        assert!(b.all > 0);
+        assert!(b.prefixes.len() + b.tags.len() <= MAX_BARRIERS / 2 + 2);
         assert!(
-            b.covers("http://a/7/x", &[], 20_007),
-            "more misses, never a stale entry"
+            b.covers("http://a/7/x", &[], later + 17),
+            "folded, still covered"
         );
+        let newest = format!("http://a/{MAX_BARRIERS}/x");
+        assert!(b.covers(&newest, &[], later + 10 + MAX_BARRIERS as u64));
+        assert!(!b.covers(&newest, &[], later + 11 + MAX_BARRIERS as u64));
+    }
+
+    #[test]
+    fn a_clock_ahead_cannot_blind_the_tier() {
+        let mut b = Barriers::new(Duration::from_secs(3600));
+        let now = 1_000_000_000;
+        // A purge-all stamped a day ahead counts from now plus the skew.
+        b.raise(&Scope::All, now + 86_400_000, now);
+        assert_eq!(b.all, now + SKEW_MS);
+        assert!(!b.covers("http://a/x", &[], now + SKEW_MS + 1));
     }
 
     #[test]

@@ -197,8 +197,20 @@ impl Db {
         let first = Connection::open(path)?;
         first.busy_timeout(BUSY_TIMEOUT)?;
         let mut db = Self::with(first)?;
-        // The file exists and is in WAL mode now: the rest of the pool.
-        if let Inner::Lite(pool) = &mut db.inner
+        // The file exists and is in WAL mode now: the rest of the pool —
+        // unless it is no file (`:memory:`, an empty path: each connection
+        // would open a database of its own) or not in WAL mode (a writer
+        // would block every reader).
+        let shared_file = match &db.inner {
+            Inner::Lite(pool) => pool
+                .get()
+                .query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0))
+                .is_ok_and(|mode| mode.eq_ignore_ascii_case("wal")),
+            #[cfg(feature = "postgres")]
+            Inner::Pg(_) => false,
+        };
+        if shared_file
+            && let Inner::Lite(pool) = &mut db.inner
             && let Some(pool) = Arc::get_mut(pool)
         {
             for _ in 1..SQLITE_CONNECTIONS {
@@ -611,6 +623,21 @@ mod tests {
         }
         assert_eq!(ids.len(), 200);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `:memory:` names no file: the store keeps one connection, whose
+    /// database has the tables.
+    #[test]
+    fn an_in_memory_path_keeps_one_connection() {
+        let db = Db::open(Path::new(":memory:")).unwrap();
+        match &db.inner {
+            Inner::Lite(pool) => assert_eq!(pool.conns.len(), 1),
+            #[cfg(feature = "postgres")]
+            Inner::Pg(_) => unreachable!(),
+        }
+        for _ in 0..8 {
+            assert_eq!(db.catalogue(1).unwrap().len(), 50);
+        }
     }
 
     #[test]

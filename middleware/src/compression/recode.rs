@@ -59,7 +59,12 @@ impl Recompress {
 
     /// Counts what it encodes in `layer`'s figures
     /// ([`CompressionLayer::stats`](super::CompressionLayer::stats), and the
-    /// compression metrics with the `metrics` feature, at level `cache`).
+    /// compression metrics with the `metrics` feature, at level `cache`):
+    /// each coding a stored body is encoded in counts as one body
+    /// compressed, with its bytes and time — kept or not (an encoding no
+    /// smaller than the body is not stored, but its CPU was spent). Call it
+    /// on the layer as it will serve: a layer rebuilt after (`no`) has
+    /// figures of its own.
     #[must_use]
     pub fn counted_in(mut self, layer: &super::CompressionLayer) -> Self {
         self.counted = Some(layer.calibration());
@@ -147,9 +152,10 @@ impl Recoder for Recompress {
         let started = std::time::Instant::now();
         let encoded = self.encode_uncounted(coding, data)?;
         let cpu = started.elapsed();
-        if let Some(calibration) = &self.counted {
-            calibration.record(data.len() as u64, encoded.len() as u64, cpu);
-        }
+        let Some(calibration) = &self.counted else {
+            return Ok(encoded);
+        };
+        calibration.record(data.len() as u64, encoded.len() as u64, cpu);
         #[cfg(feature = "metrics")]
         {
             use gratify_core::telemetry as t;

@@ -684,8 +684,15 @@ impl Stack {
                         {
                             // Compressed once for the cache, and counted as
                             // the compression it is.
+                            // In the codecs the compression offers.
+                            let codecs = self
+                                .compression
+                                .as_ref()
+                                .map(|c| c.codecs.clone())
+                                .unwrap_or_default();
                             config.recoder = Some(Arc::new(
-                                crate::compression::Recompress::new().counted_in(compression),
+                                crate::compression::Recompress::with_codecs(&codecs)
+                                    .counted_in(compression),
                             ));
                         }
                         HttpCacheLayer::with_model(config, &self.model())
