@@ -557,19 +557,38 @@ fn page_handler() -> impl tower::Service<
 /// The sections, by the names that select them on the command line.
 const SECTIONS: [&str; 4] = ["cost-aware", "stampede", "hit-path", "loopback"];
 
+/// The bench's arguments (a name that is neither a section nor a subject
+/// is an error).
+#[derive(Debug, clap::Parser)]
+#[command(name = "cache")]
+struct Args {
+    /// A seventh of the trace, 1 s loopback runs.
+    #[arg(long)]
+    quick: bool,
+    /// Sections to run (all when none) and subjects to measure (all when
+    /// none; the bare handler always, the others are compared with it).
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new([
+        "cost-aware", "stampede", "hit-path", "loopback",
+        "bare", "gratify", "http-cache-tower-server", "hitbox",
+    ]))]
+    names: Vec<String>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    // Section names among the arguments run only those sections.
-    let named: Vec<String> = std::env::args()
-        .skip(1)
+    let args = <Args as clap::Parser>::parse();
+    let quick = args.quick;
+    let named: Vec<&String> = args
+        .names
+        .iter()
         .filter(|a| SECTIONS.contains(&a.as_str()))
         .collect();
-    let section = |name: &str| named.is_empty() || named.iter().any(|a| a == name);
-    // Subject names among the arguments measure only those (and the bare
-    // handler, which the others are compared with).
+    let section = |name: &str| named.is_empty() || named.iter().any(|a| *a == name);
     let chosen: Vec<Subject> = Subject::ALL
         .into_iter()
-        .filter(|s| std::env::args().any(|a| a == s.name()))
+        .filter(|s| args.names.iter().any(|a| a == s.name()))
         .collect();
     let subject_runs = |s: &Subject| chosen.is_empty() || *s == Subject::Bare || chosen.contains(s);
     let mut results = Vec::new();

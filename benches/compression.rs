@@ -577,7 +577,10 @@ fn overload(quick: bool, results: &mut Vec<serde_json::Value>) {
         "\n| scenario | subject | p99 ms | p99 ms at 120% | bytes out | bytes / tower-http | p99 / tower-http | CPU s | total cost | refused | codings | codings at 120% |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
-    let only_database = std::env::args().any(|a| a == "database-only");
+    let only_database = <Args as clap::Parser>::parse()
+        .parts
+        .iter()
+        .any(|a| a == "database-only");
     for bottleneck in [Bottleneck::Cpu, Bottleneck::Database] {
         if only_database && bottleneck == Bottleneck::Cpu {
             continue;
@@ -716,14 +719,32 @@ fn overload_scenario(
     }
 }
 
+/// The bench's arguments (an unknown part is an error).
+#[derive(Debug, clap::Parser)]
+#[command(name = "compression")]
+struct Args {
+    /// Shorter runs.
+    #[arg(long)]
+    quick: bool,
+    /// Parts to run (all when none); `database-only` skips the overload
+    /// part's CPU-bound mix.
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new([
+        "throughput", "overload", "cached", "database-only",
+    ]))]
+    parts: Vec<String>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
+    let args = <Args as clap::Parser>::parse();
+    let quick = args.quick;
     let parts = ["throughput", "overload", "cached"];
     let named: Vec<&str> = parts
         .iter()
         .copied()
-        .filter(|p| args.iter().any(|a| a == p))
+        .filter(|p| args.parts.iter().any(|a| a == p))
         .collect();
     let run = |part: &str| named.is_empty() || named.contains(&part);
     let mut results = Vec::new();

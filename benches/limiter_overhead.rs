@@ -258,6 +258,9 @@ mod standing {
 }
 
 fn main() {
+    // Criterion reads the command line (`configure_from_args`) and ignores
+    // what it does not know; these flags are read beside it, by hand, as a
+    // parser of our own would refuse criterion's.
     let quick = std::env::args().any(|a| a == "--quick");
     let only_table = std::env::args().any(|a| a == "--table-only");
     // Only the standing-queue run.
