@@ -43,7 +43,7 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server on the PATH");
+            .expect("no redis-server on the PATH: apt-get install -y redis-server (bash .ci/run installs what the tests need)");
         self.child = Some(child);
         let until = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {

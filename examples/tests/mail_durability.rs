@@ -93,7 +93,7 @@ mod durable {
                 .arg(&dir)
                 .stdout(Stdio::null())
                 .spawn()
-                .expect("redis-server on the PATH");
+                .expect("no redis-server on the PATH: apt-get install -y redis-server (bash .ci/run installs what the tests need)");
             Self { port, child, dir }
         }
 

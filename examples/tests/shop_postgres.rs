@@ -29,7 +29,7 @@ impl Database {
         let name = format!("gratify_shop_{test}_{}", std::process::id());
         let admin = PgPool::connect(&admin_url())
             .await
-            .expect("PostgreSQL at GRATIFY_TEST_POSTGRES (default 127.0.0.1:5432, trust auth)");
+            .expect("no PostgreSQL at GRATIFY_TEST_POSTGRES (default 127.0.0.1:5432, trust auth): apt-get install -y postgresql and start it (bash .ci/run starts the one installed), or set GRATIFY_TEST_POSTGRES");
         sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .execute(&admin)
             .await
