@@ -117,6 +117,23 @@ impl Stopping {
     pub async fn wait(mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
     }
+
+    /// Resolves when a server should stop accepting connections: once the
+    /// signal has come, `stop_taking_traffic` fails readiness, then
+    /// `grace_secs` pass (not a number or negative: none; at most an hour)
+    /// so that load balancers stop sending first — or a second signal ends
+    /// the grace at once.
+    pub async fn then_grace(self, grace_secs: f64, stop_taking_traffic: impl FnOnce()) {
+        let grace = std::time::Duration::try_from_secs_f64(grace_secs)
+            .unwrap_or_default()
+            .min(std::time::Duration::from_secs(3600));
+        self.wait().await;
+        stop_taking_traffic();
+        tokio::select! {
+            () = tokio::time::sleep(grace) => {}
+            () = shutdown_signal() => {}
+        }
+    }
 }
 pub mod game;
 pub mod plan;

@@ -43,6 +43,9 @@ async fn main() -> ExitCode {
         println!("{}", token(id));
         return ExitCode::SUCCESS;
     }
+    // Ctrl-C or SIGTERM from the start (as PID 1 in a container, a signal
+    // nobody listens for is ignored).
+    let stopping = gratify_examples::Stopping::listen();
     let game = match Game::new() {
         Ok(game) => game,
         Err(e) => {
@@ -62,19 +65,9 @@ async fn main() -> ExitCode {
         args.listen, args.listen
     );
     // Readiness fails first; the server stops accepting after the grace.
-    let grace = std::time::Duration::try_from_secs_f64(args.readiness_grace)
-        .unwrap_or_default()
-        .min(std::time::Duration::from_secs(3600));
     let accepting = {
         let game = game.clone();
-        async move {
-            gratify_examples::shutdown_signal().await;
-            game.stop_taking_traffic();
-            tokio::select! {
-                () = tokio::time::sleep(grace) => {}
-                () = gratify_examples::shutdown_signal() => {}
-            }
-        }
+        stopping.then_grace(args.readiness_grace, move || game.stop_taking_traffic())
     };
     let served = axum::serve(listener, game.router().into_make_service())
         .with_graceful_shutdown(accepting)

@@ -175,18 +175,11 @@ async fn main() -> ExitCode {
         tokio::spawn(async move { shop.run_mailer(stopping.wait()).await })
     };
     // Readiness fails first; the server stops accepting after the grace.
-    let grace = std::time::Duration::try_from_secs_f64(args.readiness_grace).unwrap_or_default();
     let accepting = {
-        let (shop, stopping) = (shop.clone(), stopping.clone());
-        async move {
-            stopping.wait().await;
-            shop.stop_taking_traffic();
-            // A second signal ends the grace at once.
-            tokio::select! {
-                () = tokio::time::sleep(grace) => {}
-                () = gratify_examples::shutdown_signal() => {}
-            }
-        }
+        let shop = shop.clone();
+        stopping
+            .clone()
+            .then_grace(args.readiness_grace, move || shop.stop_taking_traffic())
     };
     let served = axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(accepting)
