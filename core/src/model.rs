@@ -548,6 +548,15 @@ impl SharedModel {
             .map_or_else(|e| e.into_inner().clone(), |m| m.clone())
     }
 
+    /// Reads the current model in place (no copy), for a glance on a hot
+    /// path: `f` runs under a read lock, so it must not reload.
+    pub fn read<R>(&self, f: impl FnOnce(&CostModel) -> R) -> R {
+        match self.0.read() {
+            Ok(model) => f(&model),
+            Err(poisoned) => f(&poisoned.into_inner()),
+        }
+    }
+
     /// Replaces the model by `new`.
     ///
     /// # Errors

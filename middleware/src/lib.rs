@@ -62,6 +62,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod admin;
+pub mod balance;
 pub mod compression;
 #[cfg(feature = "redis")]
 pub mod fleet;

@@ -995,3 +995,189 @@ async fn a_wait_too_long_to_represent_queues_without_overflow() {
         assert_eq!(waiter.await.unwrap(), Ok(()), "{admission:?}");
     }
 }
+
+/// A request of `class` that a trusted caller propagated, due `left` from
+/// now (on the paused clock).
+fn propagated(class: ClassId, body: &str, left: Option<Duration>) -> Request<String> {
+    let mut r = req(class, body);
+    let now = tokio::time::Instant::now().into_std();
+    r.extensions_mut()
+        .insert(gratify_core::classify::Propagated::new(
+            Some(class),
+            left.map(|l| now + l),
+        ));
+    r
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_whose_propagated_deadline_has_passed_never_reaches_the_service() {
+    let m = model();
+    let l = limiter(&m, 4, LimiterConfig::default());
+    let log = Log::default();
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(log.clone()));
+    let batch = class(&m, "batch");
+    let res = svc
+        .clone()
+        .oneshot(propagated(batch, "late:1", Some(Duration::ZERO)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()[SHED_REASON_HEADER], "deadline");
+    assert!(log.lock().unwrap().is_empty(), "the service never ran");
+    assert_eq!(l.stats().in_flight, 0);
+    // The same call with time to spare is served.
+    let res = svc
+        .oneshot(propagated(batch, "fine:1", Some(Duration::from_secs(1))))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_that_cannot_finish_in_the_time_its_caller_has_left_is_refused_at_once() {
+    let m = model();
+    let l = limiter(&m, 4, config(|c| c.warmup_samples = 10));
+    let log = Log::default();
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(log.clone()));
+    // Batch (its own deadline 30 s) takes ~20 ms here.
+    let batch = class(&m, "batch");
+    warm_up(&svc, batch, 20).await;
+    log.lock().unwrap().clear();
+    let before = tokio::time::Instant::now();
+    let res = svc
+        .clone()
+        .oneshot(propagated(
+            batch,
+            "hopeless:20",
+            Some(Duration::from_millis(5)),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()[SHED_REASON_HEADER], "deadline");
+    assert_eq!(before.elapsed(), Duration::ZERO, "refused without waiting");
+    assert!(log.lock().unwrap().is_empty(), "the service never ran");
+    // With 200 ms left it fits: served.
+    let res = svc
+        .oneshot(propagated(
+            batch,
+            "fits:20",
+            Some(Duration::from_millis(200)),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(*log.lock().unwrap(), ["fits"].map(String::from));
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_admitted_upstream_queue_ahead_of_first_hand_requests_of_their_class() {
+    let m = model();
+    let l = limiter(&m, 1, LimiterConfig::default());
+    let log = Log::default();
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(log.clone()));
+    let browse = class(&m, "browse");
+    let mut tasks = Vec::new();
+    for r in [
+        req(browse, "first:50"),
+        req(browse, "a:5"),
+        req(browse, "b:5"),
+        propagated(browse, "up1:5", None),
+        req(browse, "c:5"),
+        propagated(browse, "up2:5", Some(Duration::from_secs(1))),
+    ] {
+        tasks.push(tokio::spawn(svc.clone().oneshot(r)));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    // Upstream calls in their order of arrival, then first-hand ones in theirs.
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["first", "up1", "up2", "a", "b", "c"].map(String::from)
+    );
+    assert_eq!(l.stats().queued, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queued_call_waits_no_longer_than_its_caller_has_left() {
+    let m = model();
+    let l = limiter(&m, 1, LimiterConfig::default());
+    let log = Log::default();
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(log.clone()));
+    let batch = class(&m, "batch");
+    let running = tokio::spawn(svc.clone().oneshot(req(batch, "long:1000")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let before = tokio::time::Instant::now();
+    // Batch may wait seconds on its own; the caller has 100 ms.
+    let res = svc
+        .clone()
+        .oneshot(propagated(
+            batch,
+            "late:1",
+            Some(Duration::from_millis(100)),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()[SHED_REASON_HEADER], "queue-timeout");
+    assert_eq!(before.elapsed(), Duration::from_millis(100));
+    assert_eq!(l.stats().queued, 0);
+    running.await.unwrap().unwrap();
+    assert_eq!(*log.lock().unwrap(), ["long"].map(String::from));
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_leave_a_queue_that_mixes_upstream_and_first_hand_requests() {
+    let m = model();
+    let l = limiter(
+        &m,
+        1,
+        config(|c| c.max_queue_time = Duration::from_millis(50)),
+    );
+    let log = Log::default();
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(log.clone()));
+    let batch = class(&m, "batch");
+    let running = tokio::spawn(svc.clone().oneshot(req(batch, "long:200")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // First hand, then a cancelled first-hand one, then upstream ones
+    // (queued ahead of both, and with later ids).
+    let first = tokio::spawn(svc.clone().oneshot(req(batch, "a:1")));
+    let cancelled = tokio::spawn(svc.clone().oneshot(req(batch, "gone:1")));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let up = tokio::spawn(svc.clone().oneshot(propagated(batch, "up:1", None)));
+    let up2 = tokio::spawn(svc.clone().oneshot(propagated(batch, "up2:1", None)));
+    let up_late = tokio::spawn(svc.clone().oneshot(propagated(
+        batch,
+        "up-late:1",
+        Some(Duration::from_millis(20)),
+    )));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(l.stats().queued, 5);
+    cancelled.abort();
+    let _ = cancelled.await;
+    assert_eq!(l.stats().queued, 4, "the cancelled waiter left the queue");
+    // The upstream call with 20 ms left leaves the queue at its deadline.
+    let res = up_late.await.unwrap().unwrap();
+    assert_eq!(res.headers()[SHED_REASON_HEADER], "queue-timeout");
+    assert_eq!(l.stats().queued, 3);
+    // The first-hand one (behind the upstream one, with a smaller id)
+    // times out at 50 ms; the other upstream calls wait on.
+    let res = first.await.unwrap().unwrap();
+    assert_eq!(res.headers()[SHED_REASON_HEADER], "queue-timeout");
+    assert_eq!(l.stats().queued, 2);
+    assert_eq!(
+        l.stats().classes[batch.index()].shed_for(Reason::QueueTimeout),
+        2
+    );
+    // Upstream calls wait as long as their class may: 50 ms here too.
+    for up in [up, up2] {
+        let res = up.await.unwrap().unwrap();
+        assert_eq!(res.headers()[SHED_REASON_HEADER], "queue-timeout");
+    }
+    running.await.unwrap().unwrap();
+    assert_eq!(l.stats().queued, 0);
+    assert_eq!(l.stats().in_flight, 0);
+    assert_eq!(*log.lock().unwrap(), ["long"].map(String::from));
+}

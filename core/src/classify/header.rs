@@ -87,4 +87,8 @@ impl<B, C: Classify<Request<B>>> Classify<Request<B>> for TrustedHeaderClassifie
     fn slot_hold(&self, request: &Request<B>) -> Option<crate::slot::SlotHold> {
         super::slot_hold_of(request)
     }
+
+    fn propagated(&self, request: &Request<B>) -> Option<super::Propagated> {
+        super::propagated_of(request)
+    }
 }

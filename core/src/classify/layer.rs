@@ -107,7 +107,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let class = self.classifier.classify(&request);
+        // A class a trusted caller propagated stands; otherwise classify.
+        let class = match super::propagated_of(&request).and_then(|p| p.class) {
+            Some(class) => class,
+            None => self.classifier.classify(&request),
+        };
         tracing::trace!(class = class.index(), "classified");
         let extensions = request.extensions_mut();
         extensions.insert(class);

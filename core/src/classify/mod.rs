@@ -73,6 +73,14 @@ pub trait Classify<Req: ?Sized> {
         let _ = request;
         None
     }
+
+    /// What a trusted caller said about `request` — the deadline it must
+    /// answer by, and that the caller admitted it upstream — if anything.
+    /// `None` unless a classifier says otherwise.
+    fn propagated(&self, request: &Req) -> Option<Propagated> {
+        let _ = request;
+        None
+    }
 }
 
 impl<Req: ?Sized> Classify<Req> for ClassId {
@@ -88,6 +96,10 @@ impl<Req: ?Sized, C: Classify<Req> + ?Sized> Classify<Req> for std::sync::Arc<C>
 
     fn slot_hold(&self, request: &Req) -> Option<crate::slot::SlotHold> {
         (**self).slot_hold(request)
+    }
+
+    fn propagated(&self, request: &Req) -> Option<Propagated> {
+        (**self).propagated(request)
     }
 }
 
@@ -149,6 +161,45 @@ pub fn arrived_of<B>(request: &http::Request<B>) -> Option<std::time::Instant> {
     request.extensions().get::<Arrived>().map(|a| a.0)
 }
 
+/// What a trusted caller propagated with a request: the class the request
+/// had where it was first admitted, and the instant by which the caller
+/// needs the answer.
+///
+/// Only a layer that has checked the caller is trusted puts it on a request
+/// (the `gratify` crate's `balance::AcceptCalls`); a client can never set it
+/// from a header. With it:
+/// - [`ClassifyLayer`] (and the `gratify` `Stack`) classify the request as
+///   `class` instead of running their classifier;
+/// - the limiter refuses at once a request whose `deadline` has passed or
+///   that its class's measured latency says cannot finish before it, bounds
+///   its wait in the queue by it, and queues it ahead of the requests of
+///   its class that arrived here first hand (consistent shedding: work
+///   another service already spent effort on is preferred over new work of
+///   the same value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Propagated {
+    /// The request's class in this service's model, when the caller named a
+    /// class the model has.
+    pub class: Option<ClassId>,
+    /// When the caller gives up on the request.
+    pub deadline: Option<std::time::Instant>,
+}
+
+impl Propagated {
+    /// What a trusted caller said: the request's class here, if it named
+    /// one of this service's classes, and when it gives up, if it does.
+    pub const fn new(class: Option<ClassId>, deadline: Option<std::time::Instant>) -> Self {
+        Self { class, deadline }
+    }
+}
+
+/// What a trusted caller propagated with a request ([`Propagated`]), if a
+/// layer that checked the caller stored it.
+pub fn propagated_of<B>(request: &http::Request<B>) -> Option<Propagated> {
+    request.extensions().get::<Propagated>().copied()
+}
+
 /// The class that [`ClassifyLayer`] stored in the request's extensions.
 pub fn class_of<B>(request: &http::Request<B>) -> Option<ClassId> {
     request.extensions().get::<ClassId>().copied()
@@ -176,6 +227,10 @@ impl<B> Classify<http::Request<B>> for FromExtensions {
 
     fn slot_hold(&self, request: &http::Request<B>) -> Option<crate::slot::SlotHold> {
         slot_hold_of(request)
+    }
+
+    fn propagated(&self, request: &http::Request<B>) -> Option<Propagated> {
+        propagated_of(request)
     }
 }
 

@@ -336,6 +336,10 @@ impl<B> Classify<Request<B>> for RouteClassifier {
     fn slot_hold(&self, request: &Request<B>) -> Option<crate::slot::SlotHold> {
         super::slot_hold_of(request)
     }
+
+    fn propagated(&self, request: &Request<B>) -> Option<super::Propagated> {
+        super::propagated_of(request)
+    }
 }
 
 impl Classify<http::request::Parts> for RouteClassifier {

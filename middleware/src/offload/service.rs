@@ -6,7 +6,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gratify_core::classify::{arrived_of, class_of};
+use gratify_core::classify::{arrived_of, class_of, propagated_of};
 use gratify_core::refusal::{RefusalBody, Refused};
 use gratify_core::{BoxError, ClassId, CostModel};
 
@@ -156,6 +156,7 @@ impl Offloader {
         class: ClassId,
         key: &str,
         arrived: Option<Instant>,
+        due: Option<Instant>,
     ) -> (f64, Duration, Option<Instant>) {
         let class = self
             .model
@@ -163,9 +164,14 @@ impl Offloader {
             .unwrap_or_else(|| self.model.class(self.model.default_class()));
         let run = self.expected(key);
         let now = Instant::now();
-        let deadline = class
+        let own = class
             .deadline()
             .and_then(|d| arrived.unwrap_or(now).checked_add(d));
+        // A trusted caller's deadline (propagated) bounds it too.
+        let deadline = match (own, due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         // Only a fresh run time may refuse a job on its own.
         let fresh = self
             .expected
@@ -190,7 +196,7 @@ impl Offloader {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        self.run_keyed(class, format!("class:{}", class.index()), None, work)
+        self.run_keyed(class, format!("class:{}", class.index()), None, None, work)
             .await
     }
 
@@ -199,13 +205,14 @@ impl Offloader {
         class: ClassId,
         key: String,
         arrived: Option<Instant>,
+        due: Option<Instant>,
         work: F,
     ) -> Result<T, OffloadError>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let (priority, expected, deadline) = self.plan(class, &key, arrived);
+        let (priority, expected, deadline) = self.plan(class, &key, arrived, due);
         // Learn the run time alone, not the wait in the queue.
         let timed = move || {
             let started = Instant::now();
@@ -234,7 +241,9 @@ impl Offloader {
     {
         let class = class_of(request).unwrap_or_else(|| self.model.default_class());
         let key = route_key(request, class);
-        self.run_keyed(class, key, arrived_of(request), work).await
+        let due = propagated_of(request).and_then(|p| p.deadline);
+        self.run_keyed(class, key, arrived_of(request), due, work)
+            .await
     }
 }
 
@@ -418,9 +427,13 @@ where
         let offloader = self.offloader.clone();
         let class = class_of(&request).unwrap_or_else(|| offloader.model.default_class());
         let key = route_key(&request, class);
-        let (priority, expected, deadline) = offloader.plan(class, &key, arrived_of(&request));
+        let due = propagated_of(&request).and_then(|p| p.deadline);
+        let (priority, expected, deadline) = offloader.plan(class, &key, arrived_of(&request), due);
         let future = self.inner.call(request);
         let runtime = tokio::runtime::Handle::try_current().ok();
+        // The handler runs on a pool thread: the calls it makes there carry
+        // the request's class and deadline all the same.
+        let context = crate::balance::CallContext::current();
         Box::pin(async move {
             let job = offloader
                 .pool
@@ -428,7 +441,10 @@ where
                     // Timers and I/O inside the handler still reach the runtime.
                     let _guard = runtime.as_ref().map(tokio::runtime::Handle::enter);
                     let started = Instant::now();
-                    let out = block_on(future);
+                    let out = match context {
+                        Some(context) => block_on(context.scope(future)),
+                        None => block_on(future),
+                    };
                     (out, started.elapsed())
                 });
             let outcome = job.await.map(|(out, took)| {

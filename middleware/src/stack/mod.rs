@@ -750,6 +750,7 @@ impl<S: Clone> Layer<S> for Stack {
             classifier: built.classifier.clone(),
             keep_earlier_class: self.keep_earlier_class,
             names: Arc::clone(&built.names),
+            model: Arc::clone(&self.model),
         }
     }
 }
@@ -773,6 +774,8 @@ pub struct StackService<S> {
     classifier: StackClassifier,
     keep_earlier_class: bool,
     names: Arc<[String]>,
+    /// For the context of calls the service makes (class and deadline).
+    model: Arc<gratify_core::SharedModel>,
 }
 
 impl<S> StackService<S> {
@@ -830,8 +833,26 @@ where
             .get::<ClassId>()
             .filter(|c| self.keep_earlier_class && c.index() < self.names.len())
             .copied();
-        let class = earlier.unwrap_or_else(|| self.classifier.classify(&request));
+        let propagated = gratify_core::classify::propagated_of(&request);
+        // A class the application set earlier (when told to keep it), else
+        // the one a trusted caller propagated, else the stack's own rules.
+        let class = earlier
+            .or_else(|| {
+                propagated
+                    .and_then(|p| p.class)
+                    .filter(|c| c.index() < self.names.len())
+            })
+            .unwrap_or_else(|| self.classifier.classify(&request));
         request.extensions_mut().insert(class);
+        // Calls the service makes while serving carry the request's class
+        // and what is left of its deadline.
+        let context = crate::balance::CallContext::served(
+            Arc::clone(&self.model),
+            class,
+            gratify_core::classify::arrived_of(&request)
+                .unwrap_or_else(crate::balance::propagate::now),
+            propagated.and_then(|p| p.deadline),
+        );
         if let Some(direct) = &self.direct
             && matches!(*request.method(), http::Method::GET | http::Method::HEAD)
             && self
@@ -841,7 +862,9 @@ where
         {
             let future = DirectFuture::new(direct.clone(), request);
             return StackFuture {
-                inner: OptionalFuture::off(future).instrument(tracing::Span::none()),
+                inner: context
+                    .scope(OptionalFuture::off(future))
+                    .instrument(tracing::Span::none()),
                 measure: None,
             };
         }
@@ -857,9 +880,13 @@ where
             level = tracing::field::Empty,
         );
         // The layers decide inside `call`: enter the span for it.
-        let inner = span
-            .in_scope(|| OptionalFuture::on(self.inner.call(request)))
-            .instrument(span);
+        let inner = span.in_scope(|| {
+            let future = context
+                .clone()
+                .sync_scope(|| OptionalFuture::on(self.inner.call(request)));
+            context.scope(future)
+        });
+        let inner = inner.instrument(span);
         StackFuture { inner, measure }
     }
 }
@@ -870,7 +897,7 @@ pin_project_lite::pin_project! {
     /// OpenTelemetry's `http.server.request.duration`.
     pub struct StackFuture<F> {
         #[pin]
-        inner: Instrumented<F>,
+        inner: Instrumented<tokio::task::futures::TaskLocalFuture<crate::balance::CallContext, F>>,
         measure: Option<Measure>,
     }
 }

@@ -132,7 +132,7 @@ where
                         hold,
                     } = wait.as_mut().project();
                     let outcome = match ticket.poll(cx) {
-                        Poll::Ready(outcome) => outcome,
+                        Poll::Ready(outcome) => ticket.settle(outcome),
                         Poll::Pending => {
                             ready!(sleep.poll(cx));
                             ticket.time_out()

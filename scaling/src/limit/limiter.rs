@@ -311,7 +311,8 @@ struct Shared {
     /// The instant the atomics' times count from.
     origin: Instant,
     /// Waiters' ids, taken under their class's queue lock so that each
-    /// queue is in id order.
+    /// part of a queue (waiters admitted upstream, then first-hand ones) is
+    /// in id order.
     next_id: AtomicU64,
     /// Swapped whole by `reload`; class names never change.
     model: gratify_core::SharedModel,
@@ -438,13 +439,41 @@ impl ClassShared {
     /// Updates the atomic copies of the queue's shape (under its lock).
     fn mirror(&self, queue: &VecDeque<Waiter>, origin: Instant) {
         if let (Some(head), Some(tail)) = (queue.front(), queue.back()) {
+            // Waiters admitted upstream go ahead of the class's others, so
+            // the oldest may sit on either side of that
+            // boundary; the tail is the waiter a displacement refuses.
+            let fresh = queue.partition_point(|w| w.upstream);
+            let mut oldest = head.enqueued;
+            if fresh > 0 && fresh < queue.len() {
+                oldest = oldest.min(queue[fresh].enqueued);
+            }
             self.head_at
-                .store(nanos_since(origin, head.enqueued), Ordering::Relaxed);
+                .store(nanos_since(origin, oldest), Ordering::Relaxed);
             self.tail_at
                 .store(nanos_since(origin, tail.enqueued), Ordering::Relaxed);
         }
         self.len.store(queue.len(), Ordering::SeqCst);
     }
+}
+
+/// Where the waiter `id` is in `queue`: each of its two parts (waiters
+/// admitted upstream, then first-hand ones) is in id order, the whole is
+/// not.
+fn position(queue: &VecDeque<Waiter>, id: u64) -> Option<usize> {
+    let fresh = queue.partition_point(|w| w.upstream);
+    let search = |from: usize, to: usize| -> Option<usize> {
+        let (mut lo, mut hi) = (from, to);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match queue[mid].id.cmp(&id) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(mid),
+            }
+        }
+        None
+    };
+    search(0, fresh).or_else(|| search(fresh, queue.len()))
 }
 
 fn nanos_since(origin: Instant, t: Instant) -> u64 {
@@ -494,6 +523,9 @@ struct Learn {
 struct Waiter {
     id: u64,
     enqueued: Instant,
+    /// Admitted upstream by a trusted caller: queued ahead of its class's
+    /// first-hand requests (these waiters are a prefix of the queue).
+    upstream: bool,
     tx: oneshot::Sender<Result<(), Reason>>,
 }
 
@@ -951,6 +983,73 @@ impl Limiter {
 
     /// Asks for a slot for a request of `class`.
     pub(crate) fn acquire(&self, class: ClassId) -> Acquire {
+        self.acquire_first_hand(class, false)
+    }
+
+    /// Asks for a slot for a request of `class` that a trusted caller may
+    /// have propagated: refused at once when its deadline has passed or
+    /// its class's measured latency (at the deadline rule's quantile) says
+    /// it cannot finish before it; queued ahead of the class's first-hand
+    /// requests, and for no longer than it can still finish in time.
+    pub(crate) fn acquire_propagated(
+        &self,
+        class: ClassId,
+        propagated: Option<gratify_core::classify::Propagated>,
+    ) -> Acquire {
+        let Some(propagated) = propagated else {
+            return self.acquire_first_hand(class, false);
+        };
+        let k = class.index().min(self.shared.fast.hopeless.len() - 1);
+        let config = &self.shared.config;
+        // The latest instant the request may still start.
+        let mut start_by = None;
+        if let Some(deadline) = propagated.deadline {
+            let now = Instant::now();
+            let deadline = Instant::from_std(deadline);
+            if deadline <= now {
+                // The caller has gone: refused without asking the limiter,
+                // so not counted as shed (as `admit_by`).
+                return Acquire::Refused(self.refusal(Reason::Deadline));
+            }
+            // A class that must never be shed waits its turn; the other
+            // admission modes judge no latencies.
+            let judge = self.shared.classes[k].never_shed.is_none()
+                && matches!(config.admission, Admission::DelayCost);
+            let service = if judge {
+                let curves = self.curves();
+                self.view(&curves, now).judged_latency(k)
+            } else {
+                None
+            };
+            let service = service
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map_or(Duration::ZERO, |s| {
+                    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
+                });
+            let latest = deadline.checked_sub(service).filter(|t| *t > now);
+            let Some(latest) = latest else {
+                return Acquire::Refused(self.refuse(k, Reason::Deadline));
+            };
+            start_by = Some(latest);
+        }
+        // Only the cost rule orders by value: the plain modes stay first come,
+        // first served.
+        let upstream = matches!(config.admission, Admission::DelayCost);
+        match self.acquire_first_hand(class, upstream) {
+            Acquire::Queued(mut ticket) => {
+                if let Some(latest) = start_by {
+                    ticket.deadline = ticket.deadline.min(latest);
+                    ticket.hard = true;
+                }
+                Acquire::Queued(ticket)
+            }
+            other => other,
+        }
+    }
+
+    /// [`acquire`](Self::acquire); `upstream`: a trusted caller admitted the
+    /// request already.
+    fn acquire_first_hand(&self, class: ClassId, upstream: bool) -> Acquire {
         let fast = &self.shared.fast;
         let k = class.index().min(fast.hopeless.len() - 1);
         let class = ClassId::from_index(k as u16);
@@ -1030,13 +1129,14 @@ impl Limiter {
                 Acquire::Admitted(permit)
             }
             Decision::Queue { max_wait, displace } => {
-                match self.enqueue(&view, k, now, displace, probe) {
+                match self.enqueue(&view, k, now, displace, probe, upstream) {
                     Ok((id, rx)) => Acquire::Queued(Ticket {
                         limiter: self.clone(),
                         class,
                         id,
                         rx,
                         deadline: now + max_wait,
+                        hard: false,
                         done: false,
                         probe,
                     }),
@@ -1186,6 +1286,7 @@ impl Limiter {
         now: Instant,
         displace: Option<usize>,
         probe: bool,
+        upstream: bool,
     ) -> Result<(u64, oneshot::Receiver<Result<(), Reason>>), Reason> {
         let fast = &self.shared.fast;
         let config = &self.shared.config;
@@ -1216,11 +1317,18 @@ impl Limiter {
                 return Err(Reason::QueueFull);
             }
             let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-            queue.push_back(Waiter {
+            let waiter = Waiter {
                 id,
                 enqueued: now,
+                upstream,
                 tx,
-            });
+            };
+            if upstream {
+                let at = queue.partition_point(|w| w.upstream);
+                queue.insert(at, waiter);
+            } else {
+                queue.push_back(waiter);
+            }
             c.mirror(&queue, self.shared.origin);
             id
         };
@@ -1521,8 +1629,7 @@ impl Limiter {
         let k = class.index().min(self.shared.classes.len() - 1);
         {
             let mut queue = self.queue(k);
-            // Each queue is in id order.
-            let Ok(i) = queue.binary_search_by_key(&id, |w| w.id) else {
+            let Some(i) = position(&queue, id) else {
                 return false;
             };
             queue.remove(i);
@@ -2120,6 +2227,8 @@ pub(crate) struct Ticket {
     id: u64,
     rx: oneshot::Receiver<Result<(), Reason>>,
     deadline: Instant,
+    /// The deadline is a caller's: a slot granted after it goes back.
+    hard: bool,
     done: bool,
     /// Queued as a probe of a class refused on its own estimate.
     probe: bool,
@@ -2157,6 +2266,20 @@ impl Ticket {
     fn refused(&mut self, reason: Reason) -> TicketOutcome {
         self.done = true;
         TicketOutcome::Refused(self.limiter.refusal(reason))
+    }
+
+    /// `outcome`, unless it is a slot granted only once a caller's deadline
+    /// had passed (the grant raced the timer): that slot goes straight back
+    /// and the request is refused (`queue-timeout`).
+    pub(crate) fn settle(&self, outcome: TicketOutcome) -> TicketOutcome {
+        match outcome {
+            TicketOutcome::Admitted(permit) if self.hard && Instant::now() >= self.deadline => {
+                drop(permit);
+                self.limiter.count_shed(self.class, Reason::QueueTimeout);
+                TicketOutcome::Refused(self.limiter.refusal(Reason::QueueTimeout))
+            }
+            other => other,
+        }
     }
 
     /// Polls for a grant.

@@ -94,7 +94,8 @@ where
             }
         };
         let class = self.classify.classify(&request);
-        match self.limiter.acquire(class) {
+        let propagated = self.classify.propagated(&request);
+        match self.limiter.acquire_propagated(class, propagated) {
             Acquire::Admitted(permit) => {
                 record("admission", "admitted");
                 let permit = permit.held_by(self.classify.slot_hold(&request));
