@@ -1,0 +1,714 @@
+//! Choosing a replica by the expected completion time of *this* request.
+//!
+//! [`CostBalance`] is a power-of-two-choices balancer over tower's
+//! [`Discover`]: for each call it samples two ready replicas and sends the
+//! call to the one expected to finish it sooner. Unlike tower's `p2c`,
+//! which picks a replica before it sees the request (in `poll_ready`), the
+//! choice is made in `call`, for the request's class:
+//!
+//! - each replica keeps, per class, a peak-sensitive, time-decayed estimate
+//!   of its latency (a slow sample counts at once, a fast one pulls the
+//!   estimate down gradually), and the work it has outstanding, per class;
+//! - a call of class `k` on replica `r` is expected to finish after the
+//!   work queued ahead of it there and its own service:
+//!   `L(r, k) + Σ_j n(r, j) · L(r, j) / c`, where `n(r, j)` is the count
+//!   of class-`j` calls in flight on `r` and `c` the replica's assumed
+//!   concurrency ([`BalanceConfig::replica_concurrency`]). With one class
+//!   and `c = 1` this is tower's PeakEWMA load;
+//! - a failure (an error, a 5xx, a gRPC `UNAVAILABLE` or
+//!   `RESOURCE_EXHAUSTED` in the head) counts as at least
+//!   [`BalanceConfig::failure_penalty`] of latency: a replica that fails
+//!   fast never looks fast;
+//! - **outlier ejection**: a replica whose consecutive failures reach
+//!   [`Ejection::consecutive_failures`], or whose latency stands
+//!   [`Ejection::latency_factor`] times above the median of the others, is
+//!   left out of the choice for [`Ejection::base_time`] (doubling each time
+//!   it is ejected again, up to [`Ejection::max_time`]), then re-admitted.
+//!   Never more than [`Ejection::max_share`] of the replicas are out, and a
+//!   balancer with every ready replica ejected uses them all.
+//!
+//! The class of a call is the [`CallContext`](super::CallContext)'s (on the
+//! request or the task's, as [`PropagateLayer`](super::PropagateLayer)
+//! reads it), looked up by name in the caller's model; a call without one
+//! is of the model's default class.
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use gratify::balance::p2c::{BalanceConfig, CostBalance};
+//! use gratify::{Class, CostModel, DelayCost};
+//! use http::{Request, Response};
+//! use tower::discover::ServiceList;
+//! use tower::{ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), gratify::BoxError> {
+//! let model = CostModel::builder()
+//!     .class("checkout", Class::new(DelayCost::linear(20.0)?, 10.0)?)
+//!     .default_class("checkout")
+//!     .build()?;
+//! let replica = |name: &'static str| {
+//!     service_fn(move |_: Request<()>| async move {
+//!         Ok::<_, Infallible>(Response::new(name))
+//!     })
+//! };
+//! let replicas = ServiceList::new(vec![replica("a"), replica("b"), replica("c")]);
+//! let balance = CostBalance::new(replicas, &model, BalanceConfig::default());
+//! let answer = balance.oneshot(Request::new(())).await?;
+//! assert!(["a", "b", "c"].contains(answer.body()));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use gratify_core::{BoxError, ClassId, CostModel};
+use http::{Request, Response};
+use tower::discover::{Change, Discover};
+use tower::ready_cache::ReadyCache;
+use tower_service::Service;
+
+use super::CallContext;
+
+/// How [`CostBalance`] weighs replicas.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct BalanceConfig {
+    /// How fast a latency estimate forgets: a sample's weight halves every
+    /// `decay` (default 10 s, as tower's PeakEWMA).
+    pub decay: Duration,
+    /// Calls a replica serves at once before they queue (default 1: every
+    /// call in flight delays the next one by its whole service time).
+    pub replica_concurrency: f64,
+    /// The least latency a failed call counts as (default 1 s).
+    pub failure_penalty: Duration,
+    /// The latency assumed for a replica and class never measured (default
+    /// 10 ms): new replicas get tried, not flooded.
+    pub initial_latency: Duration,
+    /// When replicas are left out of the choice.
+    pub ejection: Ejection,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self {
+            decay: Duration::from_secs(10),
+            replica_concurrency: 1.0,
+            failure_penalty: Duration::from_secs(1),
+            initial_latency: Duration::from_millis(10),
+            ejection: Ejection::default(),
+        }
+    }
+}
+
+/// Outlier ejection: which replicas are left out, and for how long.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Ejection {
+    /// Failures in a row that eject a replica (default 5; 0 turns this
+    /// rule off).
+    pub consecutive_failures: u32,
+    /// How many times the median latency of the other replicas a
+    /// replica's own must exceed to be ejected (default 3; 0 turns this
+    /// rule off). Judged with at least three replicas measured.
+    pub latency_factor: f64,
+    /// The first ejection's length (default 10 s); each ejection of the
+    /// same replica in a row doubles it.
+    pub base_time: Duration,
+    /// The longest ejection (default 5 min).
+    pub max_time: Duration,
+    /// How often the latency rule is judged over every replica (default
+    /// 1 s).
+    pub interval: Duration,
+    /// The largest share of replicas ejected at once (default 0.5).
+    pub max_share: f64,
+}
+
+impl Default for Ejection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            latency_factor: 3.0,
+            base_time: Duration::from_secs(10),
+            max_time: Duration::from_secs(300),
+            interval: Duration::from_secs(1),
+            max_share: 0.5,
+        }
+    }
+}
+
+/// What a balancer knows of one replica (shared with its calls in flight).
+#[derive(Debug)]
+struct Replica {
+    state: Mutex<ReplicaState>,
+}
+
+#[derive(Debug)]
+struct ReplicaState {
+    /// Per class: the latency estimate (seconds) and when it was last
+    /// updated; `None` before the first sample.
+    latency: Vec<Option<(f64, Instant)>>,
+    /// Per class: calls in flight.
+    in_flight: Vec<u32>,
+    consecutive_failures: u32,
+    /// Ejected until this instant.
+    ejected_until: Option<Instant>,
+    /// Ejections in a row (reset by a success after re-admission).
+    ejections: u32,
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// The share of its weight an estimate keeps after `elapsed`: one half per
+/// `decay`.
+fn keep(elapsed: Duration, decay: Duration) -> f64 {
+    let half = decay.as_secs_f64().max(1e-9);
+    (-elapsed.as_secs_f64() / half * std::f64::consts::LN_2).exp()
+}
+
+impl Replica {
+    fn new(classes: usize) -> Self {
+        Self {
+            state: Mutex::new(ReplicaState {
+                latency: vec![None; classes],
+                in_flight: vec![0; classes],
+                consecutive_failures: 0,
+                ejected_until: None,
+                ejections: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplicaState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ReplicaState {
+    /// The latency of class `k` (seconds), if measured, decayed towards
+    /// zero since its last sample — as tower's PeakEWMA does, so that a
+    /// replica left alone for looking slow is tried again.
+    fn latency(&self, k: usize, at: Instant, decay: Duration) -> Option<f64> {
+        let (value, last) = self.latency.get(k).copied().flatten()?;
+        Some(value * keep(at.saturating_duration_since(last), decay))
+    }
+
+    /// The replica's latency over every class measured: the mean of the
+    /// classes' (decayed) estimates.
+    fn overall(&self, at: Instant, decay: Duration) -> Option<f64> {
+        let measured: Vec<f64> = (0..self.latency.len())
+            .filter_map(|k| self.latency(k, at, decay))
+            .collect();
+        (!measured.is_empty()).then(|| measured.iter().sum::<f64>() / measured.len() as f64)
+    }
+
+    /// Records a sample of class `k`: one above the estimate replaces it at
+    /// once (the peak), one below pulls it down by the weight of the time
+    /// since the last sample.
+    fn record(&mut self, k: usize, sample: f64, at: Instant, decay: Duration) {
+        let Some(slot) = self.latency.get_mut(k) else {
+            return;
+        };
+        *slot = Some(match *slot {
+            None => (sample, at),
+            Some((old, last)) => {
+                let w = keep(at.saturating_duration_since(last), decay);
+                let old = old * w;
+                if sample >= old {
+                    (sample, at)
+                } else {
+                    (old * w + sample * (1.0 - w), at)
+                }
+            }
+        });
+    }
+
+    fn is_ejected(&self, at: Instant) -> bool {
+        self.ejected_until.is_some_and(|t| at < t)
+    }
+}
+
+/// A power-of-two-choices balancer that sends each call to the replica
+/// expected to finish it sooner, for its class. See the
+/// [module docs](self).
+pub struct CostBalance<D, Req>
+where
+    D: Discover,
+    D::Key: Hash,
+{
+    discover: D,
+    services: ReadyCache<D::Key, D::Service, Req>,
+    replicas: HashMap<D::Key, Arc<Replica>>,
+    /// Every replica's state, for the outlier rule (rebuilt when the set
+    /// changes).
+    peers: Arc<[Arc<Replica>]>,
+    classes: Arc<ClassNames>,
+    config: Arc<BalanceConfig>,
+    rng: fastrand::Rng,
+    /// When the latency rule is next judged.
+    next_sweep: Option<Instant>,
+}
+
+/// The caller's classes by name, and its default.
+#[derive(Debug)]
+struct ClassNames {
+    by_name: HashMap<String, ClassId>,
+    default: ClassId,
+    len: usize,
+}
+
+impl<D, Req> fmt::Debug for CostBalance<D, Req>
+where
+    D: Discover,
+    D::Key: Hash,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CostBalance")
+            .field("replicas", &self.services.len())
+            .field("ready", &self.services.ready_len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D, Req> CostBalance<D, Req>
+where
+    D: Discover,
+    D::Key: Hash,
+    D::Service: Service<Req>,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+{
+    /// Balances over the replicas `discover` reports, for the classes of
+    /// the caller's `model`.
+    pub fn new(discover: D, model: &CostModel, config: BalanceConfig) -> Self {
+        Self::with_seed(discover, model, config, fastrand::u64(..))
+    }
+
+    /// [`new`](Self::new) with the random choice seeded (for reproducible
+    /// tests and simulations).
+    pub fn with_seed(discover: D, model: &CostModel, config: BalanceConfig, seed: u64) -> Self {
+        let by_name = model
+            .iter()
+            .map(|(id, name, _)| (name.to_owned(), id))
+            .collect();
+        Self {
+            discover,
+            services: ReadyCache::default(),
+            replicas: HashMap::new(),
+            peers: Arc::new([]),
+            classes: Arc::new(ClassNames {
+                by_name,
+                default: model.default_class(),
+                len: model.len(),
+            }),
+            config: Arc::new(config),
+            rng: fastrand::Rng::with_seed(seed),
+            next_sweep: None,
+        }
+    }
+
+    /// Replicas known (ready or not).
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Whether no replica is known.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// Calls in flight, over every replica.
+    pub fn in_flight(&self) -> usize {
+        self.replicas
+            .values()
+            .map(|r| {
+                r.lock()
+                    .in_flight
+                    .iter()
+                    .map(|n| *n as usize)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// Replicas ejected now.
+    pub fn ejected(&self) -> usize {
+        let at = now();
+        self.replicas
+            .values()
+            .filter(|r| r.lock().is_ejected(at))
+            .count()
+    }
+}
+
+/// The balancer found no replica, or discovery failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BalanceError {
+    /// Discovery ended or failed.
+    #[error("replica discovery failed: {0}")]
+    Discover(#[source] BoxError),
+}
+
+impl<D, Req, RB> CostBalance<D, Req>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Clone,
+    D::Error: Into<BoxError>,
+    D::Service: Service<Req, Response = Response<RB>>,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    Req: AsRequest,
+{
+    fn update_from_discover(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
+        loop {
+            match Pin::new(&mut self.discover).poll_discover(cx) {
+                Poll::Pending | Poll::Ready(None) => {
+                    if self.peers.len() != self.replicas.len() {
+                        self.peers = self.replicas.values().cloned().collect();
+                    }
+                    return Ok(());
+                }
+                Poll::Ready(Some(Err(e))) => return Err(BalanceError::Discover(e.into()).into()),
+                Poll::Ready(Some(Ok(Change::Remove(key)))) => {
+                    self.services.evict(&key);
+                    self.replicas.remove(&key);
+                }
+                Poll::Ready(Some(Ok(Change::Insert(key, svc)))) => {
+                    self.replicas
+                        .insert(key.clone(), Arc::new(Replica::new(self.classes.len)));
+                    self.services.push(key, svc);
+                }
+            }
+        }
+    }
+
+    fn promote_pending(&mut self, cx: &mut Context<'_>) {
+        loop {
+            match self.services.poll_pending(cx) {
+                Poll::Ready(Ok(())) | Poll::Pending => return,
+                Poll::Ready(Err(failed)) => {
+                    // A replica whose readiness failed is dropped, as tower's
+                    // balancer does; discovery may add it back.
+                    tracing::debug!(error = %failed.1, "replica failed readiness; removed");
+                    self.replicas.remove(&failed.0);
+                    self.peers = self.replicas.values().cloned().collect();
+                }
+            }
+        }
+    }
+
+    /// The expected completion time (seconds) of a class-`k` call on the
+    /// ready replica at `index`.
+    fn expected(&self, index: usize, k: usize, at: Instant) -> f64 {
+        let Some((key, _)) = self.services.get_ready_index(index) else {
+            return f64::INFINITY;
+        };
+        let Some(replica) = self.replicas.get(key) else {
+            return f64::INFINITY;
+        };
+        let config = &self.config;
+        let state = replica.lock();
+        let initial = config.initial_latency.as_secs_f64();
+        let own = state
+            .latency(k, at, config.decay)
+            .or_else(|| state.overall(at, config.decay))
+            .unwrap_or(initial);
+        let ahead: f64 = state
+            .in_flight
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(j, n)| {
+                let l = state
+                    .latency(j, at, config.decay)
+                    .or_else(|| state.overall(at, config.decay))
+                    .unwrap_or(initial);
+                f64::from(*n) * l
+            })
+            .sum();
+        own + ahead / config.replica_concurrency.max(1e-9)
+    }
+
+    /// Ready replicas that may be chosen: the ones not ejected, or all of
+    /// them when every one is.
+    fn candidates(&self, at: Instant) -> Vec<usize> {
+        let ready = self.services.ready_len();
+        let open: Vec<usize> = (0..ready)
+            .filter(|&i| {
+                self.services
+                    .get_ready_index(i)
+                    .and_then(|(key, _)| self.replicas.get(key))
+                    .is_none_or(|r| !r.lock().is_ejected(at))
+            })
+            .collect();
+        if open.is_empty() {
+            (0..ready).collect()
+        } else {
+            open
+        }
+    }
+
+    fn class_of(&self, request: &Req) -> ClassId {
+        let named = request
+            .request_extensions()
+            .get::<CallContext>()
+            .and_then(CallContext::class)
+            .or_else(|| CallContext::current().and_then(|c| c.class()));
+        named
+            .and_then(|name| self.classes.by_name.get(&*name).copied())
+            .unwrap_or(self.classes.default)
+    }
+}
+
+/// Requests the balancer can read a class from: `http::Request`s.
+pub trait AsRequest {
+    /// The request's extensions.
+    fn request_extensions(&self) -> &http::Extensions;
+}
+
+impl<B> AsRequest for Request<B> {
+    fn request_extensions(&self) -> &http::Extensions {
+        self.extensions()
+    }
+}
+
+impl<D, Req, RB> Service<Req> for CostBalance<D, Req>
+where
+    D: Discover + Unpin,
+    D::Key: Hash + Clone,
+    D::Error: Into<BoxError>,
+    D::Service: Service<Req, Response = Response<RB>>,
+    <D::Service as Service<Req>>::Error: Into<BoxError>,
+    Req: AsRequest,
+{
+    type Response = Response<RB>;
+    type Error = BoxError;
+    type Future = BalanceFuture<<D::Service as Service<Req>>::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.update_from_discover(cx)?;
+        self.promote_pending(cx);
+        if self.services.ready_len() > 0 {
+            Poll::Ready(Ok(()))
+        } else {
+            // Woken by a replica becoming ready or by discovery.
+            Poll::Pending
+        }
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let at = now();
+        if self.next_sweep.is_none_or(|t| at >= t) {
+            sweep(&self.peers, at, &self.config);
+            self.next_sweep = at.checked_add(self.config.ejection.interval);
+        }
+        let k = self
+            .class_of(&request)
+            .index()
+            .min(self.classes.len.saturating_sub(1));
+        let candidates = self.candidates(at);
+        let index = match candidates.len() {
+            0 => panic!("CostBalance::call without a ready replica: poll_ready first"),
+            1 => candidates[0],
+            n => {
+                let a = self.rng.usize(..n);
+                let mut b = self.rng.usize(..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (candidates[a], candidates[b]);
+                if self.expected(b, k, at) < self.expected(a, k, at) {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
+        let replica = self
+            .services
+            .get_ready_index(index)
+            .and_then(|(key, _)| self.replicas.get(key))
+            .cloned();
+        if let Some(r) = &replica {
+            r.lock().in_flight[k] += 1;
+        }
+        let future = self.services.call_ready_index(index, request);
+        let tracker = replica.map(|replica| Tracker {
+            replica,
+            class: k,
+            started: at,
+            config: Arc::clone(&self.config),
+            peers: Arc::clone(&self.peers),
+            done: false,
+        });
+        BalanceFuture {
+            inner: future,
+            tracker,
+        }
+    }
+}
+
+/// Accounts one call: its time in flight, its outcome.
+struct Tracker {
+    replica: Arc<Replica>,
+    class: usize,
+    started: Instant,
+    config: Arc<BalanceConfig>,
+    /// Every replica, for the latency outlier rule.
+    peers: Arc<[Arc<Replica>]>,
+    done: bool,
+}
+
+impl Tracker {
+    fn finish(&mut self, failed: Option<bool>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let at = now();
+        let took = at.saturating_duration_since(self.started).as_secs_f64();
+        let config = &self.config;
+        let mut state = self.replica.lock();
+        state.in_flight[self.class] = state.in_flight[self.class].saturating_sub(1);
+        // `None`: the caller went away — no outcome to learn from.
+        let Some(failed) = failed else {
+            return;
+        };
+        let sample = if failed {
+            took.max(config.failure_penalty.as_secs_f64())
+        } else {
+            took
+        };
+        state.record(self.class, sample, at, config.decay);
+        let ejection = &config.ejection;
+        if failed {
+            state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+        } else {
+            state.consecutive_failures = 0;
+            if !state.is_ejected(at) && state.ejected_until.is_some() {
+                // Back, and serving: the next ejection starts short again.
+                state.ejected_until = None;
+                state.ejections = 0;
+            }
+        }
+        let by_failures = ejection.consecutive_failures > 0
+            && state.consecutive_failures >= ejection.consecutive_failures;
+        drop(state);
+        if by_failures {
+            eject(&self.replica, &self.peers, at, config);
+        }
+    }
+}
+
+/// Ejects `replica` unless it is out already or the share of replicas out
+/// would pass the allowed one.
+fn eject(replica: &Arc<Replica>, peers: &[Arc<Replica>], at: Instant, config: &BalanceConfig) {
+    let ejection = &config.ejection;
+    let out = peers
+        .iter()
+        .filter(|p| !Arc::ptr_eq(p, replica) && p.lock().is_ejected(at))
+        .count();
+    let allowed = (ejection.max_share.clamp(0.0, 1.0) * peers.len() as f64).floor() as usize;
+    let mut state = replica.lock();
+    if state.is_ejected(at) || out + 1 > allowed {
+        return;
+    }
+    let doublings = state.ejections.min(16);
+    let length = ejection
+        .base_time
+        .saturating_mul(1 << doublings)
+        .min(ejection.max_time);
+    state.ejected_until = at.checked_add(length);
+    state.ejections = state.ejections.saturating_add(1);
+    state.consecutive_failures = 0;
+    tracing::debug!(seconds = length.as_secs_f64(), "replica ejected");
+}
+
+/// The latency rule, over every replica: one whose latency is more than
+/// `latency_factor` times the median of the others' is ejected.
+fn sweep(peers: &[Arc<Replica>], at: Instant, config: &BalanceConfig) {
+    let factor = config.ejection.latency_factor;
+    if factor <= 0.0 {
+        return;
+    }
+    let overall: Vec<Option<f64>> = peers
+        .iter()
+        .map(|p| p.lock().overall(at, config.decay))
+        .collect();
+    for (i, own) in overall.iter().enumerate() {
+        let Some(own) = own else { continue };
+        let mut others: Vec<f64> = overall
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .filter_map(|(_, o)| *o)
+            .collect();
+        if others.len() < 2 {
+            continue;
+        }
+        others.sort_by(f64::total_cmp);
+        let median = others[others.len() / 2];
+        if *own > factor * median {
+            eject(&peers[i], peers, at, config);
+        }
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.finish(None);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`CostBalance`].
+    pub struct BalanceFuture<F> {
+        #[pin]
+        inner: F,
+        tracker: Option<Tracker>,
+    }
+}
+
+impl<F> fmt::Debug for BalanceFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalanceFuture").finish_non_exhaustive()
+    }
+}
+
+/// Whether a response head says the replica failed: a 5xx, or a gRPC
+/// status of `UNAVAILABLE` (14) or `RESOURCE_EXHAUSTED` (8) in the head.
+fn failed<B>(response: &Response<B>) -> bool {
+    response.status().is_server_error()
+        || response
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|s| s.as_bytes() == b"14" || s.as_bytes() == b"8")
+}
+
+impl<F, RB, E> Future for BalanceFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<RB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = ready!(this.inner.poll(cx));
+        if let Some(tracker) = this.tracker.as_mut() {
+            tracker.finish(Some(out.as_ref().map_or(true, failed)));
+        }
+        Poll::Ready(out.map_err(Into::into))
+    }
+}

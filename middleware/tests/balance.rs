@@ -1,0 +1,304 @@
+//! The cost-aware balancer: choices by expected completion for the call's
+//! class, failures that never look fast, ejection and re-admission, and
+//! calls in flight accounted for on every path. Time runs on tokio's paused
+//! clock.
+#![allow(clippy::unwrap_used)] // test helpers: a failure is a failed test
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gratify::CostModel;
+use gratify::balance::CallContext;
+use gratify::balance::p2c::{BalanceConfig, CostBalance};
+use http::{Request, Response, StatusCode};
+use tower::discover::ServiceList;
+use tower::{Service, ServiceExt};
+
+const MODEL: &str = r#"
+default_class = "browse"
+[classes.checkout]
+delay_cost = { shape = "linear", per_second = 20.0, deadline = "300ms" }
+refusal_cost = 10.0
+[classes.browse]
+delay_cost = { shape = "linear", per_second = 2.0 }
+refusal_cost = 1.0
+[classes.batch]
+delay_cost = { shape = "linear", per_second = 0.1 }
+refusal_cost = 1.0
+"#;
+
+type Hits = Arc<Mutex<HashMap<&'static str, usize>>>;
+
+/// A replica named `name` that takes `ms(class)` and answers `status`.
+#[derive(Clone)]
+struct Replica {
+    name: &'static str,
+    hits: Hits,
+    ms: fn(&str) -> u64,
+    status: StatusCode,
+}
+
+impl Service<Request<()>> for Replica {
+    type Response = Response<&'static str>;
+    type Error = Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Response<&'static str>, Infallible>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<()>) -> Self::Future {
+        *self.hits.lock().unwrap().entry(self.name).or_default() += 1;
+        let class = req
+            .extensions()
+            .get::<CallContext>()
+            .and_then(CallContext::class)
+            .map_or_else(|| "browse".to_owned(), |c| c.to_string());
+        let ms = (self.ms)(&class);
+        let (name, status) = (self.name, self.status);
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let mut r = Response::new(name);
+            *r.status_mut() = status;
+            Ok(r)
+        })
+    }
+}
+
+fn replica(name: &'static str, hits: &Hits, ms: fn(&str) -> u64) -> Replica {
+    Replica {
+        name,
+        hits: Arc::clone(hits),
+        ms,
+        status: StatusCode::OK,
+    }
+}
+
+fn model() -> CostModel {
+    CostModel::from_toml(MODEL).unwrap()
+}
+
+fn of(class: &str) -> Request<()> {
+    let mut r = Request::new(());
+    r.extensions_mut()
+        .insert(CallContext::new().with_class(class.to_owned()));
+    r
+}
+
+async fn call<S>(balance: &mut S, req: Request<()>) -> Response<&'static str>
+where
+    S: Service<Request<()>, Response = Response<&'static str>, Error = gratify::BoxError>,
+{
+    balance.ready().await.unwrap().call(req).await.unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_go_to_the_replicas_expected_to_finish_sooner() {
+    let hits = Hits::default();
+    let replicas = vec![
+        replica("fast-1", &hits, |_| 10),
+        replica("fast-2", &hits, |_| 10),
+        replica("slow", &hits, |_| 50),
+    ];
+    let mut balance = CostBalance::with_seed(
+        ServiceList::new(replicas),
+        &model(),
+        BalanceConfig::default(),
+        7,
+    );
+    for _ in 0..300 {
+        call(&mut balance, of("browse")).await;
+    }
+    let hits = hits.lock().unwrap();
+    // Round robin would send it 100; once measured it loses every
+    // comparison it enters (the decay brings it back now and then).
+    assert!(hits["slow"] < 30, "{hits:?}");
+    assert_eq!(hits.values().sum::<usize>(), 300);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_classes_of_the_work_in_flight_decide_not_its_count() {
+    let hits = Hits::default();
+    // "a" serves checkouts in 10 ms and batch jobs in 2 s; "b" in 40 ms
+    // and 3 s.
+    let replicas = vec![
+        replica("a", &hits, |c| if c == "batch" { 2_000 } else { 10 }),
+        replica("b", &hits, |c| if c == "batch" { 3_000 } else { 40 }),
+    ];
+    let mut balance = CostBalance::with_seed(
+        ServiceList::new(replicas),
+        &model(),
+        BalanceConfig::default(),
+        1,
+    );
+    // Two replicas: every call compares both. Learn checkouts and batch
+    // jobs on each.
+    for _ in 0..20 {
+        call(&mut balance, of("checkout")).await;
+    }
+    for _ in 0..2 {
+        call(&mut balance, of("batch")).await;
+    }
+    {
+        let hits = hits.lock().unwrap();
+        assert!(hits["a"] >= 2 && hits["b"] >= 2, "{hits:?}");
+    }
+    // A batch job in flight on "a" (the faster for it), then a checkout in
+    // flight on "b" (not behind the batch job).
+    hits.lock().unwrap().clear();
+    let batch = tokio::spawn(balance.ready().await.unwrap().call(of("batch")));
+    tokio::task::yield_now().await;
+    let checkout = tokio::spawn(balance.ready().await.unwrap().call(of("checkout")));
+    tokio::task::yield_now().await;
+    assert_eq!(hits.lock().unwrap().get("a"), Some(&1), "the batch job");
+    assert_eq!(hits.lock().unwrap().get("b"), Some(&1), "the checkout");
+    // One call in flight on each: a count ties, and a replica's own speed
+    // says "a". Two seconds of batch work are ahead there: "b".
+    let next = call(&mut balance, of("checkout")).await;
+    assert_eq!(*next.body(), "b", "sent behind a batch job");
+    batch.await.unwrap().unwrap();
+    checkout.await.unwrap().unwrap();
+}
+
+fn broken_fleet(hits: &Hits) -> Vec<Replica> {
+    let mut broken = replica("broken", hits, |_| 1);
+    broken.status = StatusCode::SERVICE_UNAVAILABLE;
+    vec![
+        replica("ok-1", hits, |_| 20),
+        replica("ok-2", hits, |_| 20),
+        broken,
+    ]
+}
+
+async fn failures_in<S>(balance: &mut S, calls: usize) -> usize
+where
+    S: Service<Request<()>, Response = Response<&'static str>, Error = gratify::BoxError>,
+{
+    let mut failures = 0;
+    for _ in 0..calls {
+        if call(balance, of("browse")).await.status().is_server_error() {
+            failures += 1;
+        }
+    }
+    failures
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_failing_fast_never_looks_fast() {
+    let hits = Hits::default();
+    let mut balance = CostBalance::with_seed(
+        ServiceList::new(broken_fleet(&hits)),
+        &model(),
+        BalanceConfig::default(),
+        3,
+    );
+    // Least-latency would send it most calls (1 ms answers); each failure
+    // counts as a second here.
+    let failures = failures_in(&mut balance, 200).await;
+    assert!(failures <= 2, "{failures} failures of 200");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_failing_in_a_row_is_ejected_then_readmitted() {
+    let hits = Hits::default();
+    // Failures counted at their own (tiny) latency: only ejection keeps
+    // calls from the broken replica.
+    let mut config = BalanceConfig::default();
+    config.failure_penalty = Duration::ZERO;
+    let base = config.ejection.base_time;
+    let mut balance =
+        CostBalance::with_seed(ServiceList::new(broken_fleet(&hits)), &model(), config, 3);
+    // 200 calls of ~20 ms: four seconds, well inside the ejection.
+    let failures = failures_in(&mut balance, 200).await;
+    assert_eq!(failures, 5, "ejected at the fifth failure in a row");
+    assert_eq!(balance.ejected(), 1);
+    // Once the ejection is over it is tried again (and, failing on, ejected
+    // for twice as long).
+    tokio::time::sleep(base).await;
+    assert_eq!(balance.ejected(), 0);
+    let again = failures_in(&mut balance, 50).await;
+    assert_eq!(again, 5, "re-admitted, then out again");
+    tokio::time::sleep(base).await;
+    assert_eq!(balance.ejected(), 1, "the second ejection lasts longer");
+    tokio::time::sleep(base).await;
+    assert_eq!(balance.ejected(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_more_than_the_allowed_share_is_ever_ejected() {
+    let hits = Hits::default();
+    let mut replicas = Vec::new();
+    for name in ["x", "y"] {
+        let mut r = replica(name, &hits, |_| 1);
+        r.status = StatusCode::INTERNAL_SERVER_ERROR;
+        replicas.push(r);
+    }
+    let mut balance = CostBalance::with_seed(
+        ServiceList::new(replicas),
+        &model(),
+        BalanceConfig::default(),
+        5,
+    );
+    for _ in 0..100 {
+        call(&mut balance, of("browse")).await;
+    }
+    // Both fail; half may be out: the other keeps taking calls.
+    assert_eq!(balance.ejected(), 1);
+    let hits = hits.lock().unwrap();
+    assert!(hits["x"] >= 5 && hits["y"] >= 5, "{hits:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_whose_latency_stands_out_is_ejected() {
+    let hits = Hits::default();
+    let replicas = vec![
+        replica("a", &hits, |_| 10),
+        replica("b", &hits, |_| 10),
+        replica("c", &hits, |_| 12),
+        replica("slow", &hits, |_| 500),
+    ];
+    let mut balance = CostBalance::with_seed(
+        ServiceList::new(replicas),
+        &model(),
+        BalanceConfig::default(),
+        11,
+    );
+    for _ in 0..100 {
+        call(&mut balance, of("browse")).await;
+    }
+    assert_eq!(balance.ejected(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_or_failed_releases_its_place() {
+    let hits = Hits::default();
+    let replicas = vec![
+        replica("a", &hits, |_| 1_000),
+        replica("b", &hits, |_| 1_000),
+    ];
+    let mut balance = CostBalance::with_seed(
+        ServiceList::new(replicas),
+        &model(),
+        BalanceConfig::default(),
+        2,
+    );
+    let a = balance.ready().await.unwrap().call(of("checkout"));
+    let b = balance.ready().await.unwrap().call(of("checkout"));
+    assert_eq!(balance.in_flight(), 2);
+    drop(a);
+    assert_eq!(balance.in_flight(), 1, "a dropped call leaves");
+    let b = tokio::spawn(b);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    b.abort();
+    let _ = b.await;
+    assert_eq!(balance.in_flight(), 0, "an aborted call leaves");
+    call(&mut balance, of("checkout")).await;
+    assert_eq!(balance.in_flight(), 0, "a finished call leaves");
+}
