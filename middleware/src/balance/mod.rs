@@ -12,9 +12,11 @@
 
 pub mod p2c;
 pub mod propagate;
+pub mod retry;
 
 pub use self::p2c::{BalanceConfig, CostBalance, Ejection};
 pub use self::propagate::{
     AcceptCalls, AcceptCallsLayer, CallContext, DeadlineExceeded, PeerAddr, Propagate,
     PropagateFuture, PropagateLayer, Trust, TrustError,
 };
+pub use self::retry::{RetryConfig, RetryLayer, Throttled};

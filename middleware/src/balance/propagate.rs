@@ -830,9 +830,16 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let context = request
-            .extensions_mut()
-            .remove::<CallContext>()
+            .extensions()
+            .get::<CallContext>()
+            .cloned()
             .or_else(CallContext::current);
+        if let Some(context) = &context {
+            // For the layers below, which may run on another task (a
+            // buffer's worker, where the task's context is not set): the
+            // balancer reads the class from it.
+            request.extensions_mut().insert(context.clone());
+        }
         let headers = request.headers_mut();
         // The caller's own headers never pass as propagated ones.
         headers.remove(&CLASS_HEADER);
