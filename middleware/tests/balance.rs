@@ -10,6 +10,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::task::JoinSet;
+
 use gratify::CostModel;
 use gratify::balance::CallContext;
 use gratify::balance::p2c::{BalanceConfig, CostBalance};
@@ -97,30 +99,6 @@ where
     S: Service<Request<()>, Response = Response<&'static str>, Error = gratify::BoxError>,
 {
     balance.ready().await.unwrap().call(req).await.unwrap()
-}
-
-#[tokio::test(start_paused = true)]
-async fn calls_go_to_the_replicas_expected_to_finish_sooner() {
-    let hits = Hits::default();
-    let replicas = vec![
-        replica("fast-1", &hits, |_| 10),
-        replica("fast-2", &hits, |_| 10),
-        replica("slow", &hits, |_| 50),
-    ];
-    let mut balance = CostBalance::with_seed(
-        ServiceList::new(replicas),
-        &model(),
-        BalanceConfig::default(),
-        7,
-    );
-    for _ in 0..300 {
-        call(&mut balance, of("browse")).await;
-    }
-    let hits = hits.lock().unwrap();
-    // Round robin would send it 100; once measured it loses every
-    // comparison it enters (the decay brings it back now and then).
-    assert!(hits["slow"] < 30, "{hits:?}");
-    assert_eq!(hits.values().sum::<usize>(), 300);
 }
 
 #[tokio::test(start_paused = true)]
@@ -256,27 +234,6 @@ async fn no_more_than_the_allowed_share_is_ever_ejected() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_replica_whose_latency_stands_out_is_ejected() {
-    let hits = Hits::default();
-    let replicas = vec![
-        replica("a", &hits, |_| 10),
-        replica("b", &hits, |_| 10),
-        replica("c", &hits, |_| 12),
-        replica("slow", &hits, |_| 500),
-    ];
-    let mut balance = CostBalance::with_seed(
-        ServiceList::new(replicas),
-        &model(),
-        BalanceConfig::default(),
-        11,
-    );
-    for _ in 0..100 {
-        call(&mut balance, of("browse")).await;
-    }
-    assert_eq!(balance.ejected(), 1);
-}
-
-#[tokio::test(start_paused = true)]
 async fn a_call_dropped_or_failed_releases_its_place() {
     let hits = Hits::default();
     let replicas = vec![
@@ -301,4 +258,156 @@ async fn a_call_dropped_or_failed_releases_its_place() {
     assert_eq!(balance.in_flight(), 0, "an aborted call leaves");
     call(&mut balance, of("checkout")).await;
     assert_eq!(balance.in_flight(), 0, "a finished call leaves");
+}
+
+/// Makes `total` calls of `class`, `concurrency` at a time.
+async fn concurrently<D>(
+    balance: &mut CostBalance<D, Request<()>>,
+    total: usize,
+    concurrency: usize,
+    class: &str,
+) where
+    D: tower::discover::Discover<Service = Replica> + Unpin,
+    D::Key: std::hash::Hash + Clone,
+    D::Error: Into<gratify::BoxError>,
+{
+    let mut running: JoinSet<Result<Response<&'static str>, gratify::BoxError>> = JoinSet::new();
+    for _ in 0..total {
+        while running.len() >= concurrency {
+            running.join_next().await.unwrap().unwrap().unwrap();
+        }
+        let call = balance.ready().await.unwrap().call(of(class));
+        running.spawn(call);
+    }
+    while let Some(done) = running.join_next().await {
+        done.unwrap().unwrap();
+    }
+}
+
+fn no_latency_rule() -> BalanceConfig {
+    let mut config = BalanceConfig::default();
+    config.ejection.latency_factor = 0.0;
+    config
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_go_to_the_replicas_expected_to_finish_sooner() {
+    let hits = Hits::default();
+    let replicas = vec![
+        replica("fast-1", &hits, |_| 10),
+        replica("fast-2", &hits, |_| 10),
+        replica("slow", &hits, |_| 50),
+    ];
+    // The choice alone (no ejection): 30 calls in flight at a time.
+    let mut balance =
+        CostBalance::with_seed(ServiceList::new(replicas), &model(), no_latency_rule(), 7);
+    concurrently(&mut balance, 3_000, 30, "browse").await;
+    let hits = hits.lock().unwrap();
+    assert_eq!(hits.values().sum::<usize>(), 3_000);
+    // A random pick sends it a third; by expected completion it is worth a
+    // call only when the fast ones have five times its queue.
+    assert!(hits["slow"] < 300, "{hits:?}");
+    assert!(hits["slow"] > 0, "never tried: {hits:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_whose_latency_stands_out_is_ejected() {
+    let hits = Hits::default();
+    let replicas = vec![
+        replica("a", &hits, |_| 10),
+        replica("b", &hits, |_| 10),
+        replica("c", &hits, |_| 12),
+        replica("slow", &hits, |_| 100),
+    ];
+    let mut balance = CostBalance::with_seed(
+        ServiceList::new(replicas),
+        &model(),
+        BalanceConfig::default(),
+        11,
+    );
+    // Enough load that the slow replica still takes calls, for an interval.
+    concurrently(&mut balance, 40_000, 40, "browse").await;
+    assert!(balance.is_ejected(&3), "the slow one");
+    assert_eq!(balance.ejected(), 1, "only the slow one");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_hangs_is_avoided_not_flooded() {
+    let hits = Hits::default();
+    let replicas = vec![
+        replica("ok-1", &hits, |_| 10),
+        replica("ok-2", &hits, |_| 10),
+        replica("hangs", &hits, |_| 3_600_000),
+    ];
+    let mut balance = CostBalance::with_seed(
+        ServiceList::new(replicas),
+        &model(),
+        BalanceConfig::default(),
+        4,
+    );
+    let mut timeouts = 0;
+    for _ in 0..300 {
+        let call = balance.ready().await.unwrap().call(of("checkout"));
+        // The caller gives up after 300 ms (its deadline): the call is
+        // dropped and teaches the balancer it took that long.
+        if tokio::time::timeout(Duration::from_millis(300), call)
+            .await
+            .is_err()
+        {
+            timeouts += 1;
+        }
+    }
+    assert!(
+        timeouts <= 3,
+        "{timeouts} calls of 300 sent to a replica that never answers"
+    );
+    assert_eq!(balance.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn quiet_traffic_never_ejects_a_healthy_replica() {
+    let hits = Hits::default();
+    let replicas = (0..4)
+        .map(|_| replica("same", &hits, |_| 50))
+        .collect::<Vec<_>>();
+    let mut balance = CostBalance::with_seed(
+        ServiceList::new(replicas),
+        &model(),
+        BalanceConfig::default(),
+        8,
+    );
+    // One call every ten seconds for an hour: estimates decay between
+    // calls, but the latency rule judges only what an interval measured.
+    for _ in 0..360 {
+        call(&mut balance, of("browse")).await;
+        assert_eq!(balance.ejected(), 0);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_serving_a_slower_class_is_not_an_outlier() {
+    let hits = Hits::default();
+    // Identical replicas; batch jobs take 200 times a checkout.
+    let replicas = (0..4)
+        .map(|_| replica("same", &hits, |c| if c == "batch" { 2_000 } else { 10 }))
+        .collect::<Vec<_>>();
+    let mut balance = CostBalance::with_seed(
+        ServiceList::new(replicas),
+        &model(),
+        BalanceConfig::default(),
+        5,
+    );
+    let mut running: JoinSet<Result<Response<&'static str>, gratify::BoxError>> = JoinSet::new();
+    for i in 0..20_000 {
+        while running.len() >= 20 {
+            running.join_next().await.unwrap().unwrap().unwrap();
+        }
+        let class = if i % 50 == 0 { "batch" } else { "checkout" };
+        running.spawn(balance.ready().await.unwrap().call(of(class)));
+        assert_eq!(balance.ejected(), 0, "after {i} calls");
+    }
+    while let Some(done) = running.join_next().await {
+        done.unwrap().unwrap();
+    }
 }

@@ -8,24 +8,38 @@
 //!
 //! - each replica keeps, per class, a peak-sensitive, time-decayed estimate
 //!   of its latency (a slow sample counts at once, a fast one pulls the
-//!   estimate down gradually), and the work it has outstanding, per class;
+//!   estimate down gradually, and with no samples it decays towards zero so
+//!   that a replica left alone is tried again — tower's PeakEWMA, with a
+//!   half-life for its time constant), and the work it has outstanding, per
+//!   class. A call its caller dropped (a timeout, a deadline) counts for
+//!   the time it had taken, if that raises the estimate: a replica that
+//!   hangs looks slow, not idle;
 //! - a call of class `k` on replica `r` is expected to finish after the
 //!   work queued ahead of it there and its own service:
 //!   `L(r, k) + Σ_j n(r, j) · L(r, j) / c`, where `n(r, j)` is the count
-//!   of class-`j` calls in flight on `r` and `c` the replica's assumed
-//!   concurrency ([`BalanceConfig::replica_concurrency`]). With one class
-//!   and `c = 1` this is tower's PeakEWMA load;
-//! - a failure (an error, a 5xx, a gRPC `UNAVAILABLE` or
-//!   `RESOURCE_EXHAUSTED` in the head) counts as at least
+//!   of class-`j` calls in flight on `r`, `c` the replica's assumed
+//!   concurrency ([`BalanceConfig::replica_concurrency`]), and a call in
+//!   flight counts at least [`BalanceConfig::initial_latency`]. With one
+//!   class and `c = 1` this is tower's PeakEWMA load;
+//! - a failure (an error, a 5xx other than 501 and 505, a 429, a gRPC
+//!   `UNAVAILABLE` or `RESOURCE_EXHAUSTED` in the head) counts as at least
 //!   [`BalanceConfig::failure_penalty`] of latency: a replica that fails
 //!   fast never looks fast;
 //! - **outlier ejection**: a replica whose consecutive failures reach
-//!   [`Ejection::consecutive_failures`], or whose latency stands
-//!   [`Ejection::latency_factor`] times above the median of the others, is
-//!   left out of the choice for [`Ejection::base_time`] (doubling each time
-//!   it is ejected again, up to [`Ejection::max_time`]), then re-admitted.
-//!   Never more than [`Ejection::max_share`] of the replicas are out, and a
-//!   balancer with every ready replica ejected uses them all.
+//!   [`Ejection::consecutive_failures`], or whose mean latency for a class
+//!   over the last [`Ejection::interval`] stands [`Ejection::latency_factor`]
+//!   times above the median of the other replicas' for that class (judged
+//!   only on replicas with [`Ejection::min_requests`] successful calls of
+//!   the class in the interval, and at least three of them), is left out
+//!   of the choice for [`Ejection::base_time`] (doubling each time it is
+//!   ejected again before a success, up to [`Ejection::max_time`]), then
+//!   re-admitted. Never more than [`Ejection::max_share`] of the replicas
+//!   are out. While a replica that is not ejected exists, the balancer
+//!   waits for one of them to be ready rather than use an ejected one;
+//!   with every replica ejected it uses them all.
+//!
+//! A call leaves the replica's count when its response head arrives (or
+//! the call fails or is dropped); a streamed body is not followed.
 //!
 //! The class of a call is the [`CallContext`](super::CallContext)'s (on the
 //! request or the task's, as [`PropagateLayer`](super::PropagateLayer)
@@ -125,9 +139,12 @@ pub struct Ejection {
     pub base_time: Duration,
     /// The longest ejection (default 5 min).
     pub max_time: Duration,
-    /// How often the latency rule is judged over every replica (default
-    /// 1 s).
+    /// How often the latency rule is judged over every replica, on the
+    /// calls of the interval (default 10 s; at least 10 ms).
     pub interval: Duration,
+    /// Successful calls of a class a replica must have served in the
+    /// interval to be judged by the latency rule for it (default 5).
+    pub min_requests: u32,
     /// The largest share of replicas ejected at once (default 0.5).
     pub max_share: f64,
 }
@@ -139,7 +156,8 @@ impl Default for Ejection {
             latency_factor: 3.0,
             base_time: Duration::from_secs(10),
             max_time: Duration::from_secs(300),
-            interval: Duration::from_secs(1),
+            interval: Duration::from_secs(10),
+            min_requests: 5,
             max_share: 0.5,
         }
     }
@@ -158,6 +176,9 @@ struct ReplicaState {
     latency: Vec<Option<(f64, Instant)>>,
     /// Per class: calls in flight.
     in_flight: Vec<u32>,
+    /// Per class: the successful calls' latencies (sum, count) since the
+    /// latency rule last judged.
+    window: Vec<(f64, u32)>,
     consecutive_failures: u32,
     /// Ejected until this instant.
     ejected_until: Option<Instant>,
@@ -182,6 +203,7 @@ impl Replica {
             state: Mutex::new(ReplicaState {
                 latency: vec![None; classes],
                 in_flight: vec![0; classes],
+                window: vec![(0.0, 0); classes],
                 consecutive_failures: 0,
                 ejected_until: None,
                 ejections: 0,
@@ -235,6 +257,16 @@ impl ReplicaState {
         });
     }
 
+    /// Raises the estimate of class `k` to `lower_bound` if it is below:
+    /// what a call dropped after `lower_bound` teaches.
+    fn raise(&mut self, k: usize, lower_bound: f64, at: Instant, decay: Duration) {
+        if self.latency(k, at, decay).is_none_or(|l| l < lower_bound)
+            && let Some(slot) = self.latency.get_mut(k)
+        {
+            *slot = Some((lower_bound, at));
+        }
+    }
+
     fn is_ejected(&self, at: Instant) -> bool {
         self.ejected_until.is_some_and(|t| at < t)
     }
@@ -259,6 +291,40 @@ where
     rng: fastrand::Rng,
     /// When the latency rule is next judged.
     next_sweep: Option<Instant>,
+    /// Held while deciding an ejection, so that the share out holds.
+    ejecting: Arc<Mutex<()>>,
+    /// Discovery has ended: it is not polled again.
+    discovered_all: bool,
+}
+
+/// Replaces settings that would make the arithmetic meaningless by their
+/// defaults (with a warning).
+fn sanitize(config: &mut BalanceConfig) {
+    let defaults = BalanceConfig::default();
+    if !(config.replica_concurrency.is_finite() && config.replica_concurrency > 0.0) {
+        tracing::warn!(
+            value = config.replica_concurrency,
+            "replica_concurrency must be positive; 1 used"
+        );
+        config.replica_concurrency = defaults.replica_concurrency;
+    }
+    let e = &mut config.ejection;
+    if !(e.latency_factor.is_finite() && e.latency_factor >= 0.0) {
+        tracing::warn!(
+            value = e.latency_factor,
+            "latency_factor must be 0 or more; 3 used"
+        );
+        e.latency_factor = defaults.ejection.latency_factor;
+    }
+    if e.max_share.is_nan() {
+        e.max_share = defaults.ejection.max_share;
+    }
+    e.interval = e
+        .interval
+        .clamp(Duration::from_millis(10), Duration::from_secs(86_400));
+    if config.decay.is_zero() {
+        config.decay = defaults.decay;
+    }
 }
 
 /// The caller's classes by name, and its default.
@@ -297,7 +363,8 @@ where
 
     /// [`new`](Self::new) with the random choice seeded (for reproducible
     /// tests and simulations).
-    pub fn with_seed(discover: D, model: &CostModel, config: BalanceConfig, seed: u64) -> Self {
+    pub fn with_seed(discover: D, model: &CostModel, mut config: BalanceConfig, seed: u64) -> Self {
+        sanitize(&mut config);
         let by_name = model
             .iter()
             .map(|(id, name, _)| (name.to_owned(), id))
@@ -315,6 +382,8 @@ where
             config: Arc::new(config),
             rng: fastrand::Rng::with_seed(seed),
             next_sweep: None,
+            ejecting: Arc::new(Mutex::new(())),
+            discovered_all: false,
         }
     }
 
@@ -342,6 +411,19 @@ where
             .sum()
     }
 
+    /// Whether the replica under `key` is ejected now (`false` for a key
+    /// not known).
+    pub fn is_ejected<Q>(&self, key: &Q) -> bool
+    where
+        D::Key: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let at = now();
+        self.replicas
+            .get(key)
+            .is_some_and(|r| r.lock().is_ejected(at))
+    }
+
     /// Replicas ejected now.
     pub fn ejected(&self) -> usize {
         let at = now();
@@ -356,9 +438,15 @@ where
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BalanceError {
-    /// Discovery ended or failed.
+    /// Discovery failed.
     #[error("replica discovery failed: {0}")]
     Discover(#[source] BoxError),
+    /// `call` without a ready replica (without `poll_ready` first).
+    #[error("called without a ready replica: poll_ready first")]
+    NotReady,
+    /// Discovery has ended and no replica is left.
+    #[error("no replica left to balance over (discovery has ended)")]
+    NoReplicas,
 }
 
 impl<D, Req, RB> CostBalance<D, Req>
@@ -371,26 +459,36 @@ where
     Req: AsRequest,
 {
     fn update_from_discover(&mut self, cx: &mut Context<'_>) -> Result<(), BoxError> {
-        loop {
+        let mut changed = false;
+        while !self.discovered_all {
             match Pin::new(&mut self.discover).poll_discover(cx) {
-                Poll::Pending | Poll::Ready(None) => {
-                    if self.peers.len() != self.replicas.len() {
-                        self.peers = self.replicas.values().cloned().collect();
-                    }
-                    return Ok(());
-                }
+                Poll::Pending => break,
+                Poll::Ready(None) => self.discovered_all = true,
                 Poll::Ready(Some(Err(e))) => return Err(BalanceError::Discover(e.into()).into()),
                 Poll::Ready(Some(Ok(Change::Remove(key)))) => {
                     self.services.evict(&key);
                     self.replicas.remove(&key);
+                    changed = true;
                 }
                 Poll::Ready(Some(Ok(Change::Insert(key, svc)))) => {
-                    self.replicas
-                        .insert(key.clone(), Arc::new(Replica::new(self.classes.len)));
+                    // A key inserted again is the same replica with a new
+                    // service: what was learned of it stays.
+                    if !self.replicas.contains_key(&key) {
+                        self.replicas
+                            .insert(key.clone(), Arc::new(Replica::new(self.classes.len)));
+                        changed = true;
+                    }
                     self.services.push(key, svc);
                 }
             }
         }
+        if changed {
+            self.peers = self.replicas.values().cloned().collect();
+        }
+        if self.discovered_all && self.services.is_empty() {
+            return Err(BalanceError::NoReplicas.into());
+        }
+        Ok(())
     }
 
     fn promote_pending(&mut self, cx: &mut Context<'_>) {
@@ -433,15 +531,16 @@ where
                 let l = state
                     .latency(j, at, config.decay)
                     .or_else(|| state.overall(at, config.decay))
-                    .unwrap_or(initial);
+                    .unwrap_or(initial)
+                    .max(initial);
                 f64::from(*n) * l
             })
             .sum();
         own + ahead / config.replica_concurrency.max(1e-9)
     }
 
-    /// Ready replicas that may be chosen: the ones not ejected, or all of
-    /// them when every one is.
+    /// Ready replicas that may be chosen: the ones not ejected, or every
+    /// ready one when every replica known is ejected.
     fn candidates(&self, at: Instant) -> Vec<usize> {
         let ready = self.services.ready_len();
         let open: Vec<usize> = (0..ready)
@@ -452,7 +551,7 @@ where
                     .is_none_or(|r| !r.lock().is_ejected(at))
             })
             .collect();
-        if open.is_empty() {
+        if open.is_empty() && self.replicas.values().all(|r| r.lock().is_ejected(at)) {
             (0..ready).collect()
         } else {
             open
@@ -499,27 +598,46 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.update_from_discover(cx)?;
         self.promote_pending(cx);
-        if self.services.ready_len() > 0 {
+        if !self.candidates(now()).is_empty() {
             Poll::Ready(Ok(()))
+        } else if self.discovered_all && self.services.is_empty() {
+            Poll::Ready(Err(BalanceError::NoReplicas.into()))
         } else {
-            // Woken by a replica becoming ready or by discovery.
+            // Woken by a replica becoming ready or by discovery. (An
+            // ejection ending does not wake: a replica not ejected is
+            // pending, and its readiness will.)
             Poll::Pending
         }
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
         let at = now();
-        if self.next_sweep.is_none_or(|t| at >= t) {
-            sweep(&self.peers, at, &self.config);
-            self.next_sweep = at.checked_add(self.config.ejection.interval);
+        match self.next_sweep {
+            None => self.next_sweep = at.checked_add(self.config.ejection.interval),
+            Some(t) if at >= t => {
+                sweep(&self.peers, at, &self.config, &self.ejecting);
+                self.next_sweep = at.checked_add(self.config.ejection.interval);
+            }
+            Some(_) => {}
         }
         let k = self
             .class_of(&request)
             .index()
             .min(self.classes.len.saturating_sub(1));
-        let candidates = self.candidates(at);
+        let mut candidates = self.candidates(at);
+        if candidates.is_empty() {
+            // Every open replica was ejected since `poll_ready` (by a call
+            // ending on another thread): any ready one will do.
+            candidates = (0..self.services.ready_len()).collect();
+        }
         let index = match candidates.len() {
-            0 => panic!("CostBalance::call without a ready replica: poll_ready first"),
+            // `call` without `poll_ready`: the caller broke the contract.
+            0 => {
+                return BalanceFuture {
+                    inner: None,
+                    tracker: None,
+                };
+            }
             1 => candidates[0],
             n => {
                 let a = self.rng.usize(..n);
@@ -550,10 +668,11 @@ where
             started: at,
             config: Arc::clone(&self.config),
             peers: Arc::clone(&self.peers),
+            ejecting: Arc::clone(&self.ejecting),
             done: false,
         });
         BalanceFuture {
-            inner: future,
+            inner: Some(future),
             tracker,
         }
     }
@@ -565,8 +684,9 @@ struct Tracker {
     class: usize,
     started: Instant,
     config: Arc<BalanceConfig>,
-    /// Every replica, for the latency outlier rule.
+    /// Every replica, for the share ejected.
     peers: Arc<[Arc<Replica>]>,
+    ejecting: Arc<Mutex<()>>,
     done: bool,
 }
 
@@ -581,13 +701,21 @@ impl Tracker {
         let config = &self.config;
         let mut state = self.replica.lock();
         state.in_flight[self.class] = state.in_flight[self.class].saturating_sub(1);
-        // `None`: the caller went away — no outcome to learn from.
+        // `None`: the caller went away. The call took at least this long:
+        // a replica that hangs must not look idle.
         let Some(failed) = failed else {
+            state.raise(self.class, took, at, config.decay);
             return;
         };
         let sample = if failed {
             took.max(config.failure_penalty.as_secs_f64())
         } else {
+            // The latency rule judges successful calls only (failures have
+            // their own rule).
+            if let Some(w) = state.window.get_mut(self.class) {
+                w.0 += took;
+                w.1 = w.1.saturating_add(1);
+            }
             took
         };
         state.record(self.class, sample, at, config.decay);
@@ -606,15 +734,25 @@ impl Tracker {
             && state.consecutive_failures >= ejection.consecutive_failures;
         drop(state);
         if by_failures {
-            eject(&self.replica, &self.peers, at, config);
+            eject(&self.replica, &self.peers, at, config, &self.ejecting);
         }
     }
 }
 
 /// Ejects `replica` unless it is out already or the share of replicas out
-/// would pass the allowed one.
-fn eject(replica: &Arc<Replica>, peers: &[Arc<Replica>], at: Instant, config: &BalanceConfig) {
+/// would pass the allowed one (decided under `ejecting`, so that two
+/// ejections at once cannot both pass).
+fn eject(
+    replica: &Arc<Replica>,
+    peers: &[Arc<Replica>],
+    at: Instant,
+    config: &BalanceConfig,
+    ejecting: &Mutex<()>,
+) {
     let ejection = &config.ejection;
+    let _deciding = ejecting
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let out = peers
         .iter()
         .filter(|p| !Arc::ptr_eq(p, replica) && p.lock().is_ejected(at))
@@ -635,33 +773,52 @@ fn eject(replica: &Arc<Replica>, peers: &[Arc<Replica>], at: Instant, config: &B
     tracing::debug!(seconds = length.as_secs_f64(), "replica ejected");
 }
 
-/// The latency rule, over every replica: one whose latency is more than
-/// `latency_factor` times the median of the others' is ejected.
-fn sweep(peers: &[Arc<Replica>], at: Instant, config: &BalanceConfig) {
+/// The latency rule, class by class over the interval's successful calls:
+/// a replica whose mean is more than `latency_factor` times the median of
+/// the others' is ejected. Then the interval starts again.
+fn sweep(peers: &[Arc<Replica>], at: Instant, config: &BalanceConfig, ejecting: &Mutex<()>) {
+    let windows: Vec<Vec<(f64, u32)>> = peers
+        .iter()
+        .map(|p| std::mem::take(&mut p.lock().window))
+        .collect();
+    for (p, w) in peers.iter().zip(&windows) {
+        p.lock().window = vec![(0.0, 0); w.len()];
+    }
     let factor = config.ejection.latency_factor;
     if factor <= 0.0 {
         return;
     }
-    let overall: Vec<Option<f64>> = peers
-        .iter()
-        .map(|p| p.lock().overall(at, config.decay))
-        .collect();
-    for (i, own) in overall.iter().enumerate() {
-        let Some(own) = own else { continue };
-        let mut others: Vec<f64> = overall
+    let min = config.ejection.min_requests.max(1);
+    let classes = windows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut outliers = Vec::new();
+    for k in 0..classes {
+        // Each judged replica's mean for class k.
+        let means: Vec<(usize, f64)> = windows
             .iter()
             .enumerate()
-            .filter(|(j, _)| *j != i)
-            .filter_map(|(_, o)| *o)
+            .filter_map(|(i, w)| {
+                let (sum, n) = *w.get(k)?;
+                (n >= min).then(|| (i, sum / f64::from(n)))
+            })
             .collect();
-        if others.len() < 2 {
+        if means.len() < 3 {
             continue;
         }
-        others.sort_by(f64::total_cmp);
-        let median = others[others.len() / 2];
-        if *own > factor * median {
-            eject(&peers[i], peers, at, config);
+        for &(i, own) in &means {
+            let mut others: Vec<f64> = means
+                .iter()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, m)| *m)
+                .collect();
+            others.sort_by(f64::total_cmp);
+            let median = others[others.len() / 2];
+            if own > factor * median && !outliers.contains(&i) {
+                outliers.push(i);
+            }
         }
+    }
+    for i in outliers {
+        eject(&peers[i], peers, at, config, ejecting);
     }
 }
 
@@ -675,7 +832,7 @@ pin_project_lite::pin_project! {
     /// The future of [`CostBalance`].
     pub struct BalanceFuture<F> {
         #[pin]
-        inner: F,
+        inner: Option<F>,
         tracker: Option<Tracker>,
     }
 }
@@ -686,10 +843,15 @@ impl<F> fmt::Debug for BalanceFuture<F> {
     }
 }
 
-/// Whether a response head says the replica failed: a 5xx, or a gRPC
-/// status of `UNAVAILABLE` (14) or `RESOURCE_EXHAUSTED` (8) in the head.
+/// Whether a response head says the replica failed: a 5xx but 501 and
+/// 505 (the client's doing), a 429 (shedding), or a gRPC status of
+/// `UNAVAILABLE` (14) or `RESOURCE_EXHAUSTED` (8) in the head.
 fn failed<B>(response: &Response<B>) -> bool {
-    response.status().is_server_error()
+    let status = response.status();
+    (status.is_server_error()
+        && status != http::StatusCode::NOT_IMPLEMENTED
+        && status != http::StatusCode::HTTP_VERSION_NOT_SUPPORTED)
+        || status == http::StatusCode::TOO_MANY_REQUESTS
         || response
             .headers()
             .get("grpc-status")
@@ -705,7 +867,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let out = ready!(this.inner.poll(cx));
+        let Some(inner) = this.inner.as_pin_mut() else {
+            return Poll::Ready(Err(BalanceError::NotReady.into()));
+        };
+        let out = ready!(inner.poll(cx));
         if let Some(tracker) = this.tracker.as_mut() {
             tracker.finish(Some(out.as_ref().map_or(true, failed)));
         }
