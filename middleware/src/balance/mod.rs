@@ -10,10 +10,12 @@
 //! Class and deadline are read only from peers the callee trusts
 //! ([`Trust`]); from anyone else the headers are removed and ignored.
 
+pub mod hedge;
 pub mod p2c;
 pub mod propagate;
 pub mod retry;
 
+pub use self::hedge::{HedgeConfig, HedgeLayer};
 pub use self::p2c::{BalanceConfig, CostBalance, Ejection};
 pub use self::propagate::{
     AcceptCalls, AcceptCallsLayer, CallContext, DeadlineExceeded, PeerAddr, Propagate,
