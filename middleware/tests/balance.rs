@@ -41,6 +41,8 @@ struct Replica {
     hits: Hits,
     ms: fn(&str) -> u64,
     status: StatusCode,
+    /// A refusal for load (a limiter's header on the status).
+    shed: bool,
 }
 
 impl Service<Request<()>> for Replica {
@@ -64,11 +66,17 @@ impl Service<Request<()>> for Replica {
             .and_then(CallContext::class)
             .map_or_else(|| "browse".to_owned(), |c| c.to_string());
         let ms = (self.ms)(&class);
-        let (name, status) = (self.name, self.status);
+        let (name, status, shed) = (self.name, self.status, self.shed);
         Box::pin(async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             let mut r = Response::new(name);
             *r.status_mut() = status;
+            if shed {
+                r.headers_mut().insert(
+                    gratify::refusal::SHED_REASON_HEADER,
+                    http::HeaderValue::from_static("queue-full"),
+                );
+            }
             Ok(r)
         })
     }
@@ -80,6 +88,7 @@ fn replica(name: &'static str, hits: &Hits, ms: fn(&str) -> u64) -> Replica {
         hits: Arc::clone(hits),
         ms,
         status: StatusCode::OK,
+        shed: false,
     }
 }
 
@@ -410,4 +419,27 @@ async fn a_replica_serving_a_slower_class_is_not_an_outlier() {
     while let Some(done) = running.join_next().await {
         done.unwrap().unwrap();
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn replicas_that_shed_for_load_are_avoided_but_never_ejected() {
+    let hits = Hits::default();
+    let mut replicas = Vec::new();
+    for name in ["x", "y", "z"] {
+        let mut r = replica(name, &hits, |_| 1);
+        r.status = StatusCode::SERVICE_UNAVAILABLE;
+        r.shed = true;
+        replicas.push(r);
+    }
+    let mut balance = CostBalance::with_seed(
+        ServiceList::new(replicas),
+        &model(),
+        BalanceConfig::default(),
+        6,
+    );
+    // The whole fleet refusing for load: ejecting any would only shrink it.
+    for _ in 0..200 {
+        call(&mut balance, of("browse")).await;
+    }
+    assert_eq!(balance.ejected(), 0);
 }

@@ -5,16 +5,19 @@
 //! come by the time most calls of its kind have been answered (the
 //! [`HedgeConfig::quantile`] of the class's recent latencies, 95% by
 //! default), send a second copy — through the balancer, so to another
-//! replica most of the time — and take whichever answers first. The loser
-//! is dropped, which cancels it: its slot on the replica is released.
+//! replica most of the time — and take whichever answers first (a failed
+//! answer does not count while the other may still succeed). The loser is
+//! dropped, which cancels it: its slot on the replica is released.
 //!
 //! [`HedgeLayer`] hedges a class only when the cost model says it is worth
 //! it. From the class's recent latencies it estimates, per call, the delay a
 //! hedge saves and the extra replica time it spends; the class is hedged
 //! when the saving, priced at the class's urgency (its delay cost per
-//! second), exceeds the extra time priced at the model's `slot_second`. A
-//! checkout whose tail costs money is hedged; a prefetch is not. And never
-//! more than that:
+//! second), exceeds the extra time priced at what replica time is worth to
+//! the other calls: the model's `slot_second`, or the mean urgency of the
+//! calls of the other classes this client makes, if more (the copy's
+//! replica time is taken from them). A checkout whose tail costs money is hedged; a prefetch or a
+//! batch job in a mix of checkouts is not. And never more than that:
 //!
 //! - hedges are at most [`HedgeConfig::max_share`] of calls (a budget like
 //!   the retry budget's, 5% by default);
@@ -131,6 +134,8 @@ struct Shared {
     /// Per class: the delay cost per second at the start.
     urgency: Vec<f64>,
     slot_price: f64,
+    /// Per class: calls seen (for the mix a hedge takes replica time from).
+    seen: Vec<std::sync::atomic::AtomicU64>,
     classes: Vec<Mutex<ClassStats>>,
     budget: TpsBudget,
     /// Calls and overload refusals, over the window (one-second buckets).
@@ -250,10 +255,28 @@ impl Shared {
         let urgency = self.urgency.get(k).copied().unwrap_or(0.0);
         Some(HedgePlan {
             delay,
-            worth_it: saving > 0.0 && urgency * saving > self.slot_price * extra,
+            worth_it: saving > 0.0 && urgency * saving > self.replica_second(k) * extra,
             saving,
             extra,
         })
+    }
+
+    /// What a second of replica time taken by a hedge of class `k` is
+    /// worth to the other calls: the model's `slot_second`, or — when more
+    /// — the mean urgency of the calls of the other classes this client
+    /// makes, whose replica time the copy takes.
+    fn replica_second(&self, k: usize) -> f64 {
+        let (mut n, mut weighted) = (0.0, 0.0);
+        for (j, (count, urgency)) in self.seen.iter().zip(&self.urgency).enumerate() {
+            if j == k {
+                continue;
+            }
+            let c = count.load(std::sync::atomic::Ordering::Relaxed) as f64;
+            n += c;
+            weighted += c * urgency;
+        }
+        let mix = if n > 0.0 { weighted / n } else { 0.0 };
+        self.slot_price.max(mix)
     }
 
     fn class_of<B>(&self, request: &Request<B>) -> usize {
@@ -314,6 +337,9 @@ impl HedgeLayer {
                 default: model.default_class().index(),
                 urgency: model.iter().map(|(_, _, c)| c.urgency(0.0)).collect(),
                 slot_price: model.prices().slot_second,
+                seen: (0..model.len())
+                    .map(|_| std::sync::atomic::AtomicU64::new(0))
+                    .collect(),
                 classes,
                 // No floor: hedges only ever come out of calls made.
                 budget: TpsBudget::new(Duration::from_secs(10), 0, config.max_share),
@@ -363,6 +389,15 @@ fn idempotent(method: &Method) -> bool {
     )
 }
 
+/// Whether an attempt failed: an error, a 5xx, a 429, or gRPC
+/// `RESOURCE_EXHAUSTED` / `UNAVAILABLE` in the head.
+fn unanswered<B>(outcome: &Result<Response<B>, BoxError>) -> bool {
+    match outcome {
+        Err(_) => true,
+        Ok(r) => r.status().is_server_error() || refused(outcome),
+    }
+}
+
 fn refused<B>(outcome: &Result<Response<B>, BoxError>) -> bool {
     match outcome {
         Err(_) => false,
@@ -397,6 +432,9 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let shared = Arc::clone(&self.shared);
         let k = shared.class_of(&request);
+        if let Some(seen) = shared.seen.get(k) {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         shared.budget.deposit();
         let plan = if idempotent(request.method()) {
             shared.classes[k]
@@ -438,13 +476,38 @@ where
                                     let second = service.call(copy);
                                     let mut second =
                                         pin!(async move { second.await.map_err(Into::into) });
-                                    // Whichever answers first; the other is
-                                    // dropped with this future, cancelled.
+                                    // Whichever answers first — unless it
+                                    // failed: a copy that fails fast must not
+                                    // beat a call about to succeed. The other
+                                    // is dropped with this future, cancelled.
+                                    let mut failed: [Option<Result<Response<RB>, BoxError>>; 2] =
+                                        [None, None];
                                     std::future::poll_fn(|cx| {
-                                        if let Poll::Ready(out) = first.as_mut().poll(cx) {
-                                            return Poll::Ready(out);
+                                        if failed[0].is_none()
+                                            && let Poll::Ready(out) = first.as_mut().poll(cx)
+                                        {
+                                            if !unanswered(&out) {
+                                                return Poll::Ready(out);
+                                            }
+                                            failed[0] = Some(out);
                                         }
-                                        second.as_mut().poll(cx)
+                                        if failed[1].is_none()
+                                            && let Poll::Ready(out) = second.as_mut().poll(cx)
+                                        {
+                                            if !unanswered(&out) {
+                                                return Poll::Ready(out);
+                                            }
+                                            failed[1] = Some(out);
+                                        }
+                                        match (failed[0].is_some(), failed[1].is_some()) {
+                                            // Both failed: the original's answer.
+                                            (true, true) => {
+                                                Poll::Ready(failed[0].take().unwrap_or_else(|| {
+                                                    Err("hedged call lost".into())
+                                                }))
+                                            }
+                                            _ => Poll::Pending,
+                                        }
                                     })
                                     .await
                                 }

@@ -21,10 +21,12 @@
 //!   concurrency ([`BalanceConfig::replica_concurrency`]), and a call in
 //!   flight counts at least [`BalanceConfig::initial_latency`]. With one
 //!   class and `c = 1` this is tower's PeakEWMA load;
-//! - a failure (an error, a 5xx other than 501 and 505, a 429, a gRPC
-//!   `UNAVAILABLE` or `RESOURCE_EXHAUSTED` in the head) counts as at least
-//!   [`BalanceConfig::failure_penalty`] of latency: a replica that fails
-//!   fast never looks fast;
+//! - a failure (an error, a 5xx other than 501 and 505, a gRPC
+//!   `UNAVAILABLE` in the head) or a refusal for load (a limiter's 503 with
+//!   `x-gratify-shed`, a 429, gRPC `RESOURCE_EXHAUSTED`) counts as at
+//!   least [`BalanceConfig::failure_penalty`] of latency: a replica that
+//!   fails fast never looks fast. Refusals for load never eject: a replica
+//!   that sheds is busy, not broken;
 //! - **outlier ejection**: a replica whose consecutive failures reach
 //!   [`Ejection::consecutive_failures`], or whose mean latency for a class
 //!   over the last [`Ejection::interval`] stands [`Ejection::latency_factor`]
@@ -691,7 +693,7 @@ struct Tracker {
 }
 
 impl Tracker {
-    fn finish(&mut self, failed: Option<bool>) {
+    fn finish(&mut self, outcome: Option<Answer>) {
         if self.done {
             return;
         }
@@ -703,10 +705,20 @@ impl Tracker {
         state.in_flight[self.class] = state.in_flight[self.class].saturating_sub(1);
         // `None`: the caller went away. The call took at least this long:
         // a replica that hangs must not look idle.
-        let Some(failed) = failed else {
+        let Some(answer) = outcome else {
             state.raise(self.class, took, at, config.decay);
             return;
         };
+        if answer == Answer::Shed {
+            // Overloaded, not broken: steer away (a shed counts as slow),
+            // but never eject for it — under an overload of the whole fleet
+            // ejecting the replicas that shed would halve what is left.
+            // Failures in a row go on counting across it.
+            let sample = took.max(config.failure_penalty.as_secs_f64());
+            state.record(self.class, sample, at, config.decay);
+            return;
+        }
+        let failed = answer == Answer::Failed;
         let sample = if failed {
             took.max(config.failure_penalty.as_secs_f64())
         } else {
@@ -843,19 +855,40 @@ impl<F> fmt::Debug for BalanceFuture<F> {
     }
 }
 
-/// Whether a response head says the replica failed: a 5xx but 501 and
-/// 505 (the client's doing), a 429 (shedding), or a gRPC status of
-/// `UNAVAILABLE` (14) or `RESOURCE_EXHAUSTED` (8) in the head.
-fn failed<B>(response: &Response<B>) -> bool {
+/// What an answer says of the replica that gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Served,
+    /// It failed: an error, a 5xx but 501 and 505 (the client's doing), or
+    /// gRPC `UNAVAILABLE` (14) in the head.
+    Failed,
+    /// It refused for load: a limiter's 503 (`x-gratify-shed`), a 429, or
+    /// gRPC `RESOURCE_EXHAUSTED` (8) in the head.
+    Shed,
+}
+
+fn answer<B>(response: &Response<B>) -> Answer {
     let status = response.status();
-    (status.is_server_error()
-        && status != http::StatusCode::NOT_IMPLEMENTED
-        && status != http::StatusCode::HTTP_VERSION_NOT_SUPPORTED)
-        || status == http::StatusCode::TOO_MANY_REQUESTS
+    let grpc = response
+        .headers()
+        .get("grpc-status")
+        .map(http::HeaderValue::as_bytes);
+    if status == http::StatusCode::TOO_MANY_REQUESTS
+        || grpc == Some(b"8")
         || response
             .headers()
-            .get("grpc-status")
-            .is_some_and(|s| s.as_bytes() == b"14" || s.as_bytes() == b"8")
+            .contains_key(gratify_scaling::limit::SHED_REASON_HEADER)
+    {
+        Answer::Shed
+    } else if (status.is_server_error()
+        && status != http::StatusCode::NOT_IMPLEMENTED
+        && status != http::StatusCode::HTTP_VERSION_NOT_SUPPORTED)
+        || grpc == Some(b"14")
+    {
+        Answer::Failed
+    } else {
+        Answer::Served
+    }
 }
 
 impl<F, RB, E> Future for BalanceFuture<F>
@@ -872,7 +905,7 @@ where
         };
         let out = ready!(inner.poll(cx));
         if let Some(tracker) = this.tracker.as_mut() {
-            tracker.finish(Some(out.as_ref().map_or(true, failed)));
+            tracker.finish(Some(out.as_ref().map_or(Answer::Failed, answer)));
         }
         Poll::Ready(out.map_err(Into::into))
     }
