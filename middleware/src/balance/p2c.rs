@@ -714,7 +714,16 @@ impl Tracker {
             // but never eject for it — under an overload of the whole fleet
             // ejecting the replicas that shed would halve what is left.
             // Failures in a row go on counting across it.
-            let sample = took.max(config.failure_penalty.as_secs_f64());
+            // A shed says the replica's queue is full now, not that it is
+            // slow: its estimate doubles (from at least `initial_latency`),
+            // up to the failure penalty.
+            let current = state
+                .latency(self.class, at, config.decay)
+                .unwrap_or(0.0)
+                .max(config.initial_latency.as_secs_f64());
+            let sample = (current * 2.0)
+                .max(took)
+                .min(config.failure_penalty.as_secs_f64().max(took));
             state.record(self.class, sample, at, config.decay);
             return;
         }
