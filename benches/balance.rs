@@ -100,6 +100,9 @@ struct ReplicaInner {
     /// Replica time spent, in microseconds (abandoned work included).
     busy_us: Arc<AtomicU64>,
     calls: Arc<AtomicU64>,
+    /// This replica's calls, and how many it answered 503.
+    own: AtomicU64,
+    failed: AtomicU64,
 }
 
 impl Replica {
@@ -114,6 +117,8 @@ impl Replica {
                 rng: Mutex::new(Rng(seed ^ (i as u64).wrapping_mul(0x9E37_79B9))),
                 busy_us: Arc::clone(busy_us),
                 calls: Arc::clone(calls),
+                own: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
             }),
         }
     }
@@ -128,6 +133,22 @@ fn class_of(req: &Request<()>) -> usize {
         .iter()
         .position(|(n, _, _)| Some(*n) == name.as_deref())
         .unwrap_or(1)
+}
+
+/// One call waiting in a replica's queue.
+struct Waiting<'a>(&'a AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts replica time on every path, abandoned work included.
@@ -159,11 +180,13 @@ impl Service<Request<()>> for Replica {
         let k = class_of(&req);
         Box::pin(async move {
             inner.calls.fetch_add(1, Ordering::Relaxed);
+            inner.own.fetch_add(1, Ordering::Relaxed);
             let (fail, draw) = {
                 let mut rng = inner.rng.lock().unwrap();
                 (rng.next_f64() < inner.fail_share, rng.next_f64())
             };
             if fail {
+                inner.failed.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 let mut r = Response::new(());
                 *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
@@ -179,9 +202,11 @@ impl Service<Request<()>> for Replica {
                 );
                 return Ok(r);
             }
-            inner.waiting.fetch_add(1, Ordering::Relaxed);
+            // Counted while waiting for a slot, on every path (a caller that
+            // gives up drops this future mid-wait).
+            let waiting = Waiting::enter(&inner.waiting);
             let permit = inner.slots.acquire().await;
-            inner.waiting.fetch_sub(1, Ordering::Relaxed);
+            drop(waiting);
             let _permit = permit.unwrap();
             let _busy = Busy {
                 since: Some(Instant::now()),
@@ -257,6 +282,10 @@ struct Outcome {
     ok: Vec<u64>,
     offered: Vec<u64>,
     cost: f64,
+    /// Failures: the caller's deadline, an error, a refusal or failure.
+    timeouts: u64,
+    errors: u64,
+    refused: u64,
 }
 
 /// Drives `svc` with Poisson arrivals at `rate` for `secs`.
@@ -274,6 +303,9 @@ where
         ok: vec![0; CLASSES.len()],
         offered: vec![0; CLASSES.len()],
         cost: 0.0,
+        timeouts: 0,
+        errors: 0,
+        refused: 0,
     }));
     let mut rng = Rng(seed);
     let start = Instant::now();
@@ -315,7 +347,14 @@ where
                     r.latencies[k].push(took.as_secs_f64());
                     r.cost += class.delay_cost().cost(took);
                 }
-                _ => r.cost += class.refusal_cost(),
+                other => {
+                    r.cost += class.refusal_cost();
+                    match other {
+                        Err(_) => r.timeouts += 1,
+                        Ok(Err(_)) => r.errors += 1,
+                        Ok(Ok(_)) => r.refused += 1,
+                    }
+                }
             }
         });
         while let Some(done) = tasks.try_join_next() {
@@ -377,6 +416,7 @@ async fn run(
 ) -> serde_json::Value {
     *SIM_START.lock().unwrap() = Some(Instant::now());
     let (replicas, busy, calls) = fleet(seed);
+    let watch: Vec<Replica> = replicas.clone();
     let rate = load * capacity();
     let outcome = match subject {
         "round-robin" => drive(RoundRobin { replicas, next: 0 }, rate, secs, seed, model).await,
@@ -437,6 +477,9 @@ async fn run(
             if subject.ends_with('0') {
                 hc.max_share = 0.0;
             }
+            if std::env::var_os("HEDGE_NO_GATE").is_some() {
+                hc.max_refused_share = 1.0;
+            }
             let hedge = HedgeLayer::new(model, hc).unwrap();
             let svc = hedge.layer(Buffer::new(b, 4096));
             drive(svc, rate, secs, seed, model).await
@@ -458,6 +501,18 @@ async fn run(
         other => panic!("unknown subject {other}"),
     };
     let arrivals: u64 = outcome.offered.iter().sum();
+    if std::env::var_os("BALANCE_DEBUG").is_some() {
+        let per: Vec<(u64, u64)> = watch
+            .iter()
+            .map(|r| {
+                (
+                    r.inner.own.load(Ordering::Relaxed),
+                    r.inner.failed.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        eprintln!("{subject}: calls, failed per replica {per:?}");
+    }
     let replica_secs = busy.load(Ordering::Relaxed) as f64 / 1e6;
     let mut metrics = serde_json::Map::new();
     let total_cost = outcome.cost + SLOT_PRICE * replica_secs;
@@ -468,6 +523,9 @@ async fn run(
         (calls.load(Ordering::Relaxed) as f64 / arrivals.max(1) as f64).into(),
     );
     metrics.insert("replica_seconds".into(), replica_secs.into());
+    metrics.insert("failed.deadline".into(), outcome.timeouts.into());
+    metrics.insert("failed.error".into(), outcome.errors.into());
+    metrics.insert("failed.refused".into(), outcome.refused.into());
     for (k, (name, _, _)) in CLASSES.iter().enumerate() {
         let mut l = outcome.latencies[k].clone();
         l.sort_by(f64::total_cmp);
@@ -516,15 +574,15 @@ fn main() {
             load * 100.0
         );
         println!(
-            "| subject | total cost | load | p99 checkout ms | p99 browse ms | p99 batch ms | checkout ok | browse ok | batch ok |"
+            "| subject | total cost | load | p99 checkout ms | p99 browse ms | p99 batch ms | checkout ok | browse ok | batch ok | failed: deadline / refused / error |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for subject in subjects {
             let mut r = rt.block_on(run(subject, load, secs, seed, &model));
             let m = r["metrics"].clone();
             let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
             println!(
-                "| {subject} | {:.1} | {:.3} | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} | {:.3} |",
+                "| {subject} | {:.1} | {:.3} | {:.1} | {:.1} | {:.1} | {:.3} | {:.3} | {:.3} | {} / {} / {} |",
                 f("total_cost"),
                 f("load"),
                 f("p99_ms.checkout"),
@@ -533,6 +591,9 @@ fn main() {
                 f("success.checkout"),
                 f("success.browse"),
                 f("success.batch"),
+                m["failed.deadline"],
+                m["failed.refused"],
+                m["failed.error"],
             );
             r["scenario"] = scenario.into();
             results.push(r);
