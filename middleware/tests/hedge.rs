@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use gratify::CostModel;
@@ -33,9 +33,13 @@ fn model() -> CostModel {
 /// The latency of the `i`-th call: 4% take 500 ms, 6% 50 ms, the rest
 /// 10 ms (so the 95th percentile is 50 ms).
 fn pattern(i: u32) -> u64 {
-    match i % 50 {
-        0 | 25 => 500,
-        10 | 20 | 30 => 50,
+    // Scrambled, so that no sampling by call count lines up with it.
+    let mut z = u64::from(i).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    match (z ^ (z >> 31)) % 50 {
+        0 | 1 => 500,
+        2..=4 => 50,
         _ => 10,
     }
 }
@@ -171,45 +175,6 @@ async fn nothing_is_hedged_while_the_servers_refuse_for_overload() {
     assert_eq!(server.calls.load(Ordering::SeqCst), 1_000, "no hedge sent");
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_call_that_may_not_be_repeated_is_never_hedged() {
-    let server = Server::default();
-    let layer = HedgeLayer::new(&model(), HedgeConfig::default()).unwrap();
-    let client = layer.clone().layer(server.service(pattern));
-    // Learn the class on GETs, then POST.
-    run(&client, 500, || get("checkout")).await;
-    let before = server.calls.load(Ordering::SeqCst);
-    run(&client, 500, || {
-        let mut r = get("checkout");
-        *r.method_mut() = Method::POST;
-        r
-    })
-    .await;
-    assert_eq!(server.calls.load(Ordering::SeqCst) - before, 500);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_hedge_that_wins_cancels_the_call_still_running() {
-    // Learn the class, then one call hangs for an hour.
-    fn slow_once(i: u32) -> u64 {
-        if i == 300 { 3_600_000 } else { pattern(i) }
-    }
-    let server = Server::default();
-    let layer = HedgeLayer::new(&model(), HedgeConfig::default()).unwrap();
-    let client = layer.clone().layer(server.service(slow_once));
-    run(&client, 300, || get("checkout")).await;
-    let start = tokio::time::Instant::now();
-    client.clone().oneshot(get("checkout")).await.unwrap();
-    // Answered by the copy: 50 ms of waiting, then the copy's 10 ms (the
-    // hedge budget has room, having spent at most its share).
-    assert!(
-        start.elapsed() <= Duration::from_millis(60),
-        "{:?}",
-        start.elapsed()
-    );
-    assert!(server.cancelled.load(Ordering::SeqCst) >= 1);
-}
-
 #[test]
 fn settings_out_of_range_are_refused() {
     let cases: [fn(&mut HedgeConfig); 4] = [
@@ -223,4 +188,93 @@ fn settings_out_of_range_are_refused() {
         set(&mut c);
         assert!(HedgeLayer::new(&model(), c).is_err());
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_safe_methods_are_hedged() {
+    let server = Server::default();
+    let layer = HedgeLayer::new(&model(), HedgeConfig::default()).unwrap();
+    let client = layer.clone().layer(server.service(pattern));
+    // Learn the class on GETs (and see that GETs are hedged), then send
+    // writes: two copies of a PUT or DELETE may answer differently or land
+    // in either order.
+    run(&client, 1_000, || get("checkout")).await;
+    assert!(layer.plan("checkout").unwrap().worth_it);
+    assert!(server.calls.load(Ordering::SeqCst) > 1_000, "GETs hedged");
+    for method in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+        let before = server.calls.load(Ordering::SeqCst);
+        run(&client, 500, || {
+            let mut r = get("checkout");
+            *r.method_mut() = method.clone();
+            r
+        })
+        .await;
+        assert_eq!(
+            server.calls.load(Ordering::SeqCst) - before,
+            500,
+            "{method}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_a_mix_the_cheap_class_is_not_hedged_even_when_replica_time_is_free() {
+    // No price on replica time at all: what a copy takes is taken from the
+    // checkouts in the mix.
+    let model =
+        CostModel::from_toml(&MODEL.replace("slot_second = 1.0", "slot_second = 0.0")).unwrap();
+    let server = Server::default();
+    let layer = HedgeLayer::new(&model, HedgeConfig::default()).unwrap();
+    let client = layer.clone().layer(server.service(pattern));
+    for i in 0..2_000 {
+        let class = if i % 2 == 0 { "checkout" } else { "prefetch" };
+        client.clone().oneshot(get(class)).await.unwrap();
+    }
+    assert!(layer.plan("checkout").unwrap().worth_it);
+    assert!(!layer.plan("prefetch").unwrap().worth_it);
+}
+
+/// Set just before a call that must hang.
+static HANG_NEXT: AtomicBool = AtomicBool::new(false);
+
+/// `pattern`, but the call after [`HANG_NEXT`] is set hangs for an hour.
+fn hang_when_told(i: u32) -> u64 {
+    if HANG_NEXT.swap(false, Ordering::SeqCst) {
+        3_600_000
+    } else {
+        pattern(i)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_that_wins_cancels_the_call_still_running() {
+    let server = Server::default();
+    let layer = HedgeLayer::new(&model(), HedgeConfig::default()).unwrap();
+    let client = layer.clone().layer(server.service(hang_when_told));
+    run(&client, 300, || get("checkout")).await;
+    assert!(layer.plan("checkout").unwrap().worth_it);
+    // One call in sixteen goes without a copy (the plan's sample): try
+    // until a hung call is hedged.
+    let mut answered_in = None;
+    for _ in 0..16 {
+        let cancelled = server.cancelled.load(Ordering::SeqCst);
+        HANG_NEXT.store(true, Ordering::SeqCst);
+        let start = tokio::time::Instant::now();
+        let call = client.clone().oneshot(get("checkout"));
+        if tokio::time::timeout(Duration::from_secs(2), call)
+            .await
+            .is_ok()
+        {
+            answered_in = Some(start.elapsed());
+            assert_eq!(
+                server.cancelled.load(Ordering::SeqCst),
+                cancelled + 1,
+                "the hung call was cancelled"
+            );
+            break;
+        }
+    }
+    // Answered by the copy: the 50 ms delay, then the copy's 10 ms.
+    let took = answered_in.expect("a hung call was hedged");
+    assert!(took <= Duration::from_millis(62), "{took:?}");
 }

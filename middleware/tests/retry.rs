@@ -87,8 +87,12 @@ async fn a_call_that_may_have_been_processed_is_never_sent_twice() {
         (StatusCode::TOO_MANY_REQUESTS, &[][..], Method::POST, 2),
         // A 500 is the server's answer, not a refusal.
         (StatusCode::INTERNAL_SERVER_ERROR, &[][..], Method::GET, 1),
-        // gRPC: RESOURCE_EXHAUSTED was never processed; UNAVAILABLE maybe.
-        (StatusCode::OK, &[("grpc-status", "8")][..], Method::POST, 2),
+        // gRPC RESOURCE_EXHAUSTED may be a quota hit after partial work,
+        // UNAVAILABLE maybe processed: idempotent calls only.
+        (StatusCode::OK, &[("grpc-status", "8")][..], Method::POST, 1),
+        (StatusCode::OK, &[("grpc-status", "8")][..], Method::GET, 2),
+        // A shed header passed on with a success is no refusal.
+        (StatusCode::OK, SHED, Method::POST, 1),
         (
             StatusCode::OK,
             &[("grpc-status", "14")][..],
@@ -242,11 +246,26 @@ async fn no_retry_once_the_caller_has_no_time_for_it() {
     let start = tokio::time::Instant::now();
     let context = CallContext::new().with_deadline(start.into_std() + Duration::from_millis(100));
     context
-        .scope(client.oneshot(request(Method::POST)))
+        .scope(client.oneshot(request(Method::GET)))
         .await
         .unwrap();
     assert_eq!(server.calls(), 2);
     assert_eq!(start.elapsed(), Duration::from_millis(50));
+
+    // A Retry-After given as a date: a wait this client does not work out,
+    // read as "not soon".
+    let server = Server::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &[
+            (gratify::refusal::SHED_REASON_HEADER, "cost"),
+            ("retry-after", "Wed, 21 Oct 2026 07:28:00 GMT"),
+        ],
+    );
+    let client = RetryLayer::new(no_throttle())
+        .unwrap()
+        .layer(server.service());
+    client.oneshot(request(Method::GET)).await.unwrap();
+    assert_eq!(server.calls(), 1);
 
     // A deadline already gone: the call is made (the caller decides that),
     // but never retried.
@@ -264,7 +283,11 @@ async fn no_retry_once_the_caller_has_no_time_for_it() {
 
 #[test]
 fn settings_out_of_range_are_refused() {
-    let cases: [fn(&mut RetryConfig); 6] = [
+    let cases: [fn(&mut RetryConfig); 10] = [
+        |c| c.throttle_k = 0.5,
+        |c| c.throttle_k = 1.0,
+        |c| c.throttle_k = f64::INFINITY,
+        |c| c.max_pushback = Duration::MAX,
         |c| c.max_throttle = 1.5,
         |c| c.budget_window = Duration::from_millis(500),
         |c| c.budget_window = Duration::from_secs(61),

@@ -12,11 +12,10 @@
 //! [`HedgeLayer`] hedges a class only when the cost model says it is worth
 //! it. From the class's recent latencies it estimates, per call, the delay a
 //! hedge saves and the extra replica time it spends; the class is hedged
-//! when the saving, priced at the class's urgency (its delay cost per
-//! second), exceeds the extra time priced at what replica time is worth to
-//! the other calls: the model's `slot_second`, or the mean urgency of the
-//! calls of the other classes this client makes, if more (the copy's
-//! replica time is taken from them). A checkout whose tail costs money is hedged; a prefetch or a
+//! when the saving, priced on the class's cost curve, exceeds the extra
+//! time priced at what replica time is worth to the calls it is taken
+//! from: the model's `slot_second`, or the mean urgency (delay cost per
+//! second) of the calls this client makes, if more. A checkout whose tail costs money is hedged; a prefetch or a
 //! batch job in a mix of checkouts is not. And never more than that:
 //!
 //! - hedges are at most [`HedgeConfig::max_share`] of calls (a budget like
@@ -24,9 +23,15 @@
 //! - none while the servers refuse calls for overload (more than
 //!   [`HedgeConfig::max_refused_share`] of recent calls): under saturation a
 //!   second copy only adds to the queue;
-//! - only idempotent methods (`GET`, `HEAD`, `OPTIONS`, `PUT`, `DELETE`,
-//!   `TRACE`), and only once a class has [`HedgeConfig::min_samples`]
+//! - only safe methods (`GET`, `HEAD`, `OPTIONS`, `TRACE`: two copies of
+//!   a `PUT` or `DELETE` running at once may answer differently or land in
+//!   either order), and only once a class has [`HedgeConfig::min_samples`]
 //!   latencies to judge by.
+//!
+//! The latencies a plan is made from are those of calls that were not
+//! hedged: calls of a class not (yet) worth hedging, and one call in
+//! sixteen of a hedged class, sent without a copy, so that hedging does not
+//! hide the tail it cuts.
 //!
 //! The inner service must be `Clone` (a `Buffer` around a
 //! [`CostBalance`](super::CostBalance), a tonic `Channel`) and the body too.
@@ -133,6 +138,10 @@ struct Shared {
     default: usize,
     /// Per class: the delay cost per second at the start.
     urgency: Vec<f64>,
+    /// Per class: its cost curve (what a hedge saves is read off it).
+    curves: Vec<gratify_core::Class>,
+    /// Calls, for choosing the unhedged sample.
+    counter: std::sync::atomic::AtomicU64,
     slot_price: f64,
     /// Per class: calls seen (for the mix a hedge takes replica time from).
     seen: Vec<std::sync::atomic::AtomicU64>,
@@ -237,40 +246,45 @@ impl Shared {
             .map(|d| d.as_secs_f64())
             .collect();
         let d = delay.as_secs_f64();
-        let (mut saving, mut extra) = (0.0, 0.0);
+        let curve = self.curves.get(k)?;
+        let cost = |t: f64| curve.delay_cost().cost_secs(t);
+        let (mut saving, mut saved_cost, mut extra) = (0.0, 0.0, 0.0);
         for &first in &points {
             if first <= d {
                 continue;
             }
             for &second in &points {
                 // The hedge answers at d + second; the first at `first`.
-                saving += (first - (d + second)).max(0.0);
+                let hedged = d + second;
+                if hedged < first {
+                    saving += first - hedged;
+                    // Read off the class's curve: a curve flat at first and
+                    // steep in the tail prices the tail, not the start.
+                    saved_cost += cost(first) - cost(hedged);
+                }
                 // The hedge holds a replica until one of them answers.
                 extra += second.min(first - d);
             }
         }
         let pairs = (points.len() * points.len()).max(1) as f64;
         saving /= pairs;
+        saved_cost /= pairs;
         extra /= pairs;
-        let urgency = self.urgency.get(k).copied().unwrap_or(0.0);
         Some(HedgePlan {
             delay,
-            worth_it: saving > 0.0 && urgency * saving > self.replica_second(k) * extra,
+            worth_it: saving > 0.0 && saved_cost > self.replica_second() * extra,
             saving,
             extra,
         })
     }
 
-    /// What a second of replica time taken by a hedge of class `k` is
-    /// worth to the other calls: the model's `slot_second`, or — when more
-    /// — the mean urgency of the calls of the other classes this client
-    /// makes, whose replica time the copy takes.
-    fn replica_second(&self, k: usize) -> f64 {
+    /// What a second of replica time taken by a copy is worth to the other
+    /// calls: the model's `slot_second`, or — when more — the mean urgency
+    /// of the calls this client makes (of every class, the copy's own
+    /// included: its replica time is taken from all of them).
+    fn replica_second(&self) -> f64 {
         let (mut n, mut weighted) = (0.0, 0.0);
-        for (j, (count, urgency)) in self.seen.iter().zip(&self.urgency).enumerate() {
-            if j == k {
-                continue;
-            }
+        for (count, urgency) in self.seen.iter().zip(&self.urgency) {
             let c = count.load(std::sync::atomic::Ordering::Relaxed) as f64;
             n += c;
             weighted += c * urgency;
@@ -336,6 +350,8 @@ impl HedgeLayer {
                     .collect(),
                 default: model.default_class().index(),
                 urgency: model.iter().map(|(_, _, c)| c.urgency(0.0)).collect(),
+                curves: model.iter().map(|(_, _, c)| c.clone()).collect(),
+                counter: std::sync::atomic::AtomicU64::new(0),
                 slot_price: model.prices().slot_second,
                 seen: (0..model.len())
                     .map(|_| std::sync::atomic::AtomicU64::new(0))
@@ -382,11 +398,51 @@ pub struct Hedge<S> {
     shared: Arc<Shared>,
 }
 
-fn idempotent(method: &Method) -> bool {
+/// Safe methods only: two copies of a `PUT` or `DELETE` run at once on two
+/// replicas can answer differently (a `404` for a delete that succeeded)
+/// or land in either order.
+fn safe(method: &Method) -> bool {
     matches!(
         *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
     )
+}
+
+/// Whichever of two attempts answers first — unless it failed: a copy that
+/// fails fast must not beat a call about to succeed. Both failed: the
+/// first's answer. The other is dropped with the caller's future,
+/// cancelled.
+async fn race<RB>(
+    mut first: Pin<&mut impl Future<Output = Result<Response<RB>, BoxError>>>,
+    mut second: Pin<&mut impl Future<Output = Result<Response<RB>, BoxError>>>,
+) -> Result<Response<RB>, BoxError> {
+    let mut failed: [Option<Result<Response<RB>, BoxError>>; 2] = [None, None];
+    std::future::poll_fn(|cx| {
+        if failed[0].is_none()
+            && let Poll::Ready(out) = first.as_mut().poll(cx)
+        {
+            if !unanswered(&out) {
+                return Poll::Ready(out);
+            }
+            failed[0] = Some(out);
+        }
+        if failed[1].is_none()
+            && let Poll::Ready(out) = second.as_mut().poll(cx)
+        {
+            if !unanswered(&out) {
+                return Poll::Ready(out);
+            }
+            failed[1] = Some(out);
+        }
+        match (failed[0].take(), failed[1].take()) {
+            (Some(a), Some(_)) => Poll::Ready(a),
+            (a, b) => {
+                failed = [a, b];
+                Poll::Pending
+            }
+        }
+    })
+    .await
 }
 
 /// Whether an attempt failed: an error, a 5xx, a 429, or gRPC
@@ -398,9 +454,12 @@ fn unanswered<B>(outcome: &Result<Response<B>, BoxError>) -> bool {
     }
 }
 
+/// Whether the servers refused (for the overload gate): an error — a
+/// timeout or a connection refused are what overload looks like from here
+/// too — a 503, a 429, or gRPC `RESOURCE_EXHAUSTED` / `UNAVAILABLE`.
 fn refused<B>(outcome: &Result<Response<B>, BoxError>) -> bool {
     match outcome {
-        Err(_) => false,
+        Err(_) => true,
         Ok(r) => {
             matches!(
                 r.status(),
@@ -429,29 +488,45 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let shared = Arc::clone(&self.shared);
+        // The caller's context travels on the request itself: the copy is
+        // sent from inside this future, where the task's may not be set.
+        if request.extensions().get::<CallContext>().is_none()
+            && let Some(context) = CallContext::current()
+        {
+            request.extensions_mut().insert(context);
+        }
         let k = shared.class_of(&request);
         if let Some(seen) = shared.seen.get(k) {
             seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         shared.budget.deposit();
-        let plan = if idempotent(request.method()) {
+        let plan = if safe(request.method()) {
             shared.classes[k]
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .plan
-                .filter(|p| p.worth_it)
         } else {
             None
         };
-        let copy = plan.map(|_| request.clone());
+        // One call in sixteen of a class worth hedging goes without a copy:
+        // the plan learns from calls hedging did not shorten.
+        let sample = plan.is_some_and(|p| p.worth_it)
+            && shared
+                .counter
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .is_multiple_of(16);
+        let hedge = plan.filter(|p| p.worth_it && !sample);
+        // Learn from this call unless a copy may shorten it.
+        let learn = hedge.is_none();
+        let copy = hedge.map(|_| request.clone());
         let started = tokio::time::Instant::now();
         let first = self.inner.call(request);
         let mut service = self.inner.clone();
         Box::pin(async move {
             let mut first = pin!(async move { first.await.map_err(Into::into) });
-            let outcome: Result<Response<RB>, BoxError> = match (plan, copy) {
+            let outcome: Result<Response<RB>, BoxError> = match (hedge, copy) {
                 (Some(plan), Some(copy)) => {
                     let sleep = tokio::time::sleep(plan.delay);
                     let mut sleep = pin!(sleep);
@@ -465,53 +540,24 @@ where
                     match early {
                         Some(out) => out,
                         None if !shared.overloaded() && shared.budget.withdraw() => {
-                            // The second copy, through the inner service
-                            // (the balancer chooses again).
-                            let ready: Result<(), BoxError> =
-                                std::future::poll_fn(|cx| service.poll_ready(cx))
-                                    .await
-                                    .map_err(Into::into);
+                            // A slot for the copy (the balancer chooses
+                            // again) — while the first call may still answer.
+                            let ready = std::future::poll_fn(|cx| {
+                                if let Poll::Ready(out) = first.as_mut().poll(cx) {
+                                    return Poll::Ready(Err(out));
+                                }
+                                service.poll_ready(cx).map(|r| Ok(r.map_err(Into::into)))
+                            })
+                            .await;
                             match ready {
-                                Ok(()) => {
+                                Err(answered) => answered,
+                                Ok(Err(_)) => first.await,
+                                Ok(Ok(())) => {
                                     let second = service.call(copy);
                                     let mut second =
                                         pin!(async move { second.await.map_err(Into::into) });
-                                    // Whichever answers first — unless it
-                                    // failed: a copy that fails fast must not
-                                    // beat a call about to succeed. The other
-                                    // is dropped with this future, cancelled.
-                                    let mut failed: [Option<Result<Response<RB>, BoxError>>; 2] =
-                                        [None, None];
-                                    std::future::poll_fn(|cx| {
-                                        if failed[0].is_none()
-                                            && let Poll::Ready(out) = first.as_mut().poll(cx)
-                                        {
-                                            if !unanswered(&out) {
-                                                return Poll::Ready(out);
-                                            }
-                                            failed[0] = Some(out);
-                                        }
-                                        if failed[1].is_none()
-                                            && let Poll::Ready(out) = second.as_mut().poll(cx)
-                                        {
-                                            if !unanswered(&out) {
-                                                return Poll::Ready(out);
-                                            }
-                                            failed[1] = Some(out);
-                                        }
-                                        match (failed[0].is_some(), failed[1].is_some()) {
-                                            // Both failed: the original's answer.
-                                            (true, true) => {
-                                                Poll::Ready(failed[0].take().unwrap_or_else(|| {
-                                                    Err("hedged call lost".into())
-                                                }))
-                                            }
-                                            _ => Poll::Pending,
-                                        }
-                                    })
-                                    .await
+                                    race(first.as_mut(), second.as_mut()).await
                                 }
-                                Err(_) => first.await,
                             }
                         }
                         None => first.await,
@@ -520,7 +566,7 @@ where
                 _ => first.await,
             };
             shared.count(refused(&outcome));
-            if outcome.is_ok() {
+            if learn && outcome.is_ok() {
                 shared.record(k, started.elapsed());
             }
             outcome

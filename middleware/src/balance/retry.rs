@@ -21,11 +21,11 @@
 //!   left. Otherwise a retry waits out the pushback first.
 //!
 //! What is retried: a refusal that says the call was never processed (a
-//! gratify limiter's `503` with `x-gratify-shed`, a `429`, gRPC
-//! `RESOURCE_EXHAUSTED`) for any method; other `502`/`503`/`504`, gRPC
-//! `UNAVAILABLE` and transport errors only for idempotent methods (`GET`,
-//! `HEAD`, `OPTIONS`, `PUT`, `DELETE`, `TRACE`) — a `POST` that may have
-//! been processed is never sent twice.
+//! gratify limiter's `503` with `x-gratify-shed`, a `429`) for any method;
+//! other `502`/`503`/`504`, gRPC `RESOURCE_EXHAUSTED` and `UNAVAILABLE`
+//! and transport errors only for idempotent methods (`GET`, `HEAD`,
+//! `OPTIONS`, `PUT`, `DELETE`, `TRACE`) — a `POST` that may have been
+//! processed is never sent twice.
 //!
 //! Put it above the balancer, so that each attempt is a new choice of
 //! replica, and above [`PropagateLayer`](super::PropagateLayer), so that
@@ -85,14 +85,17 @@ use super::CallContext;
 pub struct RetryConfig {
     /// Attempts per call, the first included (default 2: one retry).
     pub max_attempts: u32,
-    /// The share of calls retries may add (default 0.1).
+    /// The share of calls retries may add (default 0.1). tower's budget
+    /// spends a whole number of deposits per retry, so the ratio is rounded
+    /// to `1/n` (0.15 acts as 1/6, anything above 0.5 and up to 1 as 1).
     pub retry_ratio: f32,
     /// Retries allowed per second whatever the ratio (default 10).
     pub min_retries_per_second: u32,
     /// The window the budget counts calls over (default 10 s; 1 s to 60 s).
     pub budget_window: Duration,
     /// The adaptive throttle's `K` (default 2: the client sends up to
-    /// twice what the servers accept; 0 turns the throttle off).
+    /// twice what the servers accept; 0 turns the throttle off; otherwise
+    /// above 1).
     pub throttle_k: f64,
     /// The largest share of calls the throttle refuses (default 0.9).
     pub max_throttle: f64,
@@ -226,7 +229,8 @@ impl RetryLayer {
     /// # Errors
     ///
     /// A window outside 1 s to 60 s, a ratio outside 0 to 10, no attempt at
-    /// all, a negative or NaN `K`, or a throttle cap outside 0 to 1.
+    /// all, a `K` that is neither 0 nor above 1, a throttle cap outside 0 to
+    /// 1, or a pushback beyond an hour.
     pub fn new(config: RetryConfig) -> Result<Self, RetryConfigError> {
         Self::with_seed(config, fastrand::u64(..))
     }
@@ -247,8 +251,16 @@ impl RetryLayer {
         if config.max_attempts == 0 {
             return Err(RetryConfigError("max_attempts must be at least 1"));
         }
-        if config.throttle_k.is_nan() || config.throttle_k < 0.0 {
-            return Err(RetryConfigError("throttle_k must be 0 or more"));
+        // Calls refused locally count as calls: with K at 1 or below the
+        // throttle would refuse nine in ten calls to a healthy server.
+        if !(config.throttle_k == 0.0 || (config.throttle_k.is_finite() && config.throttle_k > 1.0))
+        {
+            return Err(RetryConfigError(
+                "throttle_k must be 0 (off) or a number above 1",
+            ));
+        }
+        if config.max_pushback > Duration::from_secs(3600) {
+            return Err(RetryConfigError("max_pushback must be at most an hour"));
         }
         if !(0.0..=1.0).contains(&config.max_throttle) {
             return Err(RetryConfigError("max_throttle must be 0 to 1"));
@@ -325,11 +337,14 @@ fn pushback<B>(response: &Response<B>) -> Option<Duration> {
                 .map_or(Duration::MAX, Duration::from_millis),
         );
     }
-    headers
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
+    // A date (or anything but seconds) asks for a wait this client does not
+    // work out: read as "not soon".
+    headers.get(http::header::RETRY_AFTER).map(|v| {
+        v.to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map_or(Duration::MAX, Duration::from_secs)
+    })
 }
 
 /// Whether the servers accepted the call (for the throttle): anything but
@@ -363,15 +378,18 @@ fn verdict<B, E>(method: &Method, outcome: &Result<Response<B>, E>) -> Verdict {
             Verdict::Final
         };
     };
-    let never_processed = response
-        .headers()
-        .contains_key(gratify_scaling::limit::SHED_REASON_HEADER)
-        || response.status() == StatusCode::TOO_MANY_REQUESTS
-        || grpc_status(response) == Some(8);
+    // Only a limiter's own refusal (its 503 and header together) or a 429
+    // says the call was never processed. gRPC RESOURCE_EXHAUSTED may be an
+    // application's quota hit after partial work: idempotent calls only.
+    let never_processed = (response.status() == StatusCode::SERVICE_UNAVAILABLE
+        && response
+            .headers()
+            .contains_key(gratify_scaling::limit::SHED_REASON_HEADER))
+        || response.status() == StatusCode::TOO_MANY_REQUESTS;
     let maybe_processed = matches!(
         response.status(),
         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
-    ) || grpc_status(response) == Some(14);
+    ) || matches!(grpc_status(response), Some(8 | 14));
     if never_processed || (maybe_processed && idempotent) {
         Verdict::Retry(pushback(response).unwrap_or(Duration::ZERO))
     } else {
@@ -395,8 +413,15 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let shared = Arc::clone(&self.shared);
+        // The caller's context travels on the request itself: retries are
+        // sent from inside this future, where the task's may not be set.
+        if request.extensions().get::<CallContext>().is_none()
+            && let Some(context) = CallContext::current()
+        {
+            request.extensions_mut().insert(context);
+        }
         // The client refuses the call itself while the servers refuse most.
         let p = shared.throttle.reject_probability();
         if p > 0.0
@@ -429,7 +454,15 @@ where
             let mut attempts = 1;
             let mut spare = spare;
             loop {
-                shared.throttle.record(accepted(&outcome));
+                // A call that never left (its deadline had passed) says
+                // nothing of the servers.
+                let local = outcome
+                    .as_ref()
+                    .err()
+                    .is_some_and(|e| e.is::<super::DeadlineExceeded>());
+                if !local {
+                    shared.throttle.record(accepted(&outcome));
+                }
                 let Verdict::Retry(wait) = verdict(&method, &outcome) else {
                     break;
                 };
