@@ -43,7 +43,7 @@
 //! A call leaves the replica's count when its response head arrives (or
 //! the call fails or is dropped); a streamed body is not followed.
 //!
-//! The class of a call is the [`CallContext`](super::CallContext)'s (on the
+//! The class of a call is the [`CallContext`]'s (on the
 //! request or the task's, as [`PropagateLayer`](super::PropagateLayer)
 //! reads it), looked up by name in the caller's model; a call without one
 //! is of the model's default class.
