@@ -197,6 +197,88 @@ impl RefusalBody {
     }
 }
 
+/// Whether a request with `headers` is a gRPC call (its `Content-Type`
+/// is `application/grpc` or one of its `+proto`, `+json` forms).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= 16
+            && v[..16].eq_ignore_ascii_case(b"application/grpc")
+            && matches!(v.get(16), None | Some(b'+' | b';'))
+    })
+}
+
+/// A refusal of a gRPC call, as gRPC says it: a "trailers-only" response —
+/// HTTP 200 with no body, `grpc-status` and `grpc-message` in the head —
+/// never an HTTP error page a gRPC client cannot read.
+///
+/// A request refused because it could not finish before its deadline
+/// gets `DEADLINE_EXCEEDED` (4); any other shed request
+/// `RESOURCE_EXHAUSTED` (8) with `grpc-retry-pushback-ms`, so that gRPC's
+/// own retry policy waits as long as `Retry-After` would say; work lost to
+/// a panic `INTERNAL` (13). [`SHED_REASON_HEADER`] and
+/// `Cache-Control: no-store` stay.
+///
+/// ```
+/// use std::time::Duration;
+/// use gratify_core::refusal::{grpc_response, Refused, SHED_REASON_HEADER};
+///
+/// let refused = Refused::shed("limit", "cost", Duration::from_millis(1500));
+/// let response = grpc_response(&refused, |bytes| bytes);
+/// assert_eq!(response.status(), 200);
+/// assert_eq!(response.headers()["content-type"], "application/grpc");
+/// assert_eq!(response.headers()["grpc-status"], "8");
+/// assert_eq!(response.headers()["grpc-retry-pushback-ms"], "2000");
+/// assert_eq!(response.headers()["grpc-message"], "overloaded: request shed (cost)");
+/// assert_eq!(response.headers()[SHED_REASON_HEADER], "cost");
+/// assert!(response.body().is_empty());
+/// ```
+pub fn grpc_response<B>(refused: &Refused<'_>, body: impl FnOnce(Bytes) -> B) -> Response<B> {
+    let mut response = Response::new(body(Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let status = if refused.status != StatusCode::SERVICE_UNAVAILABLE {
+        "13"
+    } else if refused.reason == "deadline" {
+        "4"
+    } else {
+        "8"
+    };
+    headers.insert("grpc-status", HeaderValue::from_static(status));
+    if let Ok(message) = HeaderValue::from_str(&grpc_message(&refused.message())) {
+        headers.insert("grpc-message", message);
+    }
+    if refused.status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Ok(reason) = HeaderValue::from_str(refused.reason) {
+            headers.insert(SHED_REASON_HEADER, reason);
+        }
+        if status == "8"
+            && let Some(secs) = refused.retry_secs()
+        {
+            headers.insert(
+                "grpc-retry-pushback-ms",
+                HeaderValue::from(secs.saturating_mul(1000)),
+            );
+        }
+    }
+    response
+}
+
+/// `grpc-message` is percent-encoded: every byte outside printable ASCII,
+/// and `%` itself.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 impl fmt::Debug for RefusalBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.0 {
@@ -249,6 +331,67 @@ fn push_string(out: &mut String, text: &str) {
         }
     }
     out.push('"');
+}
+
+#[cfg(test)]
+mod grpc_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn decode(text: &str) -> Vec<u8> {
+        let bytes = text.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn grpc_messages_are_header_values_that_decode_back(text in "\\PC{0,60}") {
+            let encoded = grpc_message(&text);
+            prop_assert!(HeaderValue::from_str(&encoded).is_ok());
+            prop_assert_eq!(decode(&encoded), text.as_bytes());
+        }
+
+        #[test]
+        fn only_grpc_content_types_are_grpc(value in "[ -~]{0,40}") {
+            let mut headers = http::HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(CONTENT_TYPE, v);
+            }
+            let lower = value.to_ascii_lowercase();
+            let expected = lower == "application/grpc"
+                || lower.starts_with("application/grpc+")
+                || lower.starts_with("application/grpc;");
+            prop_assert_eq!(is_grpc(&headers), expected && HeaderValue::from_str(&value).is_ok());
+        }
+    }
+
+    #[test]
+    fn grpc_look_alikes_are_not_grpc() {
+        for value in ["application/grpc-web", "application/grpcx", "text/grpc", ""] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
+            assert!(!is_grpc(&headers), "{value}");
+        }
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&headers));
+    }
 }
 
 #[cfg(test)]

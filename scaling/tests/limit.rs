@@ -1181,3 +1181,60 @@ async fn waiters_leave_a_queue_that_mixes_upstream_and_first_hand_requests() {
     assert_eq!(l.stats().in_flight, 0);
     assert_eq!(*log.lock().unwrap(), ["long"].map(String::from));
 }
+
+/// A gRPC call of `class`, as a ClassifyLayer would have left it.
+fn grpc(class: ClassId, body: &str) -> Request<String> {
+    let mut r = req(class, body);
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        "application/grpc+proto".parse().unwrap(),
+    );
+    r
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_call_is_refused_with_a_grpc_status_never_an_http_error_page() {
+    let m = model();
+    let l = limiter(
+        &m,
+        1,
+        config(|c| c.max_queue_time = Duration::from_millis(50)),
+    );
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(Log::default()));
+    let batch = class(&m, "batch");
+    let running = tokio::spawn(svc.clone().oneshot(req(batch, "a:1000")));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // Queued, then timed out: RESOURCE_EXHAUSTED with the pushback.
+    let res = svc.clone().oneshot(grpc(batch, "b:1")).await.unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "trailers-only, as gRPC has it"
+    );
+    assert_eq!(res.headers()["content-type"], "application/grpc");
+    assert_eq!(res.headers()["grpc-status"], "8");
+    let pushback: u64 = res.headers()["grpc-retry-pushback-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pushback >= 1000, "{pushback}");
+    assert_eq!(res.headers()[SHED_REASON_HEADER], "queue-timeout");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.is_empty(), "no HTTP error page inside a gRPC exchange");
+    // Refused at once for a caller's deadline already gone: DEADLINE_EXCEEDED.
+    let mut late = grpc(batch, "late:1");
+    late.extensions_mut()
+        .insert(gratify_core::classify::Propagated::new(
+            Some(batch),
+            Some(tokio::time::Instant::now().into_std()),
+        ));
+    let res = svc.clone().oneshot(late).await.unwrap();
+    assert_eq!(res.headers()["grpc-status"], "4");
+    assert!(!res.headers().contains_key("grpc-retry-pushback-ms"));
+    // The same refusal of a plain HTTP request is still a 503.
+    let res = svc.clone().oneshot(req(batch, "c:1")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!res.headers().contains_key("grpc-status"));
+    running.await.unwrap().unwrap();
+}

@@ -91,4 +91,8 @@ impl<B, C: Classify<Request<B>>> Classify<Request<B>> for TrustedHeaderClassifie
     fn propagated(&self, request: &Request<B>) -> Option<super::Propagated> {
         super::propagated_of(request)
     }
+
+    fn grpc(&self, request: &Request<B>) -> bool {
+        crate::refusal::is_grpc(request.headers())
+    }
 }

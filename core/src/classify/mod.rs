@@ -81,6 +81,15 @@ pub trait Classify<Req: ?Sized> {
         let _ = request;
         None
     }
+
+    /// Whether `request` is a gRPC call, whose refusals must be gRPC
+    /// statuses rather than HTTP error pages. `false` unless a classifier
+    /// says otherwise (every classifier of `http::Request`s reads the
+    /// `Content-Type`).
+    fn grpc(&self, request: &Req) -> bool {
+        let _ = request;
+        false
+    }
 }
 
 impl<Req: ?Sized> Classify<Req> for ClassId {
@@ -100,6 +109,10 @@ impl<Req: ?Sized, C: Classify<Req> + ?Sized> Classify<Req> for std::sync::Arc<C>
 
     fn propagated(&self, request: &Req) -> Option<Propagated> {
         (**self).propagated(request)
+    }
+
+    fn grpc(&self, request: &Req) -> bool {
+        (**self).grpc(request)
     }
 }
 
@@ -231,6 +244,10 @@ impl<B> Classify<http::Request<B>> for FromExtensions {
 
     fn propagated(&self, request: &http::Request<B>) -> Option<Propagated> {
         propagated_of(request)
+    }
+
+    fn grpc(&self, request: &http::Request<B>) -> bool {
+        crate::refusal::is_grpc(request.headers())
     }
 }
 

@@ -340,6 +340,10 @@ impl<B> Classify<Request<B>> for RouteClassifier {
     fn propagated(&self, request: &Request<B>) -> Option<super::Propagated> {
         super::propagated_of(request)
     }
+
+    fn grpc(&self, request: &Request<B>) -> bool {
+        crate::refusal::is_grpc(request.headers())
+    }
 }
 
 impl Classify<http::request::Parts> for RouteClassifier {

@@ -23,6 +23,8 @@ pin_project! {
         #[pin]
         state: State<S, S::Future, Req>,
         hold_body: bool,
+        // A refusal is written as a gRPC status (the request was gRPC).
+        grpc: bool,
         _mode: PhantomData<fn() -> M>,
     }
 }
@@ -100,8 +102,15 @@ impl<S: Service<Req>, Req, M> ResponseFuture<S, Req, M> {
         Self {
             state,
             hold_body: false,
+            grpc: false,
             _mode: PhantomData,
         }
+    }
+
+    /// Writes a refusal as a gRPC status when `grpc`.
+    pub(crate) fn grpc(mut self, grpc: bool) -> Self {
+        self.grpc = grpc;
+        self
     }
 }
 
@@ -121,6 +130,8 @@ where
                         panic!("ResponseFuture polled after completion");
                     };
                     this.state.set(State::Done);
+                    let mut refusal = refusal;
+                    refusal.grpc = *this.grpc;
                     return Poll::Ready(M::refused(refusal));
                 }
                 StateProj::Waiting { wait } => {

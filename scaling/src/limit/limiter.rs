@@ -543,6 +543,8 @@ pub struct Refusal {
     pub(crate) retry_after: Duration,
     /// How the limiter's refusals are written.
     pub(crate) body: gratify_core::refusal::RefusalBody,
+    /// Written as a gRPC status (the request was gRPC).
+    pub(crate) grpc: bool,
 }
 
 /// Two refusals are equal when they say the same (reason and retry time).
@@ -1374,6 +1376,7 @@ impl Limiter {
             reason,
             retry_after: Duration::from_secs(secs as u64),
             body: self.shared.config.refusal_body.clone(),
+            grpc: false,
         }
     }
 

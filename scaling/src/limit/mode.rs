@@ -73,6 +73,14 @@ impl<RB, E> Mode<Response<RB>, E> for Http {
             refusal.reason.as_str(),
             refusal.retry_after,
         );
+        if refusal.grpc {
+            // Never an HTTP 503 inside a gRPC exchange: a status the
+            // client's library understands, with its pushback.
+            return Ok(gratify_core::refusal::grpc_response(
+                &refused,
+                LimitBody::refusal,
+            ));
+        }
         Ok(refusal.body.response(&refused, LimitBody::refusal))
     }
 

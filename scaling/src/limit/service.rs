@@ -95,6 +95,7 @@ where
         };
         let class = self.classify.classify(&request);
         let propagated = self.classify.propagated(&request);
+        let grpc = self.classify.grpc(&request);
         match self.limiter.acquire_propagated(class, propagated) {
             Acquire::Admitted(permit) => {
                 record("admission", "admitted");
@@ -107,12 +108,12 @@ where
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
                 let hold = self.classify.slot_hold(&request);
-                ResponseFuture::waiting(ticket, ready, request, hold, self.hold_body)
+                ResponseFuture::waiting(ticket, ready, request, hold, self.hold_body).grpc(grpc)
             }
             Acquire::Refused(refusal) => {
                 record("admission", "shed");
                 record("shed_reason", refusal.reason().as_str());
-                ResponseFuture::refused(refusal)
+                ResponseFuture::refused(refusal).grpc(grpc)
             }
         }
     }
