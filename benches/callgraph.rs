@@ -168,11 +168,20 @@ where
         }
         Kind::DelayCost | Kind::Propagated => Limiter::new(model),
     };
+    LIMITERS.lock().unwrap().push(limiter.clone());
     let stack = Stack::new(model).routes(routes).limit_with(limiter);
+    // The body is read to its end, as a client would: the limit holds each
+    // slot until then, and a body dropped unread is a cancellation.
     let served = stack
         .layer(service_fn(handler))
-        .map_response(|r| r.map(|_| ()))
-        .map_err(Into::<BoxError>::into);
+        .map_err(Into::<BoxError>::into)
+        .and_then(|r: Response<_>| async move {
+            let (parts, body) = r.into_parts();
+            http_body_util::BodyExt::collect(body)
+                .await
+                .map_err(Into::<BoxError>::into)?;
+            Ok::<_, BoxError>(Response::from_parts(parts, ()))
+        });
     let server: Client = if kind == Kind::Propagated {
         BoxCloneService::new(
             AcceptCallsLayer::new(model, Trust::token(SECRET).unwrap()).layer(served),
@@ -327,6 +336,10 @@ async fn run(kind: Kind, rate: f64, secs: f64, seed: u64, model: &CostModel) -> 
     r
 }
 
+/// Every service's limiter, in the order built (D, A, B, front), for
+/// `CALLGRAPH_DEBUG=1`.
+static LIMITERS: Mutex<Vec<Limiter>> = Mutex::new(Vec::new());
+
 /// Pending ledgers of failed requests, read once the run is over.
 static FAILED_LEDGERS: Mutex<Vec<Ledger>> = Mutex::new(Vec::new());
 
@@ -375,7 +388,22 @@ fn main() {
         ("propagated", Kind::Propagated),
     ] {
         FAILED_LEDGERS.lock().unwrap().clear();
+        LIMITERS.lock().unwrap().clear();
         let mut o = rt.block_on(run(kind, rate, secs, seed, &model));
+        if std::env::var_os("CALLGRAPH_DEBUG").is_some() {
+            for (who, l) in ["D", "A", "B", "front"]
+                .iter()
+                .zip(LIMITERS.lock().unwrap().iter())
+            {
+                let st = l.stats();
+                let per: Vec<String> = st
+                    .classes
+                    .iter()
+                    .map(|c| format!("adm {} shed {:?}", c.admitted, c.shed))
+                    .collect();
+                eprintln!("{name} {who}: limit {} {per:?}", st.limit);
+            }
+        }
         o.work_wasted = FAILED_LEDGERS
             .lock()
             .unwrap()
