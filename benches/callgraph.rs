@@ -177,9 +177,7 @@ where
         .map_err(Into::<BoxError>::into)
         .and_then(|r: Response<_>| async move {
             let (parts, body) = r.into_parts();
-            http_body_util::BodyExt::collect(body)
-                .await
-                .map_err(Into::<BoxError>::into)?;
+            http_body_util::BodyExt::collect(body).await?;
             Ok::<_, BoxError>(Response::from_parts(parts, ()))
         });
     let server: Client = if kind == Kind::Propagated {
