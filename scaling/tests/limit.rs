@@ -1238,3 +1238,40 @@ async fn a_grpc_call_is_refused_with_a_grpc_status_never_an_http_error_page() {
     assert!(!res.headers().contains_key("grpc-status"));
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_admitted_upstream_is_judged_by_its_place_ahead_of_the_first_hand_queue() {
+    let m = model();
+    let l = limiter(&m, 1, config(|c| c.warmup_samples = 10));
+    let log = Log::default();
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(origin(log.clone()));
+    let checkout = class(&m, "checkout");
+    warm_up(&svc, checkout, 10).await;
+    // Twenty first-hand checkouts of ~20 ms: a new one would wait past its
+    // 300 ms deadline, and is refused at once.
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        tasks.push(tokio::spawn(svc.clone().oneshot(req(checkout, "c:20"))));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let res = svc.clone().oneshot(req(checkout, "late:20")).await.unwrap();
+    assert_eq!(res.headers()[SHED_REASON_HEADER], "deadline");
+    // A checkout another service already admitted goes ahead of them: it
+    // is judged by that place, queued, and served next.
+    let res = svc
+        .clone()
+        .oneshot(propagated(
+            checkout,
+            "upstream:20",
+            Some(Duration::from_millis(300)),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let log = log.lock().unwrap();
+    let at = log.iter().position(|n| n == "upstream").unwrap();
+    assert!(at <= 11 + 1, "served after {at} others: {log:?}");
+}

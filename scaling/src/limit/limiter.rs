@@ -409,6 +409,9 @@ struct ClassShared {
     queue: Mutex<VecDeque<Waiter>>,
     /// The queue's length (written under its lock).
     len: AtomicUsize,
+    /// How many of its waiters were admitted upstream (the queue's first
+    /// part; written under its lock).
+    upstream_len: AtomicUsize,
     /// When the first and the last waiter joined (nanoseconds from
     /// `origin`; meaningful while `len > 0`).
     head_at: AtomicU64,
@@ -453,6 +456,8 @@ impl ClassShared {
                 .store(nanos_since(origin, tail.enqueued), Ordering::Relaxed);
         }
         self.len.store(queue.len(), Ordering::SeqCst);
+        self.upstream_len
+            .store(queue.partition_point(|w| w.upstream), Ordering::Relaxed);
     }
 }
 
@@ -765,6 +770,7 @@ impl Limiter {
                 name: name.into(),
                 queue: Mutex::new(VecDeque::new()),
                 len: AtomicUsize::new(0),
+                upstream_len: AtomicUsize::new(0),
                 head_at: AtomicU64::new(0),
                 tail_at: AtomicU64::new(0),
                 latency: AtomicU64::new(0f64.to_bits()),
@@ -1080,7 +1086,7 @@ impl Limiter {
         let curves = self.curves();
         let view = self.view(&curves, now);
         let room = fast.in_flight() < fast.limit_for(k);
-        let mut decision = decide(config, fast, &view, k, room);
+        let mut decision = decide(config, fast, &view, k, room, upstream);
         let mut taken = None;
         let c = &self.shared.classes[k];
         if let Decision::Admit = decision {
@@ -1088,7 +1094,7 @@ impl Limiter {
             // there is no room, whatever `room` said.
             taken = try_take(fast, k);
             if taken.is_none() {
-                decision = decide(config, fast, &view, k, false);
+                decision = decide(config, fast, &view, k, false, upstream);
             }
         }
         let mut probe = false;
@@ -1882,7 +1888,17 @@ fn teaches_limit(outcome: Outcome) -> bool {
 
 /// What to do with a request of class `k`; `room`: whether a slot is free
 /// under the limit.
-fn decide(config: &LimiterConfig, fast: &Fast, view: &View<'_>, k: usize, room: bool) -> Decision {
+/// `upstream`: the request was admitted upstream by a trusted caller, and
+/// would queue ahead of its class's first-hand requests — judged by that
+/// place, not the back of the queue.
+fn decide(
+    config: &LimiterConfig,
+    fast: &Fast,
+    view: &View<'_>,
+    k: usize,
+    room: bool,
+    upstream: bool,
+) -> Decision {
     let c = view.class(k);
     let limit = fast.limit();
     let queued = fast.queued();
@@ -1930,7 +1946,12 @@ fn decide(config: &LimiterConfig, fast: &Fast, view: &View<'_>, k: usize, room: 
     // Where would it stand in the queue?
     let mine = view.index(k, 0.0);
     let own_len = c.len();
-    let mut ahead = own_len;
+    // Where it would stand among its own class.
+    let mut ahead = if upstream {
+        c.upstream_len.load(Ordering::Relaxed).min(own_len)
+    } else {
+        own_len
+    };
     let mut behind_rate = 0.0;
     let mut cheaper_waiting = false;
     let mut lowest: Option<(usize, f64)> = None;
