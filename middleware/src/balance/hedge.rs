@@ -74,6 +74,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::CallContext;
+use super::propagate::now;
+use super::tally::Tally;
 
 /// When [`HedgeLayer`] sends a second copy.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,67 +149,18 @@ struct Shared {
     seen: Vec<std::sync::atomic::AtomicU64>,
     classes: Vec<Mutex<ClassStats>>,
     budget: TpsBudget,
-    /// Calls and overload refusals, over the window (one-second buckets).
-    refusals: Mutex<Refusals>,
-}
-
-#[derive(Debug)]
-struct Refusals {
-    /// (calls, refused) per second, oldest first.
-    counts: Vec<(u64, u64)>,
-    second: u64,
-    origin: tokio::time::Instant,
-}
-
-impl Refusals {
-    fn advance(&mut self) {
-        let now = tokio::time::Instant::now()
-            .saturating_duration_since(self.origin)
-            .as_secs();
-        if now > self.second {
-            let n = self.counts.len();
-            let shift = usize::try_from(now - self.second).unwrap_or(usize::MAX);
-            if shift >= n {
-                self.counts.iter_mut().for_each(|c| *c = (0, 0));
-            } else {
-                self.counts.rotate_left(shift);
-                self.counts[n - shift..]
-                    .iter_mut()
-                    .for_each(|c| *c = (0, 0));
-            }
-            self.second = now;
-        }
-    }
-}
-
-fn now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
+    /// Calls, marked when refused for overload, over the window.
+    refusals: Tally,
 }
 
 impl Shared {
     fn overloaded(&self) -> bool {
-        let mut r = self
-            .refusals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        r.advance();
-        let (calls, refused) = r
-            .counts
-            .iter()
-            .fold((0u64, 0u64), |(c, f), (bc, bf)| (c + bc, f + bf));
+        let (calls, refused) = self.refusals.totals();
         calls > 0 && refused as f64 > self.config.max_refused_share * calls as f64
     }
 
     fn count(&self, refused: bool) {
-        let mut r = self
-            .refusals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        r.advance();
-        if let Some(last) = r.counts.last_mut() {
-            last.0 += 1;
-            last.1 += u64::from(refused);
-        }
+        self.refusals.record(refused);
     }
 
     /// Records a latency of class `k` and, every so often, plans again.
@@ -294,12 +247,8 @@ impl Shared {
     }
 
     fn class_of<B>(&self, request: &Request<B>) -> usize {
-        request
-            .extensions()
-            .get::<CallContext>()
-            .and_then(CallContext::class)
-            .or_else(|| CallContext::current().and_then(|c| c.class()))
-            .and_then(|name| self.by_name.get(&*name).copied())
+        CallContext::of(request.extensions())
+            .and_then(|c| c.with_class_name(|name| self.by_name.get(name?).copied()))
             .unwrap_or(self.default)
     }
 }
@@ -332,7 +281,6 @@ impl HedgeLayer {
         if config.max_refused_share.is_nan() {
             return Err(HedgeConfigError("max_refused_share must be a number"));
         }
-        let window_secs = config.window.as_secs().clamp(1, 3600);
         let classes = (0..model.len())
             .map(|_| {
                 Mutex::new(ClassStats {
@@ -359,11 +307,7 @@ impl HedgeLayer {
                 classes,
                 // No floor: hedges only ever come out of calls made.
                 budget: TpsBudget::new(Duration::from_secs(10), 0, config.max_share),
-                refusals: Mutex::new(Refusals {
-                    counts: vec![(0, 0); usize::try_from(window_secs).unwrap_or(60)],
-                    second: 0,
-                    origin: tokio::time::Instant::now(),
-                }),
+                refusals: Tally::new(config.window),
                 config,
             }),
         })
@@ -492,11 +436,7 @@ where
         let shared = Arc::clone(&self.shared);
         // The caller's context travels on the request itself: the copy is
         // sent from inside this future, where the task's may not be set.
-        if request.extensions().get::<CallContext>().is_none()
-            && let Some(context) = CallContext::current()
-        {
-            request.extensions_mut().insert(context);
-        }
+        CallContext::attach(&mut request);
         let k = shared.class_of(&request);
         if let Some(seen) = shared.seen.get(k) {
             seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

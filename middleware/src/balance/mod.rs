@@ -14,6 +14,7 @@ pub mod hedge;
 pub mod p2c;
 pub mod propagate;
 pub mod retry;
+mod tally;
 
 pub use self::hedge::{HedgeConfig, HedgeLayer};
 pub use self::p2c::{BalanceConfig, CostBalance, Ejection};

@@ -93,6 +93,7 @@ use tower::ready_cache::ReadyCache;
 use tower_service::Service;
 
 use super::CallContext;
+use super::propagate::now;
 
 /// How [`CostBalance`] weighs replicas.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,10 +187,6 @@ struct ReplicaState {
     ejected_until: Option<Instant>,
     /// Ejections in a row (reset by a success after re-admission).
     ejections: u32,
-}
-
-fn now() -> Instant {
-    tokio::time::Instant::now().into_std()
 }
 
 /// The share of its weight an estimate keeps after `elapsed`: one half per
@@ -561,13 +558,8 @@ where
     }
 
     fn class_of(&self, request: &Req) -> ClassId {
-        let named = request
-            .request_extensions()
-            .get::<CallContext>()
-            .and_then(CallContext::class)
-            .or_else(|| CallContext::current().and_then(|c| c.class()));
-        named
-            .and_then(|name| self.classes.by_name.get(&*name).copied())
+        CallContext::of(request.request_extensions())
+            .and_then(|c| c.with_class_name(|name| self.classes.by_name.get(name?).copied()))
             .unwrap_or(self.classes.default)
     }
 }

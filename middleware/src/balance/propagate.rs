@@ -241,6 +241,33 @@ impl CallContext {
         self.deadline().map(|d| d.saturating_duration_since(now()))
     }
 
+    /// The context of an outgoing call: the one on the request (it wins),
+    /// else the task's.
+    pub(crate) fn of(extensions: &http::Extensions) -> Option<Self> {
+        extensions.get::<Self>().cloned().or_else(Self::current)
+    }
+
+    /// Puts the task's context on `request` unless it has one: for layers
+    /// that send it (again) from inside a future, or on another task.
+    pub(crate) fn attach<B>(request: &mut Request<B>) {
+        if request.extensions().get::<Self>().is_none()
+            && let Some(context) = Self::current()
+        {
+            request.extensions_mut().insert(context);
+        }
+    }
+
+    /// Runs `f` with the class's name, if the context has one — without
+    /// copying it (a lookup per call on a balancer's hot path).
+    pub(crate) fn with_class_name<R>(&self, f: impl FnOnce(Option<&str>) -> R) -> R {
+        match &self.inner {
+            ContextInner::Given { class, .. } => f(class.as_deref()),
+            ContextInner::Served { model, class, .. } => {
+                model.read(|m| f(m.get(*class).map(|_| m.name(*class))))
+            }
+        }
+    }
+
     /// The context of the request this task is serving, if a `Stack` (or a
     /// [`scope`](Self::scope)) set one.
     pub fn current() -> Option<Self> {
@@ -829,11 +856,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let context = request
-            .extensions()
-            .get::<CallContext>()
-            .cloned()
-            .or_else(CallContext::current);
+        let context = CallContext::of(request.extensions());
         if let Some(context) = &context {
             // For the layers below, which may run on another task (a
             // buffer's worker, where the task's context is not set): the

@@ -78,6 +78,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::CallContext;
+use super::tally::Tally;
 
 /// The bounds of [`RetryLayer`].
 #[derive(Debug, Clone, PartialEq)]
@@ -132,55 +133,22 @@ pub struct RetryConfigError(&'static str);
 #[error("call throttled by the client: the servers are refusing most calls")]
 pub struct Throttled(());
 
-/// Counts calls and accepts over a sliding window of one-second buckets.
+/// The adaptive throttle: calls and accepts over a sliding window.
 #[derive(Debug)]
 struct Throttle {
     k: f64,
     cap: f64,
-    buckets: Mutex<Buckets>,
-}
-
-#[derive(Debug)]
-struct Buckets {
-    /// (calls, accepts) per second, oldest first.
-    counts: Vec<(u64, u64)>,
-    /// The second the last bucket counts.
-    second: u64,
-    origin: Instant,
+    /// Calls, marked when the servers accepted them.
+    tally: Tally,
 }
 
 impl Throttle {
     fn new(k: f64, cap: f64, window: Duration) -> Self {
-        let n = usize::try_from(window.as_secs().clamp(1, 3600)).unwrap_or(120);
         Self {
             k,
             cap,
-            buckets: Mutex::new(Buckets {
-                counts: vec![(0, 0); n],
-                second: 0,
-                origin: Instant::now(),
-            }),
+            tally: Tally::new(window),
         }
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut Buckets) -> R) -> R {
-        let mut b = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now().saturating_duration_since(b.origin).as_secs();
-        if now > b.second {
-            let shift = usize::try_from(now - b.second).unwrap_or(usize::MAX);
-            let n = b.counts.len();
-            if shift >= n {
-                b.counts.iter_mut().for_each(|c| *c = (0, 0));
-            } else {
-                b.counts.rotate_left(shift);
-                b.counts[n - shift..].iter_mut().for_each(|c| *c = (0, 0));
-            }
-            b.second = now;
-        }
-        f(&mut b)
     }
 
     /// The probability of refusing the next call locally.
@@ -188,22 +156,13 @@ impl Throttle {
         if self.k <= 0.0 {
             return 0.0;
         }
-        let (calls, accepts) = self.with(|b| {
-            b.counts
-                .iter()
-                .fold((0u64, 0u64), |(c, a), (bc, ba)| (c + bc, a + ba))
-        });
+        let (calls, accepts) = self.tally.totals();
         let (calls, accepts) = (calls as f64, accepts as f64);
         ((calls - self.k * accepts) / (calls + 1.0)).clamp(0.0, self.cap)
     }
 
     fn record(&self, accepted: bool) {
-        self.with(|b| {
-            if let Some(last) = b.counts.last_mut() {
-                last.0 += 1;
-                last.1 += u64::from(accepted);
-            }
-        });
+        self.tally.record(accepted);
     }
 }
 
@@ -417,11 +376,7 @@ where
         let shared = Arc::clone(&self.shared);
         // The caller's context travels on the request itself: retries are
         // sent from inside this future, where the task's may not be set.
-        if request.extensions().get::<CallContext>().is_none()
-            && let Some(context) = CallContext::current()
-        {
-            request.extensions_mut().insert(context);
-        }
+        CallContext::attach(&mut request);
         // The client refuses the call itself while the servers refuse most.
         let p = shared.throttle.reject_probability();
         if p > 0.0
@@ -438,12 +393,11 @@ where
             return Box::pin(async { Err(Throttled(()).into()) });
         }
         shared.budget.deposit();
+        // Attached above: the request's context is the call's.
         let deadline = request
             .extensions()
             .get::<CallContext>()
-            .cloned()
-            .or_else(CallContext::current)
-            .and_then(|c| c.deadline());
+            .and_then(CallContext::deadline);
         let method = request.method().clone();
         // The first attempt uses the service made ready; later ones a clone.
         let spare = (shared.config.max_attempts > 1).then(|| request.clone());
