@@ -1953,6 +1953,7 @@ fn decide(
         own_len
     };
     let mut behind_rate = 0.0;
+    let class_refusal = class.refusal_cost();
     let mut cheaper_waiting = false;
     let mut lowest: Option<(usize, f64)> = None;
     for j in 0..view.shared.classes.len() {
@@ -1973,7 +1974,13 @@ fn decide(
             ahead += len;
         } else {
             cheaper_waiting = true;
-            behind_rate += len as f64 * urgency(&view.curves[j], view.latency(j));
+            // The delay it would add to those behind it counts only for
+            // classes at least as costly to refuse: refusing it to spare a
+            // less valuable class a wait would refuse the more valuable
+            // request while admitting the less valuable one.
+            if view.curves[j].refusal_cost() >= class_refusal {
+                behind_rate += len as f64 * urgency(&view.curves[j], view.latency(j));
+            }
         }
     }
     // Room for it, and nobody waiting who would go first (waiters of
@@ -2528,6 +2535,66 @@ refusal_cost = 1.0
             _ => panic!("a stale flag refused a request that can wait"),
         }
         drop(tickets);
+        drop(held);
+        let s = l.stats();
+        assert_eq!((s.in_flight, s.queued), (0, 0));
+    }
+
+    /// The delay a request would add to the requests queued behind it is
+    /// not a reason to refuse it when they are less valuable: refusing vip
+    /// to spare a hundred bulk requests a second's wait would refuse the
+    /// more valuable request while admitting the less valuable ones.
+    #[tokio::test(start_paused = true)]
+    async fn a_valuable_request_is_not_refused_to_spare_cheaper_waiters_a_wait() {
+        let m = CostModel::from_toml(
+            r#"
+default_class = "bulk"
+[classes.vip]
+delay_cost = { shape = "linear", per_second = 1.0 }
+refusal_cost = 10.0
+[classes.bulk]
+delay_cost = { shape = "linear", per_second = 0.5 }
+refusal_cost = 8.0
+"#,
+        )
+        .unwrap();
+        let (vip, bulk) = (m.id("vip").unwrap(), m.id("bulk").unwrap());
+        let config = LimiterConfig {
+            warmup_samples: 0,
+            // Bulk waits whatever its wait costs (the cost rules never shed it).
+            never_shed: vec![(bulk, 200)],
+            ..LimiterConfig::default()
+        };
+        let l = Limiter::with_algorithm(&m, Fixed::new(1), config);
+        // Both classes take a second of service.
+        for class in [vip, bulk, vip, bulk, vip, bulk] {
+            let p = l.admit(class).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            p.complete(Outcome::Success);
+        }
+        let held = l.admit(bulk).await.unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..100 {
+            match l.acquire(bulk) {
+                Acquire::Queued(t) => waiting.push(t),
+                _ => panic!("bulk waits"),
+            }
+        }
+        // Vip goes first: each waits a few seconds, costs a few units
+        // against a refusal of 10, and delays the hundred bulk waiters by a
+        // second each (50 at their rate) — every one of whom is still
+        // served. (More than one: a refusal may be turned into a probe.)
+        for _ in 0..3 {
+            match l.acquire(vip) {
+                Acquire::Queued(t) => waiting.push(t),
+                Acquire::Admitted(_) => panic!("no slot is free"),
+                Acquire::Refused(r) => {
+                    panic!("vip refused ({r:?}) while cheaper bulk waits to be served")
+                }
+            }
+        }
+        assert_eq!(l.stats().classes[vip.index()].shed_total(), 0);
+        drop(waiting);
         drop(held);
         let s = l.stats();
         assert_eq!((s.in_flight, s.queued), (0, 0));

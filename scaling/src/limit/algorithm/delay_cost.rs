@@ -13,6 +13,11 @@ pub(crate) fn urgency(class: &Class, t: f64) -> f64 {
     class.urgency(t)
 }
 
+/// How many samples a class's moving mean latency averages (its weight
+/// is 1/`MEAN_SAMPLES`), and how many it must have seen before it can be a
+/// baseline.
+const MEAN_SAMPLES: u32 = 32;
+
 /// gratify's limit: the concurrency whose extra throughput pays for its
 /// delay.
 ///
@@ -60,7 +65,8 @@ pub struct DelayCostLimit {
     max_inflation: f64,
     min_phase: Duration,
     baselines: Vec<MinTracker>,
-    means: Vec<f64>,
+    /// Each class's mean latency and how many samples it has averaged.
+    means: Vec<(f64, u32)>,
     mix: Vec<f64>,
     phase: Phase,
     guard: Guard,
@@ -133,7 +139,7 @@ impl DelayCostLimit {
             baselines: (0..model.len())
                 .map(|_| MinTracker::new(Duration::from_secs(30)))
                 .collect(),
-            means: vec![0.0; model.len()],
+            means: vec![(0.0, 0); model.len()],
             mix: vec![0.0; model.len()],
             model: model.clone(),
             limit: 20.0,
@@ -340,17 +346,28 @@ impl Algorithm for DelayCostLimit {
         };
         // The baseline is the windowed minimum of the class's moving mean
         // latency, not of single samples: a single fast request says little
-        // about a service with variable work.
+        // about a service with variable work. The mean is a plain average
+        // over the class's first samples and only then a moving one, and
+        // it becomes a candidate baseline once it averages a full window:
+        // the mean of the first few samples of a variable service can lie
+        // far below its true mean, and a baseline taken from it would read
+        // an idle service as congested for the whole window.
         let secs = latency.as_secs_f64();
-        *mean = if *mean <= 0.0 {
-            secs
+        let n = &mut mean.1;
+        *n = n.saturating_add(1);
+        let weight = f64::from((*n).min(MEAN_SAMPLES));
+        mean.0 += (secs - mean.0) / weight;
+        let mean_latency = mean.0;
+        let base = if *n >= MEAN_SAMPLES {
+            tracker.record(now, Duration::from_secs_f64(mean_latency))
         } else {
-            *mean + (secs - *mean) / 32.0
-        };
-        let mean_latency = *mean;
-        let base = tracker
-            .record(now, Duration::from_secs_f64(*mean))
-            .as_secs_f64();
+            tracker
+                .min()
+                .map_or(Duration::from_secs_f64(mean_latency), |m| {
+                    m.min(Duration::from_secs_f64(mean_latency))
+                })
+        }
+        .as_secs_f64();
         let ratio = secs / base.max(1e-9);
         self.warm += 1;
 
@@ -484,6 +501,39 @@ mod tests {
         run(&mut alg, 6, 10.0, &mut t);
         let base = alg.base_limit();
         assert!((4.0..=8.5).contains(&base), "found {base}, knee at 6");
+    }
+
+    /// A service of variable work whose first answer happens to be fast:
+    /// the mean of its first few samples is no baseline, or the idle
+    /// service reads as congested and the limit is cut to its minimum.
+    #[test]
+    fn a_fast_first_answer_is_no_baseline() {
+        let mut t = Instant::now();
+        let mut alg = DelayCostLimit::new(&model()).initial_limit(8);
+        let class = ClassId::from_index(0);
+        alg.update(&Sample::new(
+            t,
+            Duration::from_micros(200),
+            1,
+            Outcome::Success,
+            class,
+        ));
+        // Exponential service, 20 ms mean, 64 workers: a limit of 8 never
+        // queues, so nothing here is congestion.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut lowest = alg.base_limit();
+        for _ in 0..4_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+            let lat = Duration::from_secs_f64(-0.02 * (1.0 - u).ln());
+            let n = alg.current(t);
+            t += Duration::from_millis(3);
+            alg.update(&Sample::new(t, lat, n, Outcome::Success, class));
+            lowest = lowest.min(alg.base_limit());
+        }
+        assert!(lowest >= 8.0, "an idle service's limit was cut to {lowest}");
     }
 
     #[test]
