@@ -21,10 +21,16 @@
 //! - `fleet` (features `redis`, `postgres`): the store as an autoscaled
 //!   fleet behind HAProxy on PostgreSQL and Redis, under a compressed day,
 //!   once per scaling policy (see [`fleet`]).
+//!
+//! - `inventory` (feature `grpc`): the store's inventory as a gRPC service
+//!   on tonic behind gratify, called across three replicas through
+//!   gratify's balancer (see `inventory`).
 
 pub mod demo;
 pub mod drive;
 pub mod fleet;
+#[cfg(feature = "grpc")]
+pub mod inventory;
 
 /// Sends the process's logs to stderr, at the levels `RUST_LOG` asks
 /// (`default` — `info` or `warn`, say — when it is unset or a level in it
