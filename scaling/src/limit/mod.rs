@@ -10,8 +10,9 @@
 //!   cost rate ÷ expected service time (the cμ rule), the most urgent first;
 //! - it is refused at once when it cannot finish before its deadline, or
 //!   when its expected delay cost plus the delay it imposes on the requests
-//!   behind it exceeds its refusal cost — so the cheapest classes are shed
-//!   first and no request is shed while a less valuable one is admitted;
+//!   behind it that are at least as costly to refuse exceeds its refusal
+//!   cost — so the cheapest classes are shed first and no request is shed
+//!   to spare a less valuable one a wait;
 //! - a full queue displaces its least valuable waiter for a more valuable
 //!   arrival, never the reverse;
 //! - while the estimators warm up (the first samples), nothing is shed by

@@ -50,9 +50,14 @@ const MEAN_SAMPLES: u32 = 32;
 ///   drag it up (the drift of Netflix concurrency-limits PR #134);
 /// - loss signals (503/429 from the service, timeouts) cut the limit by 10%
 ///   at once (Netflix issue #121);
-/// - a median latency more than `max_inflation` times the baseline cuts it
-///   by 25% at once, which follows a sudden loss of capacity within a few
-///   windows; the median keeps heavy-tailed services from tripping it;
+/// - a window of samples whose median and mean latency both exceed
+///   `max_inflation` times the baseline cuts it by 25% at once, which
+///   follows a sudden loss of capacity within a few windows; the median
+///   keeps heavy-tailed services from tripping it, the mean services whose
+///   typical request is slower than their average;
+/// - a class's baseline is taken only once its mean averages 32 samples:
+///   the mean of a variable service's first few answers can lie far below
+///   its true mean;
 /// - it does not grow while the limit is not reached (application-limited),
 ///   and it probes only while it is.
 #[derive(Debug)]
@@ -64,9 +69,9 @@ pub struct DelayCostLimit {
     max_limit: usize,
     max_inflation: f64,
     min_phase: Duration,
-    baselines: Vec<MinTracker>,
-    /// Each class's mean latency and how many samples it has averaged.
-    means: Vec<(f64, u32)>,
+    /// Each class's latency: its moving mean and the mean's windowed
+    /// minimum (its baseline).
+    classes: Vec<ClassLatency>,
     mix: Vec<f64>,
     phase: Phase,
     guard: Guard,
@@ -74,6 +79,54 @@ pub struct DelayCostLimit {
     rate: f64,
     /// Consecutive moves in one direction (+ up, − down).
     streak: i32,
+}
+
+/// What the algorithm knows of one class's latency.
+#[derive(Debug)]
+struct ClassLatency {
+    /// A plain average over the first `MEAN_SAMPLES` samples, then a moving
+    /// mean of weight 1/`MEAN_SAMPLES`.
+    mean: f64,
+    /// Samples seen.
+    n: u32,
+    /// The windowed minimum of the moving mean: the baseline latency
+    /// ratios are taken against.
+    mean_base: MinTracker,
+}
+
+impl ClassLatency {
+    fn new() -> Self {
+        Self {
+            mean: 0.0,
+            n: 0,
+            mean_base: MinTracker::new(Duration::from_secs(30)),
+        }
+    }
+
+    /// Takes in a sample of `secs`; once the class's estimates average a
+    /// full window of samples, returns the baseline its latencies are
+    /// judged against, and `None` before: the mean of a variable
+    /// service's first few samples can lie far below its true mean, and a
+    /// baseline taken from it would read an idle service as congested for
+    /// the whole window.
+    fn record(&mut self, now: Instant, secs: f64) -> Option<f64> {
+        self.n = self.n.saturating_add(1);
+        let weight = f64::from(self.n.min(MEAN_SAMPLES));
+        self.mean += (secs - self.mean) / weight;
+        if self.n < MEAN_SAMPLES {
+            return None;
+        }
+        let base = self
+            .mean_base
+            .record(now, Duration::from_secs_f64(self.mean));
+        Some(base.as_secs_f64())
+    }
+
+    /// The class's baseline mean latency, or its mean so far before it has
+    /// one (0 before any sample).
+    fn base_mean(&self) -> f64 {
+        self.mean_base.min().map_or(self.mean, |d| d.as_secs_f64())
+    }
 }
 
 /// Samples credited to one probe phase.
@@ -136,10 +189,7 @@ impl DelayCostLimit {
     /// `[1, 1000]`.
     pub fn new(model: &CostModel) -> Self {
         Self {
-            baselines: (0..model.len())
-                .map(|_| MinTracker::new(Duration::from_secs(30)))
-                .collect(),
-            means: vec![(0.0, 0); model.len()],
+            classes: (0..model.len()).map(|_| ClassLatency::new()).collect(),
             mix: vec![0.0; model.len()],
             model: model.clone(),
             limit: 20.0,
@@ -231,7 +281,7 @@ impl DelayCostLimit {
         }
         let (mut c, mut r, mut b) = (0.0, 0.0, 0.0);
         for (k, ((_, _, class), w)) in self.model.iter().zip(&self.mix).enumerate() {
-            let base = self.baselines[k].min().map_or(0.0, |d| d.as_secs_f64());
+            let base = self.classes[k].base_mean();
             c += w * urgency(class, base);
             r += w * class.refusal_cost();
             b += w * base;
@@ -341,51 +391,44 @@ impl Algorithm for DelayCostLimit {
             return self.current(now);
         }
         let latency = s.latency.max(Duration::from_micros(1));
-        let (Some(tracker), Some(mean)) = (self.baselines.get_mut(k), self.means.get_mut(k)) else {
+        let Some(class) = self.classes.get_mut(k) else {
             return self.current(now);
         };
         // The baseline is the windowed minimum of the class's moving mean
         // latency, not of single samples: a single fast request says little
-        // about a service with variable work. The mean is a plain average
-        // over the class's first samples and only then a moving one, and
-        // it becomes a candidate baseline once it averages a full window:
-        // the mean of the first few samples of a variable service can lie
-        // far below its true mean, and a baseline taken from it would read
-        // an idle service as congested for the whole window.
+        // about a service with variable work.
         let secs = latency.as_secs_f64();
-        let n = &mut mean.1;
-        *n = n.saturating_add(1);
-        let weight = f64::from((*n).min(MEAN_SAMPLES));
-        mean.0 += (secs - mean.0) / weight;
-        let mean_latency = mean.0;
-        let base = if *n >= MEAN_SAMPLES {
-            tracker.record(now, Duration::from_secs_f64(mean_latency))
-        } else {
-            tracker
-                .min()
-                .map_or(Duration::from_secs_f64(mean_latency), |m| {
-                    m.min(Duration::from_secs_f64(mean_latency))
-                })
-        }
-        .as_secs_f64();
-        let ratio = secs / base.max(1e-9);
+        let baseline = class.record(now, secs);
+        let mean_latency = class.mean;
         self.warm += 1;
+        // Before its baseline exists, a class's samples say nothing of
+        // congestion: they count toward the cold start only.
+        let ratio = baseline.map(|base| secs / base.max(1e-9));
 
-        // The guard: the median inflation of a window of samples.
-        let g = &mut self.guard;
-        let g_start = *g.start.get_or_insert(now);
-        g.ratios.push(ratio);
-        let window = now.saturating_duration_since(g_start);
-        if window >= self.phase.length && g.ratios.len() >= 20 {
-            let elapsed = window.as_secs_f64().max(1e-6);
-            self.rate = g.ratios.len() as f64 / elapsed;
-            let mid = g.ratios.len() / 2;
-            let median = *g.ratios.select_nth_unstable_by(mid, f64::total_cmp).1;
-            g.ratios.clear();
-            g.start = None;
-            if median > self.max_inflation {
-                self.cut(0.75, now);
-                return self.current(now);
+        // The guard: the inflation of a window of samples, by its median
+        // and its mean.
+        if let Some(ratio) = ratio {
+            let g = &mut self.guard;
+            let g_start = *g.start.get_or_insert(now);
+            g.ratios.push(ratio);
+            let window = now.saturating_duration_since(g_start);
+            if window >= self.phase.length && g.ratios.len() >= 20 {
+                let elapsed = window.as_secs_f64().max(1e-6);
+                self.rate = g.ratios.len() as f64 / elapsed;
+                let mean = g.ratios.iter().sum::<f64>() / g.ratios.len() as f64;
+                let mid = g.ratios.len() / 2;
+                let median = *g.ratios.select_nth_unstable_by(mid, f64::total_cmp).1;
+                g.ratios.clear();
+                g.start = None;
+                // Congestion slows every request: both figures rise. A
+                // heavy tail raises the mean alone; a service whose typical
+                // request is slower than its average (fast hits beside
+                // slower misses) has a median above its mean baseline when
+                // idle.
+                if median > self.max_inflation && mean > self.max_inflation {
+                    self.cut(0.75, now);
+                    return self.current(now);
+                }
             }
         }
 
@@ -404,7 +447,9 @@ impl Algorithm for DelayCostLimit {
             return self.current(now);
         };
         let len = self.phase.length;
-        if s.start >= start {
+        if let Some(ratio) = ratio
+            && s.start >= start
+        {
             let since = s.start.saturating_duration_since(start);
             if since < len {
                 self.phase.up.add(ratio, s.in_flight);
@@ -510,30 +555,70 @@ mod tests {
     fn a_fast_first_answer_is_no_baseline() {
         let mut t = Instant::now();
         let mut alg = DelayCostLimit::new(&model()).initial_limit(8);
-        let class = ClassId::from_index(0);
         alg.update(&Sample::new(
             t,
             Duration::from_micros(200),
             1,
             Outcome::Success,
-            class,
+            ClassId::from_index(0),
         ));
-        // Exponential service, 20 ms mean, 64 workers: a limit of 8 never
-        // queues, so nothing here is congestion.
+        // Exponential service, 20 ms mean, and a limit of 8 that never
+        // queues: nothing here is congestion.
+        let lowest = idle(&mut alg, &mut t, 4_000, |u| -0.02 * (1.0 - u).ln());
+        assert!(lowest >= 8.0, "an idle service's limit was cut to {lowest}");
+    }
+
+    /// Latencies drawn by `draw` from a xorshift stream, one every 3 ms,
+    /// with the limit always full (so every probe can judge) but far below
+    /// the service's workers: the lowest base limit seen.
+    fn idle(alg: &mut DelayCostLimit, t: &mut Instant, n: usize, draw: impl Fn(f64) -> f64) -> f64 {
+        let class = ClassId::from_index(0);
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         let mut lowest = alg.base_limit();
-        for _ in 0..4_000 {
+        for _ in 0..n {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             let u = (x >> 11) as f64 / (1u64 << 53) as f64;
-            let lat = Duration::from_secs_f64(-0.02 * (1.0 - u).ln());
-            let n = alg.current(t);
-            t += Duration::from_millis(3);
-            alg.update(&Sample::new(t, lat, n, Outcome::Success, class));
+            let lat = Duration::from_secs_f64(draw(u));
+            let in_flight = alg.current(*t);
+            *t += Duration::from_millis(3);
+            alg.update(&Sample::new(*t, lat, in_flight, Outcome::Success, class));
             lowest = lowest.min(alg.base_limit());
         }
+        lowest
+    }
+
+    /// A service whose typical request is slower than its average (60% at
+    /// 20 ms, 40% answered from a cache in 0.5 ms): its median sits above
+    /// its mean, and a guard comparing the one with the other reads the
+    /// idle service as congested.
+    #[test]
+    fn a_median_above_the_mean_is_no_congestion() {
+        let mut t = Instant::now();
+        let mut alg = DelayCostLimit::new(&model()).initial_limit(8);
+        let lowest = idle(
+            &mut alg,
+            &mut t,
+            6_000,
+            |u| if u < 0.4 { 0.0005 } else { 0.02 },
+        );
         assert!(lowest >= 8.0, "an idle service's limit was cut to {lowest}");
+    }
+
+    /// The guard still follows a sudden loss of capacity: latencies four
+    /// times longer cut the limit within a second.
+    #[test]
+    fn a_sudden_slowdown_still_cuts_the_limit() {
+        let mut t = Instant::now();
+        let mut alg = DelayCostLimit::new(&model()).initial_limit(16);
+        idle(&mut alg, &mut t, 3_000, |u| -0.02 * (1.0 - u).ln());
+        let before = alg.base_limit();
+        let lowest = idle(&mut alg, &mut t, 300, |u| -0.08 * (1.0 - u).ln());
+        assert!(
+            lowest <= before * 0.75,
+            "{before} -> {lowest}: the slowdown went unseen"
+        );
     }
 
     #[test]
