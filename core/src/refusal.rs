@@ -265,6 +265,27 @@ pub fn grpc_response<B>(refused: &Refused<'_>, body: impl FnOnce(Bytes) -> B) ->
     response
 }
 
+/// The gRPC status code in a response's head, if it has one: a
+/// "trailers-only" answer (an error, or a refusal) carries it there; a
+/// successful call carries it in its trailers, which this does not read.
+///
+/// ```
+/// use http::HeaderMap;
+///
+/// let mut headers = HeaderMap::new();
+/// assert_eq!(gratify_core::refusal::grpc_status(&headers), None);
+/// headers.insert("grpc-status", "8".parse().unwrap());
+/// assert_eq!(gratify_core::refusal::grpc_status(&headers), Some(8));
+/// headers.insert("grpc-status", "eight".parse().unwrap());
+/// assert_eq!(gratify_core::refusal::grpc_status(&headers), None);
+/// ```
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse().ok())
+}
+
 /// `grpc-message` is percent-encoded: every byte outside printable ASCII,
 /// and `%` itself.
 fn grpc_message(text: &str) -> String {

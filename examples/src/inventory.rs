@@ -63,7 +63,9 @@ pub const RESERVE: &str = "/shop.Inventory/Reserve";
 
 /// The shared secret the store's calls carry, so that the inventory trusts
 /// the class and deadline they bring (a real deployment reads it from its
-/// secrets, or trusts its mesh's network instead).
+/// secrets). Trusting a network instead needs the peer's address as
+/// [`gratify::balance::PeerAddr`] in the request's extensions, which
+/// tonic's server does not put there (it inserts its own connection info).
 pub const PEER_TOKEN: &str = "the store's inventory calls, in the example";
 
 /// The cost model of the inventory's calls: a reservation for a checkout is
@@ -316,12 +318,23 @@ where
 type Calls = gratify::balance::Propagate<
     Buffer<http::Request<Body>, <Balanced as Service<http::Request<Body>>>::Future>,
 >;
-type Balanced = CostBalance<ServiceList<Vec<tonic::transport::Channel>>, http::Request<Body>>;
+type Balanced = CostBalance<
+    ServiceList<Vec<gratify::balance::Propagate<tonic::transport::Channel>>>,
+    http::Request<Body>,
+>;
 
 /// The store's client of the inventory: one tonic `Channel` per replica,
 /// chosen per call by [`CostBalance`], with the class and remaining
 /// deadline of the request being served carried by [`PropagateLayer`].
 /// Clones share the balancer.
+///
+/// The layers, outermost first: `PropagateLayer` (reads the task's
+/// context, which the buffer's worker cannot see, and leaves it on the
+/// request), a `Buffer` (so that clones share one balancer),
+/// [`CostBalance`], and under it a `PropagateLayer` on each replica's
+/// channel, which writes the headers again as the call leaves, so that the
+/// time spent in the buffer and waiting for a ready replica is taken off
+/// the deadline the replica is sent.
 #[derive(Clone)]
 pub struct InventoryClient {
     grpc: tonic::client::Grpc<Calls>,
@@ -341,15 +354,17 @@ impl InventoryClient {
     ///
     /// A URL that does not parse.
     pub fn connect(urls: &[String], model: &CostModel) -> Result<Self, BoxError> {
+        let propagate = PropagateLayer::new().token(PEER_TOKEN)?;
         let channels = urls
             .iter()
-            .map(|u| Ok(tonic::transport::Endpoint::from_shared(u.clone())?.connect_lazy()))
+            .map(|u| {
+                let channel = tonic::transport::Endpoint::from_shared(u.clone())?.connect_lazy();
+                Ok(propagate.layer(channel))
+            })
             .collect::<Result<Vec<_>, BoxError>>()?;
         let balanced: Balanced =
             CostBalance::new(ServiceList::new(channels), model, BalanceConfig::default());
-        let calls = PropagateLayer::new()
-            .token(PEER_TOKEN)?
-            .layer(Buffer::new(balanced, 1024));
+        let calls = propagate.layer(Buffer::new(balanced, 1024));
         Ok(Self {
             grpc: tonic::client::Grpc::new(calls),
         })

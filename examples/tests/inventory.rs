@@ -143,6 +143,10 @@ async fn a_refused_call_is_resource_exhausted_with_pushback_and_never_served() {
         async move { client.reserve("sku-1", 1).await }
     });
     while entered.load(Ordering::SeqCst) == 0 {
+        assert!(
+            !held.is_finished(),
+            "the first call ended without reaching the replica"
+        );
         tokio::task::yield_now().await;
     }
     let refused = client.reserve("sku-1", 1).await.unwrap_err();
@@ -207,8 +211,15 @@ async fn a_call_with_no_time_left_is_refused_before_any_work() {
     let replica = Replica::new("a", Stock::with([("sku-1", 10)])).work(gated(&gate, &entered));
     let fleet = Fleet::start(&model, vec![(replica, inventory::stack(&model).unwrap())]).await;
 
-    // The client side: the request being served is already past its deadline.
-    let client = InventoryClient::connect(&fleet.urls, &model).unwrap();
+    // The client side: the request being served is already past its
+    // deadline. The client points at a port nobody listens on: only a call
+    // refused before it is sent can be DEADLINE_EXCEEDED (a call sent would
+    // fail UNAVAILABLE).
+    let nobody = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let client = InventoryClient::connect(&[nobody], &model).unwrap();
     let mut request = tonic::Request::new(inventory::ReserveRequest {
         sku: "sku-1".into(),
         quantity: 1,

@@ -443,3 +443,39 @@ async fn replicas_that_shed_for_load_are_avoided_but_never_ejected() {
     }
     assert_eq!(balance.ejected(), 0);
 }
+
+/// A `PropagateLayer` under the balancer (on each replica's client) ends a
+/// call whose caller's deadline passes with `DeadlineExceeded`: that is the
+/// caller gone, not the replica failing, and calls cut short by their
+/// callers' deadlines never eject a healthy replica.
+#[tokio::test(start_paused = true)]
+async fn calls_cut_short_by_their_callers_deadlines_eject_no_replica() {
+    use gratify::balance::{DeadlineExceeded, PropagateLayer};
+    use tower::Layer;
+
+    let hits = Hits::default();
+    let replicas: Vec<_> = ["a", "b", "c"]
+        .into_iter()
+        .map(|n| PropagateLayer::new().layer(replica(n, &hits, |_| 100)))
+        .collect();
+    let mut balance = CostBalance::with_seed(
+        ServiceList::new(replicas),
+        &model(),
+        BalanceConfig::default(),
+        7,
+    );
+    for _ in 0..30 {
+        let mut req = Request::new(());
+        let deadline = (tokio::time::Instant::now() + Duration::from_millis(10)).into_std();
+        req.extensions_mut()
+            .insert(CallContext::new().with_deadline(deadline));
+        let err = balance.ready().await.unwrap().call(req).await.unwrap_err();
+        assert!(err.downcast_ref::<DeadlineExceeded>().is_some(), "{err}");
+    }
+    assert_eq!(
+        balance.ejected(),
+        0,
+        "healthy replicas ejected for their callers' deadlines"
+    );
+    assert_eq!(balance.in_flight(), 0);
+}

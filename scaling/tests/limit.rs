@@ -1121,7 +1121,13 @@ async fn a_queued_call_waits_no_longer_than_its_caller_has_left() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(res.headers()[SHED_REASON_HEADER], "queue-timeout");
+    // The caller's time ran out, not the service's patience: refused for
+    // its deadline (no invitation to retry).
+    assert_eq!(res.headers()[SHED_REASON_HEADER], "deadline");
+    assert_eq!(
+        l.stats().classes[batch.index()].shed_for(Reason::Deadline),
+        1
+    );
     assert_eq!(before.elapsed(), Duration::from_millis(100));
     assert_eq!(l.stats().queued, 0);
     running.await.unwrap().unwrap();
@@ -1160,7 +1166,7 @@ async fn waiters_leave_a_queue_that_mixes_upstream_and_first_hand_requests() {
     assert_eq!(l.stats().queued, 4, "the cancelled waiter left the queue");
     // The upstream call with 20 ms left leaves the queue at its deadline.
     let res = up_late.await.unwrap().unwrap();
-    assert_eq!(res.headers()[SHED_REASON_HEADER], "queue-timeout");
+    assert_eq!(res.headers()[SHED_REASON_HEADER], "deadline");
     assert_eq!(l.stats().queued, 3);
     // The first-hand one (behind the upstream one, with a smaller id)
     // times out at 50 ms; the other upstream calls wait on.
@@ -1169,7 +1175,7 @@ async fn waiters_leave_a_queue_that_mixes_upstream_and_first_hand_requests() {
     assert_eq!(l.stats().queued, 2);
     assert_eq!(
         l.stats().classes[batch.index()].shed_for(Reason::QueueTimeout),
-        2
+        1
     );
     // Upstream calls wait as long as their class may: 50 ms here too.
     for up in [up, up2] {
@@ -1230,6 +1236,21 @@ async fn a_grpc_call_is_refused_with_a_grpc_status_never_an_http_error_page() {
             Some(tokio::time::Instant::now().into_std()),
         ));
     let res = svc.clone().oneshot(late).await.unwrap();
+    assert_eq!(res.headers()["grpc-status"], "4");
+    assert!(!res.headers().contains_key("grpc-retry-pushback-ms"));
+    // Queued until the caller's time ran out: DEADLINE_EXCEEDED too, not
+    // RESOURCE_EXHAUSTED (whose pushback would invite a retry of a call
+    // nobody waits for).
+    let mut waits = grpc(batch, "waits:1");
+    waits
+        .extensions_mut()
+        .insert(gratify_core::classify::Propagated::new(
+            Some(batch),
+            Some((tokio::time::Instant::now() + Duration::from_millis(20)).into_std()),
+        ));
+    let before = tokio::time::Instant::now();
+    let res = svc.clone().oneshot(waits).await.unwrap();
+    assert_eq!(before.elapsed(), Duration::from_millis(20));
     assert_eq!(res.headers()["grpc-status"], "4");
     assert!(!res.headers().contains_key("grpc-retry-pushback-ms"));
     // The same refusal of a plain HTTP request is still a 503.

@@ -116,7 +116,7 @@ async fn main() -> Result<(), BoxError> {
             Ok(reply) => {
                 *answered
                     .entry(format!("replica {}", reply.replica))
-                    .or_default() += 1
+                    .or_default() += 1;
             }
             Err(status) => {
                 *refused

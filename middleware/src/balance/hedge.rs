@@ -408,10 +408,10 @@ fn refused<B>(outcome: &Result<Response<B>, BoxError>) -> bool {
             matches!(
                 r.status(),
                 StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
-            ) || r
-                .headers()
-                .get("grpc-status")
-                .is_some_and(|s| s.as_bytes() == b"8" || s.as_bytes() == b"14")
+            ) || matches!(
+                gratify_core::refusal::grpc_status(r.headers()),
+                Some(8 | 14)
+            )
         }
     }
 }

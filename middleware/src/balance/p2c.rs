@@ -870,12 +870,9 @@ enum Answer {
 
 fn answer<B>(response: &Response<B>) -> Answer {
     let status = response.status();
-    let grpc = response
-        .headers()
-        .get("grpc-status")
-        .map(http::HeaderValue::as_bytes);
+    let grpc = gratify_core::refusal::grpc_status(response.headers());
     if status == http::StatusCode::TOO_MANY_REQUESTS
-        || grpc == Some(b"8")
+        || grpc == Some(8)
         || response
             .headers()
             .contains_key(gratify_scaling::limit::SHED_REASON_HEADER)
@@ -884,7 +881,7 @@ fn answer<B>(response: &Response<B>) -> Answer {
     } else if (status.is_server_error()
         && status != http::StatusCode::NOT_IMPLEMENTED
         && status != http::StatusCode::HTTP_VERSION_NOT_SUPPORTED)
-        || grpc == Some(b"14")
+        || grpc == Some(14)
     {
         Answer::Failed
     } else {
@@ -904,10 +901,17 @@ where
         let Some(inner) = this.inner.as_pin_mut() else {
             return Poll::Ready(Err(BalanceError::NotReady.into()));
         };
-        let out = ready!(inner.poll(cx));
+        let out = ready!(inner.poll(cx)).map_err(Into::into);
         if let Some(tracker) = this.tracker.as_mut() {
-            tracker.finish(Some(out.as_ref().map_or(Answer::Failed, answer)));
+            // A call its caller's deadline cut short (a `PropagateLayer`
+            // under the balancer) is a caller gone, not a failure of the
+            // replica: its time still counts, but it is no step toward
+            // ejection.
+            let gone = out
+                .as_ref()
+                .is_err_and(|e| e.downcast_ref::<super::DeadlineExceeded>().is_some());
+            tracker.finish((!gone).then(|| out.as_ref().map_or(Answer::Failed, answer)));
         }
-        Poll::Ready(out.map_err(Into::into))
+        Poll::Ready(out)
     }
 }

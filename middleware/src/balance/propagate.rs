@@ -768,9 +768,14 @@ pub struct DeadlineExceeded(());
 ///
 /// Put it outermost on the client, above any `Buffer` (a tonic `Channel`
 /// is one): a buffer's worker calls the layers below it on its own task,
-/// where no context is set, and the time a call waits in the buffer would
-/// not be taken off the deadline the callee is sent. The deadline covers
-/// the response's head; a body still streaming after it is not cut.
+/// where no task context is set. It leaves the context it read in the
+/// request's extensions, for the layers below. The headers say the time
+/// left when the call passes this layer: time it then waits in a buffer,
+/// for a ready replica or for a connection is not taken off. To take it
+/// off, add a second `PropagateLayer` under the buffer, on each replica's
+/// client: it reads the context from the extensions and writes the
+/// headers again as the call leaves. The deadline covers the response's
+/// head; a body still streaming after it is not cut.
 #[derive(Clone, Debug, Default)]
 pub struct PropagateLayer {
     token: Option<HeaderValue>,

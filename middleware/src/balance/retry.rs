@@ -321,11 +321,7 @@ fn accepted<B, E>(outcome: &Result<Response<B>, E>) -> bool {
 }
 
 fn grpc_status<B>(response: &Response<B>) -> Option<u32> {
-    response
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse().ok())
+    gratify_core::refusal::grpc_status(response.headers())
 }
 
 fn verdict<B, E>(method: &Method, outcome: &Result<Response<B>, E>) -> Verdict {

@@ -1045,9 +1045,16 @@ impl Limiter {
         let upstream = matches!(config.admission, Admission::DelayCost);
         match self.acquire_first_hand(class, upstream) {
             Acquire::Queued(mut ticket) => {
-                if let Some(latest) = start_by {
-                    ticket.deadline = ticket.deadline.min(latest);
+                // The caller's time, when it runs out first: a slot granted
+                // after it goes back, and the call is refused for its
+                // deadline (gRPC `DEADLINE_EXCEEDED`), not as though the
+                // service were overloaded (which invites a retry).
+                if let Some(latest) = start_by
+                    && latest <= ticket.deadline
+                {
+                    ticket.deadline = latest;
                     ticket.hard = true;
+                    ticket.late = Reason::Deadline;
                 }
                 Acquire::Queued(ticket)
             }
@@ -1145,6 +1152,7 @@ impl Limiter {
                         rx,
                         deadline: now + max_wait,
                         hard: false,
+                        late: Reason::QueueTimeout,
                         done: false,
                         probe,
                     }),
@@ -2260,6 +2268,8 @@ pub(crate) struct Ticket {
     deadline: Instant,
     /// The deadline is a caller's: a slot granted after it goes back.
     hard: bool,
+    /// Why it is refused when its deadline passes while it waits.
+    late: Reason,
     done: bool,
     /// Queued as a probe of a class refused on its own estimate.
     probe: bool,
@@ -2301,13 +2311,14 @@ impl Ticket {
 
     /// `outcome`, unless it is a slot granted only once a caller's deadline
     /// had passed (the grant raced the timer): that slot goes straight back
-    /// and the request is refused (`queue-timeout`).
+    /// and the request is refused as a wait that ran out (`queue-timeout`,
+    /// or `deadline` when the deadline was a propagated caller's).
     pub(crate) fn settle(&self, outcome: TicketOutcome) -> TicketOutcome {
         match outcome {
             TicketOutcome::Admitted(permit) if self.hard && Instant::now() >= self.deadline => {
                 drop(permit);
-                self.limiter.count_shed(self.class, Reason::QueueTimeout);
-                TicketOutcome::Refused(self.limiter.refusal(Reason::QueueTimeout))
+                self.limiter.count_shed(self.class, self.late);
+                TicketOutcome::Refused(self.limiter.refusal(self.late))
             }
             other => other,
         }
@@ -2333,13 +2344,13 @@ impl Ticket {
     /// or a displacement arrived meanwhile.
     pub(crate) fn time_out(&mut self) -> TicketOutcome {
         if self.limiter.withdraw(self.class, self.id) {
-            self.limiter.count_shed(self.class, Reason::QueueTimeout);
-            return self.refused(Reason::QueueTimeout);
+            self.limiter.count_shed(self.class, self.late);
+            return self.refused(self.late);
         }
         match self.rx.try_recv() {
             Ok(Ok(())) => self.admitted(),
             Ok(Err(reason)) => self.refused(reason),
-            Err(_) => self.refused(Reason::QueueTimeout),
+            Err(_) => self.refused(self.late),
         }
     }
 }

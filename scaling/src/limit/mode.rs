@@ -63,6 +63,31 @@ pub(crate) fn outcome_of_status(status: StatusCode) -> Outcome {
     }
 }
 
+/// The outcome a response's head says: for a gRPC answer that carries its
+/// status there ("trailers-only": an error or a refusal, under HTTP 200),
+/// the gRPC status — `RESOURCE_EXHAUSTED` and `UNAVAILABLE` are overload
+/// signals, `DEADLINE_EXCEEDED` a timeout, `CANCELLED` the caller's
+/// leaving, codes about the request itself the client's doing, the rest
+/// errors; otherwise the HTTP status.
+pub(crate) fn outcome_of_head(status: StatusCode, headers: &http::HeaderMap) -> Outcome {
+    if status == StatusCode::OK
+        && let Some(code) = gratify_core::refusal::grpc_status(headers)
+    {
+        return match code {
+            0 => Outcome::Success,
+            8 | 14 => Outcome::Overload,
+            4 => Outcome::Timeout,
+            1 => Outcome::Cancelled,
+            // INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED,
+            // FAILED_PRECONDITION, OUT_OF_RANGE, UNIMPLEMENTED,
+            // UNAUTHENTICATED.
+            3 | 5 | 6 | 7 | 9 | 11 | 12 | 16 => Outcome::ClientError,
+            _ => Outcome::Error,
+        };
+    }
+    outcome_of_status(status)
+}
+
 impl<RB, E> Mode<Response<RB>, E> for Http {
     type Response = Response<LimitBody<RB>>;
     type Error = E;
@@ -96,7 +121,7 @@ impl<RB, E> Mode<Response<RB>, E> for Http {
         match result {
             Ok(response) => {
                 let status = response.status();
-                let outcome = outcome_of_status(status);
+                let outcome = outcome_of_head(status, response.headers());
                 let permit = if hold_body {
                     Some(permit)
                 } else {
@@ -138,5 +163,46 @@ impl<Resp, E: Into<BoxError>> Mode<Resp, E> for ErrorOnRefusal {
         };
         permit.complete(outcome);
         result.map_err(Into::into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn grpc(code: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert("content-type", "application/grpc".parse().unwrap());
+        h.insert("grpc-status", code.parse().unwrap());
+        h
+    }
+
+    /// A gRPC error answered "trailers-only" is HTTP 200: read as a
+    /// success, a service failing fast would teach the limit that it is
+    /// fast and healthy.
+    #[test]
+    fn a_grpc_status_in_the_head_is_the_outcome() {
+        let ok = StatusCode::OK;
+        assert_eq!(outcome_of_head(ok, &grpc("0")), Outcome::Success);
+        assert_eq!(outcome_of_head(ok, &grpc("14")), Outcome::Overload);
+        assert_eq!(outcome_of_head(ok, &grpc("8")), Outcome::Overload);
+        assert_eq!(outcome_of_head(ok, &grpc("4")), Outcome::Timeout);
+        assert_eq!(outcome_of_head(ok, &grpc("1")), Outcome::Cancelled);
+        assert_eq!(outcome_of_head(ok, &grpc("3")), Outcome::ClientError);
+        assert_eq!(outcome_of_head(ok, &grpc("13")), Outcome::Error);
+        assert_eq!(outcome_of_head(ok, &grpc("99")), Outcome::Error);
+        // Unreadable: the HTTP status decides.
+        assert_eq!(outcome_of_head(ok, &grpc("x")), Outcome::Success);
+        assert_eq!(
+            outcome_of_head(ok, &http::HeaderMap::new()),
+            Outcome::Success
+        );
+        // An HTTP error decides whatever the head says.
+        assert_eq!(
+            outcome_of_head(StatusCode::SERVICE_UNAVAILABLE, &grpc("0")),
+            Outcome::Overload
+        );
     }
 }
