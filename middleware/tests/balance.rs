@@ -479,3 +479,44 @@ async fn calls_cut_short_by_their_callers_deadlines_eject_no_replica() {
     );
     assert_eq!(balance.in_flight(), 0);
 }
+
+/// …but a replica that hangs is still ejected when every caller has a
+/// deadline: a call cut short after running far longer than the other
+/// replicas take for its class counts as the replica's failure.
+#[tokio::test(start_paused = true)]
+async fn a_hanging_replica_is_ejected_even_when_every_caller_has_a_deadline() {
+    use gratify::balance::PropagateLayer;
+    use tower::Layer;
+
+    let hits = Hits::default();
+    let replicas: Vec<_> = [
+        replica("a", &hits, |_| 10),
+        replica("b", &hits, |_| 10),
+        replica("hangs", &hits, |_| 600_000),
+    ]
+    .into_iter()
+    .map(|r| PropagateLayer::new().layer(r))
+    .collect();
+    // Estimates that fade within a second, so that the balancer tries the
+    // replica it has learned to avoid every few seconds (by default every
+    // minute or so).
+    let mut config = BalanceConfig::default();
+    config.decay = Duration::from_secs(1);
+    let mut balance = CostBalance::with_seed(ServiceList::new(replicas), &model(), config, 11);
+    let mut calls = 0;
+    while balance.ejected() == 0 && calls < 20_000 {
+        calls += 1;
+        let mut req = Request::new(());
+        let deadline = (tokio::time::Instant::now() + Duration::from_millis(200)).into_std();
+        req.extensions_mut()
+            .insert(CallContext::new().with_deadline(deadline));
+        let _ = balance.ready().await.unwrap().call(req).await;
+    }
+    assert_eq!(
+        balance.ejected(),
+        1,
+        "the hanging replica was never ejected ({calls} calls)"
+    );
+    assert!(balance.is_ejected(&2), "a healthy replica was ejected");
+    assert_eq!(balance.in_flight(), 0);
+}

@@ -60,6 +60,7 @@ impl Server {
 }
 
 const SHED: &[(&str, &str)] = &[(gratify::refusal::SHED_REASON_HEADER, "cost")];
+const DEADLINE: &[(&str, &str)] = &[(gratify::refusal::SHED_REASON_HEADER, "deadline")];
 
 fn request(method: Method) -> Request<()> {
     Request::builder()
@@ -93,6 +94,9 @@ async fn a_call_that_may_have_been_processed_is_never_sent_twice() {
         (StatusCode::OK, &[("grpc-status", "8")][..], Method::GET, 2),
         // A shed header passed on with a success is no refusal.
         (StatusCode::OK, SHED, Method::POST, 1),
+        // Refused because the caller's time is up: a retry would be too.
+        (StatusCode::SERVICE_UNAVAILABLE, DEADLINE, Method::GET, 1),
+        (StatusCode::OK, &[("grpc-status", "4")][..], Method::GET, 1),
         (
             StatusCode::OK,
             &[("grpc-status", "14")][..],

@@ -685,6 +685,32 @@ struct Tracker {
 }
 
 impl Tracker {
+    /// A call its caller's deadline cut short: the caller gone, unless the
+    /// call had already run `latency_factor` times what the other replicas
+    /// take for its class — then the replica is the slow one, and it counts
+    /// as a failure (a replica that hangs is ejected even when every caller
+    /// has a deadline).
+    fn finish_cut(&mut self) {
+        if self.done {
+            return;
+        }
+        let at = now();
+        let took = at.saturating_duration_since(self.started).as_secs_f64();
+        let config = &self.config;
+        let mut others: Vec<f64> = self
+            .peers
+            .iter()
+            .filter(|p| !Arc::ptr_eq(p, &self.replica))
+            .filter_map(|p| p.lock().latency(self.class, at, config.decay))
+            .collect();
+        let factor = config.ejection.latency_factor;
+        let slow = factor > 0.0 && !others.is_empty() && {
+            others.sort_by(f64::total_cmp);
+            took > factor * others[others.len() / 2]
+        };
+        self.finish(slow.then_some(Answer::Failed));
+    }
+
     fn finish(&mut self, outcome: Option<Answer>) {
         if self.done {
             return;
@@ -904,13 +930,16 @@ where
         let out = ready!(inner.poll(cx)).map_err(Into::into);
         if let Some(tracker) = this.tracker.as_mut() {
             // A call its caller's deadline cut short (a `PropagateLayer`
-            // under the balancer) is a caller gone, not a failure of the
-            // replica: its time still counts, but it is no step toward
-            // ejection.
-            let gone = out
+            // under the balancer) is judged apart: a caller gone, not a
+            // failure, unless the replica was far slower than the others.
+            let cut = out
                 .as_ref()
                 .is_err_and(|e| e.downcast_ref::<super::DeadlineExceeded>().is_some());
-            tracker.finish((!gone).then(|| out.as_ref().map_or(Answer::Failed, answer)));
+            if cut {
+                tracker.finish_cut();
+            } else {
+                tracker.finish(Some(out.as_ref().map_or(Answer::Failed, answer)));
+            }
         }
         Poll::Ready(out)
     }

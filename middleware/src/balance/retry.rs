@@ -341,6 +341,16 @@ fn verdict<B, E>(method: &Method, outcome: &Result<Response<B>, E>) -> Verdict {
             .headers()
             .contains_key(gratify_scaling::limit::SHED_REASON_HEADER))
         || response.status() == StatusCode::TOO_MANY_REQUESTS;
+    // Refused because the caller's deadline leaves no time: a retry is
+    // refused the same way (or sent to a caller who has gone).
+    let out_of_time = response
+        .headers()
+        .get(gratify_scaling::limit::SHED_REASON_HEADER)
+        .is_some_and(|r| r.as_bytes() == b"deadline")
+        || grpc_status(response) == Some(4);
+    if out_of_time {
+        return Verdict::Final;
+    }
     let maybe_processed = matches!(
         response.status(),
         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT

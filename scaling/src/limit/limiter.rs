@@ -432,6 +432,10 @@ struct ClassShared {
     share: Option<f64>,
     /// Refused so far, by reason.
     shed: [AtomicU64; 7],
+    /// Of its `deadline` refusals, those that waited in the queue until a
+    /// propagated caller's time ran out: they size the class's reserve
+    /// cushion as `queue-timeout` refusals do.
+    waited_out: AtomicU64,
 }
 
 impl ClassShared {
@@ -771,6 +775,7 @@ impl Limiter {
                 queue: Mutex::new(VecDeque::new()),
                 len: AtomicUsize::new(0),
                 upstream_len: AtomicUsize::new(0),
+                waited_out: AtomicU64::new(0),
                 head_at: AtomicU64::new(0),
                 tail_at: AtomicU64::new(0),
                 latency: AtomicU64::new(0f64.to_bits()),
@@ -1625,7 +1630,8 @@ impl Limiter {
             learn.arrivals[k] = arrived;
             learn.arrival_rate[k] =
                 learn.arrival_rate[k] * keep + delta as f64 / elapsed * (1.0 - keep);
-            let timeouts = c.shed[Reason::QueueTimeout.index()].load(Ordering::Relaxed);
+            let timeouts = c.shed[Reason::QueueTimeout.index()].load(Ordering::Relaxed)
+                + c.waited_out.load(Ordering::Relaxed);
             // A slot more for each request that waited out its time in the
             // queue; the cushion fades over `CUSHION_FADE_SECS` without one,
             // and is gone below half a slot.
@@ -1663,6 +1669,19 @@ impl Limiter {
         let k = class.index().min(self.shared.classes.len() - 1);
         self.shared.classes[k].shed[reason.index()].fetch_add(1, Ordering::Relaxed);
         self.on_shed(k, reason);
+    }
+
+    /// [`count_shed`](Self::count_shed) for a waiter whose wait ran out:
+    /// `reason` is `queue-timeout`, or `deadline` when the time was a
+    /// propagated caller's (counted for the reserve's cushion all the same).
+    fn count_waited_out(&self, class: ClassId, reason: Reason) {
+        if reason == Reason::Deadline {
+            let k = class.index().min(self.shared.classes.len() - 1);
+            self.shared.classes[k]
+                .waited_out
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.count_shed(class, reason);
     }
 
     /// [`grant`](Self::grant) with a view of its own.
@@ -2317,7 +2336,7 @@ impl Ticket {
         match outcome {
             TicketOutcome::Admitted(permit) if self.hard && Instant::now() >= self.deadline => {
                 drop(permit);
-                self.limiter.count_shed(self.class, self.late);
+                self.limiter.count_waited_out(self.class, self.late);
                 TicketOutcome::Refused(self.limiter.refusal(self.late))
             }
             other => other,
@@ -2344,7 +2363,7 @@ impl Ticket {
     /// or a displacement arrived meanwhile.
     pub(crate) fn time_out(&mut self) -> TicketOutcome {
         if self.limiter.withdraw(self.class, self.id) {
-            self.limiter.count_shed(self.class, self.late);
+            self.limiter.count_waited_out(self.class, self.late);
             return self.refused(self.late);
         }
         match self.rx.try_recv() {
