@@ -378,3 +378,51 @@ proptest! {
         prop_assert_eq!(shed, 0);
     }
 }
+
+/// A gRPC error comes back as HTTP 200 with `grpc-status` in the head
+/// ("trailers-only"): read by its HTTP status alone, an UNAVAILABLE would
+/// teach the limit that the service is fast and healthy. Only a gRPC
+/// call's answer is read so; an HTTP answer carrying such a header is not.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_status_in_the_head_is_what_the_limit_learns() {
+    let m = model();
+    let browse = m.id("browse").unwrap();
+    let recorder = Recorder::default();
+    let l = Limiter::with_algorithm(&m, recorder.clone(), config(|_| {}));
+    let answer = |grpc_status: &'static str| {
+        service_fn(move |_: Request<String>| async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let mut res = Response::new(Full::new(Bytes::new()));
+            res.headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static(grpc_status));
+            Ok::<_, Infallible>(res)
+        })
+    };
+    let grpc_call = || {
+        let mut r = req(browse, "");
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        r
+    };
+    // (An error, INTERNAL here, teaches the limit nothing: not a success.)
+    for (status, expected) in [
+        ("14", Some(Outcome::Overload)),
+        ("4", Some(Outcome::Timeout)),
+        ("13", None),
+        ("0", Some(Outcome::Success)),
+    ] {
+        let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(answer(status));
+        let res = svc.clone().oneshot(grpc_call()).await.unwrap();
+        res.into_body().collect().await.unwrap();
+        let taught = recorder.0.lock().unwrap().pop();
+        assert_eq!(taught, expected, "grpc-status {status}");
+    }
+    // Not a gRPC call: the HTTP status decides.
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone()).layer(answer("14"));
+    let res = svc.clone().oneshot(req(browse, "")).await.unwrap();
+    res.into_body().collect().await.unwrap();
+    assert_eq!(recorder.0.lock().unwrap().pop(), Some(Outcome::Success));
+    assert_eq!(l.stats().in_flight, 0);
+}

@@ -107,7 +107,8 @@ impl<S: Service<Req>, Req, M> ResponseFuture<S, Req, M> {
         }
     }
 
-    /// Writes a refusal as a gRPC status when `grpc`.
+    /// When `grpc`: writes a refusal as a gRPC status, and reads the
+    /// answer's gRPC status from its head.
     pub(crate) fn grpc(mut self, grpc: bool) -> Self {
         self.grpc = grpc;
         self
@@ -188,7 +189,7 @@ where
                         panic!("ResponseFuture polled after completion");
                     };
                     this.state.set(State::Done);
-                    return Poll::Ready(M::completed(result, permit, *this.hold_body));
+                    return Poll::Ready(M::completed(result, permit, *this.hold_body, *this.grpc));
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }

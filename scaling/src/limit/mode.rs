@@ -36,11 +36,14 @@ pub trait Mode<Resp, E>: sealed::Sealed {
     #[doc(hidden)]
     fn error(error: E) -> Self::Error;
 
+    /// `grpc`: the request was a gRPC call (its answer's status may be in
+    /// the head).
     #[doc(hidden)]
     fn completed(
         result: Result<Resp, E>,
         permit: Permit,
         hold_body: bool,
+        grpc: bool,
     ) -> Result<Self::Response, Self::Error>;
 }
 
@@ -71,6 +74,7 @@ pub(crate) fn outcome_of_status(status: StatusCode) -> Outcome {
 /// errors; otherwise the HTTP status.
 pub(crate) fn outcome_of_head(status: StatusCode, headers: &http::HeaderMap) -> Outcome {
     if status == StatusCode::OK
+        && !headers.is_empty()
         && let Some(code) = gratify_core::refusal::grpc_status(headers)
     {
         return match code {
@@ -117,11 +121,16 @@ impl<RB, E> Mode<Response<RB>, E> for Http {
         result: Result<Response<RB>, E>,
         permit: Permit,
         hold_body: bool,
+        grpc: bool,
     ) -> Result<Self::Response, E> {
         match result {
             Ok(response) => {
                 let status = response.status();
-                let outcome = outcome_of_head(status, response.headers());
+                let outcome = if grpc {
+                    outcome_of_head(status, response.headers())
+                } else {
+                    outcome_of_status(status)
+                };
                 let permit = if hold_body {
                     Some(permit)
                 } else {
@@ -155,7 +164,12 @@ impl<Resp, E: Into<BoxError>> Mode<Resp, E> for ErrorOnRefusal {
         error.into()
     }
 
-    fn completed(result: Result<Resp, E>, permit: Permit, _: bool) -> Result<Resp, BoxError> {
+    fn completed(
+        result: Result<Resp, E>,
+        permit: Permit,
+        _: bool,
+        _: bool,
+    ) -> Result<Resp, BoxError> {
         let outcome = if result.is_ok() {
             Outcome::Success
         } else {

@@ -101,7 +101,7 @@ where
                 record("admission", "admitted");
                 let permit = permit.held_by(self.classify.slot_hold(&request));
                 let future = self.inner.call(request);
-                ResponseFuture::called(future, permit, self.hold_body)
+                ResponseFuture::called(future, permit, self.hold_body).grpc(grpc)
             }
             Acquire::Queued(ticket) => {
                 record("admission", "queued");
