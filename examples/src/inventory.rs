@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use gratify::balance::{
-    AcceptCallsLayer, BalanceConfig, CostBalance, DeadlineExceeded, PropagateLayer, Trust,
+    AcceptCallsLayer, BalanceConfig, CostBalance, DeadlineExceeded, PeerAddr, PropagateLayer, Trust,
 };
 use gratify::core::classify::RouteClassifier;
 use gratify::{BoxError, CostModel, Stack};
@@ -63,9 +63,7 @@ pub const RESERVE: &str = "/shop.Inventory/Reserve";
 
 /// The shared secret the store's calls carry, so that the inventory trusts
 /// the class and deadline they bring (a real deployment reads it from its
-/// secrets). Trusting a network instead needs the peer's address as
-/// [`gratify::balance::PeerAddr`] in the request's extensions, which
-/// tonic's server does not put there (it inserts its own connection info).
+/// secrets). To trust a network instead, see [`serve_trusting`].
 pub const PEER_TOKEN: &str = "the store's inventory calls, in the example";
 
 /// The cost model of the inventory's calls: a reservation for a checkout is
@@ -263,7 +261,8 @@ pub fn stack(model: &CostModel) -> Result<Stack, BoxError> {
 }
 
 /// Serves `replica` on `listener` with tonic's server, behind
-/// [`AcceptCallsLayer`] and `stack`, until `shutdown` completes.
+/// [`AcceptCallsLayer`] trusting holders of [`PEER_TOKEN`] and `stack`,
+/// until `shutdown` completes.
 ///
 /// # Errors
 ///
@@ -278,22 +277,42 @@ pub fn serve_with<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let accept = AcceptCallsLayer::new(model, Trust::token(PEER_TOKEN)?);
+    let trust = Trust::token(PEER_TOKEN)?;
+    Ok(serve_trusting(
+        listener, replica, model, stack, trust, shutdown,
+    ))
+}
+
+/// [`serve_with`], trusting the callers `trust` names: a token, or
+/// networks — tonic's server records the peer's address its own way, and
+/// [`peer_addr_from_tonic`] puts it where [`Trust::networks`] reads it.
+pub fn serve_trusting<F>(
+    listener: tokio::net::TcpListener,
+    replica: Replica,
+    model: &CostModel,
+    stack: Stack,
+    trust: Trust,
+    shutdown: F,
+) -> impl Future<Output = Result<(), BoxError>> + Send + use<F>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let accept = AcceptCallsLayer::new(model, trust);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let layers = ServiceBuilder::new()
+        .map_request(peer_addr_from_tonic)
+        .layer(accept)
+        .layer(stack)
+        .into_inner();
     let server = tonic::transport::Server::builder()
-        .layer(
-            ServiceBuilder::new()
-                .layer(accept)
-                .layer(stack)
-                .into_inner(),
-        )
+        .layer(layers)
         .add_service(replica);
-    Ok(async move {
+    async move {
         server
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(BoxError::from)
-    })
+    }
 }
 
 /// [`serve_with`] the default [`stack`].
@@ -311,6 +330,20 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     serve_with(listener, replica, model, stack(model)?, shutdown)
+}
+
+/// Copies the peer's address from tonic's connection info into the
+/// request's extensions as [`PeerAddr`], where [`Trust::networks`] reads
+/// it (tonic's server records it as its own `TcpConnectInfo`).
+pub fn peer_addr_from_tonic<B>(mut request: http::Request<B>) -> http::Request<B> {
+    let addr = request
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(tonic::transport::server::TcpConnectInfo::remote_addr);
+    if let Some(addr) = addr {
+        request.extensions_mut().insert(PeerAddr(addr));
+    }
+    request
 }
 
 /// The calls' service: propagation over a buffered balancer over one

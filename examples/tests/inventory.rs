@@ -270,3 +270,86 @@ async fn a_call_with_no_time_left_is_refused_before_any_work() {
     );
     fleet.stop().await;
 }
+
+/// A class header from a caller the replica does not trust is ignored (the
+/// call is classified by its method); from a trusted network it is taken —
+/// tonic's server records the peer's address its own way, and the example
+/// copies it where the trust rule reads it.
+#[tokio::test]
+async fn a_class_from_an_untrusted_caller_is_ignored_and_a_trusted_networks_is_taken() {
+    let model = inventory::model();
+    let (browse, checkout) = (
+        model.id("browse").unwrap().index(),
+        model.id("checkout").unwrap().index(),
+    );
+    let mut limiters = Vec::new();
+    let (stop, stopped) = watch::channel(false);
+    let mut servers = Vec::new();
+    let mut urls = Vec::new();
+    for trust in [
+        gratify::balance::Trust::token(PEER_TOKEN).unwrap(),
+        gratify::balance::Trust::networks(["127.0.0.0/8"]).unwrap(),
+    ] {
+        let (stack, limiter) = one_slot(&model);
+        limiters.push(limiter);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        urls.push(format!("http://{}", listener.local_addr().unwrap()));
+        let mut stopped = stopped.clone();
+        let shutdown = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let replica = Replica::new("a", Stock::with([("sku-1", 10)]));
+        servers.push(tokio::spawn(inventory::serve_trusting(
+            listener, replica, &model, stack, trust, shutdown,
+        )));
+    }
+    for url in &urls {
+        // A plain tonic client, no token: it says the call is a browse.
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        let mut request = tonic::Request::new(inventory::ReserveRequest {
+            sku: "sku-1".into(),
+            quantity: 1,
+        });
+        request
+            .metadata_mut()
+            .insert("gratify-class", "browse".parse().unwrap());
+        grpc.ready().await.unwrap();
+        let reply = grpc
+            .unary::<_, inventory::ReserveReply, _>(
+                request,
+                http::uri::PathAndQuery::from_static(RESERVE),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(reply.reserved);
+    }
+    let token_only = limiters[0].stats();
+    assert_eq!(
+        (
+            token_only.classes[checkout].admitted,
+            token_only.classes[browse].admitted
+        ),
+        (1, 0),
+        "an untrusted caller's class was taken"
+    );
+    let network = limiters[1].stats();
+    assert_eq!(
+        (
+            network.classes[checkout].admitted,
+            network.classes[browse].admitted
+        ),
+        (0, 1),
+        "a trusted network's class was ignored"
+    );
+    stop.send_replace(true);
+    for s in servers {
+        s.await.unwrap().unwrap();
+    }
+}
