@@ -426,3 +426,34 @@ async fn a_grpc_status_in_the_head_is_what_the_limit_learns() {
     assert_eq!(recorder.0.lock().unwrap().pop(), Some(Outcome::Success));
     assert_eq!(l.stats().in_flight, 0);
 }
+
+/// With the slot held until the body ends (as the `Stack` holds it), a
+/// trailers-only answer's empty body is dropped unread by hyper and tonic
+/// (it says it has ended): that is its end, not a cancellation, and its
+/// gRPC status still teaches the limit.
+#[tokio::test(start_paused = true)]
+async fn an_ended_body_dropped_unread_still_teaches_its_status() {
+    let m = model();
+    let browse = m.id("browse").unwrap();
+    let recorder = Recorder::default();
+    let l = Limiter::with_algorithm(&m, recorder.clone(), config(|_| {}));
+    let svc = AdaptiveLimitLayer::with_limiter(l.clone())
+        .hold_until_body_end(true)
+        .layer(service_fn(|_: Request<String>| async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let mut res = Response::new(Full::new(Bytes::new()));
+            res.headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static("14"));
+            Ok::<_, Infallible>(res)
+        }));
+    let mut call = req(browse, "");
+    call.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    let res = svc.oneshot(call).await.unwrap();
+    assert!(http_body::Body::is_end_stream(res.body()));
+    drop(res);
+    assert_eq!(recorder.0.lock().unwrap().pop(), Some(Outcome::Overload));
+    assert_eq!(l.stats().in_flight, 0);
+}

@@ -26,12 +26,15 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             // A response without a body (204, 304) that nobody polled ended
             // with its head: its request's latency is whole, not a
-            // cancellation's. Any other body dropped unread is a
-            // cancellation (the client left before it was sent).
-            if let KindProj::Inner { permit, outcome, polled, bodiless, .. } =
+            // cancellation's; so did a body that said it had ended when
+            // asked (hyper and tonic drop such a body unread: an empty
+            // answer, a gRPC error "trailers-only"). Any other body dropped
+            // unread is a cancellation (the client left before it was
+            // sent).
+            if let KindProj::Inner { permit, outcome, polled, bodiless, ended, .. } =
                 this.project().kind.project()
                 && !*polled
-                && *bodiless
+                && (*bodiless || ended.load(std::sync::atomic::Ordering::Relaxed))
                 && let Some(permit) = permit.take()
             {
                 permit.complete(*outcome);
@@ -50,6 +53,9 @@ pin_project! {
             outcome: Outcome,
             polled: bool,
             bodiless: bool,
+            // It said it had ended when asked (`is_end_stream`, which
+            // takes `&self`).
+            ended: std::sync::atomic::AtomicBool,
         },
         Refusal {
             text: Option<Bytes>,
@@ -66,6 +72,7 @@ impl<B> LimitBody<B> {
                 outcome,
                 polled: false,
                 bodiless,
+                ended: std::sync::atomic::AtomicBool::new(false),
             },
         }
     }
@@ -120,7 +127,13 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body, .. } => body.is_end_stream(),
+            Kind::Inner { body, ended, .. } => {
+                let end = body.is_end_stream();
+                if end {
+                    ended.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                end
+            }
             Kind::Refusal { text } => text.is_none(),
         }
     }

@@ -138,7 +138,8 @@ impl<RB, E> Mode<Response<RB>, E> for Http {
                     None
                 };
                 // A 204, a 304 or an interim response has no body to send:
-                // dropped unread, it ended with its head.
+                // dropped unread, it ended with its head (as does a body
+                // that says it has ended: see `LimitBody`).
                 let bodiless = status == StatusCode::NO_CONTENT
                     || status == StatusCode::NOT_MODIFIED
                     || status.is_informational();
