@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use gratify::balance::CallContext;
 use gratify::balance::propagate::{DEADLINE_HEADER, TOKEN_HEADER};
+use gratify::balance::{CallContext, Trust};
 use gratify::core::classify::RouteClassifier;
 use gratify::scaling::limit::{Admission, Fixed, Limiter, LimiterConfig};
 use gratify::{CostModel, Stack};
@@ -24,19 +24,30 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// One replica per `(name, replica, stack)`, each on a port of its own.
+    /// One replica per `(replica, stack)`, each on a port of its own,
+    /// trusting holders of the peer token.
     async fn start(model: &CostModel, replicas: Vec<(Replica, Stack)>) -> Self {
+        let trusting = replicas
+            .into_iter()
+            .map(|(r, s)| (r, s, Trust::token(PEER_TOKEN).unwrap()))
+            .collect();
+        Self::start_trusting(model, trusting).await
+    }
+
+    /// One replica per `(replica, stack, trust)`, each on a port of its own.
+    async fn start_trusting(model: &CostModel, replicas: Vec<(Replica, Stack, Trust)>) -> Self {
         let (stop, stopped) = watch::channel(false);
         let mut urls = Vec::new();
         let mut servers = Vec::new();
-        for (replica, stack) in replicas {
+        for (replica, stack, trust) in replicas {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             urls.push(format!("http://{}", listener.local_addr().unwrap()));
             let mut stopped = stopped.clone();
             let shutdown = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            let server = inventory::serve_with(listener, replica, model, stack, shutdown).unwrap();
+            let server =
+                inventory::serve_trusting(listener, replica, model, stack, trust, shutdown);
             servers.push(tokio::spawn(server));
         }
         Self {
@@ -52,6 +63,35 @@ impl Fleet {
             s.await.unwrap().unwrap();
         }
     }
+}
+
+/// A reservation of one `sku-1` sent to `url` by a plain tonic client (no
+/// gratify on this side), with `metadata` set by hand.
+async fn plain_reserve(
+    url: &str,
+    metadata: &[(&'static str, &str)],
+) -> Result<inventory::ReserveReply, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut request = tonic::Request::new(inventory::ReserveRequest {
+        sku: "sku-1".into(),
+        quantity: 1,
+    });
+    for (k, v) in metadata {
+        request.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        request,
+        http::uri::PathAndQuery::from_static(RESERVE),
+        tonic_prost::ProstCodec::default(),
+    )
+    .await
+    .map(tonic::Response::into_inner)
 }
 
 /// A limit of one slot, refusing at the limit; the limiter's handle for
@@ -235,33 +275,16 @@ async fn a_call_with_no_time_left_is_refused_before_any_work() {
 
     // The server side: a trusted peer's call with no milliseconds left,
     // sent by a plain tonic client (no gratify on this side).
-    let channel = tonic::transport::Endpoint::from_shared(fleet.urls[0].clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    let mut request = tonic::Request::new(inventory::ReserveRequest {
-        sku: "sku-1".into(),
-        quantity: 1,
-    });
     // The header names `PropagateLayer` writes.
     assert_eq!(
         (TOKEN_HEADER.as_str(), DEADLINE_HEADER.as_str()),
         ("gratify-peer-token", "gratify-deadline")
     );
-    let metadata = request.metadata_mut();
-    metadata.insert("gratify-peer-token", PEER_TOKEN.parse().unwrap());
-    metadata.insert("gratify-deadline", "0".parse().unwrap());
-    grpc.ready().await.unwrap();
-    let status = grpc
-        .unary::<_, inventory::ReserveReply, _>(
-            request,
-            http::uri::PathAndQuery::from_static(RESERVE),
-            tonic_prost::ProstCodec::default(),
-        )
-        .await
-        .unwrap_err();
+    let metadata = [
+        ("gratify-peer-token", PEER_TOKEN),
+        ("gratify-deadline", "0"),
+    ];
+    let status = plain_reserve(&fleet.urls[0], &metadata).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert_eq!(
         entered.load(Ordering::SeqCst),
@@ -283,52 +306,24 @@ async fn a_class_from_an_untrusted_caller_is_ignored_and_a_trusted_networks_is_t
         model.id("checkout").unwrap().index(),
     );
     let mut limiters = Vec::new();
-    let (stop, stopped) = watch::channel(false);
-    let mut servers = Vec::new();
-    let mut urls = Vec::new();
+    let mut replicas = Vec::new();
     for trust in [
-        gratify::balance::Trust::token(PEER_TOKEN).unwrap(),
-        gratify::balance::Trust::networks(["127.0.0.0/8"]).unwrap(),
+        Trust::token(PEER_TOKEN).unwrap(),
+        Trust::networks(["127.0.0.0/8"]).unwrap(),
     ] {
         let (stack, limiter) = one_slot(&model);
         limiters.push(limiter);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        urls.push(format!("http://{}", listener.local_addr().unwrap()));
-        let mut stopped = stopped.clone();
-        let shutdown = async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        };
-        let replica = Replica::new("a", Stock::with([("sku-1", 10)]));
-        servers.push(tokio::spawn(inventory::serve_trusting(
-            listener, replica, &model, stack, trust, shutdown,
-        )));
+        replicas.push((
+            Replica::new("a", Stock::with([("sku-1", 10)])),
+            stack,
+            trust,
+        ));
     }
-    for url in &urls {
+    let fleet = Fleet::start_trusting(&model, replicas).await;
+    for url in &fleet.urls {
         // A plain tonic client, no token: it says the call is a browse.
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut grpc = tonic::client::Grpc::new(channel);
-        let mut request = tonic::Request::new(inventory::ReserveRequest {
-            sku: "sku-1".into(),
-            quantity: 1,
-        });
-        request
-            .metadata_mut()
-            .insert("gratify-class", "browse".parse().unwrap());
-        grpc.ready().await.unwrap();
-        let reply = grpc
-            .unary::<_, inventory::ReserveReply, _>(
-                request,
-                http::uri::PathAndQuery::from_static(RESERVE),
-                tonic_prost::ProstCodec::default(),
-            )
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(reply.reserved);
+        let reply = plain_reserve(url, &[("gratify-class", "browse")]).await;
+        assert!(reply.unwrap().reserved);
     }
     let token_only = limiters[0].stats();
     assert_eq!(
@@ -348,8 +343,5 @@ async fn a_class_from_an_untrusted_caller_is_ignored_and_a_trusted_networks_is_t
         (0, 1),
         "a trusted network's class was ignored"
     );
-    stop.send_replace(true);
-    for s in servers {
-        s.await.unwrap().unwrap();
-    }
+    fleet.stop().await;
 }
