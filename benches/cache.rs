@@ -17,7 +17,11 @@
 //!
 //! Section "hit-path": the cost of a hit of an 8 KB page through the whole
 //! layer against the bare handler returning the same bytes (a timing loop on
-//! one thread; per-request times; mean and p99, medians of 7 runs).
+//! one thread; per-request times). Seven runs of the subject alternate with
+//! seven of the bare handler, so a machine's drift moves both alike; the
+//! figures are medians: of the runs' means and p99s, and of the pairs'
+//! ratios. The bare handler's own row pairs it with itself: its ratio shows
+//! how far apart two runs of the same code fall.
 //!
 //! The stampede and hit-path sections also measure the server-side caches
 //! that exist for tower, each over moka with 10,000 entries:
@@ -28,8 +32,9 @@
 //!
 //! Section "loopback": the same 8 KB page served by hyper on 127.0.0.1 from
 //! a bare handler and through the cache (a hit every time), each loaded by 32
-//! keep-alive connections for a few seconds; requests per second, median of
-//! 3 runs.
+//! keep-alive connections for a few seconds; requests per second, medians
+//! of 5 runs of each (3 quick), alternating, and the median of the pairs'
+//! ratios.
 //!
 //! Section names among the arguments (`-- --quick hit-path loopback`) run
 //! only those sections; subject names (`gratify`, `hitbox`) only those
@@ -278,14 +283,33 @@ where
     out
 }
 
-/// (mean, p99) nanoseconds per hit through `svc`: the medians over 7 runs of
-/// at most `n` requests, fewer for a slow subject (about 0.3 s a run).
-fn hit_path_of<S, B>(svc: S, n: usize) -> (f64, f64)
+/// Per-hit figures of a subject measured in runs alternating with the bare
+/// handler's, so that a machine's drift moves both alike.
+#[derive(Clone, Copy, Debug)]
+struct HitPath {
+    /// Median over the runs of the subject's mean nanoseconds per hit.
+    ns: f64,
+    /// Median over the runs of its 99th percentile.
+    p99: f64,
+    /// Median over the runs of the bare handler's mean.
+    bare_ns: f64,
+    /// Median over the pairs of runs of subject mean / bare mean.
+    ratio: f64,
+}
+
+/// Hits through `svc` against the bare handler `bare`: 7 pairs of runs,
+/// each of at most `n` requests (fewer for a slow subject, about 0.3 s a
+/// run), the bare run and the subject's run alternating.
+fn hit_path_of<S, B, T, C>(bare: T, svc: S, n: usize) -> HitPath
 where
     S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
     S::Error: std::fmt::Debug,
     B: http_body::Body,
     B::Error: std::fmt::Debug,
+    T: tower::Service<Request<Full<Bytes>>, Response = Response<C>> + Clone,
+    T::Error: std::fmt::Debug,
+    C: http_body::Body,
+    C::Error: std::fmt::Debug,
 {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -294,17 +318,28 @@ where
     let probe = runtime.block_on(timings(&svc, 200));
     let per = probe.iter().sum::<f64>() / probe.len() as f64;
     let n = n.min((0.3e9 / per.max(1.0)) as usize).max(200);
-    let mut means = Vec::new();
-    let mut p99s = Vec::new();
+    let mean = |t: &[f64]| t.iter().sum::<f64>() / t.len() as f64;
+    let (mut means, mut p99s, mut bares, mut ratios) = (vec![], vec![], vec![], vec![]);
     for _ in 0..7 {
+        let b = mean(&runtime.block_on(timings(&bare, n)));
         let mut t = runtime.block_on(timings(&svc, n));
-        means.push(t.iter().sum::<f64>() / t.len() as f64);
+        let m = mean(&t);
         t.sort_by(f64::total_cmp);
         p99s.push(t[t.len() * 99 / 100]);
+        means.push(m);
+        bares.push(b);
+        ratios.push(m / b);
     }
-    means.sort_by(f64::total_cmp);
-    p99s.sort_by(f64::total_cmp);
-    (means[3], p99s[3])
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    HitPath {
+        ns: median(means),
+        p99: median(p99s),
+        bare_ns: median(bares),
+        ratio: median(ratios),
+    }
 }
 
 /// An origin answering `body`, cacheable, after `delay`, counting its calls.
@@ -439,15 +474,20 @@ where
     latencies[latencies.len() * 99 / 100 - 1].as_secs_f64() * 1e3
 }
 
-/// (mean ns, p99 ns, origin calls) per request for `subject` serving a hit
-/// of an 8 KB page.
-fn hit_path(subject: Subject, n: usize) -> (f64, f64, u64) {
+/// The hit-path figures of `subject` serving a hit of an 8 KB page, and
+/// the origin calls it made.
+fn hit_path(subject: Subject, n: usize) -> (HitPath, u64) {
     let page = Bytes::from(vec![b'x'; 8192]);
     let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (mean, p99) = with_subject!(subject, page, Duration::ZERO, Arc::clone(&calls), |svc| {
-        hit_path_of(svc, n)
+    let bare = origin::<Full<Bytes>>(
+        page.clone(),
+        Duration::ZERO,
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    );
+    let figures = with_subject!(subject, page, Duration::ZERO, Arc::clone(&calls), |svc| {
+        hit_path_of(bare, svc, n)
     });
-    (mean, p99, calls.load(std::sync::atomic::Ordering::SeqCst))
+    (figures, calls.load(std::sync::atomic::Ordering::SeqCst))
 }
 
 /// Requests per second that `connections` keep-alive clients get from a
@@ -646,50 +686,62 @@ fn main() {
 
     if section("hit-path") {
         let n = if quick { 20_000 } else { 200_000 };
-        println!("\n| subject | ns per request | p99 ns | vs bare | origin calls |");
-        println!("|---|---:|---:|---:|---:|");
-        let mut bare = f64::NAN;
+        println!(
+            "\n| subject | ns per request | p99 ns | bare ns (runs between) | vs bare | origin calls |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
         for subject in Subject::ALL.into_iter().filter(subject_runs) {
-            let (ns, p99, calls) = hit_path(subject, n);
-            if subject == Subject::Bare {
-                bare = ns;
-            }
+            let (h, calls) = hit_path(subject, n);
             println!(
-                "| {} | {ns:.0} | {p99:.0} | {:.2} | {calls} |",
+                "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {calls} |",
                 subject.name(),
-                ns / bare
+                h.ns,
+                h.p99,
+                h.bare_ns,
+                h.ratio
             );
             results.push(serde_json::json!({
-            "scenario": "hit-path",
-            "subject": subject.name(),
-            "metrics": { "ns_per_req": ns, "p99_ns": p99, "ratio_vs_bare": ns / bare, "origin_calls": calls },
-        }));
+                "scenario": "hit-path",
+                "subject": subject.name(),
+                "metrics": {
+                    "ns_per_req": h.ns,
+                    "p99_ns": h.p99,
+                    "bare_ns_per_req": h.bare_ns,
+                    "ratio_vs_bare": h.ratio,
+                    "origin_calls": calls,
+                },
+            }));
         }
     }
 
     if section("loopback") {
         let seconds = if quick { 1.0 } else { 3.0 };
-        let mut bare_runs = Vec::new();
-        let mut cached_runs = Vec::new();
-        for _ in 0..3 {
-            bare_runs.push(loopback(page_handler(), seconds));
+        // Pairs of runs, bare then cached, so a machine's drift moves both
+        // alike; the ratio is the median of the pairs'.
+        let pairs = if quick { 3 } else { 5 };
+        let (mut bare_runs, mut cached_runs, mut ratios) = (vec![], vec![], vec![]);
+        for _ in 0..pairs {
+            let bare = loopback(page_handler(), seconds);
             let cached = HttpCacheLayer::new(HttpCacheConfig::default()).layer(page_handler());
-            cached_runs.push(loopback(cached, seconds));
+            let cached = loopback(cached, seconds);
+            bare_runs.push(bare);
+            cached_runs.push(cached);
+            ratios.push(cached / bare);
         }
-        bare_runs.sort_by(f64::total_cmp);
-        cached_runs.sort_by(f64::total_cmp);
-        let (bare_rps, cached_rps) = (bare_runs[1], cached_runs[1]);
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (bare_rps, cached_rps, ratio) =
+            (median(bare_runs), median(cached_runs), median(ratios));
         println!("\n| subject | requests/s (hyper, loopback) | vs bare |");
         println!("|---|---:|---:|");
         println!("| bare | {bare_rps:.0} | 1.00 |");
-        println!(
-            "| gratify (hit) | {cached_rps:.0} | {:.2} |",
-            cached_rps / bare_rps
-        );
+        println!("| gratify (hit) | {cached_rps:.0} | {ratio:.2} |");
         results.push(serde_json::json!({
-        "scenario": "loopback",
-        "subject": "gratify",
-        "metrics": { "rps": cached_rps, "bare_rps": bare_rps, "hit_throughput_frac": cached_rps / bare_rps },
+            "scenario": "loopback",
+            "subject": "gratify",
+            "metrics": { "rps": cached_rps, "bare_rps": bare_rps, "hit_throughput_frac": ratio },
     }));
     }
 

@@ -44,13 +44,15 @@ pub(crate) struct Entry {
 }
 
 /// What every hit on an entry would otherwise build again: its headers as a
-/// hit sends them, and the `Age` and `Cache-Status` values the last hit
-/// sent.
+/// hit sends them, and the whole map the last hit sent, `Age` and
+/// `Cache-Status` included.
 #[derive(Debug, Default)]
 pub(crate) struct Prepared {
     headers: OnceLock<HeaderMap>,
-    /// The age (whole seconds) they were built for, and the two values.
-    fields: Mutex<Option<(u64, HeaderValue, HeaderValue)>>,
+    /// The age (whole seconds) the last hit's map was built for, and the
+    /// map: both fields depend only on the age, so hits in the same second
+    /// send the same map.
+    hit: Mutex<Option<(u64, HeaderMap)>>,
 }
 
 impl Entry {
@@ -91,29 +93,42 @@ impl Entry {
             .clone()
     }
 
-    /// The `Age` and `Cache-Status` of a hit at `age` whole seconds (its
-    /// lifetime is fixed, so the age decides both): the values the last hit
-    /// sent if it was at the same age, else those `status` builds (kept for
-    /// the next hit unless another hit is keeping its own at that moment —
-    /// nobody waits).
-    pub(crate) fn hit_fields(
+    /// Its headers as a hit at `age` whole seconds sends them (without
+    /// `hidden`, with `Age` and the `Cache-Status` that `status` builds): the
+    /// map the last hit sent if it was at the same age, else one built now
+    /// (and kept for the next hit unless another hit holds the kept one at
+    /// that moment — nobody waits).
+    pub(crate) fn hit_headers(
         &self,
+        hidden: Option<&HeaderName>,
         age: u64,
         status: impl FnOnce() -> HeaderValue,
-    ) -> (HeaderValue, HeaderValue) {
-        let Ok(mut last) = self.prepared.fields.try_lock() else {
-            return (HeaderValue::from(age), status());
+    ) -> HeaderMap {
+        let Ok(mut last) = self.prepared.hit.try_lock() else {
+            return self.hit_headers_now(hidden, age, status);
         };
-        match &*last {
-            Some((at, kept_age, kept_status)) if *at == age => {
-                (kept_age.clone(), kept_status.clone())
-            }
-            _ => {
-                let fields = (HeaderValue::from(age), status());
-                *last = Some((age, fields.0.clone(), fields.1.clone()));
-                fields
-            }
+        if let Some((at, headers)) = &*last
+            && *at == age
+        {
+            return headers.clone();
         }
+        let headers = self.hit_headers_now(hidden, age, status);
+        *last = Some((age, headers.clone()));
+        headers
+    }
+
+    fn hit_headers_now(
+        &self,
+        hidden: Option<&HeaderName>,
+        age: u64,
+        status: impl FnOnce() -> HeaderValue,
+    ) -> HeaderMap {
+        let mut headers = self.served_headers(hidden);
+        // In place of the prepared fields: no growth (and a map at its size
+        // limit is answered without them rather than a panic).
+        let _ = headers.try_insert(http::header::AGE, HeaderValue::from(age));
+        let _ = headers.try_insert(crate::http_cache::CACHE_STATUS, status());
+        headers
     }
 
     /// Its current age.

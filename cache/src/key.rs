@@ -113,16 +113,34 @@ pub(crate) fn key_text_of<B>(
     sort_query: bool,
     extra: Option<&dyn KeyPart>,
 ) -> Option<String> {
-    let (scheme, authority) = origin_of(request, default_scheme)?;
+    let mut key = String::new();
+    key_text_into(request, default_scheme, sort_query, extra, &mut key).then_some(key)
+}
+
+/// [`key_text_of`] written into `key` (cleared first): `false` for a
+/// request the cache does not key.
+pub(crate) fn key_text_into<B>(
+    request: &http::Request<B>,
+    default_scheme: &str,
+    sort_query: bool,
+    extra: Option<&dyn KeyPart>,
+    key: &mut String,
+) -> bool {
+    key.clear();
+    let Some((scheme, authority)) = origin_of(request, default_scheme) else {
+        return false;
+    };
     let part = extra.and_then(|e| e.key_part(&request_parts(request)));
-    Some(build_text(
+    build_into(
+        key,
         scheme,
         authority,
         request.uri(),
         sort_query,
         Some(request.headers()),
         part.as_deref(),
-    ))
+    );
+    true
 }
 
 /// The request's origin as the cache keys it: its scheme and authority
@@ -178,8 +196,23 @@ fn build_text(
     headers: Option<&http::HeaderMap>,
     part: Option<&str>,
 ) -> String {
+    let mut key = String::new();
+    build_into(&mut key, scheme, authority, uri, sort_query, headers, part);
+    key
+}
+
+/// [`build_text`] appended to `key`, which is empty.
+fn build_into(
+    key: &mut String,
+    scheme: &str,
+    authority: &str,
+    uri: &http::Uri,
+    sort_query: bool,
+    headers: Option<&http::HeaderMap>,
+    part: Option<&str>,
+) {
     let path = uri.path();
-    let mut key = String::with_capacity(
+    key.reserve(
         scheme.len() + authority.len() + uri.path_and_query().map_or(0, |p| p.as_str().len()) + 4,
     );
     key.push_str(scheme);
@@ -191,10 +224,10 @@ fn build_text(
         key.push('?');
         if sort_query {
             let mut pairs: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
-            pairs.sort_by(|a, b| {
-                let name = |p: &str| p.split('=').next().unwrap_or("").to_owned();
-                name(a).cmp(&name(b))
-            });
+            fn name(pair: &str) -> &str {
+                pair.split('=').next().unwrap_or("")
+            }
+            pairs.sort_by(|a, b| name(a).cmp(name(b)));
             key.push_str(&pairs.join("&"));
         } else {
             key.push_str(query);
@@ -206,7 +239,10 @@ fn build_text(
         // order.
         let mut keyed: Vec<(&str, &[u8])> = headers
             .iter()
-            .filter(|(name, _)| KEYED_HEADERS.contains(&name.as_str()))
+            .filter(|(name, _)| {
+                let name = name.as_str();
+                (name.starts_with("x-") || name == "forwarded") && KEYED_HEADERS.contains(&name)
+            })
             .map(|(name, value)| (name.as_str(), value.as_bytes()))
             .collect();
         keyed.sort();
@@ -231,7 +267,6 @@ fn build_text(
         key.push('#');
         key.push_str(part);
     }
-    key
 }
 
 /// The request's head without its body, for a [`KeyPart`].

@@ -350,7 +350,7 @@ impl Exchange {
                 Outcome::Uncacheable
             },
         );
-        let mut response = represent(&self.shared, &fresh, &self.asked.headers, None, false)
+        let mut response = represent(&self.shared, &fresh, &self.asked.headers, None, None)
             .await
             .map(FillBody::full);
         // Cookies the origin set are this request's alone.
@@ -495,7 +495,7 @@ impl Exchange {
             &entry,
             &self.asked.headers,
             Some(identity),
-            false,
+            None,
         )
         .await
         .map(FillBody::full);

@@ -24,7 +24,7 @@ use super::{CACHE_STATUS, CachePurge, METHOD_OVERRIDES, Shared};
 use crate::body::CacheBody;
 use crate::directives::RequestDirectives;
 use crate::entry::{Entry, Reuse, Variants};
-use crate::key::{CacheKey, key_of, key_text_of};
+use crate::key::{CacheKey, key_of, key_text_into};
 use crate::policy::{Rules, strip_hop_by_hop};
 use crate::tier::BoxFuture;
 
@@ -266,21 +266,60 @@ where
             return Err(None);
         }
     }
-    let Some(key) = key_text_of(
+    KEY.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut key) => {
+            let answer = hit_keyed(shared, inner, request, hop, &mut key);
+            if key.capacity() > 4096 {
+                // Not kept for the next request: one long URI only.
+                *key = String::new();
+            }
+            answer
+        }
+        // Only if a key part asked the same thread's cache for a hit.
+        Err(_) => hit_keyed(shared, inner, request, hop, &mut String::new()),
+    })
+}
+
+thread_local! {
+    /// Where [`hit_now`] writes a request's key: a hit allocates none.
+    static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// [`hit_now`] for a request without hop-by-hop fields beyond the benign
+/// ones (`hop`: it has some), its key written into `key`.
+fn hit_keyed<S, B, RB>(
+    shared: &Arc<Shared>,
+    inner: &S,
+    request: &Request<B>,
+    hop: bool,
+    key: &mut String,
+) -> Result<Response<CacheBody<RB>>, Option<Seen>>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: Default + Send + 'static,
+    RB: Send + 'static,
+{
+    let method = request.method();
+    let headers = request.headers();
+    if !key_text_into(
         request,
         &shared.config.scheme,
         shared.config.sort_query,
         shared.key_part.as_deref(),
-    ) else {
+        key,
+    ) {
         return Err(None);
-    };
+    }
+    let key = &*key;
     // The key is looked up as text; a miss takes it along as a `CacheKey`.
     let seen = |variants: Option<&Arc<Variants>>| Seen {
-        key: CacheKey::from(key.clone()),
+        key: CacheKey::from_text(key),
         variants: variants.cloned(),
         exact: !hop,
     };
-    let Some(variants) = shared.store.local(&key) else {
+    let Some(variants) = shared.store.local(key) else {
         return Err(Some(seen(None)));
     };
     let Some(entry) = variants.find(headers) else {
@@ -308,7 +347,7 @@ where
                 && *method != Method::HEAD
                 && may_lead(headers, &directives, &shared.rules(request.uri().path()))
             {
-                refresh(shared, inner, request, &CacheKey::from(key.clone()), entry);
+                refresh(shared, inner, request, &CacheKey::from_text(key), entry);
             }
             serve_now(shared, entry, method, headers, now, "hit")
                 .ok_or_else(|| Some(seen(Some(&variants))))

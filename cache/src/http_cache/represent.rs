@@ -3,6 +3,7 @@
 //! nothing a shared cache must not replay.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
@@ -22,13 +23,13 @@ use crate::entry::Entry;
 /// for a client that accepts none. `identity`, when the caller still holds
 /// the body as the origin sent it, spares the decoding. `hit`: a hit, which
 /// [`finish`] completes (its headers come with `Age` and `Cache-Status` in
-/// place, for it to set).
+/// place, set for a plain hit, for it to set otherwise).
 pub(crate) async fn represent(
     shared: &Shared,
     entry: &Entry,
     request: &HeaderMap,
     identity: Option<Bytes>,
-    hit: bool,
+    hit: Option<Hit<'_>>,
 ) -> Response<Bytes> {
     if let Ok(response) = represent_now(shared, entry, request, identity, hit) {
         return response;
@@ -50,6 +51,32 @@ pub(crate) async fn represent(
 #[derive(Debug)]
 pub(crate) struct NeedsDecoding;
 
+/// How a stored response is served as a hit: at what age, and whether as a
+/// plain hit (`Cache-Status: …; hit`), whose `Age` and `Cache-Status` the
+/// entry keeps ready for the hits of the same second.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hit<'a> {
+    age: Duration,
+    /// `Cache-Status`'s detail.
+    detail: &'a str,
+    plain: bool,
+}
+
+impl<'a> Hit<'a> {
+    fn new(entry: &Entry, now: Instant, detail: &'a str) -> Self {
+        Self {
+            age: entry.age(now),
+            detail,
+            plain: detail == "hit",
+        }
+    }
+
+    /// `Cache-Status`'s `ttl`: the freshness it has left.
+    fn ttl(self, entry: &Entry) -> i64 {
+        entry.lifetime.as_secs() as i64 - self.age.as_secs() as i64
+    }
+}
+
 /// [`represent`] without waiting: `Err` when the client accepts none of the
 /// stored codings and the identity body must be decoded first.
 pub(crate) fn represent_now(
@@ -57,13 +84,19 @@ pub(crate) fn represent_now(
     entry: &Entry,
     request: &HeaderMap,
     identity: Option<Bytes>,
-    hit: bool,
+    hit: Option<Hit<'_>>,
 ) -> Result<Response<Bytes>, NeedsDecoding> {
     let mut response = Response::new(Bytes::new());
     *response.status_mut() = entry.status;
     *response.version_mut() = entry.version;
-    *response.headers_mut() = if hit {
-        entry.served_headers(hidden_tag(shared))
+    *response.headers_mut() = if let Some(hit) = hit {
+        if hit.plain {
+            entry.hit_headers(hidden_tag(shared), hit.age.as_secs(), || {
+                shared.status_text("hit", Some(hit.ttl(entry)))
+            })
+        } else {
+            entry.served_headers(hidden_tag(shared))
+        }
     } else {
         let mut headers = entry.headers.clone();
         if let Some(tag) = hidden_tag(shared) {
@@ -153,11 +186,15 @@ pub(crate) async fn serve<RB>(
         (*method == Method::GET && !not_modified && entry.status == StatusCode::OK && cuttable)
             .then(|| byte_range(request, &entry.headers))
             .flatten();
-    let response = match range {
-        Some(range) => partial(shared, entry, range).await,
-        None => represent(shared, entry, request, None, true).await,
+    let hit = Hit::new(entry, now, detail);
+    let (response, in_place) = match range {
+        Some(range) => (partial(shared, entry, range).await, false),
+        None => (
+            represent(shared, entry, request, None, Some(hit)).await,
+            hit.plain,
+        ),
     };
-    finish(shared, entry, response, method, not_modified, now, detail)
+    finish(shared, entry, response, method, not_modified, hit, in_place)
 }
 
 /// [`serve`] without waiting, for the hit path: `None` when the answer needs
@@ -174,31 +211,32 @@ pub(crate) fn serve_now<RB>(
         return None;
     }
     let not_modified = conditional_matches(request, &entry.headers);
-    let response = represent_now(shared, entry, request, None, true).ok()?;
+    let hit = Hit::new(entry, now, detail);
+    let response = represent_now(shared, entry, request, None, Some(hit)).ok()?;
     Some(finish(
         shared,
         entry,
         response,
         method,
         not_modified,
-        now,
-        detail,
+        hit,
+        hit.plain,
     ))
 }
 
 /// A stored response's representation as sent: no body for HEAD or a
-/// `304`, `Age`, `Cache-Status`.
+/// `304`, `Age`, `Cache-Status` (already `in_place` for a plain hit's
+/// prepared headers), with `detail` counted.
 fn finish<RB>(
     shared: &Shared,
     entry: &Entry,
     response: Response<Bytes>,
     method: &Method,
     not_modified: bool,
-    now: Instant,
-    detail: &str,
+    hit: Hit<'_>,
+    in_place: bool,
 ) -> Response<CacheBody<RB>> {
-    let age = entry.age(now);
-    let ttl = entry.lifetime.as_secs() as i64 - age.as_secs() as i64;
+    let (age, ttl) = (hit.age, hit.ttl(entry));
     let (mut parts, body) = response.into_parts();
     let body = if *method == Method::HEAD || not_modified {
         CacheBody::empty()
@@ -209,19 +247,22 @@ fn finish<RB>(
         parts.status = StatusCode::NOT_MODIFIED;
         parts.headers.remove(CONTENT_LENGTH);
     }
-    // In place of the prepared fields: no growth (and a map at its size
-    // limit is answered without them rather than a panic).
-    let (age, status) = if detail == "hit" {
-        shared.count(detail);
-        entry.hit_fields(age.as_secs(), || shared.status_text(detail, Some(ttl)))
-    } else {
-        (
-            HeaderValue::from(age.as_secs()),
-            shared.status_with(detail, Some(ttl)),
-        )
-    };
-    let _ = parts.headers.try_insert(AGE, age);
-    let _ = parts.headers.try_insert(CACHE_STATUS, status);
+    if hit.plain {
+        shared.count(hit.detail);
+    }
+    if !in_place {
+        // In place of the prepared fields: no growth (and a map at its size
+        // limit is answered without them rather than a panic).
+        let status = if hit.plain {
+            shared.status_text(hit.detail, Some(ttl))
+        } else {
+            shared.status_with(hit.detail, Some(ttl))
+        };
+        let _ = parts
+            .headers
+            .try_insert(AGE, HeaderValue::from(age.as_secs()));
+        let _ = parts.headers.try_insert(CACHE_STATUS, status);
+    }
     Response::from_parts(parts, body)
 }
 
