@@ -130,13 +130,17 @@ pub fn client(
 pub async fn capacity(addr: SocketAddr, mix: &Mix, seconds: f64, concurrency: u64) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let svc = client(addr, concurrency as usize);
+    // Signed in before the clock starts (a failure shows as the calls'
+    // refusals: they go as no one's).
+    let signed = crate::drive::sign_in(&svc, mix).await.unwrap_or_default();
     let start = tokio::time::Instant::now();
     let until = start + Duration::from_secs_f64(1.0 + seconds);
-    let svc = client(addr, concurrency as usize);
     let mut workers = Vec::new();
     for w in 0..concurrency {
         let svc = svc.clone();
         let mix = mix.clone();
+        let signed = Arc::clone(&signed);
         let done = Arc::clone(&done);
         let counting = Arc::clone(&counting);
         workers.push(tokio::spawn(async move {
@@ -146,8 +150,10 @@ pub async fn capacity(addr: SocketAddr, mix: &Mix, seconds: f64, concurrency: u6
                 let Some(kind) = mix.pick((pick >> 11) as f64 / (1u64 << 53) as f64) else {
                     return;
                 };
+                let lent = signed.lend();
                 for call in (kind.build)(n + 1_000_000, pick) {
-                    let Ok(request) = call.request(&mix.host) else {
+                    let token = lent.as_ref().map(crate::drive::Lent::token);
+                    let Ok(request) = call.request_as(&mix.host, token) else {
                         continue;
                     };
                     if let Ok(r) = svc.clone().oneshot(request).await {

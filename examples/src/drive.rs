@@ -33,6 +33,9 @@ pub struct Call {
     pub headers: Vec<(&'static str, String)>,
     /// Its body.
     pub body: bytes::Bytes,
+    /// Sent as a signed-in user: with the bearer token of one of the
+    /// accounts of the mix's [`Accounts`].
+    pub signed_in: bool,
 }
 
 impl Call {
@@ -43,6 +46,7 @@ impl Call {
             path: path.into(),
             headers: Vec::new(),
             body: bytes::Bytes::new(),
+            signed_in: false,
         }
     }
 
@@ -70,12 +74,34 @@ impl Call {
         self
     }
 
-    /// The request, for `host`.
+    /// Sent as a signed-in user (see [`Accounts`]).
+    #[must_use]
+    pub fn signed_in(mut self) -> Self {
+        self.signed_in = true;
+        self
+    }
+
+    /// The request, for `host` (without a token: a call
+    /// [`signed_in`](Self::signed_in) goes as no one's).
     ///
     /// # Errors
     ///
     /// A path or header that is not valid HTTP.
     pub fn request(&self, host: &str) -> Result<Request<Body>, http::Error> {
+        self.request_as(host, None)
+    }
+
+    /// The request, for `host`, with `token` as its bearer if the call is
+    /// [`signed_in`](Self::signed_in).
+    ///
+    /// # Errors
+    ///
+    /// A path or header that is not valid HTTP.
+    pub fn request_as(
+        &self,
+        host: &str,
+        token: Option<&str>,
+    ) -> Result<Request<Body>, http::Error> {
         let mut builder = Request::builder()
             .method(self.method.clone())
             .uri(self.path.as_str())
@@ -84,8 +110,176 @@ impl Call {
         for (name, value) in &self.headers {
             builder = builder.header(*name, value.as_str());
         }
+        if let (true, Some(token)) = (self.signed_in, token) {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
         builder.body(Body::from(self.body.clone()))
     }
+}
+
+/// Users the driver signs up and in before it sends a mix's traffic, for
+/// its [`signed_in`](Call::signed_in) calls.
+#[derive(Debug, Clone, Copy)]
+pub struct Accounts {
+    /// How many.
+    pub count: u32,
+    /// The sign-up of account `i` (answered 2xx, or 409 when it exists).
+    pub sign_up: fn(u32) -> Call,
+    /// The sign-in of account `i`, answered 2xx with JSON `{"token": …}`.
+    pub sign_in: fn(u32) -> Call,
+}
+
+/// The bearer tokens of a mix's accounts, lent to one arrival at a time
+/// while one is free (two arrivals of one user at once would share a cart),
+/// else in turn.
+#[derive(Debug, Default)]
+pub struct Signed {
+    tokens: Vec<String>,
+    free: Mutex<Vec<usize>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Signed {
+    fn of(tokens: Vec<String>) -> Self {
+        Self {
+            free: Mutex::new((0..tokens.len()).rev().collect()),
+            tokens,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// How many accounts are signed in.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// A token for one arrival (none without accounts): a free account's,
+    /// given back when the [`Lent`] drops, else the next in turn.
+    pub fn lend(self: &Arc<Self>) -> Option<Lent> {
+        if self.tokens.is_empty() {
+            return None;
+        }
+        let free = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        Some(match free {
+            Some(i) => Lent {
+                signed: Arc::clone(self),
+                index: i,
+                owned: true,
+            },
+            None => Lent {
+                signed: Arc::clone(self),
+                index: self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    % self.tokens.len(),
+                owned: false,
+            },
+        })
+    }
+}
+
+/// An account's token lent to one arrival.
+#[derive(Debug)]
+pub struct Lent {
+    signed: Arc<Signed>,
+    index: usize,
+    owned: bool,
+}
+
+impl Lent {
+    /// The token.
+    pub fn token(&self) -> &str {
+        &self.signed.tokens[self.index]
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if self.owned {
+            self.signed
+                .free
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(self.index);
+        }
+    }
+}
+
+/// Sends one call and reads its answer whole.
+pub(crate) async fn send_one<S, B>(
+    svc: S,
+    host: &str,
+    call: Call,
+) -> Result<(http::StatusCode, bytes::Bytes), String>
+where
+    S: Service<Request<Body>, Response = Response<B>>,
+    S::Error: std::error::Error,
+    B: axum::body::HttpBody,
+{
+    let request = call.request(host).map_err(|e| e.to_string())?;
+    let response = svc.oneshot(request).await.map_err(|e| describe(&e))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|_| "a body failed".to_owned())?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// Signs up and in the accounts of `mix` (if any) through `svc`, a few at
+/// a time.
+///
+/// # Errors
+///
+/// A sign-up or sign-in that failed, said in words.
+pub async fn sign_in<S, B>(svc: &S, mix: &Mix) -> Result<Arc<Signed>, String>
+where
+    S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::error::Error + Send,
+    B: axum::body::HttpBody + Send + 'static,
+    B::Data: Send,
+{
+    let Some(accounts) = mix.accounts else {
+        return Ok(Arc::new(Signed::default()));
+    };
+    let mut tokens = vec![String::new(); accounts.count as usize];
+    let mut pending = (0..accounts.count).collect::<Vec<_>>().into_iter();
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        while running.len() < 8 {
+            let Some(i) = pending.next() else { break };
+            let (svc, host) = (svc.clone(), mix.host.clone());
+            running.spawn(async move {
+                let (status, _) = send_one(svc.clone(), &host, (accounts.sign_up)(i)).await?;
+                if !(status.is_success() || status == http::StatusCode::CONFLICT) {
+                    return Err(format!("sign-up: status {}", status.as_u16()));
+                }
+                let (status, body) = send_one(svc, &host, (accounts.sign_in)(i)).await?;
+                let token = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["token"].as_str().map(str::to_owned))
+                    .filter(|_| status.is_success())
+                    .ok_or_else(|| format!("sign-in: status {}", status.as_u16()))?;
+                Ok((i as usize, token))
+            });
+        }
+        let Some(done) = running.join_next().await else {
+            break;
+        };
+        let (i, token) = done.map_err(|e| e.to_string())??;
+        tokens[i] = token;
+    }
+    Ok(Arc::new(Signed::of(tokens)))
 }
 
 /// One kind of arrival: a class name and the requests it sends (in order;
@@ -107,6 +301,9 @@ pub struct Mix {
     pub kinds: Vec<Kind>,
     /// The `Host` header sent.
     pub host: String,
+    /// The users its [`signed_in`](Call::signed_in) calls go as, signed up
+    /// and in before the traffic starts.
+    pub accounts: Option<Accounts>,
 }
 
 impl Mix {
@@ -329,6 +526,17 @@ where
     let tallies: Arc<Mutex<BTreeMap<String, Tally>>> = Arc::default();
     let windows: Arc<Mutex<BTreeMap<u64, WindowTally>>> = Arc::default();
     let errors: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let signed = match sign_in(&svc, mix).await {
+        Ok(signed) => signed,
+        Err(e) => {
+            // Its calls then go as no one's, and their failures say so.
+            errors
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(format!("signing in: {e}"), 1);
+            Arc::new(Signed::default())
+        }
+    };
     let mut rng = Rng(seed);
     let start = Instant::now() + Duration::from_millis(20);
     let mut t = 0.0;
@@ -369,6 +577,7 @@ where
         let model = model.clone();
         let slots = Arc::clone(&slots);
         let host = mix.host.clone();
+        let signed = Arc::clone(&signed);
         tasks.spawn(async move {
             let outcome = tokio::time::timeout_at(intended + timeout, async move {
                 let _slot = slots
@@ -376,9 +585,15 @@ where
                     .await
                     .map_err(|_| Failure::Error("the driver closed".into()))?;
                 let mut hit = false;
+                // One user for the whole arrival.
+                let lent = requests
+                    .iter()
+                    .any(|c| c.signed_in)
+                    .then(|| signed.lend())
+                    .flatten();
                 for call in requests {
                     let request = call
-                        .request(&host)
+                        .request_as(&host, lent.as_ref().map(Lent::token))
                         .map_err(|e| Failure::Error(e.to_string()))?;
                     let response = svc
                         .clone()
@@ -611,6 +826,7 @@ mod tests {
                 build: one,
             }],
             host: "test.example".into(),
+            accounts: None,
         }
     }
 

@@ -54,9 +54,15 @@ mod durable {
     use super::*;
 
     async fn buy(app: &axum::Router, user: &str) {
-        for path in [format!("/cart/{user}/3"), format!("/checkout/{user}")] {
+        let email = format!("{user}@shop.example");
+        let token =
+            gratify_examples::shop::session_token(app.clone(), &email, "correct horse battery")
+                .await
+                .unwrap();
+        for path in ["/cart/3", "/checkout"] {
             let request = Request::post(path)
                 .header("host", "shop.example")
+                .header("authorization", format!("Bearer {token}"))
                 .body(Body::empty())
                 .unwrap();
             let status = app.clone().oneshot(request).await.unwrap().status();

@@ -11,12 +11,32 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 
 async fn call(app: &axum::Router, method: Method, path: &str) -> (StatusCode, String, String) {
-    let request = Request::builder()
+    send(app, method, path, None, None).await
+}
+
+/// A request as the holder of `token` (if any), with a JSON `body` (if any):
+/// status, `Cache-Status` and body.
+async fn send(
+    app: &axum::Router,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (StatusCode, String, String) {
+    let mut request = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "shop.example")
-        .body(Body::empty())
-        .unwrap();
+        .header("host", "shop.example");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = match body {
+        Some(body) => request
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string())),
+        None => request.body(Body::empty()),
+    }
+    .unwrap();
     let r = app.clone().oneshot(request).await.unwrap();
     let status = r.status();
     let cache = r
@@ -28,6 +48,34 @@ async fn call(app: &axum::Router, method: Method, path: &str) -> (StatusCode, St
     (status, cache, String::from_utf8_lossy(&body).into_owned())
 }
 
+fn credentials(name: &str, password: &str) -> serde_json::Value {
+    serde_json::json!({ "email": format!("{name}@shop.example"), "password": password })
+}
+
+/// Signs `name` up and in: the session's bearer token.
+async fn sign_in(app: &axum::Router, name: &str) -> String {
+    let (status, _, body) = send(
+        app,
+        Method::POST,
+        "/accounts",
+        None,
+        Some(credentials(name, "correct horse battery")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, _, body) = send(
+        app,
+        Method::POST,
+        "/sessions",
+        None,
+        Some(credentials(name, "correct horse battery")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    json["token"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_are_cached_and_recommendations_stay_private() {
     let shop = Shop::in_memory().unwrap();
@@ -37,11 +85,35 @@ async fn pages_are_cached_and_recommendations_stay_private() {
     assert!(cache.contains("stored"), "{cache}");
     let (_, cache, _) = call(&app, Method::GET, "/products/7").await;
     assert!(cache.contains("hit"), "{cache}");
-    let (_, _, ann) = call(&app, Method::GET, "/recommendations/ann").await;
-    let (_, cache, bob) = call(&app, Method::GET, "/recommendations/bob").await;
+    let (ann_token, bob_token) = (sign_in(&app, "ann").await, sign_in(&app, "bob").await);
+    let (_, _, ann) = send(
+        &app,
+        Method::GET,
+        "/recommendations",
+        Some(&ann_token),
+        None,
+    )
+    .await;
+    let (_, cache, bob) = send(
+        &app,
+        Method::GET,
+        "/recommendations",
+        Some(&bob_token),
+        None,
+    )
+    .await;
     assert!(!cache.contains("hit"), "{cache}");
-    assert!(ann.contains("\"user\":\"ann\"") && bob.contains("\"user\":\"bob\""));
+    assert!(
+        ann.contains("\"user\":\"ann@shop.example\"")
+            && bob.contains("\"user\":\"bob@shop.example\""),
+        "{ann} {bob}"
+    );
     assert_ne!(ann, bob, "one user's recommendations are not another's");
+    // And no one's without a session.
+    assert_eq!(
+        call(&app, Method::GET, "/recommendations").await.0,
+        StatusCode::UNAUTHORIZED
+    );
     shop.shutdown().await;
 }
 
@@ -49,15 +121,21 @@ async fn pages_are_cached_and_recommendations_stay_private() {
 async fn every_checkout_sends_its_confirmation_exactly_once() {
     let shop = Shop::in_memory().unwrap();
     let app = shop.router();
+    let mut ann = String::new();
     for user in ["ann", "bob", "cy"] {
+        let token = sign_in(&app, user).await;
         for product in [3, 9] {
-            let (status, _, _) = call(&app, Method::POST, &format!("/cart/{user}/{product}")).await;
+            let path = format!("/cart/{product}");
+            let (status, _, _) = send(&app, Method::POST, &path, Some(&token), None).await;
             assert_eq!(status, StatusCode::OK);
         }
-        let (status, _, body) = call(&app, Method::POST, &format!("/checkout/{user}")).await;
+        let (status, _, body) = send(&app, Method::POST, "/checkout", Some(&token), None).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
+        if user == "ann" {
+            ann = token;
+        }
     }
-    let (status, _, _) = call(&app, Method::POST, "/checkout/ann").await;
+    let (status, _, _) = send(&app, Method::POST, "/checkout", Some(&ann), None).await;
     assert_eq!(status, StatusCode::CONFLICT, "the cart is empty");
     let report = shop.drain(Duration::from_secs(10)).await;
     assert!(
@@ -66,7 +144,7 @@ async fn every_checkout_sends_its_confirmation_exactly_once() {
     );
     assert_eq!(shop.db().counts().unwrap(), (3, 3));
     // A confirmation sent again (a retry after a crash) is not a second e-mail.
-    assert!(!shop.db().send_confirmation(1, "ann@example.com").unwrap());
+    assert!(!shop.db().send_confirmation(1, "ann@shop.example").unwrap());
     assert_eq!(shop.db().counts().unwrap(), (3, 3));
 }
 
@@ -125,12 +203,13 @@ async fn the_driver_reports_every_class_for_both_apps() {
 async fn a_client_that_gives_up_leaves_no_order_without_its_email() {
     let shop = Shop::in_memory().unwrap();
     let app = shop.router();
-    for i in 0..50 {
-        let user = format!("quitter{i}");
-        let (status, _, _) = call(&app, Method::POST, &format!("/cart/{user}/5")).await;
+    let token = sign_in(&app, "quitter").await;
+    for _ in 0..50 {
+        let (status, _, _) = send(&app, Method::POST, "/cart/5", Some(&token), None).await;
         assert_eq!(status, StatusCode::OK);
-        let request = Request::post(format!("/checkout/{user}"))
+        let request = Request::post("/checkout")
             .header("host", "shop.example")
+            .header("authorization", format!("Bearer {token}"))
             .body(Body::empty())
             .unwrap();
         // Polled once, then dropped: the client hung up.
@@ -203,78 +282,177 @@ async fn the_store_exports_a_replica_recommendation() {
 async fn errors_have_one_json_shape() {
     let shop = Shop::in_memory().unwrap();
     let app = shop.router();
-    for (method, path, status, code) in [
+    let token = sign_in(&app, "ann").await;
+    let signed = Some(token.as_str());
+    let ann = || Some(credentials("ann", "correct horse battery"));
+    for (method, path, token, body, status, code) in [
         (
             Method::GET,
             "/products/999999",
+            None,
+            None,
             StatusCode::NOT_FOUND,
             "no-such-product",
         ),
         (
             Method::GET,
             "/products/abc",
+            None,
+            None,
             StatusCode::BAD_REQUEST,
             "bad-path",
         ),
         (
             Method::GET,
             "/orders/424242",
+            signed,
+            None,
             StatusCode::NOT_FOUND,
             "no-such-order",
         ),
         (
             Method::POST,
-            "/checkout/nobody",
+            "/checkout",
+            signed,
+            None,
             StatusCode::CONFLICT,
             "empty-cart",
         ),
         (
             Method::POST,
-            "/cart/ann/999999",
+            "/cart/999999",
+            signed,
+            None,
             StatusCode::NOT_FOUND,
             "no-such-product",
         ),
         (
             Method::GET,
             "/no/such/page",
+            None,
+            None,
             StatusCode::NOT_FOUND,
             "not-found",
         ),
         (
             Method::GET,
-            "/checkout/ann",
+            "/checkout",
+            signed,
+            None,
             StatusCode::METHOD_NOT_ALLOWED,
             "method-not-allowed",
         ),
         (
             Method::GET,
             "/products?page=abc",
+            None,
+            None,
             StatusCode::BAD_REQUEST,
             "bad-query",
         ),
         (
             Method::POST,
-            "/cart/ann/x",
+            "/cart/x",
+            signed,
+            None,
             StatusCode::BAD_REQUEST,
             "bad-path",
         ),
         (
             Method::POST,
-            "/checkout/%FF",
+            "/cart/%FF",
+            signed,
+            None,
             StatusCode::BAD_REQUEST,
             "bad-path",
         ),
+        // Accounts and sessions.
+        (
+            Method::POST,
+            "/checkout",
+            None,
+            None,
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+        ),
+        (
+            Method::GET,
+            "/orders/1",
+            Some("forged"),
+            None,
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+        ),
+        (
+            Method::POST,
+            "/accounts",
+            None,
+            ann(),
+            StatusCode::CONFLICT,
+            "email-taken",
+        ),
+        (
+            Method::POST,
+            "/accounts",
+            None,
+            Some(credentials("cy", "short")),
+            StatusCode::BAD_REQUEST,
+            "bad-account",
+        ),
+        (
+            Method::POST,
+            "/accounts",
+            None,
+            Some(
+                serde_json::json!({"email": "not an address", "password": "correct horse battery"}),
+            ),
+            StatusCode::BAD_REQUEST,
+            "bad-account",
+        ),
+        (
+            Method::POST,
+            "/accounts",
+            None,
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad-account",
+        ),
+        (
+            Method::POST,
+            "/sessions",
+            None,
+            Some(credentials("ann", "wrong horse battery")),
+            StatusCode::UNAUTHORIZED,
+            "bad-credentials",
+        ),
+        (
+            Method::POST,
+            "/sessions",
+            None,
+            Some(credentials("nobody", "correct horse battery")),
+            StatusCode::UNAUTHORIZED,
+            "bad-credentials",
+        ),
     ] {
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", "shop.example")
-            .body(Body::empty())
+            .header("host", "shop.example");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request
+            .body(body.map_or_else(Body::empty, |b: serde_json::Value| {
+                Body::from(b.to_string())
+            }))
             .unwrap();
         let r = app.clone().oneshot(request).await.unwrap();
         assert_eq!(r.status(), status, "{path}");
         assert_eq!(r.headers()["content-type"], "application/json", "{path}");
         assert_eq!(r.headers()["cache-control"], "no-store", "{path}");
+        if status == StatusCode::UNAUTHORIZED && code == "unauthenticated" {
+            assert_eq!(r.headers()["www-authenticate"], "Bearer", "{path}");
+        }
         let body = r.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"]["code"], code, "{path}");
@@ -320,7 +498,7 @@ async fn refusals_under_load_have_the_stores_error_shape() {
         }),
     );
     let request = || {
-        Request::post("/checkout/ann")
+        Request::post("/checkout")
             .header("host", "shop.example")
             .body(Body::empty())
             .unwrap()
@@ -427,6 +605,138 @@ async fn an_emulated_pod_serves_as_many_at_once_as_it_has_slots() {
         started.elapsed() >= Duration::from_secs(20),
         "one slot: the two ran one after the other ({:?})",
         started.elapsed()
+    );
+    shop.shutdown().await;
+}
+
+/// An order is its owner's: another signed-in user gets the 404 of an order
+/// that does not exist, and no one without a session gets anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_are_visible_only_to_their_owner() {
+    let shop = Shop::in_memory().unwrap();
+    let app = shop.router();
+    let (ann, bob) = (sign_in(&app, "ann").await, sign_in(&app, "bob").await);
+    assert_eq!(
+        send(&app, Method::POST, "/cart/4", Some(&ann), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (status, _, body) = send(&app, Method::POST, "/checkout", Some(&ann), None).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let path = format!("/orders/{id}");
+    let (status, _, body) = send(&app, Method::GET, &path, Some(&ann), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("ann@shop.example"), "{body}");
+    let (status, _, body) = send(&app, Method::GET, &path, Some(&bob), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(
+        body.contains("no-such-order") && !body.contains("ann"),
+        "{body}"
+    );
+    assert_eq!(
+        call(&app, Method::GET, &path).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // Ann again, after Bob asked: the owner's answer was never stored for
+    // anyone (and Bob's 404 not for Ann).
+    let (status, cache, _) = send(&app, Method::GET, &path, Some(&ann), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!cache.contains("hit"), "{cache}");
+    // Bob's cart is his own: his checkout finds it empty.
+    let (status, _, _) = send(&app, Method::POST, "/checkout", Some(&bob), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    shop.shutdown().await;
+}
+
+/// A session ends when signed out or expired; a token is only its own
+/// session's; addresses are one account whatever their case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_end_and_addresses_are_one_account() {
+    let shop = Shop::in_memory().unwrap();
+    let app = shop.router();
+    let token = sign_in(&app, "ann").await;
+    assert_eq!(
+        send(&app, Method::POST, "/cart/4", Some(&token), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    // A second session of the same account is its own: signing it out
+    // leaves the first open.
+    let (status, _, body) = send(
+        &app,
+        Method::POST,
+        "/sessions",
+        None,
+        Some(
+            serde_json::json!({"email": " ANN@Shop.Example", "password": "correct horse battery"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let second = serde_json::from_str::<serde_json::Value>(&body).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(second, token);
+    assert_eq!(
+        send(&app, Method::DELETE, "/sessions", Some(&second), None)
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        send(&app, Method::POST, "/cart/4", Some(&second), None)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&app, Method::POST, "/cart/4", Some(&token), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    // The same address in another case is the same account.
+    let (status, _, body) = send(
+        &app,
+        Method::POST,
+        "/accounts",
+        None,
+        Some(serde_json::json!({"email": "Ann@SHOP.example", "password": "another horse battery"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    // Signed out: the token opens nothing.
+    assert_eq!(
+        send(&app, Method::DELETE, "/sessions", Some(&token), None)
+            .await
+            .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        send(&app, Method::POST, "/checkout", Some(&token), None)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    shop.shutdown().await;
+
+    // Sessions that expire at once: signed in, and refused at the next request.
+    let shop = Shop::in_memory()
+        .unwrap()
+        .with_session_lifetime(Duration::ZERO);
+    let app = shop.router();
+    let token = sign_in(&app, "bob").await;
+    assert_eq!(
+        send(&app, Method::POST, "/cart/4", Some(&token), None)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
     );
     shop.shutdown().await;
 }

@@ -64,12 +64,25 @@ impl Drop for Database {
     }
 }
 
-async fn post(app: &axum::Router, path: &str) -> StatusCode {
+/// A POST as the holder of `token`.
+async fn post(app: &axum::Router, path: &str, token: &str) -> StatusCode {
     let request = Request::post(path)
         .header("host", "shop.example")
+        .header("authorization", format!("Bearer {token}"))
         .body(Body::empty())
         .unwrap();
     app.clone().oneshot(request).await.unwrap().status()
+}
+
+/// Signs `user` up and in: the session's token.
+async fn sign_in(app: &axum::Router, user: &str) -> String {
+    gratify_examples::shop::session_token(
+        app.clone(),
+        &format!("{user}@shop.example"),
+        "correct horse battery",
+    )
+    .await
+    .unwrap()
 }
 
 async fn count(pool: &PgPool, sql: &str) -> i64 {
@@ -96,24 +109,30 @@ async fn an_order_and_its_email_job_commit_together_or_not_at_all() {
     .await
     .unwrap();
     let app = shop.router();
-    assert_eq!(post(&app, "/cart/ann/3").await, StatusCode::OK);
+    let (ann, bob) = (sign_in(&app, "ann").await, sign_in(&app, "bob").await);
+    assert_eq!(post(&app, "/cart/3", &ann).await, StatusCode::OK);
     // Bob's cart: 13 of product 5 (the store's calls block: off the
     // async threads, as the handlers make them).
     let store = shop.clone();
-    let added = tokio::task::spawn_blocking(move || store.db().add_to_cart("bob", 5, 13))
-        .await
-        .unwrap()
-        .unwrap();
+    let added =
+        tokio::task::spawn_blocking(move || store.db().add_to_cart("bob@shop.example", 5, 13))
+            .await
+            .unwrap()
+            .unwrap();
     assert!(added);
 
-    assert_eq!(post(&app, "/checkout/ann").await, StatusCode::CREATED);
+    assert_eq!(post(&app, "/checkout", &ann).await, StatusCode::CREATED);
     assert_eq!(
-        post(&app, "/checkout/bob").await,
+        post(&app, "/checkout", &bob).await,
         StatusCode::INTERNAL_SERVER_ERROR
     );
     assert_eq!(count(&pool, "SELECT count(*) FROM orders").await, 1);
     assert_eq!(
-        count(&pool, "SELECT count(*) FROM orders WHERE customer = 'bob'").await,
+        count(
+            &pool,
+            "SELECT count(*) FROM orders WHERE customer = 'bob@shop.example'"
+        )
+        .await,
         0
     );
     assert_eq!(
@@ -122,7 +141,11 @@ async fn an_order_and_its_email_job_commit_together_or_not_at_all() {
         "one job: ann's, and none for bob's rolled-back order"
     );
     assert_eq!(
-        count(&pool, "SELECT count(*) FROM carts WHERE customer = 'bob'").await,
+        count(
+            &pool,
+            "SELECT count(*) FROM carts WHERE customer = 'bob@shop.example'"
+        )
+        .await,
         1,
         "bob's cart is as it was"
     );

@@ -13,20 +13,39 @@ use std::time::{Duration, Instant};
 
 /// One HTTP/1.1 request on a fresh connection; the status code.
 fn request(port: u16, method: &str, path: &str) -> u16 {
+    exchange(port, method, path, "", "").0
+}
+
+/// One request on its own connection, with `headers` (each ending in CRLF)
+/// and `body`: the status and the whole answer.
+fn exchange(port: u16, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
-    answer
+    let status = answer
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    (status, answer)
+}
+
+/// Signs `user` up and in: the session's bearer token.
+fn sign_in(port: u16, user: &str) -> String {
+    let body = format!(r#"{{"email":"{user}@shop.example","password":"correct horse battery"}}"#);
+    let json = "content-type: application/json\r\n";
+    assert_eq!(exchange(port, "POST", "/accounts", json, &body).0, 201);
+    let (status, answer) = exchange(port, "POST", "/sessions", json, &body);
+    assert_eq!(status, 201, "{answer}");
+    let token = answer.split("\"token\":\"").nth(1).unwrap();
+    token[..token.find('"').unwrap()].to_owned()
 }
 
 #[test]
@@ -56,8 +75,12 @@ fn sigterm_drains_the_queued_emails_and_exits_zero() {
     }
     // Ten orders, each with a confirmation e-mail handed to the queue.
     for user in 0..10 {
-        assert_eq!(request(port, "POST", &format!("/cart/u{user}/1")), 200);
-        assert_eq!(request(port, "POST", &format!("/checkout/u{user}")), 201);
+        let bearer = format!(
+            "authorization: Bearer {}\r\n",
+            sign_in(port, &format!("u{user}"))
+        );
+        assert_eq!(exchange(port, "POST", "/cart/1", &bearer, "").0, 200);
+        assert_eq!(exchange(port, "POST", "/checkout", &bearer, "").0, 201);
     }
     assert_eq!(request(port, "GET", "/healthz"), 200);
     assert_eq!(request(port, "GET", "/readyz"), 200);

@@ -12,6 +12,16 @@
 //! a checkout commits the order and its e-mail's job in one transaction.
 //!
 //! The dashboard is at `/ops/admin/`, Prometheus text at `/ops/admin/metrics`.
+//!
+//! A buyer signs up and in, then buys as the holder of the session's token:
+//!
+//! ```text
+//! curl -d '{"email":"ann@shop.example","password":"correct horse battery"}' localhost:8080/accounts
+//! curl -d '{"email":"ann@shop.example","password":"correct horse battery"}' localhost:8080/sessions
+//! curl -H "Authorization: Bearer $TOKEN" -X POST localhost:8080/cart/7
+//! curl -H "Authorization: Bearer $TOKEN" -X POST localhost:8080/checkout
+//! curl -H "Authorization: Bearer $TOKEN" localhost:8080/orders/1
+//! ```
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -646,6 +646,7 @@ pub fn mix() -> crate::drive::Mix {
             },
         ],
         host: "game.example".into(),
+        accounts: None,
     }
 }
 

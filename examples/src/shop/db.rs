@@ -58,6 +58,16 @@ pub struct Order {
     pub items: Vec<(u32, u32)>,
 }
 
+/// An account: who a session belongs to.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Account {
+    /// Its id.
+    pub id: i64,
+    /// Its e-mail address (lower-case): where its confirmations go, and
+    /// whose carts and orders are its own.
+    pub email: String,
+}
+
 /// What the store's database refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -277,7 +287,15 @@ impl Db {
              CREATE TABLE IF NOT EXISTS outbox (
                  order_id INTEGER PRIMARY KEY, email TEXT NOT NULL, attempts INTEGER NOT NULL);
              -- This store's identity: order ids repeat across database files.
-             CREATE TABLE IF NOT EXISTS store (id TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS store (id TEXT NOT NULL);
+             -- Accounts, with their passwords' Argon2id hashes (PHC strings).
+             CREATE TABLE IF NOT EXISTS accounts (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT, email TEXT NOT NULL UNIQUE,
+                 password TEXT NOT NULL);
+             -- Open sessions, by their token's SHA-256 (hex), until `expires`
+             -- (Unix seconds).
+             CREATE TABLE IF NOT EXISTS sessions (
+                 token TEXT PRIMARY KEY, account INTEGER NOT NULL, expires INTEGER NOT NULL);",
         )?;
         let has_id: u32 = conn.query_row("SELECT COUNT(*) FROM store", [], |r| r.get(0))?;
         if has_id == 0 {
@@ -534,6 +552,104 @@ impl Db {
         )?;
         Ok(q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Opens an account for `email` (lower-case) with a password hash;
+    /// `None` if the address has one already.
+    ///
+    /// # Errors
+    ///
+    /// The database's.
+    pub fn create_account(&self, email: &str, password: &str) -> DbResult<Option<Account>> {
+        on_postgres!(self, pg => pg.create_account(email, password));
+        let conn = self.lite()?;
+        let inserted = conn.execute(
+            "INSERT INTO accounts (email, password) VALUES (?1, ?2) ON CONFLICT (email) DO NOTHING",
+            params![email, password],
+        )?;
+        Ok((inserted == 1).then(|| Account {
+            id: conn.last_insert_rowid(),
+            email: email.to_owned(),
+        }))
+    }
+
+    /// The account of `email` and its password hash, if it has one.
+    ///
+    /// # Errors
+    ///
+    /// The database's.
+    pub fn credentials(&self, email: &str) -> DbResult<Option<(Account, String)>> {
+        on_postgres!(self, pg => pg.credentials(email));
+        let conn = self.lite()?;
+        Ok(conn
+            .query_row(
+                "SELECT id, email, password FROM accounts WHERE email = ?1",
+                [email],
+                |r| {
+                    Ok((
+                        Account {
+                            id: r.get(0)?,
+                            email: r.get(1)?,
+                        },
+                        r.get(2)?,
+                    ))
+                },
+            )
+            .optional()?)
+    }
+
+    /// Opens a session of `account` under a token's hash until `expires`
+    /// (Unix seconds), and closes the account's sessions that have expired
+    /// by `now`.
+    ///
+    /// # Errors
+    ///
+    /// The database's.
+    pub fn open_session(&self, token: &str, account: i64, now: i64, expires: i64) -> DbResult<()> {
+        on_postgres!(self, pg => pg.open_session(token, account, now, expires));
+        let conn = self.lite()?;
+        conn.execute(
+            "DELETE FROM sessions WHERE account = ?1 AND expires <= ?2",
+            params![account, now],
+        )?;
+        conn.execute(
+            "INSERT INTO sessions (token, account, expires) VALUES (?1, ?2, ?3)",
+            params![token, account, expires],
+        )?;
+        Ok(())
+    }
+
+    /// The account whose session a token's hash opens at `now` (Unix
+    /// seconds): none for an unknown, closed or expired one.
+    ///
+    /// # Errors
+    ///
+    /// The database's.
+    pub fn session(&self, token: &str, now: i64) -> DbResult<Option<Account>> {
+        on_postgres!(self, pg => pg.session(token, now));
+        let conn = self.lite()?;
+        let mut q = conn.prepare_cached(
+            "SELECT a.id, a.email FROM sessions s JOIN accounts a ON a.id = s.account
+             WHERE s.token = ?1 AND s.expires > ?2",
+        )?;
+        Ok(q.query_row(params![token, now], |r| {
+            Ok(Account {
+                id: r.get(0)?,
+                email: r.get(1)?,
+            })
+        })
+        .optional()?)
+    }
+
+    /// Closes the session of a token's hash; whether it was open.
+    ///
+    /// # Errors
+    ///
+    /// The database's.
+    pub fn close_session(&self, token: &str) -> DbResult<bool> {
+        on_postgres!(self, pg => pg.close_session(token));
+        let conn = self.lite()?;
+        Ok(conn.execute("DELETE FROM sessions WHERE token = ?1", [token])? == 1)
     }
 
     /// Orders placed, and confirmation e-mails in the outbox.

@@ -6,10 +6,13 @@
 //! | `GET /products?page=N` | product | a catalogue page, cacheable 30 s |
 //! | `GET /products/{id}` | product | a product page, cacheable 60 s |
 //! | `GET /search?q=…` | search | products whose name matches, cacheable 10 s |
-//! | `GET /recommendations/{user}` | recommendations | CPU-heavy scoring on the CPU pool; private |
-//! | `POST /cart/{user}/{product}` | checkout | adds one to the user's cart |
-//! | `POST /checkout/{user}` | checkout | places the order; the confirmation e-mail is deferred |
-//! | `GET /orders/{id}` | browse | an order's status; never stored |
+//! | `POST /accounts` | account | signs up: `{"email", "password"}` (Argon2id-hashed) |
+//! | `POST /sessions`, `DELETE /sessions` | account | signs in (a bearer token), signs out |
+//! | `GET /recommendations` | recommendations | CPU-heavy scoring on the CPU pool; private |
+//! | `POST /cart/{product}` | checkout | adds one to the signed-in user's cart |
+//! | `POST /checkout` | checkout | places the order; the confirmation e-mail is deferred |
+//! | `GET /orders/{id}` | browse | an order's status, for its owner only (404 for anyone else); never stored |
+//! | `GET /healthz`, `GET /readyz` | — | liveness and readiness, never shed |
 //! | `/ops/admin/…` | — | the admin service: dashboard, snapshot, Prometheus |
 //!
 //! ```
@@ -31,9 +34,12 @@
 //! # }
 //! ```
 
+mod accounts;
 pub mod db;
 #[cfg(feature = "postgres")]
 mod pg;
+
+pub use accounts::{MAX_PASSWORD, MIN_PASSWORD, SESSION_LIFETIME};
 
 use std::future::Future;
 use std::path::Path;
@@ -49,16 +55,72 @@ use gratify::scaling::advisor::{AdvisorConfig, LimiterFeed, ScalingAdvisor};
 use gratify::{CostModel, Stack};
 use serde::Deserialize;
 
+use self::accounts::SignedIn;
 use self::db::Db;
 
 /// The example's configuration file.
 pub const CONFIG: &str = include_str!("../../shop/shop.toml");
 
+/// The buyers [`mix`] signs up and in before its traffic.
+pub const BUYERS: u32 = 64;
+
+/// The sign-up or sign-in (`path`) of buyer `i`: `buyer{i}@shop.example`.
+fn credentials(path: &str, i: u32) -> crate::drive::Call {
+    crate::drive::Call::post(path)
+        .header("content-type", "application/json")
+        .body(
+            serde_json::json!({
+                "email": format!("buyer{i}@shop.example"),
+                "password": format!("correct horse battery {i}"),
+            })
+            .to_string(),
+        )
+}
+
+/// Signs `email` up (unless it has an account) and in with `password`
+/// through `app` (the store's router, or a client of a running store):
+/// the session's bearer token, for `Authorization: Bearer <token>`.
+///
+/// # Errors
+///
+/// The store's answer when it is not an account or a session, in words.
+pub async fn session_token<S, B>(app: S, email: &str, password: &str) -> Result<String, String>
+where
+    S: tower::Service<
+            http::Request<axum::body::Body>,
+            Response = http::Response<B>,
+            Error: std::error::Error,
+        > + Clone,
+    B: axum::body::HttpBody,
+{
+    let body = serde_json::json!({ "email": email, "password": password }).to_string();
+    let call = |path: &str| {
+        crate::drive::Call::post(path)
+            .header("content-type", "application/json")
+            .body(body.clone())
+    };
+    let (status, answer) =
+        crate::drive::send_one(app.clone(), "shop.example", call("/accounts")).await?;
+    if !(status.is_success() || status == StatusCode::CONFLICT) {
+        return Err(format!(
+            "sign-up: {status}: {}",
+            String::from_utf8_lossy(&answer)
+        ));
+    }
+    let (status, answer) = crate::drive::send_one(app, "shop.example", call("/sessions")).await?;
+    serde_json::from_slice::<serde_json::Value>(&answer)
+        .ok()
+        .and_then(|v| v["token"].as_str().map(str::to_owned))
+        .filter(|_| status.is_success())
+        .ok_or_else(|| format!("sign-in: {status}: {}", String::from_utf8_lossy(&answer)))
+}
+
 /// The store's traffic: product and catalogue pages (popular ones far more
-/// often), searches, recommendations, and checkouts (a cart line, then the
-/// checkout, for a user of their own).
+/// often), searches, recommendations and checkouts (a cart line, then the
+/// checkout) of signed-in buyers ([`BUYERS`] of them, one arrival at a time
+/// each while one is free).
 pub fn mix() -> crate::drive::Mix {
-    use crate::drive::{Call, Kind, Mix};
+    use crate::drive::{Accounts, Call, Kind, Mix};
     const WORDS: [&str; 8] = [
         "runner", "boot", "trail", "merino", "sock", "jacket", "slim", "cap",
     ];
@@ -87,21 +149,26 @@ pub fn mix() -> crate::drive::Mix {
             Kind {
                 class: "recommendations".into(),
                 weight: 0.20,
-                build: |_, x| vec![Call::get(format!("/recommendations/u{}", x % 500))],
+                build: |_, _| vec![Call::get("/recommendations").signed_in()],
             },
             Kind {
                 class: "checkout".into(),
                 weight: 0.10,
-                build: |n, x| {
-                    let user = format!("buyer{n}");
+                build: |_, x| {
                     vec![
-                        Call::post(format!("/cart/{user}/{}", 1 + x % u64::from(db::PRODUCTS))),
-                        Call::post(format!("/checkout/{user}")),
+                        Call::post(format!("/cart/{}", 1 + x % u64::from(db::PRODUCTS)))
+                            .signed_in(),
+                        Call::post("/checkout").signed_in(),
                     ]
                 },
             },
         ],
         host: "shop.example".into(),
+        accounts: Some(Accounts {
+            count: BUYERS,
+            sign_up: |i| credentials("/accounts", i),
+            sign_in: |i| credentials("/sessions", i),
+        }),
     }
 }
 
@@ -135,6 +202,8 @@ pub struct Shop {
     advisor: std::sync::Arc<ScalingAdvisor>,
     /// The capacity of a pod this replica emulates, if any.
     pod: Option<Pod>,
+    /// How long a session stays open.
+    session_lifetime: Duration,
 }
 
 /// A pod's capacity, emulated: `slots` requests at a time, each holding its
@@ -350,7 +419,16 @@ impl Shop {
                 AdvisorConfig::new(SLOTS_PER_REPLICA),
             )),
             pod: None,
+            session_lifetime: SESSION_LIFETIME,
         })
+    }
+
+    /// Sessions opened from now on stay open for `lifetime` (a day unless
+    /// set).
+    #[must_use]
+    pub fn with_session_lifetime(mut self, lifetime: Duration) -> Self {
+        self.session_lifetime = lifetime;
+        self
     }
 
     /// Emulates a pod of `slots` concurrent requests, each holding its slot
@@ -472,7 +550,8 @@ impl Shop {
         let resent = tokio::task::spawn_blocking(move || {
             let orders = shop.db.unconfirmed()?;
             for (id, user) in &orders {
-                shop.hand_off(&shop.db, *id, format!("{user}@example.com"))?;
+                // The order's user is its account's e-mail address.
+                shop.hand_off(&shop.db, *id, user.clone())?;
             }
             Ok::<_, db::DbError>(orders.len())
         })
@@ -689,13 +768,24 @@ impl Shop {
         } else {
             recommendations
         };
+        // The session is looked up before the work goes to the CPU pool: a
+        // pool thread never waits on the database, nor works for no one.
+        let recommendations = recommendations.layer(axum::middleware::from_fn_with_state(
+            self.clone(),
+            accounts::require_session,
+        ));
         Router::new()
             .route("/products", get(catalogue))
             .route("/products/{id}", get(product))
             .route("/search", get(search))
-            .route("/recommendations/{user}", recommendations)
-            .route("/cart/{user}/{product}", post(add_to_cart))
-            .route("/checkout/{user}", post(checkout))
+            .route("/accounts", post(accounts::sign_up))
+            .route(
+                "/sessions",
+                post(accounts::sign_in).delete(accounts::sign_out),
+            )
+            .route("/recommendations", recommendations)
+            .route("/cart/{product}", post(add_to_cart))
+            .route("/checkout", post(checkout))
             .route("/orders/{id}", get(order))
             // Exempt from the stack in shop.toml: answered however loaded.
             .route("/healthz", get(healthz))
@@ -818,7 +908,8 @@ async fn search(State(shop): State<Shop>, QueryParam(q): QueryParam<SearchQuery>
 
 /// Scores every product for `user`: a deliberately CPU-heavy loop (a few
 /// milliseconds), as a real recommender's model would be.
-async fn recommend(State(shop): State<Shop>, Param(user): Param<String>) -> Response {
+async fn recommend(State(shop): State<Shop>, SignedIn(account): SignedIn) -> Response {
+    let user = account.email;
     let features = match shop.db.features() {
         Ok(f) => f,
         Err(e) => return internal(e),
@@ -853,8 +944,10 @@ async fn recommend(State(shop): State<Shop>, Param(user): Param<String>) -> Resp
 
 async fn add_to_cart(
     State(shop): State<Shop>,
-    Param((user, product)): Param<(String, u32)>,
+    SignedIn(account): SignedIn,
+    Param(product): Param<u32>,
 ) -> Response {
+    let user = account.email;
     match query(&shop.db, move |db| db.add_to_cart(&user, product, 1)).await {
         Ok(true) => json(
             StatusCode::OK,
@@ -866,7 +959,8 @@ async fn add_to_cart(
     }
 }
 
-async fn checkout(State(shop): State<Shop>, Param(user): Param<String>) -> Response {
+async fn checkout(State(shop): State<Shop>, SignedIn(account): SignedIn) -> Response {
+    let user = account.email;
     let mailer = shop.clone();
     // The order and the hand-off of its confirmation e-mail happen together
     // on the blocking pool: a client that gives up (and drops this handler)
@@ -875,7 +969,7 @@ async fn checkout(State(shop): State<Shop>, Param(user): Param<String>) -> Respo
         let Some(order) = db.checkout(&user)? else {
             return Ok(None);
         };
-        mailer.hand_off(db, order.id, format!("{user}@example.com"))?;
+        mailer.hand_off(db, order.id, user)?;
         Ok(Some(order))
     })
     .await;
@@ -886,10 +980,16 @@ async fn checkout(State(shop): State<Shop>, Param(user): Param<String>) -> Respo
     }
 }
 
-async fn order(State(shop): State<Shop>, Param(id): Param<i64>) -> Response {
+/// An order, for its owner: anyone else gets the 404 of an order that does
+/// not exist (whether it does is not theirs to learn).
+async fn order(
+    State(shop): State<Shop>,
+    SignedIn(account): SignedIn,
+    Param(id): Param<i64>,
+) -> Response {
     match query(&shop.db, move |db| db.order(id)).await {
-        Ok(Some(o)) => json(StatusCode::OK, "no-store", &o),
-        Ok(None) => error(StatusCode::NOT_FOUND, "no-such-order", "no such order"),
+        Ok(Some(o)) if o.user == account.email => json(StatusCode::OK, "private, no-store", &o),
+        Ok(_) => error(StatusCode::NOT_FOUND, "no-such-order", "no such order"),
         Err(r) => r,
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use gratify::offload::durable::DurableQueue;
 use sqlx::{PgPool, Row};
 
-use super::db::{DbError, Order, Product, seed_products};
+use super::db::{Account, DbError, Order, Product, seed_products};
 
 /// The store on PostgreSQL. Its methods are blocking (they wait on the
 /// runtime they were opened on): call them off the async threads, as the
@@ -24,7 +24,7 @@ pub(crate) struct PgStore {
     queue: Option<DurableQueue>,
 }
 
-const SCHEMA: [&str; 6] = [
+const SCHEMA: [&str; 8] = [
     "CREATE TABLE IF NOT EXISTS products (
         id INTEGER PRIMARY KEY, name TEXT NOT NULL, category TEXT NOT NULL,
         price_cents BIGINT NOT NULL, description TEXT NOT NULL)",
@@ -39,6 +39,10 @@ const SCHEMA: [&str; 6] = [
     "CREATE TABLE IF NOT EXISTS outbox (
         order_id BIGINT PRIMARY KEY, email TEXT NOT NULL, attempts INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS store (id TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS accounts (
+        id BIGSERIAL PRIMARY KEY, email TEXT NOT NULL UNIQUE, password TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS sessions (
+        token TEXT PRIMARY KEY, account BIGINT NOT NULL, expires BIGINT NOT NULL)",
 ];
 
 impl PgStore {
@@ -316,6 +320,99 @@ impl PgStore {
                 .iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
                 .collect::<Result<_, sqlx::Error>>()?)
+        })
+    }
+
+    pub(crate) fn create_account(
+        &self,
+        email: &str,
+        password: &str,
+    ) -> Result<Option<Account>, DbError> {
+        self.block(async {
+            let id: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO accounts (email, password) VALUES ($1, $2)
+                 ON CONFLICT (email) DO NOTHING RETURNING id",
+            )
+            .bind(email)
+            .bind(password)
+            .fetch_optional(&self.pool)
+            .await?;
+            Ok(id.map(|id| Account {
+                id,
+                email: email.to_owned(),
+            }))
+        })
+    }
+
+    pub(crate) fn credentials(&self, email: &str) -> Result<Option<(Account, String)>, DbError> {
+        self.block(async {
+            let row = sqlx::query("SELECT id, email, password FROM accounts WHERE email = $1")
+                .bind(email)
+                .fetch_optional(&self.pool)
+                .await?;
+            row.map(|r| {
+                Ok((
+                    Account {
+                        id: r.try_get(0)?,
+                        email: r.try_get(1)?,
+                    },
+                    r.try_get(2)?,
+                ))
+            })
+            .transpose()
+        })
+    }
+
+    pub(crate) fn open_session(
+        &self,
+        token: &str,
+        account: i64,
+        now: i64,
+        expires: i64,
+    ) -> Result<(), DbError> {
+        self.block(async {
+            sqlx::query("DELETE FROM sessions WHERE account = $1 AND expires <= $2")
+                .bind(account)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+            sqlx::query("INSERT INTO sessions (token, account, expires) VALUES ($1, $2, $3)")
+                .bind(token)
+                .bind(account)
+                .bind(expires)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn session(&self, token: &str, now: i64) -> Result<Option<Account>, DbError> {
+        self.block(async {
+            let row = sqlx::query(
+                "SELECT a.id, a.email FROM sessions s JOIN accounts a ON a.id = s.account
+                 WHERE s.token = $1 AND s.expires > $2",
+            )
+            .bind(token)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(|r| {
+                Ok(Account {
+                    id: r.try_get(0)?,
+                    email: r.try_get(1)?,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    pub(crate) fn close_session(&self, token: &str) -> Result<bool, DbError> {
+        self.block(async {
+            let done = sqlx::query("DELETE FROM sessions WHERE token = $1")
+                .bind(token)
+                .execute(&self.pool)
+                .await?;
+            Ok(done.rows_affected() == 1)
         })
     }
 
