@@ -131,9 +131,14 @@ pub async fn capacity(addr: SocketAddr, mix: &Mix, seconds: f64, concurrency: u6
     let done = Arc::new(AtomicU64::new(0));
     let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let svc = client(addr, concurrency as usize);
-    // Signed in before the clock starts (a failure shows as the calls'
-    // refusals: they go as no one's).
-    let signed = crate::drive::sign_in(&svc, mix).await.unwrap_or_default();
+    // Signed in before the clock starts.
+    let signed = match crate::drive::sign_in(&svc, mix).await {
+        Ok(signed) => signed,
+        Err(e) => {
+            eprintln!("capacity probe: signing in failed ({e}); its calls go as no one's");
+            Arc::default()
+        }
+    };
     let start = tokio::time::Instant::now();
     let until = start + Duration::from_secs_f64(1.0 + seconds);
     let mut workers = Vec::new();
@@ -150,8 +155,13 @@ pub async fn capacity(addr: SocketAddr, mix: &Mix, seconds: f64, concurrency: u6
                 let Some(kind) = mix.pick((pick >> 11) as f64 / (1u64 << 53) as f64) else {
                     return;
                 };
-                let lent = signed.lend();
-                for call in (kind.build)(n + 1_000_000, pick) {
+                let calls = (kind.build)(n + 1_000_000, pick);
+                let lent = calls
+                    .iter()
+                    .any(|c| c.signed_in)
+                    .then(|| signed.lend())
+                    .flatten();
+                for call in calls {
                     let token = lent.as_ref().map(crate::drive::Lent::token);
                     let Ok(request) = call.request_as(&mix.host, token) else {
                         continue;

@@ -129,22 +129,21 @@ pub struct Accounts {
     pub sign_in: fn(u32) -> Call,
 }
 
-/// The bearer tokens of a mix's accounts, lent to one arrival at a time
-/// while one is free (two arrivals of one user at once would share a cart),
-/// else in turn.
+/// The bearer tokens of a mix's accounts, each lent to the arrival that
+/// asks when it is the least busy (two arrivals of one user at once share
+/// a cart: that happens only when every account is busy).
 #[derive(Debug, Default)]
 pub struct Signed {
     tokens: Vec<String>,
-    free: Mutex<Vec<usize>>,
-    next: std::sync::atomic::AtomicUsize,
+    /// Arrivals holding each account's token now.
+    busy: Mutex<Vec<u32>>,
 }
 
 impl Signed {
     fn of(tokens: Vec<String>) -> Self {
         Self {
-            free: Mutex::new((0..tokens.len()).rev().collect()),
+            busy: Mutex::new(vec![0; tokens.len()]),
             tokens,
-            next: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -158,29 +157,18 @@ impl Signed {
         self.tokens.is_empty()
     }
 
-    /// A token for one arrival (none without accounts): a free account's,
-    /// given back when the [`Lent`] drops, else the next in turn.
+    /// A token for one arrival (none without accounts): the least busy
+    /// account's (the first of them), until the [`Lent`] drops.
     pub fn lend(self: &Arc<Self>) -> Option<Lent> {
-        if self.tokens.is_empty() {
-            return None;
-        }
-        let free = self
-            .free
+        let mut busy = self
+            .busy
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop();
-        Some(match free {
-            Some(i) => Lent {
-                signed: Arc::clone(self),
-                index: i,
-                owned: true,
-            },
-            None => Lent {
-                signed: Arc::clone(self),
-                index: self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    % self.tokens.len(),
-                owned: false,
-            },
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (index, count) = busy.iter_mut().enumerate().min_by_key(|(_, n)| **n)?;
+        *count += 1;
+        Some(Lent {
+            signed: Arc::clone(self),
+            index,
         })
     }
 }
@@ -190,7 +178,6 @@ impl Signed {
 pub struct Lent {
     signed: Arc<Signed>,
     index: usize,
-    owned: bool,
 }
 
 impl Lent {
@@ -202,13 +189,12 @@ impl Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        if self.owned {
-            self.signed
-                .free
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(self.index);
-        }
+        let mut busy = self
+            .signed
+            .busy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        busy[self.index] = busy[self.index].saturating_sub(1);
     }
 }
 
@@ -950,5 +936,29 @@ mod tests {
         assert!(of(&[("x-cache", "HIT")]));
         assert!(!of(&[("x-cache", "MISS")]));
         assert!(!of(&[]));
+    }
+
+    /// An account is lent to a second arrival only when every one is busy,
+    /// and then to the least busy; a returned one is lent again.
+    #[test]
+    fn accounts_are_lent_to_one_arrival_while_one_is_free() {
+        let signed = Arc::new(Signed::of(vec!["a".into(), "b".into(), "c".into()]));
+        let first: Vec<Lent> = (0..3).map(|_| signed.lend().unwrap()).collect();
+        let mut tokens: Vec<&str> = first.iter().map(Lent::token).collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, ["a", "b", "c"]);
+        // All busy: shared, one each before any twice.
+        let second: Vec<Lent> = (0..3).map(|_| signed.lend().unwrap()).collect();
+        let mut tokens: Vec<&str> = second.iter().map(Lent::token).collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, ["a", "b", "c"]);
+        // "b" returned by both its holders: the next arrival gets it alone.
+        let (first, second): (Vec<Lent>, Vec<Lent>) = (
+            first.into_iter().filter(|l| l.token() != "b").collect(),
+            second.into_iter().filter(|l| l.token() != "b").collect(),
+        );
+        assert_eq!(signed.lend().unwrap().token(), "b");
+        drop((first, second));
+        assert!(Arc::new(Signed::default()).lend().is_none());
     }
 }

@@ -641,8 +641,9 @@ async fn orders_are_visible_only_to_their_owner() {
         call(&app, Method::GET, &path).await.0,
         StatusCode::UNAUTHORIZED
     );
-    // Ann again, after Bob asked: the owner's answer was never stored for
-    // anyone (and Bob's 404 not for Ann).
+    // Ann again, after Bob asked: Bob's 404 was not kept for her (the
+    // store marks both answers no-store, and the cache stores nothing for
+    // a request with credentials unless the answer says it may).
     let (status, cache, _) = send(&app, Method::GET, &path, Some(&ann), None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(!cache.contains("hit"), "{cache}");
@@ -737,6 +738,121 @@ async fn sessions_end_and_addresses_are_one_account() {
             .await
             .0,
         StatusCode::UNAUTHORIZED
+    );
+    shop.shutdown().await;
+}
+
+/// Bodies and headers a client can get wrong are answered in the store's
+/// error shape, never with a panic or another user's session: a body too
+/// large to hash (413 `too-large`, before any hashing), one that is not
+/// JSON (400 `bad-account` on both routes), an address no account can
+/// have (401 at sign-in, without a hash), odd `Authorization` fields (401),
+/// sign-out without a session (401).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_bodies_and_headers_are_refused_in_the_error_shape() {
+    let shop = Shop::in_memory().unwrap();
+    let app = shop.router();
+    let token = sign_in(&app, "ann").await;
+    let huge = format!(
+        r#"{{"email":"ann@shop.example","password":"{}"}}"#,
+        "x".repeat(10_000)
+    );
+    for (path, body, status, code) in [
+        (
+            "/accounts",
+            huge.clone(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+        ),
+        (
+            "/sessions",
+            huge,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+        ),
+        (
+            "/accounts",
+            "{not json".to_owned(),
+            StatusCode::BAD_REQUEST,
+            "bad-account",
+        ),
+        (
+            "/sessions",
+            "{not json".to_owned(),
+            StatusCode::BAD_REQUEST,
+            "bad-account",
+        ),
+        (
+            "/sessions",
+            r#"{"email":"ann"}"#.to_owned(),
+            StatusCode::BAD_REQUEST,
+            "bad-account",
+        ),
+        (
+            "/sessions",
+            r#"{"email":"no address","password":"correct horse battery"}"#.to_owned(),
+            StatusCode::UNAUTHORIZED,
+            "bad-credentials",
+        ),
+    ] {
+        let request = Request::post(path)
+            .header("host", "shop.example")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        let r = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(r.status(), status, "{path}");
+        assert_eq!(r.headers()["content-type"], "application/json", "{path}");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"]["code"], code, "{path}");
+    }
+    let odd: [&[u8]; 7] = [
+        b"Bearer",
+        b"Bearer ",
+        b"Basic YW5uOnB3",
+        b"Bearer \xff\xfe",
+        b"Token abc",
+        b"Bearer a b",
+        b"Bearer\tabc",
+    ];
+    for field in odd {
+        for (method, path) in [(Method::POST, "/checkout"), (Method::DELETE, "/sessions")] {
+            let request = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "shop.example")
+                .header(
+                    "authorization",
+                    http::HeaderValue::from_bytes(field).unwrap(),
+                )
+                .body(Body::empty())
+                .unwrap();
+            let r = app.clone().oneshot(request).await.unwrap();
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{field:?} {path}");
+        }
+    }
+    // The same token twice in one field list is not a session either.
+    let request = Request::post("/checkout")
+        .header("host", "shop.example")
+        .header("authorization", format!("Bearer {token}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        app.clone().oneshot(request).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&app, Method::DELETE, "/sessions").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // And the real session still works after all that.
+    assert_eq!(
+        send(&app, Method::POST, "/cart/2", Some(&token), None)
+            .await
+            .0,
+        StatusCode::OK
     );
     shop.shutdown().await;
 }

@@ -158,3 +158,92 @@ async fn an_order_and_its_email_job_commit_together_or_not_at_all() {
     assert_eq!(count(&pool, "SELECT count(*) FROM shop_mail").await, 0);
     pool.close().await;
 }
+
+/// Accounts and sessions on PostgreSQL as on SQLite: an address has one
+/// account, a session opens it until it expires or is closed, at most
+/// `MAX_SESSIONS` are open per account, and an order is found only for its
+/// owner; through the routes, another user gets 404 and a signed-out token
+/// 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_sessions_and_owner_only_orders() {
+    use gratify_examples::shop::db::MAX_SESSIONS;
+    let db = Database::create("accounts").await;
+    let shop = Shop::open_postgres(&db.url).await.unwrap();
+    let store = shop.clone();
+    tokio::task::spawn_blocking(move || {
+        let db = store.db();
+        let ann = db
+            .create_account("ann@shop.example", "hash")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            db.create_account("ann@shop.example", "other").unwrap(),
+            None
+        );
+        assert_eq!(
+            db.credentials("ann@shop.example").unwrap().unwrap().1,
+            "hash"
+        );
+        db.open_session("t0", ann.id, 1_000, 1_060).unwrap();
+        assert_eq!(db.session("t0", 1_059).unwrap(), Some(ann.clone()));
+        assert_eq!(db.session("t0", 1_060).unwrap(), None, "expired");
+        assert!(db.close_session("t0").unwrap());
+        assert!(!db.close_session("t0").unwrap());
+        for i in 0..MAX_SESSIONS + 4 {
+            db.open_session(&format!("s{i}"), ann.id, 2_000, 3_000 + i)
+                .unwrap();
+        }
+        let open = (0..MAX_SESSIONS + 4)
+            .filter(|i| db.session(&format!("s{i}"), 2_500).unwrap().is_some())
+            .collect::<Vec<_>>();
+        assert_eq!(open, (4..MAX_SESSIONS + 4).collect::<Vec<_>>());
+    })
+    .await
+    .unwrap();
+    let app = shop.router();
+    let (cy, dee) = (sign_in(&app, "cy").await, sign_in(&app, "dee").await);
+    assert_eq!(post(&app, "/cart/3", &cy).await, StatusCode::OK);
+    let request = Request::post("/checkout")
+        .header("host", "shop.example")
+        .header("authorization", format!("Bearer {cy}"))
+        .body(Body::empty())
+        .unwrap();
+    let placed = app.clone().oneshot(request).await.unwrap();
+    assert_eq!(placed.status(), StatusCode::CREATED);
+    let body = http_body_util::BodyExt::collect(placed.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let get = |token: &str| {
+        Request::get(format!("/orders/{id}"))
+            .header("host", "shop.example")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(
+        app.clone().oneshot(get(&cy)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.clone().oneshot(get(&dee)).await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    let out = Request::delete("/sessions")
+        .header("host", "shop.example")
+        .header("authorization", format!("Bearer {cy}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        app.clone().oneshot(out).await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        app.clone().oneshot(get(&cy)).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    shop.shutdown().await;
+}

@@ -11,6 +11,13 @@
 //! Every other route that is a user's own (cart, checkout, orders,
 //! recommendations) takes `Authorization: Bearer <token>` and answers 401
 //! `unauthenticated` without a session.
+//!
+//! Hashes run one per core at most (more sign-ins wait their turn), and the
+//! `account` class of `shop.toml` prices a sign-in below a purchase, so a
+//! flood of sign-ins is shed before the store's own work. What a store in
+//! production adds and this example does not: e-mail verification (a
+//! sign-up here says when an address has an account, as most stores' do),
+//! and limits on attempts per address and per client address.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -50,6 +57,37 @@ pub(crate) struct Credentials {
 /// `unauthenticated` (with `WWW-Authenticate: Bearer`).
 pub(crate) struct SignedIn(pub(crate) Account);
 
+/// The account [`require_session`] found, in the request's extensions: a
+/// type of this module's own, so that no other layer can make one.
+#[derive(Clone)]
+struct Authenticated(Account);
+
+/// The semaphore of password hashes at once: one per core. Also makes the
+/// decoy hash, so that the first unknown address is refused as fast as the
+/// next.
+pub(crate) fn hashing() -> std::sync::Arc<tokio::sync::Semaphore> {
+    let _ = dummy_hash();
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    std::sync::Arc::new(tokio::sync::Semaphore::new(cores))
+}
+
+/// The largest sign-up or sign-in body taken.
+pub(crate) const MAX_BODY: usize = 4096;
+
+/// The store's error for a sign-up or sign-in body that could not be read
+/// (too large: 413 `too-large`).
+fn unreadable(e: &axum::extract::rejection::BytesRejection) -> Response {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            "the body is larger than this page takes",
+        )
+    } else {
+        bad_account()
+    }
+}
+
 impl FromRequestParts<Shop> for SignedIn {
     type Rejection = Response;
 
@@ -58,7 +96,7 @@ impl FromRequestParts<Shop> for SignedIn {
         shop: &Shop,
     ) -> Result<Self, Response> {
         // Looked up already (by `require_session`, before a CPU pool).
-        if let Some(account) = parts.extensions.get::<Account>() {
+        if let Some(Authenticated(account)) = parts.extensions.get::<Authenticated>() {
             return Ok(Self(account.clone()));
         }
         let Some(token) = bearer(&parts.headers) else {
@@ -85,7 +123,7 @@ pub(crate) async fn require_session(
     let (mut parts, body) = request.into_parts();
     match SignedIn::from_request_parts(&mut parts, &shop).await {
         Ok(SignedIn(account)) => {
-            parts.extensions.insert(account);
+            parts.extensions.insert(Authenticated(account));
             next.run(axum::extract::Request::from_parts(parts, body))
                 .await
         }
@@ -153,13 +191,30 @@ fn normalized(email: &str) -> Option<String> {
 /// `POST /accounts`: opens an account (201), unless the address has one
 /// (409 `email-taken`) or the address or password will not do (400
 /// `bad-account`).
-pub(crate) async fn sign_up(State(shop): State<Shop>, body: axum::body::Bytes) -> Response {
+pub(crate) async fn sign_up(
+    State(shop): State<Shop>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => return unreadable(&e),
+    };
     let Some((email, password)) = credentials(&body) else {
+        return bad_account();
+    };
+    let Some(email) = normalized(&email) else {
         return bad_account();
     };
     if !(MIN_PASSWORD..=MAX_PASSWORD).contains(&password.chars().count()) {
         return bad_account();
     }
+    let Ok(_turn) = shop.hashing.acquire().await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            "the store is stopping",
+        );
+    };
     let created = query(&shop.db, move |db| {
         // Hashed on the blocking pool, with a fresh salt.
         let salt = SaltString::generate(&mut OsRng);
@@ -193,23 +248,46 @@ fn bad_account() -> Response {
     )
 }
 
-/// The address (normalised) and password of a sign-up or sign-in body.
+/// The address (as sent) and password of a sign-up or sign-in body.
 fn credentials(body: &[u8]) -> Option<(String, String)> {
     let c: Credentials = serde_json::from_slice(body).ok()?;
-    Some((normalized(&c.email)?, c.password))
+    Some((c.email, c.password))
 }
 
 /// `POST /sessions`: signs in (201 with a bearer token and its lifetime in
 /// seconds), or 401 `bad-credentials` — the same answer, after the same
-/// work, for an unknown address and a wrong password.
-pub(crate) async fn sign_in(State(shop): State<Shop>, body: axum::body::Bytes) -> Response {
+/// work, for an unknown address and a wrong password; 400 `bad-account`
+/// for a body that is not `{"email", "password"}`.
+pub(crate) async fn sign_in(
+    State(shop): State<Shop>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => return unreadable(&e),
+    };
     let Some((email, password)) = credentials(&body) else {
+        return bad_account();
+    };
+    // No account has such an address, nor such a password: refused
+    // without a hash.
+    let Some(email) = normalized(&email) else {
         return bad_credentials();
     };
     if password.chars().count() > MAX_PASSWORD {
         return bad_credentials();
     }
-    let lifetime = shop.session_lifetime;
+    // Whole seconds, a fraction rounded up.
+    let lifetime = Duration::from_secs(
+        shop.session_lifetime.as_secs() + u64::from(shop.session_lifetime.subsec_nanos() > 0),
+    );
+    let Ok(_turn) = shop.hashing.acquire().await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            "the store is stopping",
+        );
+    };
     let opened = query(&shop.db, move |db| {
         let found = db.credentials(&email)?;
         let stored: &str = match &found {

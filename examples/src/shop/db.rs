@@ -58,6 +58,10 @@ pub struct Order {
     pub items: Vec<(u32, u32)>,
 }
 
+/// The most sessions one account has open: signing in once more closes its
+/// oldest.
+pub const MAX_SESSIONS: i64 = 16;
+
 /// An account: who a session belongs to.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Account {
@@ -295,7 +299,9 @@ impl Db {
              -- Open sessions, by their token's SHA-256 (hex), until `expires`
              -- (Unix seconds).
              CREATE TABLE IF NOT EXISTS sessions (
-                 token TEXT PRIMARY KEY, account INTEGER NOT NULL, expires INTEGER NOT NULL);",
+                 token TEXT PRIMARY KEY, account INTEGER NOT NULL, expires INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS sessions_account ON sessions (account);
+             CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires);",
         )?;
         let has_id: u32 = conn.query_row("SELECT COUNT(*) FROM store", [], |r| r.get(0))?;
         if has_id == 0 {
@@ -481,18 +487,19 @@ impl Db {
         }))
     }
 
-    /// An order by id.
+    /// An order by id, if `owner` (its user) placed it: none otherwise,
+    /// found by one query either way.
     ///
     /// # Errors
     ///
     /// The database's.
-    pub fn order(&self, id: i64) -> DbResult<Option<Order>> {
-        on_postgres!(self, pg => pg.order(id));
+    pub fn order(&self, id: i64, owner: &str) -> DbResult<Option<Order>> {
+        on_postgres!(self, pg => pg.order(id, owner));
         let conn = self.lite()?;
         let head: Option<(String, i64, String)> = conn
             .query_row(
-                "SELECT user, total_cents, status FROM orders WHERE id = ?1",
-                [id],
+                "SELECT user, total_cents, status FROM orders WHERE id = ?1 AND user = ?2",
+                params![id, owner],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
@@ -599,23 +606,27 @@ impl Db {
     }
 
     /// Opens a session of `account` under a token's hash until `expires`
-    /// (Unix seconds), and closes the account's sessions that have expired
-    /// by `now`.
+    /// (Unix seconds). Sessions that have expired by `now` are removed, and
+    /// the account's oldest beyond [`MAX_SESSIONS`] - 1 are closed.
     ///
     /// # Errors
     ///
     /// The database's.
     pub fn open_session(&self, token: &str, account: i64, now: i64, expires: i64) -> DbResult<()> {
         on_postgres!(self, pg => pg.open_session(token, account, now, expires));
-        let conn = self.lite()?;
-        conn.execute(
-            "DELETE FROM sessions WHERE account = ?1 AND expires <= ?2",
-            params![account, now],
+        let mut conn = self.lite()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute("DELETE FROM sessions WHERE expires <= ?1", [now])?;
+        tx.execute(
+            "DELETE FROM sessions WHERE account = ?1 AND token NOT IN (
+                 SELECT token FROM sessions WHERE account = ?1 ORDER BY expires DESC LIMIT ?2)",
+            params![account, MAX_SESSIONS - 1],
         )?;
-        conn.execute(
+        tx.execute(
             "INSERT INTO sessions (token, account, expires) VALUES (?1, ?2, ?3)",
             params![token, account, expires],
         )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -681,6 +692,42 @@ pub(crate) fn fresh_store_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A session opens its account until it expires or is closed, and an
+    /// account keeps at most [`MAX_SESSIONS`] open (its oldest closed
+    /// first). The same sequence runs on PostgreSQL in
+    /// `tests/shop_postgres.rs`.
+    #[test]
+    fn sessions_expire_close_and_are_capped() {
+        let db = Db::in_memory().unwrap();
+        let ann = db
+            .create_account("ann@shop.example", "hash")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            db.create_account("ann@shop.example", "other").unwrap(),
+            None
+        );
+        assert_eq!(
+            db.credentials("ann@shop.example").unwrap().unwrap().1,
+            "hash"
+        );
+        db.open_session("t0", ann.id, 1_000, 1_060).unwrap();
+        assert_eq!(db.session("t0", 1_059).unwrap(), Some(ann.clone()));
+        assert_eq!(db.session("t0", 1_060).unwrap(), None, "expired");
+        assert_eq!(db.session("other", 1_000).unwrap(), None);
+        assert!(db.close_session("t0").unwrap());
+        assert_eq!(db.session("t0", 1_000).unwrap(), None, "closed");
+        assert!(!db.close_session("t0").unwrap());
+        for i in 0..MAX_SESSIONS + 4 {
+            db.open_session(&format!("s{i}"), ann.id, 2_000, 3_000 + i)
+                .unwrap();
+        }
+        let open = (0..MAX_SESSIONS + 4)
+            .filter(|i| db.session(&format!("s{i}"), 2_500).unwrap().is_some())
+            .collect::<Vec<_>>();
+        assert_eq!(open, (4..MAX_SESSIONS + 4).collect::<Vec<_>>());
+    }
 
     #[test]
     fn a_store_keeps_its_id_and_another_store_has_another() {
@@ -774,7 +821,8 @@ mod tests {
         let order = db.checkout("ann").unwrap().unwrap();
         assert_eq!(order.items, vec![(3, 2), (9, 1)]);
         assert_eq!(db.checkout("ann").unwrap(), None, "the cart is empty");
-        assert_eq!(db.order(order.id).unwrap().unwrap(), order);
+        assert_eq!(db.order(order.id, &order.user).unwrap().unwrap(), order);
+        assert_eq!(db.order(order.id, "someone@else.example").unwrap(), None);
         assert!(db.send_confirmation(order.id, "ann@example.com").unwrap());
         assert!(!db.send_confirmation(order.id, "ann@example.com").unwrap());
         assert_eq!(db.counts().unwrap(), (1, 1));

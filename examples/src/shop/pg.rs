@@ -24,7 +24,7 @@ pub(crate) struct PgStore {
     queue: Option<DurableQueue>,
 }
 
-const SCHEMA: [&str; 8] = [
+const SCHEMA: [&str; 10] = [
     "CREATE TABLE IF NOT EXISTS products (
         id INTEGER PRIMARY KEY, name TEXT NOT NULL, category TEXT NOT NULL,
         price_cents BIGINT NOT NULL, description TEXT NOT NULL)",
@@ -43,6 +43,8 @@ const SCHEMA: [&str; 8] = [
         id BIGSERIAL PRIMARY KEY, email TEXT NOT NULL UNIQUE, password TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS sessions (
         token TEXT PRIMARY KEY, account BIGINT NOT NULL, expires BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS sessions_account ON sessions (account)",
+    "CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires)",
 ];
 
 impl PgStore {
@@ -259,13 +261,15 @@ impl PgStore {
         })
     }
 
-    pub(crate) fn order(&self, id: i64) -> Result<Option<Order>, DbError> {
+    pub(crate) fn order(&self, id: i64, owner: &str) -> Result<Option<Order>, DbError> {
         self.block(async {
-            let Some(head) =
-                sqlx::query("SELECT customer, total_cents, status FROM orders WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&self.pool)
-                    .await?
+            let Some(head) = sqlx::query(
+                "SELECT customer, total_cents, status FROM orders WHERE id = $1 AND customer = $2",
+            )
+            .bind(id)
+            .bind(owner)
+            .fetch_optional(&self.pool)
+            .await?
             else {
                 return Ok(None);
             };
@@ -371,17 +375,26 @@ impl PgStore {
         expires: i64,
     ) -> Result<(), DbError> {
         self.block(async {
-            sqlx::query("DELETE FROM sessions WHERE account = $1 AND expires <= $2")
-                .bind(account)
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("DELETE FROM sessions WHERE expires <= $1")
                 .bind(now)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+            sqlx::query(
+                "DELETE FROM sessions WHERE account = $1 AND token NOT IN (
+                     SELECT token FROM sessions WHERE account = $1 ORDER BY expires DESC LIMIT $2)",
+            )
+            .bind(account)
+            .bind(super::db::MAX_SESSIONS - 1)
+            .execute(&mut *tx)
+            .await?;
             sqlx::query("INSERT INTO sessions (token, account, expires) VALUES ($1, $2, $3)")
                 .bind(token)
                 .bind(account)
                 .bind(expires)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+            tx.commit().await?;
             Ok(())
         })
     }
