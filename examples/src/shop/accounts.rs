@@ -13,8 +13,8 @@
 //! `unauthenticated` without a session.
 //!
 //! Hashes run one per core at most (more sign-ins wait their turn), and the
-//! `account` class of `shop.toml` prices a sign-in below a purchase, so a
-//! flood of sign-ins is shed before the store's own work. What a store in
+//! `account` class of `shop.toml` prices a sign-in as a product page, far
+//! below a purchase, so a flood of sign-ins is shed before checkouts. What a store in
 //! production adds and this example does not: e-mail verification (a
 //! sign-up here says when an address has an account, as most stores' do),
 //! and limits on attempts per address and per client address.
