@@ -62,7 +62,7 @@ use self::db::Db;
 pub const CONFIG: &str = include_str!("../../shop/shop.toml");
 
 /// The buyers [`mix`] signs up and in before its traffic.
-pub const BUYERS: u32 = 64;
+pub const BUYERS: u32 = 128;
 
 /// The sign-up or sign-in (`path`) of buyer `i`: `buyer{i}@shop.example`.
 fn credentials(path: &str, i: u32) -> crate::drive::Call {
