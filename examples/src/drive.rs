@@ -29,7 +29,8 @@ pub struct Call {
     pub method: Method,
     /// Its path and query.
     pub path: String,
-    /// Headers beyond `Host` and `Accept-Encoding`.
+    /// Headers beyond `Host` (and `Accept-Encoding: gzip, br, zstd`, unless
+    /// they have their own).
     pub headers: Vec<(&'static str, String)>,
     /// Its body.
     pub body: bytes::Bytes,
@@ -105,8 +106,10 @@ impl Call {
         let mut builder = Request::builder()
             .method(self.method.clone())
             .uri(self.path.as_str())
-            .header("host", host)
-            .header("accept-encoding", "gzip, br, zstd");
+            .header("host", host);
+        if !self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("accept-encoding")) {
+            builder = builder.header("accept-encoding", "gzip, br, zstd");
+        }
         for (name, value) in &self.headers {
             builder = builder.header(*name, value.as_str());
         }
@@ -125,7 +128,8 @@ pub struct Accounts {
     pub count: u32,
     /// The sign-up of account `i` (answered 2xx, or 409 when it exists).
     pub sign_up: fn(u32) -> Call,
-    /// The sign-in of account `i`, answered 2xx with JSON `{"token": …}`.
+    /// The sign-in of account `i`, answered 2xx with JSON `{"token": …}`
+    /// (read as it comes: the call should ask for no coding).
     pub sign_in: fn(u32) -> Call,
 }
 
@@ -221,8 +225,31 @@ where
     Ok((status, body))
 }
 
+/// [`send_one`], again while the server refuses it for load (503 or 429:
+/// 20 tries, 50 ms more between each) — as a person at a form tries again.
+async fn persist<S, B>(
+    svc: S,
+    host: &str,
+    call: Call,
+) -> Result<(http::StatusCode, bytes::Bytes), String>
+where
+    S: Service<Request<Body>, Response = Response<B>> + Clone,
+    S::Error: std::error::Error,
+    B: axum::body::HttpBody,
+{
+    let mut tries = 0u64;
+    loop {
+        let (status, body) = send_one(svc.clone(), host, call.clone()).await?;
+        tries += 1;
+        if !matches!(status.as_u16(), 503 | 429) || tries == 20 {
+            return Ok((status, body));
+        }
+        tokio::time::sleep(Duration::from_millis(50 * tries)).await;
+    }
+}
+
 /// Signs up and in the accounts of `mix` (if any) through `svc`, a few at
-/// a time.
+/// a time, each again while the server refuses it for load.
 ///
 /// # Errors
 ///
@@ -246,11 +273,11 @@ where
             let Some(i) = pending.next() else { break };
             let (svc, host) = (svc.clone(), mix.host.clone());
             running.spawn(async move {
-                let (status, _) = send_one(svc.clone(), &host, (accounts.sign_up)(i)).await?;
+                let (status, _) = persist(svc.clone(), &host, (accounts.sign_up)(i)).await?;
                 if !(status.is_success() || status == http::StatusCode::CONFLICT) {
                     return Err(format!("sign-up: status {}", status.as_u16()));
                 }
-                let (status, body) = send_one(svc, &host, (accounts.sign_in)(i)).await?;
+                let (status, body) = persist(svc, &host, (accounts.sign_in)(i)).await?;
                 let token = serde_json::from_slice::<serde_json::Value>(&body)
                     .ok()
                     .and_then(|v| v["token"].as_str().map(str::to_owned))

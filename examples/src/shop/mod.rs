@@ -68,6 +68,8 @@ pub const BUYERS: u32 = 128;
 fn credentials(path: &str, i: u32) -> crate::drive::Call {
     crate::drive::Call::post(path)
         .header("content-type", "application/json")
+        // The token is read from the answer as it comes.
+        .header("accept-encoding", "identity")
         .body(
             serde_json::json!({
                 "email": format!("buyer{i}@shop.example"),
@@ -97,6 +99,7 @@ where
     let call = |path: &str| {
         crate::drive::Call::post(path)
             .header("content-type", "application/json")
+            .header("accept-encoding", "identity")
             .body(body.clone())
     };
     let (status, answer) =
