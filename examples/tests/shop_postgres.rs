@@ -156,6 +156,12 @@ async fn an_order_and_its_email_job_commit_together_or_not_at_all() {
     assert_eq!(report.done, 1, "{report:?}");
     assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 1);
     assert_eq!(count(&pool, "SELECT count(*) FROM shop_mail").await, 0);
+    // To the buyer's own address.
+    let to: String = sqlx::query_scalar("SELECT email FROM outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(to, "ann@shop.example");
     pool.close().await;
 }
 

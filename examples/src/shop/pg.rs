@@ -245,7 +245,8 @@ impl PgStore {
             if let Some(queue) = &self.queue {
                 let job = super::SendConfirmation {
                     order: id,
-                    email: format!("{user}@example.com"),
+                    // The order's user is its account's address.
+                    email: user.to_owned(),
                 };
                 let key = format!("confirm-{}-{id}", self.store_id);
                 queue.enqueue_in(&mut tx, &job, &key).await?;
