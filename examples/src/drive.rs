@@ -107,7 +107,11 @@ impl Call {
             .method(self.method.clone())
             .uri(self.path.as_str())
             .header("host", host);
-        if !self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("accept-encoding")) {
+        if !self
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("accept-encoding"))
+        {
             builder = builder.header("accept-encoding", "gzip, br, zstd");
         }
         for (name, value) in &self.headers {

@@ -2,7 +2,8 @@
 //! the store's side of it: calls through gratify's balancer across the
 //! service's replicas.
 //!
-//! The service (`shop.Inventory`, one method, `Reserve`) is written by
+//! The service (`shop.Inventory`: `Reserve`, and `Release` to give a
+//! reservation back) is written by
 //! hand on tonic's server and client building blocks, as `tonic-build`
 //! would generate it, so that building the example needs no `protoc`.
 //!
@@ -58,8 +59,12 @@ use tower::buffer::Buffer;
 use tower::discover::ServiceList;
 use tower::{Layer, Service, ServiceBuilder};
 
-/// The method's path: gRPC's `/package.Service/Method`.
+/// The reservation's path: gRPC's `/package.Service/Method`.
 pub const RESERVE: &str = "/shop.Inventory/Reserve";
+
+/// The release's path: what a reservation took, given back (a checkout
+/// that did not place its order).
+pub const RELEASE: &str = "/shop.Inventory/Release";
 
 /// The shared secret the store's calls carry, so that the inventory trusts
 /// the class and deadline they bring (a real deployment reads it from its
@@ -145,6 +150,17 @@ impl Stock {
         }
     }
 
+    /// Gives back `quantity` of `sku`; returns what is left then.
+    pub fn put(&self, sku: &str, quantity: u32) -> u32 {
+        let mut stock = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let left = stock.entry(sku.to_owned()).or_insert(0);
+        *left = left.saturating_add(quantity);
+        *left
+    }
+
     /// What is left of `sku`.
     pub fn left(&self, sku: &str) -> u32 {
         let stock = self
@@ -197,15 +213,19 @@ impl NamedService for Replica {
     const NAME: &'static str = "shop.Inventory";
 }
 
-/// The `Reserve` method, as tonic's server runs a unary method.
-struct ReserveMethod(Replica);
+/// The `Reserve` method (or, `release`, the `Release` method), as tonic's
+/// server runs a unary method.
+struct ReserveMethod {
+    replica: Replica,
+    release: bool,
+}
 
 impl tonic::server::UnaryService<ReserveRequest> for ReserveMethod {
     type Response = ReserveReply;
     type Future = Pin<Box<dyn Future<Output = Result<Response<ReserveReply>, Status>> + Send>>;
 
     fn call(&mut self, request: Request<ReserveRequest>) -> Self::Future {
-        let replica = self.0.clone();
+        let (replica, release) = (self.replica.clone(), self.release);
         Box::pin(async move {
             if let Some(work) = &replica.work {
                 work().await;
@@ -214,7 +234,11 @@ impl tonic::server::UnaryService<ReserveRequest> for ReserveMethod {
             if r.quantity == 0 {
                 return Err(Status::invalid_argument("quantity must be at least 1"));
             }
-            let (reserved, left) = replica.stock.take(&r.sku, r.quantity);
+            let (reserved, left) = if release {
+                (true, replica.stock.put(&r.sku, r.quantity))
+            } else {
+                replica.stock.take(&r.sku, r.quantity)
+            };
             Ok(Response::new(ReserveReply {
                 reserved,
                 left,
@@ -234,10 +258,17 @@ impl Service<http::Request<Body>> for Replica {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != RESERVE {
-            return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
-        }
-        let method = ReserveMethod(self.clone());
+        let release = match request.uri().path() {
+            RESERVE => false,
+            RELEASE => true,
+            _ => {
+                return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
+            }
+        };
+        let method = ReserveMethod {
+            replica: self.clone(),
+            release,
+        };
         Box::pin(async move {
             let codec = tonic_prost::ProstCodec::<ReserveReply, ReserveRequest>::default();
             let mut grpc = tonic::server::Grpc::new(codec);
@@ -254,8 +285,10 @@ impl Service<http::Request<Body>> for Replica {
 ///
 /// A route the classifier rejects (none here).
 pub fn stack(model: &CostModel) -> Result<Stack, BoxError> {
+    // A release is a checkout's too: a refused one would leave stock taken.
     let routes = RouteClassifier::builder(model)
         .route(None, RESERVE, "checkout")
+        .route(None, RELEASE, "checkout")
         .build()?;
     Ok(Stack::new(model).routes(routes).limit())
 }
@@ -430,12 +463,33 @@ impl InventoryClient {
         &self,
         request: Request<ReserveRequest>,
     ) -> Result<ReserveReply, Status> {
+        self.unary(RESERVE, request).await
+    }
+
+    /// Gives back `quantity` of `sku` that a reservation took.
+    ///
+    /// # Errors
+    ///
+    /// As [`reserve`](Self::reserve).
+    pub async fn release(&self, sku: &str, quantity: u32) -> Result<ReserveReply, Status> {
+        let request = Request::new(ReserveRequest {
+            sku: sku.to_owned(),
+            quantity,
+        });
+        self.unary(RELEASE, request).await
+    }
+
+    async fn unary(
+        &self,
+        path: &'static str,
+        request: Request<ReserveRequest>,
+    ) -> Result<ReserveReply, Status> {
         let mut grpc = self.grpc.clone();
         grpc.ready()
             .await
             .map_err(|e| Status::unavailable(format!("no inventory replica: {e}")))?;
         let codec = tonic_prost::ProstCodec::<ReserveRequest, ReserveReply>::default();
-        let path = http::uri::PathAndQuery::from_static(RESERVE);
+        let path = http::uri::PathAndQuery::from_static(path);
         grpc.unary(request, path, codec)
             .await
             .map(Response::into_inner)

@@ -32,7 +32,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve one replica until Ctrl-C (its stock: sku-1 … sku-9, 1,000 each).
+    /// Serve one replica until Ctrl-C (its stock: an item for each of the
+    /// store's products, `sku-1` … `sku-2000`, 1,000 each).
     Serve {
         /// The address to listen on.
         #[arg(long, default_value = "127.0.0.1:50051")]
@@ -44,7 +45,9 @@ enum Command {
 }
 
 fn stock() -> Stock {
-    let skus: Vec<String> = (1..10).map(|i| format!("sku-{i}")).collect();
+    let skus: Vec<String> = (1..=gratify_examples::shop::db::PRODUCTS)
+        .map(|i| format!("sku-{i}"))
+        .collect();
     Stock::with(skus.iter().map(|s| (s.as_str(), 1_000)))
 }
 

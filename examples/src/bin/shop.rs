@@ -13,6 +13,10 @@
 //!
 //! The dashboard is at `/ops/admin/`, Prometheus text at `/ops/admin/metrics`.
 //!
+//! With `--features grpc` and `--inventory http://127.0.0.1:50051,…` (replicas
+//! of the `inventory` binary), a checkout reserves each line of its cart
+//! from the inventory before it places the order.
+//!
 //! A buyer signs up and in, then buys as the holder of the session's token:
 //!
 //! ```text
@@ -77,6 +81,12 @@ struct Args {
     /// How often the replica advisor measures and recommends, seconds.
     #[arg(long, default_value_t = 15.0)]
     advise_every: f64,
+    /// The inventory's replicas (`http://host:port`, comma-separated; see
+    /// the `inventory` binary): a checkout reserves its lines from them,
+    /// through gratify's balancer, before it places the order.
+    #[cfg(feature = "grpc")]
+    #[arg(long, value_delimiter = ',')]
+    inventory: Vec<String>,
 }
 
 async fn open(args: &Args) -> Result<Shop, Box<dyn std::error::Error + Send + Sync>> {
@@ -130,6 +140,19 @@ async fn main() -> ExitCode {
         eprintln!("shop: --pod-work-ms must be a number of milliseconds, 0 or more");
         return ExitCode::FAILURE;
     }
+    #[cfg(feature = "grpc")]
+    let shop = if args.inventory.is_empty() {
+        shop
+    } else {
+        let model = gratify_examples::inventory::model();
+        match gratify_examples::inventory::InventoryClient::connect(&args.inventory, &model) {
+            Ok(client) => shop.with_inventory(client),
+            Err(e) => {
+                eprintln!("shop: --inventory: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
     let shop = match args.pod_slots {
         Some(slots) => shop.emulate_pod(
             slots,

@@ -62,6 +62,25 @@ pub struct Order {
 /// oldest.
 pub const MAX_SESSIONS: i64 = 16;
 
+/// Why a checkout placed no order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotPlaced {
+    /// The cart is empty.
+    Empty,
+    /// The cart is not what the checkout expected (it changed since).
+    Changed,
+}
+
+/// Whether a cart's lines (product, quantity, price; by product) are
+/// `expected` (product, quantity).
+pub(crate) fn same_lines(items: &[(u32, u32, i64)], expected: &[(u32, u32)]) -> bool {
+    items.len() == expected.len()
+        && items
+            .iter()
+            .zip(expected)
+            .all(|((p, q, _), (ep, eq))| p == ep && q == eq)
+}
+
 /// An account: who a session belongs to.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Account {
@@ -448,7 +467,23 @@ impl Db {
     ///
     /// The database's (nothing is placed then).
     pub fn checkout(&self, user: &str) -> DbResult<Option<Order>> {
-        on_postgres!(self, pg => pg.checkout(user));
+        Ok(self.checkout_of(user, None)?.ok())
+    }
+
+    /// [`checkout`](Self::checkout), placing the order only if the cart
+    /// holds exactly `expected` (product and quantity, by product) when the
+    /// transaction reads it — the lines an inventory reserved; otherwise
+    /// nothing changes.
+    ///
+    /// # Errors
+    ///
+    /// The database's (nothing is placed then).
+    pub fn checkout_of(
+        &self,
+        user: &str,
+        expected: Option<&[(u32, u32)]>,
+    ) -> DbResult<Result<Order, NotPlaced>> {
+        on_postgres!(self, pg => pg.checkout(user, expected));
         let mut conn = self.lite()?;
         // The write lock from the start: a read that later wants to write
         // could otherwise find another writer's commit in between and fail.
@@ -462,7 +497,10 @@ impl Db {
                 .collect::<rusqlite::Result<_>>()?
         };
         if items.is_empty() {
-            return Ok(None);
+            return Ok(Err(NotPlaced::Empty));
+        }
+        if expected.is_some_and(|e| !same_lines(&items, e)) {
+            return Ok(Err(NotPlaced::Changed));
         }
         let total: i64 = items.iter().map(|(_, q, p)| i64::from(*q) * p).sum();
         tx.execute(
@@ -478,13 +516,28 @@ impl Db {
         }
         tx.execute("DELETE FROM carts WHERE user = ?1", [user])?;
         tx.commit()?;
-        Ok(Some(Order {
+        Ok(Ok(Order {
             id,
             user: user.to_owned(),
             total_cents: total,
             status: "placed".into(),
             items: items.iter().map(|(p, q, _)| (*p, *q)).collect(),
         }))
+    }
+
+    /// The lines of `user`'s cart: product and quantity, by product.
+    ///
+    /// # Errors
+    ///
+    /// The database's.
+    pub fn cart(&self, user: &str) -> DbResult<Vec<(u32, u32)>> {
+        on_postgres!(self, pg => pg.cart(user));
+        let conn = self.lite()?;
+        let mut q = conn.prepare_cached(
+            "SELECT product_id, qty FROM carts WHERE user = ?1 ORDER BY product_id",
+        )?;
+        Ok(q.query_map([user], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?)
     }
 
     /// An order by id, if `owner` (its user) placed it: none otherwise,

@@ -38,6 +38,8 @@ mod accounts;
 pub mod db;
 #[cfg(feature = "postgres")]
 mod pg;
+#[cfg(feature = "grpc")]
+mod reserving;
 
 pub use accounts::{MAX_PASSWORD, MIN_PASSWORD, SESSION_LIFETIME};
 
@@ -207,6 +209,9 @@ pub struct Shop {
     pod: Option<Pod>,
     /// How long a session stays open.
     session_lifetime: Duration,
+    /// The inventory a checkout reserves its lines from, over gRPC.
+    #[cfg(feature = "grpc")]
+    inventory: Option<crate::inventory::InventoryClient>,
     /// Password hashes at once: one per core (each is tens of milliseconds
     /// of a core and 19 MiB); more sign-ins wait their turn, and no flood
     /// of them takes the blocking pool from the store's queries.
@@ -428,7 +433,22 @@ impl Shop {
             pod: None,
             session_lifetime: SESSION_LIFETIME,
             hashing: accounts::hashing(),
+            #[cfg(feature = "grpc")]
+            inventory: None,
         })
+    }
+
+    /// Checkouts reserve each cart line from `inventory` (item
+    /// `sku-{product}`) before the order is placed, through gratify's
+    /// balancer, carrying the checkout's class and remaining deadline: a
+    /// line out of stock is 409 `out-of-stock`, an inventory that cannot
+    /// answer 503 `inventory-unavailable`, and an order not placed after
+    /// all gives its reservations back.
+    #[cfg(feature = "grpc")]
+    #[must_use]
+    pub fn with_inventory(mut self, inventory: crate::inventory::InventoryClient) -> Self {
+        self.inventory = Some(inventory);
+        self
     }
 
     /// Sessions opened from now on stay open for `lifetime` (a day unless
@@ -975,6 +995,10 @@ async fn add_to_cart(
 }
 
 async fn checkout(State(shop): State<Shop>, SignedIn(account): SignedIn) -> Response {
+    #[cfg(feature = "grpc")]
+    if let Some(inventory) = shop.inventory.clone() {
+        return reserving::checkout(shop, account.email, inventory).await;
+    }
     let user = account.email;
     let mailer = shop.clone();
     // The order and the hand-off of its confirmation e-mail happen together

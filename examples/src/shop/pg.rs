@@ -7,7 +7,7 @@ use std::sync::Arc;
 use gratify::offload::durable::DurableQueue;
 use sqlx::{PgPool, Row};
 
-use super::db::{Account, DbError, Order, Product, seed_products};
+use super::db::{Account, DbError, NotPlaced, Order, Product, seed_products};
 
 /// The store on PostgreSQL. Its methods are blocking (they wait on the
 /// runtime they were opened on): call them off the async threads, as the
@@ -202,7 +202,11 @@ impl PgStore {
 
     /// Turns `user`'s cart into an order and, with a queue, queues its
     /// confirmation e-mail — all in one transaction: both or neither.
-    pub(crate) fn checkout(&self, user: &str) -> Result<Option<Order>, DbError> {
+    pub(crate) fn checkout(
+        &self,
+        user: &str,
+        expected: Option<&[(u32, u32)]>,
+    ) -> Result<Result<Order, NotPlaced>, DbError> {
         self.block(async {
             let mut tx = self.pool.begin().await?;
             let mut items: Vec<(u32, u32, i64)> = sqlx::query(
@@ -223,9 +227,13 @@ impl PgStore {
             })
             .collect::<Result<_, sqlx::Error>>()?;
             if items.is_empty() {
-                return Ok(None);
+                return Ok(Err(NotPlaced::Empty));
             }
             items.sort_unstable();
+            // Dropping the transaction rolls the cart's deletion back.
+            if expected.is_some_and(|e| !super::db::same_lines(&items, e)) {
+                return Ok(Err(NotPlaced::Changed));
+            }
             let total: i64 = items.iter().map(|(_, q, p)| i64::from(*q) * p).sum();
             let id: i64 = sqlx::query_scalar(
                 "INSERT INTO orders (customer, total_cents, status) VALUES ($1, $2, 'placed') RETURNING id",
@@ -252,13 +260,31 @@ impl PgStore {
                 queue.enqueue_in(&mut tx, &job, &key).await?;
             }
             tx.commit().await?;
-            Ok(Some(Order {
+            Ok(Ok(Order {
                 id,
                 user: user.to_owned(),
                 total_cents: total,
                 status: "placed".into(),
                 items: items.iter().map(|(p, q, _)| (*p, *q)).collect(),
             }))
+        })
+    }
+
+    pub(crate) fn cart(&self, user: &str) -> Result<Vec<(u32, u32)>, DbError> {
+        self.block(async {
+            sqlx::query("SELECT product_id, qty FROM carts WHERE customer = $1 ORDER BY product_id")
+                .bind(user)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok((
+                        u32::try_from(r.try_get::<i32, _>(0)?).unwrap_or(0),
+                        u32::try_from(r.try_get::<i32, _>(1)?).unwrap_or(0),
+                    ))
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(DbError::from)
         })
     }
 
