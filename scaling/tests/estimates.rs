@@ -457,3 +457,53 @@ async fn an_ended_body_dropped_unread_still_teaches_its_status() {
     assert_eq!(recorder.0.lock().unwrap().pop(), Some(Outcome::Overload));
     assert_eq!(l.stats().in_flight, 0);
 }
+
+/// A gRPC answer that streamed its message and then said, in its trailers,
+/// that it failed (`UNAVAILABLE`) teaches the limit a failure for load, not
+/// the head's HTTP 200 — held to the body's end, as the Stack holds it. The
+/// same trailers on an answer to a call that is not gRPC teach nothing of
+/// the kind (a plain HTTP answer's status is its head's), and `OK` in the
+/// trailers is a success.
+#[tokio::test(start_paused = true)]
+async fn a_grpc_status_in_the_trailers_is_the_outcome() {
+    let m = model();
+    let browse = m.id("browse").unwrap();
+    for (grpc, code, expected) in [
+        (true, "14", Outcome::Overload),
+        (true, "4", Outcome::Timeout),
+        (true, "0", Outcome::Success),
+        (false, "14", Outcome::Success),
+    ] {
+        let recorder = Recorder::default();
+        let l = Limiter::with_algorithm(&m, recorder.clone(), config(|_| {}));
+        let svc = AdaptiveLimitLayer::with_limiter(l.clone())
+            .hold_until_body_end(true)
+            .layer(service_fn(move |_: Request<String>| async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static(code));
+                let body = Full::new(Bytes::from_static(b"\0\0\0\0\x02hi"))
+                    .with_trailers(async move { Some(Ok::<_, Infallible>(trailers)) });
+                Ok::<_, Infallible>(Response::new(body))
+            }));
+        let mut call = req(browse, "");
+        if grpc {
+            call.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+        }
+        let res = svc.oneshot(call).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        // Not yet: the answer's end decides.
+        assert!(recorder.0.lock().unwrap().is_empty(), "{grpc} {code}");
+        let collected = res.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], code);
+        assert_eq!(
+            recorder.0.lock().unwrap().pop(),
+            Some(expected),
+            "grpc {grpc}, status {code}"
+        );
+        assert_eq!(l.stats().in_flight, 0);
+    }
+}

@@ -53,6 +53,8 @@ pin_project! {
             outcome: Outcome,
             polled: bool,
             bodiless: bool,
+            // A gRPC call's answer: its status may come in the trailers.
+            grpc: bool,
             // It said it had ended when asked (`is_end_stream`, which
             // takes `&self`).
             ended: std::sync::atomic::AtomicBool,
@@ -64,7 +66,13 @@ pin_project! {
 }
 
 impl<B> LimitBody<B> {
-    pub(crate) fn inner(body: B, permit: Option<Permit>, outcome: Outcome, bodiless: bool) -> Self {
+    pub(crate) fn inner(
+        body: B,
+        permit: Option<Permit>,
+        outcome: Outcome,
+        bodiless: bool,
+        grpc: bool,
+    ) -> Self {
         Self {
             kind: Kind::Inner {
                 body,
@@ -72,6 +80,7 @@ impl<B> LimitBody<B> {
                 outcome,
                 polled: false,
                 bodiless,
+                grpc,
                 ended: std::sync::atomic::AtomicBool::new(false),
             },
         }
@@ -103,10 +112,21 @@ where
                 permit,
                 outcome,
                 polled,
+                grpc,
                 ..
             } => {
                 *polled = true;
                 let frame = std::task::ready!(body.as_mut().poll_frame(cx));
+                // A gRPC answer that streamed its messages says how it ended
+                // in its trailers (`grpc-status`): that is its outcome, not
+                // the head's HTTP 200.
+                if *grpc
+                    && let Some(Ok(frame)) = &frame
+                    && let Some(trailers) = frame.trailers_ref()
+                    && gratify_core::refusal::grpc_status(trailers).is_some()
+                {
+                    *outcome = super::mode::outcome_of_head(http::StatusCode::OK, trailers);
+                }
                 // The body ends at `None`, at an error, or at the frame after
                 // which it says it has ended: hyper does not poll again then.
                 let end = match &frame {

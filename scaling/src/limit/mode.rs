@@ -143,7 +143,7 @@ impl<RB, E> Mode<Response<RB>, E> for Http {
                 let bodiless = status == StatusCode::NO_CONTENT
                     || status == StatusCode::NOT_MODIFIED
                     || status.is_informational();
-                Ok(response.map(|body| LimitBody::inner(body, permit, outcome, bodiless)))
+                Ok(response.map(|body| LimitBody::inner(body, permit, outcome, bodiless, grpc)))
             }
             Err(e) => {
                 permit.complete(Outcome::Error);
