@@ -82,6 +82,11 @@ refusal_cost = 10.0
 [classes.browse]
 delay_cost = { shape = "linear", per_second = 2.0, deadline = "1s" }
 refusal_cost = 1.0
+# Giving back what a checkout reserved and did not use: never shed (it
+# waits for a slot), or the stock stays taken.
+[classes.release]
+delay_cost = { shape = "linear", per_second = 1.0 }
+refusal_cost = 10.0
 "#;
 
 /// [`MODEL`], parsed.
@@ -285,12 +290,21 @@ impl Service<http::Request<Body>> for Replica {
 ///
 /// A route the classifier rejects (none here).
 pub fn stack(model: &CostModel) -> Result<Stack, BoxError> {
-    // A release is a checkout's too: a refused one would leave stock taken.
+    // A release is never shed: a refused one would leave stock taken.
     let routes = RouteClassifier::builder(model)
         .route(None, RESERVE, "checkout")
-        .route(None, RELEASE, "checkout")
+        .route(None, RELEASE, "release")
         .build()?;
-    Ok(Stack::new(model).routes(routes).limit())
+    let mut config = gratify::scaling::limit::LimiterConfig::default();
+    if let Some(release) = model.id("release") {
+        config.never_shed = vec![(release, 4096)];
+    }
+    let limiter = gratify::scaling::limit::Limiter::with_algorithm(
+        model,
+        gratify::scaling::limit::DelayCostLimit::new(model),
+        config,
+    );
+    Ok(Stack::new(model).routes(routes).limit_with(limiter))
 }
 
 /// Serves `replica` on `listener` with tonic's server, behind

@@ -33,7 +33,9 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Serve one replica until Ctrl-C (its stock: an item for each of the
-    /// store's products, `sku-1` … `sku-2000`, 1,000 each).
+    /// store's products, `sku-1` … `sku-2000`, 1,000 each — its own: replicas
+    /// started this way share no stock, and a release may reach another
+    /// replica than its reservation, so point a store at one of them).
     Serve {
         /// The address to listen on.
         #[arg(long, default_value = "127.0.0.1:50051")]

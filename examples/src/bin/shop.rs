@@ -13,9 +13,10 @@
 //!
 //! The dashboard is at `/ops/admin/`, Prometheus text at `/ops/admin/metrics`.
 //!
-//! With `--features grpc` and `--inventory http://127.0.0.1:50051,…` (replicas
-//! of the `inventory` binary), a checkout reserves each line of its cart
-//! from the inventory before it places the order.
+//! With `--features grpc` and `--inventory http://127.0.0.1:50051,…`, a
+//! checkout reserves each line of its cart from the inventory before it
+//! places the order. The replicas named must share their stock (as
+//! replicas share a database): one `inventory serve` process has its own.
 //!
 //! A buyer signs up and in, then buys as the holder of the session's token:
 //!

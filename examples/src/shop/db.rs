@@ -533,8 +533,10 @@ impl Db {
     pub fn cart(&self, user: &str) -> DbResult<Vec<(u32, u32)>> {
         on_postgres!(self, pg => pg.cart(user));
         let conn = self.lite()?;
+        // As a checkout reads it: lines of products that exist.
         let mut q = conn.prepare_cached(
-            "SELECT product_id, qty FROM carts WHERE user = ?1 ORDER BY product_id",
+            "SELECT c.product_id, c.qty FROM carts c JOIN products p ON p.id = c.product_id
+             WHERE c.user = ?1 ORDER BY c.product_id",
         )?;
         Ok(q.query_map([user], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?)

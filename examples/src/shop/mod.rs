@@ -212,6 +212,10 @@ pub struct Shop {
     /// The inventory a checkout reserves its lines from, over gRPC.
     #[cfg(feature = "grpc")]
     inventory: Option<crate::inventory::InventoryClient>,
+    /// Checkouts' reservation steps and releases that outlive their
+    /// request: a shutdown waits for them.
+    #[cfg(feature = "grpc")]
+    background: tokio_util::task::TaskTracker,
     /// Password hashes at once: one per core (each is tens of milliseconds
     /// of a core and 19 MiB); more sign-ins wait their turn, and no flood
     /// of them takes the blocking pool from the store's queries.
@@ -435,6 +439,8 @@ impl Shop {
             hashing: accounts::hashing(),
             #[cfg(feature = "grpc")]
             inventory: None,
+            #[cfg(feature = "grpc")]
+            background: tokio_util::task::TaskTracker::new(),
         })
     }
 
@@ -594,6 +600,16 @@ impl Shop {
     /// Hands the confirmation of `order` off: to the durable queue if there
     /// is one, else to the deferred queue; sent inline if the queue refuses.
     /// Runs on a blocking thread (it may wait for Redis).
+    /// [`hand_off`](Self::hand_off) for an order already committed: a
+    /// failure is logged, not returned — the order stands, and the e-mail
+    /// is queued again at the next start (`resend_unconfirmed`), so the
+    /// client is not told its placed order failed.
+    fn hand_off_placed(&self, db: &Db, order: i64, email: String) {
+        if let Err(e) = self.hand_off(db, order, email) {
+            tracing::warn!(order, error = %e, "a placed order's e-mail was not handed off; it is sent after the next start");
+        }
+    }
+
     fn hand_off(&self, db: &Db, order: i64, email: String) -> db::DbResult<()> {
         if db.queues_confirmations() {
             // Queued by the checkout, in the order's own transaction.
@@ -845,6 +861,21 @@ impl Shop {
     /// Drains the deferred work (within 10 s) and stops the pool; returns
     /// what the drain did.
     pub async fn shutdown(&self) -> DrainReport {
+        // Checkouts still reserving or giving stock back finish first (10 s
+        // at most): their orders' e-mails are then in the drain.
+        #[cfg(feature = "grpc")]
+        {
+            self.background.close();
+            if tokio::time::timeout(Duration::from_secs(10), self.background.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    tasks = self.background.len(),
+                    "checkout steps still running at shutdown"
+                );
+            }
+        }
         let report = self.drain(Duration::from_secs(10)).await;
         self.pool.shutdown_async(Duration::from_secs(2)).await;
         report
@@ -1008,7 +1039,7 @@ async fn checkout(State(shop): State<Shop>, SignedIn(account): SignedIn) -> Resp
         let Some(order) = db.checkout(&user)? else {
             return Ok(None);
         };
-        mailer.hand_off(db, order.id, user)?;
+        mailer.hand_off_placed(db, order.id, user);
         Ok(Some(order))
     })
     .await;

@@ -272,19 +272,23 @@ impl PgStore {
 
     pub(crate) fn cart(&self, user: &str) -> Result<Vec<(u32, u32)>, DbError> {
         self.block(async {
-            sqlx::query("SELECT product_id, qty FROM carts WHERE customer = $1 ORDER BY product_id")
-                .bind(user)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|r| {
-                    Ok((
-                        u32::try_from(r.try_get::<i32, _>(0)?).unwrap_or(0),
-                        u32::try_from(r.try_get::<i32, _>(1)?).unwrap_or(0),
-                    ))
-                })
-                .collect::<Result<_, sqlx::Error>>()
-                .map_err(DbError::from)
+            // As a checkout reads it: lines of products that exist.
+            sqlx::query(
+                "SELECT c.product_id, c.qty FROM carts c JOIN products p ON p.id = c.product_id
+                 WHERE c.customer = $1 ORDER BY c.product_id",
+            )
+            .bind(user)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    u32::try_from(r.try_get::<i32, _>(0)?).unwrap_or(0),
+                    u32::try_from(r.try_get::<i32, _>(1)?).unwrap_or(0),
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
         })
     }
 

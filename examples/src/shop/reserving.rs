@@ -9,20 +9,26 @@
 //!    cannot answer, gives back what was reserved and answers 409
 //!    `out-of-stock` or 503 `inventory-unavailable`;
 //! 3. the order is placed only if the cart still holds exactly the lines
-//!    reserved (409 `cart-changed` otherwise), in one transaction with its
-//!    confirmation e-mail's hand-off;
-//! 4. an order not placed gives its reservations back.
+//!    reserved (409 `cart-changed` otherwise), then its confirmation e-mail
+//!    is handed off (a failure there is logged: the order stands, and the
+//!    e-mail is queued again at the next start);
+//! 4. an order not placed gives its reservations back, in the background
+//!    (the client is answered at once).
 //!
-//! The steps run in a task of their own, so a client that hangs up in the
-//! middle leaves either the order placed or the stock given back, never
-//! stock taken for nothing. A release goes out without the checkout's
-//! deadline (it must happen even after that has passed) and is tried
-//! again a few times; the inventory classes it as a checkout's.
+//! The steps run in a task of their own, tracked so that a shutdown waits
+//! for them, so a client that hangs up in the middle leaves the order
+//! placed or the stock given back. A release goes out without the
+//! checkout's deadline (it must happen even after that has passed), each
+//! line at once, each try bounded to a second; the inventory never sheds
+//! one (its class `release`). A release is tried again only when it
+//! certainly did nothing (refused for load, or no replica reached): one
+//! that timed out may have been applied, and a second would make stock.
 //!
-//! What this example leaves to a production inventory: a reservation whose
-//! answer is lost (the replica took the stock, the reply never came) is
-//! neither counted nor given back — reservations keyed by order, so that a
-//! retry is harmless and an unconfirmed one expires, close that gap.
+//! What this example leaves to a production inventory: a reservation or a
+//! release whose answer is lost — the deadline passed, or the connection
+//! broke after the replica acted — is neither counted nor repeated, so
+//! stock can stay taken. Reservations keyed by order (a retry harmless, an
+//! unconfirmed one expiring) close that gap.
 
 use std::time::Duration;
 
@@ -42,6 +48,7 @@ pub(crate) fn sku(product: u32) -> String {
 /// Places `user`'s order, its lines reserved from `inventory` first.
 pub(crate) async fn checkout(shop: Shop, user: String, inventory: InventoryClient) -> Response {
     let context = CallContext::current();
+    let background = shop.background.clone();
     let steps = async move {
         match context {
             Some(context) => context.scope(steps(shop, user, inventory)).await,
@@ -50,13 +57,14 @@ pub(crate) async fn checkout(shop: Shop, user: String, inventory: InventoryClien
     };
     // On a task of its own: the handler's future may be dropped (the client
     // hung up); the steps still finish and give back what they took.
-    match tokio::spawn(steps).await {
+    match background.spawn(steps).await {
         Ok(response) => response,
         Err(e) => internal(e),
     }
 }
 
 async fn steps(shop: Shop, user: String, inventory: InventoryClient) -> Response {
+    let give_back = |reserved: Vec<(u32, u32)>| give_back(&shop, &inventory, reserved);
     let lines = {
         let user = user.clone();
         match super::query(&shop.db, move |db| db.cart(&user)).await {
@@ -72,12 +80,12 @@ async fn steps(shop: Shop, user: String, inventory: InventoryClient) -> Response
         match inventory.reserve(&sku(product), quantity).await {
             Ok(reply) if reply.reserved => reserved.push((product, quantity)),
             Ok(_) => {
-                give_back(&inventory, reserved).await;
+                give_back(reserved);
                 return out_of_stock(product);
             }
             Err(status) => {
                 tracing::warn!(product, %status, "an inventory reservation failed");
-                give_back(&inventory, reserved).await;
+                give_back(reserved);
                 return error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "inventory-unavailable",
@@ -91,7 +99,9 @@ async fn steps(shop: Shop, user: String, inventory: InventoryClient) -> Response
     let placed = super::query(&shop.db, move |db| {
         let placed = db.checkout_of(&user, Some(&expected))?;
         if let Ok(order) = &placed {
-            mailer.hand_off(db, order.id, user)?;
+            // Committed: whatever happens to the e-mail's hand-off, the
+            // order stands and keeps its stock.
+            mailer.hand_off_placed(db, order.id, user);
         }
         Ok(placed)
     })
@@ -99,7 +109,7 @@ async fn steps(shop: Shop, user: String, inventory: InventoryClient) -> Response
     match placed {
         Ok(Ok(order)) => json(StatusCode::CREATED, "no-store", &order),
         Ok(Err(not_placed)) => {
-            give_back(&inventory, reserved).await;
+            give_back(reserved);
             match not_placed {
                 NotPlaced::Empty => error(StatusCode::CONFLICT, "empty-cart", "the cart is empty"),
                 NotPlaced::Changed => error(
@@ -109,8 +119,10 @@ async fn steps(shop: Shop, user: String, inventory: InventoryClient) -> Response
                 ),
             }
         }
+        // The database failed before a commit (an error after one is not
+        // returned): nothing was placed.
         Err(r) => {
-            give_back(&inventory, reserved).await;
+            give_back(reserved);
             r
         }
     }
@@ -129,34 +141,54 @@ fn out_of_stock(product: u32) -> Response {
     r
 }
 
-/// Gives back what a checkout reserved, outside its deadline (a release is
-/// owed even when the checkout has run out of time), trying each line again
-/// up to five times, 100 ms more between tries.
-async fn give_back(inventory: &InventoryClient, reserved: Vec<(u32, u32)>) {
+/// Gives back what a checkout reserved, in the background (tracked for
+/// shutdown), outside its deadline (a release is owed even when the
+/// checkout has run out of time): every line at once, each try bounded to
+/// a second, tried again (five times at most, 100 ms more between tries)
+/// only when it certainly did nothing.
+fn give_back(shop: &Shop, inventory: &InventoryClient, reserved: Vec<(u32, u32)>) {
     if reserved.is_empty() {
         return;
     }
-    let inventory = inventory.clone();
-    // Outside the checkout's context: no deadline, and the inventory's
-    // route classes it as a checkout's.
-    let release = async move {
-        for (product, quantity) in reserved {
-            let mut tries = 0u64;
-            loop {
-                match inventory.release(&sku(product), quantity).await {
-                    Ok(_) => break,
-                    Err(status) if tries < 4 => {
-                        tries += 1;
-                        tracing::debug!(product, %status, "a release failed; trying again");
-                        tokio::time::sleep(Duration::from_millis(100 * tries)).await;
-                    }
-                    Err(status) => {
-                        tracing::error!(product, quantity, %status, "stock reserved and not given back");
-                        break;
-                    }
-                }
+    let mut releases = tokio::task::JoinSet::new();
+    for (product, quantity) in reserved {
+        let inventory = inventory.clone();
+        releases.spawn(async move { release(&inventory, product, quantity).await });
+    }
+    // `JoinSet` tasks start without the checkout's task-local context.
+    shop.background
+        .spawn(async move { while releases.join_next().await.is_some() {} });
+}
+
+async fn release(inventory: &InventoryClient, product: u32, quantity: u32) {
+    for tries in 1..=5u64 {
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(1),
+            inventory.release(&sku(product), quantity),
+        )
+        .await;
+        let status = match outcome {
+            Ok(Ok(_)) => return,
+            Ok(Err(status)) => status,
+            Err(_) => {
+                tracing::error!(
+                    product,
+                    quantity,
+                    "a release timed out: it may or may not have been applied"
+                );
+                return;
             }
+        };
+        // Refused for load, or no replica reached: nothing was done.
+        let nothing_done = matches!(
+            status.code(),
+            tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+        );
+        if !nothing_done || tries == 5 {
+            tracing::error!(product, quantity, %status, "stock reserved and not given back");
+            return;
         }
-    };
-    let _ = tokio::spawn(release).await;
+        tracing::debug!(product, %status, "a release was refused; trying again");
+        tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+    }
 }
