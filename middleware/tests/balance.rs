@@ -520,3 +520,37 @@ async fn a_hanging_replica_is_ejected_even_when_every_caller_has_a_deadline() {
     assert!(balance.is_ejected(&2), "a healthy replica was ejected");
     assert_eq!(balance.in_flight(), 0);
 }
+
+/// The most urgent class weighs every ready replica: with batch work in
+/// flight on seven replicas of eight, every checkout goes to the eighth,
+/// where the better of two drawn at random would find it a quarter of the
+/// time. A batch job (not urgent) still draws two.
+#[tokio::test(start_paused = true)]
+async fn the_most_urgent_class_weighs_every_replica() {
+    let hits = Hits::default();
+    let names = ["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"];
+    let replicas: Vec<Replica> = names
+        .iter()
+        .map(|n| replica(n, &hits, |c| if c == "batch" { 60_000 } else { 10 }))
+        .collect();
+    let mut balance =
+        CostBalance::with_seed(ServiceList::new(replicas), &model(), no_latency_rule(), 3);
+    // Batch jobs in flight until one replica alone has none.
+    let mut batch = Vec::new();
+    while hits.lock().unwrap().len() < 7 {
+        batch.push(tokio::spawn(
+            balance.ready().await.unwrap().call(of("batch")),
+        ));
+        tokio::task::yield_now().await;
+    }
+    let busy: Vec<&str> = hits.lock().unwrap().keys().copied().collect();
+    assert_eq!(busy.len(), 7, "{busy:?}");
+    let idle = names.iter().find(|n| !busy.contains(n)).unwrap();
+    for _ in 0..20 {
+        let answer = call(&mut balance, of("checkout")).await;
+        assert_eq!(answer.body(), idle, "a checkout sent behind a batch job");
+    }
+    for b in batch {
+        b.abort();
+    }
+}

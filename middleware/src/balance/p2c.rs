@@ -2,7 +2,13 @@
 //!
 //! [`CostBalance`] is a power-of-two-choices balancer over tower's
 //! [`Discover`]: for each call it samples two ready replicas and sends the
-//! call to the one expected to finish it sooner. Unlike tower's `p2c`,
+//! call to the one expected to finish it sooner — and a call of the most
+//! urgent classes (an urgency at least a quarter of the most urgent
+//! class's, by the model, when some classes fall below that) weighs every
+//! ready replica, not two: the few calls whose delay costs most go where
+//! they are answered soonest, while the rest keep the random draw that
+//! spreads load (and keeps balancers with views of their own from herding
+//! on one replica). Unlike tower's `p2c`,
 //! which picks a replica before it sees the request (in `poll_ready`), the
 //! choice is made in `call`, for the request's class:
 //!
@@ -272,8 +278,8 @@ impl ReplicaState {
 }
 
 /// A power-of-two-choices balancer that sends each call to the replica
-/// expected to finish it sooner, for its class. See the
-/// [module docs](self).
+/// expected to finish it sooner, for its class (weighing every replica for
+/// the most urgent classes). See the [module docs](self).
 pub struct CostBalance<D, Req>
 where
     D: Discover,
@@ -326,12 +332,19 @@ fn sanitize(config: &mut BalanceConfig) {
     }
 }
 
+/// A class whose urgency is at least this share of the most urgent class's
+/// weighs every ready replica for each call.
+const SCAN_SHARE: f64 = 0.25;
+
 /// The caller's classes by name, and its default.
 #[derive(Debug)]
 struct ClassNames {
     by_name: HashMap<String, ClassId>,
     default: ClassId,
     len: usize,
+    /// By class index: whether its calls weigh every ready replica rather
+    /// than two drawn at random (the most urgent classes).
+    scan: Vec<bool>,
 }
 
 impl<D, Req> fmt::Debug for CostBalance<D, Req>
@@ -368,6 +381,18 @@ where
             .iter()
             .map(|(id, name, _)| (name.to_owned(), id))
             .collect();
+        let urgency: Vec<f64> = model.iter().map(|(_, _, c)| c.urgency(0.0)).collect();
+        let most = urgency.iter().copied().fold(0.0_f64, f64::max);
+        let mut scan: Vec<bool> = urgency
+            .iter()
+            .map(|u| most > 0.0 && *u >= most * SCAN_SHARE)
+            .collect();
+        // Only a few classes stand out: when every class would weigh every
+        // replica (one class, or all alike), all keep the random draw,
+        // which keeps callers with views of their own from herding.
+        if scan.iter().all(|s| *s) {
+            scan.fill(false);
+        }
         Self {
             discover,
             services: ReadyCache::default(),
@@ -377,6 +402,7 @@ where
                 by_name,
                 default: model.default_class(),
                 len: model.len(),
+                scan,
             }),
             config: Arc::new(config),
             rng: fastrand::Rng::with_seed(seed),
@@ -633,6 +659,18 @@ where
                 };
             }
             1 => candidates[0],
+            // The most urgent classes weigh every ready replica: the least
+            // expected completion, not the lesser of two.
+            _ if self.classes.scan.get(k).copied().unwrap_or(false) => {
+                candidates
+                    .iter()
+                    .copied()
+                    .map(|i| (i, self.expected(i, k, at)))
+                    .fold((candidates[0], f64::INFINITY), |best, (i, e)| {
+                        if e < best.1 { (i, e) } else { best }
+                    })
+                    .0
+            }
             n => {
                 let a = self.rng.usize(..n);
                 let mut b = self.rng.usize(..n - 1);
