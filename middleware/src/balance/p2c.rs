@@ -5,7 +5,7 @@
 //! call to the one expected to finish it sooner — and a call of the most
 //! urgent classes (an urgency at least a quarter of the most urgent
 //! class's, by the model, when some classes fall below that) weighs every
-//! ready replica, not two: the few calls whose delay costs most go where
+//! ready replica (sixteen at most), not two: the few calls whose delay costs most go where
 //! they are answered soonest, while the rest keep the random draw that
 //! spreads load (and keeps balancers with views of their own from herding
 //! on one replica). Unlike tower's `p2c`,
@@ -336,6 +336,10 @@ fn sanitize(config: &mut BalanceConfig) {
 /// weighs every ready replica for each call.
 const SCAN_SHARE: f64 = 0.25;
 
+/// The most replicas such a call weighs (a window of the ready ones from a
+/// random start, in a larger fleet).
+const MAX_SCAN: usize = 16;
+
 /// The caller's classes by name, and its default.
 #[derive(Debug)]
 struct ClassNames {
@@ -659,14 +663,16 @@ where
                 };
             }
             1 => candidates[0],
-            // The most urgent classes weigh every ready replica: the least
-            // expected completion, not the lesser of two.
-            _ if self.classes.scan.get(k).copied().unwrap_or(false) => {
-                candidates
-                    .iter()
-                    .copied()
+            // The most urgent classes weigh every ready replica (up to
+            // `MAX_SCAN` of them, from a random start in a larger fleet):
+            // the least expected completion, not the lesser of two.
+            n if self.classes.scan.get(k).copied().unwrap_or(false) => {
+                let d = n.min(MAX_SCAN);
+                let start = if n > d { self.rng.usize(..n) } else { 0 };
+                (0..d)
+                    .map(|j| candidates[(start + j) % n])
                     .map(|i| (i, self.expected(i, k, at)))
-                    .fold((candidates[0], f64::INFINITY), |best, (i, e)| {
+                    .fold((candidates[start], f64::INFINITY), |best, (i, e)| {
                         if e < best.1 { (i, e) } else { best }
                     })
                     .0
