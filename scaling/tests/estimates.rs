@@ -507,3 +507,59 @@ async fn a_grpc_status_in_the_trailers_is_the_outcome() {
         assert_eq!(l.stats().in_flight, 0);
     }
 }
+
+/// A gRPC answer dropped right after its trailers (as hyper drops one,
+/// unpolled, once the trailers are sent) ends there with the trailers'
+/// status — even from a body that never says it has ended — and a head
+/// that already decided (a proxy's 503 on a gRPC call) is not overruled by
+/// trailers that say `OK`.
+#[tokio::test(start_paused = true)]
+async fn trailers_end_the_answer_and_do_not_overrule_a_decided_head() {
+    use http_body::Body as _;
+    let m = model();
+    let browse = m.id("browse").unwrap();
+    for (head, code, expected) in [
+        (StatusCode::OK, "14", Outcome::Overload),
+        (StatusCode::SERVICE_UNAVAILABLE, "0", Outcome::Overload),
+    ] {
+        let recorder = Recorder::default();
+        let l = Limiter::with_algorithm(&m, recorder.clone(), config(|_| {}));
+        let svc = AdaptiveLimitLayer::with_limiter(l.clone())
+            .hold_until_body_end(true)
+            .layer(service_fn(move |_: Request<String>| async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static(code));
+                // `WithTrailers` never says it has ended.
+                let body = Full::new(Bytes::from_static(b"\0\0\0\0\x02hi"))
+                    .with_trailers(async move { Some(Ok::<_, Infallible>(trailers)) });
+                let mut res = Response::new(body);
+                *res.status_mut() = head;
+                Ok::<_, Infallible>(res)
+            }));
+        let mut call = req(browse, "");
+        call.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        let res = svc.oneshot(call).await.unwrap();
+        let mut body = Box::pin(res.into_body());
+        let mut trailers_seen = false;
+        while !trailers_seen {
+            let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx))
+                .await
+                .unwrap()
+                .unwrap();
+            trailers_seen = frame.is_trailers();
+        }
+        assert!(!body.is_end_stream(), "the body never says it has ended");
+        // Dropped after the trailers, without the final poll.
+        drop(body);
+        assert_eq!(
+            recorder.0.lock().unwrap().pop(),
+            Some(expected),
+            "{head} {code}"
+        );
+        assert_eq!(l.stats().in_flight, 0);
+    }
+}

@@ -53,7 +53,8 @@ pin_project! {
             outcome: Outcome,
             polled: bool,
             bodiless: bool,
-            // A gRPC call's answer: its status may come in the trailers.
+            // A gRPC call's answer whose head said nothing of its status
+            // (HTTP 200, no `grpc-status`): the trailers will.
             grpc: bool,
             // It said it had ended when asked (`is_end_stream`, which
             // takes `&self`).
@@ -129,9 +130,12 @@ where
                 }
                 // The body ends at `None`, at an error, or at the frame after
                 // which it says it has ended: hyper does not poll again then.
+                // Trailers are the last frame too, whatever the body says of
+                // itself (hyper drops a body after its trailers unpolled).
                 let end = match &frame {
                     None => Some(*outcome),
                     Some(Err(_)) => Some(Outcome::Error),
+                    Some(Ok(f)) if f.is_trailers() => Some(*outcome),
                     Some(Ok(_)) => body.is_end_stream().then_some(*outcome),
                 };
                 if let Some(end) = end

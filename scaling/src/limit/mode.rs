@@ -143,7 +143,14 @@ impl<RB, E> Mode<Response<RB>, E> for Http {
                 let bodiless = status == StatusCode::NO_CONTENT
                     || status == StatusCode::NOT_MODIFIED
                     || status.is_informational();
-                Ok(response.map(|body| LimitBody::inner(body, permit, outcome, bodiless, grpc)))
+                // Only an answer whose head said nothing of its gRPC status
+                // (200 without `grpc-status`) says it in its trailers: a
+                // proxy's 503, or a trailers-only status, stands.
+                let trailers_decide = grpc
+                    && status == StatusCode::OK
+                    && gratify_core::refusal::grpc_status(response.headers()).is_none();
+                Ok(response
+                    .map(|body| LimitBody::inner(body, permit, outcome, bodiless, trailers_decide)))
             }
             Err(e) => {
                 permit.complete(Outcome::Error);
