@@ -554,3 +554,37 @@ async fn the_most_urgent_class_weighs_every_replica() {
         b.abort();
     }
 }
+
+/// Balancers of their own (one per caller process) that see the same fleet
+/// alike do not all send their urgent calls to one replica: near-ties are
+/// drawn at random.
+#[tokio::test(start_paused = true)]
+async fn separate_balancers_do_not_herd_their_urgent_calls() {
+    let hits = Hits::default();
+    let names = ["r0", "r1", "r2", "r3", "r4", "r5", "r6", "r7"];
+    let replicas: Vec<Replica> = names
+        .iter()
+        .map(|n| replica(n, &hits, |_| 60_000))
+        .collect();
+    let mut calls = Vec::new();
+    for seed in 0..8 {
+        let mut balance = CostBalance::with_seed(
+            ServiceList::new(replicas.clone()),
+            &model(),
+            no_latency_rule(),
+            seed,
+        );
+        calls.push(tokio::spawn(
+            balance.ready().await.unwrap().call(of("checkout")),
+        ));
+        tokio::task::yield_now().await;
+    }
+    let used = hits.lock().unwrap().len();
+    assert!(
+        used >= 3,
+        "eight callers' checkouts on {used} replicas: {hits:?}"
+    );
+    for c in calls {
+        c.abort();
+    }
+}

@@ -7,8 +7,12 @@
 //! class's, by the model, when some classes fall below that) weighs every
 //! ready replica (sixteen at most), not two: the few calls whose delay costs most go where
 //! they are answered soonest, while the rest keep the random draw that
-//! spreads load (and keeps balancers with views of their own from herding
-//! on one replica). Unlike tower's `p2c`,
+//! spreads load. Ties are drawn at random, so balancers of their own (one
+//! per caller process) that see a fleet alike do not all pick one replica;
+//! when they all measure one replica clearly faster, they do send it their
+//! urgent calls until its answers slow (its estimate rises at once), and a
+//! call in flight weighs at least what it has run, so a replica where calls
+//! hang stops attracting them. Unlike tower's `p2c`,
 //! which picks a replica before it sees the request (in `poll_ready`), the
 //! choice is made in `call`, for the request's class:
 //!
@@ -185,6 +189,12 @@ struct ReplicaState {
     latency: Vec<Option<(f64, Instant)>>,
     /// Per class: calls in flight.
     in_flight: Vec<u32>,
+    /// Per class: the sum of the in-flight calls' start times (seconds
+    /// since `epoch`), for their mean age: a call in flight weighs at least
+    /// as long as it has already run.
+    started: Vec<f64>,
+    /// What `started` counts from.
+    epoch: Instant,
     /// Per class: the successful calls' latencies (sum, count) since the
     /// latency rule last judged.
     window: Vec<(f64, u32)>,
@@ -208,6 +218,8 @@ impl Replica {
             state: Mutex::new(ReplicaState {
                 latency: vec![None; classes],
                 in_flight: vec![0; classes],
+                started: vec![0.0; classes],
+                epoch: now(),
                 window: vec![(0.0, 0); classes],
                 consecutive_failures: 0,
                 ejected_until: None,
@@ -239,6 +251,30 @@ impl ReplicaState {
             .filter_map(|k| self.latency(k, at, decay))
             .collect();
         (!measured.is_empty()).then(|| measured.iter().sum::<f64>() / measured.len() as f64)
+    }
+
+    /// The work in flight ahead of a new call (seconds, before dividing by
+    /// the replica's concurrency): each call at its class's estimate — and
+    /// at least what it has run (the class's calls' mean age), so that a
+    /// replica whose estimate has decayed, or that was never measured,
+    /// stops looking idle while its calls hang there.
+    fn ahead(&self, at: Instant, config: &BalanceConfig) -> f64 {
+        let initial = config.initial_latency.as_secs_f64();
+        let since_epoch = at.saturating_duration_since(self.epoch).as_secs_f64();
+        self.in_flight
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(j, n)| {
+                let l = self
+                    .latency(j, at, config.decay)
+                    .or_else(|| self.overall(at, config.decay))
+                    .unwrap_or(initial)
+                    .max(initial);
+                let age = since_epoch - self.started[j] / f64::from(*n);
+                f64::from(*n) * l.max(age)
+            })
+            .sum()
     }
 
     /// Records a sample of class `k`: one above the estimate replaces it at
@@ -339,6 +375,12 @@ const SCAN_SHARE: f64 = 0.25;
 /// The most replicas such a call weighs (a window of the ready ones from a
 /// random start, in a larger fleet).
 const MAX_SCAN: usize = 16;
+
+/// How far above the least expected completion a replica still counts as
+/// a tie for an urgent call (drawn among at random). Exact ties only: in
+/// the balance bench a 20% band sent checkouts to replicas with more work
+/// ahead and cost a fifth more under overload.
+const NEAR_BEST: f64 = 0.0;
 
 /// The caller's classes by name, and its default.
 #[derive(Debug)]
@@ -551,21 +593,7 @@ where
             .latency(k, at, config.decay)
             .or_else(|| state.overall(at, config.decay))
             .unwrap_or(initial);
-        let ahead: f64 = state
-            .in_flight
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(|(j, n)| {
-                let l = state
-                    .latency(j, at, config.decay)
-                    .or_else(|| state.overall(at, config.decay))
-                    .unwrap_or(initial)
-                    .max(initial);
-                f64::from(*n) * l
-            })
-            .sum();
-        own + ahead / config.replica_concurrency.max(1e-9)
+        own + state.ahead(at, config) / config.replica_concurrency.max(1e-9)
     }
 
     /// Ready replicas that may be chosen: the ones not ejected, or every
@@ -669,13 +697,26 @@ where
             n if self.classes.scan.get(k).copied().unwrap_or(false) => {
                 let d = n.min(MAX_SCAN);
                 let start = if n > d { self.rng.usize(..n) } else { 0 };
-                (0..d)
+                let weighed: Vec<(usize, f64)> = (0..d)
                     .map(|j| candidates[(start + j) % n])
                     .map(|i| (i, self.expected(i, k, at)))
-                    .fold((candidates[start], f64::INFINITY), |best, (i, e)| {
-                        if e < best.1 { (i, e) } else { best }
-                    })
-                    .0
+                    .collect();
+                let best = weighed
+                    .iter()
+                    .map(|(_, e)| *e)
+                    .fold(f64::INFINITY, f64::min);
+                // Ties (within `NEAR_BEST`) drawn at random: balancers of
+                // their own that see a fleet alike (new, or idle) do not all
+                // pick its first replica.
+                let near: Vec<usize> = weighed
+                    .iter()
+                    .filter(|(_, e)| *e <= best * (1.0 + NEAR_BEST))
+                    .map(|(i, _)| *i)
+                    .collect();
+                match near.len() {
+                    0 => candidates[start],
+                    len => near[self.rng.usize(..len)],
+                }
             }
             n => {
                 let a = self.rng.usize(..n);
@@ -697,7 +738,10 @@ where
             .and_then(|(key, _)| self.replicas.get(key))
             .cloned();
         if let Some(r) = &replica {
-            r.lock().in_flight[k] += 1;
+            let mut state = r.lock();
+            state.in_flight[k] += 1;
+            let offset = at.saturating_duration_since(state.epoch).as_secs_f64();
+            state.started[k] += offset;
         }
         let future = self.services.call_ready_index(index, request);
         let tracker = replica.map(|replica| Tracker {
@@ -765,6 +809,15 @@ impl Tracker {
         let config = &self.config;
         let mut state = self.replica.lock();
         state.in_flight[self.class] = state.in_flight[self.class].saturating_sub(1);
+        let offset = self
+            .started
+            .saturating_duration_since(state.epoch)
+            .as_secs_f64();
+        state.started[self.class] = if state.in_flight[self.class] == 0 {
+            0.0
+        } else {
+            (state.started[self.class] - offset).max(0.0)
+        };
         // `None`: the caller went away. The call took at least this long:
         // a replica that hangs must not look idle.
         let Some(answer) = outcome else {
@@ -986,5 +1039,49 @@ where
             }
         }
         Poll::Ready(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call in flight weighs at least what it has run: a replica whose
+    /// estimate has decayed to almost nothing (or that was never measured)
+    /// does not look idle while a call hangs there — an urgent call, which
+    /// weighs every replica, would otherwise go to it again and again.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_in_flight_weighs_at_least_what_it_has_run() {
+        let config = BalanceConfig::default();
+        let replica = Replica::new(2);
+        let start = now();
+        {
+            let mut s = replica.lock();
+            s.record(0, 0.001, start, config.decay);
+            s.in_flight[0] = 1;
+            let offset = start.saturating_duration_since(s.epoch).as_secs_f64();
+            s.started[0] = offset;
+        }
+        // Fresh: the estimate (at least the initial latency).
+        let fresh = replica.lock().ahead(now(), &config);
+        assert!(
+            (fresh - config.initial_latency.as_secs_f64()).abs() < 1e-9,
+            "{fresh}"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let aged = replica.lock().ahead(now(), &config);
+        assert!((2.0..2.001).contains(&aged), "{aged}");
+        // A second call, just started: the mean age of the two.
+        {
+            let mut s = replica.lock();
+            s.in_flight[0] = 2;
+            let offset = now().saturating_duration_since(s.epoch).as_secs_f64();
+            s.started[0] += offset;
+        }
+        let two = replica.lock().ahead(now(), &config);
+        assert!(
+            (2.0..2.001).contains(&two),
+            "two calls of mean age 1 s: {two}"
+        );
     }
 }
