@@ -13,6 +13,10 @@ use crate::policy::{
     Rules, Usable, initial_age, keep_stale, merge_304, selects, usable, vary_fields, vary_value,
 };
 
+/// What one field costs a `HeaderMap` beyond its bytes: the bucket (name,
+/// value, hash, links) and its index slot.
+const MAP_ENTRY_BYTES: usize = 104;
+
 /// One stored response. Its body is shared: a hit copies no bytes.
 #[derive(Debug)]
 pub(crate) struct Entry {
@@ -145,10 +149,14 @@ impl Entry {
 
     /// Bytes it holds: body, headers and bookkeeping.
     pub(crate) fn weight(&self) -> usize {
+        // Each field's name and value once (the maps a hit sends share
+        // their bytes), and a map entry (about a hundred bytes: name,
+        // value, hash, links, index) in each of the three maps it may be
+        // in: as stored, as hits send it, as the last hit sent it.
         let headers: usize = self
             .headers
             .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .map(|(k, v)| k.as_str().len() + v.len() + 3 * MAP_ENTRY_BYTES)
             .sum();
         let encoded: usize = self.encodings.iter().map(|(_, b)| b.len()).sum();
         self.body.len() + encoded + headers + 256
