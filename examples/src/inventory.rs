@@ -82,11 +82,12 @@ refusal_cost = 10.0
 [classes.browse]
 delay_cost = { shape = "linear", per_second = 2.0, deadline = "1s" }
 refusal_cost = 1.0
-# Giving back what a checkout reserved and did not use: never shed (it
-# waits for a slot), or the stock stays taken.
+# Giving back what a checkout reserved and did not use: never shed by the
+# cost or deadline rules, and ranked above every other call (so that a full
+# queue makes room for it), or the stock stays taken.
 [classes.release]
-delay_cost = { shape = "linear", per_second = 1.0 }
-refusal_cost = 10.0
+delay_cost = { shape = "linear", per_second = 50.0 }
+refusal_cost = 20.0
 "#;
 
 /// [`MODEL`], parsed.

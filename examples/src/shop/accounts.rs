@@ -71,6 +71,34 @@ pub(crate) fn hashing() -> std::sync::Arc<tokio::sync::Semaphore> {
     std::sync::Arc::new(tokio::sync::Semaphore::new(cores))
 }
 
+/// How long a sign-up or sign-in waits for its turn to hash (its class's
+/// deadline) before it is answered 503 `busy`.
+const TURN_WAIT: Duration = Duration::from_secs(3);
+
+/// A turn to hash a password, or — after [`TURN_WAIT`] — the store's 503
+/// `busy`: the wait is outside the limiter's sight, so it is bounded here.
+async fn turn(shop: &Shop) -> Result<tokio::sync::OwnedSemaphorePermit, Response> {
+    match tokio::time::timeout(
+        TURN_WAIT,
+        std::sync::Arc::clone(&shop.hashing).acquire_owned(),
+    )
+    .await
+    {
+        Ok(Ok(turn)) => Ok(turn),
+        // Never closed; and a wait that ran out.
+        Ok(Err(_)) | Err(_) => {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many sign-ins at once; try again",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Err(r)
+        }
+    }
+}
+
 /// The largest sign-up or sign-in body taken.
 pub(crate) const MAX_BODY: usize = 4096;
 
@@ -208,14 +236,14 @@ pub(crate) async fn sign_up(
     if !(MIN_PASSWORD..=MAX_PASSWORD).contains(&password.chars().count()) {
         return bad_account();
     }
-    let Ok(_turn) = shop.hashing.acquire().await else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stopping",
-            "the store is stopping",
-        );
+    let turn = match turn(&shop).await {
+        Ok(turn) => turn,
+        Err(busy) => return busy,
     };
     let created = query(&shop.db, move |db| {
+        // The turn is held by the hash itself: a client that hangs up does
+        // not free it while Argon2 still runs.
+        let _turn = turn;
         // Hashed on the blocking pool, with a fresh salt.
         let salt = SaltString::generate(&mut OsRng);
         let hash = Argon2::default()
@@ -279,16 +307,16 @@ pub(crate) async fn sign_in(
     }
     // Whole seconds, a fraction rounded up.
     let lifetime = Duration::from_secs(
-        shop.session_lifetime.as_secs() + u64::from(shop.session_lifetime.subsec_nanos() > 0),
+        shop.session_lifetime
+            .as_secs()
+            .saturating_add(u64::from(shop.session_lifetime.subsec_nanos() > 0)),
     );
-    let Ok(_turn) = shop.hashing.acquire().await else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stopping",
-            "the store is stopping",
-        );
+    let turn = match turn(&shop).await {
+        Ok(turn) => turn,
+        Err(busy) => return busy,
     };
     let opened = query(&shop.db, move |db| {
+        let _turn = turn;
         let found = db.credentials(&email)?;
         let stored: &str = match &found {
             Some((_, hash)) => hash,

@@ -671,7 +671,13 @@ impl Db {
         on_postgres!(self, pg => pg.open_session(token, account, now, expires));
         let mut conn = self.lite()?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute("DELETE FROM sessions WHERE expires <= ?1", [now])?;
+        // A hundred at a time: a sign-in after a quiet spell does not hold
+        // the write lock to sweep every session that expired meanwhile.
+        tx.execute(
+            "DELETE FROM sessions WHERE token IN (
+                 SELECT token FROM sessions WHERE expires <= ?1 LIMIT 100)",
+            [now],
+        )?;
         tx.execute(
             "DELETE FROM sessions WHERE account = ?1 AND token NOT IN (
                  SELECT token FROM sessions WHERE account = ?1 ORDER BY expires DESC LIMIT ?2)",

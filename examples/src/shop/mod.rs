@@ -597,9 +597,6 @@ impl Shop {
         Ok(resent)
     }
 
-    /// Hands the confirmation of `order` off: to the durable queue if there
-    /// is one, else to the deferred queue; sent inline if the queue refuses.
-    /// Runs on a blocking thread (it may wait for Redis).
     /// [`hand_off`](Self::hand_off) for an order already committed: a
     /// failure is logged, not returned — the order stands, and the e-mail
     /// is queued again at the next start (`resend_unconfirmed`), so the
@@ -610,6 +607,9 @@ impl Shop {
         }
     }
 
+    /// Hands the confirmation of `order` off: to the durable queue if there
+    /// is one, else to the deferred queue; sent inline if the queue refuses.
+    /// Runs on a blocking thread (it may wait for Redis).
     fn hand_off(&self, db: &Db, order: i64, email: String) -> db::DbResult<()> {
         if db.queues_confirmations() {
             // Queued by the checkout, in the order's own transaction.

@@ -407,10 +407,14 @@ impl PgStore {
     ) -> Result<(), DbError> {
         self.block(async {
             let mut tx = self.pool.begin().await?;
-            sqlx::query("DELETE FROM sessions WHERE expires <= $1")
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            // A hundred at a time (see the SQLite store).
+            sqlx::query(
+                "DELETE FROM sessions WHERE token IN (
+                     SELECT token FROM sessions WHERE expires <= $1 LIMIT 100)",
+            )
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
             sqlx::query(
                 "DELETE FROM sessions WHERE account = $1 AND token NOT IN (
                      SELECT token FROM sessions WHERE account = $1 ORDER BY expires DESC LIMIT $2)",
