@@ -596,6 +596,9 @@ where
         let host = mix.host.clone();
         let signed = Arc::clone(&signed);
         tasks.spawn(async move {
+            // The account an arrival holds, kept past a timeout (below).
+            let held: Arc<Mutex<Option<Lent>>> = Arc::default();
+            let holding = Arc::clone(&held);
             let outcome = tokio::time::timeout_at(intended + timeout, async move {
                 let _slot = slots
                     .acquire_owned()
@@ -608,9 +611,13 @@ where
                     .any(|c| c.signed_in)
                     .then(|| signed.lend())
                     .flatten();
+                let token = lent.as_ref().map(|l| l.token().to_owned());
+                *holding
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = lent;
                 for call in requests {
                     let request = call
-                        .request_as(&host, lent.as_ref().map(Lent::token))
+                        .request_as(&host, token.as_deref())
                         .map_err(|e| Failure::Error(e.to_string()))?;
                     let response = svc
                         .clone()
@@ -638,6 +645,18 @@ where
             })
             .await
             .unwrap_or(Err(Failure::TimedOut));
+            let lent = held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let (Err(Failure::TimedOut), Some(lent)) = (&outcome, lent) {
+                // The server may still be working for this user (a checkout
+                // of its cart): not lent to another arrival for a while.
+                tokio::spawn(async move {
+                    tokio::time::sleep(timeout).await;
+                    drop(lent);
+                });
+            }
             let latency = intended.elapsed().as_secs_f64();
             {
                 let mut all = windows
