@@ -259,3 +259,39 @@ async fn without_an_inventory_to_ask_no_order_is_placed() {
     assert_eq!(shop.db().cart("eve@shop.example").unwrap(), vec![(3, 1)]);
     shop.shutdown().await;
 }
+
+/// A shutdown waits for a checkout still reserving (its client gone): the
+/// order it places is drained with its e-mail, rather than cut off by the
+/// process ending halfway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_waits_for_a_checkout_still_reserving() {
+    let stock = Stock::with([("sku-3", 5)]);
+    let mut inventory = Inventory::start(&stock, false).await;
+    let shop = inventory.shop();
+    let app = shop.router();
+    let fay = buyer(&app, "fay").await;
+    assert_eq!(post(&app, "/cart/3", &fay).await.0, StatusCode::OK);
+    let checkout = tokio::spawn({
+        let (app, fay) = (app.clone(), fay.clone());
+        async move { post(&app, "/checkout", &fay).await }
+    });
+    eventually(|| inventory.entered.load(Ordering::SeqCst) == 1).await;
+    checkout.abort();
+    let shutting = tokio::spawn({
+        let shop = shop.clone();
+        async move { shop.shutdown().await }
+    });
+    // Held at the inventory: the shutdown waits (however slow the machine,
+    // it cannot have finished without the reservation's answer).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!shutting.is_finished(), "shut down with a checkout halfway");
+    inventory.open();
+    let report = shutting.await.unwrap();
+    assert!(
+        report.dead.is_empty() && report.not_run.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(shop.db().counts().unwrap(), (1, 1));
+    assert_eq!(stock.left("sku-3"), 4);
+    inventory.stop().await;
+}
