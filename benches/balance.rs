@@ -482,7 +482,13 @@ async fn run(
             }
             let hedge = HedgeLayer::new(model, hc).unwrap();
             let svc = hedge.layer(Buffer::new(b, 4096));
-            drive(svc, rate, secs, seed, model).await
+            let outcome = drive(svc, rate, secs, seed, model).await;
+            if std::env::var_os("BALANCE_DEBUG").is_some() {
+                for class in ["checkout", "browse", "batch"] {
+                    eprintln!("{subject}: {class} hedge plan {:?}", hedge.plan(class));
+                }
+            }
+            outcome
         }
         "retry-unbounded" | "retry-budget" => {
             let mut config = RetryConfig::default();
