@@ -458,6 +458,47 @@ async fn an_ended_body_dropped_unread_still_teaches_its_status() {
     assert_eq!(l.stats().in_flight, 0);
 }
 
+/// A gRPC call of `class`.
+fn grpc_call(class: ClassId) -> Request<String> {
+    let mut call = req(class, "");
+    call.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    call
+}
+
+/// `l` in front of a service answering `head` (after 5 ms) with one gRPC
+/// message and then trailers with `grpc-status: code`, held to the body's
+/// end; the body never says it has ended (`WithTrailers` does not).
+fn trailed(
+    l: &Limiter,
+    head: StatusCode,
+    code: &'static str,
+) -> impl Service<
+    Request<String>,
+    Response = Response<
+        gratify_scaling::limit::body::LimitBody<
+            http_body_util::combinators::BoxBody<Bytes, Infallible>,
+        >,
+    >,
+    Error = Infallible,
+> {
+    AdaptiveLimitLayer::with_limiter(l.clone())
+        .hold_until_body_end(true)
+        .layer(service_fn(move |_: Request<String>| async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static(code));
+            let body = Full::new(Bytes::from_static(b"\0\0\0\0\x02hi"))
+                .with_trailers(async move { Some(Ok::<_, Infallible>(trailers)) })
+                .boxed();
+            let mut res = Response::new(body);
+            *res.status_mut() = head;
+            Ok::<_, Infallible>(res)
+        }))
+}
+
 /// A gRPC answer that streamed its message and then said, in its trailers,
 /// that it failed (`UNAVAILABLE`) teaches the limit a failure for load, not
 /// the head's HTTP 200 — held to the body's end, as the Stack holds it. The
@@ -476,24 +517,15 @@ async fn a_grpc_status_in_the_trailers_is_the_outcome() {
     ] {
         let recorder = Recorder::default();
         let l = Limiter::with_algorithm(&m, recorder.clone(), config(|_| {}));
-        let svc = AdaptiveLimitLayer::with_limiter(l.clone())
-            .hold_until_body_end(true)
-            .layer(service_fn(move |_: Request<String>| async move {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("grpc-status", http::HeaderValue::from_static(code));
-                let body = Full::new(Bytes::from_static(b"\0\0\0\0\x02hi"))
-                    .with_trailers(async move { Some(Ok::<_, Infallible>(trailers)) });
-                Ok::<_, Infallible>(Response::new(body))
-            }));
-        let mut call = req(browse, "");
-        if grpc {
-            call.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/grpc"),
-            );
-        }
-        let res = svc.oneshot(call).await.unwrap();
+        let call = if grpc {
+            grpc_call(browse)
+        } else {
+            req(browse, "")
+        };
+        let res = trailed(&l, StatusCode::OK, code)
+            .oneshot(call)
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         // Not yet: the answer's end decides.
         assert!(recorder.0.lock().unwrap().is_empty(), "{grpc} {code}");
@@ -524,25 +556,10 @@ async fn trailers_end_the_answer_and_do_not_overrule_a_decided_head() {
     ] {
         let recorder = Recorder::default();
         let l = Limiter::with_algorithm(&m, recorder.clone(), config(|_| {}));
-        let svc = AdaptiveLimitLayer::with_limiter(l.clone())
-            .hold_until_body_end(true)
-            .layer(service_fn(move |_: Request<String>| async move {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("grpc-status", http::HeaderValue::from_static(code));
-                // `WithTrailers` never says it has ended.
-                let body = Full::new(Bytes::from_static(b"\0\0\0\0\x02hi"))
-                    .with_trailers(async move { Some(Ok::<_, Infallible>(trailers)) });
-                let mut res = Response::new(body);
-                *res.status_mut() = head;
-                Ok::<_, Infallible>(res)
-            }));
-        let mut call = req(browse, "");
-        call.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/grpc"),
-        );
-        let res = svc.oneshot(call).await.unwrap();
+        let res = trailed(&l, head, code)
+            .oneshot(grpc_call(browse))
+            .await
+            .unwrap();
         let mut body = Box::pin(res.into_body());
         let mut trailers_seen = false;
         while !trailers_seen {

@@ -59,7 +59,6 @@ pub(crate) struct Hit<'a> {
     age: Duration,
     /// `Cache-Status`'s detail.
     detail: &'a str,
-    plain: bool,
 }
 
 impl<'a> Hit<'a> {
@@ -67,8 +66,13 @@ impl<'a> Hit<'a> {
         Self {
             age: entry.age(now),
             detail,
-            plain: detail == "hit",
         }
+    }
+
+    /// A plain hit (`Cache-Status: …; hit`): the entry keeps its fields
+    /// ready for the hits of the same second.
+    fn plain(self) -> bool {
+        self.detail == "hit"
     }
 
     /// `Cache-Status`'s `ttl`: the freshness it has left.
@@ -90,7 +94,7 @@ pub(crate) fn represent_now(
     *response.status_mut() = entry.status;
     *response.version_mut() = entry.version;
     *response.headers_mut() = if let Some(hit) = hit {
-        if hit.plain {
+        if hit.plain() {
             entry.hit_headers(hidden_tag(shared), hit.age.as_secs(), || {
                 shared.status_text("hit", Some(hit.ttl(entry)))
             })
@@ -191,7 +195,7 @@ pub(crate) async fn serve<RB>(
         Some(range) => (partial(shared, entry, range).await, false),
         None => (
             represent(shared, entry, request, None, Some(hit)).await,
-            hit.plain,
+            hit.plain(),
         ),
     };
     finish(shared, entry, response, method, not_modified, hit, in_place)
@@ -220,7 +224,7 @@ pub(crate) fn serve_now<RB>(
         method,
         not_modified,
         hit,
-        hit.plain,
+        hit.plain(),
     ))
 }
 
@@ -247,13 +251,13 @@ fn finish<RB>(
         parts.status = StatusCode::NOT_MODIFIED;
         parts.headers.remove(CONTENT_LENGTH);
     }
-    if hit.plain {
+    if hit.plain() {
         shared.count(hit.detail);
     }
     if !in_place {
         // In place of the prepared fields: no growth (and a map at its size
         // limit is answered without them rather than a panic).
-        let status = if hit.plain {
+        let status = if hit.plain() {
             shared.status_text(hit.detail, Some(ttl))
         } else {
             shared.status_with(hit.detail, Some(ttl))

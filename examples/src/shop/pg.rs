@@ -47,6 +47,14 @@ const SCHEMA: [&str; 10] = [
     "CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires)",
 ];
 
+/// A cart or order line's product and quantity (columns 0 and 1).
+fn line_of(r: &sqlx::postgres::PgRow) -> Result<(u32, u32), sqlx::Error> {
+    Ok((
+        u32::try_from(r.try_get::<i32, _>(0)?).unwrap_or(0),
+        u32::try_from(r.try_get::<i32, _>(1)?).unwrap_or(0),
+    ))
+}
+
 impl PgStore {
     /// Creates (one replica at a time) and seeds the store on `pool`.
     pub(crate) async fn open(pool: PgPool, queue: Option<DurableQueue>) -> Result<Self, DbError> {
@@ -219,11 +227,8 @@ impl PgStore {
             .await?
             .iter()
             .map(|r| {
-                Ok((
-                    u32::try_from(r.try_get::<i32, _>(0)?).unwrap_or(0),
-                    u32::try_from(r.try_get::<i32, _>(1)?).unwrap_or(0),
-                    r.try_get(2)?,
-                ))
+                let (product, qty) = line_of(r)?;
+                Ok((product, qty, r.try_get(2)?))
             })
             .collect::<Result<_, sqlx::Error>>()?;
             if items.is_empty() {
@@ -281,12 +286,7 @@ impl PgStore {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(|r| {
-                Ok((
-                    u32::try_from(r.try_get::<i32, _>(0)?).unwrap_or(0),
-                    u32::try_from(r.try_get::<i32, _>(1)?).unwrap_or(0),
-                ))
-            })
+            .map(line_of)
             .collect::<Result<_, sqlx::Error>>()
             .map_err(DbError::from)
         })
@@ -311,12 +311,7 @@ impl PgStore {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(|r| {
-                Ok((
-                    u32::try_from(r.try_get::<i32, _>(0)?).unwrap_or(0),
-                    u32::try_from(r.try_get::<i32, _>(1)?).unwrap_or(0),
-                ))
-            })
+            .map(line_of)
             .collect::<Result<_, sqlx::Error>>()?;
             Ok(Some(Order {
                 id,

@@ -376,12 +376,6 @@ const SCAN_SHARE: f64 = 0.25;
 /// random start, in a larger fleet).
 const MAX_SCAN: usize = 16;
 
-/// How far above the least expected completion a replica still counts as
-/// a tie for an urgent call (drawn among at random). Exact ties only: in
-/// the balance bench a 20% band sent checkouts to replicas with more work
-/// ahead and cost a fifth more under overload.
-const NEAR_BEST: f64 = 0.0;
-
 /// The caller's classes by name, and its default.
 #[derive(Debug)]
 struct ClassNames {
@@ -697,25 +691,32 @@ where
             n if self.classes.scan.get(k).copied().unwrap_or(false) => {
                 let d = n.min(MAX_SCAN);
                 let start = if n > d { self.rng.usize(..n) } else { 0 };
-                let weighed: Vec<(usize, f64)> = (0..d)
-                    .map(|j| candidates[(start + j) % n])
-                    .map(|i| (i, self.expected(i, k, at)))
-                    .collect();
+                // On the stack: an urgent call allocates nothing.
+                let mut weighed = [(0usize, f64::INFINITY); MAX_SCAN];
+                for (j, slot) in weighed.iter_mut().take(d).enumerate() {
+                    let i = candidates[(start + j) % n];
+                    *slot = (i, self.expected(i, k, at));
+                }
+                let weighed = &weighed[..d];
                 let best = weighed
                     .iter()
                     .map(|(_, e)| *e)
                     .fold(f64::INFINITY, f64::min);
-                // Ties (within `NEAR_BEST`) drawn at random: balancers of
-                // their own that see a fleet alike (new, or idle) do not all
-                // pick its first replica.
-                let near: Vec<usize> = weighed
-                    .iter()
-                    .filter(|(_, e)| *e <= best * (1.0 + NEAR_BEST))
-                    .map(|(i, _)| *i)
-                    .collect();
-                match near.len() {
-                    0 => candidates[start],
-                    len => near[self.rng.usize(..len)],
+                // Ties drawn at random: balancers of their own that see a
+                // fleet alike (new, or idle) do not all pick its first
+                // replica. Exact ties only: in the balance bench a band of
+                // 20% around the best sent checkouts to replicas with more
+                // work ahead and cost a fifth more under overload.
+                let ties = weighed.iter().filter(|(_, e)| *e <= best).count();
+                if ties == 0 {
+                    candidates[start]
+                } else {
+                    let pick = self.rng.usize(..ties);
+                    weighed
+                        .iter()
+                        .filter(|(_, e)| *e <= best)
+                        .nth(pick)
+                        .map_or(candidates[start], |(i, _)| *i)
                 }
             }
             n => {
