@@ -237,6 +237,11 @@ fn main() -> ExitCode {
                 println!("{label}: {n} × {error}");
             }
         }
+        for (label, r) in &apps {
+            if let Some(t) = &r.ticks {
+                println!("{label}: {}", gratify_examples::play::describe_ticks(t));
+            }
+        }
         let tower_cost = outcome.others[0].report.total_cost;
         println!(
             "gratify's total cost: {:.3}× tower's ({:.2} against {:.2}); tower's set-up: {}",

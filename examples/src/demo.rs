@@ -125,6 +125,33 @@ pub fn client(
         .service(http)
 }
 
+/// Sends `mix` to the server at `addr` with `load` — its requests, and its
+/// game players if it has any, at the same time — and reports both: the
+/// players' moves as class `state`, their purchases as `purchase`, and the
+/// ticks they saw.
+pub async fn drive_at(
+    addr: SocketAddr,
+    connections: usize,
+    mix: &Mix,
+    model: &CostModel,
+    load: Load,
+    bar: &(dyn Fn(f64) + Sync),
+) -> Report {
+    let svc = client(addr, connections);
+    let Some(players) = mix.players else {
+        return drive(svc, mix, model, load, bar).await;
+    };
+    let (mut report, played) = tokio::join!(
+        drive(svc, mix, model, load, bar),
+        crate::play::play(addr, players, load.seconds, model)
+    );
+    report.total_cost += played.moves.cost + played.purchases.cost;
+    report.classes.insert("state".into(), played.moves);
+    report.classes.insert("purchase".into(), played.purchases);
+    report.ticks = Some(played.ticks);
+    report
+}
+
 /// Arrivals of `mix` per second the server at `addr` completes, closed loop
 /// with `concurrency` clients, over `seconds` after a second of warm-up.
 pub async fn capacity(addr: SocketAddr, mix: &Mix, seconds: f64, concurrency: u64) -> f64 {
@@ -407,8 +434,7 @@ pub async fn compare_with(
         connections: usize,
         bar: &(dyn Fn(f64) + Sync),
     ) -> Report {
-        let svc = client(server.addr(), connections);
-        let report = drive(svc, mix, model, load, bar).await;
+        let report = drive_at(server.addr(), connections, mix, model, load, bar).await;
         server.stop(Duration::from_secs(10)).await;
         report
     }

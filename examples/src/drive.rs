@@ -321,6 +321,9 @@ pub struct Mix {
     /// The users its [`signed_in`](Call::signed_in) calls go as, signed up
     /// and in before the traffic starts.
     pub accounts: Option<Accounts>,
+    /// Players holding game sessions alongside the requests (see
+    /// [`crate::play`]; the demo runs them).
+    pub players: Option<crate::play::Players>,
 }
 
 impl Mix {
@@ -392,6 +395,9 @@ pub struct Report {
     /// All classes together, window by window of [`WINDOW`] seconds of
     /// intended send time.
     pub timeline: Vec<Window>,
+    /// The game's ticks, as its players saw them (with players).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ticks: Option<crate::play::TickReport>,
 }
 
 /// The length of a [`Report::timeline`] window, seconds.
@@ -863,6 +869,7 @@ mod tests {
             }],
             host: "test.example".into(),
             accounts: None,
+            players: None,
         }
     }
 

@@ -143,6 +143,7 @@ impl Stopping {
 }
 pub mod game;
 pub mod plan;
+pub mod play;
 pub mod proxy;
 pub mod shop;
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use gratify_examples::game::{Game, token};
+use gratify_examples::game::{Game, PLAYERS, seeded_rating, token};
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -94,7 +94,13 @@ async fn the_leaderboard_is_cached_and_public() {
     assert!(first.contains("stored"), "{first}");
     let top: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(top.as_array().unwrap().len(), 50);
-    assert!(top[0]["rating"].as_i64() >= top[49]["rating"].as_i64());
+    // The best 50 of everyone, best first.
+    let mut all: Vec<(i32, u32)> = (0..PLAYERS).map(|id| (-seeded_rating(id), id)).collect();
+    all.sort_unstable();
+    for (rank, (rating, id)) in all.iter().take(50).enumerate() {
+        assert_eq!(top[rank]["rating"], -rating, "rank {rank}");
+        assert_eq!(top[rank]["id"], *id, "rank {rank}");
+    }
     // Asked by a player, or by no one: the same cached page.
     let (_, cache, again) = call(&app, Method::GET, "/leaderboard", Some(4), b"").await;
     assert!(cache.contains("hit"), "{cache}");
@@ -146,27 +152,39 @@ async fn uploads_are_accepted_at_once_and_processed_later() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn position_updates_are_checked() {
+async fn matchmaking_finds_the_nearest_ratings_from_the_index() {
     let game = Game::new().unwrap();
-    let app = game.router();
-    let ok = br#"{"x":1.5,"y":2,"seq":3}"#;
-    let (status, _, _) = call(&app, Method::PUT, "/players/5/state", Some(5), ok).await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, _, _) = call(&app, Method::PUT, "/players/5/state", Some(6), ok).await;
-    assert_eq!(
-        status,
-        StatusCode::FORBIDDEN,
-        "only the player moves itself"
-    );
-    let (status, _, _) = call(&app, Method::PUT, "/players/5/state", Some(5), b"{").await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, _, _) = call(&app, Method::PUT, "/players/5/state", None, ok).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _, body) = call(&app, Method::POST, "/matchmaking", Some(5), b"").await;
-    assert_eq!(status, StatusCode::OK);
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(json["opponents"].as_array().unwrap().len(), 3);
-    assert!(!json["opponents"].as_array().unwrap().contains(&5.into()));
+    // Behind gratify (on the CPU pool) and plain: the same answer, the
+    // three nearest ratings a scan of every player would find.
+    for app in [game.router(), game.plain_router()] {
+        for me in [0u32, 5, 77_777, PLAYERS - 1] {
+            let (status, _, body) = call(&app, Method::POST, "/matchmaking", Some(me), b"").await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let found: Vec<u32> = json["opponents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(found.len(), 3);
+            assert!(!found.contains(&me));
+            let mine = seeded_rating(me);
+            let mut got: Vec<i32> = found
+                .iter()
+                .map(|&o| (seeded_rating(o) - mine).abs())
+                .collect();
+            got.sort_unstable();
+            let mut all: Vec<i32> = (0..PLAYERS)
+                .filter(|&o| o != me)
+                .map(|o| (seeded_rating(o) - mine).abs())
+                .collect();
+            all.sort_unstable();
+            assert_eq!(got, all[..3], "player {me}");
+        }
+        let (status, _, _) = call(&app, Method::POST, "/matchmaking", None, b"").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
     game.shutdown().await;
 }
 

@@ -80,6 +80,11 @@ fn report(out: &Path, app: &str, name: &str, outcome: &Outcome, extra: serde_jso
             println!("{label}: {n} × {error}");
         }
     }
+    for (label, r) in [("plain", &outcome.plain), ("gratify", &outcome.gratify)] {
+        if let Some(t) = &r.ticks {
+            println!("{label}: {}", gratify_examples::play::describe_ticks(t));
+        }
+    }
     let title = format!(
         "The {name} at {:.1}× its capacity, by class",
         outcome.multiple

@@ -19,8 +19,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use gratify_examples::demo::{capacity, client, progress_bar};
-use gratify_examples::drive::{Load, drive, table_of};
+use gratify_examples::demo::{capacity, drive_at, progress_bar};
+use gratify_examples::drive::{Load, table_of};
 use gratify_examples::{game, shop};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -102,8 +102,15 @@ async fn main() -> ExitCode {
         seed: args.seed,
         max_in_flight: args.connections,
     };
-    let svc = client(args.addr, args.connections);
-    let report = drive(svc, &mix, &model, load, &progress_bar("drive")).await;
+    let report = drive_at(
+        args.addr,
+        args.connections,
+        &mix,
+        &model,
+        load,
+        &progress_bar("drive"),
+    )
+    .await;
     println!("{}", table_of(&[(&args.addr.to_string(), &report)]));
     for (error, n) in &report.errors {
         println!("{n} × {error}");

@@ -6,13 +6,16 @@
 //!      http://127.0.0.1:8081/players/7/profile
 //! ```
 //!
+//! Players connect a WebSocket to `/play` with the same bearer token.
+//!
 //! The dashboard is at `/ops/admin/`, Prometheus text at `/ops/admin/metrics`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use gratify_examples::game::{Game, PLAYERS, token};
+use gratify_examples::game::{CONFIG, Game, PLAYERS, token};
 
 /// The game backend behind a gratify Stack.
 #[derive(Debug, Parser)]
@@ -21,6 +24,10 @@ struct Args {
     /// Where to listen.
     #[arg(long, default_value = "127.0.0.1:8081")]
     listen: SocketAddr,
+    /// The SQLite file that keeps uploaded replays until processed, their
+    /// results and purchases (created on first start).
+    #[arg(long, default_value = "target/game.db")]
+    db: PathBuf,
     /// Print the bearer token of this seeded player and exit.
     #[arg(long)]
     token: Option<u32>,
@@ -46,10 +53,13 @@ async fn main() -> ExitCode {
     // Ctrl-C or SIGTERM from the start (as PID 1 in a container, a signal
     // nobody listens for is ignored).
     let stopping = gratify_examples::Stopping::listen();
-    let game = match Game::new() {
+    if let Some(dir) = args.db.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let game = match Game::open(&args.db, CONFIG) {
         Ok(game) => game,
         Err(e) => {
-            eprintln!("game: {e}");
+            eprintln!("game: {}: {e}", args.db.display());
             return ExitCode::FAILURE;
         }
     };
@@ -72,7 +82,8 @@ async fn main() -> ExitCode {
     let served = axum::serve(listener, game.router().into_make_service())
         .with_graceful_shutdown(accepting)
         .await;
-    // Every accepted replay is processed before exit, or reported.
+    // Every accepted replay is processed before exit, or reported (and
+    // processed on the next start).
     let report = game.shutdown().await;
     eprintln!(
         "game: stopped; {} replay(s) processed while draining, {} not run, {} still running, {} dead letter(s)",

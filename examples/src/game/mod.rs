@@ -1,16 +1,21 @@
-//! The game backend: players, a leaderboard, matchmaking, position updates
-//! and replay uploads on axum, wrapped in a `gratify::Stack` built from
+//! The game backend: a WebSocket session per player for real-time play, and
+//! HTTP for the rest — a leaderboard, matchmaking, profiles and replay
+//! uploads — on axum, wrapped in a `gratify::Stack` built from
 //! `examples/game/game.toml`.
 //!
 //! | route | class | what |
 //! |---|---|---|
-//! | `GET /leaderboard` | leaderboard | the top players; cached, stale-while-revalidate |
-//! | `POST /matchmaking` | matchmaking | opponents of the nearest rating; deadline 200 ms |
-//! | `PUT /players/{id}/state` | state | a position update; worthless after 50 ms |
+//! | `GET /play` | session | the player's WebSocket session: moves and purchases in, a frame per tick out ([`play`](self::Session)) |
+//! | `GET /leaderboard` | leaderboard | the top players, from a maintained index; cached, stale-while-revalidate |
+//! | `POST /matchmaking` | matchmaking | opponents of the nearest rating, from the index, on the CPU pool; deadline 200 ms |
 //! | `GET /players/{id}/profile` | profile | the player's own profile; cached per player |
-//! | `POST /replays` | replay | accepted at once; processed later on the CPU pool |
+//! | `POST /replays` | replay | kept in the database, accepted at once; processed later on the CPU pool |
 //! | `GET /replays/{id}` | browse | whether a replay is processed |
 //! | `/ops/admin/…` | — | the admin service: dashboard, snapshot, Prometheus |
+//!
+//! Messages of a session are not requests, so the Stack does not see them:
+//! each asks the Stack's limiter for a slot itself, with a deadline (a move
+//! waits no later than its tick's end; see [`Session`]).
 //!
 //! Every route but the leaderboard needs `Authorization: Bearer <token>`
 //! ([`token`] gives a seeded player's). A profile answers only its own
@@ -48,19 +53,31 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path as UriPath, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use gratify::offload::{CpuPool, Defer, DeferConfig, DrainReport};
-use gratify::{CostModel, Stack};
-use serde::{Deserialize, Serialize};
+use axum::routing::{get, post};
+use gratify::offload::{CpuPool, Defer, DeferConfig, DrainReport, OffloadLayer};
+use gratify::{ClassId, CostModel, Stack};
+use serde::Serialize;
+
+mod play;
+mod store;
+mod world;
+
+pub use self::play::{ClientMessage, ITEMS, MAX_MESSAGE, PlayStats, ServerMessage, Session};
+pub use self::store::{Bought, Store, StoreResult, Stored};
+pub use self::world::{MAX_STEP, NEAR, SIDE, SIGHT, TICK};
+
+use self::play::{Counters, Seat};
+use self::world::{Clock, Player, Players};
 
 /// The example's configuration file.
 pub const CONFIG: &str = include_str!("../../game/game.toml");
@@ -68,13 +85,10 @@ pub const CONFIG: &str = include_str!("../../game/game.toml");
 /// Players in the seeded world.
 pub const PLAYERS: u32 = 100_000;
 
-/// Replay statuses kept in memory before the processed ones are forgotten.
-const MAX_STATUSES: usize = 1_000_000;
-
 /// The largest replay accepted.
 pub const MAX_REPLAY: usize = 1 << 20;
 
-fn mix64(mut z: u64) -> u64 {
+pub(crate) fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -85,6 +99,16 @@ fn mix64(mut z: u64) -> u64 {
 /// tests; a real game would issue them at login).
 pub fn token(id: u32) -> String {
     format!("p{id}.{:016x}", mix64(u64::from(id) ^ 0x5eed_6a3e))
+}
+
+/// A player's rating in the seeded world, before any replay.
+pub fn seeded_rating(id: u32) -> i32 {
+    1000 + (mix64(u64::from(id)) % 1500) as i32
+}
+
+/// A player's coins in the seeded world, before any purchase.
+pub fn seeded_coins(id: u32) -> u64 {
+    (mix64(u64::from(id)) >> 20) % 10_000
 }
 
 /// A player as the profile shows it to that player.
@@ -104,17 +128,6 @@ pub struct Profile {
     pub replays: u32,
 }
 
-#[derive(Debug, Clone)]
-struct Player {
-    name: String,
-    rating: i32,
-    coins: u64,
-    replays: u32,
-    x: f32,
-    y: f32,
-    seq: u64,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 enum ReplayStatus {
@@ -123,12 +136,45 @@ enum ReplayStatus {
 }
 
 #[derive(Debug)]
-struct World {
-    players: RwLock<Vec<Player>>,
+pub(crate) struct World {
+    players: RwLock<Players>,
     tokens: HashMap<String, u32>,
-    replays: Mutex<HashMap<u64, (u32, ReplayStatus)>>,
-    next_replay: AtomicU64,
+    store: Store,
     processed: AtomicU64,
+    clock: Clock,
+    seats: Mutex<HashMap<u32, Seat>>,
+    next_seat: AtomicU64,
+    play: Counters,
+    /// The game stopped: the tick loop ends.
+    stopped: AtomicBool,
+}
+
+impl World {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Players> {
+        self.players
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Players> {
+        self.players
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn seats(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Seat>> {
+        self.seats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The classes the game asks the limiter for itself.
+#[derive(Debug, Clone, Copy)]
+struct Classes {
+    state: ClassId,
+    purchase: ClassId,
+    replay_processing: ClassId,
 }
 
 /// The game backend: its world, its stack, its CPU pool and its deferred
@@ -140,7 +186,11 @@ pub struct Game {
     pool: CpuPool,
     defer: Defer,
     /// Whether `/readyz` says to send traffic here.
-    ready: Arc<std::sync::atomic::AtomicBool>,
+    ready: Arc<AtomicBool>,
+    classes: Classes,
+    /// Served behind gratify: messages ask the limiter, matchmaking and
+    /// replays go to the CPU pool.
+    gratify: bool,
 }
 
 /// The authenticated player, from `Authorization: Bearer <token>`.
@@ -167,7 +217,7 @@ fn refuse(status: StatusCode, text: &'static str) -> Response {
 /// Analyses a replay: a checksum over its frames, many times over (as a
 /// real analyser would decode and simulate them), and the match result it
 /// implies, from -10 to +10 rating points.
-fn analyse(replay: &[u8]) -> i32 {
+pub fn analyse(replay: &[u8]) -> i32 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for _ in 0..400 {
         for b in replay {
@@ -177,59 +227,113 @@ fn analyse(replay: &[u8]) -> i32 {
     (h % 21) as i32 - 10
 }
 
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
 impl Game {
-    /// The backend with its seeded world and the stack of [`CONFIG`].
+    /// The backend with its seeded world, the stack of [`CONFIG`] and its
+    /// database in memory (lost with the process; [`open`](Self::open)
+    /// keeps it in a file).
+    ///
+    /// Call it inside a tokio runtime: it starts the tick loop.
     ///
     /// # Errors
     ///
     /// The configuration is invalid.
-    pub fn new() -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+    pub fn new() -> Result<Self, Error> {
         Self::with_config(CONFIG)
     }
 
-    /// The backend with the stack of `config`.
+    /// The backend with the stack of `config`, its database in memory.
     ///
     /// # Errors
     ///
     /// The configuration is invalid.
-    pub fn with_config(config: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+    pub fn with_config(config: &str) -> Result<Self, Error> {
+        Self::start(config, Store::in_memory()?)
+    }
+
+    /// The backend with the stack of `config` and its database in the
+    /// SQLite file at `path` (created on first use). What a run before
+    /// left — processed replays, purchases — is in the world again, and
+    /// every replay accepted and not processed is queued again.
+    ///
+    /// # Errors
+    ///
+    /// The configuration is invalid, or the database cannot be opened.
+    pub fn open(path: &Path, config: &str) -> Result<Self, Error> {
+        Self::start(config, Store::open(path)?)
+    }
+
+    fn start(config: &str, store: Store) -> Result<Self, Error> {
         let stack = Stack::from_config(config)?;
         let model = stack.model();
-        let players = (0..PLAYERS)
-            .map(|id| {
-                let r = mix64(u64::from(id));
-                Player {
+        let class = |name: &str| model.id(name).unwrap_or_else(|| model.default_class());
+        let classes = Classes {
+            state: class("state"),
+            purchase: class("purchase"),
+            replay_processing: class("replay_processing"),
+        };
+        let results = store.replay_results()?;
+        let spent = store.spent()?;
+        let mut players = Players::new(
+            (0..PLAYERS)
+                .map(|id| Player {
                     name: format!("player{id}"),
-                    rating: 1000 + (r % 1500) as i32,
-                    coins: (r >> 20) % 10_000,
+                    base: seeded_rating(id),
+                    results: 0,
+                    rating: seeded_rating(id),
+                    coins: seeded_coins(id).saturating_sub(spent.get(&id).copied().unwrap_or(0)),
                     replays: 0,
-                    x: 0.0,
-                    y: 0.0,
+                    x: (mix64(u64::from(id) ^ 0x51de) % 1000) as f32,
+                    y: (mix64(u64::from(id) ^ 0x7a11) % 1000) as f32,
                     seq: 0,
-                }
-            })
-            .collect();
-        let tokens = (0..PLAYERS).map(|id| (token(id), id)).collect();
+                })
+                .collect(),
+        );
+        for (&id, &(sum, count)) in &results {
+            players.rate(id, sum);
+            if let Some(p) = players.get_mut(id) {
+                p.replays = count;
+            }
+        }
+        let queued = store.queued_replays()?;
+        let clock = Clock {
+            epoch: tokio::time::Instant::now(),
+        };
         let world = Arc::new(World {
             players: RwLock::new(players),
-            tokens,
-            replays: Mutex::new(HashMap::new()),
-            next_replay: AtomicU64::new(1),
+            tokens: (0..PLAYERS).map(|id| (token(id), id)).collect(),
+            store,
             processed: AtomicU64::new(0),
+            clock,
+            seats: Mutex::new(HashMap::new()),
+            next_seat: AtomicU64::new(1),
+            play: Counters::default(),
+            stopped: AtomicBool::new(false),
         });
+        tokio::spawn(play::tick_loop(Arc::downgrade(&world), clock));
         let pool = CpuPool::new(None, 1024);
         let defer = Defer::start(
             &model,
             stack.limiter().map(|l| l.load_signal().clone()),
             DeferConfig::default().max_queue(100_000),
         );
-        Ok(Self {
+        let game = Self {
             world,
             stack,
             pool,
             defer,
-            ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-        })
+            ready: Arc::new(AtomicBool::new(true)),
+            classes,
+            gratify: false,
+        };
+        // What the last run accepted and did not process.
+        for (id, player, data) in queued {
+            if let Err(e) = game.queue_replay(id, player, Bytes::from(data)) {
+                tracing::warn!(replay = id, error = %e, "cannot queue a kept replay; it waits for the next start");
+            }
+        }
+        Ok(game)
     }
 
     /// The stack.
@@ -242,19 +346,40 @@ impl Game {
         self.stack.model()
     }
 
-    /// Replays processed so far.
+    /// Replays processed by this process so far.
     pub fn replays_processed(&self) -> u64 {
         self.world.processed.load(Ordering::Relaxed)
     }
 
-    /// The app without gratify: the same handlers, nothing around them, and
-    /// replays processed inline before the upload is answered (the load
-    /// driver's baseline).
+    /// The database.
+    pub fn store(&self) -> &Store {
+        &self.world.store
+    }
+
+    /// The player's profile as they see it.
+    pub fn profile(&self, id: u32) -> Option<Profile> {
+        let players = self.world.read();
+        let p = players.get(id)?;
+        Some(Profile {
+            id,
+            email: format!("{}@players.example", p.name),
+            name: p.name.clone(),
+            coins: p.coins,
+            rating: p.rating,
+            replays: p.replays,
+        })
+    }
+
+    /// The app without gratify: the same handlers, nothing around them;
+    /// session messages do not ask for slots, matchmaking runs on the async
+    /// threads, and replays are processed before the upload is answered
+    /// (the load driver's baseline).
     pub fn plain_router(&self) -> Router {
         self.routes(false)
     }
 
-    /// The app wrapped in the stack (replays processed later, on the CPU
+    /// The app wrapped in the stack (session messages admitted by its
+    /// limiter, matchmaking on the CPU pool, replays processed later on the
     /// pool), with the admin service at `/ops/admin`.
     pub fn router(&self) -> Router {
         let admin = self
@@ -267,23 +392,31 @@ impl Game {
             .nest_service("/ops/admin", admin)
     }
 
-    fn routes(&self, deferred: bool) -> Router {
-        let upload = if deferred {
-            post(upload_deferred)
+    fn routes(&self, gratify: bool) -> Router {
+        let game = Self {
+            gratify,
+            ..self.clone()
+        };
+        let (upload, matchmaking) = if gratify {
+            let model = self.stack.model();
+            (
+                post(upload_deferred),
+                post(matchmaking).layer(OffloadLayer::new(self.pool.clone(), &model)),
+            )
         } else {
-            post(upload_inline)
+            (post(upload_inline), post(matchmaking))
         };
         Router::new()
+            .route("/play", get(play::play))
             .route("/leaderboard", get(leaderboard))
-            .route("/matchmaking", post(matchmaking))
-            .route("/players/{id}/state", put(update_state))
+            .route("/matchmaking", matchmaking)
             .route("/players/{id}/profile", get(profile))
             .route("/replays", upload)
             .route("/replays/{id}", get(replay_status))
             // Exempt from the stack in game.toml: answered however loaded.
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
-            .with_state(self.clone())
+            .with_state(game)
     }
 
     /// Makes `/readyz` answer 503 from now on, so that load balancers stop
@@ -297,61 +430,60 @@ impl Game {
         self.defer.drain(deadline).await
     }
 
-    /// Drains (within 10 s) and stops the pool; returns what the drain did.
+    /// Stops the tick loop and ends every session (their sockets close),
+    /// drains (within 10 s) and stops the pool; returns what the drain
+    /// did. Replays not processed by then stay in the database, for the
+    /// next start.
     pub async fn shutdown(&self) -> DrainReport {
+        self.world.stopped.store(true, Ordering::SeqCst);
+        self.world.seats().clear();
         let report = self.drain(Duration::from_secs(10)).await;
         self.pool.shutdown_async(Duration::from_secs(2)).await;
         report
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Player>> {
-        self.world
-            .players
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Player>> {
-        self.world
-            .players
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Applies a processed replay to its player.
-    fn finish_replay(&self, replay: u64, player: u32, delta: i32) {
-        if let Some(p) = self.write().get_mut(player as usize) {
-            p.rating = (p.rating + delta).clamp(0, 5000);
-            p.replays += 1;
-        }
-        let mut replays = self
-            .world
-            .replays
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(r) = replays.get_mut(&replay)
-            && r.1 == ReplayStatus::Queued
-        {
-            r.1 = ReplayStatus::Processed;
+    /// Records a processed replay and applies its result to its player, if
+    /// it was not processed before (blocks on the database).
+    fn finish_replay(&self, replay: u64, player: u32, delta: i32) -> StoreResult<()> {
+        if self.world.store.finish_replay(replay, delta)? {
+            let mut players = self.world.write();
+            players.rate(player, i64::from(delta));
+            if let Some(p) = players.get_mut(player) {
+                p.replays += 1;
+            }
             self.world.processed.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(())
     }
 
-    fn new_replay(&self, player: u32) -> u64 {
-        let id = self.world.next_replay.fetch_add(1, Ordering::Relaxed);
-        let mut replays = self
-            .world
-            .replays
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // The statuses live in memory: past a bound, forget the processed
-        // ones (their results are in the players' ratings).
-        if replays.len() >= MAX_STATUSES {
-            replays.retain(|_, (_, status)| *status == ReplayStatus::Queued);
-        }
-        replays.insert(id, (player, ReplayStatus::Queued));
-        id
+    /// Defers the processing of kept replay `id`: analysed on the CPU pool
+    /// when the load allows, its result committed there.
+    fn queue_replay(&self, id: u64, player: u32, body: Bytes) -> Result<(), gratify::BoxError> {
+        let worker = self.clone();
+        let job = move || {
+            let game = worker.clone();
+            let body = body.clone();
+            async move {
+                let pool = game.pool.clone();
+                pool.run(0.0, None, move || {
+                    let delta = analyse(&body);
+                    game.finish_replay(id, player, delta)
+                })
+                .await
+                .map_err(|e| -> gratify::BoxError { e.to_string().into() })?
+                .map_err(|e| -> gratify::BoxError { e.to_string().into() })
+            }
+        };
+        self.defer
+            .spawn(format!("replay-{id}"), self.classes.replay_processing, job)
+            .map_err(|e| -> gratify::BoxError { e.to_string().into() })?;
+        Ok(())
     }
+}
+
+/// Runs `f` on a blocking thread (the database); `None` if it panicked.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
 }
 
 #[derive(Serialize)]
@@ -362,29 +494,21 @@ struct Entry {
     rating: i32,
 }
 
-/// The top 50: a sort of every player's rating, as a real leaderboard query
-/// would scan a table — the expensive read the cache saves.
+/// The top 50, read from the rating index (kept in order as ratings
+/// change, not sorted per read).
 async fn leaderboard(State(game): State<Game>) -> Response {
-    let top: Vec<Entry> = {
-        let players = game.read();
-        let mut order: Vec<(i32, u32)> = players
-            .iter()
-            .enumerate()
-            .map(|(id, p)| (-p.rating, id as u32))
-            .collect();
-        order.sort_unstable();
-        order
-            .iter()
-            .take(50)
-            .enumerate()
-            .map(|(rank, (_, id))| Entry {
-                rank: rank + 1,
-                id: *id,
-                name: players[*id as usize].name.clone(),
-                rating: players[*id as usize].rating,
-            })
-            .collect()
-    };
+    let top: Vec<Entry> = game
+        .world
+        .read()
+        .top(50)
+        .enumerate()
+        .map(|(rank, (id, p))| Entry {
+            rank: rank + 1,
+            id,
+            name: p.name.clone(),
+            rating: p.rating,
+        })
+        .collect();
     json(
         StatusCode::OK,
         "public, max-age=2, stale-while-revalidate=30",
@@ -398,30 +522,14 @@ struct Match {
     opponents: Vec<u32>,
 }
 
-/// Three opponents of the nearest rating among the players near the
-/// caller's in the world.
+/// Three opponents of the nearest rating, from the rating index (behind
+/// gratify, on the CPU pool: the index is read under a lock, which an async
+/// thread should not wait on).
 async fn matchmaking(State(game): State<Game>, headers: HeaderMap) -> Response {
     let Some(me) = player(&game.world, &headers) else {
         return refuse(StatusCode::UNAUTHORIZED, "log in first\n");
     };
-    let opponents = {
-        let players = game.read();
-        let Some(mine) = players.get(me as usize).map(|p| p.rating) else {
-            return refuse(StatusCode::NOT_FOUND, "no such player\n");
-        };
-        let mut candidates: Vec<(i32, u32)> = players
-            .iter()
-            .enumerate()
-            .filter(|(id, _)| *id as u32 != me)
-            .map(|(id, p)| ((p.rating - mine).abs(), id as u32))
-            .collect();
-        if candidates.len() > 3 {
-            candidates.select_nth_unstable(3);
-        }
-        let mut best: Vec<(i32, u32)> = candidates.into_iter().take(3).collect();
-        best.sort_unstable();
-        best.into_iter().map(|(_, id)| id).collect()
-    };
+    let opponents = game.world.read().nearest(me, 3);
     json(
         StatusCode::OK,
         "no-store",
@@ -432,55 +540,20 @@ async fn matchmaking(State(game): State<Game>, headers: HeaderMap) -> Response {
     )
 }
 
-#[derive(Deserialize)]
-struct StateUpdate {
-    x: f32,
-    y: f32,
-    seq: u64,
-}
-
-/// A position update; an older one than the last applied is ignored.
-async fn update_state(
-    State(game): State<Game>,
-    Path(id): Path<u32>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if player(&game.world, &headers) != Some(id) {
-        return refuse(StatusCode::FORBIDDEN, "not your player\n");
-    }
-    let Ok(update) = serde_json::from_slice::<StateUpdate>(&body) else {
-        return refuse(StatusCode::BAD_REQUEST, "expected {x, y, seq}\n");
-    };
-    if !(update.x.is_finite() && update.y.is_finite()) {
-        return refuse(StatusCode::BAD_REQUEST, "x and y must be finite\n");
-    }
-    if let Some(p) = game.write().get_mut(id as usize)
-        && update.seq > p.seq
-    {
-        (p.x, p.y, p.seq) = (update.x, update.y, update.seq);
-    }
-    refuse(StatusCode::NO_CONTENT, "")
-}
-
 /// The player's own profile. Stored by shared caches only keyed by the
 /// credential (`Vary: Authorization`); anyone else gets 403.
-async fn profile(State(game): State<Game>, Path(id): Path<u32>, headers: HeaderMap) -> Response {
+async fn profile(
+    State(game): State<Game>,
+    UriPath(id): UriPath<u32>,
+    headers: HeaderMap,
+) -> Response {
     match player(&game.world, &headers) {
         None => return refuse(StatusCode::UNAUTHORIZED, "log in first\n"),
         Some(me) if me != id => return refuse(StatusCode::FORBIDDEN, "not your profile\n"),
         Some(_) => {}
     }
-    let Some(p) = game.read().get(id as usize).cloned() else {
+    let Some(body) = game.profile(id) else {
         return refuse(StatusCode::NOT_FOUND, "no such player\n");
-    };
-    let body = Profile {
-        id,
-        email: format!("{}@players.example", p.name),
-        name: p.name,
-        coins: p.coins,
-        rating: p.rating,
-        replays: p.replays,
     };
     let mut r = json(StatusCode::OK, "s-maxage=10, max-age=0", &body);
     r.headers_mut()
@@ -506,15 +579,38 @@ fn check_upload(
     Ok(me)
 }
 
+/// Keeps an uploaded replay in the database; its id.
+async fn keep(game: &Game, me: u32, body: &Bytes) -> Option<u64> {
+    let world = game.world.clone();
+    let data = body.clone();
+    match blocking(move || world.store.add_replay(me, &data)).await {
+        Some(Ok(id)) => Some(id),
+        Some(Err(e)) => {
+            tracing::warn!(player = me, error = %e, "cannot keep a replay");
+            None
+        }
+        None => None,
+    }
+}
+
 /// The baseline: the replay is analysed before the upload is answered.
 async fn upload_inline(State(game): State<Game>, headers: HeaderMap, body: Bytes) -> Response {
     let me = match check_upload(&game, &headers, &body) {
         Ok(me) => me,
         Err((status, text)) => return refuse(status, text),
     };
-    let id = game.new_replay(me);
+    let Some(id) = keep(&game, me, &body).await else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "try the upload later\n");
+    };
     let delta = analyse(&body);
-    game.finish_replay(id, me, delta);
+    let worker = game.clone();
+    if !matches!(
+        blocking(move || worker.finish_replay(id, me, delta)).await,
+        Some(Ok(()))
+    ) {
+        // Kept: the next start processes it.
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "try the upload later\n");
+    }
     json(
         StatusCode::CREATED,
         "no-store",
@@ -522,36 +618,21 @@ async fn upload_inline(State(game): State<Game>, headers: HeaderMap, body: Bytes
     )
 }
 
-/// With gratify: the upload is accepted at once; the analysis is deferred
-/// (run when the load allows) and offloaded (on the CPU pool, off the
-/// async threads).
+/// With gratify: the upload is kept in the database and accepted at once;
+/// the analysis is deferred (run when the load allows) and offloaded (on
+/// the CPU pool, off the async threads). A crash before it is done loses
+/// nothing: the next start queues it again.
 async fn upload_deferred(State(game): State<Game>, headers: HeaderMap, body: Bytes) -> Response {
     let me = match check_upload(&game, &headers, &body) {
         Ok(me) => me,
         Err((status, text)) => return refuse(status, text),
     };
-    let id = game.new_replay(me);
-    let model = game.model();
-    let class = model
-        .id("replay_processing")
-        .unwrap_or_else(|| model.default_class());
-    let worker = game.clone();
-    let job = move || {
-        let game = worker.clone();
-        let body = body.clone();
-        async move {
-            let delta = game
-                .pool
-                .run(0.0, None, move || analyse(&body))
-                .await
-                .map_err(|e| -> gratify::BoxError { e.to_string().into() })?;
-            game.finish_replay(id, me, delta);
-            Ok(())
-        }
-    };
-    if let Err(e) = game.defer.spawn(format!("replay-{id}"), class, job) {
-        tracing::warn!(replay = id, error = %e, "cannot queue the replay");
+    let Some(id) = keep(&game, me, &body).await else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "try the upload later\n");
+    };
+    if let Err(e) = game.queue_replay(id, me, body) {
+        // Kept, so not lost: the next start queues it again.
+        tracing::warn!(replay = id, error = %e, "cannot queue the replay now");
     }
     json(
         StatusCode::ACCEPTED,
@@ -562,32 +643,35 @@ async fn upload_deferred(State(game): State<Game>, headers: HeaderMap, body: Byt
 
 async fn replay_status(
     State(game): State<Game>,
-    Path(id): Path<u64>,
+    UriPath(id): UriPath<u64>,
     headers: HeaderMap,
 ) -> Response {
     let Some(me) = player(&game.world, &headers) else {
         return refuse(StatusCode::UNAUTHORIZED, "log in first\n");
     };
-    let found = game
-        .world
-        .replays
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&id)
-        .copied();
+    let world = game.world.clone();
+    let Some(Ok(found)) = blocking(move || world.store.replay(id)).await else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
+    };
     match found {
-        Some((owner, status)) if owner == me => json(
-            StatusCode::OK,
-            "no-store",
-            &serde_json::json!({ "replay": id, "status": status }),
-        ),
+        Some((owner, stored)) if owner == me => {
+            let status = match stored {
+                Stored::Queued => ReplayStatus::Queued,
+                Stored::Processed(_) => ReplayStatus::Processed,
+            };
+            json(
+                StatusCode::OK,
+                "no-store",
+                &serde_json::json!({ "replay": id, "status": status }),
+            )
+        }
         _ => refuse(StatusCode::NOT_FOUND, "no such replay\n"),
     }
 }
 
-/// The game's traffic: position updates most, then profile reads, the
-/// leaderboard, matchmaking and replay uploads (8 KiB each), from players
-/// spread over the world.
+/// The game's HTTP traffic: profile reads, the leaderboard, matchmaking and
+/// replay uploads (8 KiB each), from players spread over the world (moves
+/// and purchases come over the players' sessions: see [`crate::play`]).
 pub fn mix() -> crate::drive::Mix {
     use crate::drive::{Call, Kind, Mix};
     fn auth(call: Call, id: u32) -> Call {
@@ -599,27 +683,8 @@ pub fn mix() -> crate::drive::Mix {
     Mix {
         kinds: vec![
             Kind {
-                class: "state".into(),
-                weight: 0.50,
-                build: |n, x| {
-                    let id = who(x);
-                    let body = format!(
-                        r#"{{"x":{},"y":{},"seq":{}}}"#,
-                        (x >> 20) % 1000,
-                        (x >> 40) % 1000,
-                        n + 1
-                    );
-                    vec![auth(
-                        Call::new(http::Method::PUT, format!("/players/{id}/state"))
-                            .header("content-type", "application/json")
-                            .body(body),
-                        id,
-                    )]
-                },
-            },
-            Kind {
                 class: "profile".into(),
-                weight: 0.15,
+                weight: 0.30,
                 // A few hundred active players read their profile often.
                 build: |_, x| {
                     let id = who(x % 300);
@@ -628,17 +693,17 @@ pub fn mix() -> crate::drive::Mix {
             },
             Kind {
                 class: "leaderboard".into(),
-                weight: 0.15,
+                weight: 0.30,
                 build: |_, _| vec![Call::get("/leaderboard")],
             },
             Kind {
                 class: "matchmaking".into(),
-                weight: 0.12,
+                weight: 0.24,
                 build: |_, x| vec![auth(Call::post("/matchmaking"), who(x))],
             },
             Kind {
                 class: "replay".into(),
-                weight: 0.08,
+                weight: 0.16,
                 build: |n, x| {
                     let body: Vec<u8> = (0..8192u64).map(|i| (mix64(n ^ i) & 0xff) as u8).collect();
                     vec![auth(Call::post("/replays").body(body), who(x))]
@@ -647,6 +712,7 @@ pub fn mix() -> crate::drive::Mix {
         ],
         host: "game.example".into(),
         accounts: None,
+        players: Some(crate::play::Players::default()),
     }
 }
 

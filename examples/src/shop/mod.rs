@@ -169,6 +169,7 @@ pub fn mix() -> crate::drive::Mix {
             },
         ],
         host: "shop.example".into(),
+        players: None,
         accounts: Some(Accounts {
             count: BUYERS,
             sign_up: |i| credentials("/accounts", i),

@@ -1,0 +1,511 @@
+//! Real-time play: a WebSocket session per player and the tick loop.
+//!
+//! The server runs a tick every 50 ms ([`TICK`](super::TICK)). At the start of tick `t`
+//! it sends each connected player a frame: the tick's number, the last of
+//! the player's moves it applied (`ack`) and the players in sight. The
+//! player answers with its move for tick `t`; a move applied before `t`
+//! closes shows in the next frame's `ack`. A move for a tick already
+//! closed is worthless (the next one supersedes it): it is dropped, not
+//! applied late.
+//!
+//! Behind gratify, each message asks the Stack's limiter for a slot
+//! ([`Limiter::admit_by`](gratify::scaling::limit::Limiter::admit_by)) with
+//! the same accounting as an HTTP request: a move of class `state` waits no
+//! later than its tick's end, a purchase of class `purchase` as long as its
+//! class's delay cost makes waiting worth it — a late purchase still counts.
+//!
+//! ```text
+//! → {"type":"move","tick":812,"seq":77,"x":310.5,"y":92.0}
+//! → {"type":"buy","id":"c1-17","item":"potion"}
+//! ← {"type":"tick","tick":813,"ack":77,"near":[[1204,318.0,95.5]]}
+//! ← {"type":"bought","id":"c1-17","item":"potion","coins":4630}
+//! ← {"type":"refused","id":"c1-18","reason":"busy","retry_after_ms":250}
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use futures_util::{SinkExt as _, StreamExt as _};
+use gratify::scaling::limit::{Limiter, Outcome};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::store::Bought;
+use super::world::{self, Clock};
+use super::{Game, World, refuse};
+
+/// The largest message a client may send, bytes.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// Tick frames waiting for a slow client at most: past them the newest is
+/// dropped (a frame a tick old is worthless too).
+const FRAMES_QUEUED: usize = 2;
+
+/// What the shop sells, and for how many coins.
+pub const ITEMS: [(&str, u64); 3] = [("potion", 10), ("shield", 120), ("skin", 900)];
+
+/// A message from a player.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ClientMessage {
+    /// The player's move in tick `tick`: where it goes.
+    Move {
+        /// The tick it is for (the last frame's).
+        tick: u64,
+        /// Increasing from one move to the next.
+        seq: u64,
+        /// Where to.
+        x: f32,
+        /// Where to.
+        y: f32,
+    },
+    /// A purchase, at most once per `id` (a retry with the same id after a
+    /// lost answer buys nothing more).
+    Buy {
+        /// The client's id of this purchase (1 to 64 bytes).
+        id: String,
+        /// One of [`ITEMS`].
+        item: String,
+    },
+}
+
+/// A message to a player.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerMessage {
+    /// The start of a tick.
+    Tick {
+        /// Its number.
+        tick: u64,
+        /// The last of the player's moves applied (0 before any).
+        ack: u64,
+        /// The players in sight, nearest first: id, x, y.
+        near: Vec<(u32, f32, f32)>,
+    },
+    /// A purchase done (now or by an earlier message with its id).
+    Bought {
+        /// The purchase's id.
+        id: String,
+        /// What was bought.
+        item: String,
+        /// The coins left.
+        coins: u64,
+    },
+    /// A purchase not done: nothing was spent.
+    Refused {
+        /// The purchase's id.
+        id: String,
+        /// `busy` (try again after `retry_after_ms`), `coins` (not enough)
+        /// or `item` (no such item).
+        reason: String,
+        /// When to try again, if busy.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        retry_after_ms: Option<u64>,
+    },
+    /// A message the server could not read.
+    Error {
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl ServerMessage {
+    fn text(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// What real-time play did, counted since the start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PlayStats {
+    /// Sessions open now.
+    pub sessions: u64,
+    /// Moves received.
+    pub moves: u64,
+    /// Moves applied in their tick.
+    pub applied: u64,
+    /// Moves dropped: their tick had closed before they could be applied.
+    pub late: u64,
+    /// Moves refused a slot by the limiter.
+    pub refused: u64,
+    /// Tick frames sent to players.
+    pub frames: u64,
+    /// Tick frames dropped for a client that did not read them.
+    pub frames_dropped: u64,
+    /// Purchases done (retries of a done purchase not counted).
+    pub purchases: u64,
+    /// Purchases refused a slot by the limiter.
+    pub purchases_refused: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    moves: AtomicU64,
+    applied: AtomicU64,
+    late: AtomicU64,
+    refused: AtomicU64,
+    frames: AtomicU64,
+    frames_dropped: AtomicU64,
+    purchases: AtomicU64,
+    purchases_refused: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A connected player's seat: where the tick loop sends its frames.
+#[derive(Debug)]
+pub(crate) struct Seat {
+    number: u64,
+    frames: mpsc::Sender<String>,
+}
+
+/// A player's session: what the WebSocket handler (or a test) feeds the
+/// player's messages to. Dropping it gives up the seat.
+#[derive(Debug)]
+pub struct Session {
+    game: Game,
+    player: u32,
+    seat: u64,
+    /// Messages ask the Stack's limiter for a slot (behind gratify).
+    admitted: bool,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let mut seats = self.game.world.seats();
+        if seats
+            .get(&self.player)
+            .is_some_and(|s| s.number == self.seat)
+        {
+            seats.remove(&self.player);
+        }
+    }
+}
+
+impl Game {
+    /// Seats `player` (the one authenticated) as the server behind gratify
+    /// does: the session, whose messages ask the Stack's limiter for a slot,
+    /// and the tick frames to send it as they come. A player seated again
+    /// (a second connection) takes the seat: the earlier session's frames
+    /// end.
+    pub fn join(&self, player: u32) -> (Session, mpsc::Receiver<String>) {
+        self.seat(player, true)
+    }
+
+    fn seat(&self, player: u32, admitted: bool) -> (Session, mpsc::Receiver<String>) {
+        let (tx, rx) = mpsc::channel(FRAMES_QUEUED);
+        let number = self.world.next_seat.fetch_add(1, Ordering::Relaxed);
+        self.world
+            .seats()
+            .insert(player, Seat { number, frames: tx });
+        (
+            Session {
+                game: self.clone(),
+                player,
+                seat: number,
+                admitted,
+            },
+            rx,
+        )
+    }
+
+    /// What real-time play did so far.
+    pub fn play_stats(&self) -> PlayStats {
+        let c = &self.world.play;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        PlayStats {
+            sessions: self.world.seats().len() as u64,
+            moves: n(&c.moves),
+            applied: n(&c.applied),
+            late: n(&c.late),
+            refused: n(&c.refused),
+            frames: n(&c.frames),
+            frames_dropped: n(&c.frames_dropped),
+            purchases: n(&c.purchases),
+            purchases_refused: n(&c.purchases_refused),
+        }
+    }
+}
+
+impl Session {
+    /// The player.
+    pub fn player(&self) -> u32 {
+        self.player
+    }
+
+    /// Handles one message from the player; the answer to send back, if
+    /// any (a move has none: the next frame's `ack` says if it counted).
+    pub async fn handle(&self, text: &str) -> Option<String> {
+        let message = match serde_json::from_str::<ClientMessage>(text) {
+            Ok(m) => m,
+            Err(e) => {
+                return Some(
+                    ServerMessage::Error {
+                        message: format!("expected a move or a buy: {e}"),
+                    }
+                    .text(),
+                );
+            }
+        };
+        match message {
+            ClientMessage::Move { tick, seq, x, y } => {
+                self.move_to(tick, seq, x, y).await;
+                None
+            }
+            ClientMessage::Buy { id, item } => Some(self.buy(id, item).await.text()),
+        }
+    }
+
+    /// The limiter messages ask, behind gratify with a limit.
+    fn limiter(&self) -> Option<&Limiter> {
+        self.admitted.then(|| self.game.stack.limiter()).flatten()
+    }
+
+    async fn move_to(&self, tick: u64, seq: u64, x: f32, y: f32) {
+        let world = &self.game.world;
+        bump(&world.play.moves);
+        let end = world.clock.end_of(tick);
+        if world.read().tick != tick || Instant::now() >= end {
+            bump(&world.play.late);
+            return;
+        }
+        // Behind gratify, a slot, waiting no later than the tick's end.
+        let permit = match self.limiter() {
+            Some(limiter) => match limiter.admit_by(self.game.classes.state, end).await {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    bump(&world.play.refused);
+                    return;
+                }
+            },
+            None => None,
+        };
+        let applied = {
+            let mut players = world.write();
+            let open = players.tick == tick && Instant::now() < end;
+            match players.get_mut(self.player) {
+                Some(p) if open && seq > p.seq => {
+                    (p.x, p.y) = world::step(p.x, p.y, x, y);
+                    p.seq = seq;
+                    true
+                }
+                _ => false,
+            }
+        };
+        bump(if applied {
+            &world.play.applied
+        } else {
+            &world.play.late
+        });
+        if let Some(permit) = permit {
+            permit.complete(Outcome::Success);
+        }
+    }
+
+    async fn buy(&self, id: String, item: String) -> ServerMessage {
+        let refused = |id: String, reason: &str, retry: Option<u64>| ServerMessage::Refused {
+            id,
+            reason: reason.to_owned(),
+            retry_after_ms: retry,
+        };
+        if id.is_empty() || id.len() > 64 {
+            return ServerMessage::Error {
+                message: "a purchase's id is 1 to 64 bytes".into(),
+            };
+        }
+        let Some(&(item_name, price)) = ITEMS.iter().find(|(name, _)| *name == item) else {
+            return refused(id, "item", None);
+        };
+        let class = self.game.classes.purchase;
+        let permit = match self.limiter() {
+            Some(limiter) => match limiter.admit(class).await {
+                Ok(permit) => Some(permit),
+                Err(refusal) => {
+                    bump(&self.game.world.play.purchases_refused);
+                    let ms = refusal.retry_after().as_millis();
+                    return refused(id, "busy", Some(u64::try_from(ms).unwrap_or(u64::MAX)));
+                }
+            },
+            None => None,
+        };
+        // The database off the async threads; the purchase completes even
+        // if the player goes away meanwhile (its answer is then lost, and a
+        // retry with the same id gets it without paying again).
+        let world = self.game.world.clone();
+        let player = self.player;
+        let request = id.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let coins = || world.read().get(player).map_or(0, |p| p.coins);
+            let pay = |price: u64| {
+                if let Some(p) = world.write().get_mut(player) {
+                    p.coins = p.coins.saturating_sub(price);
+                }
+            };
+            let bought = world
+                .store
+                .buy(player, &request, item_name, price, coins, pay);
+            (bought, world.read().get(player).map_or(0, |p| p.coins))
+        })
+        .await;
+        let outcome = match &done {
+            Ok((Ok(_), _)) => Outcome::Success,
+            _ => Outcome::Error,
+        };
+        if let Some(permit) = permit {
+            permit.complete(outcome);
+        }
+        match done {
+            Ok((Ok(Bought::Now(coins)), _)) => {
+                bump(&self.game.world.play.purchases);
+                ServerMessage::Bought {
+                    id,
+                    item: item_name.to_owned(),
+                    coins,
+                }
+            }
+            Ok((Ok(Bought::Already), coins)) => ServerMessage::Bought {
+                id,
+                item: item_name.to_owned(),
+                coins,
+            },
+            Ok((Ok(Bought::TooPoor), _)) => refused(id, "coins", None),
+            Ok((Err(e), _)) => {
+                tracing::warn!(player, error = %e, "a purchase failed");
+                refused(id, "busy", Some(1000))
+            }
+            Err(e) => {
+                tracing::warn!(player, error = %e, "a purchase failed");
+                refused(id, "busy", Some(1000))
+            }
+        }
+    }
+}
+
+/// `GET /play`: a WebSocket session for the player of the bearer token.
+pub(crate) async fn play(
+    State(game): State<Game>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Some(me) = super::player(&game.world, &headers) else {
+        return refuse(StatusCode::UNAUTHORIZED, "log in first\n");
+    };
+    ws.max_message_size(MAX_MESSAGE)
+        .max_frame_size(MAX_MESSAGE)
+        .on_upgrade(move |socket| serve(game, me, socket))
+}
+
+/// Serves one WebSocket: messages in order, answers and tick frames out.
+async fn serve(game: Game, me: u32, socket: WebSocket) {
+    let (session, mut frames) = game.seat(me, game.gratify);
+    let (mut sink, mut stream) = socket.split();
+    let (answers, mut answered) = mpsc::channel::<String>(32);
+    let reader = async {
+        while let Some(Ok(message)) = stream.next().await {
+            let answer = match message {
+                Message::Text(text) => session.handle(text.as_str()).await,
+                Message::Binary(_) => Some(
+                    ServerMessage::Error {
+                        message: "messages are JSON text".into(),
+                    }
+                    .text(),
+                ),
+                Message::Close(_) => break,
+                Message::Ping(_) | Message::Pong(_) => None,
+            };
+            if let Some(answer) = answer
+                && answers.send(answer).await.is_err()
+            {
+                break;
+            }
+        }
+    };
+    let writer = async {
+        loop {
+            let text = tokio::select! {
+                biased;
+                Some(answer) = answered.recv() => answer,
+                frame = frames.recv() => match frame {
+                    Some(frame) => frame,
+                    // Seated elsewhere, or the game stopped.
+                    None => break,
+                },
+            };
+            if sink.send(Message::Text(text.into())).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    };
+    tokio::select! {
+        () = reader => {},
+        () = writer => {},
+    }
+}
+
+/// The tick loop: at each tick's start, closes the last one and sends every
+/// seated player its frame. It ends with the game (it holds no reference
+/// that keeps the game alive). A loop woken late (a busy machine) skips
+/// the ticks it missed rather than sending them late.
+pub(crate) async fn tick_loop(world: Weak<World>, clock: Clock) {
+    let mut tick = 0u64;
+    loop {
+        tokio::time::sleep_until(clock.end_of(tick)).await;
+        let Some(world) = world.upgrade() else {
+            return;
+        };
+        if world.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        tick = clock.tick_at(Instant::now()).max(tick + 1);
+        send_frames(&world, tick);
+    }
+}
+
+/// Opens `tick` and sends its frames.
+fn send_frames(world: &Arc<World>, tick: u64) {
+    let seated: Vec<(u32, mpsc::Sender<String>)> = world
+        .seats()
+        .iter()
+        .map(|(&id, seat)| (id, seat.frames.clone()))
+        .collect();
+    // Close the last tick and read the positions in one step: a move
+    // applied before is in these frames, one applied after is for `tick`.
+    let (online, acks) = {
+        let mut players = world.write();
+        players.tick = tick;
+        let mut online = Vec::with_capacity(seated.len());
+        let mut acks = Vec::with_capacity(seated.len());
+        for (id, _) in &seated {
+            let p = players.get(*id);
+            online.push((*id, p.map_or(0.0, |p| p.x), p.map_or(0.0, |p| p.y)));
+            acks.push(p.map_or(0, |p| p.seq));
+        }
+        (online, acks)
+    };
+    let near = world::neighbours(&online);
+    let mut gone = Vec::new();
+    for (((id, tx), ack), near) in seated.iter().zip(acks).zip(near) {
+        let text = ServerMessage::Tick { tick, ack, near }.text();
+        match tx.try_send(text) {
+            Ok(()) => bump(&world.play.frames),
+            Err(mpsc::error::TrySendError::Full(_)) => bump(&world.play.frames_dropped),
+            Err(mpsc::error::TrySendError::Closed(_)) => gone.push(*id),
+        }
+    }
+    if !gone.is_empty() {
+        let mut seats = world.seats();
+        for id in gone {
+            if seats.get(&id).is_some_and(|s| s.frames.is_closed()) {
+                seats.remove(&id);
+            }
+        }
+    }
+}
