@@ -94,7 +94,9 @@ pub struct TickReport {
 /// `purchase`), and the ticks.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct PlayReport {
-    /// Moves: `ok` in time, the rest failed (dropped, late or refused).
+    /// Moves: one per tick of each player's time in the run (`sent`),
+    /// `ok` in time; the rest failed — dropped, late, refused, or never
+    /// sent because no frame came.
     pub moves: ClassReport,
     /// Purchases: `ok` bought, `shed` refused as busy, the rest failed.
     pub purchases: ClassReport,
@@ -174,6 +176,9 @@ struct Shared {
     lateness: Vec<f64>,
     move_latency: Vec<f64>,
     moves_sent: u64,
+    /// Ticks the players were in the run for: a move each, if the server
+    /// let them.
+    turns: u64,
     moves_in_time: u64,
     buys: Vec<(BuyEnd, f64)>,
     buys_sent: u64,
@@ -206,6 +211,11 @@ pub async fn play(
 ) -> PlayReport {
     let shared = Arc::new(Mutex::new(Shared::default()));
     let end = Instant::now() + Duration::from_secs_f64(seconds.max(0.0));
+    // Purchase ids unique to this run: a server that kept the last run's
+    // purchases must not answer these as retries.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
     let mut tasks = tokio::task::JoinSet::new();
     for (i, id) in who(players.count).into_iter().enumerate() {
         let shared = Arc::clone(&shared);
@@ -215,7 +225,12 @@ pub async fn play(
             + Duration::from_millis(i as u64 * 1000 / u64::from(players.count.max(1)));
         tasks.spawn(async move {
             tokio::time::sleep_until(start).await;
-            player(addr, id, end, buy_p, &shared).await;
+            let turns = end.saturating_duration_since(start).as_nanos() / TICK.as_nanos();
+            shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .turns += turns as u64;
+            player(addr, id, end, buy_p, run, &shared).await;
         });
     }
     while tasks.join_next().await.is_some() {}
@@ -233,13 +248,17 @@ fn report(s: Shared, players: u32, model: &CostModel) -> PlayReport {
     let mut latency = s.move_latency;
     latency.sort_by(f64::total_cmp);
     let refusal = class("state").map_or(0.0, |c| c.refusal_cost());
-    let failed = s.moves_sent.saturating_sub(s.moves_in_time);
+    // Every tick of every player's time counts: a tick without a frame (a
+    // server too busy to send it, a player it would not let in) is a move
+    // that could not be made.
+    let sent = s.turns.max(s.moves_sent);
+    let failed = sent.saturating_sub(s.moves_in_time);
     let moves = ClassReport {
-        sent: s.moves_sent,
+        sent,
         ok: s.moves_in_time,
         failed,
         errors: failed,
-        success: s.moves_in_time as f64 / s.moves_sent.max(1) as f64,
+        success: s.moves_in_time as f64 / sent.max(1) as f64,
         p50_ms: percentile(&latency, 0.5) * 1e3,
         p99_ms: percentile(&latency, 0.99) * 1e3,
         cost: failed as f64 * refusal,
@@ -296,7 +315,14 @@ fn report(s: Shared, players: u32, model: &CostModel) -> PlayReport {
 }
 
 /// One player's session until `end`.
-async fn player(addr: SocketAddr, id: u32, end: Instant, buy_p: f64, shared: &Mutex<Shared>) {
+async fn player(
+    addr: SocketAddr,
+    id: u32,
+    end: Instant,
+    buy_p: f64,
+    run: u64,
+    shared: &Mutex<Shared>,
+) {
     let lock = || {
         shared
             .lock()
@@ -345,7 +371,10 @@ async fn player(addr: SocketAddr, id: u32, end: Instant, buy_p: f64, shared: &Mu
             ServerMessage::Tick { tick, ack, .. } => {
                 frames.push((tick, now));
                 if let Some((t, s, sent)) = pending.take() {
-                    let in_time = tick == t + 1 && ack >= s;
+                    // The first frame after a move shows it applied, or it
+                    // was not in time (a new session counts from 1, so an
+                    // `ack` is this session's).
+                    let in_time = ack == s;
                     let tally = local.ticks.entry(t).or_default();
                     tally.sent += 1;
                     local.moves_sent += 1;
@@ -367,9 +396,12 @@ async fn player(addr: SocketAddr, id: u32, end: Instant, buy_p: f64, shared: &Mu
                     break;
                 }
                 pending = Some((tick, seq, now));
-                if ((next() >> 11) as f64 / (1u64 << 53) as f64) < buy_p {
+                // No purchase in the last seconds, which could not be
+                // answered before the end.
+                let buying = end.saturating_duration_since(now) > Duration::from_secs(3);
+                if buying && ((next() >> 11) as f64 / (1u64 << 53) as f64) < buy_p {
                     buy_n += 1;
-                    let order = format!("{id}-{buy_n}");
+                    let order = format!("{run}-{id}-{buy_n}");
                     let buy = format!(r#"{{"type":"buy","id":"{order}","item":"potion"}}"#);
                     if sink.send(Message::text(buy)).await.is_err() {
                         break;

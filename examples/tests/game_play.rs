@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use gratify_examples::game::{
-    CONFIG, Game, ITEMS, ServerMessage, Session, analyse, seeded_coins, seeded_rating, token,
+    CONFIG, Game, ITEMS, MAX_STEP, PLAYERS, SIGHT, ServerMessage, Session, analyse, seeded_coins,
+    seeded_rating, token,
 };
 use tokio::sync::mpsc::Receiver;
 
@@ -48,25 +49,44 @@ async fn a_move_counts_only_in_its_own_tick() {
     let (session, mut frames) = game.join(7);
     let (t, ack) = frame(&mut frames).await;
     assert_eq!(ack, 0);
-    let before = game.profile(7).unwrap();
-    // In its tick: applied, and the next frame says so.
-    assert_eq!(session.handle(&step(t, 1, 500.0, 500.0)).await, None);
+    let (x0, y0) = game.position(7).unwrap();
+    // In its tick: applied, and the next frame says so. A move goes at
+    // most MAX_STEP, whatever the client asks.
+    assert_eq!(session.handle(&step(t, 1, x0 + 500.0, y0)).await, None);
+    // A second move in the same tick: dropped (one move a tick).
+    session.handle(&step(t, 2, x0 + 500.0, y0)).await;
     assert_eq!(frame(&mut frames).await, (t + 1, 1));
+    let (x1, y1) = game.position(7).unwrap();
+    let moved = ((x1 - x0).powi(2) + (y1 - y0).powi(2)).sqrt();
+    assert!(moved <= MAX_STEP + 1e-3, "moved {moved}");
     // For the tick just closed (it arrived late): dropped, not applied late.
-    assert_eq!(session.handle(&step(t, 2, 0.0, 0.0)).await, None);
+    assert_eq!(session.handle(&step(t, 3, 0.0, 0.0)).await, None);
     // For a tick not open yet: dropped too.
-    session.handle(&step(t + 5, 3, 0.0, 0.0)).await;
+    session.handle(&step(t + 5, 4, 0.0, 0.0)).await;
     // An older move than the last applied (a duplicate): not applied.
     session.handle(&step(t + 1, 1, 0.0, 0.0)).await;
     assert_eq!(frame(&mut frames).await, (t + 2, 1));
+    assert_eq!(game.position(7).unwrap(), (x1, y1));
     let stats = game.play_stats();
-    assert_eq!((stats.moves, stats.applied, stats.late), (4, 1, 3));
+    assert_eq!(
+        (stats.moves, stats.applied, stats.late, stats.dropped),
+        (5, 1, 2, 2),
+        "{stats:?}"
+    );
     assert_eq!(stats.sessions, 1);
-    // A move goes at most MAX_STEP, whatever the client asks.
-    let p = game.profile(7).unwrap();
-    assert_eq!(p.coins, before.coins);
+    // A move 30 ms into its tick still counts.
+    tokio::time::advance(Duration::from_millis(30)).await;
+    session.handle(&step(t + 2, 5, x1, y1 + 1.0)).await;
+    assert_eq!(frame(&mut frames).await, (t + 3, 5));
     drop(session);
     assert_eq!(game.play_stats().sessions, 0);
+    // Connected again: the new session counts its moves from 1, and its
+    // frames acknowledge them (not the last session's).
+    let (session, mut frames) = game.join(7);
+    let (t, ack) = frame(&mut frames).await;
+    assert_eq!(ack, 0, "a new session starts with no move");
+    session.handle(&step(t, 1, x1, y1)).await;
+    assert_eq!(frame(&mut frames).await, (t + 1, 1));
     game.shutdown().await;
 }
 
@@ -78,14 +98,12 @@ async fn a_move_waits_for_a_slot_no_later_than_its_tick() {
     let held = limiter.admit(browse).await.unwrap();
     let (session, mut frames) = game.join(11);
     let (t, _) = frame(&mut frames).await;
+    // Sent 30 ms into its tick: it waits for the slot until the tick
+    // closes (20 ms), not as long as its class would (50 ms), then gives up.
+    tokio::time::advance(Duration::from_millis(30)).await;
     let asked = tokio::time::Instant::now();
     session.handle(&step(t, 1, 1.0, 1.0)).await;
-    // It waited for the slot until its tick closed, then gave up.
-    assert!(
-        asked.elapsed() <= gratify_examples::game::TICK,
-        "{:?}",
-        asked.elapsed()
-    );
+    assert_eq!(asked.elapsed(), Duration::from_millis(20));
     let stats = game.play_stats();
     assert_eq!((stats.applied, stats.refused), (0, 1), "{stats:?}");
     assert_eq!(
@@ -150,6 +168,13 @@ async fn a_purchase_that_waited_is_done_once_however_often_it_is_sent() {
     assert!(
         matches!(again, ServerMessage::Bought { coins, .. } if coins == left),
         "{again:?}"
+    );
+    // Sent again naming another item: still the purchase made, nothing
+    // more bought or paid.
+    let other_item = answer(&session, &buy("order-1", "shield")).await;
+    assert!(
+        matches!(&other_item, ServerMessage::Bought { item, coins, .. } if item == "potion" && *coins == left),
+        "{other_item:?}"
     );
     assert_eq!(game.profile(me).unwrap().coins, left);
     assert_eq!(game.play_stats().purchases, 1);
@@ -263,24 +288,29 @@ async fn a_player_has_one_seat() {
 #[tokio::test(start_paused = true)]
 async fn frames_list_players_in_sight_and_a_shutdown_ends_sessions() {
     let game = Game::new().unwrap();
-    let (a, mut a_frames) = game.join(1);
-    let (_b, mut b_frames) = game.join(2);
-    // Walk both players to the same corner, a step a tick.
-    let mut seq = 0;
-    for _ in 0..200 {
-        let (t, _) = frame(&mut a_frames).await;
-        let _ = b_frames.try_recv();
-        seq += 1;
-        a.handle(&step(t, seq, 0.0, 0.0)).await;
-        if game.profile(1).is_some() && seq > 150 {
-            break;
-        }
-    }
+    // Two players in sight of each other, and one far from both.
+    let (ax, ay) = game.position(1).unwrap();
+    let near = (2..PLAYERS)
+        .find(|&id| {
+            let (x, y) = game.position(id).unwrap();
+            (x - ax).powi(2) + (y - ay).powi(2) < (SIGHT * 0.8).powi(2)
+        })
+        .unwrap();
+    let far = (2..PLAYERS)
+        .find(|&id| {
+            let (x, y) = game.position(id).unwrap();
+            (x - ax).powi(2) + (y - ay).powi(2) > (SIGHT * 3.0).powi(2)
+        })
+        .unwrap();
+    let (_a, mut a_frames) = game.join(1);
+    let (_b, _b_frames) = game.join(near);
+    let (_c, _c_frames) = game.join(far);
     let text = a_frames.recv().await.unwrap();
-    let ServerMessage::Tick { near, .. } = serde_json::from_str(&text).unwrap() else {
+    let ServerMessage::Tick { near: seen, .. } = serde_json::from_str(&text).unwrap() else {
         panic!("{text}")
     };
-    assert!(near.iter().all(|n| n.0 != 1), "never oneself: {text}");
+    let ids: Vec<u32> = seen.iter().map(|n| n.0).collect();
+    assert_eq!(ids, vec![near], "{text}");
     game.shutdown().await;
     // The seats are gone: the frames end.
     tokio::time::timeout(Duration::from_secs(1), async {
@@ -328,7 +358,10 @@ fn upload_then_crash(db: &std::path::Path, n: u32) -> Vec<(u64, u32, Vec<u8>)> {
     for i in 0..n {
         let player = 100 + i % 4;
         // Big enough that processing them all takes a while.
-        let data: Vec<u8> = (0..65_536u32).map(|b| (b * 31 + i * 7) as u8).collect();
+        // The last one big (1 MiB): still being analysed when the game is
+        // killed right after accepting it.
+        let len = if i + 1 == n { 1 << 20 } else { 65_536 };
+        let data: Vec<u8> = (0..len).map(|b: u32| (b * 31 + i * 7) as u8).collect();
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         write!(
@@ -367,6 +400,7 @@ fn an_accepted_replay_is_processed_once_after_a_crash() {
         "{left} of {} replays were not processed when the game was killed",
         sent.len()
     );
+    assert!(left >= 1, "the kill came after every replay was processed");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -410,6 +444,7 @@ fn an_accepted_replay_is_processed_once_after_a_crash() {
             "the rest, processed here"
         );
         game.shutdown().await;
+        drop(game);
         // Once more: nothing is processed again, nothing is counted twice.
         let game = Game::open(&path, CONFIG).unwrap();
         assert!(game.store().queued_replays().unwrap().is_empty());
@@ -498,4 +533,269 @@ async fn a_player_plays_over_a_websocket_through_the_stack() {
     );
     server.abort();
     game.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_purchases_never_spend_the_same_coins() {
+    let game = Game::new().unwrap();
+    let skin = ITEMS.iter().find(|i| i.0 == "skin").unwrap().1;
+    let players: Vec<u32> = (0..PLAYERS)
+        .filter(|&id| (skin..2 * skin).contains(&seeded_coins(id)))
+        .take(16)
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for &me in &players {
+        // Three connections of the player, each buying a skin at once.
+        for n in 0..3 {
+            let (session, frames) = game.join(me);
+            tasks.spawn(async move {
+                let answer = answer(&session, &buy(&format!("skin-{n}"), "skin")).await;
+                drop(frames);
+                (me, answer)
+            });
+        }
+    }
+    let mut bought = std::collections::HashMap::<u32, usize>::new();
+    while let Some(done) = tasks.join_next().await {
+        let (me, answer) = done.unwrap();
+        match answer {
+            ServerMessage::Bought { .. } => *bought.entry(me).or_default() += 1,
+            ServerMessage::Refused { reason, .. } => assert_eq!(reason, "coins"),
+            other => panic!("{other:?}"),
+        }
+    }
+    for me in players {
+        assert_eq!(bought.get(&me), Some(&1), "player {me}");
+        assert_eq!(game.profile(me).unwrap().coins, seeded_coins(me) - skin);
+        assert_eq!(game.store().spent().unwrap()[&me], skin);
+    }
+    game.shutdown().await;
+}
+
+async fn upload(
+    app: &axum::Router,
+    player: u32,
+    key: Option<&str>,
+    body: &'static [u8],
+) -> (u16, u64) {
+    use tower::ServiceExt as _;
+    let mut request = http::Request::post("/replays")
+        .header("host", "game.example")
+        .header("authorization", format!("Bearer {}", token(player)));
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let r = app
+        .clone()
+        .oneshot(request.body(axum::body::Body::from(body)).unwrap())
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = http_body_util::BodyExt::collect(r.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    (status, json["replay"].as_u64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_upload_is_one_replay() {
+    for gratify in [true, false] {
+        let game = Game::new().unwrap();
+        let app = if gratify {
+            game.router()
+        } else {
+            game.plain_router()
+        };
+        let (status, first) = upload(&app, 8, Some("match-77"), b"frames").await;
+        assert!(status == 202 || status == 201, "{status}");
+        // The answer was lost; the client sends it again.
+        let (status, again) = upload(&app, 8, Some("match-77"), b"frames").await;
+        assert_eq!((status, again), (200, first));
+        // Another player's upload with the same key is theirs.
+        let (_, other) = upload(&app, 9, Some("match-77"), b"frames").await;
+        assert_ne!(other, first);
+        game.drain(Duration::from_secs(30)).await;
+        assert_eq!(game.profile(8).unwrap().replays, 1, "gratify: {gratify}");
+        assert_eq!(game.store().replay_results().unwrap()[&8].1, 1);
+        game.shutdown().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replay_kept_but_not_queued_is_processed_by_the_sweep() {
+    let game = Game::new().unwrap();
+    // Kept, but its job was never queued (the queue was full) or gave up.
+    let (id, _) = game.store().add_replay(6, None, b"more frames").unwrap();
+    tokio::time::sleep(gratify_examples::game::SWEEP + Duration::from_secs(1)).await;
+    let report = game.drain(Duration::from_secs(30)).await;
+    assert!(
+        report.not_run.is_empty() && report.dead.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(
+        game.store().replay(id).unwrap(),
+        Some((
+            6,
+            gratify_examples::game::Stored::Processed(analyse(b"more frames"))
+        ))
+    );
+    assert_eq!(game.profile(6).unwrap().replays, 1);
+    game.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coins_and_ratings_survive_a_restart() {
+    let path = temp_db("game-restart");
+    let me = 12;
+    let id = {
+        let game = Game::open(&path, CONFIG).unwrap();
+        let (session, _frames) = game.join(me);
+        assert!(matches!(
+            answer(&session, &buy("r-1", "shield")).await,
+            ServerMessage::Bought { .. }
+        ));
+        drop(session);
+        let (_, id) = upload(&game.router(), me, None, b"a replay").await;
+        game.drain(Duration::from_secs(30)).await;
+        game.shutdown().await;
+        id
+    };
+    let game = Game::open(&path, CONFIG).unwrap();
+    let p = game.profile(me).unwrap();
+    assert_eq!(p.coins, seeded_coins(me) - 120);
+    assert_eq!(p.replays, 1);
+    let delta = analyse(b"a replay");
+    assert_eq!(
+        i64::from(p.rating),
+        (i64::from(seeded_rating(me)) + i64::from(delta)).clamp(0, 5000)
+    );
+    assert_eq!(
+        game.store().replay(id).unwrap(),
+        Some((me, gratify_examples::game::Stored::Processed(delta)))
+    );
+    // The purchase id is still known: a retry pays nothing.
+    let (session, _frames) = game.join(me);
+    let retry = answer(&session, &buy("r-1", "shield")).await;
+    assert!(
+        matches!(retry, ServerMessage::Bought { coins, .. } if coins == seeded_coins(me) - 120),
+        "{retry:?}"
+    );
+    drop(session);
+    game.shutdown().await;
+    drop(game);
+    for end in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{end}", path.display()));
+    }
+}
+
+/// A session served over channels, as `GET /play` serves a WebSocket's
+/// halves: what the test sends in, and what the server sends out.
+fn served(
+    game: &Game,
+    player: u32,
+) -> (
+    tokio::sync::mpsc::Sender<axum::extract::ws::Message>,
+    Receiver<axum::extract::ws::Message>,
+    tokio::task::JoinHandle<()>,
+) {
+    use axum::extract::ws::Message;
+    let (in_tx, in_rx) = tokio::sync::mpsc::channel::<Message>(64);
+    let incoming = Box::pin(futures_util::stream::unfold(in_rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|m| (Ok::<_, std::convert::Infallible>(m), rx))
+    }));
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Message>(64);
+    let outgoing = Box::pin(futures_util::sink::unfold(
+        out_tx,
+        |tx, m: Message| async move {
+            tx.send(m).await.map_err(|_| ())?;
+            Ok::<_, ()>(tx)
+        },
+    ));
+    let game = game.clone();
+    let task = tokio::spawn(async move { game.serve_session(player, incoming, outgoing).await });
+    (in_tx, out_rx, task)
+}
+
+fn decode(m: &axum::extract::ws::Message) -> Option<ServerMessage> {
+    match m {
+        axum::extract::ws::Message::Text(t) => serde_json::from_str(t.as_str()).ok(),
+        _ => None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_purchase_waiting_for_its_slot_never_holds_up_the_players_moves() {
+    use axum::extract::ws::Message;
+    let game = one_slot();
+    let limiter = game.stack().limiter().unwrap().clone();
+    let me = (4_000..PLAYERS).find(|&id| seeded_coins(id) >= 100).unwrap();
+    let (to_server, mut from_server, task) = served(&game, me);
+    let Some(ServerMessage::Tick { tick, .. }) = decode(&from_server.recv().await.unwrap()) else {
+        panic!("a frame first")
+    };
+    // The one slot is held: purchases wait for it.
+    let held = limiter
+        .admit(game.model().id("browse").unwrap())
+        .await
+        .unwrap();
+    for n in 0..6 {
+        to_server
+            .send(Message::text(buy(&format!("p{n}"), "potion")))
+            .await
+            .unwrap();
+    }
+    to_server
+        .send(Message::text(step(tick, 1, 1.0, 1.0)))
+        .await
+        .unwrap();
+    // Past the tick: the move was handled while four purchases waited (it
+    // asked for a slot and was refused at its tick's end), and the two
+    // past the four in flight were refused at once.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let stats = game.play_stats();
+    assert_eq!((stats.moves, stats.refused), (1, 1), "{stats:?}");
+    assert_eq!(
+        limiter.stats().queued,
+        4,
+        "four purchases wait for the slot"
+    );
+    let mut busy = 0;
+    while let Ok(m) = from_server.try_recv() {
+        if let Some(ServerMessage::Refused { reason, .. }) = decode(&m) {
+            assert_eq!(reason, "busy");
+            busy += 1;
+        }
+    }
+    assert_eq!(busy, 2);
+    // The slot frees: the four are bought.
+    held.complete(gratify::scaling::limit::Outcome::Success);
+    let mut bought = 0;
+    while bought < 4 {
+        match decode(&from_server.recv().await.unwrap()) {
+            Some(ServerMessage::Bought { .. }) => bought += 1,
+            Some(ServerMessage::Tick { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(game.profile(me).unwrap().coins, seeded_coins(me) - 40);
+    // A shutdown ends the session: the server closes its side.
+    game.shutdown().await;
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(m) = from_server.recv().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(1), task)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(to_server);
 }

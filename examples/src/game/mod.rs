@@ -72,7 +72,9 @@ mod play;
 mod store;
 mod world;
 
-pub use self::play::{ClientMessage, ITEMS, MAX_MESSAGE, PlayStats, ServerMessage, Session};
+pub use self::play::{
+    ClientMessage, IDLE, ITEMS, MAX_MESSAGE, PURCHASES_IN_FLIGHT, PlayStats, ServerMessage, Session,
+};
 pub use self::store::{Bought, Store, StoreResult, Stored};
 pub use self::world::{MAX_STEP, NEAR, SIDE, SIGHT, TICK};
 
@@ -145,6 +147,11 @@ pub(crate) struct World {
     seats: Mutex<HashMap<u32, Seat>>,
     next_seat: AtomicU64,
     play: Counters,
+    /// The tick loop is running (it starts with the first session, on the
+    /// runtime that serves it).
+    ticking: AtomicBool,
+    /// Replays with a processing job queued, and since when.
+    in_queue: Mutex<HashMap<u64, tokio::time::Instant>>,
     /// The game stopped: the tick loop ends.
     stopped: AtomicBool,
 }
@@ -284,6 +291,8 @@ impl Game {
                     rating: seeded_rating(id),
                     coins: seeded_coins(id).saturating_sub(spent.get(&id).copied().unwrap_or(0)),
                     replays: 0,
+                    seat: 0,
+                    moved: None,
                     x: (mix64(u64::from(id) ^ 0x51de) % 1000) as f32,
                     y: (mix64(u64::from(id) ^ 0x7a11) % 1000) as f32,
                     seq: 0,
@@ -310,8 +319,9 @@ impl Game {
             next_seat: AtomicU64::new(1),
             play: Counters::default(),
             stopped: AtomicBool::new(false),
+            ticking: AtomicBool::new(false),
+            in_queue: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(play::tick_loop(Arc::downgrade(&world), clock));
         let pool = CpuPool::new(None, 1024);
         let defer = Defer::start(
             &model,
@@ -327,13 +337,29 @@ impl Game {
             classes,
             gratify: false,
         };
-        // What the last run accepted and did not process.
-        for (id, player, data) in queued {
-            if let Err(e) = game.queue_replay(id, player, Bytes::from(data)) {
-                tracing::warn!(replay = id, error = %e, "cannot queue a kept replay; it waits for the next start");
-            }
+        // What the last run accepted and did not process; and from now on,
+        // what could not be queued or whose job gave up.
+        for (id, player) in queued {
+            game.queue_replay(id, player);
         }
+        tokio::spawn(sweep(game.downgrade()));
         Ok(game)
+    }
+
+    fn downgrade(&self) -> WeakGame {
+        WeakGame {
+            world: Arc::downgrade(&self.world),
+            stack: self.stack.clone(),
+            pool: self.pool.clone(),
+            defer: self.defer.clone(),
+            ready: Arc::clone(&self.ready),
+            classes: self.classes,
+        }
+    }
+
+    /// Where player `id` is.
+    pub fn position(&self, id: u32) -> Option<(f32, f32)> {
+        self.world.read().get(id).map(|p| (p.x, p.y))
     }
 
     /// The stack.
@@ -456,28 +482,117 @@ impl Game {
         Ok(())
     }
 
-    /// Defers the processing of kept replay `id`: analysed on the CPU pool
-    /// when the load allows, its result committed there.
-    fn queue_replay(&self, id: u64, player: u32, body: Bytes) -> Result<(), gratify::BoxError> {
+    /// Defers the processing of kept replay `id` (unless a job for it is
+    /// queued already and not stale): read from the database, analysed and
+    /// its result committed on the CPU pool when the load allows. A replay
+    /// that cannot be queued now stays in the database for the sweep.
+    fn queue_replay(&self, id: u64, player: u32) {
+        let now = tokio::time::Instant::now();
+        {
+            let mut queued = self
+                .world
+                .in_queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if queued
+                .get(&id)
+                .is_some_and(|since| now.saturating_duration_since(*since) < STALE)
+            {
+                return;
+            }
+            queued.insert(id, now);
+        }
         let worker = self.clone();
         let job = move || {
             let game = worker.clone();
-            let body = body.clone();
             async move {
                 let pool = game.pool.clone();
-                pool.run(0.0, None, move || {
-                    let delta = analyse(&body);
-                    game.finish_replay(id, player, delta)
+                let done = game.clone();
+                pool.run(0.0, None, move || -> StoreResult<()> {
+                    // Processed meanwhile (a retry, or a stale job's twin):
+                    // no data, nothing to do.
+                    let Some(data) = game.world.store.replay_data(id)? else {
+                        return Ok(());
+                    };
+                    game.finish_replay(id, player, analyse(&data))
                 })
                 .await
                 .map_err(|e| -> gratify::BoxError { e.to_string().into() })?
-                .map_err(|e| -> gratify::BoxError { e.to_string().into() })
+                .map_err(|e| -> gratify::BoxError { e.to_string().into() })?;
+                done.world
+                    .in_queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&id);
+                Ok(())
             }
         };
-        self.defer
-            .spawn(format!("replay-{id}"), self.classes.replay_processing, job)
-            .map_err(|e| -> gratify::BoxError { e.to_string().into() })?;
-        Ok(())
+        if let Err(e) =
+            self.defer
+                .spawn(format!("replay-{id}"), self.classes.replay_processing, job)
+        {
+            self.world
+                .in_queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
+            tracing::warn!(replay = id, error = %e, "cannot queue a replay now; the sweep will");
+        }
+    }
+}
+
+/// A queued replay job this old is presumed dead (it gave up, or its
+/// queue was lost) and is queued again; a twin of a live one finds the
+/// replay processed and does nothing.
+const STALE: Duration = Duration::from_secs(600);
+
+/// How often the sweep looks for replays kept and not queued.
+pub const SWEEP: Duration = Duration::from_secs(30);
+
+/// A game that does not keep its world alive: for its background tasks.
+struct WeakGame {
+    world: std::sync::Weak<World>,
+    stack: Stack,
+    pool: CpuPool,
+    defer: Defer,
+    ready: Arc<AtomicBool>,
+    classes: Classes,
+}
+
+impl WeakGame {
+    fn upgrade(&self) -> Option<Game> {
+        let world = self.world.upgrade()?;
+        if world.stopped.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(Game {
+            world,
+            stack: self.stack.clone(),
+            pool: self.pool.clone(),
+            defer: self.defer.clone(),
+            ready: Arc::clone(&self.ready),
+            classes: self.classes,
+            gratify: false,
+        })
+    }
+}
+
+/// Every [`SWEEP`], queues the replays kept and not processed that have no
+/// live job (one that could not be queued, or gave up): an accepted replay
+/// is processed in this run, not only after a restart. Ends with the game.
+async fn sweep(game: WeakGame) {
+    loop {
+        tokio::time::sleep(SWEEP).await;
+        let Some(live) = game.upgrade() else {
+            return;
+        };
+        let world = Arc::clone(&live.world);
+        let Some(Ok(queued)) = blocking(move || world.store.queued_replays()).await else {
+            continue;
+        };
+        for (id, player) in queued {
+            live.queue_replay(id, player);
+        }
     }
 }
 
@@ -579,12 +694,22 @@ fn check_upload(
     Ok(me)
 }
 
-/// Keeps an uploaded replay in the database; its id.
-async fn keep(game: &Game, me: u32, body: &Bytes) -> Option<u64> {
+/// The header a client names an upload with, so that a retry after a lost
+/// answer is the same upload (1 to 64 bytes).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Keeps an uploaded replay in the database: its id, and whether it is new
+/// (not a retry of an upload with the same idempotency key).
+async fn keep(game: &Game, me: u32, headers: &HeaderMap, body: &Bytes) -> Option<(u64, bool)> {
+    let key = headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty() && k.len() <= 64)
+        .map(str::to_owned);
     let world = game.world.clone();
     let data = body.clone();
-    match blocking(move || world.store.add_replay(me, &data)).await {
-        Some(Ok(id)) => Some(id),
+    match blocking(move || world.store.add_replay(me, key.as_deref(), &data)).await {
+        Some(Ok(kept)) => Some(kept),
         Some(Err(e)) => {
             tracing::warn!(player = me, error = %e, "cannot keep a replay");
             None
@@ -593,23 +718,45 @@ async fn keep(game: &Game, me: u32, body: &Bytes) -> Option<u64> {
     }
 }
 
+/// The answer to an upload kept before (a retry): the replay as it is now.
+async fn kept_before(game: &Game, id: u64) -> Response {
+    let world = game.world.clone();
+    let status = match blocking(move || world.store.replay(id)).await {
+        Some(Ok(Some((_, Stored::Processed(_))))) => ReplayStatus::Processed,
+        _ => ReplayStatus::Queued,
+    };
+    json(
+        StatusCode::OK,
+        "no-store",
+        &serde_json::json!({ "replay": id, "status": status }),
+    )
+}
+
 /// The baseline: the replay is analysed before the upload is answered.
 async fn upload_inline(State(game): State<Game>, headers: HeaderMap, body: Bytes) -> Response {
     let me = match check_upload(&game, &headers, &body) {
         Ok(me) => me,
         Err((status, text)) => return refuse(status, text),
     };
-    let Some(id) = keep(&game, me, &body).await else {
+    let Some((id, new)) = keep(&game, me, &headers, &body).await else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "try the upload later\n");
     };
+    if !new {
+        return kept_before(&game, id).await;
+    }
     let delta = analyse(&body);
     let worker = game.clone();
     if !matches!(
         blocking(move || worker.finish_replay(id, me, delta)).await,
         Some(Ok(()))
     ) {
-        // Kept: the next start processes it.
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "try the upload later\n");
+        // Kept, so accepted: processed later, never to be uploaded again.
+        game.queue_replay(id, me);
+        return json(
+            StatusCode::ACCEPTED,
+            "no-store",
+            &serde_json::json!({ "replay": id, "status": ReplayStatus::Queued }),
+        );
     }
     json(
         StatusCode::CREATED,
@@ -621,19 +768,20 @@ async fn upload_inline(State(game): State<Game>, headers: HeaderMap, body: Bytes
 /// With gratify: the upload is kept in the database and accepted at once;
 /// the analysis is deferred (run when the load allows) and offloaded (on
 /// the CPU pool, off the async threads). A crash before it is done loses
-/// nothing: the next start queues it again.
+/// nothing: the next start queues it again. With an `Idempotency-Key`
+/// header, a retry of an upload is answered with the replay kept before.
 async fn upload_deferred(State(game): State<Game>, headers: HeaderMap, body: Bytes) -> Response {
     let me = match check_upload(&game, &headers, &body) {
         Ok(me) => me,
         Err((status, text)) => return refuse(status, text),
     };
-    let Some(id) = keep(&game, me, &body).await else {
+    let Some((id, new)) = keep(&game, me, &headers, &body).await else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "try the upload later\n");
     };
-    if let Err(e) = game.queue_replay(id, me, body) {
-        // Kept, so not lost: the next start queues it again.
-        tracing::warn!(replay = id, error = %e, "cannot queue the replay now");
+    if !new {
+        return kept_before(&game, id).await;
     }
+    game.queue_replay(id, me);
     json(
         StatusCode::ACCEPTED,
         "no-store",

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use axum::extract::State;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -129,8 +129,13 @@ pub struct PlayStats {
     pub moves: u64,
     /// Moves applied in their tick.
     pub applied: u64,
-    /// Moves dropped: their tick had closed before they could be applied.
+    /// Moves dropped because their tick had closed (or was not open yet)
+    /// before they could be applied.
     pub late: u64,
+    /// Moves dropped as not the session's next: a second move in one
+    /// tick, a sequence number not above the last, or a move of a session
+    /// whose seat another connection took.
+    pub dropped: u64,
     /// Moves refused a slot by the limiter.
     pub refused: u64,
     /// Tick frames sent to players.
@@ -148,6 +153,7 @@ pub(crate) struct Counters {
     moves: AtomicU64,
     applied: AtomicU64,
     late: AtomicU64,
+    dropped: AtomicU64,
     refused: AtomicU64,
     frames: AtomicU64,
     frames_dropped: AtomicU64,
@@ -157,6 +163,13 @@ pub(crate) struct Counters {
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Why a move did not count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotCounted {
+    Late,
+    Dropped,
 }
 
 /// A connected player's seat: where the tick loop sends its frames.
@@ -202,6 +215,15 @@ impl Game {
     fn seat(&self, player: u32, admitted: bool) -> (Session, mpsc::Receiver<String>) {
         let (tx, rx) = mpsc::channel(FRAMES_QUEUED);
         let number = self.world.next_seat.fetch_add(1, Ordering::Relaxed);
+        // The tick loop runs on the runtime that serves the first session.
+        if !self.world.ticking.swap(true, Ordering::SeqCst) {
+            tokio::spawn(tick_loop(Arc::downgrade(&self.world), self.world.clock));
+        }
+        // A new session counts its moves from 1; an earlier session's
+        // moves no longer count.
+        if let Some(p) = self.world.write().get_mut(player) {
+            (p.seq, p.moved, p.seat) = (0, None, number);
+        }
         self.world
             .seats()
             .insert(player, Seat { number, frames: tx });
@@ -225,6 +247,7 @@ impl Game {
             moves: n(&c.moves),
             applied: n(&c.applied),
             late: n(&c.late),
+            dropped: n(&c.dropped),
             refused: n(&c.refused),
             frames: n(&c.frames),
             frames_dropped: n(&c.frames_dropped),
@@ -232,6 +255,16 @@ impl Game {
             purchases_refused: n(&c.purchases_refused),
         }
     }
+}
+
+/// The message in `text`, or the error to answer.
+fn parse(text: &str) -> Result<ClientMessage, String> {
+    serde_json::from_str::<ClientMessage>(text).map_err(|e| {
+        ServerMessage::Error {
+            message: format!("expected a move or a buy: {e}"),
+        }
+        .text()
+    })
 }
 
 impl Session {
@@ -243,23 +276,13 @@ impl Session {
     /// Handles one message from the player; the answer to send back, if
     /// any (a move has none: the next frame's `ack` says if it counted).
     pub async fn handle(&self, text: &str) -> Option<String> {
-        let message = match serde_json::from_str::<ClientMessage>(text) {
-            Ok(m) => m,
-            Err(e) => {
-                return Some(
-                    ServerMessage::Error {
-                        message: format!("expected a move or a buy: {e}"),
-                    }
-                    .text(),
-                );
-            }
-        };
-        match message {
-            ClientMessage::Move { tick, seq, x, y } => {
+        match parse(text) {
+            Ok(ClientMessage::Move { tick, seq, x, y }) => {
                 self.move_to(tick, seq, x, y).await;
                 None
             }
-            ClientMessage::Buy { id, item } => Some(self.buy(id, item).await.text()),
+            Ok(ClientMessage::Buy { id, item }) => Some(self.buy(id, item).await.text()),
+            Err(answer) => Some(answer),
         }
     }
 
@@ -268,13 +291,41 @@ impl Session {
         self.admitted.then(|| self.game.stack.limiter()).flatten()
     }
 
+    /// Why a move for `tick` cannot count now, if it cannot: its tick is
+    /// not the open one (`late`), or it is not this session's next move
+    /// (`dropped`: the seat is another session's, the player moved this
+    /// tick already, or its sequence number is not above the last).
+    fn verdict(
+        &self,
+        players: &world::Players,
+        tick: u64,
+        seq: u64,
+        end: Instant,
+    ) -> Option<NotCounted> {
+        if players.tick != tick || Instant::now() >= end {
+            return Some(NotCounted::Late);
+        }
+        match players.get(self.player) {
+            Some(p) if p.seat == self.seat && p.moved != Some(tick) && seq > p.seq => None,
+            _ => Some(NotCounted::Dropped),
+        }
+    }
+
     async fn move_to(&self, tick: u64, seq: u64, x: f32, y: f32) {
         let world = &self.game.world;
         bump(&world.play.moves);
         let end = world.clock.end_of(tick);
-        if world.read().tick != tick || Instant::now() >= end {
-            bump(&world.play.late);
-            return;
+        let count = |why: Option<NotCounted>| {
+            bump(match why {
+                None => &world.play.applied,
+                Some(NotCounted::Late) => &world.play.late,
+                Some(NotCounted::Dropped) => &world.play.dropped,
+            });
+        };
+        // Checked before asking for a slot: a move that cannot count takes
+        // none (one move a tick per player asks the limiter).
+        if let Some(why) = self.verdict(&world.read(), tick, seq, end) {
+            return count(Some(why));
         }
         // Behind gratify, a slot, waiting no later than the tick's end.
         let permit = match self.limiter() {
@@ -287,23 +338,19 @@ impl Session {
             },
             None => None,
         };
-        let applied = {
+        let why = {
             let mut players = world.write();
-            let open = players.tick == tick && Instant::now() < end;
-            match players.get_mut(self.player) {
-                Some(p) if open && seq > p.seq => {
-                    (p.x, p.y) = world::step(p.x, p.y, x, y);
-                    p.seq = seq;
-                    true
-                }
-                _ => false,
+            let why = self.verdict(&players, tick, seq, end);
+            if why.is_none()
+                && let Some(p) = players.get_mut(self.player)
+            {
+                (p.x, p.y) = world::step(p.x, p.y, x, y);
+                p.seq = seq;
+                p.moved = Some(tick);
             }
+            why
         };
-        bump(if applied {
-            &world.play.applied
-        } else {
-            &world.play.late
-        });
+        count(why);
         if let Some(permit) = permit {
             permit.complete(Outcome::Success);
         }
@@ -370,11 +417,7 @@ impl Session {
                     coins,
                 }
             }
-            Ok((Ok(Bought::Already), coins)) => ServerMessage::Bought {
-                id,
-                item: item_name.to_owned(),
-                coins,
-            },
+            Ok((Ok(Bought::Already(item)), coins)) => ServerMessage::Bought { id, item, coins },
             Ok((Ok(Bought::TooPoor), _)) => refused(id, "coins", None),
             Ok((Err(e), _)) => {
                 tracing::warn!(player, error = %e, "a purchase failed");
@@ -399,26 +442,101 @@ pub(crate) async fn play(
     };
     ws.max_message_size(MAX_MESSAGE)
         .max_frame_size(MAX_MESSAGE)
-        .on_upgrade(move |socket| serve(game, me, socket))
+        .on_upgrade(move |socket| {
+            let admitted = game.gratify;
+            let (sink, stream) = socket.split();
+            async move { game.serve(me, admitted, stream, sink).await }
+        })
 }
 
-/// Serves one WebSocket: messages in order, answers and tick frames out.
-async fn serve(game: Game, me: u32, socket: WebSocket) {
-    let (session, mut frames) = game.seat(me, game.gratify);
-    let (mut sink, mut stream) = socket.split();
+/// Purchases of one session in progress at once; more are refused `busy`.
+pub const PURCHASES_IN_FLIGHT: usize = 4;
+
+/// A session that sends nothing for this long is closed (a client sends a
+/// move a tick while it plays).
+pub const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves one WebSocket: moves in order as they come, purchases beside
+/// them (a purchase waiting for its slot or the database never holds up
+/// the player's moves), answers and tick frames out.
+impl Game {
+    /// Serves `player`'s session over a stream of incoming messages and a
+    /// sink for outgoing ones (a WebSocket's halves, as `GET /play` does,
+    /// or another transport's) as the server behind gratify does, until
+    /// either side ends, the player is seated elsewhere, or the game stops.
+    pub async fn serve_session<St, Si, E>(&self, player: u32, incoming: St, outgoing: Si)
+    where
+        St: futures_util::Stream<Item = Result<Message, E>> + Unpin,
+        Si: futures_util::Sink<Message> + Unpin,
+    {
+        self.serve(player, true, incoming, outgoing).await;
+    }
+
+    async fn serve<St, Si, E>(&self, me: u32, admitted: bool, stream: St, sink: Si)
+    where
+        St: futures_util::Stream<Item = Result<Message, E>> + Unpin,
+        Si: futures_util::Sink<Message> + Unpin,
+    {
+        serve(self, me, admitted, stream, sink).await;
+    }
+}
+
+async fn serve<St, Si, E>(game: &Game, me: u32, admitted: bool, mut stream: St, mut sink: Si)
+where
+    St: futures_util::Stream<Item = Result<Message, E>> + Unpin,
+    Si: futures_util::Sink<Message> + Unpin,
+{
+    let (session, mut frames) = game.seat(me, admitted);
+    let session = Arc::new(session);
+    let purchases = Arc::new(tokio::sync::Semaphore::new(PURCHASES_IN_FLIGHT));
     let (answers, mut answered) = mpsc::channel::<String>(32);
     let reader = async {
-        while let Some(Ok(message)) = stream.next().await {
-            let answer = match message {
-                Message::Text(text) => session.handle(text.as_str()).await,
-                Message::Binary(_) => Some(
-                    ServerMessage::Error {
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(IDLE, stream.next()).await {
+            let text = match message {
+                Message::Text(text) => text,
+                Message::Binary(_) => {
+                    let error = ServerMessage::Error {
                         message: "messages are JSON text".into(),
+                    };
+                    if answers.send(error.text()).await.is_err() {
+                        break;
                     }
-                    .text(),
-                ),
+                    continue;
+                }
                 Message::Close(_) => break,
-                Message::Ping(_) | Message::Pong(_) => None,
+                Message::Ping(_) | Message::Pong(_) => continue,
+            };
+            let answer = match parse(text.as_str()) {
+                Ok(ClientMessage::Move { tick, seq, x, y }) => {
+                    session.move_to(tick, seq, x, y).await;
+                    None
+                }
+                Ok(ClientMessage::Buy { id, item }) => {
+                    match Arc::clone(&purchases).try_acquire_owned() {
+                        Ok(slot) => {
+                            // It completes even if the player goes away; its
+                            // answer is then lost, and a retry with its id
+                            // gets it without paying again.
+                            let session = Arc::clone(&session);
+                            let answers = answers.clone();
+                            tokio::spawn(async move {
+                                let answer = session.buy(id, item).await.text();
+                                drop(slot);
+                                let _ = answers.send(answer).await;
+                            });
+                            None
+                        }
+                        Err(_) => Some(
+                            ServerMessage::Refused {
+                                id,
+                                reason: "busy".into(),
+                                retry_after_ms: Some(1000),
+                            }
+                            .text(),
+                        ),
+                    }
+                }
+                Err(answer) => Some(answer),
             };
             if let Some(answer) = answer
                 && answers.send(answer).await.is_err()
@@ -464,13 +582,13 @@ pub(crate) async fn tick_loop(world: Weak<World>, clock: Clock) {
         if world.stopped.load(Ordering::Relaxed) {
             return;
         }
-        tick = clock.tick_at(Instant::now()).max(tick + 1);
-        send_frames(&world, tick);
+        tick = send_frames(&world, clock);
     }
 }
 
-/// Opens `tick` and sends its frames.
-fn send_frames(world: &Arc<World>, tick: u64) {
+/// Opens the tick of now (the one after the last opened, at least) and
+/// sends its frames; the tick opened.
+fn send_frames(world: &Arc<World>, clock: Clock) -> u64 {
     let seated: Vec<(u32, mpsc::Sender<String>)> = world
         .seats()
         .iter()
@@ -478,8 +596,11 @@ fn send_frames(world: &Arc<World>, tick: u64) {
         .collect();
     // Close the last tick and read the positions in one step: a move
     // applied before is in these frames, one applied after is for `tick`.
-    let (online, acks) = {
+    let (tick, online, acks) = {
         let mut players = world.write();
+        // The time read once the lock is held: a tick that closed while
+        // the loop waited for it is not opened.
+        let tick = clock.tick_at(Instant::now()).max(players.tick + 1);
         players.tick = tick;
         let mut online = Vec::with_capacity(seated.len());
         let mut acks = Vec::with_capacity(seated.len());
@@ -488,7 +609,7 @@ fn send_frames(world: &Arc<World>, tick: u64) {
             online.push((*id, p.map_or(0.0, |p| p.x), p.map_or(0.0, |p| p.y)));
             acks.push(p.map_or(0, |p| p.seq));
         }
-        (online, acks)
+        (tick, online, acks)
     };
     let near = world::neighbours(&online);
     let mut gone = Vec::new();
@@ -508,4 +629,5 @@ fn send_frames(world: &Arc<World>, tick: u64) {
             }
         }
     }
+    tick
 }

@@ -13,6 +13,10 @@
 //! result counts once). The file is in WAL mode with `synchronous = NORMAL`:
 //! a killed process loses nothing committed; a power cut may lose the last
 //! commits.
+//!
+//! One process owns the file: the database is opened in SQLite's exclusive
+//! locking mode, and a second process opening it fails ("database is
+//! locked") rather than spending coins the first one also spends.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,12 +37,13 @@ pub enum Stored {
 }
 
 /// What a purchase did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bought {
     /// Bought now; the coins left.
     Now(u64),
-    /// This request was already bought (a retry): nothing more is spent.
-    Already,
+    /// This request id was bought before (a retry), this item: nothing
+    /// more is spent.
+    Already(String),
     /// Not enough coins; nothing is spent.
     TooPoor,
 }
@@ -64,7 +69,8 @@ impl Store {
     /// SQLite's.
     pub fn open(path: &Path) -> StoreResult<Self> {
         let conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Another process holding the file: fail soon, not after a while.
+        conn.busy_timeout(std::time::Duration::from_millis(500))?;
         Self::with(conn)
     }
 
@@ -80,14 +86,18 @@ impl Store {
 
     fn with(conn: Connection) -> StoreResult<Self> {
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
+            "PRAGMA locking_mode = EXCLUSIVE;
+             PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS replays (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
                  player INTEGER NOT NULL,
+                 key TEXT,
                  data BLOB,
                  delta INTEGER);
              CREATE INDEX IF NOT EXISTS replays_queued ON replays (id) WHERE delta IS NULL;
+             CREATE UNIQUE INDEX IF NOT EXISTS replays_key ON replays (player, key)
+                 WHERE key IS NOT NULL;
              CREATE TABLE IF NOT EXISTS purchases (
                  player INTEGER NOT NULL,
                  request TEXT NOT NULL,
@@ -106,18 +116,58 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Keeps an uploaded replay until it is processed; its id.
+    /// Keeps an uploaded replay until it is processed: its id, and `true`
+    /// if it is new. With `key` (the client's idempotency key), an upload
+    /// the player made before with the same key is that replay (`false`):
+    /// a retry after a lost answer is not a second replay.
     ///
     /// # Errors
     ///
     /// SQLite's.
-    pub fn add_replay(&self, player: u32, data: &[u8]) -> StoreResult<u64> {
+    pub fn add_replay(
+        &self,
+        player: u32,
+        key: Option<&str>,
+        data: &[u8],
+    ) -> StoreResult<(u64, bool)> {
         let conn = self.conn();
+        if let Some(key) = key {
+            let known: Option<i64> = conn
+                .query_row(
+                    "SELECT id FROM replays WHERE player = ?1 AND key = ?2",
+                    params![player, key],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(id) = known {
+                return Ok((id as u64, false));
+            }
+        }
         conn.execute(
-            "INSERT INTO replays (player, data) VALUES (?1, ?2)",
-            params![player, data],
+            "INSERT INTO replays (player, key, data) VALUES (?1, ?2, ?3)",
+            params![player, key, data],
         )?;
-        Ok(conn.last_insert_rowid() as u64)
+        Ok((conn.last_insert_rowid() as u64, true))
+    }
+
+    /// The data of a replay not processed yet (`None` once processed).
+    ///
+    /// # Errors
+    ///
+    /// SQLite's.
+    pub fn replay_data(&self, id: u64) -> StoreResult<Option<Vec<u8>>> {
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(None);
+        };
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT data FROM replays WHERE id = ?1 AND delta IS NULL",
+                [id],
+                |r| r.get::<_, Option<Vec<u8>>>(0),
+            )
+            .optional()?
+            .flatten())
     }
 
     /// Records a replay's result and forgets its data, if it was still
@@ -156,19 +206,18 @@ impl Store {
             .optional()
     }
 
-    /// Every replay accepted and not processed yet, oldest first: the work
-    /// a start takes up again.
+    /// Every replay accepted and not processed yet, oldest first (ids and
+    /// players; the data stays on disk until processed): the work a start
+    /// takes up again.
     ///
     /// # Errors
     ///
     /// SQLite's.
-    pub fn queued_replays(&self) -> StoreResult<Vec<(u64, u32, Vec<u8>)>> {
+    pub fn queued_replays(&self) -> StoreResult<Vec<(u64, u32)>> {
         let conn = self.conn();
         let mut stmt =
-            conn.prepare("SELECT id, player, data FROM replays WHERE delta IS NULL ORDER BY id")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
-        })?;
+            conn.prepare("SELECT id, player FROM replays WHERE delta IS NULL ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
         rows.collect()
     }
 
@@ -218,15 +267,15 @@ impl Store {
         pay: impl FnOnce(u64),
     ) -> StoreResult<Bought> {
         let conn = self.conn();
-        let known: Option<i64> = conn
+        let known: Option<String> = conn
             .query_row(
-                "SELECT 1 FROM purchases WHERE player = ?1 AND request = ?2",
+                "SELECT item FROM purchases WHERE player = ?1 AND request = ?2",
                 params![player, request],
                 |r| r.get(0),
             )
             .optional()?;
-        if known.is_some() {
-            return Ok(Bought::Already);
+        if let Some(item) = known {
+            return Ok(Bought::Already(item));
         }
         let have = coins();
         if have < price {
@@ -249,19 +298,38 @@ mod tests {
     #[test]
     fn a_replay_counts_once_and_a_purchase_is_paid_once() {
         let store = Store::in_memory().unwrap();
-        let id = store.add_replay(3, b"frames").unwrap();
+        let (id, new) = store.add_replay(3, Some("k1"), b"frames").unwrap();
+        assert!(new);
+        // The same key again (a retry): the same replay.
+        assert_eq!(
+            store.add_replay(3, Some("k1"), b"frames").unwrap(),
+            (id, false)
+        );
+        // Another player's key, or no key: another replay.
+        let (other, new) = store.add_replay(4, Some("k1"), b"x").unwrap();
+        assert!(new && other != id);
+        let (third, new) = store.add_replay(3, None, b"y").unwrap();
+        assert!(new && third != id);
         assert_eq!(store.replay(id).unwrap(), Some((3, Stored::Queued)));
         assert_eq!(
+            store.replay_data(id).unwrap().as_deref(),
+            Some(&b"frames"[..])
+        );
+        assert_eq!(
             store.queued_replays().unwrap(),
-            vec![(id, 3, b"frames".to_vec())]
+            vec![(id, 3), (other, 4), (third, 3)]
         );
         assert!(store.finish_replay(id, 7).unwrap());
         // Processed again (a restart between the analysis and the commit
         // of another process): counted once.
         assert!(!store.finish_replay(id, 7).unwrap());
         assert_eq!(store.replay_results().unwrap()[&3], (7, 1));
-        assert!(store.queued_replays().unwrap().is_empty());
-        assert_eq!(store.replay(id + 1).unwrap(), None);
+        assert_eq!(
+            store.queued_replays().unwrap(),
+            vec![(other, 4), (third, 3)]
+        );
+        assert_eq!(store.replay_data(id).unwrap(), None, "processed: no data");
+        assert_eq!(store.replay(third + 1).unwrap(), None);
         assert_eq!(store.replay(u64::MAX).unwrap(), None);
 
         let mut coins = 100;
@@ -275,9 +343,31 @@ mod tests {
             r
         };
         assert_eq!(buy("a", 60), Bought::Now(40));
-        assert_eq!(buy("a", 60), Bought::Already);
+        assert_eq!(buy("a", 60), Bought::Already("sword".into()));
         assert_eq!(buy("b", 60), Bought::TooPoor);
         assert_eq!(coins, 40);
         assert_eq!(store.spent().unwrap()[&1], 60);
+    }
+
+    #[test]
+    fn one_process_owns_the_file() {
+        let path = std::env::temp_dir().join(format!(
+            "gratify-store-lock-{}-{}.db",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let first = Store::open(&path).unwrap();
+        first.add_replay(1, None, b"x").unwrap();
+        assert!(Store::open(&path).is_err(), "a second owner was let in");
+        drop(first);
+        let again = Store::open(&path).unwrap();
+        assert_eq!(again.queued_replays().unwrap().len(), 1);
+        drop(again);
+        for end in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{end}", path.display()));
+        }
     }
 }

@@ -37,8 +37,13 @@ pub(crate) struct Player {
     pub(crate) replays: u32,
     pub(crate) x: f32,
     pub(crate) y: f32,
-    /// The last move applied (its sequence number).
+    /// The last move applied in the current session (its sequence
+    /// number; 0 when the session opens).
     pub(crate) seq: u64,
+    /// The session whose moves count (the latest seated).
+    pub(crate) seat: u64,
+    /// The tick of the last move applied: one move a tick.
+    pub(crate) moved: Option<u64>,
 }
 
 /// Every player, and their ratings in order: best first, then by id.
@@ -146,10 +151,13 @@ impl Clock {
         (since.as_nanos() / TICK.as_nanos()) as u64
     }
 
-    /// When tick `t` closes: a move for it must be applied before.
+    /// When tick `t` closes: a move for it must be applied before (a tick
+    /// past the clock's range closes at the end of time).
     pub(crate) fn end_of(&self, t: u64) -> Instant {
-        let ticks = u32::try_from(t.saturating_add(1)).unwrap_or(u32::MAX);
-        self.epoch + TICK * ticks
+        let nanos = (TICK.as_nanos() as u64).saturating_mul(t.saturating_add(1));
+        self.epoch
+            .checked_add(Duration::from_nanos(nanos))
+            .unwrap_or_else(|| self.epoch + Duration::from_secs(86_400 * 365 * 100))
     }
 }
 
@@ -242,6 +250,8 @@ mod tests {
                     x: 0.0,
                     y: 0.0,
                     seq: 0,
+                    seat: 0,
+                    moved: None,
                 })
                 .collect(),
         )
@@ -357,5 +367,6 @@ mod tests {
         assert_eq!(c.tick_at(epoch + TICK - Duration::from_nanos(1)), 0);
         assert_eq!(c.tick_at(c.end_of(0)), 1);
         assert_eq!(c.end_of(4), epoch + TICK * 5);
+        assert!(c.end_of(u64::MAX) > c.end_of(1 << 30), "no overflow");
     }
 }
