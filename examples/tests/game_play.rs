@@ -732,7 +732,9 @@ async fn a_purchase_waiting_for_its_slot_never_holds_up_the_players_moves() {
     use axum::extract::ws::Message;
     let game = one_slot();
     let limiter = game.stack().limiter().unwrap().clone();
-    let me = (4_000..PLAYERS).find(|&id| seeded_coins(id) >= 100).unwrap();
+    let me = (4_000..PLAYERS)
+        .find(|&id| seeded_coins(id) >= 100)
+        .unwrap();
     let (to_server, mut from_server, task) = served(&game, me);
     let Some(ServerMessage::Tick { tick, .. }) = decode(&from_server.recv().await.unwrap()) else {
         panic!("a frame first")

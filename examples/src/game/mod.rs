@@ -536,7 +536,15 @@ impl Game {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&id);
-            tracing::warn!(replay = id, error = %e, "cannot queue a replay now; the sweep will");
+            match e {
+                // Stopping: kept for the next start.
+                gratify::offload::DeferError::Closed => {
+                    tracing::debug!(replay = id, "stopping: the replay waits for the next start");
+                }
+                e => {
+                    tracing::warn!(replay = id, error = %e, "cannot queue the replay now; the sweep queues it later");
+                }
+            }
         }
     }
 }
