@@ -219,7 +219,7 @@ pub async fn play(
     let mut tasks = tokio::task::JoinSet::new();
     for (i, id) in who(players.count).into_iter().enumerate() {
         let shared = Arc::clone(&shared);
-        let buy_p = players.buys_per_minute / 60.0 * TICK.as_secs_f64();
+        let buy_rate = players.buys_per_minute / 60.0;
         // Connections spread over the first second.
         let start = Instant::now()
             + Duration::from_millis(i as u64 * 1000 / u64::from(players.count.max(1)));
@@ -230,7 +230,7 @@ pub async fn play(
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .turns += turns as u64;
-            player(addr, id, end, buy_p, run, &shared).await;
+            player(addr, id, end, buy_rate, run, &shared).await;
         });
     }
     while tasks.join_next().await.is_some() {}
@@ -319,7 +319,7 @@ async fn player(
     addr: SocketAddr,
     id: u32,
     end: Instant,
-    buy_p: f64,
+    buy_rate: f64,
     run: u64,
     shared: &Mutex<Shared>,
 ) {
@@ -335,9 +335,22 @@ async fn player(
     if let Ok(value) = format!("Bearer {}", token(id)).parse() {
         request.headers_mut().insert("authorization", value);
     }
+    // Purchases on the player's own clock (about `buy_rate` a second, at
+    // random), none in the last seconds, which could not be answered
+    // before the end.
+    let last_buy = end.checked_sub(Duration::from_secs(3)).unwrap_or(end);
     let connect = tokio::time::timeout_at(end, tokio_tungstenite::connect_async(request)).await;
     let Ok(Ok((ws, _))) = connect else {
-        lock().not_connected += 1;
+        // The purchases it would have made are sales lost.
+        let owed = (last_buy
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64()
+            * buy_rate)
+            .round() as u64;
+        let mut s = lock();
+        s.not_connected += 1;
+        s.buys_sent += owed;
+        s.buys.extend((0..owed).map(|_| (BuyEnd::Failed, 0.0)));
         return;
     };
     let (mut sink, mut stream) = ws.split();
@@ -355,9 +368,30 @@ async fn player(
     let mut buys: HashMap<String, Instant> = HashMap::new();
     let mut buy_n = 0u64;
     let mut local = Shared::default();
+    let draw = |rng: &mut dyn FnMut() -> u64| {
+        // Exponential gaps: a Poisson stream of purchases.
+        let u = ((rng() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        Duration::from_secs_f64((-u.ln() / buy_rate.max(1e-9)).min(3600.0))
+    };
+    let mut buy_at = Instant::now() + draw(&mut next);
     loop {
         // Until the run is over, or the server closes or fails.
-        let Ok(Some(Ok(message))) = tokio::time::timeout_at(end, stream.next()).await else {
+        let message = tokio::select! {
+            message = tokio::time::timeout_at(end, stream.next()) => message,
+            () = tokio::time::sleep_until(buy_at), if buy_at < last_buy => {
+                buy_at += draw(&mut next);
+                buy_n += 1;
+                let order = format!("{run}-{id}-{buy_n}");
+                let buy = format!(r#"{{"type":"buy","id":"{order}","item":"potion"}}"#);
+                if sink.send(Message::text(buy)).await.is_err() {
+                    break;
+                }
+                local.buys_sent += 1;
+                buys.insert(order, Instant::now());
+                continue;
+            }
+        };
+        let Ok(Some(Ok(message))) = message else {
             break;
         };
         let Message::Text(text) = message else {
@@ -396,19 +430,6 @@ async fn player(
                     break;
                 }
                 pending = Some((tick, seq, now));
-                // No purchase in the last seconds, which could not be
-                // answered before the end.
-                let buying = end.saturating_duration_since(now) > Duration::from_secs(3);
-                if buying && ((next() >> 11) as f64 / (1u64 << 53) as f64) < buy_p {
-                    buy_n += 1;
-                    let order = format!("{run}-{id}-{buy_n}");
-                    let buy = format!(r#"{{"type":"buy","id":"{order}","item":"potion"}}"#);
-                    if sink.send(Message::text(buy)).await.is_err() {
-                        break;
-                    }
-                    local.buys_sent += 1;
-                    buys.insert(order, now);
-                }
             }
             ServerMessage::Bought { id, .. } => {
                 if let Some(sent) = buys.remove(&id) {
@@ -458,4 +479,45 @@ async fn player(
     s.moves_in_time += local.moves_in_time;
     s.buys.extend(local.buys);
     s.buys_sent += local.buys_sent;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_tick_owed_counts_and_unanswered_purchases_fail() {
+        let model = gratify::Stack::from_config(crate::game::CONFIG)
+            .unwrap()
+            .model();
+        let mut s = Shared {
+            turns: 100,
+            moves_sent: 80,
+            moves_in_time: 70,
+            buys_sent: 5,
+            ..Shared::default()
+        };
+        s.buys = vec![
+            (BuyEnd::Bought, 0.010),
+            (BuyEnd::Bought, 0.020),
+            (BuyEnd::Bought, 3.0),
+            (BuyEnd::Busy, 0.001),
+            (BuyEnd::Failed, 0.0),
+        ];
+        let r = report(s, 10, &model);
+        // Ticks without a move sent (no frame came) are moves not made.
+        assert_eq!((r.moves.sent, r.moves.ok, r.moves.failed), (100, 70, 30));
+        let refusal = model.class(model.id("state").unwrap()).refusal_cost();
+        assert!((r.moves.cost - 30.0 * refusal).abs() < 1e-9);
+        let p = &r.purchases;
+        assert_eq!((p.sent, p.ok, p.shed, p.failed), (5, 3, 1, 1));
+        assert_eq!(p.late, 1, "3 s is past the purchase's 2 s deadline");
+        let class = model.class(model.id("purchase").unwrap());
+        let want = [0.010, 0.020, 3.0]
+            .iter()
+            .map(|t| class.response_cost(Duration::from_secs_f64(*t)))
+            .sum::<f64>()
+            + 2.0 * class.refusal_cost();
+        assert!((p.cost - want).abs() < 1e-9, "{} {want}", p.cost);
+    }
 }

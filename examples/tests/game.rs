@@ -154,9 +154,11 @@ async fn uploads_are_accepted_at_once_and_processed_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn matchmaking_finds_the_nearest_ratings_from_the_index() {
     let game = Game::new().unwrap();
-    // Behind gratify (on the CPU pool) and plain: the same answer, the
-    // three nearest ratings a scan of every player would find.
-    for app in [game.router(), game.plain_router()] {
+    // Behind gratify (on the CPU pool) and plain (on the async threads):
+    // the same answer, the three nearest ratings a scan of every player
+    // would find.
+    for (app, pooled) in [(game.router(), true), (game.plain_router(), false)] {
+        let ran = game.pool().stats().done;
         for me in [0u32, 5, 77_777, PLAYERS - 1] {
             let (status, _, body) = call(&app, Method::POST, "/matchmaking", Some(me), b"").await;
             assert_eq!(status, StatusCode::OK, "{body}");
@@ -182,6 +184,8 @@ async fn matchmaking_finds_the_nearest_ratings_from_the_index() {
             all.sort_unstable();
             assert_eq!(got, all[..3], "player {me}");
         }
+        let on_pool = game.pool().stats().done - ran;
+        assert_eq!(on_pool > 0, pooled, "{on_pool} on the pool");
         let (status, _, _) = call(&app, Method::POST, "/matchmaking", None, b"").await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }

@@ -73,7 +73,8 @@ mod store;
 mod world;
 
 pub use self::play::{
-    ClientMessage, IDLE, ITEMS, MAX_MESSAGE, PURCHASES_IN_FLIGHT, PlayStats, ServerMessage, Session,
+    ClientMessage, Frames, IDLE, ITEMS, MAX_MESSAGE, PURCHASES_IN_FLIGHT, PlayStats, SEND_TIMEOUT,
+    ServerMessage, Session,
 };
 pub use self::store::{Bought, Store, StoreResult, Stored};
 pub use self::world::{MAX_STEP, NEAR, SIDE, SIGHT, TICK};
@@ -150,8 +151,11 @@ pub(crate) struct World {
     /// The tick loop is running (it starts with the first session, on the
     /// runtime that serves it).
     ticking: AtomicBool,
-    /// Replays with a processing job queued, and since when.
-    in_queue: Mutex<HashMap<u64, tokio::time::Instant>>,
+    /// Replays with a processing job queued (until the job is gone: done,
+    /// dead or drained).
+    in_queue: Mutex<std::collections::HashSet<u64>>,
+    /// The sweep is running (it starts with the router behind gratify).
+    sweeping: AtomicBool,
     /// The game stopped: the tick loop ends.
     stopped: AtomicBool,
 }
@@ -241,7 +245,9 @@ impl Game {
     /// database in memory (lost with the process; [`open`](Self::open)
     /// keeps it in a file).
     ///
-    /// Call it inside a tokio runtime: it starts the tick loop.
+    /// Call it inside a tokio runtime (its deferred work runs there; the
+    /// tick loop starts with the first session, the sweep with
+    /// [`router`](Self::router)).
     ///
     /// # Errors
     ///
@@ -320,7 +326,8 @@ impl Game {
             play: Counters::default(),
             stopped: AtomicBool::new(false),
             ticking: AtomicBool::new(false),
-            in_queue: Mutex::new(HashMap::new()),
+            in_queue: Mutex::new(std::collections::HashSet::new()),
+            sweeping: AtomicBool::new(false),
         });
         let pool = CpuPool::new(None, 1024);
         let defer = Defer::start(
@@ -340,9 +347,11 @@ impl Game {
         // What the last run accepted and did not process; and from now on,
         // what could not be queued or whose job gave up.
         for (id, player) in queued {
-            game.queue_replay(id, player);
+            if !game.queue_replay(id, player) {
+                tracing::warn!("the replay queue is full; the sweep queues the rest");
+                break;
+            }
         }
-        tokio::spawn(sweep(game.downgrade()));
         Ok(game)
     }
 
@@ -408,6 +417,10 @@ impl Game {
     /// limiter, matchmaking on the CPU pool, replays processed later on the
     /// pool), with the admin service at `/ops/admin`.
     pub fn router(&self) -> Router {
+        // Replays whose job could not be queued are picked up in this run.
+        if !self.world.sweeping.swap(true, Ordering::SeqCst) {
+            tokio::spawn(sweep(self.downgrade()));
+        }
         let admin = self
             .stack
             .admin()
@@ -483,33 +496,32 @@ impl Game {
     }
 
     /// Defers the processing of kept replay `id` (unless a job for it is
-    /// queued already and not stale): read from the database, analysed and
-    /// its result committed on the CPU pool when the load allows. A replay
-    /// that cannot be queued now stays in the database for the sweep.
-    fn queue_replay(&self, id: u64, player: u32) {
-        let now = tokio::time::Instant::now();
-        {
-            let mut queued = self
-                .world
-                .in_queue
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if queued
-                .get(&id)
-                .is_some_and(|since| now.saturating_duration_since(*since) < STALE)
-            {
-                return;
-            }
-            queued.insert(id, now);
+    /// queued already): read from the database, analysed and its result
+    /// committed on the CPU pool when the load allows. `false` if the
+    /// queue refused it (full, or closed): the replay stays in the database
+    /// for the sweep or the next start.
+    fn queue_replay(&self, id: u64, player: u32) -> bool {
+        if !self.in_queues().insert(id) {
+            return true;
         }
-        let worker = self.clone();
+        // Cleared when the job is gone, however it ends (done, dead letter,
+        // drained), so that the sweep may queue it again.
+        let listed = Listed {
+            world: Arc::downgrade(&self.world),
+            id,
+        };
+        // The job holds the game weakly: a queued job does not keep the
+        // world (and its database) alive.
+        let worker = self.downgrade();
         let job = move || {
-            let game = worker.clone();
+            let _listed = &listed;
+            let game = worker.upgrade();
             async move {
+                let game =
+                    game.ok_or_else(|| -> gratify::BoxError { "the game is gone".into() })?;
                 let pool = game.pool.clone();
-                let done = game.clone();
                 pool.run(0.0, None, move || -> StoreResult<()> {
-                    // Processed meanwhile (a retry, or a stale job's twin):
+                    // Processed meanwhile (a retry after an ambiguous end):
                     // no data, nothing to do.
                     let Some(data) = game.world.store.replay_data(id)? else {
                         return Ok(());
@@ -518,41 +530,53 @@ impl Game {
                 })
                 .await
                 .map_err(|e| -> gratify::BoxError { e.to_string().into() })?
-                .map_err(|e| -> gratify::BoxError { e.to_string().into() })?;
-                done.world
-                    .in_queue
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .remove(&id);
-                Ok(())
+                .map_err(|e| -> gratify::BoxError { e.to_string().into() })
             }
         };
-        if let Err(e) =
-            self.defer
-                .spawn(format!("replay-{id}"), self.classes.replay_processing, job)
+        match self
+            .defer
+            .spawn(format!("replay-{id}"), self.classes.replay_processing, job)
         {
-            self.world
-                .in_queue
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&id);
-            match e {
-                // Stopping: kept for the next start.
-                gratify::offload::DeferError::Closed => {
-                    tracing::debug!(replay = id, "stopping: the replay waits for the next start");
-                }
-                e => {
-                    tracing::warn!(replay = id, error = %e, "cannot queue the replay now; the sweep queues it later");
-                }
+            Ok(()) => true,
+            // Stopping: kept for the next start.
+            Err(gratify::offload::DeferError::Closed) => false,
+            Err(e) => {
+                tracing::debug!(replay = id, error = %e, "cannot queue the replay now");
+                false
             }
         }
     }
+
+    fn in_queues(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u64>> {
+        self.world
+            .in_queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The CPU pool (matchmaking behind gratify, replay analysis).
+    pub fn pool(&self) -> &CpuPool {
+        &self.pool
+    }
 }
 
-/// A queued replay job this old is presumed dead (it gave up, or its
-/// queue was lost) and is queued again; a twin of a live one finds the
-/// replay processed and does nothing.
-const STALE: Duration = Duration::from_secs(600);
+/// A replay with a job in the queue, until the job is dropped.
+struct Listed {
+    world: std::sync::Weak<World>,
+    id: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        if let Some(world) = self.world.upgrade() {
+            world
+                .in_queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&self.id);
+        }
+    }
+}
 
 /// How often the sweep looks for replays kept and not queued.
 pub const SWEEP: Duration = Duration::from_secs(30);
@@ -570,9 +594,6 @@ struct WeakGame {
 impl WeakGame {
     fn upgrade(&self) -> Option<Game> {
         let world = self.world.upgrade()?;
-        if world.stopped.load(Ordering::Relaxed) {
-            return None;
-        }
         Some(Game {
             world,
             stack: self.stack.clone(),
@@ -586,20 +607,35 @@ impl WeakGame {
 }
 
 /// Every [`SWEEP`], queues the replays kept and not processed that have no
-/// live job (one that could not be queued, or gave up): an accepted replay
-/// is processed in this run, not only after a restart. Ends with the game.
+/// job queued (one that could not be queued, or whose job gave up): an
+/// accepted replay is processed in this run, not only after a restart.
+/// Stops at the first the queue refuses (it is full: the next sweep goes
+/// on); ends with the game.
 async fn sweep(game: WeakGame) {
     loop {
         tokio::time::sleep(SWEEP).await;
         let Some(live) = game.upgrade() else {
             return;
         };
+        if live.world.stopped.load(Ordering::SeqCst) {
+            return;
+        }
         let world = Arc::clone(&live.world);
         let Some(Ok(queued)) = blocking(move || world.store.queued_replays()).await else {
             continue;
         };
-        for (id, player) in queued {
-            live.queue_replay(id, player);
+        let mut left = 0;
+        for (n, &(id, player)) in queued.iter().enumerate() {
+            if !live.queue_replay(id, player) {
+                left = queued.len() - n;
+                break;
+            }
+        }
+        if left > 0 && !live.world.stopped.load(Ordering::SeqCst) {
+            tracing::warn!(
+                left,
+                "the replay queue is full; the next sweep queues the rest"
+            );
         }
     }
 }
@@ -758,8 +794,8 @@ async fn upload_inline(State(game): State<Game>, headers: HeaderMap, body: Bytes
         blocking(move || worker.finish_replay(id, me, delta)).await,
         Some(Ok(()))
     ) {
-        // Kept, so accepted: processed later, never to be uploaded again.
-        game.queue_replay(id, me);
+        // Kept, so accepted: processed at the next start (the baseline has
+        // no deferred work), never to be uploaded again.
         return json(
             StatusCode::ACCEPTED,
             "no-store",
@@ -789,7 +825,8 @@ async fn upload_deferred(State(game): State<Game>, headers: HeaderMap, body: Byt
     if !new {
         return kept_before(&game, id).await;
     }
-    game.queue_replay(id, me);
+    // Not queued (the queue is full): kept, so the sweep queues it.
+    let _ = game.queue_replay(id, me);
     json(
         StatusCode::ACCEPTED,
         "no-store",

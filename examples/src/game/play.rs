@@ -42,9 +42,10 @@ use super::{Game, World, refuse};
 /// The largest message a client may send, bytes.
 pub const MAX_MESSAGE: usize = 1024;
 
-/// Tick frames waiting for a slow client at most: past them the newest is
-/// dropped (a frame a tick old is worthless too).
-const FRAMES_QUEUED: usize = 2;
+/// How long sending one message to a client may take: a client that reads
+/// nothing for this long is disconnected (its socket, task and purchases
+/// are not held for ever).
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the shop sells, and for how many coins.
 pub const ITEMS: [(&str, u64); 3] = [("potion", 10), ("shield", 120), ("skin", 900)];
@@ -140,7 +141,7 @@ pub struct PlayStats {
     pub refused: u64,
     /// Tick frames sent to players.
     pub frames: u64,
-    /// Tick frames dropped for a client that did not read them.
+    /// Tick frames replaced by the next before their client took them.
     pub frames_dropped: u64,
     /// Purchases done (retries of a done purchase not counted).
     pub purchases: u64,
@@ -172,11 +173,42 @@ enum NotCounted {
     Dropped,
 }
 
-/// A connected player's seat: where the tick loop sends its frames.
+/// A connected player's seat: where the tick loop puts its frame.
 #[derive(Debug)]
 pub(crate) struct Seat {
     number: u64,
-    frames: mpsc::Sender<String>,
+    frames: FrameSlot,
+}
+
+/// The newest tick frame for one session: a frame not sent before the
+/// next one comes is replaced (a frame a tick old is worthless), never
+/// queued behind it.
+#[derive(Debug)]
+struct FrameSlot {
+    tx: tokio::sync::watch::Sender<Option<Arc<str>>>,
+    /// A frame is in the slot that the session has not taken yet.
+    unread: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A session's tick frames, newest only.
+#[derive(Debug)]
+pub struct Frames {
+    rx: tokio::sync::watch::Receiver<Option<Arc<str>>>,
+    unread: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Frames {
+    /// The next frame (the newest, if several came since the last); `None`
+    /// once the session lost its seat (seated elsewhere, the game stopped).
+    pub async fn next(&mut self) -> Option<String> {
+        loop {
+            self.rx.changed().await.ok()?;
+            self.unread.store(false, Ordering::Relaxed);
+            if let Some(frame) = self.rx.borrow_and_update().clone() {
+                return Some(frame.to_string());
+            }
+        }
+    }
 }
 
 /// A player's session: what the WebSocket handler (or a test) feeds the
@@ -205,37 +237,53 @@ impl Drop for Session {
 impl Game {
     /// Seats `player` (the one authenticated) as the server behind gratify
     /// does: the session, whose messages ask the Stack's limiter for a slot,
-    /// and the tick frames to send it as they come. A player seated again
-    /// (a second connection) takes the seat: the earlier session's frames
-    /// end.
-    pub fn join(&self, player: u32) -> (Session, mpsc::Receiver<String>) {
+    /// and its tick frames. A player seated again (a second connection)
+    /// takes the seat: the earlier session's frames end and its moves no
+    /// longer count. Once the game is stopping, the frames end at once.
+    pub fn join(&self, player: u32) -> (Session, Frames) {
         self.seat(player, true)
     }
 
-    fn seat(&self, player: u32, admitted: bool) -> (Session, mpsc::Receiver<String>) {
-        let (tx, rx) = mpsc::channel(FRAMES_QUEUED);
+    fn seat(&self, player: u32, admitted: bool) -> (Session, Frames) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let unread = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let number = self.world.next_seat.fetch_add(1, Ordering::Relaxed);
+        let session = Session {
+            game: self.clone(),
+            player,
+            seat: number,
+            admitted,
+        };
+        let frames = Frames {
+            rx,
+            unread: Arc::clone(&unread),
+        };
+        if self.world.stopped.load(Ordering::SeqCst) {
+            // No seat: `tx` dropped, the frames end.
+            return (session, frames);
+        }
         // The tick loop runs on the runtime that serves the first session.
         if !self.world.ticking.swap(true, Ordering::SeqCst) {
             tokio::spawn(tick_loop(Arc::downgrade(&self.world), self.world.clock));
         }
-        // A new session counts its moves from 1; an earlier session's
-        // moves no longer count.
+        // The seat and the player's record change together (seats, then
+        // players: the order every path takes them in), so two connections
+        // at once cannot leave one seated and the other's moves counting.
+        // A new session counts its moves from 1; the tick of the last move
+        // stays, so a reconnect does not buy a second move in one tick.
+        let mut seats = self.world.seats();
         if let Some(p) = self.world.write().get_mut(player) {
-            (p.seq, p.moved, p.seat) = (0, None, number);
+            (p.seq, p.seat) = (0, number);
         }
-        self.world
-            .seats()
-            .insert(player, Seat { number, frames: tx });
-        (
-            Session {
-                game: self.clone(),
-                player,
-                seat: number,
-                admitted,
+        seats.insert(
+            player,
+            Seat {
+                number,
+                frames: FrameSlot { tx, unread },
             },
-            rx,
-        )
+        );
+        drop(seats);
+        (session, frames)
     }
 
     /// What real-time play did so far.
@@ -490,15 +538,26 @@ where
     let session = Arc::new(session);
     let purchases = Arc::new(tokio::sync::Semaphore::new(PURCHASES_IN_FLIGHT));
     let (answers, mut answered) = mpsc::channel::<String>(32);
+    // An answer that cannot be queued means the client reads nothing: the
+    // session ends rather than wait on it (the writer gives up on a send
+    // after SEND_TIMEOUT, so the queue only fills for such a client).
+    let answer = |text: String| answers.try_send(text).is_ok();
     let reader = async {
-        while let Ok(Some(Ok(message))) = tokio::time::timeout(IDLE, stream.next()).await {
+        // Only moves and purchases are activity: pings or garbage do not
+        // keep a seat.
+        let mut active = Instant::now();
+        loop {
+            let idle = IDLE.saturating_sub(active.elapsed());
+            let Ok(Some(Ok(message))) = tokio::time::timeout(idle, stream.next()).await else {
+                break;
+            };
             let text = match message {
                 Message::Text(text) => text,
                 Message::Binary(_) => {
                     let error = ServerMessage::Error {
                         message: "messages are JSON text".into(),
                     };
-                    if answers.send(error.text()).await.is_err() {
+                    if !answer(error.text()) {
                         break;
                     }
                     continue;
@@ -506,12 +565,14 @@ where
                 Message::Close(_) => break,
                 Message::Ping(_) | Message::Pong(_) => continue,
             };
-            let answer = match parse(text.as_str()) {
+            let reply = match parse(text.as_str()) {
                 Ok(ClientMessage::Move { tick, seq, x, y }) => {
+                    active = Instant::now();
                     session.move_to(tick, seq, x, y).await;
                     None
                 }
                 Ok(ClientMessage::Buy { id, item }) => {
+                    active = Instant::now();
                     match Arc::clone(&purchases).try_acquire_owned() {
                         Ok(slot) => {
                             // It completes even if the player goes away; its
@@ -520,9 +581,9 @@ where
                             let session = Arc::clone(&session);
                             let answers = answers.clone();
                             tokio::spawn(async move {
-                                let answer = session.buy(id, item).await.text();
+                                let reply = session.buy(id, item).await.text();
                                 drop(slot);
-                                let _ = answers.send(answer).await;
+                                let _ = answers.try_send(reply);
                             });
                             None
                         }
@@ -536,10 +597,10 @@ where
                         ),
                     }
                 }
-                Err(answer) => Some(answer),
+                Err(error) => Some(error),
             };
-            if let Some(answer) = answer
-                && answers.send(answer).await.is_err()
+            if let Some(reply) = reply
+                && !answer(reply)
             {
                 break;
             }
@@ -550,17 +611,20 @@ where
             let text = tokio::select! {
                 biased;
                 Some(answer) = answered.recv() => answer,
-                frame = frames.recv() => match frame {
+                frame = frames.next() => match frame {
                     Some(frame) => frame,
                     // Seated elsewhere, or the game stopped.
                     None => break,
                 },
             };
-            if sink.send(Message::Text(text.into())).await.is_err() {
-                break;
+            let sent =
+                tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text.into()))).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                // A client that takes nothing is not sent a goodbye either.
+                return;
             }
         }
-        let _ = sink.close().await;
+        let _ = tokio::time::timeout(SEND_TIMEOUT, sink.close()).await;
     };
     tokio::select! {
         () = reader => {},
@@ -589,10 +653,14 @@ pub(crate) async fn tick_loop(world: Weak<World>, clock: Clock) {
 /// Opens the tick of now (the one after the last opened, at least) and
 /// sends its frames; the tick opened.
 fn send_frames(world: &Arc<World>, clock: Clock) -> u64 {
-    let seated: Vec<(u32, mpsc::Sender<String>)> = world
+    let seated: Vec<(
+        u32,
+        tokio::sync::watch::Sender<Option<Arc<str>>>,
+        Arc<std::sync::atomic::AtomicBool>,
+    )> = world
         .seats()
         .iter()
-        .map(|(&id, seat)| (id, seat.frames.clone()))
+        .map(|(&id, seat)| (id, seat.frames.tx.clone(), Arc::clone(&seat.frames.unread)))
         .collect();
     // Close the last tick and read the positions in one step: a move
     // applied before is in these frames, one applied after is for `tick`.
@@ -604,7 +672,7 @@ fn send_frames(world: &Arc<World>, clock: Clock) -> u64 {
         players.tick = tick;
         let mut online = Vec::with_capacity(seated.len());
         let mut acks = Vec::with_capacity(seated.len());
-        for (id, _) in &seated {
+        for (id, ..) in &seated {
             let p = players.get(*id);
             online.push((*id, p.map_or(0.0, |p| p.x), p.map_or(0.0, |p| p.y)));
             acks.push(p.map_or(0, |p| p.seq));
@@ -613,18 +681,23 @@ fn send_frames(world: &Arc<World>, clock: Clock) -> u64 {
     };
     let near = world::neighbours(&online);
     let mut gone = Vec::new();
-    for (((id, tx), ack), near) in seated.iter().zip(acks).zip(near) {
-        let text = ServerMessage::Tick { tick, ack, near }.text();
-        match tx.try_send(text) {
-            Ok(()) => bump(&world.play.frames),
-            Err(mpsc::error::TrySendError::Full(_)) => bump(&world.play.frames_dropped),
-            Err(mpsc::error::TrySendError::Closed(_)) => gone.push(*id),
+    for (((id, tx, unread), ack), near) in seated.iter().zip(acks).zip(near) {
+        if tx.is_closed() {
+            gone.push(*id);
+            continue;
+        }
+        let text: Arc<str> = ServerMessage::Tick { tick, ack, near }.text().into();
+        tx.send_replace(Some(text));
+        bump(&world.play.frames);
+        if unread.swap(true, Ordering::Relaxed) {
+            // The last one was never taken: replaced.
+            bump(&world.play.frames_dropped);
         }
     }
     if !gone.is_empty() {
         let mut seats = world.seats();
         for id in gone {
-            if seats.get(&id).is_some_and(|s| s.frames.is_closed()) {
+            if seats.get(&id).is_some_and(|s| s.frames.tx.is_closed()) {
                 seats.remove(&id);
             }
         }
