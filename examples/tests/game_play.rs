@@ -926,3 +926,42 @@ async fn a_client_that_reads_nothing_is_disconnected() {
     mover.abort();
     game.shutdown().await;
 }
+
+/// The limiter orders what waits by its cost: a move, worthless after its
+/// tick, takes a freed slot before a cheap request queued ahead of it.
+#[tokio::test(start_paused = true)]
+async fn a_move_takes_a_freed_slot_before_cheaper_work_queued_ahead_of_it() {
+    let game = one_slot();
+    let limiter = game.stack().limiter().unwrap().clone();
+    let browse = game.model().id("browse").unwrap();
+    let held = limiter.admit(browse).await.unwrap();
+    let (session, mut frames) = game.join(17);
+    let (t, _) = frame(&mut frames).await;
+    // A cheap request queues first.
+    let waiting = {
+        let limiter = limiter.clone();
+        // It keeps the slot it gets: had it come first, the move would find
+        // none before its tick closed.
+        tokio::spawn(async move { limiter.admit(browse).await })
+    };
+    tokio::task::yield_now().await;
+    assert_eq!(limiter.stats().queued, 1);
+    // Then the move; the slot frees 10 ms into the tick.
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        held.complete(gratify::scaling::limit::Outcome::Success);
+    });
+    session.handle(&step(t, 1, 1.0, 1.0)).await;
+    release.await.unwrap();
+    assert_eq!(
+        frame(&mut frames).await,
+        (t + 1, 1),
+        "the move made its tick"
+    );
+    assert_eq!(game.play_stats().applied, 1);
+    // The cheap request got the slot after it.
+    let permit = waiting.await.unwrap().unwrap();
+    assert_eq!(permit.class(), browse);
+    drop(permit);
+    game.shutdown().await;
+}
