@@ -457,4 +457,46 @@ mod tests {
         assert_eq!(token_hash(&a).len(), 64);
         assert_ne!(token_hash(&a), a);
     }
+
+    /// Every hashing turn taken: a sign-in waits its class's deadline for
+    /// one, then is answered the store's 503 `busy` with `Retry-After`,
+    /// in the JSON error shape — and a sign-up as well.
+    #[tokio::test(start_paused = true)]
+    async fn a_sign_in_that_cannot_get_a_turn_to_hash_is_told_busy() {
+        use tower::ServiceExt as _;
+        let shop = Shop::in_memory().unwrap();
+        let app = shop.router();
+        let all = u32::try_from(shop.hashing.available_permits()).unwrap();
+        let held = std::sync::Arc::clone(&shop.hashing)
+            .acquire_many_owned(all)
+            .await
+            .unwrap();
+        for path in ["/sessions", "/accounts"] {
+            let asked = tokio::time::Instant::now();
+            let r = app
+                .clone()
+                .oneshot(
+                    http::Request::post(path)
+                        .header("host", "shop.example")
+                        .header("content-type", "application/json")
+                        .body(axum::body::Body::from(
+                            r#"{"email":"ann@shop.example","password":"correct horse battery"}"#,
+                        ))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+            assert_eq!(asked.elapsed(), TURN_WAIT, "{path}");
+            assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+            let body = http_body_util::BodyExt::collect(r.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["error"]["code"], "busy", "{json}");
+        }
+        drop(held);
+        shop.shutdown().await;
+    }
 }
