@@ -965,3 +965,23 @@ async fn a_move_takes_a_freed_slot_before_cheaper_work_queued_ahead_of_it() {
     drop(permit);
     game.shutdown().await;
 }
+
+/// A session that falls behind gets the newest frame, not the ones it
+/// missed: a frame a tick old is worthless.
+#[tokio::test(start_paused = true)]
+async fn a_session_behind_gets_the_newest_frame_only() {
+    let game = Game::new().unwrap();
+    let (_session, mut frames) = game.join(23);
+    let (first, _) = frame(&mut frames).await;
+    // Five ticks without reading.
+    tokio::time::sleep(gratify_examples::game::TICK * 5).await;
+    let (now, _) = frame(&mut frames).await;
+    // Not the frame after the first: the newest (the tick ending with the
+    // sleep may come just before or after it wakes).
+    assert!(now >= first + 4, "{first} then {now}");
+    let stats = game.play_stats();
+    assert!(stats.frames_dropped >= 3, "{stats:?}");
+    // And then the very next tick, not an old one.
+    assert_eq!(frame(&mut frames).await.0, now + 1);
+    game.shutdown().await;
+}
