@@ -10,13 +10,16 @@
 //! - `shop`: the e-commerce example — a store on axum and SQLite behind a
 //!   `gratify::Stack` from `examples/shop/shop.toml` (see [`shop`]).
 //!
-//! - `game`: the game backend — players, leaderboard, matchmaking, position
-//!   updates and replay uploads behind a `gratify::Stack` from
-//!   `examples/game/game.toml` (see [`game`]).
+//! - `game`: the game backend — a WebSocket session per player with a tick
+//!   loop (moves and purchases, each admitted by the Stack's limiter), and
+//!   HTTP for the leaderboard, matchmaking, profiles and replay uploads,
+//!   behind a `gratify::Stack` from `examples/game/game.toml` (see
+//!   [`game`]).
 //!
 //! - `demo`: either backend under overload, plain and wrapped, driven by
-//!   [`drive`] and reported by [`demo`]; `drive`: the same driver against a
-//!   server already running.
+//!   [`drive`] (and, for the game, its WebSocket players, [`play`]) and
+//!   reported by [`demo`]; `drive`: the same driver against a server
+//!   already running.
 //!
 //! - `fleet` (features `redis`, `postgres`): the store as an autoscaled
 //!   fleet behind HAProxy on PostgreSQL and Redis, under a compressed day,

@@ -335,30 +335,47 @@ async fn player(
     if let Ok(value) = format!("Bearer {}", token(id)).parse() {
         request.headers_mut().insert("authorization", value);
     }
-    // Purchases on the player's own clock (about `buy_rate` a second, at
-    // random), none in the last seconds, which could not be answered
-    // before the end.
+    // Purchases on the player's own clock from its start (about
+    // `buy_rate` a second, at random), none in the last seconds, which
+    // could not be answered before the end.
+    let start = Instant::now();
     let last_buy = end.checked_sub(Duration::from_secs(3)).unwrap_or(end);
-    let connect = tokio::time::timeout_at(end, tokio_tungstenite::connect_async(request)).await;
-    let Ok(Ok((ws, _))) = connect else {
-        // The purchases it would have made are sales lost.
-        let owed = (last_buy
-            .saturating_duration_since(Instant::now())
-            .as_secs_f64()
-            * buy_rate)
-            .round() as u64;
-        let mut s = lock();
-        s.not_connected += 1;
-        s.buys_sent += owed;
-        s.buys.extend((0..owed).map(|_| (BuyEnd::Failed, 0.0)));
-        return;
-    };
-    let (mut sink, mut stream) = ws.split();
     let mut rng = crate::game::mix64(u64::from(id) ^ 0xfeed);
     let mut next = move || {
         rng = crate::game::mix64(rng);
         rng
     };
+    let draw = |rng: &mut dyn FnMut() -> u64| {
+        // Exponential gaps: a Poisson stream of purchases.
+        let u = ((rng() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        Duration::from_secs_f64((-u.ln() / buy_rate.max(1e-9)).min(3600.0))
+    };
+    let mut buy_at = start + draw(&mut next);
+    let connect = tokio::time::timeout_at(end, tokio_tungstenite::connect_async(request)).await;
+    // The purchases due while the player had no session are sales lost.
+    let mut lost = 0u64;
+    let connected = Instant::now();
+    while buy_at < last_buy && buy_at <= connected {
+        lost += 1;
+        buy_at += draw(&mut next);
+    }
+    {
+        let mut s = lock();
+        s.buys_sent += lost;
+        s.buys.extend((0..lost).map(|_| (BuyEnd::Failed, 0.0)));
+    }
+    let Ok(Ok((ws, _))) = connect else {
+        let mut s = lock();
+        s.not_connected += 1;
+        // And every one it would have made after.
+        while buy_at < last_buy {
+            s.buys_sent += 1;
+            s.buys.push((BuyEnd::Failed, 0.0));
+            buy_at += draw(&mut next);
+        }
+        return;
+    };
+    let (mut sink, mut stream) = ws.split();
     let (mut x, mut y) = (500.0f32, 500.0f32);
     let mut seq = 0u64;
     // The move awaiting its verdict: its tick, sequence number, when sent.
@@ -368,12 +385,6 @@ async fn player(
     let mut buys: HashMap<String, Instant> = HashMap::new();
     let mut buy_n = 0u64;
     let mut local = Shared::default();
-    let draw = |rng: &mut dyn FnMut() -> u64| {
-        // Exponential gaps: a Poisson stream of purchases.
-        let u = ((rng() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        Duration::from_secs_f64((-u.ln() / buy_rate.max(1e-9)).min(3600.0))
-    };
-    let mut buy_at = Instant::now() + draw(&mut next);
     loop {
         // Until the run is over, or the server closes or fails.
         let message = tokio::select! {

@@ -173,6 +173,20 @@ impl World {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Records a processed replay and applies its result to its player, if
+    /// it was not processed before (blocks on the database).
+    fn finish_replay(&self, replay: u64, player: u32, delta: i32) -> StoreResult<()> {
+        if self.store.finish_replay(replay, delta)? {
+            let mut players = self.write();
+            players.rate(player, i64::from(delta));
+            if let Some(p) = players.get_mut(player) {
+                p.replays += 1;
+            }
+            self.processed.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn seats(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Seat>> {
         self.seats
             .lock()
@@ -347,8 +361,10 @@ impl Game {
         // What the last run accepted and did not process; and from now on,
         // what could not be queued or whose job gave up.
         for (id, player) in queued {
-            if !game.queue_replay(id, player) {
-                tracing::warn!("the replay queue is full; the sweep queues the rest");
+            if game.queue_replay(id, player) != Queued::Yes {
+                tracing::warn!(
+                    "the replay queue is full: the rest are queued by the sweep (behind gratify) or at the next start"
+                );
                 break;
             }
         }
@@ -481,28 +497,14 @@ impl Game {
         report
     }
 
-    /// Records a processed replay and applies its result to its player, if
-    /// it was not processed before (blocks on the database).
-    fn finish_replay(&self, replay: u64, player: u32, delta: i32) -> StoreResult<()> {
-        if self.world.store.finish_replay(replay, delta)? {
-            let mut players = self.world.write();
-            players.rate(player, i64::from(delta));
-            if let Some(p) = players.get_mut(player) {
-                p.replays += 1;
-            }
-            self.world.processed.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
     /// Defers the processing of kept replay `id` (unless a job for it is
     /// queued already): read from the database, analysed and its result
-    /// committed on the CPU pool when the load allows. `false` if the
-    /// queue refused it (full, or closed): the replay stays in the database
-    /// for the sweep or the next start.
-    fn queue_replay(&self, id: u64, player: u32) -> bool {
+    /// committed on the CPU pool when the load allows. A replay the queue
+    /// refuses (full, or closed) stays in the database for the sweep or
+    /// the next start.
+    fn queue_replay(&self, id: u64, player: u32) -> Queued {
         if !self.in_queues().insert(id) {
-            return true;
+            return Queued::Yes;
         }
         // Cleared when the job is gone, however it ends (done, dead letter,
         // drained), so that the sweep may queue it again.
@@ -510,23 +512,24 @@ impl Game {
             world: Arc::downgrade(&self.world),
             id,
         };
-        // The job holds the game weakly: a queued job does not keep the
-        // world (and its database) alive.
-        let worker = self.downgrade();
+        // The job holds the world weakly and nothing of the queue: a queued
+        // job keeps neither the world (and its database) nor its own queue
+        // alive.
+        let world = Arc::downgrade(&self.world);
+        let pool = self.pool.clone();
         let job = move || {
             let _listed = &listed;
-            let game = worker.upgrade();
+            let (world, pool) = (world.upgrade(), pool.clone());
             async move {
-                let game =
-                    game.ok_or_else(|| -> gratify::BoxError { "the game is gone".into() })?;
-                let pool = game.pool.clone();
+                let world =
+                    world.ok_or_else(|| -> gratify::BoxError { "the game is gone".into() })?;
                 pool.run(0.0, None, move || -> StoreResult<()> {
                     // Processed meanwhile (a retry after an ambiguous end):
                     // no data, nothing to do.
-                    let Some(data) = game.world.store.replay_data(id)? else {
+                    let Some(data) = world.store.replay_data(id)? else {
                         return Ok(());
                     };
-                    game.finish_replay(id, player, analyse(&data))
+                    world.finish_replay(id, player, analyse(&data))
                 })
                 .await
                 .map_err(|e| -> gratify::BoxError { e.to_string().into() })?
@@ -537,12 +540,12 @@ impl Game {
             .defer
             .spawn(format!("replay-{id}"), self.classes.replay_processing, job)
         {
-            Ok(()) => true,
-            // Stopping: kept for the next start.
-            Err(gratify::offload::DeferError::Closed) => false,
+            Ok(()) => Queued::Yes,
+            // Draining or stopped: kept for the next start.
+            Err(gratify::offload::DeferError::Closed) => Queued::Closed,
             Err(e) => {
                 tracing::debug!(replay = id, error = %e, "cannot queue the replay now");
-                false
+                Queued::Full
             }
         }
     }
@@ -558,6 +561,17 @@ impl Game {
     pub fn pool(&self) -> &CpuPool {
         &self.pool
     }
+}
+
+/// Whether a replay's job is queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queued {
+    /// Queued (now, or before).
+    Yes,
+    /// The queue is full: later.
+    Full,
+    /// The queue is draining or closed: at the next start.
+    Closed,
 }
 
 /// A replay with a job in the queue, until the job is dropped.
@@ -626,12 +640,17 @@ async fn sweep(game: WeakGame) {
         };
         let mut left = 0;
         for (n, &(id, player)) in queued.iter().enumerate() {
-            if !live.queue_replay(id, player) {
-                left = queued.len() - n;
-                break;
+            match live.queue_replay(id, player) {
+                Queued::Yes => {}
+                // Drained: nothing more runs in this process.
+                Queued::Closed => return,
+                Queued::Full => {
+                    left = queued.len() - n;
+                    break;
+                }
             }
         }
-        if left > 0 && !live.world.stopped.load(Ordering::SeqCst) {
+        if left > 0 {
             tracing::warn!(
                 left,
                 "the replay queue is full; the next sweep queues the rest"
@@ -791,7 +810,7 @@ async fn upload_inline(State(game): State<Game>, headers: HeaderMap, body: Bytes
     let delta = analyse(&body);
     let worker = game.clone();
     if !matches!(
-        blocking(move || worker.finish_replay(id, me, delta)).await,
+        blocking(move || worker.world.finish_replay(id, me, delta)).await,
         Some(Ok(()))
     ) {
         // Kept, so accepted: processed at the next start (the baseline has

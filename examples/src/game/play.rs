@@ -1,26 +1,6 @@
 //! Real-time play: a WebSocket session per player and the tick loop.
 //!
-//! The server runs a tick every 50 ms ([`TICK`](super::TICK)). At the start of tick `t`
-//! it sends each connected player a frame: the tick's number, the last of
-//! the player's moves it applied (`ack`) and the players in sight. The
-//! player answers with its move for tick `t`; a move applied before `t`
-//! closes shows in the next frame's `ack`. A move for a tick already
-//! closed is worthless (the next one supersedes it): it is dropped, not
-//! applied late.
-//!
-//! Behind gratify, each message asks the Stack's limiter for a slot
-//! ([`Limiter::admit_by`](gratify::scaling::limit::Limiter::admit_by)) with
-//! the same accounting as an HTTP request: a move of class `state` waits no
-//! later than its tick's end, a purchase of class `purchase` as long as its
-//! class's delay cost makes waiting worth it — a late purchase still counts.
-//!
-//! ```text
-//! → {"type":"move","tick":812,"seq":77,"x":310.5,"y":92.0}
-//! → {"type":"buy","id":"c1-17","item":"potion"}
-//! ← {"type":"tick","tick":813,"ack":77,"near":[[1204,318.0,95.5]]}
-//! ← {"type":"bought","id":"c1-17","item":"potion","coins":4630}
-//! ← {"type":"refused","id":"c1-18","reason":"busy","retry_after_ms":250}
-//! ```
+//! The protocol is on [`Session`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -141,7 +121,9 @@ pub struct PlayStats {
     pub refused: u64,
     /// Tick frames sent to players.
     pub frames: u64,
-    /// Tick frames replaced by the next before their client took them.
+    /// Tick frames replaced by the next before their client took them
+    /// (counted without a lock: within one either way of a race between a
+    /// frame sent and one taken).
     pub frames_dropped: u64,
     /// Purchases done (retries of a done purchase not counted).
     pub purchases: u64,
@@ -213,6 +195,48 @@ impl Frames {
 
 /// A player's session: what the WebSocket handler (or a test) feeds the
 /// player's messages to. Dropping it gives up the seat.
+///
+/// The server runs a tick every 50 ms ([`TICK`](super::TICK)). At the start of tick `t`
+/// it sends each connected player a frame: the tick's number, the last of
+/// the player's moves it applied (`ack`) and the players in sight. The
+/// player answers with its move for tick `t`; a move applied before `t`
+/// closes shows in the next frame's `ack`. A move for a tick already
+/// closed is worthless (the next one supersedes it): it is dropped, not
+/// applied late.
+///
+/// Behind gratify, each message asks the Stack's limiter for a slot
+/// ([`Limiter::admit_by`](gratify::scaling::limit::Limiter::admit_by)) with
+/// the same accounting as an HTTP request: a move of class `state` waits no
+/// later than its tick's end, a purchase of class `purchase` as long as its
+/// class's delay cost makes waiting worth it — a late purchase still counts.
+///
+/// ```text
+/// → {"type":"move","tick":812,"seq":77,"x":310.5,"y":92.0}
+/// → {"type":"buy","id":"c1-17","item":"potion"}
+/// ← {"type":"tick","tick":813,"ack":77,"near":[[1204,318.0,95.5]]}
+/// ← {"type":"bought","id":"c1-17","item":"potion","coins":4630}
+/// ← {"type":"refused","id":"c1-18","reason":"busy","retry_after_ms":250}
+/// ```
+///
+/// # Example
+///
+/// ```
+/// use gratify_examples::game::{Game, ServerMessage};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let game = Game::new().unwrap();
+/// let (session, mut frames) = game.join(7);
+/// let first: ServerMessage = serde_json::from_str(&frames.next().await.unwrap()).unwrap();
+/// let ServerMessage::Tick { tick, ack: 0, .. } = first else { panic!("{first:?}") };
+/// // The move for this tick: the next frame acknowledges it.
+/// let step = format!(r#"{{"type":"move","tick":{tick},"seq":1,"x":5,"y":5}}"#);
+/// assert_eq!(session.handle(&step).await, None);
+/// let next: ServerMessage = serde_json::from_str(&frames.next().await.unwrap()).unwrap();
+/// assert!(matches!(next, ServerMessage::Tick { ack: 1, .. }), "{next:?}");
+/// # game.shutdown().await;
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Session {
     game: Game,
@@ -272,6 +296,11 @@ impl Game {
         // A new session counts its moves from 1; the tick of the last move
         // stays, so a reconnect does not buy a second move in one tick.
         let mut seats = self.world.seats();
+        // Checked again under the seats' lock, which a shutdown clears
+        // after it sets `stopped`: no seat can be added after the clear.
+        if self.world.stopped.load(Ordering::SeqCst) {
+            return (session, frames);
+        }
         if let Some(p) = self.world.write().get_mut(player) {
             (p.seq, p.seat) = (0, number);
         }
@@ -500,7 +529,8 @@ pub(crate) async fn play(
 /// Purchases of one session in progress at once; more are refused `busy`.
 pub const PURCHASES_IN_FLIGHT: usize = 4;
 
-/// A session that sends nothing for this long is closed (a client sends a
+/// A session that sends no move and no purchase for this long is closed
+/// (pings and messages it could not read do not count; a client sends a
 /// move a tick while it plays).
 pub const IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -538,10 +568,18 @@ where
     let session = Arc::new(session);
     let purchases = Arc::new(tokio::sync::Semaphore::new(PURCHASES_IN_FLIGHT));
     let (answers, mut answered) = mpsc::channel::<String>(32);
-    // An answer that cannot be queued means the client reads nothing: the
-    // session ends rather than wait on it (the writer gives up on a send
-    // after SEND_TIMEOUT, so the queue only fills for such a client).
-    let answer = |text: String| answers.try_send(text).is_ok();
+    // The reader waits for room to answer (the writer drains the queue),
+    // but no longer than a send may take: a client that reads nothing
+    // ends its session rather than hold it.
+    let answer = |text: String| {
+        let answers = answers.clone();
+        async move {
+            matches!(
+                tokio::time::timeout(SEND_TIMEOUT, answers.send(text)).await,
+                Ok(Ok(()))
+            )
+        }
+    };
     let reader = async {
         // Only moves and purchases are activity: pings or garbage do not
         // keep a seat.
@@ -557,7 +595,7 @@ where
                     let error = ServerMessage::Error {
                         message: "messages are JSON text".into(),
                     };
-                    if !answer(error.text()) {
+                    if !answer(error.text()).await {
                         break;
                     }
                     continue;
@@ -583,7 +621,8 @@ where
                             tokio::spawn(async move {
                                 let reply = session.buy(id, item).await.text();
                                 drop(slot);
-                                let _ = answers.try_send(reply);
+                                let _ =
+                                    tokio::time::timeout(SEND_TIMEOUT, answers.send(reply)).await;
                             });
                             None
                         }
@@ -600,7 +639,7 @@ where
                 Err(error) => Some(error),
             };
             if let Some(reply) = reply
-                && !answer(reply)
+                && !answer(reply).await
             {
                 break;
             }

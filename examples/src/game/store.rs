@@ -1,22 +1,5 @@
 //! What the game must not lose: uploaded replays (until processed, and
 //! their results) and purchases, in SQLite.
-//!
-//! The seeded world is rebuilt on every start; what happened to it since is
-//! here. A player's rating is the seeded one plus the results of their
-//! processed replays, and their coins the seeded ones less what they spent,
-//! so a restart — or a crash — finds them where they were.
-//!
-//! An upload is committed before it is answered `202 Accepted`, and its
-//! result is committed in the same statement that marks it processed: a
-//! replay is processed exactly once, even if the process dies between the
-//! analysis and the commit (it is analysed again on the next start, and its
-//! result counts once). The file is in WAL mode with `synchronous = NORMAL`:
-//! a killed process loses nothing committed; a power cut may lose the last
-//! commits.
-//!
-//! One process owns the file: the database is opened in SQLite's exclusive
-//! locking mode, and a second process opening it fails ("database is
-//! locked") rather than spending coins the first one also spends.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -51,6 +34,23 @@ pub enum Bought {
 /// The game's SQLite database: one connection, as SQLite has one writer at
 /// a time and every statement here writes or is as short as a write. Its
 /// methods block: call them off the async threads.
+///
+/// The seeded world is rebuilt on every start; what happened to it since is
+/// here. A player's rating is the seeded one plus the results of their
+/// processed replays, and their coins the seeded ones less what they spent,
+/// so a restart — or a crash — finds them where they were.
+///
+/// An upload is committed before it is answered `202 Accepted`, and its
+/// result is committed in the same statement that marks it processed: a
+/// replay is processed exactly once, even if the process dies between the
+/// analysis and the commit (it is analysed again on the next start, and its
+/// result counts once). The file is in WAL mode with `synchronous = NORMAL`:
+/// a killed process loses nothing committed; a power cut may lose the last
+/// commits.
+///
+/// One process owns the file: the database is opened in SQLite's exclusive
+/// locking mode, and a second process opening it fails ("database is
+/// locked") rather than spending coins the first one also spends.
 pub struct Store {
     conn: Mutex<Connection>,
 }
