@@ -352,10 +352,19 @@ async fn player(
     };
     let mut buy_at = start + draw(&mut next);
     let connect = tokio::time::timeout_at(end, tokio_tungstenite::connect_async(request)).await;
-    // The purchases due while the player had no session are sales lost.
+    let ws = match connect {
+        Ok(Ok((ws, _))) => Some(ws),
+        _ => None,
+    };
+    // The purchases due while the player had no session (all of them, if
+    // it never had one) are sales lost.
+    let no_session_until = if ws.is_some() {
+        Instant::now()
+    } else {
+        last_buy
+    };
     let mut lost = 0u64;
-    let connected = Instant::now();
-    while buy_at < last_buy && buy_at <= connected {
+    while buy_at < last_buy && buy_at <= no_session_until {
         lost += 1;
         buy_at += draw(&mut next);
     }
@@ -363,16 +372,9 @@ async fn player(
         let mut s = lock();
         s.buys_sent += lost;
         s.buys.extend((0..lost).map(|_| (BuyEnd::Failed, 0.0)));
+        s.not_connected += u64::from(ws.is_none());
     }
-    let Ok(Ok((ws, _))) = connect else {
-        let mut s = lock();
-        s.not_connected += 1;
-        // And every one it would have made after.
-        while buy_at < last_buy {
-            s.buys_sent += 1;
-            s.buys.push((BuyEnd::Failed, 0.0));
-            buy_at += draw(&mut next);
-        }
+    let Some(ws) = ws else {
         return;
     };
     let (mut sink, mut stream) = ws.split();

@@ -320,6 +320,13 @@ async fn frames_list_players_in_sight_and_a_shutdown_ends_sessions() {
     .unwrap();
 }
 
+/// Removes a test's database file and its WAL companions.
+fn remove_db(path: &std::path::Path) {
+    for end in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{end}", path.display()));
+    }
+}
+
 fn temp_db(name: &str) -> std::path::PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -453,9 +460,7 @@ fn an_accepted_replay_is_processed_once_after_a_crash() {
         let report = game.shutdown().await;
         assert_eq!(report.ran, 0, "{report:?}");
     });
-    let _ = std::fs::remove_file(&path);
-    let _ = std::fs::remove_file(path.with_extension("db-wal"));
-    let _ = std::fs::remove_file(path.with_extension("db-shm"));
+    remove_db(&path);
 }
 
 /// A WebSocket through the whole Stack on a real socket: refused without a
@@ -674,9 +679,7 @@ async fn a_start_queues_again_what_was_kept_and_not_processed() {
     assert_eq!(game.profile(31).unwrap().replays, 1);
     game.shutdown().await;
     drop(game);
-    for end in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{end}", path.display()));
-    }
+    remove_db(&path);
 }
 
 #[tokio::test(start_paused = true)]
@@ -742,9 +745,7 @@ async fn coins_and_ratings_survive_a_restart() {
     drop(session);
     game.shutdown().await;
     drop(game);
-    for end in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{end}", path.display()));
-    }
+    remove_db(&path);
 }
 
 /// A session served over channels, as `GET /play` serves a WebSocket's

@@ -784,9 +784,19 @@ async fn keep(game: &Game, me: u32, headers: &HeaderMap, body: &Bytes) -> Option
 /// The answer to an upload kept before (a retry): the replay as it is now.
 async fn kept_before(game: &Game, id: u64) -> Response {
     let world = game.world.clone();
-    let status = match blocking(move || world.store.replay(id)).await {
-        Some(Ok(Some((_, Stored::Processed(_))))) => ReplayStatus::Processed,
-        _ => ReplayStatus::Queued,
+    let stored = match blocking(move || world.store.replay(id)).await {
+        Some(Ok(Some((_, stored)))) => stored,
+        // Kept, as the upload just found: not known to be processed.
+        _ => Stored::Queued,
+    };
+    replay_answer(id, stored)
+}
+
+/// A replay's state as the API shows it.
+fn replay_answer(id: u64, stored: Stored) -> Response {
+    let status = match stored {
+        Stored::Queued => ReplayStatus::Queued,
+        Stored::Processed(_) => ReplayStatus::Processed,
     };
     json(
         StatusCode::OK,
@@ -866,17 +876,7 @@ async fn replay_status(
         return refuse(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
     };
     match found {
-        Some((owner, stored)) if owner == me => {
-            let status = match stored {
-                Stored::Queued => ReplayStatus::Queued,
-                Stored::Processed(_) => ReplayStatus::Processed,
-            };
-            json(
-                StatusCode::OK,
-                "no-store",
-                &serde_json::json!({ "replay": id, "status": status }),
-            )
-        }
+        Some((owner, stored)) if owner == me => replay_answer(id, stored),
         _ => refuse(StatusCode::NOT_FOUND, "no such replay\n"),
     }
 }

@@ -571,14 +571,11 @@ where
     // The reader waits for room to answer (the writer drains the queue),
     // but no longer than a send may take: a client that reads nothing
     // ends its session rather than hold it.
-    let answer = |text: String| {
-        let answers = answers.clone();
-        async move {
-            matches!(
-                tokio::time::timeout(SEND_TIMEOUT, answers.send(text)).await,
-                Ok(Ok(()))
-            )
-        }
+    let answer = async |text: String| {
+        matches!(
+            tokio::time::timeout(SEND_TIMEOUT, answers.send(text)).await,
+            Ok(Ok(()))
+        )
     };
     let reader = async {
         // Only moves and purchases are activity: pings or garbage do not
